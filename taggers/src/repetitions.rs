@@ -1,0 +1,151 @@
+//! `repetitions_v1` and `paragraph_repetitions_v1` (dolma `taggers/repetitions`).
+//!
+//! dolma runs Python's backtracking regex `(.+?)(\s?\1){3,}`; Rust's `regex` has no
+//! back-references, so this module walks the same search order by hand: leftmost start,
+//! shortest unit first, then as many greedy repeats as possible, trying "whitespace + unit"
+//! before "unit" in each repeat and backtracking only while fewer than three repeats matched.
+
+use crate::text::{py_is_space, split_paragraphs};
+use crate::{Document, Span, Tagger};
+
+const MIN_REPEATS: usize = 3;
+
+/// One repeat at `pos`: whitespace then `unit` (preferred), or `unit` alone.
+fn repeat_options(text: &str, pos: usize, unit: &str) -> [Option<usize>; 2] {
+    let rest = &text[pos..];
+    let with_ws = rest
+        .chars()
+        .next()
+        .filter(|&c| py_is_space(c))
+        .and_then(|c| rest[c.len_utf8()..].starts_with(unit).then(|| pos + c.len_utf8() + unit.len()));
+    let without = rest.starts_with(unit).then(|| pos + unit.len());
+    [with_ws, without]
+}
+
+/// End of the greedy `(\s?unit){3,}` match starting at `pos`, if any.
+fn match_repeats(text: &str, pos: usize, unit: &str, count: usize) -> Option<usize> {
+    if count >= MIN_REPEATS {
+        // Any continuation succeeds from here, so the first option that matches is taken.
+        let mut p = pos;
+        while let Some(next) = repeat_options(text, p, unit).into_iter().flatten().next() {
+            p = next;
+        }
+        return Some(p);
+    }
+    repeat_options(text, pos, unit)
+        .into_iter()
+        .flatten()
+        .find_map(|next| match_repeats(text, next, unit, count + 1))
+}
+
+/// Byte ranges and repeat counts of all non-overlapping matches, as `re.finditer`.
+pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    'outer: while start < text.len() {
+        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let first = text[start..].chars().next().expect("in bounds");
+        if first != '\n' {
+            // Candidate unit ends: only where the next repeat could begin.
+            let bytes = text.as_bytes();
+            let lead = bytes[start];
+            let mut unit_end = start + first.len_utf8();
+            while unit_end <= line_end {
+                let unit = &text[start..unit_end];
+                // A repeat must start with the unit's first byte or with whitespace (ASCII, or
+                // a multi-byte space whose UTF-8 lead byte is C2, E1, E2 or E3).
+                let plausible = bytes.get(unit_end).is_some_and(|&b| {
+                    b == lead || matches!(b, b'\t'..=b'\r' | b' ' | 0x1c..=0x1f | 0xC2 | 0xE1..=0xE3)
+                });
+                if !plausible {
+                } else if let Some(end) = match_repeats(text, unit_end, unit, 0) {
+                    let count = text[start..end].matches(unit).count();
+                    out.push((start, end, count));
+                    start = end;
+                    continue 'outer;
+                }
+                match text[unit_end..line_end].chars().next() {
+                    Some(c) => unit_end += c.len_utf8(),
+                    None => break,
+                }
+            }
+        }
+        start += first.len_utf8();
+    }
+    out
+}
+
+fn stats(spans: &[Span], n: usize, out: &mut Vec<Span>) {
+    let max_score = spans.iter().map(|s| s.score).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let max_len = spans.iter().map(|s| s.end - s.start).max().unwrap_or(0);
+    let total: usize = spans.iter().map(|s| s.end - s.start).sum();
+    out.push(Span::new(0, n, "doc_max_score_repetition", max_score.unwrap_or(0.0)));
+    out.push(Span::new(0, n, "doc_max_length_repetition", max_len as f64));
+    let frac = if spans.is_empty() || n == 0 { 0.0 } else { total as f64 / n as f64 };
+    out.push(Span::new(0, n, "doc_frac_repetition", frac));
+}
+
+/// `repetitions_v1`: repeated character groups anywhere in the document.
+pub struct Repetitions {
+    /// `paragraph_repetitions_v1`: search each paragraph separately.
+    pub per_paragraph: bool,
+}
+
+impl Tagger for Repetitions {
+    fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
+        let first = out.len();
+        let units: Vec<(usize, &str)> = if self.per_paragraph {
+            split_paragraphs(doc.text, false).into_iter().map(|p| (p.byte_start, p.text)).collect()
+        } else {
+            vec![(0, doc.text)]
+        };
+        for (base, text) in units {
+            for (s, e, count) in find_repetitions(text) {
+                out.push(Span::new(
+                    doc.char_offset(base + s),
+                    doc.char_offset(base + e),
+                    "repetition",
+                    count as f64,
+                ));
+            }
+        }
+        let found = out[first..].to_vec();
+        stats(&found, doc.len_chars(), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_python_matches() {
+        // Values from Python: [(m.span(), m.group(0).count(m.group(1))) for m in
+        //   re.finditer(r"(.+?)(\s?\1){3,}", text)]
+        assert_eq!(find_repetitions("aaaa"), vec![(0, 4, 4)]);
+        assert_eq!(find_repetitions("aaa"), vec![]);
+        assert_eq!(find_repetitions("ab ab ab ab x"), vec![(0, 11, 4)]);
+        assert_eq!(find_repetitions("xx hello hello hello hello"), vec![(2, 26, 4)]);
+        assert_eq!(find_repetitions("ab abab ab ab"), vec![(0, 13, 5)]);
+        assert_eq!(find_repetitions(" a a a a"), vec![(0, 8, 4)]);
+        assert_eq!(find_repetitions("1 1  1 1 1"), vec![(0, 9, 4)]);
+        assert_eq!(find_repetitions("a\na\na\na"), vec![(0, 7, 4)]);
+        assert_eq!(find_repetitions("no repeats here"), vec![]);
+        assert_eq!(find_repetitions("éééé"), vec![(0, 8, 4)]);
+    }
+
+    #[test]
+    fn tagger_emits_stats() {
+        let doc = Document::new("d", "zzzzzz and text");
+        let mut out = Vec::new();
+        Repetitions { per_paragraph: false }.predict(&doc, &mut out);
+        assert_eq!(out[0], Span::new(0, 6, "repetition", 6.0));
+        assert_eq!(out[1], Span::new(0, 15, "doc_max_score_repetition", 6.0));
+        assert_eq!(out[2], Span::new(0, 15, "doc_max_length_repetition", 6.0));
+        assert_eq!(out[3], Span::new(0, 15, "doc_frac_repetition", 6.0 / 15.0));
+        let doc = Document::new("d", "");
+        let mut out = Vec::new();
+        Repetitions { per_paragraph: false }.predict(&doc, &mut out);
+        assert_eq!(out.len(), 3);
+    }
+}
