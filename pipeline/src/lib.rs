@@ -1,0 +1,8 @@
+//! The `dolma` pipeline: Dolma-format I/O, configs, the parallel runner and the stages.
+
+pub mod config;
+pub mod io;
+#[cfg(feature = "parquet")]
+pub mod parquet_input;
+pub mod runner;
+pub mod tag;
