@@ -24,7 +24,7 @@ Options:
   -V, --version       version
 
 Common fields: documents, destination, processes, ignore_existing, skip_bad_lines,
-shard (I/N, or from SLURM_ARRAY_TASK_ID/COUNT), max_line_bytes, no_progress, dryrun.
+shard (I/N, or from SLURM_ARRAY_TASK_ID/COUNT), max_line_bytes, progress (--no-progress), dryrun.
 Logs: RUST_LOG=debug for more detail.";
 
 fn main() -> ExitCode {

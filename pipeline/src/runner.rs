@@ -206,6 +206,13 @@ where
     let (todo, done): (Vec<Task>, Vec<Task>) = tasks
         .into_iter()
         .partition(|t| opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists()));
+    // Partial files left by a crash beside finished outputs are garbage: remove them.
+    for o in done.iter().flat_map(|t| &t.outputs) {
+        let tmp = crate::io::tmp_path(o);
+        if tmp.exists() {
+            std::fs::remove_file(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+        }
+    }
     if !done.is_empty() {
         tracing::info!("{stage}: {} of {total} files already have outputs; skipping them (use --ignore-existing to redo)", done.len());
     }

@@ -44,8 +44,9 @@ pub struct TagConfig {
     pub tagger_options: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub dryrun: bool,
-    #[serde(default)]
-    pub no_progress: bool,
+    /// Progress bar on stderr (`--no-progress` turns it off).
+    #[serde(default = "yes")]
+    pub progress: bool,
     // Accepted for dolma config compatibility; they change nothing here.
     #[serde(default)]
     pub debug: bool,
@@ -55,6 +56,10 @@ pub struct TagConfig {
     pub profile: Option<serde_json::Value>,
     #[serde(default)]
     pub tagger_modules: Option<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Taggers writing to one attribute directory.
@@ -385,7 +390,7 @@ pub fn run(cfg: TagConfig) -> Result<()> {
         ignore_existing: cfg.ignore_existing,
         skip_bad_lines: cfg.skip_bad_lines,
         max_line_bytes: cfg.max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
-        show_progress: !cfg.no_progress,
+        show_progress: cfg.progress,
     };
     let summary = runner::run("tag", tasks, &opts, |task, progress| tag_file(task, &groups, &opts, progress))?;
     let s = &summary.stats;
