@@ -39,34 +39,50 @@ fn match_repeats(text: &str, pos: usize, unit: &str, count: usize) -> Option<usi
 }
 
 /// Byte ranges and repeat counts of all non-overlapping matches, as `re.finditer`.
+///
+/// For units of two or more characters, the first repeat must begin with the unit's first two
+/// characters, so candidate unit lengths come from a SIMD substring search for that bigram
+/// instead of trying every length up to the end of the line.
 pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
+    let bytes = text.as_bytes();
     let mut out = Vec::new();
+    let mut candidates: Vec<usize> = Vec::new();
     let mut start = 0;
     'outer: while start < text.len() {
-        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let line_end = memchr::memchr(b'\n', &bytes[start..]).map_or(text.len(), |k| start + k);
         let first = text[start..].chars().next().expect("in bounds");
         if first != '\n' {
-            // Candidate unit ends: only where the next repeat could begin.
-            let bytes = text.as_bytes();
-            let lead = bytes[start];
-            let mut unit_end = start + first.len_utf8();
-            while unit_end <= line_end {
+            let one = start + first.len_utf8();
+            candidates.clear();
+            candidates.push(one);
+            if one < line_end {
+                let second = text[one..].chars().next().expect("in bounds");
+                let prefix_end = one + second.len_utf8();
+                let pattern = &bytes[start..prefix_end];
+                // A repeat may start after one whitespace character (at most 3 bytes).
+                let search_end = (line_end + 3 + pattern.len()).min(bytes.len());
+                for rel in memchr::memmem::find_iter(&bytes[start + 1..search_end], pattern) {
+                    let o = start + 1 + rel;
+                    if let Some(ws) = text[..o].chars().next_back().filter(|&c| py_is_space(c)) {
+                        let unit_end = o - ws.len_utf8();
+                        if unit_end >= prefix_end && unit_end <= line_end {
+                            candidates.push(unit_end);
+                        }
+                    }
+                    if o >= prefix_end && o <= line_end {
+                        candidates.push(o);
+                    }
+                }
+                candidates.sort_unstable();
+                candidates.dedup();
+            }
+            for &unit_end in &candidates {
                 let unit = &text[start..unit_end];
-                // A repeat must start with the unit's first byte or with whitespace (ASCII, or
-                // a multi-byte space whose UTF-8 lead byte is C2, E1, E2 or E3).
-                let plausible = bytes.get(unit_end).is_some_and(|&b| {
-                    b == lead || matches!(b, b'\t'..=b'\r' | b' ' | 0x1c..=0x1f | 0xC2 | 0xE1..=0xE3)
-                });
-                if !plausible {
-                } else if let Some(end) = match_repeats(text, unit_end, unit, 0) {
+                if let Some(end) = match_repeats(text, unit_end, unit, 0) {
                     let count = text[start..end].matches(unit).count();
                     out.push((start, end, count));
                     start = end;
                     continue 'outer;
-                }
-                match text[unit_end..line_end].chars().next() {
-                    Some(c) => unit_end += c.len_utf8(),
-                    None => break,
                 }
             }
         }

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Benchmark `dolma tag` against the reference dolma 1.2.1 on the same files and process count.
+#
+#   bench/tag.sh [CORPUS_DOCUMENTS_DIR] [PROCESSES]
+#
+# Defaults: ../shared/corpus/documents (the 128 MB development corpus) and 2 processes.
+# Taggers: the core set char_length_v1, whitespace_tokenizer_v1, gopher_v1, c4_v2,
+# pii_regex_with_counts_fast_v2, repetitions_v1, ft_lang_id_en_doc_v2 (lid.176).
+# The reference runs from a venv at $DOLMA_VENV (default bench/.venv-dolma), created with
+# `pip install dolma==1.2.1 boto3==1.26.76` when missing; set SKIP_REFERENCE=1 to skip it.
+# Prints docs/s and MB/s (of document text) for both, the speed-up, and checks that both
+# produced the same attributes (bench/compare_attributes.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+CORPUS=${1:-../shared/corpus/documents}
+PROCS=${2:-2}
+if [ ! -d "$CORPUS" ]; then
+  echo "corpus $CORPUS not found: this benchmark needs ../shared/corpus (not part of a clone)" >&2
+  exit 1
+fi
+CORPUS=$(cd "$CORPUS" && pwd)
+MODEL="$ROOT/tests/data/models/lid.176.ftz"
+TAGGERS="char_length_v1 whitespace_tokenizer_v1 gopher_v1 c4_v2 pii_regex_with_counts_fast_v2 repetitions_v1 ft_lang_id_en_doc_v2"
+WORK=$(mktemp -d /tmp/dolma-bench-tag.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/ours" "$WORK/ref"
+cp -r "$CORPUS" "$WORK/ours/documents"
+cp -r "$CORPUS" "$WORK/ref/documents"
+read -r DOCS BYTES < <(python3 - "$CORPUS" <<'EOF'
+import gzip, json, os, sys
+d = b = 0
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        with gzip.open(os.path.join(root, f), "rt", encoding="utf-8") as fh:
+            for line in fh:
+                d += 1
+                b += len(json.loads(line)["text"].encode("utf-8"))
+print(d, b)
+EOF
+)
+echo "corpus: $CORPUS: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS processes"
+
+cargo build --release -q -p dolma
+start=$(date +%s.%N)
+./target/release/dolma tag --documents "$WORK/ours/documents/*/*.gz" --taggers $TAGGERS \
+  --processes "$PROCS" --tagger_options.ft_lang_id_en_doc_v2.model_path "$MODEL" --no-progress 2>"$WORK/ours.log" \
+  || { cat "$WORK/ours.log"; exit 1; }
+end=$(date +%s.%N)
+OURS=$(python3 -c "print($end - $start)")
+python3 -c "print(f'ours:  {$OURS:8.1f} s  {$DOCS/$OURS:10.0f} docs/s  {$BYTES/1e6/$OURS:8.2f} MB/s')"
+
+if [ "${SKIP_REFERENCE:-0}" = 1 ]; then
+  exit 0
+fi
+VENV=${DOLMA_VENV:-bench/.venv-dolma}
+if [ ! -x "$VENV/bin/dolma" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q dolma==1.2.1 boto3==1.26.76
+fi
+VENV=$(cd "$VENV" && pwd)
+# dolma looks for lid.176 in its cache under the sha256 of the download URL.
+export XDG_CACHE_HOME="$WORK/cache"
+H=$(python3 -c "import hashlib;print(hashlib.sha256(b'https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin').hexdigest())")
+mkdir -p "$XDG_CACHE_HOME/dolma" && cp "$MODEL" "$XDG_CACHE_HOME/dolma/$H.176.bin"
+start=$(date +%s.%N)
+(cd "$WORK/ref" && "$VENV/bin/dolma" tag --documents "$WORK/ref/documents/*/*.gz" --taggers $TAGGERS \
+  --processes "$PROCS" >"$WORK/ref.log" 2>&1) || { tail -30 "$WORK/ref.log"; exit 1; }
+end=$(date +%s.%N)
+REF=$(python3 -c "print($end - $start)")
+python3 -c "print(f'dolma: {$REF:8.1f} s  {$DOCS/$REF:10.0f} docs/s  {$BYTES/1e6/$REF:8.2f} MB/s')"
+python3 -c "print(f'speed-up: {$REF/$OURS:.1f}x')"
+python3 bench/compare_attributes.py "$WORK/ours/attributes" "$WORK/ref/attributes" --show 2
