@@ -21,9 +21,10 @@ if [ ! -d "$CORPUS" ]; then
 fi
 CORPUS=$(cd "$CORPUS" && pwd)
 MODEL="$ROOT/tests/data/models/lid.176.ftz"
-TAGGERS="char_length_v1 whitespace_tokenizer_v1 gopher_v1 c4_v2 pii_regex_with_counts_fast_v2 repetitions_v1 ft_lang_id_en_doc_v2"
+TAGGERS=${TAGGERS:-"char_length_v1 whitespace_tokenizer_v1 gopher_v1 c4_v2 pii_regex_with_counts_fast_v2 repetitions_v1 ft_lang_id_en_doc_v2"}
 WORK=$(mktemp -d /tmp/dolma-bench-tag.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+# KEEP=1 keeps the work directory (both attribute trees) for inspection.
+[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/ours" "$WORK/ref"
 cp -r "$CORPUS" "$WORK/ours/documents"
 cp -r "$CORPUS" "$WORK/ref/documents"
@@ -39,6 +40,7 @@ for root, _, files in os.walk(sys.argv[1]):
 print(d, b)
 EOF
 )
+echo "work directory: $WORK"
 echo "corpus: $CORPUS: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS processes"
 
 cargo build --release -q -p dolma

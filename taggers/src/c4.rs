@@ -1,6 +1,6 @@
 //! `c4_v1` / `c4_v2`: C4's line and document heuristics (dolma `taggers/c4.py`).
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 use std::sync::LazyLock;
 
 use crate::text::{char_len, py_split, py_strip};
@@ -15,7 +15,7 @@ struct Naughty {
 
 static NAUGHTY: LazyLock<Naughty> = LazyLock::new(|| {
     let all = include_str!("../data/naughty_words_en.txt");
-    let mut words = HashSet::new();
+    let mut words = HashSet::default();
     let mut phrases = Vec::new();
     for l in all.lines() {
         if l.contains(' ') {

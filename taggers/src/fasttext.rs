@@ -6,7 +6,7 @@
 //! The arithmetic follows fastText 0.9.2 (`dictionary.cc`, `model.cc`, `loss.cc`,
 //! `productquantizer.cc`) in `f32`, so probabilities agree with the Python binding to ~1e-6.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -396,7 +396,8 @@ impl FastTextModel {
         let prune_size = r.i64()?;
         let size_n = r.count(size as i64, "dictionary size")?;
         let mut entries = Vec::with_capacity(size_n);
-        let mut index = HashMap::with_capacity(size_n);
+        let mut index = HashMap::default();
+        index.reserve(size_n);
         for i in 0..size_n {
             let word = r.cstring()?;
             let count = r.i64()?;
@@ -414,7 +415,8 @@ impl FastTextModel {
             });
         }
         let prune = if prune_size >= 0 {
-            let mut map = HashMap::with_capacity(prune_size as usize);
+            let mut map = HashMap::default();
+            map.reserve(prune_size as usize);
             for _ in 0..r.count(prune_size, "prune index size")? {
                 let a = r.i32()?;
                 let b = r.i32()?;
@@ -696,8 +698,60 @@ impl FastTextModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A two-word, two-label dense softmax model in fastText's binary format: "good" points to
+    /// `__label__pos`, "bad" to `__label__neg`.
+    pub(crate) fn tiny_softmax_model() -> Vec<u8> {
+        let mut b = Vec::new();
+        let i32s = |b: &mut Vec<u8>, v: &[i32]| v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        i32s(&mut b, &[FASTTEXT_MAGIC, FASTTEXT_VERSION]);
+        // dim ws epoch minCount neg wordNgrams loss(softmax) model(sup) bucket minn maxn lrUpdateRate
+        i32s(&mut b, &[2, 5, 5, 1, 5, 1, 3, 3, 0, 0, 0, 100]);
+        b.extend_from_slice(&1e-4f64.to_le_bytes());
+        i32s(&mut b, &[4, 2, 2]);
+        b.extend_from_slice(&10i64.to_le_bytes());
+        b.extend_from_slice(&(-1i64).to_le_bytes());
+        for (w, c, t) in [("good", 5i64, 0u8), ("bad", 5, 0), ("__label__pos", 5, 1), ("__label__neg", 3, 1)] {
+            b.extend_from_slice(w.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&c.to_le_bytes());
+            b.push(t);
+        }
+        let dense = |b: &mut Vec<u8>, rows: i64, data: &[f32]| {
+            b.push(0);
+            b.extend_from_slice(&rows.to_le_bytes());
+            b.extend_from_slice(&2i64.to_le_bytes());
+            data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        };
+        dense(&mut b, 2, &[1.0, 0.0, 0.0, 1.0]);
+        dense(&mut b, 2, &[2.0, -2.0, -2.0, 2.0]);
+        b
+    }
+
+    #[test]
+    fn dense_softmax_model_predicts_by_hand_computed_probabilities() {
+        let m = FastTextModel::from_reader(&tiny_softmax_model()[..], "tiny").unwrap();
+        assert_eq!(m.labels().collect::<Vec<_>>(), vec!["__label__pos", "__label__neg"]);
+        let p = m.predict("good", 0.0);
+        let pos = (2f64.exp() / (2f64.exp() + (-2f64).exp())) as f32;
+        assert_eq!(p[0].label, "pos");
+        assert!((p[0].prob - (pos + 1e-5)).abs() < 1e-5, "{p:?}");
+        let p = m.predict("bad", 0.0);
+        assert_eq!(p[0].label, "neg");
+        let p = m.predict("good bad", 0.0);
+        assert!((p[0].prob - 0.5).abs() < 1e-4 && (p[1].prob - 0.5).abs() < 1e-4, "{p:?}");
+    }
+
+    #[test]
+    fn corrupt_models_are_errors() {
+        let bytes = tiny_softmax_model();
+        let e = FastTextModel::from_reader(&bytes[..bytes.len() - 3], "cut.bin").err().unwrap();
+        assert!(e.to_string().contains("cut.bin: truncated"), "{e}");
+        let e = FastTextModel::from_reader(&b"not a model at all"[..], "x.bin").err().unwrap();
+        assert!(e.to_string().contains("not a fastText model"), "{e}");
+    }
 
     #[test]
     fn hash_matches_fasttext_sign_extension() {

@@ -3,10 +3,17 @@
 //! n-gram counting interns words to ids and hashes id slices, instead of Python's tuples of
 //! strings; ties for the most common n-gram go to the one seen first, like `Counter.most_common`.
 
-use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
+use rustc_hash::FxHashMap;
 
 use crate::text::{char_len, py_split};
 use crate::{Document, Span, Tagger};
+
+/// Python's `str.isalpha()` is true for general category L (Lu, Ll, Lt, Lm, Lo) only; Rust's
+/// `char::is_alphabetic` also takes marks and letter numbers.
+static LETTER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{L}").expect("valid regex"));
 
 const REQUIRED_ENGLISH_WORDS: [&str; 8] = ["the", "be", "to", "of", "and", "that", "have", "with"];
 
@@ -46,7 +53,8 @@ impl Tagger for Gopher {
         let character_count: usize = word_lens.iter().sum();
 
         // n-gram statistics over interned words.
-        let mut interner: HashMap<&str, u32> = HashMap::with_capacity(words.len());
+        let mut interner: FxHashMap<&str, u32> = FxHashMap::default();
+        interner.reserve(words.len());
         let ids: Vec<u32> = words
             .iter()
             .map(|w| {
@@ -56,7 +64,7 @@ impl Tagger for Gopher {
             .collect();
         let mut most_common = Vec::new();
         let mut duplicate = Vec::new();
-        let mut counts: HashMap<&[u32], (u32, u32)> = HashMap::new();
+        let mut counts: FxHashMap<&[u32], (u32, u32)> = FxHashMap::default();
         for ng in 2..=10usize {
             if words.len() < ng {
                 continue;
@@ -92,7 +100,7 @@ impl Tagger for Gopher {
             .iter()
             .filter(|w| w.contains('#') || w.contains('\u{2026}'))
             .count();
-        let alpha_words = words.iter().filter(|w| w.chars().any(char::is_alphabetic)).count();
+        let alpha_words = words.iter().filter(|w| LETTER.is_match(w)).count();
         let required = words
             .iter()
             .filter(|w| REQUIRED_ENGLISH_WORDS.contains(w))
@@ -108,7 +116,7 @@ impl Tagger for Gopher {
         let line_count = lines.len().max(1) as f64;
         let bullets = lines.iter().filter(|l| l.starts_with('*') || l.starts_with('-')).count();
         let ellipsis = lines.iter().filter(|l| l.ends_with('\u{2026}')).count();
-        let mut line_counts: HashMap<&str, usize> = HashMap::new();
+        let mut line_counts: FxHashMap<&str, usize> = FxHashMap::default();
         for l in &lines {
             *line_counts.entry(l).or_insert(0) += 1;
         }
@@ -191,6 +199,8 @@ const DUPLICATE: [&str; 6] = [
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn attrs(text: &str) -> HashMap<String, f64> {

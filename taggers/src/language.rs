@@ -160,6 +160,36 @@ mod tests {
     }
 
     #[test]
+    fn classifier_emits_chosen_labels_per_unit() {
+        let bytes = crate::fasttext::tests::tiny_softmax_model();
+        let model = Arc::new(FastTextModel::from_reader(&bytes[..], "tiny").unwrap());
+        let doc = Document::new("d", "good good\n\nbad\n");
+        let mut out = Vec::new();
+        FastTextClassifier {
+            model: model.clone(),
+            level: Level::Paragraph,
+            labels: vec!["__label__pos".into()],
+            lowercase: false,
+        }
+        .predict(&doc, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].start, out[0].end, out[0].kind.as_ref()), (0, 10, "__label__pos"));
+        assert!(out[0].score > 0.98);
+        assert_eq!((out[1].start, out[1].end), (11, 15));
+        assert!(out[1].score < 0.02);
+        let mut out = Vec::new();
+        FastTextClassifier {
+            model,
+            level: Level::Document,
+            labels: vec![],
+            lowercase: true,
+        }
+        .predict(&Document::new("d", "GOOD"), &mut out);
+        assert_eq!(out[0].kind, "__label__pos");
+        assert_eq!(out[1].kind, "__label__neg");
+    }
+
+    #[test]
     fn fasttext_input_is_normalised() {
         assert_eq!(ft_input("  Hello\nWORLD \n"), "hello world");
     }

@@ -61,8 +61,12 @@ pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
                 let pattern = &bytes[start..prefix_end];
                 // A repeat may start after one whitespace character (at most 3 bytes).
                 let search_end = (line_end + 3 + pattern.len()).min(bytes.len());
-                for rel in memchr::memmem::find_iter(&bytes[start + 1..search_end], pattern) {
-                    let o = start + 1 + rel;
+                // Overlapping occurrences matter ("  " in "   "), so search again from o + 1.
+                let finder = memchr::memmem::Finder::new(pattern);
+                let mut from = start + 1;
+                while let Some(rel) = finder.find(&bytes[from..search_end]) {
+                    let o = from + rel;
+                    from = o + 1;
                     if let Some(ws) = text[..o].chars().next_back().filter(|&c| py_is_space(c)) {
                         let unit_end = o - ws.len_utf8();
                         if unit_end >= prefix_end && unit_end <= line_end {
@@ -145,6 +149,8 @@ mod tests {
         assert_eq!(find_repetitions("ab abab ab ab"), vec![(0, 13, 5)]);
         assert_eq!(find_repetitions(" a a a a"), vec![(0, 8, 4)]);
         assert_eq!(find_repetitions("1 1  1 1 1"), vec![(0, 9, 4)]);
+        // overlapping occurrences of the unit's first two characters
+        assert_eq!(find_repetitions("clear.ie>\n  |   | \n  |   | 7.3"), vec![(10, 27, 4)]);
         assert_eq!(find_repetitions("a\na\na\na"), vec![(0, 7, 4)]);
         assert_eq!(find_repetitions("no repeats here"), vec![]);
         assert_eq!(find_repetitions("éééé"), vec![(0, 8, 4)]);
