@@ -45,8 +45,8 @@ echo "corpus: $CORPUS: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS proce
 
 cargo build --release -q -p dolma
 start=$(date +%s.%N)
-./target/release/dolma tag --documents "$WORK/ours/documents/*/*.gz" --taggers $TAGGERS \
-  --processes "$PROCS" --tagger_options.ft_lang_id_en_doc_v2.model_path "$MODEL" --no-progress 2>"$WORK/ours.log" \
+DOLMA_FASTTEXT_LID_MODEL="$MODEL" ./target/release/dolma tag --documents "$WORK/ours/documents/*/*.gz" \
+  --taggers $TAGGERS --processes "$PROCS" --no-progress 2>"$WORK/ours.log" \
   || { cat "$WORK/ours.log"; exit 1; }
 end=$(date +%s.%N)
 OURS=$(python3 -c "print($end - $start)")

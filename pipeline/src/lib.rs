@@ -1,6 +1,8 @@
 //! The `dolma` pipeline: Dolma-format I/O, configs, the parallel runner and the stages.
 
+pub mod bloom;
 pub mod config;
+pub mod dedupe;
 pub mod io;
 #[cfg(feature = "parquet")]
 pub mod parquet_input;

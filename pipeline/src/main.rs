@@ -11,7 +11,7 @@ usage: dolma [-c CONFIG] <command> [--field value ...]
 Commands:
   tag        run taggers over documents, writing attribute files
   list       list the available taggers
-  dedupe     (not yet available)
+  dedupe     mark duplicate documents or paragraphs with a Bloom filter
   mix        (not yet available)
   tokenize   (alias: tokens; not yet available)
 
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     match run(std::env::args().skip(1).collect()) {
@@ -97,7 +98,8 @@ fn run(args: Vec<String>) -> Result<()> {
             }
             Ok(())
         }
-        "dedupe" | "mix" | "tokenize" | "tokens" => {
+        "dedupe" => dolma::dedupe::run(dolma::config::load(config.as_deref(), &rest, "dedupe")?),
+        "mix" | "tokenize" | "tokens" => {
             bail!("`dolma {command}` is not implemented yet in this build")
         }
         other => bail!("unknown command `{other}`\n\n{USAGE}"),

@@ -6,13 +6,13 @@
 //! files without finished outputs and ends with the same bytes, whatever the thread count.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rayon::prelude::*;
 
 /// One input file matched by a pattern, with the pattern's directory prefix (the part before
 /// the first wildcard), used to mirror paths into outputs.
@@ -156,6 +156,58 @@ pub struct FileStats {
     pub docs: u64,
     pub bad_lines: u64,
     pub text_bytes: u64,
+    /// Stage-specific counts (e.g. duplicate paragraphs), summed over files.
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+impl FileStats {
+    pub fn count(&mut self, name: &'static str, n: u64) {
+        *self.counters.entry(name).or_insert(0) += n;
+    }
+
+    fn merge(&mut self, other: FileStats) {
+        self.docs += other.docs;
+        self.bad_lines += other.bad_lines;
+        self.text_bytes += other.text_bytes;
+        for (k, v) in other.counters {
+            self.count(k, v);
+        }
+    }
+}
+
+/// Lets tasks taken in order run a section strictly in task order (the rest in parallel):
+/// `wait_turn(i)` blocks until every task before `i` called `done`. Used where shared state
+/// must evolve as in a single-threaded run, e.g. the dedupe Bloom filter.
+pub struct Sequencer {
+    next: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Sequencer {
+            next: Mutex::new(0),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl Sequencer {
+    pub fn wait_turn(&self, i: usize) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *next < i {
+            next = self.cv.wait(next).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Marks task `i` as past its ordered section; call exactly once per task, errors included.
+    pub fn done(&self, i: usize) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if *next == i {
+            *next += 1;
+        }
+        self.cv.notify_all();
+    }
 }
 
 /// Live counters, shared with the per-file functions for the progress bar.
@@ -195,11 +247,12 @@ pub struct Task {
     pub outputs: Vec<PathBuf>,
 }
 
-/// Runs `work` over the tasks on `processes` threads. Errors in one file do not stop the
-/// others; all are reported and the run fails at the end.
+/// Runs `work(index, task)` over the tasks on `processes` threads. Threads take tasks in list
+/// order (so a [`Sequencer`] never waits on a task nobody started). Errors in one file do not
+/// stop the others; all are reported and the run fails at the end.
 pub fn run<F>(stage: &str, tasks: Vec<Task>, opts: &RunOptions, work: F) -> Result<Summary>
 where
-    F: Fn(&Task, &Progress) -> Result<FileStats> + Sync,
+    F: Fn(usize, &Task, &Progress) -> Result<FileStats> + Sync,
 {
     let start = Instant::now();
     let total = tasks.len();
@@ -236,10 +289,7 @@ where
     let errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let totals: Mutex<FileStats> = Mutex::new(FileStats::default());
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.processes.max(1))
-        .build()
-        .context("cannot start worker threads")?;
+    let next_task = AtomicUsize::new(0);
     let ticker_stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         // Refresh docs/s and MB/s while long files are in flight.
@@ -252,24 +302,26 @@ where
                 std::thread::sleep(Duration::from_millis(250));
             }
         });
-        pool.install(|| {
-            todo.par_iter().for_each(|task| {
-                match work(task, &progress) {
-                    Ok(s) => {
-                        let mut t = totals.lock().expect("totals lock");
-                        t.docs += s.docs;
-                        t.bad_lines += s.bad_lines;
-                        t.text_bytes += s.text_bytes;
+        let workers: Vec<_> = (0..opts.processes.max(1).min(todo.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next_task.fetch_add(1, Ordering::Relaxed);
+                    let Some(task) = todo.get(i) else { break };
+                    match work(i, task, &progress) {
+                        Ok(s) => totals.lock().expect("totals lock").merge(s),
+                        Err(e) => {
+                            let msg = format!("{}: {e:#}", task.input.path.display());
+                            bar.suspend(|| tracing::error!("{msg}"));
+                            errors.lock().expect("errors lock").push(msg);
+                        }
                     }
-                    Err(e) => {
-                        let msg = format!("{}: {e:#}", task.input.path.display());
-                        bar.suspend(|| tracing::error!("{msg}"));
-                        errors.lock().expect("errors lock").push(msg);
-                    }
-                }
-                bar.inc(1);
-            });
-        });
+                    bar.inc(1);
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
+        }
         ticker_stop.store(true, Ordering::Relaxed);
     });
     bar.finish_and_clear();

@@ -392,7 +392,7 @@ pub fn run(cfg: TagConfig) -> Result<()> {
         max_line_bytes: cfg.max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
         show_progress: cfg.progress,
     };
-    let summary = runner::run("tag", tasks, &opts, |task, progress| tag_file(task, &groups, &opts, progress))?;
+    let summary = runner::run("tag", tasks, &opts, |_, task, progress| tag_file(task, &groups, &opts, progress))?;
     let s = &summary.stats;
     eprintln!(
         "tag: {} files done, {} skipped as already tagged; {} docs ({} bad lines skipped) in {:.1}s: {:.0} docs/s, {:.1} MB/s of text; taggers: {}",
