@@ -55,9 +55,13 @@ pub struct BloomFilter {
     pub inputs: BTreeMap<String, u64>,
 }
 
+/// Most hash functions used. Beyond ~30 the false-positive rate of an oversized filter is
+/// already negligible and each extra hash only costs a cache miss (dolma has no cap).
+pub const MAX_K: u32 = 32;
+
 pub fn optimal_k(size_in_bytes: u64, expected: u64) -> u32 {
     let m = (size_in_bytes * 8) as f64;
-    ((m / expected.max(1) as f64) * std::f64::consts::LN_2).ceil().max(1.0) as u32
+    ((m / expected.max(1) as f64) * std::f64::consts::LN_2).ceil().clamp(1.0, MAX_K as f64) as u32
 }
 
 pub fn false_positive_rate(size_in_bytes: u64, expected: u64, k: u32) -> f64 {
@@ -272,6 +276,7 @@ mod tests {
         assert_eq!(optimal_k(16 << 20, 6_000_000), 16);
         assert!(false_positive_rate(16 << 20, 6_000_000, 16) <= 1e-4);
         assert_eq!(suggest_size_in_bytes(10, 0.01), 1 << 20);
+        assert_eq!(optimal_k(1 << 20, 10), MAX_K);
     }
 
     #[test]
