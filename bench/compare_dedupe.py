@@ -18,7 +18,7 @@ for root, _, files in os.walk(a.theirs):
         op = os.path.join(a.ours, rel)
         t = [json.loads(l) for l in gzip.open(tp, "rt")]
         if a.docs:
-            texts = [json.loads(l)["text"] for l in gzip.open(os.path.join(a.docs, rel.split(os.sep, 1)[1]), "rt")]
+            texts = [json.loads(l)["text"] for l in gzip.open(os.path.join(a.docs, rel), "rt")]
             for lt, text in zip(t, texts):
                 n = len(text)
                 for v in lt["attributes"].values():

@@ -28,6 +28,7 @@ WORK=$(mktemp -d /tmp/dolma-bench-tag.XXXXXX)
 mkdir -p "$WORK/ours" "$WORK/ref"
 cp -r "$CORPUS" "$WORK/ours/documents"
 cp -r "$CORPUS" "$WORK/ref/documents"
+sync  # let the copies reach the disk before timing anything
 read -r DOCS BYTES < <(python3 - "$CORPUS" <<'EOF'
 import gzip, json, os, sys
 d = b = 0

@@ -256,14 +256,22 @@ struct ParaPlan {
     ngram_mode: bool,
 }
 
-fn plan_document(settings: &Settings, doc: &Value, text: &str) -> Result<DocKeys> {
+/// The fields dedupe reads when the key is the text (or in paragraph mode): parsing only these,
+/// borrowed, is much faster than building a full JSON tree of every document.
+#[derive(Deserialize)]
+struct TextDoc<'a> {
+    #[serde(borrow)]
+    id: &'a serde_json::value::RawValue,
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
+}
+
+/// `key`: the dedupe key in document mode (already selected), unused in paragraph mode.
+fn plan_document(settings: &Settings, key: Option<&str>, text: &str) -> Result<DocKeys> {
     let mut hashes = Vec::new();
     let plan = match &settings.mode {
-        Mode::Documents { steps, key, .. } => {
-            let value = select(doc, steps).ok_or_else(|| anyhow!("key `{key}` not found in the document"))?;
-            let k = value
-                .as_str()
-                .ok_or_else(|| anyhow!("key `{key}` must select a string, got {}", short(value)))?;
+        Mode::Documents { .. } => {
+            let k = key.unwrap_or(text);
             let skip = (settings.min_words > 0 && words(k).count() < settings.min_words)
                 || k.len() < settings.min_length
                 || (settings.skip_empty && k.trim().is_empty());
@@ -281,7 +289,11 @@ fn plan_document(settings: &Settings, doc: &Value, text: &str) -> Result<DocKeys
         }
         Mode::Paragraphs { separator, ngram, .. } => {
             let sep_chars = separator.chars().count();
-            let pieces: Vec<&str> = text.split(separator.as_str()).collect();
+            // A one-byte separator (the usual "\n") splits with memchr instead of a substring search.
+            let pieces: Vec<&str> = match separator.as_bytes() {
+                [b] if b.is_ascii() => text.split(*b as char).collect(),
+                _ => text.split(separator.as_str()).collect(),
+            };
             let mut paras = Vec::new();
             let mut offset = 0usize;
             if !text.is_empty() {
@@ -356,6 +368,14 @@ fn plan_document(settings: &Settings, doc: &Value, text: &str) -> Result<DocKeys
     Ok(DocKeys { hashes, plan })
 }
 
+fn is_text_key(steps: &[PathStep]) -> bool {
+    matches!(steps, [PathStep::Key(k)] if k == "text")
+}
+
+fn explain(line: &str, e: &serde_json::Error) -> anyhow::Error {
+    anyhow!("{}", crate::tag::explain_bad_document(line, e))
+}
+
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 60 {
@@ -419,9 +439,10 @@ fn decide(settings: &Settings, keys: &DocKeys, seen: &[bool], stats: &mut FileSt
     }
 }
 
-fn write_line(buf: &mut Vec<u8>, id: &Value, attribute: &str, spans: &Spans) {
+/// `id_json`: the id exactly as it appears in the input (a JSON string or number).
+fn write_line(buf: &mut Vec<u8>, id_json: &str, attribute: &str, spans: &Spans) {
     buf.extend_from_slice(b"{\"id\":");
-    serde_json::to_writer(&mut *buf, id).expect("json to vec");
+    buf.extend_from_slice(id_json.as_bytes());
     buf.extend_from_slice(b",\"attributes\":{");
     if let Some(spans) = spans {
         serde_json::to_writer(&mut *buf, attribute).expect("json to vec");
@@ -485,7 +506,7 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
     let mut reader = open_documents(&task.input.path, job.opts.max_line_bytes)?;
     let path = reader.path().to_string();
     // Parse and hash the whole file first (in parallel with other files)...
-    let mut docs: Vec<(Value, DocKeys)> = Vec::new();
+    let mut docs: Vec<(Box<str>, DocKeys)> = Vec::new();
     let mut pending = (0u64, 0u64);
     loop {
         let (line, line_no) = match reader.next_line()? {
@@ -500,19 +521,34 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
                 continue;
             }
         };
-        let parsed: Result<(Value, DocKeys)> = (|| {
-            let doc: Value = serde_json::from_str(line).map_err(|e| anyhow!("malformed JSON: {e}"))?;
-            let text = match doc.get("text") {
-                Some(Value::String(s)) => s.as_str(),
-                Some(other) => bail!("field `text` must be a string, got {}", short(other)),
-                None => bail!("missing field `text`"),
+        let parsed: Result<(Box<str>, DocKeys)> = (|| {
+            let (id, keys, text_len) = match &job.settings.mode {
+                Mode::Documents { steps, key, .. } if !is_text_key(steps) => {
+                    let doc: Value = serde_json::from_str(line).map_err(|e| explain(line, &e))?;
+                    let text = match doc.get("text") {
+                        Some(Value::String(s)) => s.as_str(),
+                        Some(other) => bail!("field `text` must be a string, got {}", short(other)),
+                        None => bail!("missing field `text`"),
+                    };
+                    let value = select(&doc, steps).ok_or_else(|| anyhow!("key `{key}` not found in the document"))?;
+                    let k = value
+                        .as_str()
+                        .ok_or_else(|| anyhow!("key `{key}` must select a string, got {}", short(value)))?;
+                    let keys = plan_document(job.settings, Some(k), text)?;
+                    let id = doc.get("id").map(|v| v.to_string()).unwrap_or_default();
+                    (id, keys, text.len())
+                }
+                _ => {
+                    let doc: TextDoc = serde_json::from_str(line).map_err(|e| explain(line, &e))?;
+                    let keys = plan_document(job.settings, None, &doc.text)?;
+                    (doc.id.get().to_string(), keys, doc.text.len())
+                }
             };
-            if !matches!(doc.get("id"), Some(Value::String(_)) | Some(Value::Number(_))) {
-                bail!("missing or invalid field `id`");
+            if !(id.starts_with('"') || id.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
+                bail!("field `id` must be a string, got {id}");
             }
-            let keys = plan_document(job.settings, &doc, text)?;
-            stats.text_bytes += text.len() as u64;
-            Ok((doc, keys))
+            stats.text_bytes += text_len as u64;
+            Ok((id.into_boxed_str(), keys))
         })();
         match parsed {
             Ok(d) => {
@@ -538,10 +574,9 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
     if let Some(s) = job.sequencer {
         s.wait_turn(index);
     }
-    let answers: Vec<Vec<bool>> = docs
-        .iter()
-        .map(|(_, k)| k.hashes.iter().map(|&h| job.filter.check_and_insert(h)).collect())
-        .collect();
+    let all: Vec<KeyHash> = docs.iter().flat_map(|(_, k)| k.hashes.iter().copied()).collect();
+    let mut answers = Vec::new();
+    job.filter.check_and_insert_batch(&all, &mut answers);
     drop(turn);
     if action == Action::Replay {
         return Ok(FileStats::default());
@@ -550,10 +585,13 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
     let mut writer = AtomicWriter::create(&task.outputs[0])?;
     let mut buf = Vec::with_capacity(1 << 16);
     let attribute = attribute_name(job.settings);
-    for ((doc, keys), seen) in docs.iter().zip(&answers) {
+    let mut at = 0;
+    for (id, keys) in &docs {
         buf.clear();
+        let seen = &answers[at..at + keys.hashes.len()];
+        at += keys.hashes.len();
         let spans = decide(job.settings, keys, seen, &mut stats);
-        write_line(&mut buf, &doc["id"], attribute, &spans);
+        write_line(&mut buf, id, attribute, &spans);
         writer.write_all(&buf).with_context(|| format!("cannot write {}", task.outputs[0].display()))?;
     }
     writer.finish()?;
@@ -686,7 +724,11 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
                 bloom::suggest_size_in_bytes(n, p)
             }
         };
-        let k = if expected > 0 { bloom::optimal_k(size, expected) } else { 7 };
+        let k = match (expected, bf.desired_false_positive_rate) {
+            (0, _) => 7,
+            (n, Some(rate)) if rate > 0.0 && rate < 1.0 => bloom::smallest_k_for_rate(size, n, rate),
+            (n, _) => bloom::optimal_k(size, n),
+        };
         tracing::info!(
             "new bloom filter: {size} bytes, k={k}{}",
             if expected > 0 {
@@ -854,8 +896,7 @@ mod tests {
         texts
             .iter()
             .map(|t| {
-                let doc = serde_json::json!({"id": "x", "text": t});
-                let keys = plan_document(settings, &doc, t).unwrap();
+                let keys = plan_document(settings, None, t).unwrap();
                 let seen: Vec<bool> = keys.hashes.iter().map(|&h| filter.check_and_insert(h)).collect();
                 decide(settings, &keys, &seen, &mut stats)
             })
