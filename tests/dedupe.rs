@@ -9,11 +9,17 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn dolma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dolma")).args(args).output().expect("run dolma")
+    Command::new(env!("CARGO_BIN_EXE_dolma"))
+        .args(args)
+        .output()
+        .expect("run dolma")
 }
 
 fn stderr(o: &Output) -> String {
@@ -24,12 +30,17 @@ fn read_gz_lines(path: &Path) -> Vec<Value> {
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut s = String::new();
     std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(f), &mut s).unwrap();
-    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn write_gz_lines(path: &Path, lines: &[Value]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut e = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::fast());
+    let mut e = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::fast(),
+    );
     for l in lines {
         writeln!(e, "{l}").unwrap();
     }
@@ -58,7 +69,10 @@ fn files_under(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -66,16 +80,29 @@ fn files_under(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn sample(dir: &Path) -> String {
-    copy_dir(&repo().join("tests/data/sample/documents"), &dir.join("documents"));
+    copy_dir(
+        &repo().join("tests/data/sample/documents"),
+        &dir.join("documents"),
+    );
     format!("{}/documents/*/*.gz", dir.display())
 }
 
 fn para_args<'a>(pattern: &'a str, filter: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
-        "dedupe", "--documents", pattern, "--dedupe.name", "para_dedupe",
-        "--dedupe.paragraphs.attribute_name", "bff_duplicate_paragraph_spans",
-        "--bloom_filter.file", filter, "--bloom_filter.estimated_doc_count", "1000000",
-        "--bloom_filter.desired_false_positive_rate", "1e-6", "--no-progress",
+        "dedupe",
+        "--documents",
+        pattern,
+        "--dedupe.name",
+        "para_dedupe",
+        "--dedupe.paragraphs.attribute_name",
+        "bff_duplicate_paragraph_spans",
+        "--bloom_filter.file",
+        filter,
+        "--bloom_filter.estimated_doc_count",
+        "1000000",
+        "--bloom_filter.desired_false_positive_rate",
+        "1e-6",
+        "--no-progress",
     ];
     a.extend_from_slice(extra);
     a
@@ -98,7 +125,12 @@ fn paragraph_spans_match_dolma_reference() {
         let source = source.unwrap().file_name();
         let name = format!("{}-0000.json.gz", source.to_string_lossy());
         let theirs = read_gz_lines(&golden.join(&source).join(&name));
-        let ours = read_gz_lines(&tmp.path().join("attributes/para_dedupe").join(&source).join(&name));
+        let ours = read_gz_lines(
+            &tmp.path()
+                .join("attributes/para_dedupe")
+                .join(&source)
+                .join(&name),
+        );
         let docs = read_gz_lines(&tmp.path().join("documents").join(&source).join(&name));
         assert_eq!(ours.len(), theirs.len());
         for ((o, t), d) in ours.iter().zip(&theirs).zip(&docs) {
@@ -118,14 +150,24 @@ fn paragraph_spans_match_dolma_reference() {
                     .unwrap_or_default()
             };
             let (so, st) = (spans(o, false), spans(t, true));
-            assert!(so.iter().all(|&(_, e)| e <= n), "our span past the end of {}", o["id"]);
+            assert!(
+                so.iter().all(|&(_, e)| e <= n),
+                "our span past the end of {}",
+                o["id"]
+            );
             both += so.intersection(&st).count();
             either += so.union(&st).count();
         }
     }
-    assert!(either > 10_000, "the sample has many duplicate paragraphs: {either}");
+    assert!(
+        either > 10_000,
+        "the sample has many duplicate paragraphs: {either}"
+    );
     let agreement = both as f64 / either as f64;
-    assert!(agreement >= 0.999, "agreement {agreement} ({both}/{either})");
+    assert!(
+        agreement >= 0.999,
+        "agreement {agreement} ({both}/{either})"
+    );
 }
 
 #[test]
@@ -134,9 +176,24 @@ fn document_mode_finds_exactly_the_exact_duplicates() {
     let pattern = sample(tmp.path());
     let filter = tmp.path().join("doc.bin").display().to_string();
     let out = dolma(&[
-        "dedupe", "--documents", &pattern, "--dedupe.name", "dd", "--dedupe.documents.attribute_name", "dup",
-        "--dedupe.documents.key", "$.text", "--bloom_filter.file", &filter, "--bloom_filter.size_in_bytes", "1048576",
-        "--bloom_filter.estimated_doc_count", "10000", "--processes", "2", "--no-progress",
+        "dedupe",
+        "--documents",
+        &pattern,
+        "--dedupe.name",
+        "dd",
+        "--dedupe.documents.attribute_name",
+        "dup",
+        "--dedupe.documents.key",
+        "$.text",
+        "--bloom_filter.file",
+        &filter,
+        "--bloom_filter.size_in_bytes",
+        "1048576",
+        "--bloom_filter.estimated_doc_count",
+        "10000",
+        "--processes",
+        "2",
+        "--no-progress",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Count by hash: every text after its first occurrence (file order, line order) is a duplicate.
@@ -148,17 +205,30 @@ fn document_mode_finds_exactly_the_exact_duplicates() {
     let mut seen = HashSet::new();
     let (mut expected, mut marked) = (0, 0);
     for dir in files {
-        let name = format!("{}-0000.json.gz", dir.file_name().unwrap().to_string_lossy());
+        let name = format!(
+            "{}-0000.json.gz",
+            dir.file_name().unwrap().to_string_lossy()
+        );
         let docs = read_gz_lines(&dir.join(&name));
-        let attrs = read_gz_lines(&tmp.path().join("attributes/dd").join(dir.file_name().unwrap()).join(&name));
+        let attrs = read_gz_lines(
+            &tmp.path()
+                .join("attributes/dd")
+                .join(dir.file_name().unwrap())
+                .join(&name),
+        );
         for (d, a) in docs.iter().zip(&attrs) {
             let text = d["text"].as_str().unwrap();
             let is_dup = !seen.insert(text.to_string());
-            let got = a["attributes"].get("dup").is_some_and(|v| !v.as_array().unwrap().is_empty());
+            let got = a["attributes"]
+                .get("dup")
+                .is_some_and(|v| !v.as_array().unwrap().is_empty());
             assert_eq!(got, is_dup, "{}", d["id"]);
             if is_dup {
                 expected += 1;
-                assert_eq!(a["attributes"]["dup"][0][1].as_u64().unwrap(), text.chars().count() as u64);
+                assert_eq!(
+                    a["attributes"]["dup"][0][1].as_u64().unwrap(),
+                    text.chars().count() as u64
+                );
             }
             marked += got as usize;
         }
@@ -182,48 +252,79 @@ fn same_bytes_whatever_the_thread_count_and_resume_after_a_crash() {
     let reference = files_under(&one.join("attributes"));
     assert_eq!(reference.len(), 7);
     let (two, pattern) = run("two", "2");
-    assert!(files_under(&two.join("attributes")) == reference, "2 threads changed the output");
+    assert!(
+        files_under(&two.join("attributes")) == reference,
+        "2 threads changed the output"
+    );
 
     // A crash after some files: their outputs exist but the filter was never saved.
     let filter = two.join("filter.bin");
     std::fs::remove_file(&filter).unwrap();
-    for f in ["nlp-corpus/nlp-corpus-0000.json.gz", "python-docs/python-docs-0000.json.gz"] {
+    for f in [
+        "nlp-corpus/nlp-corpus-0000.json.gz",
+        "python-docs/python-docs-0000.json.gz",
+    ] {
         std::fs::remove_file(two.join("attributes/para_dedupe").join(f)).unwrap();
     }
     let filter_s = filter.display().to_string();
     let out = dolma(&para_args(&pattern, &filter_s, &["--processes", "2"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("5 re-read to restore the filter"), "{}", stderr(&out));
-    assert!(files_under(&two.join("attributes")) == reference, "resumed run differs");
+    assert!(
+        stderr(&out).contains("5 re-read to restore the filter"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        files_under(&two.join("attributes")) == reference,
+        "resumed run differs"
+    );
 
     // Rerun with the saved filter: nothing to do, nothing marked anew.
     let out = dolma(&para_args(&pattern, &filter_s, &["--processes", "2"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("7 files already deduped"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("7 files already deduped"),
+        "{}",
+        stderr(&out)
+    );
     assert!(files_under(&two.join("attributes")) == reference);
 
     // The filter holds a file's keys but its output is gone: refuse instead of marking all.
-    std::fs::remove_file(two.join("attributes/para_dedupe/fortunes/fortunes-0000.json.gz")).unwrap();
+    std::fs::remove_file(two.join("attributes/para_dedupe/fortunes/fortunes-0000.json.gz"))
+        .unwrap();
     let out = dolma(&para_args(&pattern, &filter_s, &["--processes", "2"]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("already holds the keys of"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already holds the keys of"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn read_only_filter_from_eval_questions_flags_only_contaminated_documents() {
     let tmp = tempfile::tempdir().unwrap();
-    let questions: Vec<String> = std::fs::read_to_string(repo().join("tests/data/eval/arc_easy_sample.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["question"].as_str().unwrap().to_string())
-        .collect();
+    let questions: Vec<String> =
+        std::fs::read_to_string(repo().join("tests/data/eval/arc_easy_sample.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["question"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
     // The eval set as Dolma documents, one question per paragraph.
     let eval_docs: Vec<Value> = questions
         .iter()
         .enumerate()
         .map(|(i, q)| serde_json::json!({"id": format!("q{i}"), "text": q, "source": "arc"}))
         .collect();
-    write_gz_lines(&tmp.path().join("eval/documents/arc/q.jsonl.gz"), &eval_docs);
+    write_gz_lines(
+        &tmp.path().join("eval/documents/arc/q.jsonl.gz"),
+        &eval_docs,
+    );
     let filter = tmp.path().join("eval.bin").display().to_string();
     let eval_pattern = format!("{}/eval/documents/*/*.gz", tmp.path().display());
     let out = dolma(&para_args(&eval_pattern, &filter, &["--processes", "1"]));
@@ -240,29 +341,56 @@ fn read_only_filter_from_eval_questions_flags_only_contaminated_documents() {
         contaminated.insert(id);
     }
     planted.push(serde_json::json!({"id": "near", "text": format!("{} (paraphrased)\n", questions[1]), "source": "web"}));
-    write_gz_lines(&tmp.path().join("corpus/documents/web/web-0000.json.gz"), &planted);
+    write_gz_lines(
+        &tmp.path().join("corpus/documents/web/web-0000.json.gz"),
+        &planted,
+    );
     let out = dolma(&[
-        "dedupe", "--documents", &pattern, &format!("{}/corpus/documents/web/*.gz", tmp.path().display()),
-        "--dedupe.name", "decon", "--dedupe.paragraphs.attribute_name", "eval_overlap",
-        "--bloom_filter.file", &filter, "--bloom_filter.read_only", "true", "--no-progress",
+        "dedupe",
+        "--documents",
+        &pattern,
+        &format!("{}/corpus/documents/web/*.gz", tmp.path().display()),
+        "--dedupe.name",
+        "decon",
+        "--dedupe.paragraphs.attribute_name",
+        "eval_overlap",
+        "--bloom_filter.file",
+        &filter,
+        "--bloom_filter.read_only",
+        "true",
+        "--no-progress",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(std::fs::read(&filter).unwrap(), filter_bytes, "a read-only filter must not change");
+    assert_eq!(
+        std::fs::read(&filter).unwrap(),
+        filter_bytes,
+        "a read-only filter must not change"
+    );
 
     let mut flagged = HashSet::new();
     for (path, _) in files_under(&tmp.path().join("corpus/attributes/decon")) {
         for l in read_gz_lines(&tmp.path().join("corpus/attributes/decon").join(path)) {
-            if !l["attributes"]["eval_overlap"].as_array().unwrap().is_empty() {
+            if !l["attributes"]["eval_overlap"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+            {
                 flagged.insert(l["id"].as_str().unwrap().to_string());
             }
         }
     }
     assert_eq!(flagged, contaminated);
     // The flagged span is the question's paragraph.
-    let web = read_gz_lines(&tmp.path().join("corpus/attributes/decon/web/web-0000.json.gz"));
+    let web = read_gz_lines(
+        &tmp.path()
+            .join("corpus/attributes/decon/web/web-0000.json.gz"),
+    );
     let span = &web[0]["attributes"]["eval_overlap"][0];
     assert_eq!(span[0], 12);
-    assert_eq!(span[1].as_u64().unwrap(), 12 + questions[0].chars().count() as u64 + 1);
+    assert_eq!(
+        span[1].as_u64().unwrap(),
+        12 + questions[0].chars().count() as u64 + 1
+    );
 }
 
 #[test]
@@ -275,7 +403,11 @@ fn configuration_and_path_errors_are_clear() {
     let filter = tmp.path().join("f.bin").display().to_string();
     let out = dolma(&para_args(&pattern, &filter, &[]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no `/documents/` directory"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no `/documents/` directory"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!Path::new(&filter).exists());
 
     let good = tmp.path().join("documents/x.jsonl");
@@ -284,16 +416,45 @@ fn configuration_and_path_errors_are_clear() {
     let pattern = good.display().to_string();
     let out = dolma(&para_args(&pattern, &filter, &[]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("x.jsonl:2") && stderr(&out).contains("missing field `text`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("x.jsonl:2") && stderr(&out).contains("missing field `text`"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = dolma(&[
-        "dedupe", "--documents", &pattern, "--dedupe.documents.attribute_name", "d", "--dedupe.documents.key",
-        "$.metadata.url", "--bloom_filter.file", &filter, "--bloom_filter.size_in_bytes", "1024",
+        "dedupe",
+        "--documents",
+        &pattern,
+        "--dedupe.documents.attribute_name",
+        "d",
+        "--dedupe.documents.key",
+        "$.metadata.url",
+        "--bloom_filter.file",
+        &filter,
+        "--bloom_filter.size_in_bytes",
+        "1024",
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("key `$.metadata.url` not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("key `$.metadata.url` not found"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = dolma(&["dedupe", "--documents", &pattern, "--bloom_filter.file", &filter, "--bloom_filter.size_in_bytes", "1024"]);
+    let out = dolma(&[
+        "dedupe",
+        "--documents",
+        &pattern,
+        "--bloom_filter.file",
+        &filter,
+        "--bloom_filter.size_in_bytes",
+        "1024",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("missing field `dedupe`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing field `dedupe`"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn dolma(args: &[&str]) -> Output {
@@ -28,12 +31,17 @@ fn read_gz_lines(path: &Path) -> Vec<Value> {
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut s = String::new();
     std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(f), &mut s).unwrap();
-    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn write_gz(path: &Path, text: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut e = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::fast());
+    let mut e = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::fast(),
+    );
     e.write_all(text).unwrap();
     e.finish().unwrap();
 }
@@ -52,8 +60,16 @@ fn copy_dir(src: &Path, dst: &Path) {
 }
 
 /// Compares two trees by name and content without dumping bytes on failure.
-fn assert_same_tree(got: &BTreeMap<PathBuf, Vec<u8>>, want: &BTreeMap<PathBuf, Vec<u8>>, what: &str) {
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}: file names");
+fn assert_same_tree(
+    got: &BTreeMap<PathBuf, Vec<u8>>,
+    want: &BTreeMap<PathBuf, Vec<u8>>,
+    what: &str,
+) {
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{what}: file names"
+    );
     for (k, v) in want {
         assert!(got[k] == *v, "{what}: {} differs", k.display());
     }
@@ -68,7 +84,10 @@ fn files_under(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -98,9 +117,20 @@ const GOLDEN_TAGGERS: &[&str] = &[
 #[test]
 fn attributes_match_dolma_reference() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&repo().join("tests/data/golden/documents"), &tmp.path().join("documents"));
+    copy_dir(
+        &repo().join("tests/data/golden/documents"),
+        &tmp.path().join("documents"),
+    );
     let pattern = format!("{}/documents/*/*.gz", tmp.path().display());
-    let mut args = vec!["tag", "--documents", &pattern, "--processes", "2", "--no-progress", "--taggers"];
+    let mut args = vec![
+        "tag",
+        "--documents",
+        &pattern,
+        "--processes",
+        "2",
+        "--no-progress",
+        "--taggers",
+    ];
     args.extend_from_slice(GOLDEN_TAGGERS);
     let model = repo().join("tests/data/models/lid.176.ftz");
     let out = Command::new(env!("CARGO_BIN_EXE_dolma"))
@@ -119,7 +149,10 @@ fn attributes_match_dolma_reference() {
         for (o, t) in ours.iter().zip(&theirs) {
             assert_eq!(o["id"], t["id"], "{tagger}: order of lines");
             assert_eq!(o["source"], t["source"]);
-            let (oa, ta) = (o["attributes"].as_object().unwrap(), t["attributes"].as_object().unwrap());
+            let (oa, ta) = (
+                o["attributes"].as_object().unwrap(),
+                t["attributes"].as_object().unwrap(),
+            );
             let keys: std::collections::BTreeSet<&String> = oa.keys().chain(ta.keys()).collect();
             for k in keys {
                 let empty = Vec::new();
@@ -130,14 +163,19 @@ fn attributes_match_dolma_reference() {
                     .iter()
                     .zip(tv)
                     .filter(|(a, b)| {
-                        a[0] == b[0] && a[1] == b[1] && (a[2].as_f64().unwrap() - b[2].as_f64().unwrap()).abs() <= 1e-4
+                        a[0] == b[0]
+                            && a[1] == b[1]
+                            && (a[2].as_f64().unwrap() - b[2].as_f64().unwrap()).abs() <= 1e-4
                     })
                     .count();
             }
         }
         let frac = agree as f64 / total as f64;
         assert!(total > 0, "{tagger}: no values");
-        assert!(frac >= 0.99, "{tagger}: only {agree}/{total} values agree with dolma");
+        assert!(
+            frac >= 0.99,
+            "{tagger}: only {agree}/{total} values agree with dolma"
+        );
     }
 }
 
@@ -149,20 +187,49 @@ fn one_file_corpus(dir: &Path, body: &[u8]) -> String {
 #[test]
 fn malformed_lines_are_errors_naming_file_line_and_problem() {
     let cases: &[(&[u8], &str)] = &[
-        (b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"b\",\"text\":\n", "part-0.jsonl.gz:2: malformed JSON"),
-        (b"{\"id\":\"a\"}\n", "part-0.jsonl.gz:1: missing field `text`"),
-        (b"{\"id\":7,\"text\":\"x\"}\n", "part-0.jsonl.gz:1: field `id` must be a string"),
-        (b"{\"id\":\"a\",\"text\":\"ok\"}\n{\"id\":\"b\",\"text\":\"\xff\"}\n", "part-0.jsonl.gz:2: invalid UTF-8"),
-        (b"[1,2]\n", "part-0.jsonl.gz:1: a document must be a JSON object"),
+        (
+            b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"b\",\"text\":\n",
+            "part-0.jsonl.gz:2: malformed JSON",
+        ),
+        (
+            b"{\"id\":\"a\"}\n",
+            "part-0.jsonl.gz:1: missing field `text`",
+        ),
+        (
+            b"{\"id\":7,\"text\":\"x\"}\n",
+            "part-0.jsonl.gz:1: field `id` must be a string",
+        ),
+        (
+            b"{\"id\":\"a\",\"text\":\"ok\"}\n{\"id\":\"b\",\"text\":\"\xff\"}\n",
+            "part-0.jsonl.gz:2: invalid UTF-8",
+        ),
+        (
+            b"[1,2]\n",
+            "part-0.jsonl.gz:1: a document must be a JSON object",
+        ),
     ];
     for (body, expected) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let pattern = one_file_corpus(tmp.path(), body);
-        let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--no-progress"]);
+        let out = dolma(&[
+            "tag",
+            "--documents",
+            &pattern,
+            "--taggers",
+            "char_length_v1",
+            "--no-progress",
+        ]);
         assert!(!out.status.success());
-        assert!(stderr(&out).contains(expected), "want `{expected}` in:\n{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "want `{expected}` in:\n{}",
+            stderr(&out)
+        );
         // nothing half-written is left under the final name
-        assert!(!tmp.path().join("attributes/char_length_v1/src/part-0.jsonl.gz").exists());
+        assert!(!tmp
+            .path()
+            .join("attributes/char_length_v1/src/part-0.jsonl.gz")
+            .exists());
     }
 }
 
@@ -171,12 +238,26 @@ fn skip_bad_lines_counts_and_keeps_good_documents() {
     let tmp = tempfile::tempdir().unwrap();
     let body = b"{\"id\":\"a\",\"text\":\"one\"}\nnot json\n{\"id\":\"b\"}\n{\"id\":\"c\",\"text\":\"three\"}\n";
     let pattern = one_file_corpus(tmp.path(), body);
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--skip-bad-lines", "--no-progress"]);
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "char_length_v1",
+        "--skip-bad-lines",
+        "--no-progress",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("part-0.jsonl.gz:2") && err.contains("part-0.jsonl.gz:3"), "{err}");
+    assert!(
+        err.contains("part-0.jsonl.gz:2") && err.contains("part-0.jsonl.gz:3"),
+        "{err}"
+    );
     assert!(err.contains("2 docs (2 bad lines skipped)"), "{err}");
-    let lines = read_gz_lines(&tmp.path().join("attributes/char_length_v1/src/part-0.jsonl.gz"));
+    let lines = read_gz_lines(
+        &tmp.path()
+            .join("attributes/char_length_v1/src/part-0.jsonl.gz"),
+    );
     let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["a", "c"]);
 }
@@ -187,16 +268,35 @@ fn truncated_gzip_empty_file_and_huge_document() {
     // truncated gzip
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     for i in 0..5000 {
-        writeln!(e, "{{\"id\":\"{i}\",\"text\":\"document number {i} with some words\"}}").unwrap();
+        writeln!(
+            e,
+            "{{\"id\":\"{i}\",\"text\":\"document number {i} with some words\"}}"
+        )
+        .unwrap();
     }
     let bytes = e.finish().unwrap();
     let dir = tmp.path().join("t");
     std::fs::create_dir_all(dir.join("documents")).unwrap();
-    std::fs::write(dir.join("documents/cut.jsonl.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.join("documents/cut.jsonl.gz"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let pattern = format!("{}/documents/*.gz", dir.display());
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--no-progress"]);
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "char_length_v1",
+        "--no-progress",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cut.jsonl.gz: read failed after line"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cut.jsonl.gz: read failed after line"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!dir.join("attributes/char_length_v1/cut.jsonl.gz").exists());
 
     // empty file: fine, with an empty attribute file and a warning
@@ -204,18 +304,41 @@ fn truncated_gzip_empty_file_and_huge_document() {
     std::fs::create_dir_all(dir.join("documents")).unwrap();
     std::fs::write(dir.join("documents/empty.jsonl"), b"").unwrap();
     let pattern = format!("{}/documents/*.jsonl", dir.display());
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--no-progress"]);
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "char_length_v1",
+        "--no-progress",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("no documents"), "{}", stderr(&out));
-    assert_eq!(std::fs::read(dir.join("attributes/char_length_v1/empty.jsonl")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read(dir.join("attributes/char_length_v1/empty.jsonl")).unwrap(),
+        b""
+    );
 
     // a document over --max-line-bytes
     let dir = tmp.path().join("h");
     let big = format!("{{\"id\":\"big\",\"text\":\"{}\"}}\n", "x".repeat(5000));
     let pattern = one_file_corpus(&dir, big.as_bytes());
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--max-line-bytes", "1000", "--no-progress"]);
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "char_length_v1",
+        "--max-line-bytes",
+        "1000",
+        "--no-progress",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("part-0.jsonl.gz:1: line longer than the 1000 byte limit"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("part-0.jsonl.gz:1: line longer than the 1000 byte limit"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -224,11 +347,33 @@ fn unknown_tagger_and_options_fail_before_any_work() {
     let pattern = one_file_corpus(tmp.path(), b"{\"id\":\"a\",\"text\":\"x\"}\n");
     let out = dolma(&["tag", "--documents", &pattern, "--taggers", "gopher_v7"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unknown tagger `gopher_v7`"), "{}", stderr(&out));
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--procesess", "2"]);
+    assert!(
+        stderr(&out).contains("unknown tagger `gopher_v7`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "char_length_v1",
+        "--procesess",
+        "2",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unknown field `procesess`"), "{}", stderr(&out));
-    let out = dolma(&["tag", "--documents", &pattern, "--taggers", "ft_lang_id_en_doc_v2"]);
+    assert!(
+        stderr(&out).contains("unknown field `procesess`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dolma(&[
+        "tag",
+        "--documents",
+        &pattern,
+        "--taggers",
+        "ft_lang_id_en_doc_v2",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("model_path"), "{}", stderr(&out));
     assert!(!tmp.path().join("attributes").exists());
@@ -242,10 +387,22 @@ fn sample_copy(dst: &Path) -> String {
     format!("{}/documents/*/*.gz", dst.display())
 }
 
-const TAGGERS: &[&str] = &["char_length_v1", "gopher_v1", "pii_regex_with_counts_fast_v2", "random_number_v1"];
+const TAGGERS: &[&str] = &[
+    "char_length_v1",
+    "gopher_v1",
+    "pii_regex_with_counts_fast_v2",
+    "random_number_v1",
+];
 
 fn tag_args<'a>(pattern: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["tag", "--documents", pattern, "--experiment", "e", "--no-progress"];
+    let mut a = vec![
+        "tag",
+        "--documents",
+        pattern,
+        "--experiment",
+        "e",
+        "--no-progress",
+    ];
     a.extend_from_slice(extra);
     a.push("--taggers");
     a.extend_from_slice(TAGGERS);
@@ -266,7 +423,11 @@ fn outputs_are_identical_whatever_the_thread_count_and_resume_after_kill() {
     let pattern2 = sample_copy(&two);
     let out = dolma(&tag_args(&pattern2, &["--processes", "2"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(&files_under(&two.join("attributes")), &reference, "2 threads vs 1");
+    assert_same_tree(
+        &files_under(&two.join("attributes")),
+        &reference,
+        "2 threads vs 1",
+    );
 
     // Kill a run part-way, then rerun the same command: same bytes as uninterrupted.
     let killed = tmp.path().join("killed");
@@ -285,12 +446,24 @@ fn outputs_are_identical_whatever_the_thread_count_and_resume_after_kill() {
     std::fs::write(&stale, b"partial garbage").unwrap();
     let out = dolma(&tag_args(&pattern3, &["--processes", "2"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(&files_under(&killed.join("attributes")), &reference, "resumed after kill");
+    assert_same_tree(
+        &files_under(&killed.join("attributes")),
+        &reference,
+        "resumed after kill",
+    );
 
     // A third run skips everything and changes nothing.
     let out = dolma(&tag_args(&pattern3, &["--processes", "2"]));
-    assert!(stderr(&out).contains("7 of 7 files already have outputs"), "{}", stderr(&out));
-    assert_same_tree(&files_under(&killed.join("attributes")), &reference, "third run");
+    assert!(
+        stderr(&out).contains("7 of 7 files already have outputs"),
+        "{}",
+        stderr(&out)
+    );
+    assert_same_tree(
+        &files_under(&killed.join("attributes")),
+        &reference,
+        "third run",
+    );
 }
 
 #[test]
@@ -303,8 +476,18 @@ fn shards_cover_every_file_exactly_once() {
         let dest_s = dest.display().to_string();
         let shard = format!("{i}/3");
         let out = dolma(&[
-            "tag", "--documents", &pattern, "--taggers", "char_length_v1", "--experiment", "e",
-            "--destination", &dest_s, "--shard", &shard, "--no-progress",
+            "tag",
+            "--documents",
+            &pattern,
+            "--taggers",
+            "char_length_v1",
+            "--experiment",
+            "e",
+            "--destination",
+            &dest_s,
+            "--shard",
+            &shard,
+            "--no-progress",
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         for f in files_under(&dest).keys() {
@@ -318,7 +501,18 @@ fn shards_cover_every_file_exactly_once() {
     let dest = tmp.path().join("slurm");
     let dest_s = dest.display().to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_dolma"))
-        .args(["tag", "--documents", &pattern, "--taggers", "char_length_v1", "--experiment", "e", "--destination", &dest_s, "--no-progress"])
+        .args([
+            "tag",
+            "--documents",
+            &pattern,
+            "--taggers",
+            "char_length_v1",
+            "--experiment",
+            "e",
+            "--destination",
+            &dest_s,
+            "--no-progress",
+        ])
         .env("SLURM_ARRAY_TASK_ID", "2")
         .env("SLURM_ARRAY_TASK_COUNT", "3")
         .output()
@@ -326,7 +520,9 @@ fn shards_cover_every_file_exactly_once() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         files_under(&dest).keys().collect::<Vec<_>>(),
-        files_under(&tmp.path().join("shard2")).keys().collect::<Vec<_>>()
+        files_under(&tmp.path().join("shard2"))
+            .keys()
+            .collect::<Vec<_>>()
     );
 }
 
@@ -350,9 +546,17 @@ fn yaml_config_with_command_line_overrides() {
     let out = dolma(&["-c", &cfg_s, "tag", "--experiment", "q2", "--no-progress"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = read_gz_lines(&tmp.path().join("attributes/q2/src/part-0.jsonl.gz"));
-    assert_eq!(lines[0]["attributes"]["q2__char_length_v1__length"], serde_json::json!([[0, 11, 11.0]]));
-    assert_eq!(lines[0]["attributes"]["q2__domain_blocklist_v1__url"], serde_json::json!([[0, 11, 1.0]]));
-    assert!(lines[1]["attributes"].get("q2__domain_blocklist_v1__url").is_none());
+    assert_eq!(
+        lines[0]["attributes"]["q2__char_length_v1__length"],
+        serde_json::json!([[0, 11, 11.0]])
+    );
+    assert_eq!(
+        lines[0]["attributes"]["q2__domain_blocklist_v1__url"],
+        serde_json::json!([[0, 11, 1.0]])
+    );
+    assert!(lines[1]["attributes"]
+        .get("q2__domain_blocklist_v1__url")
+        .is_none());
     assert_eq!(lines[1]["source"], "s");
 }
 
@@ -361,7 +565,14 @@ fn list_prints_every_tagger() {
     let out = dolma(&["list"]);
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
-    for name in GOLDEN_TAGGERS.iter().chain(["whatlang_doc_v1", "fasttext_classifier_v1", "url_blocklist_v1"].iter()) {
+    for name in GOLDEN_TAGGERS.iter().chain(
+        [
+            "whatlang_doc_v1",
+            "fasttext_classifier_v1",
+            "url_blocklist_v1",
+        ]
+        .iter(),
+    ) {
         assert!(s.contains(name), "{name} missing from `dolma list`");
     }
 }

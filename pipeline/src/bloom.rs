@@ -61,7 +61,9 @@ pub const MAX_K: u32 = 32;
 
 pub fn optimal_k(size_in_bytes: u64, expected: u64) -> u32 {
     let m = (size_in_bytes * 8) as f64;
-    ((m / expected.max(1) as f64) * std::f64::consts::LN_2).ceil().clamp(1.0, MAX_K as f64) as u32
+    ((m / expected.max(1) as f64) * std::f64::consts::LN_2)
+        .ceil()
+        .clamp(1.0, MAX_K as f64) as u32
 }
 
 pub fn false_positive_rate(size_in_bytes: u64, expected: u64, k: u32) -> f64 {
@@ -84,7 +86,8 @@ pub fn smallest_k_for_rate(size_in_bytes: u64, expected: u64, rate: f64) -> u32 
 /// dolma's rule: from 1 MiB, double until the predicted false-positive rate is low enough.
 pub fn suggest_size_in_bytes(expected: u64, rate: f64) -> u64 {
     let mut size: u64 = 1 << 20;
-    while size < (1 << 46) && false_positive_rate(size, expected, optimal_k(size, expected)) > rate {
+    while size < (1 << 46) && false_positive_rate(size, expected, optimal_k(size, expected)) > rate
+    {
         size *= 2;
     }
     size
@@ -194,7 +197,11 @@ impl BloomFilter {
 
     /// Fraction of bits set.
     pub fn fill_ratio(&self) -> f64 {
-        let ones: u64 = self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum();
+        let ones: u64 = self
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum();
         ones as f64 / self.num_bits as f64
     }
 
@@ -210,10 +217,12 @@ impl BloomFilter {
     /// Writes the filter to `<path>.tmp` and renames it into place.
     pub fn save(&self, path: &Path) -> Result<()> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
         }
         let tmp = crate::io::tmp_path(path);
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = BufWriter::with_capacity(1 << 22, file);
         let write = |w: &mut BufWriter<File>| -> std::io::Result<()> {
             w.write_all(MAGIC)?;
@@ -235,7 +244,8 @@ impl BloomFilter {
         };
         write(&mut w).with_context(|| format!("cannot write bloom filter {}", tmp.display()))?;
         drop(w);
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
         Ok(())
     }
 
@@ -244,7 +254,8 @@ impl BloomFilter {
         let file = File::open(path).with_context(|| format!("cannot open bloom filter {what}"))?;
         let mut r = BufReader::with_capacity(1 << 22, file);
         let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).with_context(|| format!("{what}: too short for a bloom filter"))?;
+        r.read_exact(&mut magic)
+            .with_context(|| format!("{what}: too short for a bloom filter"))?;
         if &magic != MAGIC {
             if u32::from_le_bytes([magic[0], magic[1], magic[2], magic[3]]) == DOLMA_MAGIC {
                 bail!(
@@ -257,7 +268,8 @@ impl BloomFilter {
         let mut u32b = [0u8; 4];
         let mut u64b = [0u8; 8];
         let mut rd32 = |r: &mut BufReader<File>| -> Result<u32> {
-            r.read_exact(&mut u32b).with_context(|| format!("{what}: truncated header"))?;
+            r.read_exact(&mut u32b)
+                .with_context(|| format!("{what}: truncated header"))?;
             Ok(u32::from_le_bytes(u32b))
         };
         let version = rd32(&mut r)?;
@@ -266,7 +278,8 @@ impl BloomFilter {
         }
         let k = rd32(&mut r)?;
         let mut rd64 = |r: &mut BufReader<File>| -> Result<u64> {
-            r.read_exact(&mut u64b).with_context(|| format!("{what}: truncated header"))?;
+            r.read_exact(&mut u64b)
+                .with_context(|| format!("{what}: truncated header"))?;
             Ok(u64::from_le_bytes(u64b))
         };
         let num_bits = rd64(&mut r)?;
@@ -275,16 +288,20 @@ impl BloomFilter {
             bail!("{what}: corrupt header (number of bits {num_bits})");
         }
         let mut b4 = [0u8; 4];
-        r.read_exact(&mut b4).with_context(|| format!("{what}: truncated header"))?;
+        r.read_exact(&mut b4)
+            .with_context(|| format!("{what}: truncated header"))?;
         let n_inputs = u32::from_le_bytes(b4);
         let mut inputs = BTreeMap::new();
         for _ in 0..n_inputs {
-            r.read_exact(&mut b4).with_context(|| format!("{what}: truncated input list"))?;
+            r.read_exact(&mut b4)
+                .with_context(|| format!("{what}: truncated input list"))?;
             let len = u32::from_le_bytes(b4) as usize;
             let mut name = vec![0u8; len];
-            r.read_exact(&mut name).with_context(|| format!("{what}: truncated input list"))?;
+            r.read_exact(&mut name)
+                .with_context(|| format!("{what}: truncated input list"))?;
             let mut b8 = [0u8; 8];
-            r.read_exact(&mut b8).with_context(|| format!("{what}: truncated input list"))?;
+            r.read_exact(&mut b8)
+                .with_context(|| format!("{what}: truncated input list"))?;
             inputs.insert(
                 String::from_utf8(name).with_context(|| format!("{what}: corrupt input list"))?,
                 u64::from_le_bytes(b8),
@@ -295,10 +312,18 @@ impl BloomFilter {
         let mut i = 0usize;
         while i < filter.words.len() {
             let n = ((filter.words.len() - i) * 8).min(buf.len());
-            r.read_exact(&mut buf[..n])
-                .with_context(|| format!("{what}: truncated bit array ({} of {} words)", i, filter.words.len()))?;
+            r.read_exact(&mut buf[..n]).with_context(|| {
+                format!(
+                    "{what}: truncated bit array ({} of {} words)",
+                    i,
+                    filter.words.len()
+                )
+            })?;
             for c in buf[..n].chunks_exact(8) {
-                filter.words[i].store(u64::from_le_bytes(c.try_into().expect("8 bytes")), Ordering::Relaxed);
+                filter.words[i].store(
+                    u64::from_le_bytes(c.try_into().expect("8 bytes")),
+                    Ordering::Relaxed,
+                );
                 i += 1;
             }
         }
@@ -337,17 +362,26 @@ mod tests {
         for i in 0..5000u32 {
             assert!(!f.check_and_insert(KeyHash::of(&i.to_le_bytes())), "{i}");
         }
-        let again: Vec<KeyHash> = (0..5000u32).map(|i| KeyHash::of(&i.to_le_bytes())).collect();
+        let again: Vec<KeyHash> = (0..5000u32)
+            .map(|i| KeyHash::of(&i.to_le_bytes()))
+            .collect();
         let mut seen = Vec::new();
         f.check_and_insert_batch(&again, &mut seen);
         assert!(seen.iter().all(|&s| s));
-        let fresh: Vec<KeyHash> = (0..10u32).map(|i| KeyHash::of(format!("new{i}").as_bytes())).collect();
+        let fresh: Vec<KeyHash> = (0..10u32)
+            .map(|i| KeyHash::of(format!("new{i}").as_bytes()))
+            .collect();
         f.check_and_insert_batch(&[fresh.clone(), fresh.clone()].concat(), &mut seen);
         assert_eq!(seen, [vec![false; 10], vec![true; 10]].concat());
-        let fp = (5000..105_000u32).filter(|i| f.contains(KeyHash::of(&i.to_le_bytes()))).count();
+        let fp = (5000..105_000u32)
+            .filter(|i| f.contains(KeyHash::of(&i.to_le_bytes())))
+            .count();
         let predicted = false_positive_rate(1 << 16, 5000, 7);
         let observed = fp as f64 / 100_000.0;
-        assert!(observed < predicted * 2.0 + 1e-3, "observed {observed}, predicted {predicted}");
+        assert!(
+            observed < predicted * 2.0 + 1e-3,
+            "observed {observed}, predicted {predicted}"
+        );
         assert_eq!(f.keys_inserted(), 5010);
     }
 
@@ -388,14 +422,25 @@ mod tests {
         assert!((0..100u32).all(|i| g.contains(KeyHash::of(&i.to_le_bytes()))));
         assert!(g.read_only && g.check_and_insert(KeyHash::of(&7u32.to_le_bytes())));
         assert!(!g.check_and_insert(KeyHash::of(b"never seen")));
-        assert!(!g.contains(KeyHash::of(b"never seen")), "read-only must not insert");
+        assert!(
+            !g.contains(KeyHash::of(b"never seen")),
+            "read-only must not insert"
+        );
 
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
-        assert!(BloomFilter::load(&p, false).err().unwrap().to_string().contains("truncated"));
+        assert!(BloomFilter::load(&p, false)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("truncated"));
         let mut dolma = 0x81F0_F117u32.to_le_bytes().to_vec();
         dolma.extend_from_slice(&[0; 16]);
         std::fs::write(&p, dolma).unwrap();
-        assert!(BloomFilter::load(&p, false).err().unwrap().to_string().contains("Python dolma"));
+        assert!(BloomFilter::load(&p, false)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("Python dolma"));
     }
 }

@@ -16,14 +16,19 @@ pub fn read_config_file(path: &Path) -> Result<Value> {
         return Ok(Value::Object(Map::new()));
     }
     let value: Value = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON config", path.display()))?
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON config", path.display()))?
     } else {
-        serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: invalid YAML config: {e}", path.display()))?
+        serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow!("{}: invalid YAML config: {e}", path.display()))?
     };
     match value {
         Value::Object(_) => Ok(value),
         Value::Null => Ok(Value::Object(Map::new())),
-        other => bail!("{}: a config must be a mapping of fields, got {other}", path.display()),
+        other => bail!(
+            "{}: a config must be a mapping of fields, got {other}",
+            path.display()
+        ),
     }
 }
 
@@ -58,7 +63,10 @@ pub fn set_dotted(root: &mut Value, key: &str, value: Value) -> Result<()> {
         }
         let obj = match cur {
             Value::Object(m) => m,
-            _ => bail!("cannot set `--{key}`: `{}` is not a mapping", parts[..i].join(".")),
+            _ => bail!(
+                "cannot set `--{key}`: `{}` is not a mapping",
+                parts[..i].join(".")
+            ),
         };
         if i + 1 == parts.len() {
             obj.insert(part.to_string(), value);
@@ -119,7 +127,11 @@ pub fn resolve_interpolations(v: &mut Value) -> Result<()> {
     match v {
         Value::String(s) if s.contains("${") => {
             let resolved = resolve_string(s)?;
-            *v = if resolved.1 { scalar(&resolved.0) } else { Value::String(resolved.0) };
+            *v = if resolved.1 {
+                scalar(&resolved.0)
+            } else {
+                Value::String(resolved.0)
+            };
         }
         Value::Array(a) => a.iter_mut().try_for_each(resolve_interpolations)?,
         Value::Object(m) => m.values_mut().try_for_each(resolve_interpolations)?,
@@ -157,7 +169,9 @@ fn resolve_string(s: &str) -> Result<(String, bool)> {
                 let n = std::thread::available_parallelism().map_or(1, |n| n.get());
                 out.push_str(&n.saturating_sub(keep).max(1).to_string());
             }
-            other => bail!("`{s}`: unsupported interpolation `{other}` (supported: oc.env, d.processes)"),
+            other => {
+                bail!("`{s}`: unsupported interpolation `{other}` (supported: oc.env, d.processes)")
+            }
         }
         rest = &rest[i + end + 1..];
     }
@@ -166,7 +180,11 @@ fn resolve_string(s: &str) -> Result<(String, bool)> {
 }
 
 /// Loads the config of one command: file, then overrides, then interpolation, then typed.
-pub fn load<T: DeserializeOwned>(file: Option<&Path>, overrides: &[String], command: &str) -> Result<T> {
+pub fn load<T: DeserializeOwned>(
+    file: Option<&Path>,
+    overrides: &[String],
+    command: &str,
+) -> Result<T> {
     let mut root = match file {
         Some(p) => read_config_file(p)?,
         None => Value::Object(Map::new()),
@@ -184,7 +202,9 @@ pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<S
         match v {
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) => Ok(n.to_string()),
-            other => Err(serde::de::Error::custom(format!("expected a string, got {other}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a string, got {other}"
+            ))),
         }
     };
     match &v {
@@ -195,17 +215,23 @@ pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<S
 }
 
 /// Like [`one_or_many`] but keeps "not given" distinct from an empty list.
-pub fn opt_one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
+pub fn opt_one_or_many<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<String>>, D::Error> {
     one_or_many(d).map(Some)
 }
 
 /// A string field that also accepts a number on the command line (`--experiment 2024`).
-pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+pub fn opt_string<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
     match Value::deserialize(d)? {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s)),
         Value::Number(n) => Ok(Some(n.to_string())),
-        other => Err(serde::de::Error::custom(format!("expected a string, got {other}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string, got {other}"
+        ))),
     }
 }
 
@@ -223,8 +249,17 @@ mod tests {
         apply_overrides(
             &mut v,
             &args(&[
-                "--taggers", "x", "y", "--processes=4", "--ignore-existing", "--no-debug",
-                "--tagger_options.random_number_v1.seed", "7", "--skip-bad-lines", "--rate", "0.5",
+                "--taggers",
+                "x",
+                "y",
+                "--processes=4",
+                "--ignore-existing",
+                "--no-debug",
+                "--tagger_options.random_number_v1.seed",
+                "7",
+                "--skip-bad-lines",
+                "--rate",
+                "0.5",
             ]),
         )
         .unwrap();
@@ -235,7 +270,9 @@ mod tests {
         assert_eq!(v["skip_bad_lines"], true);
         assert_eq!(v["rate"], 0.5);
         assert_eq!(v["tagger_options"]["random_number_v1"]["seed"], 7);
-        let err = apply_overrides(&mut v, &args(&["stray"])).unwrap_err().to_string();
+        let err = apply_overrides(&mut v, &args(&["stray"]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("stray"));
     }
 
@@ -247,18 +284,28 @@ mod tests {
         assert_eq!(v["a"], "/data/docs");
         assert_eq!(v["b"], 3);
         let mut v = serde_json::json!({"a": "${oc.env:NOPE_NOT_SET}"});
-        assert!(resolve_interpolations(&mut v).unwrap_err().to_string().contains("NOPE_NOT_SET"));
+        assert!(resolve_interpolations(&mut v)
+            .unwrap_err()
+            .to_string()
+            .contains("NOPE_NOT_SET"));
     }
 
     #[test]
     fn yaml_files_parse() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.yaml");
-        std::fs::write(&p, "documents:\n  - a/documents/*.gz\nprocesses: 2\ntaggers: [x]\n").unwrap();
+        std::fs::write(
+            &p,
+            "documents:\n  - a/documents/*.gz\nprocesses: 2\ntaggers: [x]\n",
+        )
+        .unwrap();
         let v = read_config_file(&p).unwrap();
         assert_eq!(v["processes"], 2);
         assert_eq!(v["documents"][0], "a/documents/*.gz");
         std::fs::write(&p, "documents: [a\n").unwrap();
-        assert!(read_config_file(&p).unwrap_err().to_string().contains("c.yaml"));
+        assert!(read_config_file(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("c.yaml"));
     }
 }

@@ -153,8 +153,12 @@ pub enum PathStep {
 }
 
 pub fn parse_key_path(path: &str) -> Result<Vec<PathStep>> {
-    let bad = |why: &str| anyhow!("dedupe.documents.key `{path}`: {why} (use a simple path like `$.text` or `$.metadata.url`)");
-    let rest = path.strip_prefix('$').ok_or_else(|| bad("must start with `$`"))?;
+    let bad = |why: &str| {
+        anyhow!("dedupe.documents.key `{path}`: {why} (use a simple path like `$.text` or `$.metadata.url`)")
+    };
+    let rest = path
+        .strip_prefix('$')
+        .ok_or_else(|| bad("must start with `$`"))?;
     let mut steps = Vec::new();
     let mut chars = rest.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
@@ -185,7 +189,9 @@ pub fn parse_key_path(path: &str) -> Result<Vec<PathStep>> {
                 } else if let Ok(n) = inner.parse::<usize>() {
                     steps.push(PathStep::Index(n));
                 } else {
-                    return Err(bad("filters and wildcards are not supported in a dedupe key"));
+                    return Err(bad(
+                        "filters and wildcards are not supported in a dedupe key",
+                    ));
                 }
                 while chars.peek().is_some_and(|&(j, _)| j <= close) {
                     chars.next();
@@ -209,12 +215,21 @@ fn select<'a>(doc: &'a Value, steps: &[PathStep]) -> Option<&'a Value> {
 
 /// Non-whitespace UAX #29 word segments, as dolma's `tokenize`.
 fn words(s: &str) -> impl Iterator<Item = &str> {
-    s.split_word_bounds().filter(|w| w.chars().any(|c| !c.is_whitespace()))
+    s.split_word_bounds()
+        .filter(|w| w.chars().any(|c| !c.is_whitespace()))
 }
 
 enum Mode {
-    Documents { steps: Vec<PathStep>, attribute: String, key: String },
-    Paragraphs { separator: String, attribute: String, ngram: Option<NgramDedupe> },
+    Documents {
+        steps: Vec<PathStep>,
+        attribute: String,
+        key: String,
+    },
+    Paragraphs {
+        separator: String,
+        attribute: String,
+        ngram: Option<NgramDedupe>,
+    },
 }
 
 struct Settings {
@@ -287,7 +302,9 @@ fn plan_document(settings: &Settings, key: Option<&str>, text: &str) -> Result<D
                 }
             }
         }
-        Mode::Paragraphs { separator, ngram, .. } => {
+        Mode::Paragraphs {
+            separator, ngram, ..
+        } => {
             let sep_chars = separator.chars().count();
             // A one-byte separator (the usual "\n") splits with memchr instead of a substring search.
             let pieces: Vec<&str> = match separator.as_bytes() {
@@ -379,7 +396,10 @@ fn explain(line: &str, e: &serde_json::Error) -> anyhow::Error {
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 60 {
-        format!("{}...", &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)])
+        format!(
+            "{}...",
+            &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)]
+        )
     } else {
         s
     }
@@ -433,7 +453,14 @@ fn decide(settings: &Settings, keys: &DocKeys, seen: &[bool], stats: &mut FileSt
             }
             let dups = spans.iter().filter(|s| s.2 > 0.0).count() as u64;
             stats.count("duplicate paragraphs", dups);
-            stats.count("duplicate characters", spans.iter().filter(|s| s.2 > 0.0).map(|s| (s.1 - s.0) as u64).sum());
+            stats.count(
+                "duplicate characters",
+                spans
+                    .iter()
+                    .filter(|s| s.2 > 0.0)
+                    .map(|s| (s.1 - s.0) as u64)
+                    .sum(),
+            );
             Some(spans)
         }
     }
@@ -530,10 +557,11 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
                         Some(other) => bail!("field `text` must be a string, got {}", short(other)),
                         None => bail!("missing field `text`"),
                     };
-                    let value = select(&doc, steps).ok_or_else(|| anyhow!("key `{key}` not found in the document"))?;
-                    let k = value
-                        .as_str()
-                        .ok_or_else(|| anyhow!("key `{key}` must select a string, got {}", short(value)))?;
+                    let value = select(&doc, steps)
+                        .ok_or_else(|| anyhow!("key `{key}` not found in the document"))?;
+                    let k = value.as_str().ok_or_else(|| {
+                        anyhow!("key `{key}` must select a string, got {}", short(value))
+                    })?;
                     let keys = plan_document(job.settings, Some(k), text)?;
                     let id = doc.get("id").map(|v| v.to_string()).unwrap_or_default();
                     (id, keys, text.len())
@@ -574,7 +602,10 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
     if let Some(s) = job.sequencer {
         s.wait_turn(index);
     }
-    let all: Vec<KeyHash> = docs.iter().flat_map(|(_, k)| k.hashes.iter().copied()).collect();
+    let all: Vec<KeyHash> = docs
+        .iter()
+        .flat_map(|(_, k)| k.hashes.iter().copied())
+        .collect();
     let mut answers = Vec::new();
     job.filter.check_and_insert_batch(&all, &mut answers);
     drop(turn);
@@ -592,7 +623,9 @@ fn dedupe_file(job: &Job, index: usize, task: &Task, progress: &Progress) -> Res
         at += keys.hashes.len();
         let spans = decide(job.settings, keys, seen, &mut stats);
         write_line(&mut buf, id, attribute, &spans);
-        writer.write_all(&buf).with_context(|| format!("cannot write {}", task.outputs[0].display()))?;
+        writer
+            .write_all(&buf)
+            .with_context(|| format!("cannot write {}", task.outputs[0].display()))?;
     }
     writer.finish()?;
     Ok(stats)
@@ -609,11 +642,18 @@ fn attributes_path(doc: &Path, document_dir: &str, name: &str) -> Result<PathBuf
             doc.display()
         );
     };
-    Ok(PathBuf::from(format!("{}/attributes/{name}/{}", &s[..i], &s[i + needle.len()..])))
+    Ok(PathBuf::from(format!(
+        "{}/attributes/{name}/{}",
+        &s[..i],
+        &s[i + needle.len()..]
+    )))
 }
 
 fn input_name(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -633,7 +673,13 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
     if partitions == 0 || partition >= partitions {
         bail!("dedupe.partition_index must be below dedupe.num_partitions ({partition} vs {partitions})");
     }
-    let suffix = |s: &str| if partitions > 1 { format!("{s}_{partition}") } else { s.to_string() };
+    let suffix = |s: &str| {
+        if partitions > 1 {
+            format!("{s}_{partition}")
+        } else {
+            s.to_string()
+        }
+    };
     let mode = match (&d.documents, &d.paragraphs) {
         (Some(doc), None) => Mode::Documents {
             steps: parse_key_path(&doc.key)?,
@@ -641,7 +687,10 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
             key: doc.key.clone(),
         },
         (None, Some(p)) => {
-            let separator = p.paragraph_separator.clone().unwrap_or_else(|| "\n".to_string());
+            let separator = p
+                .paragraph_separator
+                .clone()
+                .unwrap_or_else(|| "\n".to_string());
             if separator.is_empty() {
                 bail!("dedupe.paragraphs.paragraph_separator must not be empty");
             }
@@ -650,7 +699,10 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
                     bail!("dedupe.paragraphs.by_ngram.stride must be at least 1");
                 }
                 if !(0.0..=1.0).contains(&g.overlap_threshold) {
-                    bail!("dedupe.paragraphs.by_ngram.overlap_threshold must be in [0, 1], got {}", g.overlap_threshold);
+                    bail!(
+                        "dedupe.paragraphs.by_ngram.overlap_threshold must be in [0, 1], got {}",
+                        g.overlap_threshold
+                    );
                 }
             }
             Mode::Paragraphs {
@@ -684,13 +736,19 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         partitions,
         partition,
     };
-    let document_dir = d.document_dir.clone().unwrap_or_else(|| "documents".to_string());
+    let document_dir = d
+        .document_dir
+        .clone()
+        .unwrap_or_else(|| "documents".to_string());
 
     let inputs = expand_inputs(&cfg.documents)?;
     let mut tasks = Vec::with_capacity(inputs.len());
     for input in inputs {
         let out = attributes_path(&std::path::absolute(&input.path)?, &document_dir, &name)?;
-        tasks.push(Task { input, outputs: vec![out] });
+        tasks.push(Task {
+            input,
+            outputs: vec![out],
+        });
     }
 
     // The filter: load (resume, or read-only decontamination) or create.
@@ -709,13 +767,17 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         f
     } else {
         if bf.read_only {
-            bail!("bloom_filter.read_only is set but {} does not exist", filter_path.display());
+            bail!(
+                "bloom_filter.read_only is set but {} does not exist",
+                filter_path.display()
+            );
         }
         let expected = bf.estimated_doc_count.unwrap_or(0);
         let size = match bf.size_in_bytes.filter(|&s| s > 0) {
             Some(s) => s,
             None => {
-                let (Some(n), Some(p)) = (bf.estimated_doc_count, bf.desired_false_positive_rate) else {
+                let (Some(n), Some(p)) = (bf.estimated_doc_count, bf.desired_false_positive_rate)
+                else {
                     bail!("set bloom_filter.size_in_bytes, or estimated_doc_count and desired_false_positive_rate");
                 };
                 if !(p > 0.0 && p < 1.0) {
@@ -726,13 +788,18 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         };
         let k = match (expected, bf.desired_false_positive_rate) {
             (0, _) => 7,
-            (n, Some(rate)) if rate > 0.0 && rate < 1.0 => bloom::smallest_k_for_rate(size, n, rate),
+            (n, Some(rate)) if rate > 0.0 && rate < 1.0 => {
+                bloom::smallest_k_for_rate(size, n, rate)
+            }
             (n, _) => bloom::optimal_k(size, n),
         };
         tracing::info!(
             "new bloom filter: {size} bytes, k={k}{}",
             if expected > 0 {
-                format!(", predicted false-positive rate {:.2e} at {expected} keys", bloom::false_positive_rate(size, expected, k))
+                format!(
+                    ", predicted false-positive rate {:.2e} at {expected} keys",
+                    bloom::false_positive_rate(size, expected, k)
+                )
             } else {
                 String::new()
             }
@@ -768,23 +835,37 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
     }
     if cfg.dryrun {
         for (t, a) in tasks.iter().zip(&actions) {
-            println!("{:?}: {} -> {}", a, t.input.path.display(), t.outputs[0].display());
+            println!(
+                "{:?}: {} -> {}",
+                a,
+                t.input.path.display(),
+                t.outputs[0].display()
+            );
         }
         return Ok(());
     }
 
     let opts = RunOptions {
-        processes: cfg.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        processes: cfg
+            .processes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         ignore_existing: true,
         skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg.max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
+        max_line_bytes: cfg
+            .max_line_bytes
+            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
         show_progress: cfg.progress,
     };
     let sequencer = Sequencer::default();
     let ordered = d.ordered.unwrap_or(true);
     let names: Vec<(String, u64)> = tasks
         .iter()
-        .map(|t| (input_name(&t.input.path), std::fs::metadata(&t.input.path).map_or(0, |m| m.len())))
+        .map(|t| {
+            (
+                input_name(&t.input.path),
+                std::fs::metadata(&t.input.path).map_or(0, |m| m.len()),
+            )
+        })
         .collect();
     let job = Job {
         settings: &settings,
@@ -793,7 +874,9 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         sequencer: ordered.then_some(&sequencer),
         opts: &opts,
     };
-    let result = runner::run("dedupe", tasks, &opts, |i, task, progress| dedupe_file(&job, i, task, progress));
+    let result = runner::run("dedupe", tasks, &opts, |i, task, progress| {
+        dedupe_file(&job, i, task, progress)
+    });
 
     // Save what the filter holds, also after a partial failure, so the finished files resume.
     if !bf.read_only {
@@ -822,7 +905,10 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         summary.mb_per_sec()
     );
     match &settings.mode {
-        Mode::Documents { .. } => eprintln!("dedupe: {} duplicate documents marked", c("duplicate documents")),
+        Mode::Documents { .. } => eprintln!(
+            "dedupe: {} duplicate documents marked",
+            c("duplicate documents")
+        ),
         Mode::Paragraphs { .. } => eprintln!(
             "dedupe: {} of {} paragraphs marked ({} characters)",
             c("duplicate paragraphs"),
@@ -849,20 +935,36 @@ mod tests {
 
     #[test]
     fn key_paths() {
-        assert_eq!(parse_key_path("$.text").unwrap(), vec![PathStep::Key("text".into())]);
+        assert_eq!(
+            parse_key_path("$.text").unwrap(),
+            vec![PathStep::Key("text".into())]
+        );
         assert_eq!(
             parse_key_path("$.metadata['url']").unwrap(),
-            vec![PathStep::Key("metadata".into()), PathStep::Key("url".into())]
+            vec![
+                PathStep::Key("metadata".into()),
+                PathStep::Key("url".into())
+            ]
         );
         assert_eq!(
             parse_key_path("$.a[2].b").unwrap(),
-            vec![PathStep::Key("a".into()), PathStep::Index(2), PathStep::Key("b".into())]
+            vec![
+                PathStep::Key("a".into()),
+                PathStep::Index(2),
+                PathStep::Key("b".into())
+            ]
         );
         assert!(parse_key_path("text").is_err());
         assert!(parse_key_path("$.a[?(@.x)]").is_err());
         let doc = serde_json::json!({"metadata": {"url": "u"}, "a": [0, 1, {"b": "x"}]});
-        assert_eq!(select(&doc, &parse_key_path("$.metadata.url").unwrap()), Some(&Value::from("u")));
-        assert_eq!(select(&doc, &parse_key_path("$.a[2].b").unwrap()), Some(&Value::from("x")));
+        assert_eq!(
+            select(&doc, &parse_key_path("$.metadata.url").unwrap()),
+            Some(&Value::from("u"))
+        );
+        assert_eq!(
+            select(&doc, &parse_key_path("$.a[2].b").unwrap()),
+            Some(&Value::from("x"))
+        );
     }
 
     #[test]
@@ -897,7 +999,11 @@ mod tests {
             .iter()
             .map(|t| {
                 let keys = plan_document(settings, None, t).unwrap();
-                let seen: Vec<bool> = keys.hashes.iter().map(|&h| filter.check_and_insert(h)).collect();
+                let seen: Vec<bool> = keys
+                    .hashes
+                    .iter()
+                    .map(|&h| filter.check_and_insert(h))
+                    .collect();
                 decide(settings, &keys, &seen, &mut stats)
             })
             .collect()
@@ -917,7 +1023,11 @@ mod tests {
         let mut s = para_settings(None);
         s.min_words = 2;
         let out = run_docs(&s, &["one two three\nsolo", "one two three\nsolo"]);
-        assert_eq!(out[1], Some(vec![(0, 14, 1.0)]), "long paragraph deduped, short one skipped");
+        assert_eq!(
+            out[1],
+            Some(vec![(0, 14, 1.0)]),
+            "long paragraph deduped, short one skipped"
+        );
     }
 
     #[test]

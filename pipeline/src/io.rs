@@ -72,14 +72,21 @@ impl LineReader {
         let raw = BufReader::with_capacity(1 << 20, file);
         let inner: Box<dyn BufRead + Send> = match Compression::from_path(path) {
             Compression::None => Box::new(raw),
-            Compression::Gzip => Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(raw))),
+            Compression::Gzip => Box::new(BufReader::with_capacity(
+                1 << 20,
+                flate2::bufread::MultiGzDecoder::new(raw),
+            )),
             Compression::Zstd => Box::new(BufReader::with_capacity(
                 1 << 20,
                 zstd::stream::read::Decoder::with_buffer(raw)
                     .with_context(|| format!("{}: cannot start zstd decoder", path.display()))?,
             )),
         };
-        Ok(Self::from_reader(inner, &path.display().to_string(), max_bytes))
+        Ok(Self::from_reader(
+            inner,
+            &path.display().to_string(),
+            max_bytes,
+        ))
     }
 
     pub fn from_reader(inner: Box<dyn BufRead + Send>, path: &str, max_bytes: usize) -> Self {
@@ -148,7 +155,10 @@ impl LineReader {
             return Ok(Some(Line::Bad(LineError {
                 path: self.path.clone(),
                 line: self.line,
-                problem: format!("line longer than the {} byte limit (--max-line-bytes)", self.max_bytes),
+                problem: format!(
+                    "line longer than the {} byte limit (--max-line-bytes)",
+                    self.max_bytes
+                ),
             })));
         }
         if self.buf.last() == Some(&b'\n') {
@@ -216,13 +226,17 @@ impl AtomicWriter {
                 .with_context(|| format!("cannot create directory {}", parent.display()))?;
         }
         let tmp = tmp_path(path);
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let buf = BufWriter::with_capacity(1 << 20, file);
         let inner: Box<dyn WriteFinish> = match Compression::from_path(path) {
             Compression::None => Box::new(buf),
             // Level 1: attribute files are highly redundant and compress well anyway, and
             // compression was a tenth of dedupe's time at level 6. Bytes differ from dolma's.
-            Compression::Gzip => Box::new(flate2::write::GzEncoder::new(buf, flate2::Compression::new(1))),
+            Compression::Gzip => Box::new(flate2::write::GzEncoder::new(
+                buf,
+                flate2::Compression::new(1),
+            )),
             Compression::Zstd => Box::new(
                 zstd::stream::write::Encoder::new(buf, 3)
                     .with_context(|| format!("cannot start zstd encoder for {}", tmp.display()))?,
@@ -240,8 +254,13 @@ impl AtomicWriter {
         inner
             .finish_box()
             .with_context(|| format!("cannot finish writing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.path.display()))?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.tmp.display(),
+                self.path.display()
+            )
+        })?;
         Ok(())
     }
 }
@@ -339,7 +358,10 @@ mod tests {
             assert!(!p.exists(), "final name appears only on finish");
             w.finish().unwrap();
             assert!(!tmp_path(&p).exists());
-            assert_eq!(lines_of(&p), vec![Ok("{\"x\":1}".to_string()), Ok("é".to_string())]);
+            assert_eq!(
+                lines_of(&p),
+                vec![Ok("{\"x\":1}".to_string()), Ok("é".to_string())]
+            );
         }
     }
 
@@ -368,7 +390,10 @@ mod tests {
         let got = lines_of(&p);
         assert_eq!(got[0], Ok("ok".into()));
         let e = got[1].clone().unwrap_err();
-        assert!(e.contains("bad.jsonl:2") && e.contains("invalid UTF-8"), "{e}");
+        assert!(
+            e.contains("bad.jsonl:2") && e.contains("invalid UTF-8"),
+            "{e}"
+        );
         let e = got[2].clone().unwrap_err();
         assert!(e.contains("bad.jsonl:3") && e.contains("byte limit"), "{e}");
         assert_eq!(got[3], Ok("last".into()));
@@ -386,7 +411,10 @@ mod tests {
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let got = lines_of(&p);
         let e = got.last().unwrap().clone().unwrap_err();
-        assert!(e.contains("t.jsonl.gz") && e.contains("read failed after line"), "{e}");
+        assert!(
+            e.contains("t.jsonl.gz") && e.contains("read failed after line"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -65,7 +65,9 @@ fn run(args: Vec<String>) -> Result<()> {
                 return Ok(());
             }
             "-c" | "--config" => {
-                let Some(p) = args.get(i + 1) else { bail!("-c needs a config file path") };
+                let Some(p) = args.get(i + 1) else {
+                    bail!("-c needs a config file path")
+                };
                 config = Some(PathBuf::from(p));
                 i += 2;
             }

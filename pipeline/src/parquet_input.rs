@@ -30,10 +30,11 @@ pub fn to_jsonl(path: &Path) -> Result<Vec<u8>> {
     {
         let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
         for batch in reader {
-            let batch = batch.with_context(|| format!("{}: corrupt Parquet data", path.display()))?;
-            writer
-                .write(&batch)
-                .with_context(|| format!("{}: cannot convert Parquet rows to JSON", path.display()))?;
+            let batch =
+                batch.with_context(|| format!("{}: corrupt Parquet data", path.display()))?;
+            writer.write(&batch).with_context(|| {
+                format!("{}: cannot convert Parquet rows to JSON", path.display())
+            })?;
         }
         writer.finish()?;
     }
@@ -50,7 +51,10 @@ mod tests {
     use super::*;
 
     fn write(path: &Path, with_text: bool) {
-        let mut fields = vec![Field::new("id", DataType::Utf8, false), Field::new("n", DataType::Int64, true)];
+        let mut fields = vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+        ];
         let mut cols: Vec<arrow::array::ArrayRef> = vec![
             Arc::new(StringArray::from(vec!["a", "b"])),
             Arc::new(Int64Array::from(vec![1, 2])),
@@ -72,7 +76,10 @@ mod tests {
         let p = dir.path().join("x.parquet");
         write(&p, true);
         let text = String::from_utf8(to_jsonl(&p).unwrap()).unwrap();
-        let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0]["id"], "a");
         assert_eq!(rows[0]["text"], "héllo");

@@ -5,8 +5,8 @@
 //! config), written atomically, so a killed run rerun with the same command redoes only the
 //! files without finished outputs and ends with the same bytes, whatever the thread count.
 
-use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -56,7 +56,9 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<Input>> {
     let mut seen = std::collections::HashSet::new();
     for (pi, pattern) in patterns.iter().enumerate() {
         if pattern.starts_with("s3://") || pattern.starts_with("gs://") {
-            bail!("{pattern}: remote paths are not supported in this build; copy the files locally");
+            bail!(
+                "{pattern}: remote paths are not supported in this build; copy the files locally"
+            );
         }
         let prefix = glob_prefix(pattern);
         let effective = if !has_glob(pattern) && Path::new(pattern).is_dir() {
@@ -104,8 +106,14 @@ impl Shard {
         let (i, n) = s
             .split_once('/')
             .ok_or_else(|| anyhow!("--shard must look like I/N (e.g. 0/8), got `{s}`"))?;
-        let index: usize = i.trim().parse().map_err(|_| anyhow!("--shard `{s}`: bad index"))?;
-        let count: usize = n.trim().parse().map_err(|_| anyhow!("--shard `{s}`: bad count"))?;
+        let index: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--shard `{s}`: bad index"))?;
+        let count: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--shard `{s}`: bad count"))?;
         if count == 0 || index >= count {
             bail!("--shard `{s}`: need 0 <= I < N");
         }
@@ -121,7 +129,9 @@ impl Shard {
             return Ok(None);
         };
         let id: usize = id.parse().context("SLURM_ARRAY_TASK_ID is not a number")?;
-        let count: usize = count.parse().context("SLURM_ARRAY_TASK_COUNT is not a number")?;
+        let count: usize = count
+            .parse()
+            .context("SLURM_ARRAY_TASK_COUNT is not a number")?;
         let min: usize = std::env::var("SLURM_ARRAY_TASK_MIN")
             .ok()
             .and_then(|m| m.parse().ok())
@@ -256,14 +266,15 @@ where
 {
     let start = Instant::now();
     let total = tasks.len();
-    let (todo, done): (Vec<Task>, Vec<Task>) = tasks
-        .into_iter()
-        .partition(|t| opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists()));
+    let (todo, done): (Vec<Task>, Vec<Task>) = tasks.into_iter().partition(|t| {
+        opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists())
+    });
     // Partial files left by a crash beside finished outputs are garbage: remove them.
     for o in done.iter().flat_map(|t| &t.outputs) {
         let tmp = crate::io::tmp_path(o);
         if tmp.exists() {
-            std::fs::remove_file(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+            std::fs::remove_file(&tmp)
+                .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
         }
     }
     if !done.is_empty() {
@@ -281,8 +292,10 @@ where
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} files {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} files {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_prefix(stage.to_string());
     let progress = Progress::default();
@@ -298,7 +311,11 @@ where
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
                 let docs = progress.docs.load(Ordering::Relaxed);
                 let mb = progress.bytes.load(Ordering::Relaxed) as f64 / 1e6;
-                bar.set_message(format!("{docs} docs, {:.0} docs/s, {:.1} MB/s", docs as f64 / secs, mb / secs));
+                bar.set_message(format!(
+                    "{docs} docs, {:.0} docs/s, {:.1} MB/s",
+                    docs as f64 / secs,
+                    mb / secs
+                ));
                 std::thread::sleep(Duration::from_millis(250));
             }
         });
@@ -367,8 +384,14 @@ mod tests {
 
     #[test]
     fn glob_prefixes() {
-        assert_eq!(glob_prefix("a/documents/*.gz"), PathBuf::from("a/documents"));
-        assert_eq!(glob_prefix("a/documents/**/x-*.gz"), PathBuf::from("a/documents"));
+        assert_eq!(
+            glob_prefix("a/documents/*.gz"),
+            PathBuf::from("a/documents")
+        );
+        assert_eq!(
+            glob_prefix("a/documents/**/x-*.gz"),
+            PathBuf::from("a/documents")
+        );
         assert_eq!(glob_prefix("*.gz"), PathBuf::new());
     }
 
@@ -383,7 +406,13 @@ mod tests {
         let pat = format!("{}/documents/**/*.gz", dir.path().display());
         let got = expand_inputs(&[pat]).unwrap();
         let rel: Vec<_> = got.iter().map(|i| i.relative.clone()).collect();
-        assert_eq!(rel, vec![PathBuf::from("sub/a.json.gz"), PathBuf::from("sub/b.json.gz")]);
+        assert_eq!(
+            rel,
+            vec![
+                PathBuf::from("sub/a.json.gz"),
+                PathBuf::from("sub/b.json.gz")
+            ]
+        );
         let err = expand_inputs(&[format!("{}/nothing/*.gz", dir.path().display())]).unwrap_err();
         assert!(err.to_string().contains("matched no files"));
     }

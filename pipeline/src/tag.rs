@@ -10,13 +10,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use dolma_taggers::{build_tagger, group_spans, make_variable_name, Document, GroupedSpans, Span, Tagger, TaggerOptions};
+use dolma_taggers::{
+    build_tagger, group_spans, make_variable_name, Document, GroupedSpans, Span, Tagger,
+    TaggerOptions,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::config::{one_or_many, opt_one_or_many, opt_string};
 use crate::io::{open_documents, AtomicWriter, Line};
-use crate::runner::{self, expand_inputs, glob_prefix, FileStats, Progress, RunOptions, Shard, Task};
+use crate::runner::{
+    self, expand_inputs, glob_prefix, FileStats, Progress, RunOptions, Shard, Task,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,10 +101,16 @@ fn attributes_dir(prefix: &Path, name: &str) -> Result<PathBuf> {
 
 fn common_prefix(paths: &[PathBuf]) -> PathBuf {
     let mut it = paths.iter();
-    let Some(first) = it.next() else { return PathBuf::new() };
+    let Some(first) = it.next() else {
+        return PathBuf::new();
+    };
     let mut common: Vec<_> = first.components().collect();
     for p in it {
-        let n = common.iter().zip(p.components()).take_while(|(a, b)| **a == *b).count();
+        let n = common
+            .iter()
+            .zip(p.components())
+            .take_while(|(a, b)| **a == *b)
+            .count();
         common.truncate(n);
     }
     common.iter().collect()
@@ -154,7 +165,10 @@ pub fn explain_bad_document(line: &str, err: &serde_json::Error) -> String {
             }
             format!("invalid document: {err}")
         }
-        Ok(other) => format!("a document must be a JSON object, got {}", type_name(&other)),
+        Ok(other) => format!(
+            "a document must be a JSON object, got {}",
+            type_name(&other)
+        ),
     }
 }
 
@@ -169,7 +183,12 @@ fn type_name(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn write_attribute_line(buf: &mut Vec<u8>, id: &str, source: &str, attrs: &[(String, GroupedSpans)]) {
+fn write_attribute_line(
+    buf: &mut Vec<u8>,
+    id: &str,
+    source: &str,
+    attrs: &[(String, GroupedSpans)],
+) {
     buf.extend_from_slice(b"{\"id\":");
     serde_json::to_writer(&mut *buf, id).expect("string to vec");
     buf.extend_from_slice(b",\"attributes\":{");
@@ -199,14 +218,22 @@ fn write_attribute_line(buf: &mut Vec<u8>, id: &str, source: &str, attrs: &[(Str
     buf.extend_from_slice(b"}\n");
 }
 
-fn tag_file(task: &Task, groups: &[Group], opts: &RunOptions, progress: &Progress) -> Result<FileStats> {
+fn tag_file(
+    task: &Task,
+    groups: &[Group],
+    opts: &RunOptions,
+    progress: &Progress,
+) -> Result<FileStats> {
     let mut reader = open_documents(&task.input.path, opts.max_line_bytes)?;
     let mut writers: Vec<AtomicWriter> = task
         .outputs
         .iter()
         .map(|p| AtomicWriter::create(p))
         .collect::<Result<_>>()?;
-    let needs_metadata = groups.iter().flat_map(|g| &g.taggers).any(|(_, t)| t.needs_metadata());
+    let needs_metadata = groups
+        .iter()
+        .flat_map(|g| &g.taggers)
+        .any(|(_, t)| t.needs_metadata());
     let mut stats = FileStats::default();
     let mut spans: Vec<Span> = Vec::new();
     let mut per_tagger: Vec<(String, GroupedSpans)> = Vec::new();
@@ -234,7 +261,10 @@ fn tag_file(task: &Task, groups: &[Group], opts: &RunOptions, progress: &Progres
         if line.trim().is_empty() {
             // dolma would fail on a blank line; we skip it but count it as bad input.
             if !opts.skip_bad_lines {
-                bail!("{}:{line_no}: empty line (use --skip-bad-lines to skip)", path);
+                bail!(
+                    "{}:{line_no}: empty line (use --skip-bad-lines to skip)",
+                    path
+                );
             }
             stats.bad_lines += 1;
             continue;
@@ -271,11 +301,16 @@ fn tag_file(task: &Task, groups: &[Group], opts: &RunOptions, progress: &Progres
                 tagger.predict(&document, &mut spans);
                 let mut grouped = GroupedSpans::new();
                 group_spans(&spans, &mut grouped);
-                per_tagger.push((format!("{}__{}__", group.exp, make_variable_name(name)), grouped));
+                per_tagger.push((
+                    format!("{}__{}__", group.exp, make_variable_name(name)),
+                    grouped,
+                ));
             }
             buf.clear();
             write_attribute_line(&mut buf, &doc.id, source, &per_tagger);
-            writers[g].write_all(&buf).with_context(|| format!("cannot write {}", task.outputs[g].display()))?;
+            writers[g]
+                .write_all(&buf)
+                .with_context(|| format!("cannot write {}", task.outputs[g].display()))?;
         }
         stats.docs += 1;
         stats.text_bytes += doc.text.len() as u64;
@@ -304,12 +339,19 @@ pub fn run(cfg: TagConfig) -> Result<()> {
     if cfg.taggers.is_empty() {
         bail!("no taggers given (set `taggers`; `dolma list` shows them)");
     }
-    if cfg.tagger_modules.as_ref().is_some_and(|m| !m.is_null() && m != &serde_json::json!([])) {
+    if cfg
+        .tagger_modules
+        .as_ref()
+        .is_some_and(|m| !m.is_null() && m != &serde_json::json!([]))
+    {
         bail!("`tagger_modules` (Python tagger plugins) is not supported; taggers are built in (see `dolma list`)");
     }
     for name in cfg.tagger_options.keys() {
         if !cfg.taggers.contains(name) {
-            bail!("`tagger_options.{name}` is set but `{name}` is not in `taggers` ({})", cfg.taggers.join(", "));
+            bail!(
+                "`tagger_options.{name}` is set but `{name}` is not in `taggers` ({})",
+                cfg.taggers.join(", ")
+            );
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -364,35 +406,60 @@ pub fn run(cfg: TagConfig) -> Result<()> {
     let total_files = inputs.len();
     if let Some(s) = shard {
         inputs = s.select(inputs);
-        tracing::info!("shard {}/{}: {} of {total_files} files", s.index, s.count, inputs.len());
+        tracing::info!(
+            "shard {}/{}: {} of {total_files} files",
+            s.index,
+            s.count,
+            inputs.len()
+        );
     }
     let tasks: Vec<Task> = inputs
         .into_iter()
         .map(|input| {
-            let outputs = groups.iter().map(|g| g.dest[input.pattern].join(&input.relative)).collect();
+            let outputs = groups
+                .iter()
+                .map(|g| g.dest[input.pattern].join(&input.relative))
+                .collect();
             Task { input, outputs }
         })
         .collect();
     for t in &tasks {
         if t.outputs.iter().any(|o| o == &t.input.path) {
-            bail!("output {} would overwrite its input", t.input.path.display());
+            bail!(
+                "output {} would overwrite its input",
+                t.input.path.display()
+            );
         }
     }
     if cfg.dryrun {
         for t in &tasks {
-            println!("{} -> {}", t.input.path.display(), t.outputs.iter().map(|o| o.display().to_string()).collect::<Vec<_>>().join(", "));
+            println!(
+                "{} -> {}",
+                t.input.path.display(),
+                t.outputs
+                    .iter()
+                    .map(|o| o.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         return Ok(());
     }
 
     let opts = RunOptions {
-        processes: cfg.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        processes: cfg
+            .processes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         ignore_existing: cfg.ignore_existing,
         skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg.max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
+        max_line_bytes: cfg
+            .max_line_bytes
+            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
         show_progress: cfg.progress,
     };
-    let summary = runner::run("tag", tasks, &opts, |_, task, progress| tag_file(task, &groups, &opts, progress))?;
+    let summary = runner::run("tag", tasks, &opts, |_, task, progress| {
+        tag_file(task, &groups, &opts, progress)
+    })?;
     let s = &summary.stats;
     eprintln!(
         "tag: {} files done, {} skipped as already tagged; {} docs ({} bad lines skipped) in {:.1}s: {:.0} docs/s, {:.1} MB/s of text; taggers: {}",
@@ -418,13 +485,19 @@ mod tests {
             attributes_dir(Path::new("/d/documents/src"), "exp").unwrap(),
             PathBuf::from("/d/attributes/exp/src")
         );
-        assert!(attributes_dir(Path::new("/d/docs"), "exp").unwrap_err().to_string().contains("destination"));
+        assert!(attributes_dir(Path::new("/d/docs"), "exp")
+            .unwrap_err()
+            .to_string()
+            .contains("destination"));
     }
 
     #[test]
     fn attribute_line_format() {
         let mut buf = Vec::new();
-        let attrs = vec![("e__t__".to_string(), vec![("length".to_string(), vec![(0, 3, 3.0)])])];
+        let attrs = vec![(
+            "e__t__".to_string(),
+            vec![("length".to_string(), vec![(0, 3, 3.0)])],
+        )];
         write_attribute_line(&mut buf, "a\"b", "src", &attrs);
         assert_eq!(
             String::from_utf8(buf).unwrap(),
@@ -435,8 +508,14 @@ mod tests {
     #[test]
     fn bad_documents_are_explained() {
         let e = serde_json::from_str::<InputDoc>("{}").err().unwrap();
-        assert_eq!(explain_bad_document("{\"id\":\"1\"}", &e), "missing field `text`");
-        assert_eq!(explain_bad_document("{\"id\":1,\"text\":\"\"}", &e), "field `id` must be a string, got 1");
+        assert_eq!(
+            explain_bad_document("{\"id\":\"1\"}", &e),
+            "missing field `text`"
+        );
+        assert_eq!(
+            explain_bad_document("{\"id\":1,\"text\":\"\"}", &e),
+            "field `id` must be a string, got 1"
+        );
         assert!(explain_bad_document("{\"id\":", &e).starts_with("malformed JSON"));
         assert!(explain_bad_document("[1]", &e).contains("must be a JSON object"));
     }

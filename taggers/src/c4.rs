@@ -55,7 +55,12 @@ impl Tagger for C4V1 {
             let lowered = original.to_lowercase();
             let line = py_strip(&lowered);
             if !ends_with_punct(line) {
-                no_punct.push(Span::new(offset, end, "lines_with_no_ending_punctuation", 1.0));
+                no_punct.push(Span::new(
+                    offset,
+                    end,
+                    "lines_with_no_ending_punctuation",
+                    1.0,
+                ));
             }
             let words: Vec<&str> = py_split(line).collect();
             if words.len() < MIN_WORDS_PER_LINE {
@@ -120,7 +125,12 @@ impl Tagger for C4V2 {
             }
             let s = py_strip(sent);
             if !ends_with_punct(s) {
-                out.push(Span::new(start, end, "lines_with_no_ending_punctuation", 1.0));
+                out.push(Span::new(
+                    start,
+                    end,
+                    "lines_with_no_ending_punctuation",
+                    1.0,
+                ));
             }
             if py_split(s).count() < MIN_WORDS_PER_LINE {
                 out.push(Span::new(start, end, "lines_with_too_few_words", 1.0));
@@ -146,7 +156,10 @@ mod tests {
     #[test]
     fn v2_lines_and_flags() {
         let s = run(&C4V2, "This is fine.\nno end\n{ JavaScript lorem ipsum }");
-        let kinds: Vec<(&str, usize, usize)> = s.iter().map(|s| (s.kind.as_ref(), s.start, s.end)).collect();
+        let kinds: Vec<(&str, usize, usize)> = s
+            .iter()
+            .map(|s| (s.kind.as_ref(), s.start, s.end))
+            .collect();
         assert!(kinds.contains(&("has_curly_brace", 0, 47)));
         assert!(kinds.contains(&("has_javascript", 0, 47)));
         assert!(kinds.contains(&("has_lorem_ipsum", 0, 47)));
@@ -159,17 +172,33 @@ mod tests {
 
     #[test]
     fn naughty_words_and_phrases() {
-        assert!(run(&C4V2, "what a 2g1c thing").iter().any(|s| s.kind == "has_naughty_word"));
-        assert!(run(&C4V1, "two girls: 2 girls 1 cup.").iter().any(|s| s.kind == "has_naughty_word"));
-        assert!(!run(&C4V1, "clean text.").iter().any(|s| s.kind == "has_naughty_word"));
+        assert!(run(&C4V2, "what a 2g1c thing")
+            .iter()
+            .any(|s| s.kind == "has_naughty_word"));
+        assert!(run(&C4V1, "two girls: 2 girls 1 cup.")
+            .iter()
+            .any(|s| s.kind == "has_naughty_word"));
+        assert!(!run(&C4V1, "clean text.")
+            .iter()
+            .any(|s| s.kind == "has_naughty_word"));
     }
 
     #[test]
     fn v1_javascript_is_a_whole_word() {
-        assert!(!run(&C4V1, "javascripts here").iter().any(|s| s.kind == "has_javascript"));
-        assert!(run(&C4V1, "use javascript now").iter().any(|s| s.kind == "has_javascript"));
+        assert!(!run(&C4V1, "javascripts here")
+            .iter()
+            .any(|s| s.kind == "has_javascript"));
+        assert!(run(&C4V1, "use javascript now")
+            .iter()
+            .any(|s| s.kind == "has_javascript"));
         let s = run(&C4V1, "a\nb");
-        assert_eq!(s[0], Span::new(0, 2, "lines_with_no_ending_punctuation", 1.0));
-        assert_eq!(s[1], Span::new(2, 3, "lines_with_no_ending_punctuation", 1.0));
+        assert_eq!(
+            s[0],
+            Span::new(0, 2, "lines_with_no_ending_punctuation", 1.0)
+        );
+        assert_eq!(
+            s[1],
+            Span::new(2, 3, "lines_with_no_ending_punctuation", 1.0)
+        );
     }
 }

@@ -588,7 +588,11 @@ impl FastTextModel {
             let n = self.args.word_ngrams.max(1) as usize;
             for i in 0..word_hashes.len() {
                 let mut h = word_hashes[i] as i64 as u64;
-                for &next in word_hashes.iter().take((i + n).min(word_hashes.len())).skip(i + 1) {
+                for &next in word_hashes
+                    .iter()
+                    .take((i + n).min(word_hashes.len()))
+                    .skip(i + 1)
+                {
                     h = h.wrapping_mul(116_049_371).wrapping_add(next as i64 as u64);
                     self.dict
                         .push_hash(&mut ids, (h % self.args.bucket as u64) as i32);
@@ -664,14 +668,24 @@ impl FastTextModel {
             .map(|(score, i)| {
                 let word = &labels[i].word;
                 LabelScore {
-                    label: word.strip_prefix(prefix.as_str()).unwrap_or(word).to_string(),
+                    label: word
+                        .strip_prefix(prefix.as_str())
+                        .unwrap_or(word)
+                        .to_string(),
                     prob: score.exp(),
                 }
             })
             .collect()
     }
 
-    fn dfs(&self, node: usize, score: f32, log_threshold: f32, hidden: &[f32], out: &mut Vec<(f32, usize)>) {
+    fn dfs(
+        &self,
+        node: usize,
+        score: f32,
+        log_threshold: f32,
+        hidden: &[f32],
+        out: &mut Vec<(f32, usize)>,
+    ) {
         if score < log_threshold {
             return;
         }
@@ -684,8 +698,20 @@ impl FastTextModel {
         let f = self.output_internal_dot(hidden, node - osz);
         let f = (1.0 / (1.0 + (-(f as f64)).exp())) as f32;
         let std_log = |x: f32| ((x as f64) + 1e-5).ln() as f32;
-        self.dfs(n.left as usize, score + std_log(1.0 - f), log_threshold, hidden, out);
-        self.dfs(n.right as usize, score + std_log(f), log_threshold, hidden, out);
+        self.dfs(
+            n.left as usize,
+            score + std_log(1.0 - f),
+            log_threshold,
+            hidden,
+            out,
+        );
+        self.dfs(
+            n.right as usize,
+            score + std_log(f),
+            log_threshold,
+            hidden,
+            out,
+        );
     }
 
     fn output_internal_dot(&self, hidden: &[f32], row: usize) -> f32 {
@@ -705,7 +731,9 @@ pub(crate) mod tests {
     /// `__label__pos`, "bad" to `__label__neg`.
     pub(crate) fn tiny_softmax_model() -> Vec<u8> {
         let mut b = Vec::new();
-        let i32s = |b: &mut Vec<u8>, v: &[i32]| v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        let i32s = |b: &mut Vec<u8>, v: &[i32]| {
+            v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()))
+        };
         i32s(&mut b, &[FASTTEXT_MAGIC, FASTTEXT_VERSION]);
         // dim ws epoch minCount neg wordNgrams loss(softmax) model(sup) bucket minn maxn lrUpdateRate
         i32s(&mut b, &[2, 5, 5, 1, 5, 1, 3, 3, 0, 0, 0, 100]);
@@ -713,7 +741,12 @@ pub(crate) mod tests {
         i32s(&mut b, &[4, 2, 2]);
         b.extend_from_slice(&10i64.to_le_bytes());
         b.extend_from_slice(&(-1i64).to_le_bytes());
-        for (w, c, t) in [("good", 5i64, 0u8), ("bad", 5, 0), ("__label__pos", 5, 1), ("__label__neg", 3, 1)] {
+        for (w, c, t) in [
+            ("good", 5i64, 0u8),
+            ("bad", 5, 0),
+            ("__label__pos", 5, 1),
+            ("__label__neg", 3, 1),
+        ] {
             b.extend_from_slice(w.as_bytes());
             b.push(0);
             b.extend_from_slice(&c.to_le_bytes());
@@ -723,7 +756,8 @@ pub(crate) mod tests {
             b.push(0);
             b.extend_from_slice(&rows.to_le_bytes());
             b.extend_from_slice(&2i64.to_le_bytes());
-            data.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+            data.iter()
+                .for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
         };
         dense(&mut b, 2, &[1.0, 0.0, 0.0, 1.0]);
         dense(&mut b, 2, &[2.0, -2.0, -2.0, 2.0]);
@@ -733,7 +767,10 @@ pub(crate) mod tests {
     #[test]
     fn dense_softmax_model_predicts_by_hand_computed_probabilities() {
         let m = FastTextModel::from_reader(&tiny_softmax_model()[..], "tiny").unwrap();
-        assert_eq!(m.labels().collect::<Vec<_>>(), vec!["__label__pos", "__label__neg"]);
+        assert_eq!(
+            m.labels().collect::<Vec<_>>(),
+            vec!["__label__pos", "__label__neg"]
+        );
         let p = m.predict("good", 0.0);
         let pos = (2f64.exp() / (2f64.exp() + (-2f64).exp())) as f32;
         assert_eq!(p[0].label, "pos");
@@ -741,15 +778,22 @@ pub(crate) mod tests {
         let p = m.predict("bad", 0.0);
         assert_eq!(p[0].label, "neg");
         let p = m.predict("good bad", 0.0);
-        assert!((p[0].prob - 0.5).abs() < 1e-4 && (p[1].prob - 0.5).abs() < 1e-4, "{p:?}");
+        assert!(
+            (p[0].prob - 0.5).abs() < 1e-4 && (p[1].prob - 0.5).abs() < 1e-4,
+            "{p:?}"
+        );
     }
 
     #[test]
     fn corrupt_models_are_errors() {
         let bytes = tiny_softmax_model();
-        let e = FastTextModel::from_reader(&bytes[..bytes.len() - 3], "cut.bin").err().unwrap();
+        let e = FastTextModel::from_reader(&bytes[..bytes.len() - 3], "cut.bin")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("cut.bin: truncated"), "{e}");
-        let e = FastTextModel::from_reader(&b"not a model at all"[..], "x.bin").err().unwrap();
+        let e = FastTextModel::from_reader(&b"not a model at all"[..], "x.bin")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("not a fastText model"), "{e}");
     }
 

@@ -39,7 +39,8 @@ impl Tagger for Gopher {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
         let text = doc.text;
         let n = doc.len_chars();
-        let push = |out: &mut Vec<Span>, kind: &'static str, v: f64| out.push(Span::new(0, n, kind, v));
+        let push =
+            |out: &mut Vec<Span>, kind: &'static str, v: f64| out.push(Span::new(0, n, kind, v));
         if n == 0 {
             for kind in SCALAR_FIELDS {
                 push(out, kind, 0.0);
@@ -73,14 +74,17 @@ impl Tagger for Gopher {
             for (i, window) in ids.windows(ng).enumerate() {
                 counts.entry(window).or_insert((0, i as u32)).0 += 1;
             }
-            let ngram_chars = |first: u32| -> usize { word_lens[first as usize..first as usize + ng].iter().sum() };
+            let ngram_chars = |first: u32| -> usize {
+                word_lens[first as usize..first as usize + ng].iter().sum()
+            };
             if ng <= 4 {
                 let (count, first) = counts
                     .values()
                     .copied()
                     .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
                     .expect("non-empty");
-                let value = (count as usize * ngram_chars(first)) as f64 / character_count.max(1) as f64;
+                let value =
+                    (count as usize * ngram_chars(first)) as f64 / character_count.max(1) as f64;
                 most_common.push((ng, value));
             } else {
                 let mut all = 0usize;
@@ -114,7 +118,10 @@ impl Tagger for Gopher {
             text.split('\n').collect()
         };
         let line_count = lines.len().max(1) as f64;
-        let bullets = lines.iter().filter(|l| l.starts_with('*') || l.starts_with('-')).count();
+        let bullets = lines
+            .iter()
+            .filter(|l| l.starts_with('*') || l.starts_with('-'))
+            .count();
         let ellipsis = lines.iter().filter(|l| l.ends_with('\u{2026}')).count();
         let mut line_counts: FxHashMap<&str, usize> = FxHashMap::default();
         for l in &lines {
@@ -138,11 +145,27 @@ impl Tagger for Gopher {
         push(out, "word_count", word_count as f64);
         push(out, "median_word_length", median_len);
         push(out, "symbol_to_word_ratio", symbol_words as f64 / wc);
-        push(out, "fraction_of_words_with_alpha_character", alpha_words as f64 / wc);
+        push(
+            out,
+            "fraction_of_words_with_alpha_character",
+            alpha_words as f64 / wc,
+        );
         push(out, "required_word_count", required as f64);
-        push(out, "fraction_of_lines_starting_with_bullet_point", bullets as f64 / line_count);
-        push(out, "fraction_of_lines_ending_with_ellipsis", ellipsis as f64 / line_count);
-        push(out, "fraction_of_duplicate_lines", dup_lines as f64 / line_count);
+        push(
+            out,
+            "fraction_of_lines_starting_with_bullet_point",
+            bullets as f64 / line_count,
+        );
+        push(
+            out,
+            "fraction_of_lines_ending_with_ellipsis",
+            ellipsis as f64 / line_count,
+        );
+        push(
+            out,
+            "fraction_of_duplicate_lines",
+            dup_lines as f64 / line_count,
+        );
         push(
             out,
             "fraction_of_characters_in_duplicate_lines",
@@ -210,7 +233,9 @@ mod tests {
             ignore_empty_lines: false,
         }
         .predict(&doc, &mut out);
-        out.into_iter().map(|s| (s.kind.to_string(), s.score)).collect()
+        out.into_iter()
+            .map(|s| (s.kind.to_string(), s.score))
+            .collect()
     }
 
     #[test]
@@ -228,7 +253,9 @@ mod tests {
         let word_chars = 3.0 * 6.0 + 1.0 + 4.0 + 5.0;
         assert!((a["fraction_of_characters_in_duplicate_lines"] - 22.0 / word_chars).abs() < 1e-12);
         // most common 2-gram "the cat" (x2, first seen) = 2 * 6 chars
-        assert!((a["fraction_of_characters_in_most_common_2grams"] - 12.0 / word_chars).abs() < 1e-12);
+        assert!(
+            (a["fraction_of_characters_in_most_common_2grams"] - 12.0 / word_chars).abs() < 1e-12
+        );
         assert!(a.contains_key("fraction_of_characters_in_duplicate_5grams"));
         assert!(!a.contains_key("fraction_of_characters_in_duplicate_10grams"));
     }

@@ -56,7 +56,10 @@ impl Tagger for FastTextLangId {
                     }
                 }
                 LidOutput::English => {
-                    let en = preds.iter().find(|p| p.label == "en").map_or(0.0, |p| p.prob as f64);
+                    let en = preds
+                        .iter()
+                        .find(|p| p.label == "en")
+                        .map_or(0.0, |p| p.prob as f64);
                     out.push(Span::new(start, end, "en", en));
                     negatives.push(Span::new(start, end, "not_en", 1.0 - en));
                 }
@@ -88,12 +91,20 @@ impl Tagger for FastTextClassifier {
             let preds = self.model.predict(&input, 0.0);
             if self.labels.is_empty() {
                 for p in preds {
-                    out.push(Span::new(start, end, format!("{prefix}{}", p.label), p.prob as f64));
+                    out.push(Span::new(
+                        start,
+                        end,
+                        format!("{prefix}{}", p.label),
+                        p.prob as f64,
+                    ));
                 }
             } else {
                 for want in &self.labels {
                     let bare = want.strip_prefix(prefix.as_str()).unwrap_or(want);
-                    let prob = preds.iter().find(|p| p.label == bare).map_or(0.0, |p| p.prob as f64);
+                    let prob = preds
+                        .iter()
+                        .find(|p| p.label == bare)
+                        .map_or(0.0, |p| p.prob as f64);
                     out.push(Span::new(start, end, format!("{prefix}{bare}"), prob));
                 }
             }
@@ -122,7 +133,12 @@ impl Tagger for WhatlangTagger {
                 out.push(Span::new(start, end, "en", en));
                 negatives.push(Span::new(start, end, "not_en", 1.0 - en));
             } else if let Some(i) = info {
-                out.push(Span::new(start, end, Cow::Borrowed(i.lang().code()), i.confidence()));
+                out.push(Span::new(
+                    start,
+                    end,
+                    Cow::Borrowed(i.lang().code()),
+                    i.confidence(),
+                ));
             }
         }
         out.extend(negatives);
@@ -173,7 +189,10 @@ mod tests {
         }
         .predict(&doc, &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].start, out[0].end, out[0].kind.as_ref()), (0, 10, "__label__pos"));
+        assert_eq!(
+            (out[0].start, out[0].end, out[0].kind.as_ref()),
+            (0, 10, "__label__pos")
+        );
         assert!(out[0].score > 0.98);
         assert_eq!((out[1].start, out[1].end), (11, 15));
         assert!(out[1].score < 0.02);

@@ -24,7 +24,12 @@ pub struct CharLengthWithParagraphs;
 impl Tagger for CharLengthWithParagraphs {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
         for p in split_paragraphs(doc.text, true) {
-            out.push(Span::new(p.start, p.end, "paragraph", (p.end - p.start) as f64));
+            out.push(Span::new(
+                p.start,
+                p.end,
+                "paragraph",
+                (p.end - p.start) as f64,
+            ));
         }
         let n = doc.len_chars();
         out.push(Span::new(0, n, "document", n as f64));
@@ -46,7 +51,12 @@ pub struct WhitespaceTokenizer;
 impl Tagger for WhitespaceTokenizer {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
         let n = doc.len_chars();
-        out.push(Span::new(0, n, "length", whitespace_token_count(doc.text) as f64));
+        out.push(Span::new(
+            0,
+            n,
+            "length",
+            whitespace_token_count(doc.text) as f64,
+        ));
     }
 }
 
@@ -75,7 +85,12 @@ pub struct BytesLength;
 
 impl Tagger for BytesLength {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
-        out.push(Span::new(0, char_len(doc.text), "bytes", doc.text.len() as f64));
+        out.push(Span::new(
+            0,
+            char_len(doc.text),
+            "bytes",
+            doc.text.len() as f64,
+        ));
     }
 }
 
@@ -92,7 +107,10 @@ mod tests {
 
     #[test]
     fn char_length_counts_code_points() {
-        assert_eq!(run(&CharLength, "héllo"), vec![Span::new(0, 5, "length", 5.0)]);
+        assert_eq!(
+            run(&CharLength, "héllo"),
+            vec![Span::new(0, 5, "length", 5.0)]
+        );
         assert_eq!(run(&CharLength, ""), vec![Span::new(0, 0, "length", 0.0)]);
     }
 

@@ -62,7 +62,9 @@ impl<'a> Document<'a> {
 
     /// Code-point offset of a byte offset into `text`.
     pub fn char_offset(&self, byte: usize) -> usize {
-        self.chars.get_or_init(|| CharMap::new(self.text)).to_char(byte)
+        self.chars
+            .get_or_init(|| CharMap::new(self.text))
+            .to_char(byte)
     }
 }
 
@@ -114,7 +116,13 @@ pub fn group_spans(spans: &[Span], out: &mut GroupedSpans) {
 /// dolma's `make_variable_name`: anything outside `[a-zA-Z0-9_]` becomes `_`.
 pub fn make_variable_name(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use crate::text::{char_len, py_split, split_paragraphs};
+use crate::text::{py_split, split_paragraphs};
 use crate::{Document, Span, Tagger};
 
 const S: &str = r"\s\x1c-\x1f";
@@ -61,7 +61,10 @@ impl Tagger for FastPiiRegex {
         let first = out.len();
         let text = doc.text;
         let paragraphs = if text.bytes().filter(|&b| b == b'?').count() > 10_000 {
-            tracing::warn!(id = doc.id, "skipping regex PII detection for doc with >10k question marks");
+            tracing::warn!(
+                id = doc.id,
+                "skipping regex PII detection for doc with >10k question marks"
+            );
             Vec::new()
         } else {
             split_paragraphs(text, true)
@@ -106,7 +109,11 @@ impl Tagger for FastPiiRegex {
         let n = doc.len_chars();
         out.push(Span::new(0, n, "doc_count", count));
         // dolma sums over all spans so far, the doc_count span (length n) included.
-        let frac = if n == 0 { -1.0 } else { (covered + n) as f64 / n as f64 };
+        let frac = if n == 0 {
+            -1.0
+        } else {
+            (covered + n) as f64 / n as f64
+        };
         out.push(Span::new(0, n, "doc_frac", frac));
     }
 }
@@ -130,16 +137,22 @@ impl Tagger for PiiRegexV1 {
         let mut text_has_url: Option<bool> = None;
         for (kind, re) in [(EMAIL, &p.email), (PHONE, &p.phone), (IP, &p.ip)] {
             for m in re.find_iter(text) {
-                let span = Span::new(doc.char_offset(m.start()), doc.char_offset(m.end()), kind, 1.0);
+                let span = Span::new(
+                    doc.char_offset(m.start()),
+                    doc.char_offset(m.end()),
+                    kind,
+                    1.0,
+                );
                 let keep = if kind == EMAIL {
                     let mention = m.as_str();
                     let mut parts = mention.split('@');
                     let addressee = parts.next().unwrap_or("");
                     let domain = parts.next().unwrap_or("");
-                    !(crate::text::py_strip(addressee) == "(" || !domain.contains('.'))
+                    crate::text::py_strip(addressee) != "(" && domain.contains('.')
                 } else {
                     let context = mention(&span, 100);
-                    if context.contains("isbn") || context.contains("doi") || context.contains('#') {
+                    if context.contains("isbn") || context.contains("doi") || context.contains('#')
+                    {
                         false
                     } else if kind == IP {
                         true
@@ -154,9 +167,12 @@ impl Tagger for PiiRegexV1 {
         }
         let words = py_split(text).count();
         let found = (out.len() - first) as f64;
-        let score = if words == 0 { -1.0 } else { found / words as f64 };
+        let score = if words == 0 {
+            -1.0
+        } else {
+            found / words as f64
+        };
         out.push(Span::new(0, n, "doc", score));
-        let _ = char_len;
     }
 }
 
@@ -182,7 +198,8 @@ mod tests {
         assert_eq!(&text[s[2].start..s[2].end], "192.168.1.10");
         assert_eq!(s[3].score, 3.0);
         let n = text.len() as f64;
-        let covered = (s[0].end - s[0].start + s[1].end - s[1].start + s[2].end - s[2].start) as f64;
+        let covered =
+            (s[0].end - s[0].start + s[1].end - s[1].start + s[2].end - s[2].start) as f64;
         assert!((s[4].score - (covered + n) / n).abs() < 1e-12);
     }
 

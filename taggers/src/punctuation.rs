@@ -44,7 +44,13 @@ mod tests {
         let doc = Document::new("d", "Hello\n--- !!! ---\n日本語\n★ ☺\n");
         let mut out = Vec::new();
         NotAlphanumParagraph.predict(&doc, &mut out);
-        assert_eq!(out, vec![Span::new(6, 18, "all_punct", 1.0), Span::new(22, 26, "all_punct", 1.0)]);
+        assert_eq!(
+            out,
+            vec![
+                Span::new(6, 18, "all_punct", 1.0),
+                Span::new(22, 26, "all_punct", 1.0)
+            ]
+        );
         let doc = Document::new("d", "just words");
         let mut out = Vec::new();
         NotAlphanumParagraph.predict(&doc, &mut out);

@@ -88,9 +88,9 @@ fn opt_strings(name: &str, opts: &TaggerOptions, key: &str) -> Result<Vec<String
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("tagger {name}: option `{key}` must be a list of strings"))
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    anyhow!("tagger {name}: option `{key}` must be a list of strings")
+                })
             })
             .collect(),
         Some(other) => bail!("tagger {name}: option `{key}` must be a string or list, got {other}"),
@@ -137,50 +137,77 @@ pub fn build_tagger(name: &str, opts: &TaggerOptions) -> Result<Box<dyn Tagger>>
         "char_length_with_paragraphs_v1" => Box::new(length::CharLengthWithParagraphs),
         "whitespace_tokenizer_v1" => Box::new(length::WhitespaceTokenizer),
         "uniseg_length_paragraphs_v1" => Box::new(length::UnisegLengthParagraphs),
-        "gopher_v1" => Box::new(gopher::Gopher { ignore_empty_lines: false }),
-        "gopher_v2" => Box::new(gopher::Gopher { ignore_empty_lines: true }),
+        "gopher_v1" => Box::new(gopher::Gopher {
+            ignore_empty_lines: false,
+        }),
+        "gopher_v2" => Box::new(gopher::Gopher {
+            ignore_empty_lines: true,
+        }),
         "c4_v1" => Box::new(c4::C4V1),
         "c4_v2" => Box::new(c4::C4V2),
         "pii_regex_v1" | "pii_regex_v2" => Box::new(pii::PiiRegexV1),
         "pii_regex_with_counts_fast_v2" => Box::new(pii::FastPiiRegex),
-        "repetitions_v1" => Box::new(repetitions::Repetitions { per_paragraph: false }),
-        "paragraph_repetitions_v1" => Box::new(repetitions::Repetitions { per_paragraph: true }),
+        "repetitions_v1" => Box::new(repetitions::Repetitions {
+            per_paragraph: false,
+        }),
+        "paragraph_repetitions_v1" => Box::new(repetitions::Repetitions {
+            per_paragraph: true,
+        }),
         "not_alphanum_paragraph_v1" => Box::new(punctuation::NotAlphanumParagraph),
         "random_number_v1" => {
             let seed = match opts.get("seed") {
                 None => 1,
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| anyhow!("tagger {name}: option `seed` must be a non-negative integer, got {v}"))?,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    anyhow!("tagger {name}: option `seed` must be a non-negative integer, got {v}")
+                })?,
             };
             Box::new(sampling::RandomNumber { seed })
         }
-        "ft_lang_id_doc_v1" | "ft_lang_id_paragraph_v1" | "ft_lang_id_en_doc_v2" | "ft_lang_id_en_paragraph_v2" => {
-            Box::new(FastTextLangId {
-                model: lid_model(name, opts)?,
-                level: if name.contains("paragraph") { para } else { doc },
-                output: if name.contains("_en_") { LidOutput::English } else { LidOutput::AllLabels },
-            })
-        }
-        "whatlang_doc_v1" | "whatlang_paragraph_v1" | "whatlang_en_doc_v1" | "whatlang_en_paragraph_v1" => {
-            Box::new(WhatlangTagger {
-                level: if name.contains("paragraph") { para } else { doc },
-                english_only: name.contains("_en_"),
-            })
-        }
+        "ft_lang_id_doc_v1"
+        | "ft_lang_id_paragraph_v1"
+        | "ft_lang_id_en_doc_v2"
+        | "ft_lang_id_en_paragraph_v2" => Box::new(FastTextLangId {
+            model: lid_model(name, opts)?,
+            level: if name.contains("paragraph") {
+                para
+            } else {
+                doc
+            },
+            output: if name.contains("_en_") {
+                LidOutput::English
+            } else {
+                LidOutput::AllLabels
+            },
+        }),
+        "whatlang_doc_v1"
+        | "whatlang_paragraph_v1"
+        | "whatlang_en_doc_v1"
+        | "whatlang_en_paragraph_v1" => Box::new(WhatlangTagger {
+            level: if name.contains("paragraph") {
+                para
+            } else {
+                doc
+            },
+            english_only: name.contains("_en_"),
+        }),
         "fasttext_classifier_v1" | "fasttext_classifier_paragraph_v1" => {
             let path = opt_str(name, opts, "model_path")?
                 .ok_or_else(|| anyhow!("tagger {name} needs `tagger_options.{name}.model_path`"))?;
             let lowercase = match opts.get("lowercase") {
                 None => false,
                 Some(Value::Bool(b)) => *b,
-                Some(v) => bail!("tagger {name}: option `lowercase` must be true or false, got {v}"),
+                Some(v) => {
+                    bail!("tagger {name}: option `lowercase` must be true or false, got {v}")
+                }
             };
             let model = load_model(Path::new(path)).with_context(|| format!("tagger {name}"))?;
             let labels = opt_strings(name, opts, "labels")?;
             for l in &labels {
                 let bare = l.strip_prefix(model.label_prefix()).unwrap_or(l);
-                if !model.labels().any(|m| m.strip_prefix(model.label_prefix()).unwrap_or(m) == bare) {
+                if !model
+                    .labels()
+                    .any(|m| m.strip_prefix(model.label_prefix()).unwrap_or(m) == bare)
+                {
                     bail!(
                         "tagger {name}: label `{l}` is not in model {path}; its labels: {}",
                         model.labels().collect::<Vec<_>>().join(", ")
@@ -189,7 +216,11 @@ pub fn build_tagger(name: &str, opts: &TaggerOptions) -> Result<Box<dyn Tagger>>
             }
             Box::new(FastTextClassifier {
                 model,
-                level: if name.contains("paragraph") { para } else { doc },
+                level: if name.contains("paragraph") {
+                    para
+                } else {
+                    doc
+                },
                 labels,
                 lowercase,
             })
@@ -199,8 +230,14 @@ pub fn build_tagger(name: &str, opts: &TaggerOptions) -> Result<Box<dyn Tagger>>
             if paths.is_empty() {
                 bail!("tagger {name} needs `tagger_options.{name}.blocklist` (a list file path)");
             }
-            let mode = if name == "url_blocklist_v1" { BlockMode::Url } else { BlockMode::Domain };
-            Box::new(UrlBlocklist::from_paths(&paths, mode).with_context(|| format!("tagger {name}"))?)
+            let mode = if name == "url_blocklist_v1" {
+                BlockMode::Url
+            } else {
+                BlockMode::Domain
+            };
+            Box::new(
+                UrlBlocklist::from_paths(&paths, mode).with_context(|| format!("tagger {name}"))?,
+            )
         }
         other => bail!("tagger `{other}` is registered but not constructible; this is a bug"),
     })
@@ -213,7 +250,9 @@ mod tests {
     #[test]
     fn every_registered_tagger_without_required_options_builds() {
         for t in TAGGERS {
-            let needs = t.name.starts_with("ft_") || t.name.contains("blocklist") || t.name.starts_with("fasttext_");
+            let needs = t.name.starts_with("ft_")
+                || t.name.contains("blocklist")
+                || t.name.starts_with("fasttext_");
             if !needs {
                 build_tagger(t.name, &TaggerOptions::new()).unwrap();
             }
@@ -222,13 +261,25 @@ mod tests {
 
     #[test]
     fn unknown_names_and_options_are_explained() {
-        let e = build_tagger("gopher_v9", &TaggerOptions::new()).err().unwrap().to_string();
-        assert!(e.contains("unknown tagger `gopher_v9`") && e.contains("gopher_v1"), "{e}");
+        let e = build_tagger("gopher_v9", &TaggerOptions::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("unknown tagger `gopher_v9`") && e.contains("gopher_v1"),
+            "{e}"
+        );
         let mut o = TaggerOptions::new();
         o.insert("seeed".into(), 3.into());
-        let e = build_tagger("random_number_v1", &o).err().unwrap().to_string();
+        let e = build_tagger("random_number_v1", &o)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("no option `seeed`") && e.contains("seed"), "{e}");
-        let e = build_tagger("fasttext_classifier_v1", &TaggerOptions::new()).err().unwrap().to_string();
+        let e = build_tagger("fasttext_classifier_v1", &TaggerOptions::new())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("model_path"), "{e}");
     }
 }

@@ -17,7 +17,11 @@ fn repeat_options(text: &str, pos: usize, unit: &str) -> [Option<usize>; 2] {
         .chars()
         .next()
         .filter(|&c| py_is_space(c))
-        .and_then(|c| rest[c.len_utf8()..].starts_with(unit).then(|| pos + c.len_utf8() + unit.len()));
+        .and_then(|c| {
+            rest[c.len_utf8()..]
+                .starts_with(unit)
+                .then(|| pos + c.len_utf8() + unit.len())
+        });
     let without = rest.starts_with(unit).then(|| pos + unit.len());
     [with_ws, without]
 }
@@ -96,12 +100,24 @@ pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
 }
 
 fn stats(spans: &[Span], n: usize, out: &mut Vec<Span>) {
-    let max_score = spans.iter().map(|s| s.score).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let max_score = spans
+        .iter()
+        .map(|s| s.score)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     let max_len = spans.iter().map(|s| s.end - s.start).max().unwrap_or(0);
     let total: usize = spans.iter().map(|s| s.end - s.start).sum();
-    out.push(Span::new(0, n, "doc_max_score_repetition", max_score.unwrap_or(0.0)));
+    out.push(Span::new(
+        0,
+        n,
+        "doc_max_score_repetition",
+        max_score.unwrap_or(0.0),
+    ));
     out.push(Span::new(0, n, "doc_max_length_repetition", max_len as f64));
-    let frac = if spans.is_empty() || n == 0 { 0.0 } else { total as f64 / n as f64 };
+    let frac = if spans.is_empty() || n == 0 {
+        0.0
+    } else {
+        total as f64 / n as f64
+    };
     out.push(Span::new(0, n, "doc_frac_repetition", frac));
 }
 
@@ -115,7 +131,10 @@ impl Tagger for Repetitions {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
         let first = out.len();
         let units: Vec<(usize, &str)> = if self.per_paragraph {
-            split_paragraphs(doc.text, false).into_iter().map(|p| (p.byte_start, p.text)).collect()
+            split_paragraphs(doc.text, false)
+                .into_iter()
+                .map(|p| (p.byte_start, p.text))
+                .collect()
         } else {
             vec![(0, doc.text)]
         };
@@ -145,12 +164,18 @@ mod tests {
         assert_eq!(find_repetitions("aaaa"), vec![(0, 4, 4)]);
         assert_eq!(find_repetitions("aaa"), vec![]);
         assert_eq!(find_repetitions("ab ab ab ab x"), vec![(0, 11, 4)]);
-        assert_eq!(find_repetitions("xx hello hello hello hello"), vec![(2, 26, 4)]);
+        assert_eq!(
+            find_repetitions("xx hello hello hello hello"),
+            vec![(2, 26, 4)]
+        );
         assert_eq!(find_repetitions("ab abab ab ab"), vec![(0, 13, 5)]);
         assert_eq!(find_repetitions(" a a a a"), vec![(0, 8, 4)]);
         assert_eq!(find_repetitions("1 1  1 1 1"), vec![(0, 9, 4)]);
         // overlapping occurrences of the unit's first two characters
-        assert_eq!(find_repetitions("clear.ie>\n  |   | \n  |   | 7.3"), vec![(10, 27, 4)]);
+        assert_eq!(
+            find_repetitions("clear.ie>\n  |   | \n  |   | 7.3"),
+            vec![(10, 27, 4)]
+        );
         assert_eq!(find_repetitions("a\na\na\na"), vec![(0, 7, 4)]);
         assert_eq!(find_repetitions("no repeats here"), vec![]);
         assert_eq!(find_repetitions("éééé"), vec![(0, 8, 4)]);
@@ -160,14 +185,20 @@ mod tests {
     fn tagger_emits_stats() {
         let doc = Document::new("d", "zzzzzz and text");
         let mut out = Vec::new();
-        Repetitions { per_paragraph: false }.predict(&doc, &mut out);
+        Repetitions {
+            per_paragraph: false,
+        }
+        .predict(&doc, &mut out);
         assert_eq!(out[0], Span::new(0, 6, "repetition", 6.0));
         assert_eq!(out[1], Span::new(0, 15, "doc_max_score_repetition", 6.0));
         assert_eq!(out[2], Span::new(0, 15, "doc_max_length_repetition", 6.0));
         assert_eq!(out[3], Span::new(0, 15, "doc_frac_repetition", 6.0 / 15.0));
         let doc = Document::new("d", "");
         let mut out = Vec::new();
-        Repetitions { per_paragraph: false }.predict(&doc, &mut out);
+        Repetitions {
+            per_paragraph: false,
+        }
+        .predict(&doc, &mut out);
         assert_eq!(out.len(), 3);
     }
 }

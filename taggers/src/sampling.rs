@@ -24,7 +24,12 @@ impl Tagger for RandomNumber {
         key.extend_from_slice(doc.source.as_bytes());
         key.push(0);
         key.extend_from_slice(doc.id.as_bytes());
-        out.push(Span::new(0, doc.len_chars(), "random", uniform_from_key(&key, self.seed)));
+        out.push(Span::new(
+            0,
+            doc.len_chars(),
+            "random",
+            uniform_from_key(&key, self.seed),
+        ));
     }
 }
 

@@ -123,7 +123,10 @@ mod tests {
     fn paragraphs_match_dolma_regex() {
         let p = split_paragraphs("a\n\nbé\nc", false);
         let got: Vec<(usize, usize, &str)> = p.iter().map(|s| (s.start, s.end, s.text)).collect();
-        assert_eq!(got, vec![(0, 2, "a\n"), (2, 3, "\n"), (3, 6, "bé\n"), (6, 7, "c")]);
+        assert_eq!(
+            got,
+            vec![(0, 2, "a\n"), (2, 3, "\n"), (3, 6, "bé\n"), (6, 7, "c")]
+        );
         let p = split_paragraphs("a\n\nbé\nc", true);
         assert_eq!(p.len(), 3);
         assert!(split_paragraphs("", true).is_empty());
@@ -132,7 +135,10 @@ mod tests {
 
     #[test]
     fn python_whitespace() {
-        assert_eq!(py_split(" a\x1cb\u{3000}c ").collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        assert_eq!(
+            py_split(" a\x1cb\u{3000}c ").collect::<Vec<_>>(),
+            vec!["a", "b", "c"]
+        );
         assert_eq!(py_strip("\x1f x \n"), "x");
     }
 

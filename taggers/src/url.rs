@@ -32,7 +32,13 @@ pub fn clean_url(url: &str) -> Option<String> {
         return None;
     }
     let rest = match url.find("://") {
-        Some(i) if url[..i].chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) => &url[i + 3..],
+        Some(i)
+            if url[..i]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            &url[i + 3..]
+        }
         _ => url,
     };
     let rest = rest.split(['?', '#']).next().unwrap_or("");
@@ -53,7 +59,11 @@ pub fn host_of(url: &str) -> Option<String> {
     let cleaned = clean_url(url)?;
     let authority = cleaned.split('/').next().unwrap_or("");
     let host = if authority.starts_with('[') {
-        authority.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
+        authority
+            .split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
     } else {
         authority.split(':').next().unwrap_or("").to_string()
     };
@@ -75,7 +85,10 @@ fn parse_line(line: &str, mode: BlockMode) -> Option<String> {
         // hosts-file form: an address then a name
         match fields.next() {
             Some(name) if first.parse::<std::net::IpAddr>().is_ok() => {
-                if matches!(name, "localhost" | "localdomain" | "local" | "broadcasthost") {
+                if matches!(
+                    name,
+                    "localhost" | "localdomain" | "local" | "broadcasthost"
+                ) {
                     return None;
                 }
                 name.to_string()
@@ -108,15 +121,16 @@ impl UrlBlocklist {
     pub fn from_paths(paths: &[String], mode: BlockMode) -> Result<Self> {
         let mut text = String::new();
         for p in paths {
-            let file = std::fs::File::open(p).with_context(|| format!("cannot open blocklist {p}"))?;
+            let file =
+                std::fs::File::open(p).with_context(|| format!("cannot open blocklist {p}"))?;
             let mut reader: Box<dyn Read> = if p.ends_with(".gz") {
                 Box::new(flate2::read::MultiGzDecoder::new(file))
             } else {
                 Box::new(file)
             };
-            reader
-                .read_to_string(&mut text)
-                .with_context(|| format!("cannot read blocklist {p} (not UTF-8 text, or a corrupt .gz)"))?;
+            reader.read_to_string(&mut text).with_context(|| {
+                format!("cannot read blocklist {p} (not UTF-8 text, or a corrupt .gz)")
+            })?;
             text.push('\n');
         }
         Self::from_reader(text.as_bytes(), mode, &paths.join(", "))
@@ -134,7 +148,9 @@ impl UrlBlocklist {
         match self.mode {
             BlockMode::Url => clean_url(url).is_some_and(|u| self.entries.contains(&u)),
             BlockMode::Domain => {
-                let Some(host) = host_of(url) else { return false };
+                let Some(host) = host_of(url) else {
+                    return false;
+                };
                 let mut h = host.as_str();
                 loop {
                     if self.entries.contains(h) {

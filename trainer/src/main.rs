@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    eprintln!("olmo-train is not implemented yet in this build (see the trainer issue); nothing was run");
+    eprintln!(
+        "olmo-train is not implemented yet in this build (see the trainer issue); nothing was run"
+    );
     ExitCode::from(2)
 }
