@@ -162,6 +162,7 @@ impl Matrix {
 struct TreeNode {
     left: i32,
     right: i32,
+    parent: i32,
     count: i64,
 }
 
@@ -483,6 +484,7 @@ impl FastTextModel {
             TreeNode {
                 left: -1,
                 right: -1,
+                parent: -1,
                 count: 1_000_000_000_000_000,
             };
             2 * osz - 1
@@ -506,6 +508,8 @@ impl FastTextModel {
             tree[i].left = mini[0] as i32;
             tree[i].right = mini[1] as i32;
             tree[i].count = tree[mini[0]].count + tree[mini[1]].count;
+            tree[mini[0]].parent = i as i32;
+            tree[mini[1]].parent = i as i32;
         }
         self.tree = tree;
     }
@@ -678,6 +682,60 @@ impl FastTextModel {
             .collect()
     }
 
+    /// The probability `predict(text, 0.0)` reports for one label (0 when it is not reported),
+    /// without scoring every label: for hierarchical softmax only the root-to-leaf path is
+    /// evaluated, with the same pruning at log(1e-5) the full search applies on the way.
+    pub fn label_prob(&self, text: &str, label: &str) -> f32 {
+        let Some(leaf) = self
+            .dict
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryType::Label)
+            .position(|e| e.word.strip_prefix(self.dict.label_prefix.as_str()) == Some(label))
+        else {
+            return 0.0;
+        };
+        if self.args.loss != LossKind::HierarchicalSoftmax {
+            return self
+                .predict(text, 0.0)
+                .into_iter()
+                .find(|p| p.label == label)
+                .map_or(0.0, |p| p.prob);
+        }
+        let ids = self.line_ids(text);
+        let hidden = self.hidden(&ids);
+        let osz = self.dict.nlabels as usize;
+        let std_log = |x: f32| ((x as f64) + 1e-5).ln() as f32;
+        let log_threshold = std_log(0.0);
+        let mut path = vec![leaf];
+        while let Some(&n) = path.last() {
+            let parent = self.tree[n].parent;
+            if parent < 0 {
+                break;
+            }
+            path.push(parent as usize);
+        }
+        path.reverse();
+        let mut score = 0.0f32;
+        for pair in path.windows(2) {
+            if score < log_threshold {
+                return 0.0;
+            }
+            let (node, child) = (pair[0], pair[1]);
+            let f = self.output_internal_dot(&hidden, node - osz);
+            let f = (1.0 / (1.0 + (-(f as f64)).exp())) as f32;
+            score += if self.tree[node].left == child as i32 {
+                std_log(1.0 - f)
+            } else {
+                std_log(f)
+            };
+        }
+        if score < log_threshold {
+            return 0.0;
+        }
+        score.exp()
+    }
+
     fn dfs(
         &self,
         node: usize,
@@ -782,6 +840,34 @@ pub(crate) mod tests {
             (p[0].prob - 0.5).abs() < 1e-4 && (p[1].prob - 0.5).abs() < 1e-4,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn label_prob_equals_the_full_prediction() {
+        let m = FastTextModel::from_reader(&tiny_softmax_model()[..], "tiny").unwrap();
+        let full = m.predict("good", 0.0);
+        assert_eq!(m.label_prob("good", "pos"), full[0].prob);
+        assert_eq!(m.label_prob("good", "nope"), 0.0);
+        // The hierarchical-softmax path walk is checked against `predict` on lid.176 in
+        // tests/tag.rs (ft_lang_id_en_* against dolma) and below when the model is present.
+        let lid = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/models/lid.176.ftz");
+        let m = FastTextModel::load(&lid).unwrap();
+        for text in [
+            "hello world this is english",
+            "bonjour le monde",
+            "x",
+            "",
+            "日本語のテキスト",
+            "the the the",
+        ] {
+            let full = m
+                .predict(text, 0.0)
+                .into_iter()
+                .find(|p| p.label == "en")
+                .map_or(0.0, |p| p.prob);
+            assert_eq!(m.label_prob(text, "en"), full, "{text}");
+        }
     }
 
     #[test]

@@ -48,18 +48,15 @@ impl Tagger for FastTextLangId {
     fn predict(&self, doc: &Document<'_>, out: &mut Vec<Span>) {
         let mut negatives = Vec::new();
         for (start, end, text) in units(doc, self.level) {
-            let preds = self.model.predict(&ft_input(text), 0.0);
+            let input = ft_input(text);
             match self.output {
                 LidOutput::AllLabels => {
-                    for p in preds {
+                    for p in self.model.predict(&input, 0.0) {
                         out.push(Span::new(start, end, p.label, p.prob as f64));
                     }
                 }
                 LidOutput::English => {
-                    let en = preds
-                        .iter()
-                        .find(|p| p.label == "en")
-                        .map_or(0.0, |p| p.prob as f64);
+                    let en = self.model.label_prob(&input, "en") as f64;
                     out.push(Span::new(start, end, "en", en));
                     negatives.push(Span::new(start, end, "not_en", 1.0 - en));
                 }

@@ -5,6 +5,8 @@
 //! shortest unit first, then as many greedy repeats as possible, trying "whitespace + unit"
 //! before "unit" in each repeat and backtracking only while fewer than three repeats matched.
 
+use rustc_hash::FxHashMap;
+
 use crate::text::{py_is_space, split_paragraphs};
 use crate::{Document, Span, Tagger};
 
@@ -42,18 +44,54 @@ fn match_repeats(text: &str, pos: usize, unit: &str, count: usize) -> Option<usi
         .find_map(|next| match_repeats(text, next, unit, count + 1))
 }
 
+/// For each character start `i`, the next byte offset where the same two characters start
+/// (`u32::MAX` if none), so candidates are visited without rescanning the line per start.
+fn bigram_chains(text: &str) -> Vec<u32> {
+    let bytes = text.as_bytes();
+    let mut next = vec![u32::MAX; bytes.len()];
+    let mut last: FxHashMap<u64, u32> = FxHashMap::default();
+    let starts: Vec<u32> = if text.is_ascii() {
+        (0..bytes.len() as u32).collect()
+    } else {
+        text.char_indices().map(|(i, _)| i as u32).collect()
+    };
+    for ci in (0..starts.len().saturating_sub(1)).rev() {
+        let i = starts[ci] as usize;
+        let end = starts.get(ci + 2).map_or(bytes.len(), |&e| e as usize);
+        // Two UTF-8 characters fit in 8 bytes; zero padding is unambiguous because no
+        // character's encoding ends in a zero byte unless it is NUL itself (one byte).
+        let mut key = [0u8; 8];
+        key[..end - i].copy_from_slice(&bytes[i..end]);
+        if let Some(j) = last.insert(u64::from_le_bytes(key), i as u32) {
+            next[i] = j;
+        }
+    }
+    next
+}
+
 /// Byte ranges and repeat counts of all non-overlapping matches, as `re.finditer`.
 ///
 /// For units of two or more characters, the first repeat must begin with the unit's first two
-/// characters, so candidate unit lengths come from a SIMD substring search for that bigram
-/// instead of trying every length up to the end of the line.
+/// characters, so candidate unit lengths come from the chain of later occurrences of that
+/// bigram instead of trying every length up to the end of the line.
 pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
+    if text.len() >= u32::MAX as usize {
+        tracing::warn!(
+            "repetitions: skipping a document of {} bytes (4 GiB limit)",
+            text.len()
+        );
+        return out;
+    }
+    let chains = bigram_chains(text);
     let mut candidates: Vec<usize> = Vec::new();
     let mut start = 0;
+    let mut line_end = 0;
     'outer: while start < text.len() {
-        let line_end = memchr::memchr(b'\n', &bytes[start..]).map_or(text.len(), |k| start + k);
+        if start > line_end || start == 0 {
+            line_end = memchr::memchr(b'\n', &bytes[start..]).map_or(text.len(), |k| start + k);
+        }
         let first = text[start..].chars().next().expect("in bounds");
         if first != '\n' {
             let one = start + first.len_utf8();
@@ -62,23 +100,20 @@ pub fn find_repetitions(text: &str) -> Vec<(usize, usize, usize)> {
             if one < line_end {
                 let second = text[one..].chars().next().expect("in bounds");
                 let prefix_end = one + second.len_utf8();
-                let pattern = &bytes[start..prefix_end];
                 // A repeat may start after one whitespace character (at most 3 bytes).
-                let search_end = (line_end + 3 + pattern.len()).min(bytes.len());
-                // Overlapping occurrences matter ("  " in "   "), so search again from o + 1.
-                let finder = memchr::memmem::Finder::new(pattern);
-                let mut from = start + 1;
-                while let Some(rel) = finder.find(&bytes[from..search_end]) {
-                    let o = from + rel;
-                    from = o + 1;
-                    if let Some(ws) = text[..o].chars().next_back().filter(|&c| py_is_space(c)) {
-                        let unit_end = o - ws.len_utf8();
+                let search_end = line_end + 3;
+                let mut o = chains[start];
+                while o != u32::MAX && (o as usize) <= search_end {
+                    let at = o as usize;
+                    o = chains[at];
+                    if let Some(ws) = text[..at].chars().next_back().filter(|&c| py_is_space(c)) {
+                        let unit_end = at - ws.len_utf8();
                         if unit_end >= prefix_end && unit_end <= line_end {
                             candidates.push(unit_end);
                         }
                     }
-                    if o >= prefix_end && o <= line_end {
-                        candidates.push(o);
+                    if at >= prefix_end && at <= line_end {
+                        candidates.push(at);
                     }
                 }
                 candidates.sort_unstable();
