@@ -4,7 +4,9 @@ pub mod bloom;
 pub mod config;
 pub mod dedupe;
 pub mod io;
+pub mod mix;
 #[cfg(feature = "parquet")]
 pub mod parquet_input;
 pub mod runner;
+pub mod selector;
 pub mod tag;

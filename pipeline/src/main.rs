@@ -12,7 +12,7 @@ Commands:
   tag        run taggers over documents, writing attribute files
   list       list the available taggers
   dedupe     mark duplicate documents or paragraphs with a Bloom filter
-  mix        (not yet available)
+  mix        filter documents on attributes, replace spans, sample, write shards
   tokenize   (alias: tokens; not yet available)
 
 Options:
@@ -101,7 +101,8 @@ fn run(args: Vec<String>) -> Result<()> {
             Ok(())
         }
         "dedupe" => dolma::dedupe::run(dolma::config::load(config.as_deref(), &rest, "dedupe")?),
-        "mix" | "tokenize" | "tokens" => {
+        "mix" => dolma::mix::run(dolma::config::load(config.as_deref(), &rest, "mix")?),
+        "tokenize" | "tokens" => {
             bail!("`dolma {command}` is not implemented yet in this build")
         }
         other => bail!("unknown command `{other}`\n\n{USAGE}"),
