@@ -167,8 +167,16 @@ struct Compiled {
 
 fn compile(s: &Stream) -> Result<Compiled> {
     Ok(Compiled {
-        include: s.include.iter().map(|x| x.compile()).collect::<Result<_>>()?,
-        exclude: s.exclude.iter().map(|x| x.compile()).collect::<Result<_>>()?,
+        include: s
+            .include
+            .iter()
+            .map(|x| x.compile())
+            .collect::<Result<_>>()?,
+        exclude: s
+            .exclude
+            .iter()
+            .map(|x| x.compile())
+            .collect::<Result<_>>()?,
         replacements: s
             .replacements
             .iter()
@@ -196,7 +204,8 @@ fn validate(cfg: &StreamConfig) -> Result<Stream> {
     let (include, exclude) = match &cfg.filter {
         None => (Vec::new(), Vec::new()),
         Some(f) => {
-            let syntax = Syntax::parse(f.syntax.as_deref()).with_context(|| ctx("filter.syntax"))?;
+            let syntax =
+                Syntax::parse(f.syntax.as_deref()).with_context(|| ctx("filter.syntax"))?;
             let mk = |v: &Vec<String>| -> Result<Vec<SelectorSpec>> {
                 v.iter().map(|c| SelectorSpec::new(c, syntax)).collect()
             };
@@ -215,13 +224,18 @@ fn validate(cfg: &StreamConfig) -> Result<Stream> {
             Some(rest) if syntax == Syntax::Jq => {
                 Replacement::Selector(SelectorSpec::new(rest, syntax).with_context(|| ctx(&what))?)
             }
-            Some(_) => Replacement::Selector(SelectorSpec::new(&r.replacement, syntax).with_context(|| ctx(&what))?),
+            Some(_) => Replacement::Selector(
+                SelectorSpec::new(&r.replacement, syntax).with_context(|| ctx(&what))?,
+            ),
             None => Replacement::Text(r.replacement.clone()),
         };
         let lo = r.min_score.unwrap_or(f64::NEG_INFINITY);
         let hi = r.max_score.unwrap_or(f64::INFINITY);
         if lo >= hi {
-            bail!("{}: min_score {lo} must be below max_score {hi}", ctx(&what));
+            bail!(
+                "{}: min_score {lo} must be below max_score {hi}",
+                ctx(&what)
+            );
         }
         replacements.push((sel, lo, hi, replacement));
     }
@@ -232,18 +246,27 @@ fn validate(cfg: &StreamConfig) -> Result<Stream> {
     }
     if let Some(u) = cfg.upsample {
         if !(u.is_finite() && u >= 0.0) {
-            bail!("{}: upsample must be a non-negative number, got {u}", ctx("upsample"));
+            bail!(
+                "{}: upsample must be a non-negative number, got {u}",
+                ctx("upsample")
+            );
         }
     }
     let extension = match cfg.compression.as_ref().and_then(|c| c.output.as_deref()) {
         None | Some("gz") | Some(".gz") | Some("gzip") => ".jsonl.gz",
         Some("zst") | Some(".zst") | Some("zstd") => ".jsonl.zst",
         Some("") => ".jsonl",
-        Some(other) => bail!("{}: unknown output compression `{other}` (gz, zst or \"\")", ctx("compression")),
+        Some(other) => bail!(
+            "{}: unknown output compression `{other}` (gz, zst or \"\")",
+            ctx("compression")
+        ),
     };
     let max_size = cfg.output.max_size_in_bytes.unwrap_or(DEFAULT_MAX_SIZE);
     if max_size == 0 {
-        bail!("{}: output.max_size_in_bytes must be positive", ctx("output"));
+        bail!(
+            "{}: output.max_size_in_bytes must be positive",
+            ctx("output")
+        );
     }
     Ok(Stream {
         name: name.clone(),
@@ -309,7 +332,8 @@ fn doc_uniform(doc: &Value, seed: u64, salt: u64) -> f64 {
         Some(other) => key.extend_from_slice(other.to_string().as_bytes()),
         None => {}
     }
-    (xxh3_64_with_seed(&key, seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 11) as f64 / (1u64 << 53) as f64
+    (xxh3_64_with_seed(&key, seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 11) as f64
+        / (1u64 << 53) as f64
 }
 
 /// Replaces `[start, end)` character spans (sorted by start; a span starting inside an earlier
@@ -384,7 +408,11 @@ fn attribute_path(doc: &Path, name: &str) -> Result<PathBuf> {
     if !s.contains("/documents/") {
         bail!("{}: no `/documents/` directory in the path, so attribute `{name}` cannot be found beside it", doc.display());
     }
-    Ok(PathBuf::from(s.replacen("/documents/", &format!("/attributes/{name}/"), 1)))
+    Ok(PathBuf::from(s.replacen(
+        "/documents/",
+        &format!("/attributes/{name}/"),
+        1,
+    )))
 }
 
 fn marker_path(s: &Stream, group: usize) -> PathBuf {
@@ -418,7 +446,8 @@ fn process_group(
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(&prefix) {
-                std::fs::remove_file(e.path()).with_context(|| format!("cannot remove stale {n}"))?;
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("cannot remove stale {n}"))?;
             }
         }
     }
@@ -432,14 +461,22 @@ fn process_group(
     for input in &t.inputs {
         let mut reader = open_documents(&input.path, opts.max_line_bytes)?;
         let path = reader.path().to_string();
-        let file_name = input.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = input
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut attr_readers: Vec<(PathBuf, LineReader)> = s
             .attributes
             .iter()
             .map(|a| {
                 let p = attribute_path(&input.path, a)?;
                 if !p.exists() {
-                    bail!("attribute file {} (attribute `{a}` of {}) does not exist", p.display(), input.path.display());
+                    bail!(
+                        "attribute file {} (attribute `{a}` of {}) does not exist",
+                        p.display(),
+                        input.path.display()
+                    );
                 }
                 Ok((p.clone(), LineReader::open(&p, opts.max_line_bytes)?))
             })
@@ -560,8 +597,13 @@ fn process_group(
             // 3. span replacement
             if !compiled.replacements.is_empty() {
                 let mut spans: Vec<(usize, usize, String)> = Vec::new();
-                for ((sel, lo, hi, rsel), (_, _, _, rspec)) in compiled.replacements.iter().zip(&s.replacements) {
-                    for v in sel.values(&doc, &mut jq).with_context(|| format!("{path}:{line_no}"))? {
+                for ((sel, lo, hi, rsel), (_, _, _, rspec)) in
+                    compiled.replacements.iter().zip(&s.replacements)
+                {
+                    for v in sel
+                        .values(&doc, &mut jq)
+                        .with_context(|| format!("{path}:{line_no}"))?
+                    {
                         let list: Vec<&Value> = match &v {
                             Value::Null => continue,
                             Value::Array(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
@@ -579,13 +621,17 @@ fn process_group(
                             };
                             if score >= *lo && score < *hi {
                                 let text = match (rsel, rspec) {
-                                    (Some(r), _) => match r.values(&doc, &mut jq)?.into_iter().next() {
-                                        Some(Value::String(s)) => s,
-                                        Some(other) => other.to_string(),
-                                        None => String::new(),
-                                    },
+                                    (Some(r), _) => {
+                                        match r.values(&doc, &mut jq)?.into_iter().next() {
+                                            Some(Value::String(s)) => s,
+                                            Some(other) => other.to_string(),
+                                            None => String::new(),
+                                        }
+                                    }
                                     (None, Replacement::Text(t)) => t.clone(),
-                                    (None, Replacement::Selector(_)) => unreachable!("compiled with the spec"),
+                                    (None, Replacement::Selector(_)) => {
+                                        unreachable!("compiled with the spec")
+                                    }
                                 };
                                 spans.push((st as usize, en as usize, text));
                             }
@@ -594,7 +640,8 @@ fn process_group(
                 }
                 if !spans.is_empty() {
                     report.spans_replaced += spans.len() as u64;
-                    let new_text = replace_spans(doc["text"].as_str().expect("checked"), &mut spans);
+                    let new_text =
+                        replace_spans(doc["text"].as_str().expect("checked"), &mut spans);
                     doc["text"] = Value::String(new_text);
                 }
             }
@@ -604,8 +651,16 @@ fn process_group(
             for f in &s.discard {
                 obj.remove(f);
             }
-            if obj.get("text").and_then(Value::as_str).map_or(0, |t| t.trim().len()) < s.min_text_length {
-                *report.removed.entry("min_text_length".to_string()).or_insert(0) += 1;
+            if obj
+                .get("text")
+                .and_then(Value::as_str)
+                .map_or(0, |t| t.trim().len())
+                < s.min_text_length
+            {
+                *report
+                    .removed
+                    .entry("min_text_length".to_string())
+                    .or_insert(0) += 1;
                 continue;
             }
             // 6. sampling
@@ -629,9 +684,10 @@ fn process_group(
             if !meta.is_object() {
                 *meta = Value::Object(Map::new());
             }
-            meta.as_object_mut()
-                .expect("object")
-                .insert("provenance".into(), Value::String(format!("{file_name}:{line_no}")));
+            meta.as_object_mut().expect("object").insert(
+                "provenance".into(),
+                Value::String(format!("{file_name}:{line_no}")),
+            );
             buf.clear();
             serde_json::to_writer(&mut buf, &doc)?;
             buf.push(b'\n');
@@ -659,7 +715,10 @@ fn process_group(
         progress.add(pending.0, pending.1);
         for (apath, r) in attr_readers.iter_mut() {
             if let Some(Line::Text(_, n)) = r.next_line()? {
-                bail!("{}:{n}: more attribute lines than documents in {path}", apath.display());
+                bail!(
+                    "{}:{n}: more attribute lines than documents in {path}",
+                    apath.display()
+                );
             }
         }
     }
@@ -678,14 +737,19 @@ pub fn run(cfg: MixConfig) -> Result<()> {
     let mut seen_names = BTreeSet::new();
     for s in &streams {
         if !seen_names.insert((s.path.clone(), s.name.clone())) {
-            bail!("two streams named `{}` write to {}", s.name, s.path.display());
+            bail!(
+                "two streams named `{}` write to {}",
+                s.name,
+                s.path.display()
+            );
         }
     }
 
     // Group inputs per stream: pack files in sorted order up to max_size_in_bytes of input.
     let mut groups: Vec<GroupTask> = Vec::new();
     for (si, (sc, s)) in cfg.streams.iter().zip(&streams).enumerate() {
-        let inputs = expand_inputs(&sc.documents).with_context(|| format!("stream `{}`", s.name))?;
+        let inputs =
+            expand_inputs(&sc.documents).with_context(|| format!("stream `{}`", s.name))?;
         for i in &inputs {
             for a in &s.attributes {
                 attribute_path(&i.path, a)?;
@@ -697,7 +761,11 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         for input in inputs {
             let len = std::fs::metadata(&input.path).map_or(0, |m| m.len());
             if !current.is_empty() && size + len > s.max_size {
-                groups.push(GroupTask { stream: si, group: g, inputs: std::mem::take(&mut current) });
+                groups.push(GroupTask {
+                    stream: si,
+                    group: g,
+                    inputs: std::mem::take(&mut current),
+                });
                 g += 1;
                 size = 0;
             }
@@ -705,7 +773,11 @@ pub fn run(cfg: MixConfig) -> Result<()> {
             current.push(input);
         }
         if !current.is_empty() {
-            groups.push(GroupTask { stream: si, group: g, inputs: current });
+            groups.push(GroupTask {
+                stream: si,
+                group: g,
+                inputs: current,
+            });
         }
     }
     let shard = match &cfg.shard {
@@ -729,14 +801,19 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         return Ok(());
     }
     for s in &streams {
-        std::fs::create_dir_all(&s.path).with_context(|| format!("cannot create {}", s.path.display()))?;
+        std::fs::create_dir_all(&s.path)
+            .with_context(|| format!("cannot create {}", s.path.display()))?;
     }
 
     let opts = RunOptions {
-        processes: cfg.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        processes: cfg
+            .processes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         ignore_existing: false,
         skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg.max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
+        max_line_bytes: cfg
+            .max_line_bytes
+            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
         show_progress: cfg.progress,
     };
     // The runner works on tasks with outputs: a group's output is its done-marker.
@@ -759,7 +836,11 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         let marker = GroupMarker {
             stream: s.name.clone(),
             group: g.group,
-            inputs: g.inputs.iter().map(|i| i.path.display().to_string()).collect(),
+            inputs: g
+                .inputs
+                .iter()
+                .map(|i| i.path.display().to_string())
+                .collect(),
             report,
             attribute_names,
         };
@@ -778,8 +859,9 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         for g in groups.iter().filter(|g| g.stream == si) {
             match std::fs::read_to_string(marker_path(s, g.group)) {
                 Ok(text) => {
-                    let m: GroupMarker = serde_json::from_str(&text)
-                        .with_context(|| format!("corrupt marker {}", marker_path(s, g.group).display()))?;
+                    let m: GroupMarker = serde_json::from_str(&text).with_context(|| {
+                        format!("corrupt marker {}", marker_path(s, g.group).display())
+                    })?;
                     report.merge(&m.report);
                     names.extend(m.attribute_names);
                 }
@@ -789,7 +871,12 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         // Filters naming attributes that no attribute file has match nothing in dolma,
         // silently: say so.
         let mut referenced = BTreeSet::new();
-        for spec in s.include.iter().chain(&s.exclude).chain(s.replacements.iter().map(|r| &r.0)) {
+        for spec in s
+            .include
+            .iter()
+            .chain(&s.exclude)
+            .chain(s.replacements.iter().map(|r| &r.0))
+        {
             referenced.extend(referenced_attributes(&spec.code));
         }
         for r in &referenced {
@@ -814,7 +901,11 @@ pub fn run(cfg: MixConfig) -> Result<()> {
         serde_json::to_writer_pretty(&mut w, &doc)?;
         w.write_all(b"\n")?;
         w.finish()?;
-        let removed: Vec<String> = report.removed.iter().map(|(k, v)| format!("{v} by {k}")).collect();
+        let removed: Vec<String> = report
+            .removed
+            .iter()
+            .map(|(k, v)| format!("{v} by {k}"))
+            .collect();
         eprintln!(
             "mix: stream `{}`: {} docs in, {} kept, {} written ({} files, {:.1} MB){}{}{}; report {}",
             s.name,
@@ -850,10 +941,20 @@ mod tests {
 
     #[test]
     fn span_replacement_over_characters() {
-        let mut spans = vec![(6, 11, "|||EMAIL|||".to_string()), (0, 2, "[{}]".to_string())];
-        assert_eq!(replace_spans("héllo wörld!", &mut spans), "[hé]llo |||EMAIL|||!");
+        let mut spans = vec![
+            (6, 11, "|||EMAIL|||".to_string()),
+            (0, 2, "[{}]".to_string()),
+        ];
+        assert_eq!(
+            replace_spans("héllo wörld!", &mut spans),
+            "[hé]llo |||EMAIL|||!"
+        );
         // overlapping spans: the later-starting one inside a replaced span is skipped
-        let mut spans = vec![(0, 5, "X".to_string()), (2, 4, "Y".to_string()), (8, 100, "Z".to_string())];
+        let mut spans = vec![
+            (0, 5, "X".to_string()),
+            (2, 4, "Y".to_string()),
+            (8, 100, "Z".to_string()),
+        ];
         assert_eq!(replace_spans("abcdefghij", &mut spans), "XfghZ");
     }
 
@@ -869,7 +970,9 @@ mod tests {
 
     #[test]
     fn sampling_is_reproducible_and_near_the_rate() {
-        let docs: Vec<Value> = (0..20_000).map(|i| serde_json::json!({"id": format!("d{i}"), "source": "s"})).collect();
+        let docs: Vec<Value> = (0..20_000)
+            .map(|i| serde_json::json!({"id": format!("d{i}"), "source": "s"}))
+            .collect();
         let kept = docs.iter().filter(|d| doc_uniform(d, 7, 1) < 0.25).count();
         // binomial(20000, 0.25): sd ~61, six sigma
         assert!((kept as i64 - 5000).abs() < 370, "{kept}");
@@ -877,8 +980,12 @@ mod tests {
         assert_eq!(kept, again);
         let other_seed = docs.iter().filter(|d| doc_uniform(d, 8, 1) < 0.25).count();
         assert_ne!(
-            docs.iter().map(|d| doc_uniform(d, 7, 1) < 0.25).collect::<Vec<_>>(),
-            docs.iter().map(|d| doc_uniform(d, 8, 1) < 0.25).collect::<Vec<_>>()
+            docs.iter()
+                .map(|d| doc_uniform(d, 7, 1) < 0.25)
+                .collect::<Vec<_>>(),
+            docs.iter()
+                .map(|d| doc_uniform(d, 8, 1) < 0.25)
+                .collect::<Vec<_>>()
         );
         assert!((other_seed as i64 - 5000).abs() < 370);
     }

@@ -71,17 +71,36 @@ impl SelectorSpec {
 }
 
 fn compile_jq(code: &str) -> Result<JqFilter> {
-    let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs());
-    let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+    let defs = jaq_core::defs()
+        .chain(jaq_std::defs())
+        .chain(jaq_json::defs());
+    let funs = jaq_core::funs()
+        .chain(jaq_std::funs())
+        .chain(jaq_json::funs());
     let loader = Loader::new(defs);
     let arena = Arena::default();
     let modules = loader
         .load(&arena, File { code, path: () })
-        .map_err(|errs| anyhow!("invalid jq filter `{code}`: cannot parse it ({} error(s): {:?})", errs.len(), errs.iter().map(|e| format!("{:?}", e.1)).collect::<Vec<_>>()))?;
+        .map_err(|errs| {
+            anyhow!(
+                "invalid jq filter `{code}`: cannot parse it ({} error(s): {:?})",
+                errs.len(),
+                errs.iter()
+                    .map(|e| format!("{:?}", e.1))
+                    .collect::<Vec<_>>()
+            )
+        })?;
     Compiler::default()
         .with_funs(funs)
         .compile(modules)
-        .map_err(|errs| anyhow!("invalid jq filter `{code}`: cannot compile it ({:?})", errs.iter().map(|e| format!("{:?}", e.1)).collect::<Vec<_>>()))
+        .map_err(|errs| {
+            anyhow!(
+                "invalid jq filter `{code}`: cannot compile it ({:?})",
+                errs.iter()
+                    .map(|e| format!("{:?}", e.1))
+                    .collect::<Vec<_>>()
+            )
+        })
 }
 
 /// A document converted once for jq, reused by every jq selector.
@@ -104,7 +123,7 @@ fn truthy(v: &Val) -> bool {
         Val::Num(n) => match n {
             jaq_json::Num::Int(i) => *i != 0,
             jaq_json::Num::Float(f) => *f != 0.0,
-            jaq_json::Num::Dec(s) => s.parse::<f64>().map_or(true, |f| f != 0.0),
+            jaq_json::Num::Dec(s) => s.parse::<f64>().is_ok_and(|f| f != 0.0) || s.parse::<f64>().is_err(),
             _ => true,
         },
         Val::TStr(s) | Val::BStr(s) => !s.is_empty(),
@@ -133,7 +152,11 @@ impl Selector {
     /// Whether the selector "matches" the document (see the module docs).
     pub fn matches(&self, doc: &Value, jq: &mut Option<JqInput>) -> Result<Match> {
         match self {
-            Selector::JsonPath(p) => Ok(if p.find(doc).is_null() { Match::No } else { Match::Yes }),
+            Selector::JsonPath(p) => Ok(if p.find(doc).is_null() {
+                Match::No
+            } else {
+                Match::Yes
+            }),
             Selector::Jq(f) => {
                 let input = match jq {
                     Some(i) => i,
@@ -169,7 +192,10 @@ impl Selector {
                 };
                 let vals = jq_values(f, input).map_err(|e| anyhow!("jq selector failed: {e}"))?;
                 vals.into_iter()
-                    .map(|v| serde_json::from_str(&v.to_string()).map_err(|e| anyhow!("jq output is not JSON: {e}")))
+                    .map(|v| {
+                        serde_json::from_str(&v.to_string())
+                            .map_err(|e| anyhow!("jq output is not JSON: {e}"))
+                    })
                     .collect()
             }
         }
@@ -190,12 +216,28 @@ mod tests {
     #[test]
     fn jsonpath_filters_apply_to_the_attributes_object_as_dolma_does() {
         let doc = json!({"attributes": {"x": [[0, 10, 0.3]], "y": [[0, 10, 0.9]]}});
-        assert!(keep("$.attributes[?(@.x[0][2] < 0.5)]", Syntax::JsonPath, &doc));
-        assert!(!keep("$.attributes[?(@.y[0][2] < 0.5)]", Syntax::JsonPath, &doc));
+        assert!(keep(
+            "$.attributes[?(@.x[0][2] < 0.5)]",
+            Syntax::JsonPath,
+            &doc
+        ));
+        assert!(!keep(
+            "$.attributes[?(@.y[0][2] < 0.5)]",
+            Syntax::JsonPath,
+            &doc
+        ));
         // dolma's guard form for possibly missing keys (#50)
         let guard = "$@.attributes[?(@.value1 && @.value1[0] && @.value1[0][2] >= 1.0)]";
-        assert!(keep(guard, Syntax::JsonPath, &json!({"attributes": {"value1": [[0, 30, 1.0]]}})));
-        assert!(!keep(guard, Syntax::JsonPath, &json!({"attributes": {"value1": [[0, 30, 0.5]]}})));
+        assert!(keep(
+            guard,
+            Syntax::JsonPath,
+            &json!({"attributes": {"value1": [[0, 30, 1.0]]}})
+        ));
+        assert!(!keep(
+            guard,
+            Syntax::JsonPath,
+            &json!({"attributes": {"value1": [[0, 30, 0.5]]}})
+        ));
         assert!(keep("$.id", Syntax::JsonPath, &json!({"id": "a"})));
         assert!(!keep("$.nope", Syntax::JsonPath, &json!({"id": "a"})));
         assert!(keep("$..foo", Syntax::JsonPath, &json!({"foo": "bar"})));
@@ -223,8 +265,14 @@ mod tests {
 
     #[test]
     fn jq_runtime_errors_are_reported_not_matched() {
-        let s = SelectorSpec::new(".text | keys", Syntax::Jq).unwrap().compile().unwrap();
-        assert!(matches!(s.matches(&json!({"text": "x"}), &mut None).unwrap(), Match::Error(_)));
+        let s = SelectorSpec::new(".text | keys", Syntax::Jq)
+            .unwrap()
+            .compile()
+            .unwrap();
+        assert!(matches!(
+            s.matches(&json!({"text": "x"}), &mut None).unwrap(),
+            Match::Error(_)
+        ));
     }
 
     #[test]
@@ -238,11 +286,26 @@ mod tests {
     #[test]
     fn values_for_span_replacement() {
         let doc = json!({"attributes": {"pii": [[0, 3, 1.0], [5, 6, 0.2]]}});
-        let s = SelectorSpec::new("$.attributes.pii", Syntax::JsonPath).unwrap().compile().unwrap();
-        assert_eq!(s.values(&doc, &mut None).unwrap(), vec![json!([[0, 3, 1.0], [5, 6, 0.2]])]);
-        let s = SelectorSpec::new(".attributes.pii", Syntax::Jq).unwrap().compile().unwrap();
-        assert_eq!(s.values(&doc, &mut None).unwrap(), vec![json!([[0, 3, 1.0], [5, 6, 0.2]])]);
-        let s = SelectorSpec::new("$.attributes.none", Syntax::JsonPath).unwrap().compile().unwrap();
+        let s = SelectorSpec::new("$.attributes.pii", Syntax::JsonPath)
+            .unwrap()
+            .compile()
+            .unwrap();
+        assert_eq!(
+            s.values(&doc, &mut None).unwrap(),
+            vec![json!([[0, 3, 1.0], [5, 6, 0.2]])]
+        );
+        let s = SelectorSpec::new(".attributes.pii", Syntax::Jq)
+            .unwrap()
+            .compile()
+            .unwrap();
+        assert_eq!(
+            s.values(&doc, &mut None).unwrap(),
+            vec![json!([[0, 3, 1.0], [5, 6, 0.2]])]
+        );
+        let s = SelectorSpec::new("$.attributes.none", Syntax::JsonPath)
+            .unwrap()
+            .compile()
+            .unwrap();
         assert!(s.values(&doc, &mut None).unwrap().is_empty());
     }
 }
