@@ -221,6 +221,11 @@ pub fn opt_one_or_many<'de, D: Deserializer<'de>>(
     one_or_many(d).map(Some)
 }
 
+/// A required string field that also accepts a number on the command line.
+pub fn string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    opt_string(d)?.ok_or_else(|| serde::de::Error::custom("expected a string, got null"))
+}
+
 /// A string field that also accepts a number on the command line (`--experiment 2024`).
 pub fn opt_string<'de, D: Deserializer<'de>>(
     d: D,

@@ -10,3 +10,4 @@ pub mod parquet_input;
 pub mod runner;
 pub mod selector;
 pub mod tag;
+pub mod tokenize;

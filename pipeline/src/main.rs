@@ -13,7 +13,11 @@ Commands:
   list       list the available taggers
   dedupe     mark duplicate documents or paragraphs with a Bloom filter
   mix        filter documents on attributes, replace spans, sample, write shards
-  tokenize   (alias: tokens; not yet available)
+  tokenize   (alias: tokens) tokenize documents into uint16/uint32 shards for OLMo
+  tokens-info DIR [--tokenizer FILE] [--decode N]
+             token counts per file and source, and the first documents decoded
+  train-tokenizer
+             train a byte-level BPE tokenizer.json (--documents, --vocab_size, --output)
 
 Options:
   -c, --config FILE   YAML or JSON config with dolma's field names
@@ -103,8 +107,14 @@ fn run(args: Vec<String>) -> Result<()> {
         "dedupe" => dolma::dedupe::run(dolma::config::load(config.as_deref(), &rest, "dedupe")?),
         "mix" => dolma::mix::run(dolma::config::load(config.as_deref(), &rest, "mix")?),
         "tokenize" | "tokens" => {
-            bail!("`dolma {command}` is not implemented yet in this build")
+            dolma::tokenize::run(dolma::config::load(config.as_deref(), &rest, "tokenize")?)
         }
+        "tokens-info" => dolma::tokenize::info(&rest),
+        "train-tokenizer" => dolma::tokenize::train(dolma::config::load(
+            config.as_deref(),
+            &rest,
+            "train-tokenizer",
+        )?),
         other => bail!("unknown command `{other}`\n\n{USAGE}"),
     }
 }

@@ -123,7 +123,9 @@ fn truthy(v: &Val) -> bool {
         Val::Num(n) => match n {
             jaq_json::Num::Int(i) => *i != 0,
             jaq_json::Num::Float(f) => *f != 0.0,
-            jaq_json::Num::Dec(s) => s.parse::<f64>().is_ok_and(|f| f != 0.0) || s.parse::<f64>().is_err(),
+            jaq_json::Num::Dec(s) => {
+                s.parse::<f64>().is_ok_and(|f| f != 0.0) || s.parse::<f64>().is_err()
+            }
             _ => true,
         },
         Val::TStr(s) | Val::BStr(s) => !s.is_empty(),
