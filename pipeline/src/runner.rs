@@ -266,11 +266,13 @@ where
 {
     let start = Instant::now();
     let total = tasks.len();
-    let (todo, done): (Vec<Task>, Vec<Task>) = tasks.into_iter().partition(|t| {
-        opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists())
-    });
+    // Work functions get each task's index in `tasks`, also when earlier ones are skipped.
+    let (todo, done): (Vec<(usize, Task)>, Vec<(usize, Task)>) =
+        tasks.into_iter().enumerate().partition(|(_, t)| {
+            opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists())
+        });
     // Partial files left by a crash beside finished outputs are garbage: remove them.
-    for o in done.iter().flat_map(|t| &t.outputs) {
+    for o in done.iter().flat_map(|(_, t)| &t.outputs) {
         let tmp = crate::io::tmp_path(o);
         if tmp.exists() {
             std::fs::remove_file(&tmp)
@@ -282,7 +284,7 @@ where
     }
     let input_bytes: u64 = todo
         .iter()
-        .map(|t| std::fs::metadata(&t.input.path).map_or(0, |m| m.len()))
+        .map(|(_, t)| std::fs::metadata(&t.input.path).map_or(0, |m| m.len()))
         .sum();
 
     let bar = ProgressBar::new(todo.len() as u64);
@@ -323,8 +325,10 @@ where
             .map(|_| {
                 scope.spawn(|| loop {
                     let i = next_task.fetch_add(1, Ordering::Relaxed);
-                    let Some(task) = todo.get(i) else { break };
-                    match work(i, task, &progress) {
+                    let Some((index, task)) = todo.get(i) else {
+                        break;
+                    };
+                    match work(*index, task, &progress) {
                         Ok(s) => totals.lock().expect("totals lock").merge(s),
                         Err(e) => {
                             let msg = format!("{}: {e:#}", task.input.path.display());
