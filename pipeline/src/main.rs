@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 
+// glibc's malloc took a quarter of tokenization time (HF tokenizers allocates per word);
+// mimalloc is markedly faster for these many small, multi-threaded allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: dolma [-c CONFIG] <command> [--field value ...]
 
