@@ -267,10 +267,10 @@ where
     let start = Instant::now();
     let total = tasks.len();
     // Work functions get each task's index in `tasks`, also when earlier ones are skipped.
-    let (todo, done): (Vec<(usize, Task)>, Vec<(usize, Task)>) =
-        tasks.into_iter().enumerate().partition(|(_, t)| {
-            opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists())
-        });
+    type Indexed = Vec<(usize, Task)>;
+    let (todo, done): (Indexed, Indexed) = tasks.into_iter().enumerate().partition(|(_, t)| {
+        opts.ignore_existing || t.outputs.is_empty() || !t.outputs.iter().all(|o| o.exists())
+    });
     // Partial files left by a crash beside finished outputs are garbage: remove them.
     for o in done.iter().flat_map(|(_, t)| &t.outputs) {
         let tmp = crate::io::tmp_path(o);
