@@ -370,6 +370,142 @@ struct Reader {
     path: String,
 }
 
+#[derive(Deserialize)]
+struct StdDoc<'a> {
+    #[serde(borrow)]
+    id: &'a serde_json::value::RawValue,
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One batch of documents read round-robin from a ring of open files.
+struct Batch {
+    texts: Vec<String>,
+    meta: Vec<(String, String, u64)>,
+    docs: u64,
+    bad_lines: u64,
+    skipped_empty: u64,
+    text_bytes: u64,
+}
+
+/// dolma's ring: up to `ring_size` open files read round-robin, refilled as files end.
+struct Ring {
+    pending: VecDeque<Input>,
+    open: Vec<Reader>,
+    turn: usize,
+    max_line_bytes: usize,
+    skip_bad_lines: bool,
+}
+
+impl Ring {
+    fn fill(&mut self, size: usize) -> Result<()> {
+        while self.open.len() < size {
+            match self.pending.pop_front() {
+                Some(i) => self.open.push(Reader {
+                    lines: open_documents(&i.path, self.max_line_bytes)?,
+                    path: i.path.display().to_string(),
+                }),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The next batch, or `None` when every file is done.
+    fn read_batch(&mut self, s: &Settings) -> Result<Option<Batch>> {
+        let mut b = Batch {
+            texts: Vec::new(),
+            meta: Vec::new(),
+            docs: 0,
+            bad_lines: 0,
+            skipped_empty: 0,
+            text_bytes: 0,
+        };
+        while b.texts.len() < s.batch_size && !self.open.is_empty() {
+            let j = self.turn % self.open.len();
+            self.turn += 1;
+            let r = &mut self.open[j];
+            let (line, loc) = match r.lines.next_line()? {
+                Some(Line::Text(t, n)) => (t.to_string(), n),
+                Some(Line::Bad(e)) => {
+                    if !self.skip_bad_lines {
+                        return Err(e.into());
+                    }
+                    b.bad_lines += 1;
+                    tracing::warn!("skipping bad line {e}");
+                    continue;
+                }
+                None => {
+                    self.open.remove(j);
+                    let size = self.open.len() + 1;
+                    self.fill(size)?;
+                    continue;
+                }
+            };
+            let parsed = if s.text_field == "text" && s.id_field.as_deref() == Some("id") {
+                // The usual layout: parse only `id` and `text`, borrowed (much faster than a tree).
+                serde_json::from_str::<StdDoc>(&line).map(|d| {
+                    let id = match serde_json::from_str::<Value>(d.id.get()) {
+                        Ok(Value::String(x)) => Some(x),
+                        Ok(Value::Number(n)) => Some(n.to_string()),
+                        _ => None,
+                    };
+                    (d.text.map(|t| t.into_owned()), id, true)
+                })
+            } else {
+                serde_json::from_str::<Value>(&line).map(|doc| {
+                    let text = doc
+                        .get(&s.text_field)
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    let id = match s.id_field.as_ref().map(|f| doc.get(f)) {
+                        Some(Some(Value::String(x))) => Some(x.clone()),
+                        Some(Some(Value::Number(n))) => Some(n.to_string()),
+                        _ => None,
+                    };
+                    (text, id, false)
+                })
+            };
+            let (text, id) = match parsed {
+                Ok((Some(text), id, _)) => (text, id),
+                Ok((None, _, _)) | Err(_) => {
+                    let problem = match serde_json::from_str::<Value>(&line) {
+                        Err(e) => format!("malformed JSON: {e}"),
+                        Ok(doc) => match doc.get(&s.text_field) {
+                            None => format!("missing field `{}`", s.text_field),
+                            Some(Value::String(_)) => "missing or invalid field `id`".to_string(),
+                            Some(v) => {
+                                format!("field `{}` must be a string, got {v}", s.text_field)
+                            }
+                        },
+                    };
+                    if self.skip_bad_lines {
+                        b.bad_lines += 1;
+                        tracing::warn!("skipping bad line {}:{loc}: {problem}", r.path);
+                        continue;
+                    }
+                    bail!("{}:{loc}: {problem}", r.path);
+                }
+            };
+            let id = match (&s.id_field, id) {
+                (None, _) => format!("{}-{loc}", sha256_hex(r.path.as_bytes())),
+                (Some(_), Some(id)) => id,
+                (Some(f), None) => bail!("{}:{loc}: missing or invalid id field `{f}`", r.path),
+            };
+            b.docs += 1;
+            b.text_bytes += text.len() as u64;
+            let stripped = dolma_taggers::text::py_strip(&text);
+            if stripped.is_empty() {
+                b.skipped_empty += 1;
+                continue;
+            }
+            b.texts.push(stripped.to_string());
+            b.meta.push((id, r.path.clone(), loc));
+        }
+        Ok((b.docs > 0 || b.bad_lines > 0).then_some(b))
+    }
+}
+
 fn process_group(
     s: &Settings,
     group: usize,
@@ -396,98 +532,33 @@ fn process_group(
         ..Default::default()
     };
     let mut stats = FileStats::default();
-    let mut pending_files: VecDeque<&Input> = inputs.iter().collect();
-    let mut ring: Vec<Reader> = Vec::new();
-    let open = |i: &Input| -> Result<Reader> {
-        Ok(Reader {
-            lines: open_documents(&i.path, opts.max_line_bytes)?,
-            path: i.path.display().to_string(),
-        })
+    let mut ring = Ring {
+        pending: inputs.iter().cloned().collect(),
+        open: Vec::new(),
+        turn: 0,
+        max_line_bytes: opts.max_line_bytes,
+        skip_bad_lines: opts.skip_bad_lines,
     };
-    while ring.len() < s.ring_size {
-        match pending_files.pop_front() {
-            Some(i) => ring.push(open(i)?),
-            None => break,
-        }
-    }
+    ring.fill(s.ring_size)?;
     let mut part_n = 0usize;
     let mut current: Option<PartWriter> = None;
-    let mut turn = 0usize;
-    while !ring.is_empty() {
-        // Collect a batch round-robin over the ring, refilling it as files end.
-        let mut texts: Vec<String> = Vec::new();
-        let mut meta: Vec<(String, String, u64)> = Vec::new();
-        let mut text_bytes = 0u64;
-        while texts.len() < s.batch_size && !ring.is_empty() {
-            let j = turn % ring.len();
-            turn += 1;
-            let r = &mut ring[j];
-            let (line, loc) = match r.lines.next_line()? {
-                Some(Line::Text(t, n)) => (t.to_string(), n),
-                Some(Line::Bad(e)) => {
-                    if !opts.skip_bad_lines {
-                        return Err(e.into());
-                    }
-                    stats.bad_lines += 1;
-                    tracing::warn!("skipping bad line {e}");
-                    continue;
-                }
-                None => {
-                    ring.remove(j);
-                    if let Some(i) = pending_files.pop_front() {
-                        ring.push(open(i)?);
-                    }
-                    continue;
-                }
-            };
-            let doc: Value = match serde_json::from_str(&line) {
-                Ok(v) => v,
-                Err(e) if opts.skip_bad_lines => {
-                    stats.bad_lines += 1;
-                    tracing::warn!("skipping bad line {}:{loc}: malformed JSON: {e}", r.path);
-                    continue;
-                }
-                Err(e) => bail!("{}:{loc}: malformed JSON: {e}", r.path),
-            };
-            let text = match doc.get(&s.text_field) {
-                Some(Value::String(t)) => t,
-                other => {
-                    let problem = match other {
-                        None => format!("missing field `{}`", s.text_field),
-                        Some(v) => format!("field `{}` must be a string, got {v}", s.text_field),
-                    };
-                    if opts.skip_bad_lines {
-                        stats.bad_lines += 1;
-                        tracing::warn!("skipping bad line {}:{loc}: {problem}", r.path);
-                        continue;
-                    }
-                    bail!("{}:{loc}: {problem}", r.path);
-                }
-            };
-            let id = match &s.id_field {
-                None => format!("{}-{loc}", sha256_hex(r.path.as_bytes())),
-                Some(f) => match doc.get(f) {
-                    Some(Value::String(x)) => x.clone(),
-                    Some(Value::Number(n)) => n.to_string(),
-                    _ => bail!("{}:{loc}: missing or invalid id field `{f}`", r.path),
-                },
-            };
-            stats.docs += 1;
-            text_bytes += text.len() as u64;
-            let stripped = dolma_taggers::text::py_strip(text);
-            if stripped.is_empty() {
-                marker.skipped_empty += 1;
-                continue;
-            }
-            texts.push(stripped.to_string());
-            meta.push((id, r.path.clone(), loc));
-        }
-        stats.text_bytes += text_bytes;
-        progress.add(meta.len() as u64, text_bytes);
-        if texts.is_empty() {
-            continue;
-        }
-        let encoded = s.encode_batch(texts)?;
+    // Read the next batch while the current one is encoded: decompression and JSON parsing
+    // overlap with the tokenizer instead of leaving cores idle between batches.
+    let mut next = ring.read_batch(s)?;
+    while let Some(batch) = next.take() {
+        stats.docs += batch.docs;
+        stats.bad_lines += batch.bad_lines;
+        stats.text_bytes += batch.text_bytes;
+        marker.skipped_empty += batch.skipped_empty;
+        progress.add(batch.docs, batch.text_bytes);
+        let (encoded, following) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| ring.read_batch(s));
+            let encoded = s.encode_batch(batch.texts);
+            (encoded, reader.join().expect("reader thread panicked"))
+        });
+        next = following?;
+        let encoded = encoded?;
+        let meta = batch.meta;
         let mut docs: Vec<Tokenized> = encoded
             .into_iter()
             .zip(meta)
