@@ -10,6 +10,9 @@ cp -r tests/data/sample/documents out/sample/
 $DOLMA -c mixes/sample-tag.yaml tag
 $DOLMA -c mixes/sample-dedupe.yaml dedupe
 $DOLMA -c mixes/sample-mix.yaml mix
+# A small byte-level BPE vocabulary trained on the mix itself (tiny models train faster on it).
+[ -f out/sample/tokenizer.json ] || $DOLMA train-tokenizer --documents 'out/sample/mixed/*.jsonl.gz' \
+  --vocab_size 4096 --output out/sample/tokenizer.json
 $DOLMA -c mixes/sample-tokenize.yaml tokenize
-$DOLMA tokens-info out/sample/tokens --tokenizer tests/data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json --decode 1
+$DOLMA tokens-info out/sample/tokens --tokenizer out/sample/tokenizer.json --decode 1
 echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens"
