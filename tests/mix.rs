@@ -334,3 +334,61 @@ fn missing_attributes_are_reported_and_mismatched_ids_are_errors() {
         stderr(&o)
     );
 }
+
+#[test]
+fn selector_replacements_and_curly_placeholder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("documents/s/a.jsonl.gz");
+    let attrs = tmp.path().join("attributes/pii/s/a.jsonl.gz");
+    for (path, lines) in [
+        (
+            &docs,
+            vec![serde_json::json!({"id": "1", "source": "web", "text": "mail bob@x.org now"})],
+        ),
+        (
+            &attrs,
+            vec![
+                serde_json::json!({"id": "1", "attributes": {"email": [[5, 14, 1.0]], "low": [[0, 4, 0.1]]}}),
+            ],
+        ),
+    ] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut e = flate2::write::GzEncoder::new(
+            std::fs::File::create(path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        for l in lines {
+            writeln!(e, "{l}").unwrap();
+        }
+        e.finish().unwrap();
+    }
+    for (syntax, span, replacement, expected) in [
+        ("jsonpath", "$.attributes.email", "$.source", "mail web now"),
+        ("jq", ".attributes.email", "$.source", "mail web now"),
+        (
+            "jsonpath",
+            "$.attributes.email",
+            "<{}>",
+            "mail <bob@x.org> now",
+        ),
+    ] {
+        let out = tmp
+            .path()
+            .join(format!("out-{syntax}-{}", replacement.len()));
+        let cfg = write_cfg(
+            tmp.path(),
+            &format!(
+                "streams:\n  - name: s\n    documents: ['{}/documents/*/*.gz']\n    attributes: [pii]\n    output:\n      path: {}\n\
+                 \x20   span_replacement:\n      - span: '{span}'\n        syntax: {syntax}\n        replacement: '{replacement}'\n\
+                 \x20       min_score: 0.5\n      - span: '{}'\n        syntax: {syntax}\n        replacement: 'X'\n        min_score: 0.5\n",
+                tmp.path().display(),
+                out.display(),
+                if syntax == "jq" { ".attributes.low" } else { "$.attributes.low" }
+            ),
+        );
+        let o = dolma(&["-c", &cfg, "mix", "--no-progress"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        // the low-score span (0.1 < min_score) is left alone
+        assert_eq!(docs_in(&out)[0]["text"], expected, "{syntax} {replacement}");
+    }
+}
