@@ -1,42 +1,18 @@
 //! End-to-end tests of `dolma tokenize`, `tokens-info` and `train-tokenizer`.
 
+mod common;
+
+use common::*;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn dolma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dolma"))
-        .args(args)
-        .output()
-        .expect("run dolma")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::path::Path;
+use std::process::Output;
 
 fn neox() -> String {
     repo()
         .join("tests/data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json")
         .display()
         .to_string()
-}
-
-fn gunzip(path: &Path) -> String {
-    let mut s = String::new();
-    std::io::Read::read_to_string(
-        &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap()),
-        &mut s,
-    )
-    .unwrap();
-    s
 }
 
 /// (id, file name of src, loc) -> tokens, read through the csv index.
