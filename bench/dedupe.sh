@@ -9,6 +9,7 @@
 # Prints docs/s, MB/s and peak RSS of both, and the filter's size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 ROOT=$(pwd)
 CORPUS=${1:-../shared/corpus/documents}
 PROCS=${2:-2}
@@ -23,18 +24,7 @@ mkdir -p "$WORK/ours" "$WORK/ref"
 cp -r "$CORPUS" "$WORK/ours/documents"
 cp -r "$CORPUS" "$WORK/ref/documents"
 sync  # let the copies reach the disk before timing anything
-read -r DOCS BYTES < <(python3 - "$CORPUS" <<'PY'
-import gzip, json, os, sys
-d = b = 0
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        with gzip.open(os.path.join(root, f), "rt", encoding="utf-8") as fh:
-            for line in fh:
-                d += 1
-                b += len(json.loads(line)["text"].encode("utf-8"))
-print(d, b)
-PY
-)
+read -r DOCS BYTES < <(corpus_stats "$CORPUS")
 echo "corpus: $CORPUS: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS threads; work dir $WORK"
 ARGS=(--dedupe.name para_dedupe --dedupe.paragraphs.attribute_name bff_duplicate_paragraph_spans
       --bloom_filter.estimated_doc_count 10000000 --bloom_filter.desired_false_positive_rate 1e-6
@@ -51,12 +41,7 @@ python3 -c "print(f'ours:  {$OURS:7.2f} s  {$DOCS/$OURS:9.0f} docs/s  {$BYTES/1e
 if [ "${SKIP_REFERENCE:-0}" = 1 ]; then
   exit 0
 fi
-VENV=${DOLMA_VENV:-bench/.venv-dolma}
-if [ ! -x "$VENV/bin/dolma" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q dolma==1.2.1 boto3==1.26.76
-fi
-VENV=$(cd "$VENV" && pwd)
+VENV=$(reference_dolma)
 (cd "$WORK/ref" && /usr/bin/time -f "%e %M" -o "$WORK/ref.time" "$VENV/bin/dolma" dedupe \
   --documents "$WORK/ref/documents/*/*.gz" "${ARGS[@]}" --bloom_filter.file "$WORK/ref/filter.bin" \
   --no-bloom_filter.read_only >"$WORK/ref.log" 2>&1) || { tail -20 "$WORK/ref.log"; exit 1; }

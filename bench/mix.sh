@@ -11,6 +11,7 @@
 # The reference runs from $DOLMA_VENV (default bench/.venv-dolma); SKIP_REFERENCE=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 ROOT=$(cd "${1:?usage: bench/mix.sh ROOT [PROCESSES]}" && pwd)
 PROCS=${2:-2}
 WORK=$(mktemp -d /tmp/dolma-bench-mix.XXXXXX)
@@ -41,18 +42,7 @@ YAML
 }
 config "$WORK/ours" > "$WORK/ours.yaml"
 config "$WORK/ref" > "$WORK/ref.yaml"
-read -r DOCS BYTES < <(python3 - "$ROOT/documents" <<'PY'
-import gzip, json, os, sys
-d = b = 0
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        with gzip.open(os.path.join(root, f), "rt", encoding="utf-8") as fh:
-            for line in fh:
-                d += 1
-                b += len(json.loads(line)["text"].encode("utf-8"))
-print(d, b)
-PY
-)
+read -r DOCS BYTES < <(corpus_stats "$ROOT/documents")
 echo "input: $ROOT: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS threads; work dir $WORK"
 cargo build --release -q -p dolma
 sync
@@ -65,12 +55,7 @@ python3 -c "print(f'ours:  {$OURS:7.2f} s  {$DOCS/$OURS:9.0f} docs/s  {$BYTES/1e
 if [ "${SKIP_REFERENCE:-0}" = 1 ]; then
   exit 0
 fi
-VENV=${DOLMA_VENV:-bench/.venv-dolma}
-if [ ! -x "$VENV/bin/dolma" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q dolma==1.2.1 boto3==1.26.76
-fi
-VENV=$(cd "$VENV" && pwd)
+VENV=$(reference_dolma)
 start=$(date +%s.%N)
 "$VENV/bin/dolma" -c "$WORK/ref.yaml" mix >"$WORK/ref.log" 2>&1 || { tail -20 "$WORK/ref.log"; exit 1; }
 end=$(date +%s.%N)

@@ -12,6 +12,7 @@
 # produced the same attributes (bench/compare_attributes.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 ROOT=$(pwd)
 CORPUS=${1:-../shared/corpus/documents}
 PROCS=${2:-2}
@@ -29,18 +30,7 @@ mkdir -p "$WORK/ours" "$WORK/ref"
 cp -r "$CORPUS" "$WORK/ours/documents"
 cp -r "$CORPUS" "$WORK/ref/documents"
 sync  # let the copies reach the disk before timing anything
-read -r DOCS BYTES < <(python3 - "$CORPUS" <<'EOF'
-import gzip, json, os, sys
-d = b = 0
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        with gzip.open(os.path.join(root, f), "rt", encoding="utf-8") as fh:
-            for line in fh:
-                d += 1
-                b += len(json.loads(line)["text"].encode("utf-8"))
-print(d, b)
-EOF
-)
+read -r DOCS BYTES < <(corpus_stats "$CORPUS")
 echo "work directory: $WORK"
 echo "corpus: $CORPUS: $DOCS docs, $((BYTES / 1000000)) MB of text; $PROCS processes"
 
@@ -56,12 +46,7 @@ python3 -c "print(f'ours:  {$OURS:8.1f} s  {$DOCS/$OURS:10.0f} docs/s  {$BYTES/1
 if [ "${SKIP_REFERENCE:-0}" = 1 ]; then
   exit 0
 fi
-VENV=${DOLMA_VENV:-bench/.venv-dolma}
-if [ ! -x "$VENV/bin/dolma" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q dolma==1.2.1 boto3==1.26.76
-fi
-VENV=$(cd "$VENV" && pwd)
+VENV=$(reference_dolma)
 # dolma looks for lid.176 in its cache under the sha256 of the download URL.
 export XDG_CACHE_HOME="$WORK/cache"
 H=$(python3 -c "import hashlib;print(hashlib.sha256(b'https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin').hexdigest())")

@@ -7,6 +7,7 @@
 #   bench/tokenize.sh [CORPUS_DOCUMENTS_DIR] [PROCESSES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 CORPUS=${1:-../shared/corpus/documents}
 PROCS=${2:-2}
 if [ ! -d "$CORPUS" ]; then
@@ -43,12 +44,7 @@ python3 -c "print(f'ours / raw encode_batch: {($TOKENS/$OURS)/$CEIL:.2f}')"
 if [ "${SKIP_REFERENCE:-0}" = 1 ]; then
   exit 0
 fi
-VENV=${DOLMA_VENV:-bench/.venv-dolma}
-if [ ! -x "$VENV/bin/dolma" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q dolma==1.2.1 boto3==1.26.76
-fi
-VENV=$(cd "$VENV" && pwd)
+VENV=$(reference_dolma)
 start=$(date +%s.%N)
 "$VENV/bin/dolma" tokens --documents "$CORPUS/*/*.gz" --destination "$WORK/ref" "${ARGS[@]}" >"$WORK/ref.log" 2>&1 \
   || { tail -20 "$WORK/ref.log"; exit 1; }

@@ -845,17 +845,13 @@ pub fn run(cfg: DedupeRunConfig) -> Result<()> {
         return Ok(());
     }
 
-    let opts = RunOptions {
-        processes: cfg
-            .processes
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        ignore_existing: true,
-        skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg
-            .max_line_bytes
-            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
-        show_progress: cfg.progress,
-    };
+    let opts = RunOptions::new(
+        cfg.processes,
+        true,
+        cfg.skip_bad_lines,
+        cfg.max_line_bytes,
+        cfg.progress,
+    );
     let sequencer = Sequencer::default();
     let ordered = d.ordered.unwrap_or(true);
     let names: Vec<(String, u64)> = tasks

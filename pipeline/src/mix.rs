@@ -805,17 +805,13 @@ pub fn run(cfg: MixConfig) -> Result<()> {
             .with_context(|| format!("cannot create {}", s.path.display()))?;
     }
 
-    let opts = RunOptions {
-        processes: cfg
-            .processes
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        ignore_existing: false,
-        skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg
-            .max_line_bytes
-            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
-        show_progress: cfg.progress,
-    };
+    let opts = RunOptions::new(
+        cfg.processes,
+        false,
+        cfg.skip_bad_lines,
+        cfg.max_line_bytes,
+        cfg.progress,
+    );
     // The runner works on tasks with outputs: a group's output is its done-marker.
     let tasks: Vec<Task> = groups
         .iter()

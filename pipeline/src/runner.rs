@@ -160,6 +160,26 @@ pub struct RunOptions {
     pub show_progress: bool,
 }
 
+impl RunOptions {
+    /// From the fields every stage's config has; `processes` defaults to all cores.
+    pub fn new(
+        processes: Option<usize>,
+        ignore_existing: bool,
+        skip_bad_lines: bool,
+        max_line_bytes: Option<usize>,
+        show_progress: bool,
+    ) -> RunOptions {
+        RunOptions {
+            processes: processes
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            ignore_existing,
+            skip_bad_lines,
+            max_line_bytes: max_line_bytes.unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
+            show_progress,
+        }
+    }
+}
+
 /// Counters a file's processing reports.
 #[derive(Debug, Default, Clone)]
 pub struct FileStats {

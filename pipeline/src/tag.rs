@@ -446,17 +446,13 @@ pub fn run(cfg: TagConfig) -> Result<()> {
         return Ok(());
     }
 
-    let opts = RunOptions {
-        processes: cfg
-            .processes
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        ignore_existing: cfg.ignore_existing,
-        skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg
-            .max_line_bytes
-            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
-        show_progress: cfg.progress,
-    };
+    let opts = RunOptions::new(
+        cfg.processes,
+        cfg.ignore_existing,
+        cfg.skip_bad_lines,
+        cfg.max_line_bytes,
+        cfg.progress,
+    );
     let summary = runner::run("tag", tasks, &opts, |_, task, progress| {
         tag_file(task, &groups, &opts, progress)
     })?;

@@ -755,17 +755,13 @@ pub fn run(cfg: TokenizeConfig) -> Result<()> {
             outputs: vec![marker(g)],
         })
         .collect();
-    let opts = RunOptions {
-        processes: cfg
-            .processes
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        ignore_existing: false,
-        skip_bad_lines: cfg.skip_bad_lines,
-        max_line_bytes: cfg
-            .max_line_bytes
-            .unwrap_or(crate::io::DEFAULT_MAX_LINE_BYTES),
-        show_progress: cfg.progress,
-    };
+    let opts = RunOptions::new(
+        cfg.processes,
+        false,
+        cfg.skip_bad_lines,
+        cfg.max_line_bytes,
+        cfg.progress,
+    );
     let summary = runner::run("tokenize", tasks, &opts, |g, task, progress| {
         let (m, stats) = process_group(&settings, g, &groups[g], &opts, progress)?;
         let mut w = AtomicWriter::create(&task.outputs[0])?;

@@ -1,0 +1,33 @@
+# Shared by the bench/*.sh scripts (sourced, not run).
+
+# corpus_stats DIR: prints "<documents> <bytes of text>" over DIR's *.gz JSON lines.
+corpus_stats() {
+  python3 - "$1" <<'PY'
+import gzip, json, os, sys
+d = b = 0
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        if f.endswith(".gz"):
+            with gzip.open(os.path.join(root, f), "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    d += 1
+                    b += len(json.loads(line)["text"].encode("utf-8"))
+print(d, b)
+PY
+}
+
+# reference_dolma: echoes the path of dolma 1.2.1's venv ($DOLMA_VENV, default
+# bench/.venv-dolma), creating it with pip when missing.
+reference_dolma() {
+  local venv=${DOLMA_VENV:-bench/.venv-dolma}
+  if [ ! -x "$venv/bin/dolma" ]; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q dolma==1.2.1 boto3==1.26.76 >&2
+  fi
+  (cd "$venv" && pwd)
+}
+
+# seconds_since START: elapsed seconds (float) since a `date +%s.%N` stamp.
+seconds_since() {
+  python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$1"
+}
