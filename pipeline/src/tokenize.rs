@@ -782,7 +782,7 @@ pub fn run(cfg: TokenizeConfig) -> Result<()> {
     }
     let secs = summary.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
-        "tokenize: {} groups done, {} already done; {} docs ({} bad lines skipped) in {:.1}s: {:.0} docs/s, {:.0} tokens/s; \
+        "tokenize: {} groups done, {} already done; {} docs ({} bad lines skipped) in {:.1}s: {:.0} docs/s, {:.1} MB/s of text, {:.0} tokens/s; \
          output: {total_docs} docs, {total_tokens} tokens ({}) in {files} files under {}",
         summary.files_done,
         summary.files_skipped,
@@ -790,6 +790,7 @@ pub fn run(cfg: TokenizeConfig) -> Result<()> {
         summary.stats.bad_lines,
         secs,
         summary.stats.docs as f64 / secs,
+        summary.mb_per_sec(),
         summary.stats.counters.get("tokens").copied().unwrap_or(0) as f64 / secs,
         settings.dtype.name(),
         settings.destination.display()
