@@ -649,6 +649,9 @@ pub fn run(cfg: TokenizeConfig) -> Result<()> {
         ),
         (None, None) => bail!("set `tokenizer.name_or_path` (a tokenizer.json file)"),
     };
+    if cfg.sample_ring_prop == Some(true) {
+        tracing::warn!("sample_ring_prop is not supported: files in the ring are read round-robin");
+    }
     let tokenizer = load_tokenizer(&tcfg.name_or_path)?;
     let vocab = tokenizer.get_vocab_size(true) as u64;
     let (bos, mut eos) = (tcfg.bos_token_id, tcfg.eos_token_id);
