@@ -268,6 +268,31 @@ mod tests {
     }
 
     #[test]
+    fn v2_skips_empty_lines() {
+        let text = "- a b\n\n\n- c d";
+        let run = |ignore_empty_lines| -> HashMap<String, f64> {
+            let doc = Document::new("d", text);
+            let mut out = Vec::new();
+            Gopher { ignore_empty_lines }.predict(&doc, &mut out);
+            out.into_iter()
+                .map(|s| (s.kind.to_string(), s.score))
+                .collect()
+        };
+        // v1 sees 4 lines (two empty), v2 two: both start with a bullet
+        assert_eq!(
+            run(false)["fraction_of_lines_starting_with_bullet_point"],
+            0.5
+        );
+        assert_eq!(
+            run(true)["fraction_of_lines_starting_with_bullet_point"],
+            1.0
+        );
+        // v1 counts the two empty lines as duplicates
+        assert_eq!(run(false)["fraction_of_duplicate_lines"], 0.5);
+        assert_eq!(run(true)["fraction_of_duplicate_lines"], 0.0);
+    }
+
+    #[test]
     fn newline_runs() {
         assert_eq!(split_on_newline_runs("a\n\n\nb\n"), vec!["a", "b", ""]);
     }

@@ -136,6 +136,14 @@ mod tests {
     }
 
     #[test]
+    fn bytes_length_counts_utf8_bytes() {
+        assert_eq!(
+            run(&BytesLength, "héllo"),
+            vec![Span::new(0, 5, "bytes", 6.0)]
+        );
+    }
+
+    #[test]
     fn uniseg_counts_words_per_paragraph() {
         let s = run(&UnisegLengthParagraphs, "Hello there, friend.\n\nBye");
         assert_eq!(s[0], Span::new(0, 21, "paragraph", 5.0));

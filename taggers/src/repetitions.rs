@@ -217,6 +217,33 @@ mod tests {
     }
 
     #[test]
+    fn paragraph_mode_does_not_cross_newlines() {
+        // "ab\nab\nab\nab" repeats across lines (\s? matches the newline) in document mode only
+        let doc = Document::new("d", "ab\nab\nab\nab");
+        let mut out = Vec::new();
+        Repetitions {
+            per_paragraph: false,
+        }
+        .predict(&doc, &mut out);
+        assert_eq!(out[0], Span::new(0, 11, "repetition", 4.0));
+        let mut out = Vec::new();
+        Repetitions {
+            per_paragraph: true,
+        }
+        .predict(&doc, &mut out);
+        assert_eq!(out.len(), 3, "only the stats: {out:?}");
+        assert_eq!(out[0].score, 0.0);
+        // offsets are shifted to the paragraph's position
+        let doc = Document::new("d", "x\nzzzz");
+        let mut out = Vec::new();
+        Repetitions {
+            per_paragraph: true,
+        }
+        .predict(&doc, &mut out);
+        assert_eq!(out[0], Span::new(2, 6, "repetition", 4.0));
+    }
+
+    #[test]
     fn tagger_emits_stats() {
         let doc = Document::new("d", "zzzzzz and text");
         let mut out = Vec::new();
