@@ -433,13 +433,260 @@ fn open_part(s: &Stream, group: usize, part: usize) -> Result<AtomicWriter> {
     AtomicWriter::create(&s.path.join(part_name(s, group, part)))
 }
 
+/// What one document turned into.
+#[derive(Default)]
+struct DocOutcome {
+    /// The JSON line to write (without newline) and how many copies, or the removal reason.
+    line: Option<(Vec<u8>, u64)>,
+    removed: Option<String>,
+    spans_replaced: u64,
+    jq_errors: u64,
+    text_bytes: u64,
+    attribute_names: Vec<String>,
+}
+
+/// Documents are read in order (attribute files in step), processed in parallel in batches of
+/// this many, and written in order: the output does not depend on the thread count.
+const MIX_BATCH: usize = 1024;
+
+/// Reads up to `MIX_BATCH` documents with their attribute lines; also says whether the file
+/// ended and how many bad lines were skipped.
+fn read_batch(
+    reader: &mut LineReader,
+    attr_readers: &mut [(PathBuf, LineReader)],
+    path: &str,
+    opts: &RunOptions,
+) -> Result<(Vec<RawDoc>, bool, u64)> {
+    let mut batch: Vec<RawDoc> = Vec::with_capacity(MIX_BATCH);
+    let mut bad = 0u64;
+    while batch.len() < MIX_BATCH {
+        let (line, line_no) = match reader.next_line()? {
+            None => return Ok((batch, true, bad)),
+            Some(Line::Text(t, n)) => (t.to_string(), n),
+            Some(Line::Bad(e)) => {
+                if !opts.skip_bad_lines {
+                    return Err(e.into());
+                }
+                bad += 1;
+                tracing::warn!("skipping bad line {e}");
+                for (_, r) in attr_readers.iter_mut() {
+                    let _ = r.next_line()?;
+                }
+                continue;
+            }
+        };
+        let mut attrs = Vec::with_capacity(attr_readers.len());
+        for (apath, r) in attr_readers.iter_mut() {
+            attrs.push(match r.next_line()? {
+                Some(Line::Text(t, _)) => t.to_string(),
+                Some(Line::Bad(e)) => bail!("{e}"),
+                None => bail!(
+                    "{}: ends before line {line_no} of {path} (attribute files must have one line per document)",
+                    apath.display()
+                ),
+            });
+        }
+        batch.push(RawDoc {
+            line_no,
+            line,
+            attrs,
+        });
+    }
+    Ok((batch, false, bad))
+}
+
+/// One document with its attribute lines, as read.
+struct RawDoc {
+    line_no: u64,
+    line: String,
+    attrs: Vec<String>,
+}
+
+fn process_doc(
+    s: &Stream,
+    compiled: &Compiled,
+    path: &str,
+    attr_paths: &[PathBuf],
+    file_name: &str,
+    raw: &RawDoc,
+) -> Result<DocOutcome> {
+    let line_no = raw.line_no;
+    let mut out = DocOutcome::default();
+    let mut doc: Value = match serde_json::from_str(&raw.line) {
+        Ok(Value::Object(m)) => Value::Object(m),
+        Ok(_) => bail!("{path}:{line_no}: a document must be a JSON object"),
+        Err(e) => bail!("{path}:{line_no}: malformed JSON: {e}"),
+    };
+    if !doc.get("text").is_some_and(Value::is_string) {
+        bail!("{path}:{line_no}: missing or non-string field `text`");
+    }
+    // 1. merge attributes
+    for (apath, aline) in attr_paths.iter().zip(&raw.attrs) {
+        let a: Value = serde_json::from_str(aline)
+            .map_err(|e| anyhow!("{}:{line_no}: malformed JSON: {e}", apath.display()))?;
+        if a.get("id") != doc.get("id") {
+            bail!(
+                "{}:{line_no}: id {} does not match the document's id {} at {path}:{line_no}",
+                apath.display(),
+                a.get("id").unwrap_or(&Value::Null),
+                doc.get("id").unwrap_or(&Value::Null)
+            );
+        }
+        let Some(Value::Object(attrs)) = a.get("attributes") else {
+            bail!("{}:{line_no}: no `attributes` object", apath.display());
+        };
+        let target = doc
+            .as_object_mut()
+            .expect("object")
+            .entry("attributes")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !target.is_object() {
+            *target = Value::Object(Map::new());
+        }
+        let target = target.as_object_mut().expect("object");
+        for (k, v) in attrs {
+            out.attribute_names.push(k.clone());
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    out.text_bytes = doc["text"].as_str().map_or(0, str::len) as u64;
+
+    // 2. filter
+    let mut jq: Option<JqInput> = None;
+    if !compiled.include.is_empty() {
+        let mut any = false;
+        for sel in &compiled.include {
+            match sel.matches(&doc, &mut jq)? {
+                Match::Yes => {
+                    any = true;
+                    break;
+                }
+                Match::No => {}
+                Match::Error(e) => {
+                    out.jq_errors += 1;
+                    tracing::debug!("{path}:{line_no}: jq error: {e}");
+                }
+            }
+        }
+        if !any {
+            out.removed = Some("not included".to_string());
+            return Ok(out);
+        }
+    }
+    for (i, sel) in compiled.exclude.iter().enumerate() {
+        match sel.matches(&doc, &mut jq)? {
+            Match::Yes => {
+                out.removed = Some(format!("exclude[{i}]: {}", s.exclude[i].code));
+                return Ok(out);
+            }
+            Match::No => {}
+            Match::Error(e) => {
+                out.jq_errors += 1;
+                tracing::debug!("{path}:{line_no}: jq error: {e}");
+            }
+        }
+    }
+
+    // 3. span replacement
+    if !compiled.replacements.is_empty() {
+        let mut spans: Vec<(usize, usize, String)> = Vec::new();
+        for ((sel, lo, hi, rsel), (_, _, _, rspec)) in
+            compiled.replacements.iter().zip(&s.replacements)
+        {
+            for v in sel
+                .values(&doc, &mut jq)
+                .with_context(|| format!("{path}:{line_no}"))?
+            {
+                let list: Vec<&Value> = match &v {
+                    Value::Null => continue,
+                    Value::Array(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
+                    Value::Array(a) if a.is_empty() => continue,
+                    Value::Array(_) => vec![&v],
+                    other => bail!("{path}:{line_no}: span selector gave {other}, not a list of [start, end, score]"),
+                };
+                for span in list {
+                    let (Some(st), Some(en), Some(score)) = (
+                        span.get(0).and_then(Value::as_f64),
+                        span.get(1).and_then(Value::as_f64),
+                        span.get(2).and_then(Value::as_f64),
+                    ) else {
+                        bail!("{path}:{line_no}: span {span} is not [start, end, score]");
+                    };
+                    if score >= *lo && score < *hi {
+                        let text = match (rsel, rspec) {
+                            (Some(r), _) => match r.values(&doc, &mut jq)?.into_iter().next() {
+                                Some(Value::String(s)) => s,
+                                Some(other) => other.to_string(),
+                                None => String::new(),
+                            },
+                            (None, Replacement::Text(t)) => t.clone(),
+                            (None, Replacement::Selector(_)) => {
+                                unreachable!("compiled with the spec")
+                            }
+                        };
+                        spans.push((st as usize, en as usize, text));
+                    }
+                }
+            }
+        }
+        if !spans.is_empty() {
+            out.spans_replaced = spans.len() as u64;
+            let new_text = replace_spans(doc["text"].as_str().expect("checked"), &mut spans);
+            doc["text"] = Value::String(new_text);
+        }
+    }
+
+    // 4. discard fields, 5. minimum length
+    let obj = doc.as_object_mut().expect("object");
+    for f in &s.discard {
+        obj.remove(f);
+    }
+    if obj
+        .get("text")
+        .and_then(Value::as_str)
+        .map_or(0, |t| t.trim().len())
+        < s.min_text_length
+    {
+        out.removed = Some("min_text_length".to_string());
+        return Ok(out);
+    }
+    // 6. sampling
+    if let Some(rate) = s.sample {
+        if doc_uniform(&doc, s.seed, 1) >= rate {
+            out.removed = Some("sample".to_string());
+            return Ok(out);
+        }
+    }
+    let copies = match s.upsample {
+        None => 1,
+        Some(u) => u.floor() as u64 + u64::from(doc_uniform(&doc, s.seed, 2) < u.fract()),
+    };
+    // 7. provenance
+    let meta = doc
+        .as_object_mut()
+        .expect("object")
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !meta.is_object() {
+        *meta = Value::Object(Map::new());
+    }
+    meta.as_object_mut().expect("object").insert(
+        "provenance".into(),
+        Value::String(format!("{file_name}:{line_no}")),
+    );
+    out.line = Some((serde_json::to_vec(&doc)?, copies));
+    Ok(out)
+}
+
 fn process_group(
     s: &Stream,
     t: &GroupTask,
     opts: &RunOptions,
     progress: &Progress,
 ) -> Result<(StreamReport, BTreeSet<String>, FileStats)> {
-    let compiled = compile(s)?;
+    use rayon::prelude::*;
+
+    compile(s)?;
     // Remove what a killed run left of this group.
     if let Ok(entries) = std::fs::read_dir(&s.path) {
         let prefix = format!("{}-{:04}-", s.name, t.group);
@@ -456,7 +703,6 @@ fn process_group(
     let mut stats = FileStats::default();
     let mut part = 0usize;
     let mut writer: Option<CountingWriter> = None;
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
 
     for input in &t.inputs {
         let mut reader = open_documents(&input.path, opts.max_line_bytes)?;
@@ -481,238 +727,74 @@ fn process_group(
                 Ok((p.clone(), LineReader::open(&p, opts.max_line_bytes)?))
             })
             .collect::<Result<_>>()?;
-        let mut pending = (0u64, 0u64);
-        loop {
-            let (line, line_no) = match reader.next_line()? {
-                None => break,
-                Some(Line::Text(t, n)) => (t.to_string(), n),
-                Some(Line::Bad(e)) => {
-                    if !opts.skip_bad_lines {
-                        return Err(e.into());
-                    }
-                    stats.bad_lines += 1;
-                    tracing::warn!("skipping bad line {e}");
-                    // keep attribute files in step
-                    for (_, r) in attr_readers.iter_mut() {
-                        let _ = r.next_line()?;
-                    }
+        let attr_paths: Vec<PathBuf> = attr_readers.iter().map(|(p, _)| p.clone()).collect();
+        // Read the next batch while the current one is processed and written.
+        let mut next = Some(read_batch(&mut reader, &mut attr_readers, &path, opts)?);
+        while let Some((batch, done, bad_lines)) = next.take() {
+            stats.bad_lines += bad_lines;
+            let (outcomes, following) = std::thread::scope(|scope| {
+                let ahead = (!done).then(|| {
+                    scope.spawn(|| read_batch(&mut reader, &mut attr_readers, &path, opts))
+                });
+                // Process it in parallel (selectors compiled per worker: jq programs are not Send).
+                let outcomes: Vec<Result<DocOutcome>> = batch
+                    .par_iter()
+                    .map_init(
+                        || compile(s).expect("compiled once already"),
+                        |compiled, raw| {
+                            process_doc(s, compiled, &path, &attr_paths, &file_name, raw)
+                        },
+                    )
+                    .collect();
+                (
+                    outcomes,
+                    ahead.map(|h| h.join().expect("reader thread panicked")),
+                )
+            });
+            next = following.transpose()?;
+            // Write it in order.
+            let mut text_bytes = 0u64;
+            for o in outcomes {
+                let o = o?;
+                report.docs_in += 1;
+                stats.docs += 1;
+                text_bytes += o.text_bytes;
+                report.jq_errors += o.jq_errors;
+                report.spans_replaced += o.spans_replaced;
+                names.extend(o.attribute_names);
+                if let Some(r) = o.removed {
+                    *report.removed.entry(r).or_insert(0) += 1;
                     continue;
                 }
-            };
-            let mut doc: Value = match serde_json::from_str(&line) {
-                Ok(Value::Object(m)) => Value::Object(m),
-                Ok(_) => bail!("{path}:{line_no}: a document must be a JSON object"),
-                Err(e) => bail!("{path}:{line_no}: malformed JSON: {e}"),
-            };
-            if !doc.get("text").is_some_and(Value::is_string) {
-                bail!("{path}:{line_no}: missing or non-string field `text`");
-            }
-            // 1. merge attributes
-            for (apath, r) in attr_readers.iter_mut() {
-                let aline = match r.next_line()? {
-                    Some(Line::Text(t, _)) => t.to_string(),
-                    Some(Line::Bad(e)) => bail!("{e}"),
-                    None => bail!("{}: ends before line {line_no} of {path} (attribute files must have one line per document)", apath.display()),
-                };
-                let a: Value = serde_json::from_str(&aline)
-                    .map_err(|e| anyhow!("{}:{line_no}: malformed JSON: {e}", apath.display()))?;
-                if a.get("id") != doc.get("id") {
-                    bail!(
-                        "{}:{line_no}: id {} does not match the document's id {} at {path}:{line_no}",
-                        apath.display(),
-                        a.get("id").unwrap_or(&Value::Null),
-                        doc.get("id").unwrap_or(&Value::Null)
-                    );
-                }
-                let Some(Value::Object(attrs)) = a.get("attributes") else {
-                    bail!("{}:{line_no}: no `attributes` object", apath.display());
-                };
-                let target = doc
-                    .as_object_mut()
-                    .expect("object")
-                    .entry("attributes")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !target.is_object() {
-                    *target = Value::Object(Map::new());
-                }
-                let target = target.as_object_mut().expect("object");
-                for (k, v) in attrs {
-                    names.insert(k.clone());
-                    target.insert(k.clone(), v.clone());
-                }
-            }
-            report.docs_in += 1;
-            stats.docs += 1;
-            let text_len = doc["text"].as_str().map_or(0, str::len);
-            stats.text_bytes += text_len as u64;
-            pending.0 += 1;
-            pending.1 += text_len as u64;
-            if pending.0 >= 256 {
-                progress.add(pending.0, pending.1);
-                pending = (0, 0);
-            }
-
-            // 2. filter
-            let mut jq: Option<JqInput> = None;
-            let mut removed: Option<String> = None;
-            if !compiled.include.is_empty() {
-                let mut any = false;
-                for sel in &compiled.include {
-                    match sel.matches(&doc, &mut jq)? {
-                        Match::Yes => {
-                            any = true;
-                            break;
-                        }
-                        Match::No => {}
-                        Match::Error(e) => {
-                            report.jq_errors += 1;
-                            tracing::debug!("{path}:{line_no}: jq error: {e}");
-                        }
-                    }
-                }
-                if !any {
-                    removed = Some("not included".to_string());
-                }
-            }
-            if removed.is_none() {
-                for (i, sel) in compiled.exclude.iter().enumerate() {
-                    match sel.matches(&doc, &mut jq)? {
-                        Match::Yes => {
-                            removed = Some(format!("exclude[{i}]: {}", s.exclude[i].code));
-                            break;
-                        }
-                        Match::No => {}
-                        Match::Error(e) => {
-                            report.jq_errors += 1;
-                            tracing::debug!("{path}:{line_no}: jq error: {e}");
-                        }
-                    }
-                }
-            }
-            if let Some(r) = removed {
-                *report.removed.entry(r).or_insert(0) += 1;
-                continue;
-            }
-
-            // 3. span replacement
-            if !compiled.replacements.is_empty() {
-                let mut spans: Vec<(usize, usize, String)> = Vec::new();
-                for ((sel, lo, hi, rsel), (_, _, _, rspec)) in
-                    compiled.replacements.iter().zip(&s.replacements)
-                {
-                    for v in sel
-                        .values(&doc, &mut jq)
-                        .with_context(|| format!("{path}:{line_no}"))?
-                    {
-                        let list: Vec<&Value> = match &v {
-                            Value::Null => continue,
-                            Value::Array(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
-                            Value::Array(a) if a.is_empty() => continue,
-                            Value::Array(_) => vec![&v],
-                            other => bail!("{path}:{line_no}: span selector gave {other}, not a list of [start, end, score]"),
-                        };
-                        for span in list {
-                            let (Some(st), Some(en), Some(score)) = (
-                                span.get(0).and_then(Value::as_f64),
-                                span.get(1).and_then(Value::as_f64),
-                                span.get(2).and_then(Value::as_f64),
-                            ) else {
-                                bail!("{path}:{line_no}: span {span} is not [start, end, score]");
-                            };
-                            if score >= *lo && score < *hi {
-                                let text = match (rsel, rspec) {
-                                    (Some(r), _) => {
-                                        match r.values(&doc, &mut jq)?.into_iter().next() {
-                                            Some(Value::String(s)) => s,
-                                            Some(other) => other.to_string(),
-                                            None => String::new(),
-                                        }
-                                    }
-                                    (None, Replacement::Text(t)) => t.clone(),
-                                    (None, Replacement::Selector(_)) => {
-                                        unreachable!("compiled with the spec")
-                                    }
-                                };
-                                spans.push((st as usize, en as usize, text));
-                            }
-                        }
-                    }
-                }
-                if !spans.is_empty() {
-                    report.spans_replaced += spans.len() as u64;
-                    let new_text =
-                        replace_spans(doc["text"].as_str().expect("checked"), &mut spans);
-                    doc["text"] = Value::String(new_text);
-                }
-            }
-
-            // 4. discard fields, 5. minimum length
-            let obj = doc.as_object_mut().expect("object");
-            for f in &s.discard {
-                obj.remove(f);
-            }
-            if obj
-                .get("text")
-                .and_then(Value::as_str)
-                .map_or(0, |t| t.trim().len())
-                < s.min_text_length
-            {
-                *report
-                    .removed
-                    .entry("min_text_length".to_string())
-                    .or_insert(0) += 1;
-                continue;
-            }
-            // 6. sampling
-            if let Some(rate) = s.sample {
-                if doc_uniform(&doc, s.seed, 1) >= rate {
-                    *report.removed.entry("sample".to_string()).or_insert(0) += 1;
+                let Some((mut line, copies)) = o.line else {
                     continue;
-                }
-            }
-            report.docs_kept += 1;
-            let copies = match s.upsample {
-                None => 1,
-                Some(u) => u.floor() as u64 + u64::from(doc_uniform(&doc, s.seed, 2) < u.fract()),
-            };
-            // 7. provenance
-            let meta = doc
-                .as_object_mut()
-                .expect("object")
-                .entry("metadata")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !meta.is_object() {
-                *meta = Value::Object(Map::new());
-            }
-            meta.as_object_mut().expect("object").insert(
-                "provenance".into(),
-                Value::String(format!("{file_name}:{line_no}")),
-            );
-            buf.clear();
-            serde_json::to_writer(&mut buf, &doc)?;
-            buf.push(b'\n');
-            for _ in 0..copies {
-                let w = match &mut writer {
-                    Some(w) => w,
-                    None => writer.insert(CountingWriter {
-                        inner: open_part(s, t.group, part)?,
-                        written: 0,
-                    }),
                 };
-                w.inner.write_all(&buf)?;
-                w.written += buf.len() as u64;
-                report.docs_written += 1;
-                report.bytes_out += buf.len() as u64;
-                // Uncompressed bytes bound the part conservatively (compressed size <= this).
-                if w.written >= s.max_size {
-                    let done = writer.take().expect("open");
-                    done.inner.finish()?;
-                    report.files_out.push(part_name(s, t.group, part));
-                    part += 1;
+                line.push(b'\n');
+                report.docs_kept += 1;
+                for _ in 0..copies {
+                    let w = match &mut writer {
+                        Some(w) => w,
+                        None => writer.insert(CountingWriter {
+                            inner: open_part(s, t.group, part)?,
+                            written: 0,
+                        }),
+                    };
+                    w.inner.write_all(&line)?;
+                    w.written += line.len() as u64;
+                    report.docs_written += 1;
+                    report.bytes_out += line.len() as u64;
+                    // Uncompressed bytes bound the part conservatively (compressed size <= this).
+                    if w.written >= s.max_size {
+                        let finished = writer.take().expect("open");
+                        finished.inner.finish()?;
+                        report.files_out.push(part_name(s, t.group, part));
+                        part += 1;
+                    }
                 }
             }
+            stats.text_bytes += text_bytes;
+            progress.add(batch.len() as u64, text_bytes);
         }
-        progress.add(pending.0, pending.1);
         for (apath, r) in attr_readers.iter_mut() {
             if let Some(Line::Text(_, n)) = r.next_line()? {
                 bail!(
