@@ -1,0 +1,162 @@
+//! Learning-rate schedules with OLMo's formulas (`olmo/optim.py`).
+//!
+//! `lr(step)` takes the step already incremented, as OLMo sets the LR before `optimizer.step()`
+//! with `global_step` counting from 1. Warmup is linear from `warmup_min_lr` (default 0.1 × lr)
+//! to lr over `t_warmup` steps; after warmup, cosine and linear decay go to `alpha_f × lr` at
+//! `t_max`, inverse-sqrt decays as `lr·sqrt(t_warmup / step)`.
+
+use std::f64::consts::PI;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    CosineWithWarmup,
+    LinearWithWarmup,
+    InverseSqrtWithWarmup,
+    Constant,
+    ConstantWithWarmup,
+}
+
+impl Kind {
+    pub fn parse(name: &str) -> Option<Kind> {
+        Some(match name {
+            "cosine_with_warmup" => Kind::CosineWithWarmup,
+            "linear_with_warmup" => Kind::LinearWithWarmup,
+            "inverse_sqrt_with_warmup" => Kind::InverseSqrtWithWarmup,
+            "constant" => Kind::Constant,
+            "constant_with_warmup" => Kind::ConstantWithWarmup,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub kind: Kind,
+    pub lr: f64,
+    pub t_warmup: u64,
+    /// The step at which decay ends (OLMo: `t_max`, or the run's max steps).
+    pub t_max: u64,
+    pub alpha_f: f64,
+    pub warmup_min_lr: Option<f64>,
+}
+
+impl Schedule {
+    fn warmup(&self, step: u64) -> f64 {
+        let min = self.warmup_min_lr.unwrap_or(0.1 * self.lr);
+        min + (self.lr - min) * step.min(self.t_warmup) as f64 / self.t_warmup.max(1) as f64
+    }
+
+    pub fn lr(&self, step: u64) -> f64 {
+        let eta_min = self.lr * self.alpha_f;
+        match self.kind {
+            Kind::Constant => self.lr,
+            Kind::ConstantWithWarmup => {
+                if step < self.t_warmup {
+                    self.warmup(step)
+                } else {
+                    self.lr
+                }
+            }
+            Kind::InverseSqrtWithWarmup => {
+                if step < self.t_warmup {
+                    self.warmup(step)
+                } else {
+                    self.lr * (self.t_warmup as f64 / (self.t_warmup.max(step)) as f64).sqrt()
+                }
+            }
+            Kind::CosineWithWarmup | Kind::LinearWithWarmup => {
+                if step < self.t_warmup {
+                    return self.warmup(step);
+                }
+                if step >= self.t_max {
+                    return eta_min;
+                }
+                let s = (step - self.t_warmup) as f64;
+                let t = (self.t_max - self.t_warmup) as f64;
+                match self.kind {
+                    Kind::CosineWithWarmup => {
+                        eta_min + (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0
+                    }
+                    _ => self.lr - (self.lr - eta_min) * (s / t),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn olmo_1b(kind: Kind) -> Schedule {
+        Schedule {
+            kind,
+            lr: 4e-4,
+            t_warmup: 2000,
+            t_max: 739_328,
+            alpha_f: 0.1,
+            warmup_min_lr: None,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * b.abs().max(1e-12)
+    }
+
+    #[test]
+    fn warmup_starts_at_a_tenth_and_reaches_the_peak() {
+        let s = olmo_1b(Kind::CosineWithWarmup);
+        assert!(close(s.lr(0), 4e-5));
+        assert!(close(s.lr(1000), 4e-5 + (4e-4 - 4e-5) * 0.5));
+        assert!(close(s.lr(2000), 4e-4));
+        let z = Schedule {
+            warmup_min_lr: Some(0.0),
+            ..s
+        };
+        assert!(close(z.lr(500), 1e-4));
+    }
+
+    #[test]
+    fn cosine_and_linear_decay_to_alpha_f() {
+        let c = olmo_1b(Kind::CosineWithWarmup);
+        let mid = 2000 + (739_328 - 2000) / 2;
+        assert!(close(c.lr(mid), 4e-5 + (4e-4 - 4e-5) * 0.5));
+        assert!(close(c.lr(739_328), 4e-5));
+        assert!(close(c.lr(1_000_000), 4e-5));
+        let l = olmo_1b(Kind::LinearWithWarmup);
+        assert!(close(l.lr(mid), 4e-4 - (4e-4 - 4e-5) * 0.5));
+        assert!((2000..739_328)
+            .step_by(1000)
+            .all(|s| l.lr(s) >= l.lr(s + 1000)));
+    }
+
+    #[test]
+    fn inverse_sqrt_and_constants() {
+        let s = Schedule {
+            kind: Kind::InverseSqrtWithWarmup,
+            lr: 1e-3,
+            t_warmup: 100,
+            t_max: 0,
+            alpha_f: 0.0,
+            warmup_min_lr: None,
+        };
+        assert!(close(s.lr(100), 1e-3));
+        assert!(close(s.lr(400), 5e-4));
+        let c = Schedule {
+            kind: Kind::Constant,
+            ..s
+        };
+        assert_eq!(c.lr(0), 1e-3);
+        let cw = Schedule {
+            kind: Kind::ConstantWithWarmup,
+            ..s
+        };
+        assert!(close(cw.lr(50), 1e-4 + (1e-3 - 1e-4) * 0.5));
+        assert_eq!(cw.lr(10_000), 1e-3);
+        assert_eq!(
+            Kind::parse("cosine_with_warmup"),
+            Some(Kind::CosineWithWarmup)
+        );
+        assert_eq!(Kind::parse("lionw"), None);
+    }
+}
