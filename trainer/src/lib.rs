@@ -1,8 +1,10 @@
 //! `olmo-train`: the OLMo trainer (work in progress). What exists so far: the data order
 //! (NumPy's PCG64 permutation, bit-identical to OLMo's), OLMo's learning-rate schedules, AdamW
-//! and gradient clipping.
+//! and gradient clipping, and CPU reference kernels (LayerNorm, Linear, SwiGLU, RoPE, cross-entropy
+//! with z-loss) whose backward passes are checked against finite differences.
 
 pub mod data;
+pub mod ops;
 pub mod optim;
 pub mod permutation;
 pub mod schedule;
