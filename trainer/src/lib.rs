@@ -1,7 +1,7 @@
 //! `olmo-train`: the OLMo trainer (work in progress). What exists so far: the data order
 //! (NumPy's PCG64 permutation, bit-identical to OLMo's), OLMo's learning-rate schedules, AdamW
 //! and gradient clipping, and CPU reference kernels (LayerNorm, Linear, SwiGLU, RoPE, cross-entropy
-//! with z-loss) whose backward passes are checked against finite differences.
+//! with z-loss, causal attention) whose backward passes are checked against finite differences.
 
 pub mod data;
 pub mod ops;

@@ -133,6 +133,101 @@ pub fn rope(x: &mut [f32], seq: usize, heads: usize, head_dim: usize, theta: f32
     }
 }
 
+/// Causal softmax attention over `[seq, heads, head_dim]` q, k, v (scale 1/sqrt(head_dim));
+/// keeps the probabilities `[heads, seq, seq]` for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let at = |t: usize, h: usize| (t * heads + h) * hd;
+    for h in 0..heads {
+        for t in 0..seq {
+            let p = &mut probs[(h * seq + t) * seq..(h * seq + t + 1) * seq];
+            let mut max = f32::MIN;
+            for t2 in 0..=t {
+                let s: f32 = q[at(t, h)..at(t, h) + hd]
+                    .iter()
+                    .zip(&k[at(t2, h)..at(t2, h) + hd])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                p[t2] = s * scale;
+                max = max.max(p[t2]);
+            }
+            let mut sum = 0.0;
+            for x in p.iter_mut().take(t + 1) {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for x in p.iter_mut().take(t + 1) {
+                *x /= sum;
+            }
+            for x in p.iter_mut().skip(t + 1) {
+                *x = 0.0;
+            }
+            let o = &mut out[at(t, h)..at(t, h) + hd];
+            o.fill(0.0);
+            for t2 in 0..=t {
+                for (oi, vi) in o.iter_mut().zip(&v[at(t2, h)..at(t2, h) + hd]) {
+                    *oi += p[t2] * vi;
+                }
+            }
+        }
+    }
+}
+
+/// Adds dL/dq, dL/dk, dL/dv given dL/dout and the forward's probabilities.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let at = |t: usize, h: usize| (t * heads + h) * hd;
+    let mut dp = vec![0.0f32; seq];
+    for h in 0..heads {
+        for t in 0..seq {
+            let p = &probs[(h * seq + t) * seq..(h * seq + t + 1) * seq];
+            let d = &dout[at(t, h)..at(t, h) + hd];
+            let mut weighted = 0.0;
+            for t2 in 0..=t {
+                dp[t2] = d
+                    .iter()
+                    .zip(&v[at(t2, h)..at(t2, h) + hd])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                weighted += p[t2] * dp[t2];
+                for (dvi, di) in dv[at(t2, h)..at(t2, h) + hd].iter_mut().zip(d) {
+                    *dvi += p[t2] * di;
+                }
+            }
+            for t2 in 0..=t {
+                let ds = p[t2] * (dp[t2] - weighted) * scale;
+                for i in 0..hd {
+                    dq[at(t, h) + i] += ds * k[at(t2, h) + i];
+                    dk[at(t2, h) + i] += ds * q[at(t, h) + i];
+                }
+            }
+        }
+    }
+}
+
 /// Mean cross-entropy of `logits` `[rows, vocab]` against `targets`, plus `z_loss ·
 /// mean(logsumexp²)`; writes dL/dlogits into `dlogits`. Returns (loss, z-loss term).
 pub fn cross_entropy(
@@ -287,6 +382,32 @@ mod tests {
             rope(&mut y, seq, heads, hd, 10_000.0, false);
             dot(&y, &r)
         });
+    }
+
+    #[test]
+    fn causal_attention_backward_matches_finite_differences() {
+        let mut rng = Rng::new(6);
+        let (seq, heads, hd) = (4, 2, 3);
+        let n = seq * heads * hd;
+        let (q, k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let r = rng.vec(n, 1.0);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut out = vec![0.0; n];
+            let mut p = vec![0.0; heads * seq * seq];
+            attention_forward(q, k, v, seq, heads, hd, &mut out, &mut p);
+            (out, p)
+        };
+        let (out, p) = f(&q, &k, &v);
+        // causal: the first position attends only to itself
+        assert_eq!(&out[..hd], &v[..hd]);
+        assert!(p[1..seq].iter().all(|&x| x == 0.0));
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        attention_backward(
+            &r, &q, &k, &v, &p, seq, heads, hd, &mut dq, &mut dk, &mut dv,
+        );
+        check(&q, &dq, |q| dot(&f(q, &k, &v).0, &r));
+        check(&k, &dk, |k| dot(&f(&q, k, &v).0, &r));
+        check(&v, &dv, |v| dot(&f(&q, &k, v).0, &r));
     }
 
     #[test]
