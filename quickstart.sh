@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the committed sample corpus: tag -> dedupe -> mix -> tokenize.
-# (The CPU training run joins this script when olmo-train lands.)
+# The main job on the committed sample corpus: tag -> dedupe -> mix -> tokenize -> a short
+# CPU training run of a tiny OLMo-style model on the resulting shards.
 set -euo pipefail
 cd "$(dirname "$0")"
-cargo build --release -q -p dolma
+cargo build --release -q -p dolma -p olmo-train
 DOLMA=./target/release/dolma
 mkdir -p out/sample
 cp -r tests/data/sample/documents out/sample/
@@ -15,4 +15,5 @@ $DOLMA -c mixes/sample-mix.yaml mix
   --vocab_size 4096 --output out/sample/tokenizer.json
 $DOLMA -c mixes/sample-tokenize.yaml tokenize
 $DOLMA tokens-info out/sample/tokens --tokenizer out/sample/tokenizer.json --decode 1
-echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens"
+./target/release/olmo-train train -c trainer/configs/tiny.yaml
+echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens, training metrics in out/sample/train/metrics.jsonl"

@@ -10,3 +10,4 @@ pub mod ops;
 pub mod optim;
 pub mod permutation;
 pub mod schedule;
+pub mod train;

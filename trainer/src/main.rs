@@ -1,6 +1,6 @@
-//! `olmo-train`: the OLMo trainer. Training itself is not implemented yet (the trainer issue);
-//! what works is the data order: `olmo-train batch-at STEP -c config.yaml` prints which
-//! instances (file, token offset) and tokens form a step's batch, instantly.
+//! `olmo-train`: the OLMo trainer (work in progress). `train` runs a first CPU training loop
+//! (no checkpoints or evaluation yet); `batch-at STEP -c config.yaml` prints which instances
+//! (file, token offset) and tokens form a step's batch, instantly.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 const USAGE: &str = "\
 usage: olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
-       olmo-train train -c CONFIG        (not implemented yet)
+       olmo-train train -c CONFIG        (a first CPU loop: no checkpoints or evals yet)
 
 batch-at prints the instances (file, token offset, first tokens) of global step STEP (0-based)
 in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.";
@@ -72,15 +72,25 @@ fn value<'a>(args: &'a [String], i: usize, flag: &str) -> Result<&'a str> {
 fn run(args: Vec<String>) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("batch-at") => batch_at(&args[1..]),
-        Some("train") => {
-            bail!("olmo-train train is not implemented yet in this build; nothing was run")
-        }
+        Some("train") => train(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{USAGE}");
             Ok(())
         }
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     }
+}
+
+fn train(args: &[String]) -> Result<()> {
+    let config = match args {
+        [flag, path] if flag == "-c" || flag == "--config" => PathBuf::from(path),
+        _ => bail!("usage: olmo-train train -c CONFIG"),
+    };
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let cfg: olmo_train::train::TrainConfig =
+        serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
+    olmo_train::train::run(cfg)
 }
 
 fn batch_at(args: &[String]) -> Result<()> {

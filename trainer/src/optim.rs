@@ -41,8 +41,24 @@ impl AdamW {
         state: &mut Moments,
         decay: bool,
     ) {
+        self.step_slices(step, lr, param, grad, &mut state.m, &mut state.v, decay);
+    }
+
+    /// [`AdamW::step`] on borrowed moment slices (one parameter group of a flat buffer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_slices(
+        &self,
+        step: u64,
+        lr: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        decay: bool,
+    ) {
         assert_eq!(param.len(), grad.len());
-        assert_eq!(param.len(), state.m.len());
+        assert_eq!(param.len(), m.len());
+        assert_eq!(param.len(), v.len());
         let wd = if decay { self.weight_decay } else { 0.0 };
         let bc1 = 1.0 - self.beta1.powi(step as i32);
         let bc2_sqrt = (1.0 - self.beta2.powi(step as i32)).sqrt();
@@ -50,10 +66,10 @@ impl AdamW {
         for i in 0..param.len() {
             let g = grad[i];
             param[i] *= 1.0 - lr * wd;
-            state.m[i] += (g - state.m[i]) * (1.0 - self.beta1);
-            state.v[i] = state.v[i] * self.beta2 + (1.0 - self.beta2) * g * g;
-            let denom = state.v[i].sqrt() / bc2_sqrt + self.eps;
-            param[i] -= step_size * state.m[i] / denom;
+            m[i] += (g - m[i]) * (1.0 - self.beta1);
+            v[i] = v[i] * self.beta2 + (1.0 - self.beta2) * g * g;
+            let denom = v[i].sqrt() / bc2_sqrt + self.eps;
+            param[i] -= step_size * m[i] / denom;
         }
     }
 }
