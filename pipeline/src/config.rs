@@ -221,6 +221,11 @@ pub fn opt_one_or_many<'de, D: Deserializer<'de>>(
     one_or_many(d).map(Some)
 }
 
+/// serde default for fields that are on unless turned off (`progress`).
+pub fn yes() -> bool {
+    true
+}
+
 /// A required string field that also accepts a number on the command line.
 pub fn string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
     opt_string(d)?.ok_or_else(|| serde::de::Error::custom("expected a string, got null"))

@@ -30,10 +30,6 @@ use crate::config::{one_or_many, opt_string};
 use crate::io::{open_documents, AtomicWriter, Line};
 use crate::runner::{self, expand_inputs, FileStats, Progress, RunOptions, Sequencer, Task};
 
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupeRunConfig {
@@ -47,7 +43,7 @@ pub struct DedupeRunConfig {
     pub skip_bad_lines: bool,
     #[serde(default)]
     pub max_line_bytes: Option<usize>,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub progress: bool,
     #[serde(default)]
     pub dryrun: bool,

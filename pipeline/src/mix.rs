@@ -32,10 +32,6 @@ use crate::io::{open_documents, AtomicWriter, Line, LineReader};
 use crate::runner::{self, expand_inputs, FileStats, Input, Progress, RunOptions, Shard, Task};
 use crate::selector::{JqInput, Match, Selector, SelectorSpec, Syntax};
 
-fn yes() -> bool {
-    true
-}
-
 const DEFAULT_MAX_SIZE: u64 = 2 << 30;
 
 #[derive(Debug, Deserialize)]
@@ -48,7 +44,7 @@ pub struct MixConfig {
     pub skip_bad_lines: bool,
     #[serde(default)]
     pub max_line_bytes: Option<usize>,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub progress: bool,
     #[serde(default)]
     pub dryrun: bool,

@@ -50,7 +50,7 @@ pub struct TagConfig {
     #[serde(default)]
     pub dryrun: bool,
     /// Progress bar on stderr (`--no-progress` turns it off).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub progress: bool,
     // Accepted for dolma config compatibility; they change nothing here.
     #[serde(default)]
@@ -61,10 +61,6 @@ pub struct TagConfig {
     pub profile: Option<serde_json::Value>,
     #[serde(default)]
     pub tagger_modules: Option<serde_json::Value>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Taggers writing to one attribute directory.

@@ -31,10 +31,6 @@ use crate::config::{one_or_many, opt_string};
 use crate::io::{open_documents, AtomicWriter, Line, LineReader};
 use crate::runner::{self, expand_inputs, FileStats, Input, Progress, RunOptions, Task};
 
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
@@ -67,7 +63,7 @@ pub struct TokenizeConfig {
     pub skip_bad_lines: bool,
     #[serde(default)]
     pub max_line_bytes: Option<usize>,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub progress: bool,
     #[serde(default)]
     pub dryrun: bool,
@@ -488,7 +484,7 @@ impl Ring {
                 }
             };
             let id = match (&s.id_field, id) {
-                (None, _) => format!("{}-{loc}", sha256_hex(r.path.as_bytes())),
+                (None, _) => format!("{}-{loc}", path_digest(r.path.as_bytes())),
                 (Some(_), Some(id)) => id,
                 (Some(f), None) => bail!("{}:{loc}: missing or invalid id field `{f}`", r.path),
             };
@@ -600,7 +596,7 @@ fn process_group(
     Ok((marker, stats))
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+fn path_digest(data: &[u8]) -> String {
     // dolma ids documents without an id field by sha256(path)-line; a stable 128-bit xxh3
     // serves the same purpose without another dependency.
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(data))

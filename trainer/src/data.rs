@@ -46,6 +46,24 @@ pub struct ShardFile {
     pub instances: u64,
 }
 
+/// Expands `data.paths` entries (globs allowed), each sorted; an entry matching nothing is an
+/// error.
+pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for p in patterns {
+        let mut matched: Vec<PathBuf> = glob::glob(p)
+            .map_err(|e| anyhow::anyhow!("bad path pattern `{p}`: {e}"))?
+            .filter_map(|r| r.ok())
+            .collect();
+        if matched.is_empty() {
+            bail!("data.paths entry `{p}` matched no file");
+        }
+        matched.sort();
+        paths.extend(matched);
+    }
+    Ok(paths)
+}
+
 /// The windows of a list of token files.
 #[derive(Debug, Clone)]
 pub struct Shards {

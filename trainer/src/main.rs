@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use olmo_train::data::{batch_instances, global_order, Dtype, Shards};
+use olmo_train::data::{batch_instances, expand_paths, global_order, Dtype, Shards};
 use serde::Deserialize;
 
 const USAGE: &str = "\
@@ -125,18 +125,7 @@ fn batch_at(args: &[String]) -> Result<()> {
         .with_context(|| format!("cannot read {}", config.display()))?;
     let cfg: Config =
         serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
-    let mut paths = Vec::new();
-    for p in &cfg.data.paths {
-        let mut matched: Vec<PathBuf> = glob::glob(p)
-            .map_err(|e| anyhow!("bad path pattern `{p}`: {e}"))?
-            .filter_map(|r| r.ok())
-            .collect();
-        if matched.is_empty() {
-            bail!("data.paths entry `{p}` matched no file");
-        }
-        matched.sort();
-        paths.extend(matched);
-    }
+    let paths = expand_paths(&cfg.data.paths)?;
     let shards = Shards::open(
         &paths,
         Dtype::parse(&cfg.data.memmap_dtype)?,

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::data::{batch_instances, global_order, Dtype, Shards};
+use crate::data::{batch_instances, expand_paths, global_order, Dtype, Shards};
 use crate::model::{forward_backward, init_normal, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, Moments};
 use crate::schedule::{Kind, Schedule};
@@ -196,18 +196,7 @@ pub fn run(cfg: TrainConfig) -> Result<()> {
         alpha_f: cfg.scheduler.alpha_f,
         warmup_min_lr: cfg.scheduler.warmup_min_lr,
     };
-    let mut paths = Vec::new();
-    for p in &cfg.data.paths {
-        let mut matched: Vec<PathBuf> = glob::glob(p)
-            .map_err(|e| anyhow!("bad path `{p}`: {e}"))?
-            .filter_map(|r| r.ok())
-            .collect();
-        if matched.is_empty() {
-            bail!("data.paths entry `{p}` matched no file");
-        }
-        matched.sort();
-        paths.extend(matched);
-    }
+    let paths = expand_paths(&cfg.data.paths)?;
     let shards = Shards::open(
         &paths,
         Dtype::parse(&cfg.data.memmap_dtype)?,
