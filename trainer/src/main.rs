@@ -1,25 +1,33 @@
-//! `olmo-train`: the OLMo trainer (work in progress). `train` runs a first CPU training loop
-//! (no checkpoints or evaluation yet); `batch-at STEP -c config.yaml` prints which instances
-//! (file, token offset) and tokens form a step's batch, instantly.
+//! `olmo-train`: train an OLMo-architecture model on dolma token shards (`train`), print a
+//! step's batch without training (`batch-at`), and export a checkpoint to Hugging Face format
+//! (`export-hf`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use olmo_train::data::{batch_instances, expand_paths, global_order, Dtype, Shards};
-use serde::Deserialize;
+use olmo_train::config::TrainConfig;
+use olmo_train::data::{batch_instances, global_order};
+use olmo_train::train::open_shards;
 
 const USAGE: &str = "\
-usage: olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
-       olmo-train train -c CONFIG        (a first CPU loop: no checkpoints or evals yet)
+usage: olmo-train train -c CONFIG [--threads N]
+       olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
+       olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
+       olmo-train info -c CONFIG
 
-batch-at prints the instances (file, token offset, first tokens) of global step STEP (0-based)
-in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.";
+train      trains on CPU; resumes from the newest checkpoint in save_folder if there is one.
+batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
+           in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
+export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
+           or LlamaForCausalLM for RMSNorm models).
+info       prints the model's size and FLOPs per token.";
 
-#[derive(Deserialize)]
-struct Config {
-    model: ModelConfig,
-    data: DataConfig,
+/// The part of a training config `batch-at` needs (any training config parses as one).
+#[derive(serde::Deserialize)]
+struct BatchAtConfig {
+    model: BatchAtModel,
+    data: olmo_train::config::DataSection,
     global_train_batch_size: u64,
     #[serde(default = "default_seed")]
     seed: u64,
@@ -27,30 +35,15 @@ struct Config {
     epoch: Option<u64>,
 }
 
-fn default_seed() -> u64 {
-    6198
-}
-
-#[derive(Deserialize)]
-struct ModelConfig {
+#[derive(serde::Deserialize)]
+struct BatchAtModel {
     max_sequence_length: u64,
     #[serde(default)]
-    vocab_size: Option<u64>,
+    vocab_size: Option<usize>,
 }
 
-#[derive(Deserialize)]
-struct DataConfig {
-    paths: Vec<String>,
-    #[serde(default = "default_dtype")]
-    memmap_dtype: String,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    drop_last: bool,
-}
-
-fn default_dtype() -> String {
-    "uint16".into()
+fn default_seed() -> u64 {
+    6198
 }
 
 fn main() -> ExitCode {
@@ -73,6 +66,8 @@ fn run(args: Vec<String>) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("batch-at") => batch_at(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("export-hf") => export(&args[1..]),
+        Some("info") => info(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -81,16 +76,75 @@ fn run(args: Vec<String>) -> Result<()> {
     }
 }
 
+fn load(path: &str) -> Result<(TrainConfig, String)> {
+    TrainConfig::load(Path::new(path))
+}
+
+fn config_arg(args: &[String]) -> Result<(String, Vec<(String, String)>)> {
+    let mut config = None;
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let flag = args[i].as_str();
+        let v = value(args, i, flag)?.to_string();
+        match flag {
+            "-c" | "--config" => config = Some(v),
+            f if f.starts_with("--") => rest.push((f.to_string(), v)),
+            other => bail!("unexpected argument `{other}`\n\n{USAGE}"),
+        }
+        i += 2;
+    }
+    Ok((
+        config.ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?,
+        rest,
+    ))
+}
+
 fn train(args: &[String]) -> Result<()> {
-    let config = match args {
-        [flag, path] if flag == "-c" || flag == "--config" => PathBuf::from(path),
-        _ => bail!("usage: olmo-train train -c CONFIG"),
-    };
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let cfg: olmo_train::train::TrainConfig =
-        serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
-    olmo_train::train::run(cfg)
+    let (config, rest) = config_arg(args)?;
+    for (flag, v) in &rest {
+        match flag.as_str() {
+            "--threads" => {
+                let n: usize = v.parse().with_context(|| format!("--threads `{v}`"))?;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
+            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+        }
+    }
+    let (cfg, text) = load(&config)?;
+    olmo_train::train::run(cfg, &text)
+}
+
+fn info(args: &[String]) -> Result<()> {
+    let (config, _) = config_arg(args)?;
+    let (cfg, _) = load(&config)?;
+    let (m, init) = cfg.model_config()?;
+    let seq = cfg.model.max_sequence_length;
+    println!(
+        "{}: {} parameters ({} non-embedding), embedding {}x{}, {} layers, init {init:?}, {:.3} GFLOPs per training token at seq {seq}",
+        config,
+        m.num_params(),
+        m.non_embedding_params(),
+        m.embedding_size,
+        m.d_model,
+        m.n_layers,
+        m.flops_per_token(seq) / 1e9
+    );
+    Ok(())
+}
+
+fn export(args: &[String]) -> Result<()> {
+    match args {
+        [ck, out] => {
+            olmo_train::export::export_hf(Path::new(ck), Path::new(out))?;
+            println!("wrote {out}/config.json and {out}/model.safetensors");
+            Ok(())
+        }
+        _ => bail!("usage: olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR"),
+    }
 }
 
 fn batch_at(args: &[String]) -> Result<()> {
@@ -123,13 +177,27 @@ fn batch_at(args: &[String]) -> Result<()> {
     }
     let text = std::fs::read_to_string(&config)
         .with_context(|| format!("cannot read {}", config.display()))?;
-    let cfg: Config =
+    let cfg: BatchAtConfig =
         serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
-    let paths = expand_paths(&cfg.data.paths)?;
-    let shards = Shards::open(
-        &paths,
-        Dtype::parse(&cfg.data.memmap_dtype)?,
+    let patterns: Vec<String> = cfg
+        .data
+        .groups("train")
+        .into_iter()
+        .flat_map(|(_, p)| p)
+        .collect();
+    // Without a vocabulary in the config, ids are checked against the dtype's range only.
+    let vocab = cfg
+        .model
+        .vocab_size
+        .unwrap_or(match cfg.data.memmap_dtype.as_str() {
+            "uint16" => 1 << 16,
+            _ => 1 << 32,
+        });
+    let shards = open_shards(
+        &patterns,
+        &cfg.data.memmap_dtype,
         cfg.model.max_sequence_length,
+        vocab,
     )?;
     let seed = cfg.data.seed.unwrap_or(cfg.seed);
     let epoch = epoch.or(cfg.epoch).unwrap_or(0);
@@ -143,7 +211,7 @@ fn batch_at(args: &[String]) -> Result<()> {
     );
     for inst in batch {
         let (file, offset) = shards.locate(inst as u64)?;
-        let tokens = shards.read(inst as u64, cfg.model.vocab_size)?;
+        let tokens = shards.read(inst as u64, Some(vocab as u64))?;
         let head: Vec<String> = tokens.iter().take(12).map(|t| t.to_string()).collect();
         println!(
             "{inst:>10}  {}  @{offset:<10}  [{} ...]",

@@ -1,71 +1,299 @@
-//! The OLMo-1 decoder on the CPU reference kernels: explicit forward and backward passes over
-//! one flat parameter buffer (llm.c style), checked end to end against finite differences.
+//! The OLMo decoder on the CPU kernels: explicit forward and backward passes over one flat
+//! parameter buffer (llm.c style), for a batch of sequences at once so the GEMMs are large.
 //!
-//! Block (pre-norm, no biases, non-parametric LayerNorm): `x += attn_out(attn(rope(q), rope(k),
-//! v))` with `q, k, v = split(att_proj(ln(x)))`, then `x += ff_out(swiglu(ff_proj(ln(x))))`;
-//! a final LayerNorm, and logits against the tied embedding (padded to a multiple of 128).
+//! Block (pre-norm, no biases): `x += attn_out(attn(rope(q), rope(k), v))` with
+//! `q, k, v = split(att_proj(norm(x)))`, then `x += ff_out(swiglu(ff_proj(norm(x))))`; a final
+//! norm and logits against the embedding (tied) or a separate head (untied). Norms are
+//! LayerNorm or RMSNorm, with or without a weight.
 
 use crate::ops::*;
+use crate::permutation::Pcg64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitFn {
+    Normal,
+    Mitchell,
+    FullMegatron,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
     pub d_model: usize,
     pub n_heads: usize,
     pub n_layers: usize,
-    /// SwiGLU hidden size `h` (ff_proj is `2h × d`).
+    /// SwiGLU hidden size `h` (ff_proj is `2h × d`, ff_out `d × h`).
     pub mlp_hidden: usize,
     pub vocab_size: usize,
+    /// Embedding rows (OLMo's `embedding_size`): at least `vocab_size`, padded to 128 by default.
+    pub embedding_size: usize,
     pub rope_theta: f32,
     pub eps: f32,
     pub z_loss: f32,
+    pub norm: NormKind,
+    /// `layer_norm_with_affine`: norms carry a weight (no bias).
+    pub norm_affine: bool,
+    pub weight_tying: bool,
 }
 
 impl ModelConfig {
-    /// Embedding rows: the vocabulary padded to a multiple of 128, as OLMo's `embedding_size`.
-    pub fn embedding_size(&self) -> usize {
-        self.vocab_size.div_ceil(128) * 128
-    }
-    fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
     }
-    fn layer_params(&self) -> usize {
-        let d = self.d_model;
-        3 * d * d + d * d + 2 * self.mlp_hidden * d + d * self.mlp_hidden
+
+    /// Non-embedding parameters (the `N` of the FLOPs formula).
+    pub fn non_embedding_params(&self) -> usize {
+        let l = Layout::new(self);
+        l.total - self.embedding_size * self.d_model * if self.weight_tying { 1 } else { 2 }
     }
+
     pub fn num_params(&self) -> usize {
-        self.embedding_size() * self.d_model + self.n_layers * self.layer_params()
+        Layout::new(self).total
+    }
+
+    /// Training FLOPs per token (forward + backward) as OLMo counts them.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let attn = (self.n_layers * self.d_model * seq) as f64;
+        let n = self.non_embedding_params() as f64;
+        let total = self.num_params() as f64;
+        2.0 * n + 4.0 * attn + 4.0 * total + 8.0 * attn
     }
 }
 
-/// Offsets of one layer's weights in the flat buffer.
-struct LayerOffsets {
-    att_proj: usize,
-    attn_out: usize,
-    ff_proj: usize,
-    ff_out: usize,
+/// What a tensor is, which decides its init and its weight-decay group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embedding,
+    /// A block's input projection (att_proj, ff_proj) of layer `.0`.
+    InProj(usize),
+    /// A block's output projection (attn_out) of layer `.0`.
+    AttnOut(usize),
+    /// A block's ff_out of layer `.0`.
+    FfOut(usize),
+    Norm,
+    Head,
 }
 
-fn layer(cfg: &ModelConfig, l: usize) -> LayerOffsets {
-    let d = cfg.d_model;
-    let base = cfg.embedding_size() * d + l * cfg.layer_params();
-    LayerOffsets {
-        att_proj: base,
-        attn_out: base + 3 * d * d,
-        ff_proj: base + 4 * d * d,
-        ff_out: base + 4 * d * d + 2 * cfg.mlp_hidden * d,
+/// One named tensor of the flat buffer, named as in OLMo's state dict.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub role: Role,
+}
+
+impl Tensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
     }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Offsets of one layer's tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerOffsets {
+    pub attn_norm: Option<usize>,
+    pub att_proj: usize,
+    pub attn_out: usize,
+    pub ff_norm: Option<usize>,
+    pub ff_proj: usize,
+    pub ff_out: usize,
+}
+
+/// Where every tensor lives in the flat parameter buffer.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub tensors: Vec<Tensor>,
+    pub total: usize,
+    pub wte: usize,
+    pub layers: Vec<LayerOffsets>,
+    pub ln_f: Option<usize>,
+    pub head: Option<usize>,
+}
+
+impl Layout {
+    pub fn new(cfg: &ModelConfig) -> Layout {
+        let (d, h) = (cfg.d_model, cfg.mlp_hidden);
+        let mut tensors = Vec::new();
+        let mut total = 0;
+        let mut add = |name: String, shape: Vec<usize>, role: Role| {
+            let offset = total;
+            total += shape.iter().product::<usize>();
+            tensors.push(Tensor {
+                name,
+                offset,
+                shape,
+                role,
+            });
+            offset
+        };
+        let wte = add(
+            "transformer.wte.weight".into(),
+            vec![cfg.embedding_size, d],
+            Role::Embedding,
+        );
+        let mut layers = Vec::new();
+        for l in 0..cfg.n_layers {
+            let p = format!("transformer.blocks.{l}");
+            let norm = |add: &mut dyn FnMut(String, Vec<usize>, Role) -> usize, n: &str| {
+                cfg.norm_affine
+                    .then(|| add(format!("{p}.{n}.weight"), vec![d], Role::Norm))
+            };
+            let attn_norm = norm(&mut add, "attn_norm");
+            let att_proj = add(
+                format!("{p}.att_proj.weight"),
+                vec![3 * d, d],
+                Role::InProj(l),
+            );
+            let attn_out = add(format!("{p}.attn_out.weight"), vec![d, d], Role::AttnOut(l));
+            let ff_norm = norm(&mut add, "ff_norm");
+            let ff_proj = add(
+                format!("{p}.ff_proj.weight"),
+                vec![2 * h, d],
+                Role::InProj(l),
+            );
+            let ff_out = add(format!("{p}.ff_out.weight"), vec![d, h], Role::FfOut(l));
+            layers.push(LayerOffsets {
+                attn_norm,
+                att_proj,
+                attn_out,
+                ff_norm,
+                ff_proj,
+                ff_out,
+            });
+        }
+        let ln_f = cfg
+            .norm_affine
+            .then(|| add("transformer.ln_f.weight".into(), vec![d], Role::Norm));
+        let head = (!cfg.weight_tying).then(|| {
+            add(
+                "transformer.ff_out.weight".into(),
+                vec![cfg.embedding_size, d],
+                Role::Head,
+            )
+        });
+        Layout {
+            tensors,
+            total,
+            wte,
+            layers,
+            ln_f,
+            head,
+        }
+    }
+}
+
+/// Initial parameters as OLMo's `init_fn` sets them (truncated normals; norm weights 1).
+/// Each tensor draws from its own generator seeded by (seed, tensor index), so the values do
+/// not depend on the order tensors are filled in.
+pub fn init_params(
+    cfg: &ModelConfig,
+    init: InitFn,
+    init_std: f32,
+    cutoff: Option<f32>,
+    seed: u64,
+) -> Vec<f32> {
+    let layout = Layout::new(cfg);
+    let mut params = vec![0.0f32; layout.total];
+    let d = cfg.d_model as f32;
+    let h = cfg.mlp_hidden as f32;
+    for (i, t) in layout.tensors.iter().enumerate() {
+        let (std, cut) = match (init, t.role) {
+            (_, Role::Norm) => {
+                params[t.range()].fill(1.0);
+                continue;
+            }
+            (InitFn::Normal, _) => (init_std, cutoff),
+            (InitFn::Mitchell, role) => {
+                let std = match role {
+                    Role::AttnOut(l) => 1.0 / (2.0 * d * (l + 1) as f32).sqrt(),
+                    Role::FfOut(l) => 1.0 / (2.0 * h * (l + 1) as f32).sqrt(),
+                    _ => 1.0 / d.sqrt(),
+                };
+                (std, Some(cutoff.unwrap_or(3.0)))
+            }
+            (InitFn::FullMegatron, role) => {
+                let std = match role {
+                    Role::AttnOut(_) | Role::FfOut(_) => {
+                        init_std / (2.0 * cfg.n_layers as f32).sqrt()
+                    }
+                    Role::Head => 1.0 / d.sqrt(),
+                    _ => init_std,
+                };
+                (std, Some(cutoff.unwrap_or(3.0)))
+            }
+        };
+        let mut g = Pcg64::new(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        for p in &mut params[t.range()] {
+            *p = loop {
+                // Box-Muller on two uniforms in (0, 1].
+                let u1 = ((g.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                if cut.is_none_or(|c| z.abs() <= c as f64) {
+                    break z as f32 * std;
+                }
+            };
+        }
+    }
+    params
+}
+
+/// A batch of `b` sequences of `t` positions: input ids and the next-token targets
+/// ([`IGNORE`] where a position is not scored).
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [u32],
+    pub b: usize,
+    pub t: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// Training batch from whole windows of `t + 1` tokens: predict tokens `1..` from `..t`.
+    pub fn from_windows(
+        windows: &[Vec<u32>],
+        inputs: &'a mut Vec<u32>,
+        targets: &'a mut Vec<u32>,
+    ) -> Batch<'a> {
+        let t = windows[0].len() - 1;
+        inputs.clear();
+        targets.clear();
+        for w in windows {
+            inputs.extend_from_slice(&w[..t]);
+            targets.extend_from_slice(&w[1..]);
+        }
+        Batch {
+            inputs,
+            targets,
+            b: windows.len(),
+            t,
+        }
+    }
+}
+
+/// What a forward pass scored.
+#[derive(Debug, Default, Clone)]
+pub struct Scores {
+    /// log p(target) per position (0 where ignored).
+    pub logprobs: Vec<f32>,
+    /// Σ −log p over scored positions, and Σ z-loss terms, in f64.
+    pub ce_sum: f64,
+    pub z_sum: f64,
+    pub count: usize,
 }
 
 /// Activations one layer's backward pass needs.
-#[derive(Default)]
 struct LayerActs {
     x_in: Vec<f32>,
     ln1: Vec<f32>,
     ln1_mean: Vec<f32>,
     ln1_rstd: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    qkv: Vec<f32>,
     probs: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
@@ -76,220 +304,280 @@ struct LayerActs {
     ff_act: Vec<f32>,
 }
 
-/// Loss of one sequence and the gradient of its parameters (added into `grads`).
-/// `tokens` has `seq + 1` ids: inputs are `tokens[..seq]`, targets `tokens[1..]`.
-pub fn forward_backward(
-    cfg: &ModelConfig,
-    params: &[f32],
-    tokens: &[u32],
-    grads: &mut [f32],
-) -> (f32, f32) {
-    let (d, hh, h) = (cfg.d_model, cfg.n_heads, cfg.mlp_hidden);
-    let hd = cfg.head_dim();
-    let seq = tokens.len() - 1;
-    let emb = cfg.embedding_size();
-    let wte = &params[..emb * d];
-
-    // Forward.
-    let mut x: Vec<f32> = tokens[..seq]
-        .iter()
-        .flat_map(|&t| wte[t as usize * d..(t as usize + 1) * d].to_vec())
-        .collect();
-    let mut acts: Vec<LayerActs> = Vec::with_capacity(cfg.n_layers);
-    for l in 0..cfg.n_layers {
-        let o = layer(cfg, l);
-        let mut a = LayerActs {
-            x_in: x.clone(),
-            ..Default::default()
-        };
-        a.ln1 = vec![0.0; seq * d];
-        a.ln1_mean = vec![0.0; seq];
-        a.ln1_rstd = vec![0.0; seq];
-        layernorm_forward(&x, d, cfg.eps, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd);
-        let mut qkv = vec![0.0; seq * 3 * d];
-        matmul_forward(
-            &a.ln1,
-            &params[o.att_proj..o.att_proj + 3 * d * d],
-            seq,
-            d,
-            3 * d,
-            &mut qkv,
-        );
-        a.q = qkv
-            .chunks_exact(3 * d)
-            .flat_map(|r| r[..d].to_vec())
-            .collect();
-        a.k = qkv
-            .chunks_exact(3 * d)
-            .flat_map(|r| r[d..2 * d].to_vec())
-            .collect();
-        a.v = qkv
-            .chunks_exact(3 * d)
-            .flat_map(|r| r[2 * d..].to_vec())
-            .collect();
-        rope(&mut a.q, seq, hh, hd, cfg.rope_theta, false);
-        rope(&mut a.k, seq, hh, hd, cfg.rope_theta, false);
-        a.att = vec![0.0; seq * d];
-        a.probs = vec![0.0; hh * seq * seq];
-        attention_forward(&a.q, &a.k, &a.v, seq, hh, hd, &mut a.att, &mut a.probs);
-        let mut proj = vec![0.0; seq * d];
-        matmul_forward(
-            &a.att,
-            &params[o.attn_out..o.attn_out + d * d],
-            seq,
-            d,
-            d,
-            &mut proj,
-        );
-        a.x_mid = x.iter().zip(&proj).map(|(a, b)| a + b).collect();
-        a.ln2 = vec![0.0; seq * d];
-        a.ln2_mean = vec![0.0; seq];
-        a.ln2_rstd = vec![0.0; seq];
-        layernorm_forward(
-            &a.x_mid,
-            d,
-            cfg.eps,
-            &mut a.ln2,
-            &mut a.ln2_mean,
-            &mut a.ln2_rstd,
-        );
-        a.ff_in = vec![0.0; seq * 2 * h];
-        matmul_forward(
-            &a.ln2,
-            &params[o.ff_proj..o.ff_proj + 2 * h * d],
-            seq,
-            d,
-            2 * h,
-            &mut a.ff_in,
-        );
-        a.ff_act = vec![0.0; seq * h];
-        swiglu_forward(&a.ff_in, h, &mut a.ff_act);
-        let mut ff = vec![0.0; seq * d];
-        matmul_forward(
-            &a.ff_act,
-            &params[o.ff_out..o.ff_out + d * h],
-            seq,
-            h,
-            d,
-            &mut ff,
-        );
-        x = a.x_mid.iter().zip(&ff).map(|(a, b)| a + b).collect();
-        acts.push(a);
-    }
-    let mut lnf = vec![0.0; seq * d];
-    let (mut lnf_mean, mut lnf_rstd) = (vec![0.0; seq], vec![0.0; seq]);
-    layernorm_forward(&x, d, cfg.eps, &mut lnf, &mut lnf_mean, &mut lnf_rstd);
-    let mut logits = vec![0.0; seq * emb];
-    matmul_forward(&lnf, wte, seq, d, emb, &mut logits);
-    let mut dlogits = vec![0.0; seq * emb];
-    let (loss, z) = cross_entropy(&logits, &tokens[1..], emb, cfg.z_loss, &mut dlogits);
-
-    // Backward.
-    let mut dlnf = vec![0.0; seq * d];
-    matmul_backward(
-        &dlogits,
-        &lnf,
-        wte,
-        seq,
-        d,
-        emb,
-        &mut dlnf,
-        &mut grads[..emb * d],
-    );
-    let mut dx = vec![0.0; seq * d];
-    layernorm_backward(&dlnf, &x, &lnf_mean, &lnf_rstd, d, &mut dx);
-    for l in (0..cfg.n_layers).rev() {
-        let o = layer(cfg, l);
-        let a = &acts[l];
-        // MLP branch: x_out = x_mid + ff_out(swiglu(ff_proj(ln2(x_mid))))
-        let mut dff_act = vec![0.0; seq * h];
-        matmul_backward(
-            &dx,
-            &a.ff_act,
-            &params[o.ff_out..o.ff_out + d * h],
-            seq,
-            h,
-            d,
-            &mut dff_act,
-            &mut grads[o.ff_out..o.ff_out + d * h],
-        );
-        let mut dff_in = vec![0.0; seq * 2 * h];
-        swiglu_backward(&dff_act, &a.ff_in, h, &mut dff_in);
-        let mut dln2 = vec![0.0; seq * d];
-        matmul_backward(
-            &dff_in,
-            &a.ln2,
-            &params[o.ff_proj..o.ff_proj + 2 * h * d],
-            seq,
-            d,
-            2 * h,
-            &mut dln2,
-            &mut grads[o.ff_proj..o.ff_proj + 2 * h * d],
-        );
-        let mut dx_mid = dx.clone();
-        layernorm_backward(&dln2, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, d, &mut dx_mid);
-        // Attention branch: x_mid = x_in + attn_out(attn(...))
-        let mut datt = vec![0.0; seq * d];
-        matmul_backward(
-            &dx_mid,
-            &a.att,
-            &params[o.attn_out..o.attn_out + d * d],
-            seq,
-            d,
-            d,
-            &mut datt,
-            &mut grads[o.attn_out..o.attn_out + d * d],
-        );
-        let (mut dq, mut dk, mut dv) = (vec![0.0; seq * d], vec![0.0; seq * d], vec![0.0; seq * d]);
-        attention_backward(
-            &datt, &a.q, &a.k, &a.v, &a.probs, seq, hh, hd, &mut dq, &mut dk, &mut dv,
-        );
-        rope(&mut dq, seq, hh, hd, cfg.rope_theta, true);
-        rope(&mut dk, seq, hh, hd, cfg.rope_theta, true);
-        let mut dqkv = vec![0.0; seq * 3 * d];
-        for t in 0..seq {
-            dqkv[t * 3 * d..t * 3 * d + d].copy_from_slice(&dq[t * d..(t + 1) * d]);
-            dqkv[t * 3 * d + d..t * 3 * d + 2 * d].copy_from_slice(&dk[t * d..(t + 1) * d]);
-            dqkv[t * 3 * d + 2 * d..(t + 1) * 3 * d].copy_from_slice(&dv[t * d..(t + 1) * d]);
-        }
-        let mut dln1 = vec![0.0; seq * d];
-        matmul_backward(
-            &dqkv,
-            &a.ln1,
-            &params[o.att_proj..o.att_proj + 3 * d * d],
-            seq,
-            d,
-            3 * d,
-            &mut dln1,
-            &mut grads[o.att_proj..o.att_proj + 3 * d * d],
-        );
-        let mut dx_in = dx_mid.clone();
-        layernorm_backward(&dln1, &a.x_in, &a.ln1_mean, &a.ln1_rstd, d, &mut dx_in);
-        dx = dx_in;
-    }
-    // Embedding lookup.
-    for (t, &tok) in tokens[..seq].iter().enumerate() {
-        for i in 0..d {
-            grads[tok as usize * d + i] += dx[t * d + i];
-        }
-    }
-    (loss, z)
+/// The model: its shape, where its tensors are, and the RoPE table.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub layout: Layout,
+    rope: RopeTable,
 }
 
-/// OLMo's `normal` init: N(0, std) for every weight (truncated at ±3 std).
-pub fn init_normal(cfg: &ModelConfig, std: f32, seed: u64) -> Vec<f32> {
-    let mut g = crate::permutation::Pcg64::new(seed);
-    (0..cfg.num_params())
-        .map(|_| loop {
-            // Box-Muller on two uniforms in (0, 1].
-            let u1 = ((g.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-            let u2 = (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            if z.abs() <= 3.0 {
-                break z as f32 * std;
+impl Model {
+    /// `max_seq` bounds the positions any batch may have (the RoPE table's length).
+    pub fn new(cfg: ModelConfig, max_seq: usize) -> Model {
+        Model {
+            layout: Layout::new(&cfg),
+            rope: RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta),
+            cfg,
+        }
+    }
+
+    fn norm_weight<'p>(&self, params: &'p [f32], at: Option<usize>) -> Option<&'p [f32]> {
+        at.map(|o| &params[o..o + self.cfg.d_model])
+    }
+
+    /// Scores a batch without keeping activations for a backward pass.
+    pub fn forward(&self, params: &[f32], batch: &Batch) -> Scores {
+        self.run(params, batch, None)
+    }
+
+    /// Scores a batch and adds `grad_scale · d(Σ CE + z-loss)/dparams` into `grads`.
+    pub fn forward_backward(
+        &self,
+        params: &[f32],
+        batch: &Batch,
+        grad_scale: f32,
+        grads: &mut [f32],
+    ) -> Scores {
+        self.run(params, batch, Some((grad_scale, grads)))
+    }
+
+    fn run(&self, params: &[f32], batch: &Batch, backward: Option<(f32, &mut [f32])>) -> Scores {
+        let cfg = &self.cfg;
+        let (d, hh, h) = (cfg.d_model, cfg.n_heads, cfg.mlp_hidden);
+        let hd = cfg.head_dim();
+        let (b, t) = (batch.b, batch.t);
+        let n = b * t;
+        let emb = cfg.embedding_size;
+        assert!(t <= self.rope.sin.len() / self.rope.half.max(1));
+        assert_eq!(batch.inputs.len(), n);
+        assert_eq!(batch.targets.len(), n);
+        let lay = &self.layout;
+        let wte = &params[lay.wte..lay.wte + emb * d];
+        let keep = backward.is_some();
+
+        let mut x = vec![0.0f32; n * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(batch.inputs) {
+            row.copy_from_slice(&wte[tok as usize * d..(tok as usize + 1) * d]);
+        }
+        let mut acts: Vec<LayerActs> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
+        for o in &lay.layers {
+            let mut ln1 = vec![0.0; n * d];
+            let (mut ln1_mean, mut ln1_rstd) = (vec![0.0; n], vec![0.0; n]);
+            norm_forward(
+                cfg.norm,
+                &x,
+                d,
+                cfg.eps,
+                self.norm_weight(params, o.attn_norm),
+                &mut ln1,
+                &mut ln1_mean,
+                &mut ln1_rstd,
+            );
+            let mut qkv = vec![0.0; n * 3 * d];
+            matmul_forward(&ln1, &params[o.att_proj..], n, d, 3 * d, &mut qkv);
+            rope(&mut qkv, 3 * d, 2, t, hh, &self.rope, false);
+            let mut att = vec![0.0; n * d];
+            let mut probs = vec![0.0; b * hh * t * t];
+            attention_forward(&qkv, b, t, hh, hd, &mut att, &mut probs);
+            let mut x_mid = vec![0.0; n * d];
+            matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut x_mid);
+            x_mid.iter_mut().zip(&x).for_each(|(m, xi)| *m += xi);
+            let mut ln2 = vec![0.0; n * d];
+            let (mut ln2_mean, mut ln2_rstd) = (vec![0.0; n], vec![0.0; n]);
+            norm_forward(
+                cfg.norm,
+                &x_mid,
+                d,
+                cfg.eps,
+                self.norm_weight(params, o.ff_norm),
+                &mut ln2,
+                &mut ln2_mean,
+                &mut ln2_rstd,
+            );
+            let mut ff_in = vec![0.0; n * 2 * h];
+            matmul_forward(&ln2, &params[o.ff_proj..], n, d, 2 * h, &mut ff_in);
+            let mut ff_act = vec![0.0; n * h];
+            swiglu_forward(&ff_in, h, &mut ff_act);
+            let mut x_out = vec![0.0; n * d];
+            matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut x_out);
+            x_out.iter_mut().zip(&x_mid).for_each(|(o, m)| *o += m);
+            let x_in = std::mem::replace(&mut x, x_out);
+            if keep {
+                acts.push(LayerActs {
+                    x_in,
+                    ln1,
+                    ln1_mean,
+                    ln1_rstd,
+                    qkv,
+                    probs,
+                    att,
+                    x_mid,
+                    ln2,
+                    ln2_mean,
+                    ln2_rstd,
+                    ff_in,
+                    ff_act,
+                });
             }
-        })
-        .collect()
+        }
+        let mut lnf = vec![0.0; n * d];
+        let (mut lnf_mean, mut lnf_rstd) = (vec![0.0; n], vec![0.0; n]);
+        norm_forward(
+            cfg.norm,
+            &x,
+            d,
+            cfg.eps,
+            self.norm_weight(params, lay.ln_f),
+            &mut lnf,
+            &mut lnf_mean,
+            &mut lnf_rstd,
+        );
+        let head_at = lay.head.unwrap_or(lay.wte);
+        let head = &params[head_at..head_at + emb * d];
+        let mut logits = vec![0.0; n * emb];
+        matmul_forward(&lnf, head, n, d, emb, &mut logits);
+        let per_row = cross_entropy(
+            &mut logits,
+            batch.targets,
+            emb,
+            cfg.z_loss,
+            backward.as_ref().map(|(s, _)| *s),
+        );
+        let mut scores = Scores {
+            logprobs: per_row.iter().map(|r| r.0).collect(),
+            ..Default::default()
+        };
+        for (r, &tgt) in per_row.iter().zip(batch.targets) {
+            if tgt != IGNORE {
+                scores.ce_sum -= r.0 as f64;
+                scores.z_sum += r.1 as f64;
+                scores.count += 1;
+            }
+        }
+        let Some((_, grads)) = backward else {
+            return scores;
+        };
+
+        // Backward; `logits` now holds dL/dlogits.
+        let dlogits = logits;
+        let mut dlnf = vec![0.0; n * d];
+        matmul_backward(
+            &dlogits,
+            &lnf,
+            head,
+            n,
+            d,
+            emb,
+            &mut dlnf,
+            &mut grads[head_at..head_at + emb * d],
+        );
+        drop(dlogits);
+        let mut dx = vec![0.0; n * d];
+        let (norm_w, norm_g) = split_norm(params, grads, lay.ln_f, d);
+        norm_backward(
+            cfg.norm, &dlnf, &x, &lnf_mean, &lnf_rstd, d, norm_w, &mut dx, norm_g,
+        );
+        for (o, a) in lay.layers.iter().zip(&acts).rev() {
+            // MLP branch: x_out = x_mid + ff_out(swiglu(ff_proj(norm(x_mid))))
+            let mut dff_act = vec![0.0; n * h];
+            matmul_backward(
+                &dx,
+                &a.ff_act,
+                &params[o.ff_out..],
+                n,
+                h,
+                d,
+                &mut dff_act,
+                &mut grads[o.ff_out..o.ff_out + d * h],
+            );
+            let mut dff_in = vec![0.0; n * 2 * h];
+            swiglu_backward(&dff_act, &a.ff_in, h, &mut dff_in);
+            let mut dln2 = vec![0.0; n * d];
+            matmul_backward(
+                &dff_in,
+                &a.ln2,
+                &params[o.ff_proj..],
+                n,
+                d,
+                2 * h,
+                &mut dln2,
+                &mut grads[o.ff_proj..o.ff_proj + 2 * h * d],
+            );
+            let mut dx_mid = dx;
+            let (norm_w, norm_g) = split_norm(params, grads, o.ff_norm, d);
+            norm_backward(
+                cfg.norm,
+                &dln2,
+                &a.x_mid,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                d,
+                norm_w,
+                &mut dx_mid,
+                norm_g,
+            );
+            // Attention branch: x_mid = x_in + attn_out(attn(...))
+            let mut datt = vec![0.0; n * d];
+            matmul_backward(
+                &dx_mid,
+                &a.att,
+                &params[o.attn_out..],
+                n,
+                d,
+                d,
+                &mut datt,
+                &mut grads[o.attn_out..o.attn_out + d * d],
+            );
+            let mut dqkv = vec![0.0; n * 3 * d];
+            attention_backward(&datt, &a.qkv, &a.probs, b, t, hh, hd, &mut dqkv);
+            rope(&mut dqkv, 3 * d, 2, t, hh, &self.rope, true);
+            let mut dln1 = vec![0.0; n * d];
+            matmul_backward(
+                &dqkv,
+                &a.ln1,
+                &params[o.att_proj..],
+                n,
+                d,
+                3 * d,
+                &mut dln1,
+                &mut grads[o.att_proj..o.att_proj + 3 * d * d],
+            );
+            let mut dx_in = dx_mid;
+            let (norm_w, norm_g) = split_norm(params, grads, o.attn_norm, d);
+            norm_backward(
+                cfg.norm,
+                &dln1,
+                &a.x_in,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                d,
+                norm_w,
+                &mut dx_in,
+                norm_g,
+            );
+            dx = dx_in;
+        }
+        // Embedding lookup: rows in order, so the sum does not depend on threads.
+        let gw = &mut grads[lay.wte..lay.wte + emb * d];
+        for (row, &tok) in dx.chunks_exact(d).zip(batch.inputs) {
+            let g = &mut gw[tok as usize * d..(tok as usize + 1) * d];
+            g.iter_mut().zip(row).for_each(|(g, r)| *g += r);
+        }
+        scores
+    }
+}
+
+/// A norm's weight and gradient slices, when the norm has a weight.
+fn split_norm<'a>(
+    params: &'a [f32],
+    grads: &'a mut [f32],
+    at: Option<usize>,
+    d: usize,
+) -> (Option<&'a [f32]>, Option<&'a mut [f32]>) {
+    match at {
+        Some(o) => (Some(&params[o..o + d]), Some(&mut grads[o..o + d])),
+        None => (None, None),
+    }
 }
 
 #[cfg(test)]
@@ -297,67 +585,160 @@ mod tests {
     use super::*;
     use crate::optim::{AdamW, Moments};
 
-    fn tiny() -> ModelConfig {
+    fn tiny(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
         ModelConfig {
             d_model: 8,
             n_heads: 2,
             n_layers: 2,
             mlp_hidden: 12,
             vocab_size: 20,
+            embedding_size: 128,
             rope_theta: 10_000.0,
             eps: 1e-5,
             z_loss: 1e-4,
+            norm,
+            norm_affine: affine,
+            weight_tying: tying,
         }
+    }
+
+    fn loss_of(model: &Model, params: &[f32], seqs: &[Vec<u32>]) -> f64 {
+        let (mut i, mut t) = (Vec::new(), Vec::new());
+        let batch = Batch::from_windows(seqs, &mut i, &mut t);
+        let s = model.forward(params, &batch);
+        s.ce_sum + s.z_sum
     }
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        let cfg = tiny();
-        let params = init_normal(&cfg, 0.3, 1);
-        let tokens = [3u32, 7, 1, 19, 4, 7];
-        let mut grads = vec![0.0; params.len()];
-        forward_backward(&cfg, &params, &tokens, &mut grads);
-        let d = cfg.d_model;
-        let emb = cfg.embedding_size();
-        let l0 = layer(&cfg, 0);
-        let l1 = layer(&cfg, 1);
-        // embedding rows used as inputs and as outputs, every weight matrix of both layers
-        let probes = [
-            3 * d + 1,
-            19 * d + 5,
-            10 * d + 2,
-            l0.att_proj + 5,
-            l0.att_proj + 2 * d * d + 9,
-            l0.attn_out + 17,
-            l0.ff_proj + 30,
-            l0.ff_proj + cfg.mlp_hidden * d + 3,
-            l0.ff_out + 40,
-            l1.att_proj + d * d + 11,
-            l1.ff_out + 7,
-        ];
-        assert!(probes.iter().all(|&p| p < params.len()) && emb == 128);
-        for &p in &probes {
-            let eps = 1e-2f32;
-            let loss_at = |delta: f32| {
-                let mut q = params.clone();
-                q[p] += delta;
-                let mut scratch = vec![0.0; q.len()];
-                forward_backward(&cfg, &q, &tokens, &mut scratch).0 as f64
-            };
-            let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-            assert!(
-                (fd - grads[p] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-                "param {p}: finite difference {fd}, backward {}",
-                grads[p]
-            );
+        for (norm, affine, tying) in [
+            (NormKind::LayerNorm, false, true),
+            (NormKind::Rms, true, false),
+        ] {
+            let cfg = tiny(norm, affine, tying);
+            let model = Model::new(cfg, 16);
+            let mut params = init_params(&cfg, InitFn::Normal, 0.3, None, 1);
+            // perturb norm weights away from 1 so their gradients are exercised
+            for t in &model.layout.tensors {
+                if t.role == Role::Norm {
+                    for (j, p) in params[t.range()].iter_mut().enumerate() {
+                        *p += 0.05 * j as f32;
+                    }
+                }
+            }
+            let seqs = vec![vec![3u32, 7, 1, 19, 4, 7], vec![5u32, 5, 0, 2, 18, 9]];
+            let (mut i, mut t) = (Vec::new(), Vec::new());
+            let batch = Batch::from_windows(&seqs, &mut i, &mut t);
+            let mut grads = vec![0.0; params.len()];
+            model.forward_backward(&params, &batch, 1.0, &mut grads);
+            let d = cfg.d_model;
+            let lay = &model.layout;
+            let (l0, l1) = (lay.layers[0], lay.layers[1]);
+            let mut probes = vec![
+                3 * d + 1,
+                19 * d + 5,
+                10 * d + 2,
+                l0.att_proj + 5,
+                l0.att_proj + 2 * d * d + 9,
+                l0.attn_out + 17,
+                l0.ff_proj + 30,
+                l0.ff_proj + cfg.mlp_hidden * d + 3,
+                l0.ff_out + 40,
+                l1.att_proj + d * d + 11,
+                l1.ff_out + 7,
+            ];
+            if affine {
+                probes.extend([
+                    l0.attn_norm.unwrap() + 3,
+                    l1.ff_norm.unwrap() + 6,
+                    lay.ln_f.unwrap() + 1,
+                ]);
+            }
+            if let Some(head) = lay.head {
+                probes.extend([head + 9 * d + 3, head + 100 * d]);
+            }
+            for &p in &probes {
+                let eps = 1e-2f32;
+                let at = |delta: f32| {
+                    let mut q = params.clone();
+                    q[p] += delta;
+                    loss_of(&model, &q, &seqs)
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (fd - grads[p] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "{norm:?} affine {affine} tying {tying}: param {p}: finite difference {fd}, backward {}",
+                    grads[p]
+                );
+            }
         }
     }
 
     #[test]
+    fn batched_scores_equal_one_sequence_at_a_time() {
+        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let model = Model::new(cfg, 16);
+        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+        let seqs = vec![vec![1u32, 2, 3, 4, 5], vec![9u32, 8, 7, 6, 5]];
+        let both = loss_of(&model, &params, &seqs);
+        let one = loss_of(&model, &params, &seqs[..1]) + loss_of(&model, &params, &seqs[1..]);
+        assert!((both - one).abs() < 1e-5, "{both} vs {one}");
+    }
+
+    #[test]
+    fn parameter_counts_match_olmo_1b_and_7b() {
+        let olmo = |d, heads, layers, hidden, tying| ModelConfig {
+            d_model: d,
+            n_heads: heads,
+            n_layers: layers,
+            mlp_hidden: hidden,
+            vocab_size: 50280,
+            embedding_size: 50304,
+            rope_theta: 10_000.0,
+            eps: 1e-5,
+            z_loss: 0.0,
+            norm: NormKind::LayerNorm,
+            norm_affine: false,
+            weight_tying: tying,
+        };
+        // the published sizes: OLMo-1B 1,176,764,416; OLMo-7B 6,888,095,744
+        assert_eq!(olmo(2048, 16, 16, 8192, true).num_params(), 1_176_764_416);
+        assert_eq!(olmo(4096, 32, 32, 11008, false).num_params(), 6_888_095_744);
+    }
+
+    #[test]
+    fn mitchell_init_scales_output_projections_by_depth() {
+        let mut cfg = tiny(NormKind::LayerNorm, false, true);
+        cfg.d_model = 64;
+        cfg.n_heads = 4;
+        cfg.mlp_hidden = 128;
+        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 4);
+        let lay = Layout::new(&cfg);
+        let std = |r: std::ops::Range<usize>| {
+            let v = &params[r];
+            (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let l1 = lay.layers[1];
+        let attn_out = std(l1.attn_out..l1.attn_out + 64 * 64);
+        let want = 1.0 / (2.0f64 * 64.0 * 2.0).sqrt();
+        // a ±3σ truncated normal has std ≈ 0.986σ
+        assert!(
+            (attn_out / want - 0.986).abs() < 0.03,
+            "{attn_out} vs {want}"
+        );
+        let wte = std(0..128 * 64);
+        assert!((wte / (1.0 / 8.0) - 0.986).abs() < 0.03, "{wte}");
+        assert!(params.iter().all(|p| p.abs() <= 3.0 / 8.0 + 1e-6));
+    }
+
+    #[test]
     fn adamw_steps_fit_a_fixed_sequence() {
-        let cfg = tiny();
-        let mut params = init_normal(&cfg, 0.02, 2);
-        let tokens = [1u32, 2, 3, 4, 5, 6, 7, 8, 9];
+        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let model = Model::new(cfg, 16);
+        let mut params = init_params(&cfg, InitFn::Normal, 0.02, None, 2);
+        let seqs = vec![vec![1u32, 2, 3, 4, 5, 6, 7, 8, 9]];
+        let (mut i, mut t) = (Vec::new(), Vec::new());
+        let batch = Batch::from_windows(&seqs, &mut i, &mut t);
         let opt = AdamW {
             beta1: 0.9,
             beta2: 0.95,
@@ -365,11 +746,11 @@ mod tests {
             weight_decay: 0.0,
         };
         let mut state = Moments::zeros(params.len());
-        let mut first = None;
-        let mut last = 0.0;
+        let (mut first, mut last) = (None, 0.0);
         for step in 1..=200 {
             let mut grads = vec![0.0; params.len()];
-            let (loss, _) = forward_backward(&cfg, &params, &tokens, &mut grads);
+            let s = model.forward_backward(&params, &batch, 1.0 / 8.0, &mut grads);
+            let loss = (s.ce_sum / s.count as f64) as f32;
             first.get_or_insert(loss);
             last = loss;
             opt.step(step, 1e-2, &mut params, &grads, &mut state, true);

@@ -1,71 +1,232 @@
-//! CPU reference kernels of the OLMo block, forward and backward, in f32 (llm.c style: plain
-//! loops over row-major buffers). These are the reference the GPU kernels will be checked
-//! against, so each backward pass is verified against finite differences in the tests.
+//! CPU kernels of the OLMo block, forward and backward, in f32 over row-major buffers: GEMMs
+//! through the `gemm` crate (runtime AVX2/AVX-512/FMA dispatch), the rest as row-parallel
+//! rayon loops. They are the reference the GPU kernels are checked against, so each backward
+//! pass is verified against finite differences in the tests.
 //!
-//! Shapes: `x` is `[rows, dim]`; a Linear weight is `[out, in]` as in torch (`y = x Wᵀ`).
+//! Determinism: every reduction runs in a fixed order whatever the thread count (rows are
+//! independent; GEMM depth blocking depends on cache sizes, not threads), so a run gives the
+//! same bits with 1 or 16 threads.
+//!
+//! Shapes: activations are `[rows, dim]`; a Linear weight is `[out, in]` as in torch
+//! (`y = x Wᵀ`); q, k, v live in the fused `[rows, 3d]` output of `att_proj`.
 
-/// Non-parametric LayerNorm (`F.layer_norm(x, None, None, eps)`); keeps mean and rstd per row.
-pub fn layernorm_forward(
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows per rayon task for elementwise kernels: big enough to amortise scheduling.
+const ROW_CHUNK: usize = 16;
+
+/// Which normalisation the blocks use (`layer_norm_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `F.layer_norm` (mean and variance).
+    LayerNorm,
+    /// RMSNorm: `x · rsqrt(mean(x²) + eps)`.
+    Rms,
+}
+
+/// Normalises each row of `x` into `out` (times `weight` when affine); keeps mean and rstd.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_forward(
+    kind: NormKind,
     x: &[f32],
     dim: usize,
     eps: f32,
+    weight: Option<&[f32]>,
     out: &mut [f32],
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
-    for (r, row) in x.chunks_exact(dim).enumerate() {
-        let m = row.iter().sum::<f32>() / dim as f32;
-        let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / dim as f32;
-        let s = 1.0 / (var + eps).sqrt();
-        for (o, v) in out[r * dim..(r + 1) * dim].iter_mut().zip(row) {
-            *o = (v - m) * s;
-        }
-        mean[r] = m;
-        rstd[r] = s;
-    }
+    out.par_chunks_mut(dim * ROW_CHUNK)
+        .zip(x.par_chunks(dim * ROW_CHUNK))
+        .zip(
+            mean.par_chunks_mut(ROW_CHUNK)
+                .zip(rstd.par_chunks_mut(ROW_CHUNK)),
+        )
+        .for_each(|((out, x), (mean, rstd))| {
+            for (r, row) in x.chunks_exact(dim).enumerate() {
+                let m = match kind {
+                    NormKind::LayerNorm => row.iter().sum::<f32>() / dim as f32,
+                    NormKind::Rms => 0.0,
+                };
+                let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / dim as f32;
+                let s = 1.0 / (var + eps).sqrt();
+                let o = &mut out[r * dim..(r + 1) * dim];
+                match weight {
+                    Some(w) => {
+                        for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                            *o = (v - m) * s * w;
+                        }
+                    }
+                    None => {
+                        for (o, v) in o.iter_mut().zip(row) {
+                            *o = (v - m) * s;
+                        }
+                    }
+                }
+                mean[r] = m;
+                rstd[r] = s;
+            }
+        });
 }
 
-/// Adds dL/dx to `dx` given dL/dout.
-pub fn layernorm_backward(
+/// Adds dL/dx to `dx` (and dL/dweight to `dweight` when affine) given dL/dout.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_backward(
+    kind: NormKind,
     dout: &[f32],
     x: &[f32],
     mean: &[f32],
     rstd: &[f32],
     dim: usize,
+    weight: Option<&[f32]>,
     dx: &mut [f32],
+    dweight: Option<&mut [f32]>,
 ) {
-    for r in 0..x.len() / dim {
-        let row = &x[r * dim..(r + 1) * dim];
-        let d = &dout[r * dim..(r + 1) * dim];
-        let (m, s) = (mean[r], rstd[r]);
-        let mut dmean = 0.0f32;
-        let mut dnorm_norm = 0.0f32;
-        for i in 0..dim {
-            let norm = (row[i] - m) * s;
-            dmean += d[i];
-            dnorm_norm += d[i] * norm;
-        }
-        dmean /= dim as f32;
-        dnorm_norm /= dim as f32;
-        for i in 0..dim {
-            let norm = (row[i] - m) * s;
-            dx[r * dim + i] += s * (d[i] - dmean - norm * dnorm_norm);
+    if let Some(dw) = dweight {
+        // A column sum over rows: sequential in row order, so it does not depend on threads.
+        for (r, (d, row)) in dout.chunks_exact(dim).zip(x.chunks_exact(dim)).enumerate() {
+            let (m, s) = (mean[r], rstd[r]);
+            for ((g, d), v) in dw.iter_mut().zip(d).zip(row) {
+                *g += d * (v - m) * s;
+            }
         }
     }
+    dx.par_chunks_mut(dim * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(c, dx)| {
+            for (i, dxr) in dx.chunks_exact_mut(dim).enumerate() {
+                let r = c * ROW_CHUNK + i;
+                let row = &x[r * dim..(r + 1) * dim];
+                let d = &dout[r * dim..(r + 1) * dim];
+                let (m, s) = (mean[r], rstd[r]);
+                let dn = |j: usize| weight.map_or(d[j], |w| d[j] * w[j]);
+                let (mut dmean, mut dnorm_norm) = (0.0f32, 0.0f32);
+                for (j, v) in row.iter().enumerate() {
+                    let g = dn(j);
+                    dmean += g;
+                    dnorm_norm += g * (v - m) * s;
+                }
+                dmean /= dim as f32;
+                dnorm_norm /= dim as f32;
+                if kind == NormKind::Rms {
+                    dmean = 0.0;
+                }
+                for j in 0..dim {
+                    dxr[j] += s * (dn(j) - dmean - (row[j] - m) * s * dnorm_norm);
+                }
+            }
+        });
+}
+
+/// `dst := (accumulate ? dst : 0) + scale · lhs · rhs`, with explicit row and column strides.
+/// Safety of the raw call rests on the asserted extents.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len());
+    if k > 0 {
+        assert!(last(lhs_rs, lhs_cs, m, k) < lhs.len());
+        assert!(last(rhs_rs, rhs_cs, k, n) < rhs.len());
+    }
+    // Safety: the extents were checked above.
+    unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_rs,
+            lhs_cs,
+            rhs.as_ptr(),
+            rhs_rs,
+            rhs_cs,
+            scale,
+            parallel,
+        )
+    }
+}
+
+/// [`gemm_strided`] on raw pointers, for parallel tasks that write disjoint, interleaved
+/// regions of one buffer (heads of the attention output).
+///
+/// # Safety
+/// The strided extents must lie inside live allocations, and no other task may touch the
+/// written elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+    parallel: bool,
+) {
+    let par = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// `out[r, o] = Σ_i x[r, i] · w[o, i]` (no bias: OLMo's `include_bias=false`).
 pub fn matmul_forward(x: &[f32], w: &[f32], rows: usize, inp: usize, outp: usize, out: &mut [f32]) {
-    for r in 0..rows {
-        let xr = &x[r * inp..(r + 1) * inp];
-        for o in 0..outp {
-            let wr = &w[o * inp..(o + 1) * inp];
-            out[r * outp + o] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-        }
-    }
+    gemm_strided(
+        rows, outp, inp, out, outp, false, x, inp, 1, w, 1, inp, 1.0, true,
+    );
 }
 
-/// Adds dL/dx and dL/dw given dL/dout.
+/// Writes dL/dx into `dx` and adds dL/dw into `dw`, given dL/dout.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     dout: &[f32],
@@ -77,189 +238,364 @@ pub fn matmul_backward(
     dx: &mut [f32],
     dw: &mut [f32],
 ) {
-    for r in 0..rows {
-        for o in 0..outp {
-            let g = dout[r * outp + o];
-            for i in 0..inp {
-                dx[r * inp + i] += g * w[o * inp + i];
-                dw[o * inp + i] += g * x[r * inp + i];
-            }
-        }
-    }
+    gemm_strided(
+        rows, inp, outp, dx, inp, false, dout, outp, 1, w, inp, 1, 1.0, true,
+    );
+    gemm_strided(
+        outp, inp, rows, dw, inp, true, dout, 1, outp, x, inp, 1, 1.0, true,
+    );
 }
 
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
 }
 
 /// OLMo's SwiGLU: the input's first half is the value, the second the gate:
 /// `out = silu(gate) * value`, `x` is `[rows, 2h]`, `out` is `[rows, h]`.
 pub fn swiglu_forward(x: &[f32], h: usize, out: &mut [f32]) {
-    for (r, row) in x.chunks_exact(2 * h).enumerate() {
-        for i in 0..h {
-            out[r * h + i] = silu(row[h + i]) * row[i];
-        }
-    }
+    out.par_chunks_mut(h * ROW_CHUNK)
+        .zip(x.par_chunks(2 * h * ROW_CHUNK))
+        .for_each(|(out, x)| {
+            for (o, row) in out.chunks_exact_mut(h).zip(x.chunks_exact(2 * h)) {
+                let (v, g) = row.split_at(h);
+                for ((o, v), g) in o.iter_mut().zip(v).zip(g) {
+                    *o = g * sigmoid(*g) * v;
+                }
+            }
+        });
 }
 
+/// Writes dL/dx (`[rows, 2h]`) given dL/dout.
 pub fn swiglu_backward(dout: &[f32], x: &[f32], h: usize, dx: &mut [f32]) {
-    for (r, row) in x.chunks_exact(2 * h).enumerate() {
-        for i in 0..h {
-            let (v, g) = (row[i], row[h + i]);
-            let sig = 1.0 / (1.0 + (-g).exp());
-            let d = dout[r * h + i];
-            dx[r * 2 * h + i] += d * g * sig;
-            dx[r * 2 * h + h + i] += d * v * sig * (1.0 + g * (1.0 - sig));
-        }
-    }
+    dx.par_chunks_mut(2 * h * ROW_CHUNK)
+        .zip(x.par_chunks(2 * h * ROW_CHUNK))
+        .zip(dout.par_chunks(h * ROW_CHUNK))
+        .for_each(|((dx, x), dout)| {
+            for ((dxr, row), d) in dx
+                .chunks_exact_mut(2 * h)
+                .zip(x.chunks_exact(2 * h))
+                .zip(dout.chunks_exact(h))
+            {
+                let (dv, dg) = dxr.split_at_mut(h);
+                for i in 0..h {
+                    let (v, g) = (row[i], row[h + i]);
+                    let sig = sigmoid(g);
+                    dv[i] = d[i] * g * sig;
+                    dg[i] = d[i] * v * sig * (1.0 + g * (1.0 - sig));
+                }
+            }
+        });
 }
 
-/// RoPE, NeoX "rotate half" layout, on `[seq, heads, head_dim]` in place; `inverse` applies the
-/// transpose (which is the backward pass, the rotation being orthogonal).
-pub fn rope(x: &mut [f32], seq: usize, heads: usize, head_dim: usize, theta: f32, inverse: bool) {
-    let half = head_dim / 2;
-    for t in 0..seq {
-        for j in 0..half {
-            let freq = 1.0 / theta.powf(2.0 * j as f32 / head_dim as f32);
-            let (sin, cos) = (t as f32 * freq).sin_cos();
-            let sin = if inverse { -sin } else { sin };
-            for hh in 0..heads {
-                let base = (t * heads + hh) * head_dim;
-                let (a, b) = (x[base + j], x[base + half + j]);
-                x[base + j] = a * cos - b * sin;
-                x[base + half + j] = b * cos + a * sin;
+/// RoPE sin/cos tables `[seq, head_dim/2]`, computed in f32 as OLMo does (`inv_freq = 1 /
+/// theta^(2j/hd)`, `freqs = t · inv_freq`).
+pub struct RopeTable {
+    pub sin: Vec<f32>,
+    pub cos: Vec<f32>,
+    pub half: usize,
+}
+
+impl RopeTable {
+    pub fn new(seq: usize, head_dim: usize, theta: f32) -> RopeTable {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        let (mut sin, mut cos) = (
+            Vec::with_capacity(seq * half),
+            Vec::with_capacity(seq * half),
+        );
+        for t in 0..seq {
+            for f in &inv {
+                let (s, c) = (t as f32 * f).sin_cos();
+                sin.push(s);
+                cos.push(c);
             }
         }
+        RopeTable { sin, cos, half }
     }
 }
 
-/// Causal softmax attention over `[seq, heads, head_dim]` q, k, v (scale 1/sqrt(head_dim));
-/// keeps the probabilities `[heads, seq, seq]` for the backward pass.
-#[allow(clippy::too_many_arguments)]
+/// RoPE, NeoX "rotate half" layout, in place on the q and k parts of fused `[b·seq, 3d]` rows
+/// (`parts` = 2) or on `[b·seq, d]` rows (`parts` = 1, `stride` = d). `inverse` applies the
+/// transpose, which is the backward pass (the rotation is orthogonal).
+pub fn rope(
+    x: &mut [f32],
+    stride: usize,
+    parts: usize,
+    seq: usize,
+    heads: usize,
+    table: &RopeTable,
+    inverse: bool,
+) {
+    let half = table.half;
+    let hd = 2 * half;
+    x.par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
+        let t = r % seq;
+        let (sin, cos) = (
+            &table.sin[t * half..(t + 1) * half],
+            &table.cos[t * half..(t + 1) * half],
+        );
+        for p in 0..parts {
+            for h in 0..heads {
+                let base = p * heads * hd + h * hd;
+                let (a, b) = row[base..base + hd].split_at_mut(half);
+                for j in 0..half {
+                    let s = if inverse { -sin[j] } else { sin[j] };
+                    let (x1, x2) = (a[j], b[j]);
+                    a[j] = x1 * cos[j] - x2 * s;
+                    b[j] = x2 * cos[j] + x1 * s;
+                }
+            }
+        }
+    });
+}
+
+/// A raw pointer that parallel tasks writing disjoint regions can share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32, usize);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    fn new(s: &mut [f32]) -> SharedMut {
+        SharedMut(s.as_mut_ptr(), s.len())
+    }
+    /// The pointer `offset` elements in, after checking that a `[rows, cols]` block with row
+    /// stride `rs` starting there stays inside the buffer.
+    fn at(&self, offset: usize, rows: usize, cols: usize, rs: usize) -> *mut f32 {
+        assert!(offset + (rows - 1) * rs + cols <= self.1);
+        // Safety: in bounds, checked above.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Causal softmax attention for `b` sequences of `seq` positions, reading q, k, v from the
+/// fused `[b·seq, 3d]` rows (`d = heads · hd`, scale 1/sqrt(hd)); writes `[b·seq, d]` into
+/// `out` and keeps the probabilities `[b, heads, seq, seq]` for the backward pass.
 pub fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: &[f32],
+    b: usize,
     seq: usize,
     heads: usize,
     hd: usize,
     out: &mut [f32],
     probs: &mut [f32],
 ) {
+    let d = heads * hd;
+    assert_eq!(probs.len(), b * heads * seq * seq);
+    assert_eq!(out.len(), b * seq * d);
     let scale = 1.0 / (hd as f32).sqrt();
-    let at = |t: usize, h: usize| (t * heads + h) * hd;
-    for h in 0..heads {
-        for t in 0..seq {
-            let p = &mut probs[(h * seq + t) * seq..(h * seq + t + 1) * seq];
-            let mut max = f32::MIN;
-            for t2 in 0..=t {
-                let s: f32 = q[at(t, h)..at(t, h) + hd]
-                    .iter()
-                    .zip(&k[at(t2, h)..at(t2, h) + hd])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                p[t2] = s * scale;
-                max = max.max(p[t2]);
-            }
-            let mut sum = 0.0;
-            for x in p.iter_mut().take(t + 1) {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            for x in p.iter_mut().take(t + 1) {
-                *x /= sum;
-            }
-            for x in p.iter_mut().skip(t + 1) {
-                *x = 0.0;
-            }
-            let o = &mut out[at(t, h)..at(t, h) + hd];
-            o.fill(0.0);
-            for t2 in 0..=t {
-                for (oi, vi) in o.iter_mut().zip(&v[at(t2, h)..at(t2, h) + hd]) {
-                    *oi += p[t2] * vi;
+    let out = SharedMut::new(out);
+    probs
+        .par_chunks_mut(seq * seq)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (bi, h) = (bh / heads, bh % heads);
+            let base = bi * seq * 3 * d + h * hd;
+            let q = &qkv[base..];
+            let k = &qkv[base + d..];
+            let v = &qkv[base + 2 * d..];
+            gemm_strided(
+                seq,
+                seq,
+                hd,
+                p,
+                seq,
+                false,
+                q,
+                3 * d,
+                1,
+                k,
+                1,
+                3 * d,
+                scale,
+                false,
+            );
+            for (t, row) in p.chunks_exact_mut(seq).enumerate() {
+                let max = row[..=t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for x in &mut row[..=t] {
+                    *x = (*x - max).exp();
+                    sum += *x;
                 }
+                let inv = 1.0 / sum;
+                row[..=t].iter_mut().for_each(|x| *x *= inv);
+                row[t + 1..].fill(0.0);
             }
-        }
-    }
+            assert!(seq * seq <= p.len() && (seq - 1) * 3 * d + hd <= v.len());
+            // Safety: task (bi, h) writes rows bi·seq.. and columns h·hd.. only.
+            unsafe {
+                gemm_raw(
+                    seq,
+                    hd,
+                    seq,
+                    out.at(bi * seq * d + h * hd, seq, hd, d),
+                    d,
+                    false,
+                    p.as_ptr(),
+                    seq,
+                    1,
+                    v.as_ptr(),
+                    3 * d,
+                    1,
+                    1.0,
+                    false,
+                )
+            };
+        });
 }
 
-/// Adds dL/dq, dL/dk, dL/dv given dL/dout and the forward's probabilities.
+/// Writes dL/dq, dL/dk, dL/dv into the fused `[b·seq, 3d]` `dqkv` given dL/dout and the
+/// forward's probabilities.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: &[f32],
     probs: &[f32],
+    b: usize,
     seq: usize,
     heads: usize,
     hd: usize,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    dqkv: &mut [f32],
 ) {
+    let d = heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let at = |t: usize, h: usize| (t * heads + h) * hd;
-    let mut dp = vec![0.0f32; seq];
-    for h in 0..heads {
-        for t in 0..seq {
-            let p = &probs[(h * seq + t) * seq..(h * seq + t + 1) * seq];
-            let d = &dout[at(t, h)..at(t, h) + hd];
-            let mut weighted = 0.0;
-            for t2 in 0..=t {
-                dp[t2] = d
-                    .iter()
-                    .zip(&v[at(t2, h)..at(t2, h) + hd])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                weighted += p[t2] * dp[t2];
-                for (dvi, di) in dv[at(t2, h)..at(t2, h) + hd].iter_mut().zip(d) {
-                    *dvi += p[t2] * di;
-                }
+    let dst = SharedMut::new(dqkv);
+    (0..b * heads).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / heads, bh % heads);
+        let p = &probs[bh * seq * seq..(bh + 1) * seq * seq];
+        let base = bi * seq * 3 * d + h * hd;
+        let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
+        let dout = &dout[bi * seq * d + h * hd..];
+        assert!((seq - 1) * d + hd <= dout.len() && (seq - 1) * 3 * d + hd <= v.len());
+        // Safety (here and below): task (bi, h) writes rows bi·seq.. and head h's columns of
+        // q, k, v only; the extents are checked by `at`.
+        // dV = Pᵀ dO
+        unsafe {
+            gemm_raw(
+                seq,
+                hd,
+                seq,
+                dst.at(base + 2 * d, seq, hd, 3 * d),
+                3 * d,
+                false,
+                p.as_ptr(),
+                1,
+                seq,
+                dout.as_ptr(),
+                d,
+                1,
+                1.0,
+                false,
+            )
+        };
+        // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+        let mut ds = vec![0.0f32; seq * seq];
+        gemm_strided(
+            seq,
+            seq,
+            hd,
+            &mut ds,
+            seq,
+            false,
+            dout,
+            d,
+            1,
+            v,
+            1,
+            3 * d,
+            1.0,
+            false,
+        );
+        for (t, (row, prow)) in ds
+            .chunks_exact_mut(seq)
+            .zip(p.chunks_exact(seq))
+            .enumerate()
+        {
+            let w: f32 = row[..=t].iter().zip(&prow[..=t]).map(|(a, b)| a * b).sum();
+            for (x, pv) in row[..=t].iter_mut().zip(&prow[..=t]) {
+                *x = pv * (*x - w) * scale;
             }
-            for t2 in 0..=t {
-                let ds = p[t2] * (dp[t2] - weighted) * scale;
-                for i in 0..hd {
-                    dq[at(t, h) + i] += ds * k[at(t2, h) + i];
-                    dk[at(t2, h) + i] += ds * q[at(t, h) + i];
-                }
-            }
+            row[t + 1..].fill(0.0);
         }
-    }
+        // dQ = dS K, dK = dSᵀ Q
+        unsafe {
+            gemm_raw(
+                seq,
+                hd,
+                seq,
+                dst.at(base, seq, hd, 3 * d),
+                3 * d,
+                false,
+                ds.as_ptr(),
+                seq,
+                1,
+                k.as_ptr(),
+                3 * d,
+                1,
+                1.0,
+                false,
+            );
+            gemm_raw(
+                seq,
+                hd,
+                seq,
+                dst.at(base + d, seq, hd, 3 * d),
+                3 * d,
+                false,
+                ds.as_ptr(),
+                1,
+                seq,
+                q.as_ptr(),
+                3 * d,
+                1,
+                1.0,
+                false,
+            );
+        }
+    });
 }
 
-/// Mean cross-entropy of `logits` `[rows, vocab]` against `targets`, plus `z_loss ·
-/// mean(logsumexp²)`; writes dL/dlogits into `dlogits`. Returns (loss, z-loss term).
+/// Targets equal to this are not scored (OLMo's label -100).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Per-row cross-entropy of `logits` `[rows, vocab]` against `targets`, with the z-loss term
+/// `z_loss · logsumexp²`. Returns per-row (log p(target), z term), both 0 for ignored rows.
+/// When `grad_scale` is given, overwrites `logits` with `grad_scale · dL/dlogits` (the buffer
+/// is not needed afterwards, and logits are the largest activation).
 pub fn cross_entropy(
-    logits: &[f32],
+    logits: &mut [f32],
     targets: &[u32],
     vocab: usize,
     z_loss: f32,
-    dlogits: &mut [f32],
-) -> (f32, f32) {
-    let rows = targets.len();
-    let (mut loss, mut zl) = (0.0f64, 0.0f64);
-    for r in 0..rows {
-        let row = &logits[r * vocab..(r + 1) * vocab];
-        let max = row.iter().copied().fold(f32::MIN, f32::max);
-        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-        let lse = max + sum.ln();
-        let t = targets[r] as usize;
-        loss += (lse - row[t]) as f64;
-        zl += (z_loss * lse * lse) as f64;
-        for (i, v) in row.iter().enumerate() {
-            let p = (v - lse).exp();
-            let mut g = p + 2.0 * z_loss * lse * p;
-            if i == t {
-                g -= 1.0;
+    grad_scale: Option<f32>,
+) -> Vec<(f32, f32)> {
+    let mut out = vec![(0.0f32, 0.0f32); targets.len()];
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(out.par_iter_mut())
+        .for_each(|((row, &t), out)| {
+            if t == IGNORE {
+                if grad_scale.is_some() {
+                    row.fill(0.0);
+                }
+                return;
             }
-            dlogits[r * vocab + i] = g / rows as f32;
-        }
-    }
-    (
-        (loss / rows as f64) as f32 + (zl / rows as f64) as f32,
-        (zl / rows as f64) as f32,
-    )
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+            let lse = max + sum.ln();
+            *out = (row[t as usize] - lse, z_loss * lse * lse);
+            if let Some(s) = grad_scale {
+                let zc = 1.0 + 2.0 * z_loss * lse;
+                for v in row.iter_mut() {
+                    *v = (*v - lse).exp() * zc * s;
+                }
+                row[t as usize] -= s;
+            }
+        });
+    out
 }
 
 #[cfg(test)]
@@ -267,14 +603,14 @@ mod tests {
     use super::*;
 
     /// A tiny deterministic generator for test inputs.
-    struct Rng(u64);
+    pub(crate) struct Rng(u64);
 
     impl Rng {
-        fn new(seed: u64) -> Rng {
+        pub(crate) fn new(seed: u64) -> Rng {
             Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
         }
         /// `n` values uniform in [-scale, scale].
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        pub(crate) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
             (0..n)
                 .map(|_| {
                     self.0 ^= self.0 << 13;
@@ -309,21 +645,41 @@ mod tests {
     }
 
     #[test]
-    fn layernorm_backward_matches_finite_differences() {
-        let mut rng = Rng::new(1);
-        let (rows, dim) = (3, 8);
-        let x = rng.vec(rows * dim, 1.0);
-        let r = rng.vec(rows * dim, 1.0);
-        let fwd = |x: &[f32]| {
-            let mut out = vec![0.0; rows * dim];
-            let (mut m, mut s) = (vec![0.0; rows], vec![0.0; rows]);
-            layernorm_forward(x, dim, 1e-5, &mut out, &mut m, &mut s);
-            (out, m, s)
-        };
-        let (_, m, s) = fwd(&x);
-        let mut dx = vec![0.0; rows * dim];
-        layernorm_backward(&r, &x, &m, &s, dim, &mut dx);
-        check(&x, &dx, |x| dot(&fwd(x).0, &r));
+    fn norm_backward_matches_finite_differences() {
+        for kind in [NormKind::LayerNorm, NormKind::Rms] {
+            for affine in [false, true] {
+                let mut rng = Rng::new(1);
+                let (rows, dim) = (3, 8);
+                let x = rng.vec(rows * dim, 1.0);
+                let r = rng.vec(rows * dim, 1.0);
+                let w: Vec<f32> = rng.vec(dim, 0.5).iter().map(|v| v + 1.0).collect();
+                let weight = affine.then_some(&w[..]);
+                let fwd = |x: &[f32], w: Option<&[f32]>| {
+                    let mut out = vec![0.0; rows * dim];
+                    let (mut m, mut s) = (vec![0.0; rows], vec![0.0; rows]);
+                    norm_forward(kind, x, dim, 1e-5, w, &mut out, &mut m, &mut s);
+                    (out, m, s)
+                };
+                let (_, m, s) = fwd(&x, weight);
+                let mut dx = vec![0.0; rows * dim];
+                let mut dw = vec![0.0; dim];
+                norm_backward(
+                    kind,
+                    &r,
+                    &x,
+                    &m,
+                    &s,
+                    dim,
+                    weight,
+                    &mut dx,
+                    affine.then_some(&mut dw[..]),
+                );
+                check(&x, &dx, |x| dot(&fwd(x, weight).0, &r));
+                if affine {
+                    check(&w, &dw, |w| dot(&fwd(&x, Some(w)).0, &r));
+                }
+            }
+        }
     }
 
     #[test]
@@ -333,99 +689,142 @@ mod tests {
         let x = rng.vec(rows * inp, 1.0);
         let w = rng.vec(outp * inp, 1.0);
         let r = rng.vec(rows * outp, 1.0);
-        let f = |x: &[f32], w: &[f32]| {
+        let fwd = |x: &[f32], w: &[f32]| {
             let mut out = vec![0.0; rows * outp];
             matmul_forward(x, w, rows, inp, outp, &mut out);
-            dot(&out, &r)
+            out
         };
-        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        // forward equals the naive triple loop
+        let y = fwd(&x, &w);
+        for rr in 0..rows {
+            for o in 0..outp {
+                let naive: f32 = (0..inp).map(|i| x[rr * inp + i] * w[o * inp + i]).sum();
+                assert!((naive - y[rr * outp + o]).abs() < 1e-5);
+            }
+        }
+        let mut dx = vec![0.0; rows * inp];
+        let mut dw = vec![0.0; outp * inp];
         matmul_backward(&r, &x, &w, rows, inp, outp, &mut dx, &mut dw);
-        check(&x, &dx, |x| f(x, &w));
-        check(&w, &dw, |w| f(&x, w));
+        check(&x, &dx, |x| dot(&fwd(x, &w), &r));
+        check(&w, &dw, |w| dot(&fwd(&x, w), &r));
     }
 
     #[test]
-    fn swiglu_backward_matches_finite_differences() {
+    fn swiglu_backward_matches_finite_differences_and_gates_with_the_second_half() {
         let mut rng = Rng::new(3);
-        let (rows, h) = (2, 6);
+        let (rows, h) = (2, 3);
         let x = rng.vec(rows * 2 * h, 2.0);
         let r = rng.vec(rows * h, 1.0);
-        let f = |x: &[f32]| {
+        let fwd = |x: &[f32]| {
             let mut out = vec![0.0; rows * h];
             swiglu_forward(x, h, &mut out);
-            dot(&out, &r)
+            out
         };
-        let mut dx = vec![0.0; x.len()];
+        // value 2, gate 0: silu(0) = 0, so the output is 0; swapped it would be 2·silu(2)·0... = 0
+        // too, so use value 0, gate 2: silu(2)·0 = 0, while a swapped layout gives silu(0)·2 = 0.
+        // A decisive case: value 1, gate 10 ⇒ ≈ 10; swapped ⇒ silu(1)·10 ≈ 7.31.
+        let mut one = vec![0.0; 1];
+        swiglu_forward(&[1.0, 10.0], 1, &mut one);
+        assert!((one[0] - 10.0 * sigmoid(10.0)).abs() < 1e-5);
+        let mut dx = vec![0.0; rows * 2 * h];
         swiglu_backward(&r, &x, h, &mut dx);
-        check(&x, &dx, f);
-        // first half is the value: a zero gate gives silu(0) = 0
-        let mut out = vec![0.0; 1];
-        swiglu_forward(&[3.0, 0.0], 1, &mut out);
-        assert_eq!(out[0], 0.0);
+        check(&x, &dx, |x| dot(&fwd(x), &r));
     }
 
     #[test]
-    fn rope_is_a_rotation_and_its_inverse_is_the_backward() {
+    fn rope_rotates_half_pairs_and_its_inverse_is_the_backward_pass() {
         let mut rng = Rng::new(4);
-        let (seq, heads, hd) = (5, 2, 8);
-        let x = rng.vec(seq * heads * hd, 1.0);
-        let r = rng.vec(x.len(), 1.0);
-        let mut y = x.clone();
-        rope(&mut y, seq, heads, hd, 10_000.0, false);
-        // position 0 is unchanged; norms are kept
-        assert_eq!(&y[..heads * hd], &x[..heads * hd]);
-        assert!((dot(&y, &y) - dot(&x, &x)).abs() < 1e-3);
-        let mut back = r.clone();
-        rope(&mut back, seq, heads, hd, 10_000.0, true);
-        check(&x, &back, |x| {
+        let (seq, heads, hd) = (3, 2, 4);
+        let d = heads * hd;
+        let table = RopeTable::new(seq, hd, 10_000.0);
+        let x = rng.vec(seq * 3 * d, 1.0);
+        let r = rng.vec(seq * 3 * d, 1.0);
+        let fwd = |x: &[f32]| {
             let mut y = x.to_vec();
-            rope(&mut y, seq, heads, hd, 10_000.0, false);
-            dot(&y, &r)
-        });
+            rope(&mut y, 3 * d, 2, seq, heads, &table, false);
+            y
+        };
+        let y = fwd(&x);
+        // position 0 is the identity; v (the third part) is never rotated
+        assert_eq!(&y[..3 * d], &x[..3 * d]);
+        assert_eq!(&y[3 * d + 2 * d..6 * d], &x[3 * d + 2 * d..6 * d]);
+        // position 1, head 0, pair (0, 2): angle 1 · theta^0 = 1 radian
+        let (a, b) = (x[3 * d], x[3 * d + 2]);
+        assert!((y[3 * d] - (a * 1f32.cos() - b * 1f32.sin())).abs() < 1e-6);
+        let mut back = r.clone();
+        rope(&mut back, 3 * d, 2, seq, heads, &table, true);
+        check(&x, &back, |x| dot(&fwd(x), &r));
     }
 
     #[test]
-    fn causal_attention_backward_matches_finite_differences() {
-        let mut rng = Rng::new(6);
-        let (seq, heads, hd) = (4, 2, 3);
-        let n = seq * heads * hd;
-        let (q, k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
-        let r = rng.vec(n, 1.0);
-        let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            let mut out = vec![0.0; n];
-            let mut p = vec![0.0; heads * seq * seq];
-            attention_forward(q, k, v, seq, heads, hd, &mut out, &mut p);
-            (out, p)
+    fn attention_backward_matches_finite_differences() {
+        let mut rng = Rng::new(5);
+        let (b, seq, heads, hd) = (2, 4, 2, 3);
+        let d = heads * hd;
+        let qkv = rng.vec(b * seq * 3 * d, 1.0);
+        let r = rng.vec(b * seq * d, 1.0);
+        let fwd = |qkv: &[f32]| {
+            let mut out = vec![0.0; b * seq * d];
+            let mut probs = vec![0.0; b * heads * seq * seq];
+            attention_forward(qkv, b, seq, heads, hd, &mut out, &mut probs);
+            (out, probs)
         };
-        let (out, p) = f(&q, &k, &v);
-        // causal: the first position attends only to itself
-        assert_eq!(&out[..hd], &v[..hd]);
-        assert!(p[1..seq].iter().all(|&x| x == 0.0));
-        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        attention_backward(
-            &r, &q, &k, &v, &p, seq, heads, hd, &mut dq, &mut dk, &mut dv,
-        );
-        check(&q, &dq, |q| dot(&f(q, &k, &v).0, &r));
-        check(&k, &dk, |k| dot(&f(&q, k, &v).0, &r));
-        check(&v, &dv, |v| dot(&f(&q, &k, v).0, &r));
+        let (out, probs) = fwd(&qkv);
+        // position 0 attends only to itself: its output is its own v
+        for h in 0..heads {
+            for i in 0..hd {
+                assert!((out[h * hd + i] - qkv[2 * d + h * hd + i]).abs() < 1e-6);
+            }
+        }
+        let mut dqkv = vec![0.0; qkv.len()];
+        attention_backward(&r, &qkv, &probs, b, seq, heads, hd, &mut dqkv);
+        check(&qkv, &dqkv, |x| dot(&fwd(x).0, &r));
     }
 
     #[test]
     fn cross_entropy_with_z_loss_matches_finite_differences() {
-        let mut rng = Rng::new(5);
+        let mut rng = Rng::new(6);
         let (rows, vocab) = (3, 7);
-        let logits = rng.vec(rows * vocab, 2.0);
-        let targets = [1u32, 6, 0];
-        let mut d = vec![0.0; logits.len()];
-        let (loss, z) = cross_entropy(&logits, &targets, vocab, 1e-4, &mut d);
-        assert!(z > 0.0 && loss > z);
-        check(&logits, &d, |l| {
-            let mut scratch = vec![0.0; l.len()];
-            cross_entropy(l, &targets, vocab, 1e-4, &mut scratch).0 as f64
-        });
-        // uniform logits: loss = ln(vocab)
-        let mut d = vec![0.0; vocab];
-        let (loss, _) = cross_entropy(&vec![0.0; vocab], &[3], vocab, 0.0, &mut d);
-        assert!((loss - (vocab as f32).ln()).abs() < 1e-6);
+        let logits = rng.vec(rows * vocab, 3.0);
+        let targets = [2u32, IGNORE, 6];
+        let loss = |l: &[f32]| {
+            let mut l = l.to_vec();
+            cross_entropy(&mut l, &targets, vocab, 1e-2, None)
+                .iter()
+                .map(|(lp, z)| -(*lp as f64) + *z as f64)
+                .sum::<f64>()
+        };
+        let mut grad = logits.clone();
+        let per_row = cross_entropy(&mut grad, &targets, vocab, 1e-2, Some(1.0));
+        assert_eq!(per_row[1], (0.0, 0.0));
+        assert!(grad[vocab..2 * vocab].iter().all(|&g| g == 0.0));
+        check(&logits, &grad, loss);
+    }
+
+    #[test]
+    fn kernels_give_the_same_bits_on_one_thread_and_many() {
+        let mut rng = Rng::new(7);
+        let (rows, inp, outp) = (70, 300, 130);
+        let x = rng.vec(rows * inp, 1.0);
+        let w = rng.vec(outp * inp, 1.0);
+        let run = || {
+            let mut y = vec![0.0; rows * outp];
+            matmul_forward(&x, &w, rows, inp, outp, &mut y);
+            let mut dx = vec![0.0; rows * inp];
+            let mut dw = vec![0.0; outp * inp];
+            matmul_backward(&y, &x, &w, rows, inp, outp, &mut dx, &mut dw);
+            (y, dx, dw)
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(run);
+        let four = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap()
+            .install(run);
+        assert!(one == four);
     }
 }

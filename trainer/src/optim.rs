@@ -5,6 +5,8 @@
 //! `decay_embeddings`) embeddings in a group with weight decay 0: callers pass `decay` per
 //! parameter.
 
+use rayon::prelude::*;
+
 /// Optimizer hyper-parameters (`optimizer.{learning_rate, betas, eps, weight_decay}`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
@@ -63,32 +65,44 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(step as i32);
         let bc2_sqrt = (1.0 - self.beta2.powi(step as i32)).sqrt();
         let step_size = lr / bc1;
-        for i in 0..param.len() {
-            let g = grad[i];
-            param[i] *= 1.0 - lr * wd;
-            m[i] += (g - m[i]) * (1.0 - self.beta1);
-            v[i] = v[i] * self.beta2 + (1.0 - self.beta2) * g * g;
-            let denom = v[i].sqrt() / bc2_sqrt + self.eps;
-            param[i] -= step_size * m[i] / denom;
-        }
+        // Elementwise, so chunking across threads cannot change a bit.
+        const CHUNK: usize = 1 << 15;
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((param, grad), (m, v))| {
+                for i in 0..param.len() {
+                    let g = grad[i];
+                    param[i] *= 1.0 - lr * wd;
+                    m[i] += (g - m[i]) * (1.0 - self.beta1);
+                    v[i] = v[i] * self.beta2 + (1.0 - self.beta2) * g * g;
+                    let denom = v[i].sqrt() / bc2_sqrt + self.eps;
+                    param[i] -= step_size * m[i] / denom;
+                }
+            });
     }
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`, as OLMo does
 /// (`coef = max_norm / (norm + 1e-6)`, clamped at 1). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
+    // Per-chunk partial sums combined in chunk order: the same bits whatever the threads.
     let total: f64 = grads
         .iter()
-        .flat_map(|g| g.iter())
-        .map(|&x| (x as f64) * (x as f64))
+        .map(|g| {
+            g.par_chunks(1 << 15)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum::<f64>()
+        })
         .sum();
     let norm = total.sqrt() as f32;
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
         for g in grads.iter_mut() {
-            for x in g.iter_mut() {
-                *x *= coef;
-            }
+            g.par_iter_mut().for_each(|x| *x *= coef);
         }
     }
     norm

@@ -1,291 +1,554 @@
-//! A first training loop on the CPU reference model: OLMo's data order, gradient averaging over
-//! the global batch (instances computed in parallel), global-norm clipping, the LR schedule,
-//! AdamW with embeddings undecayed (OLMo's default groups), a progress line and JSON-lines
-//! metrics. Checkpoints, evaluation and micro-batch memory bounds are not implemented yet.
+//! The training loop (llm.c style: one readable loop over explicit passes): OLMo's data order
+//! across epochs, micro-batches accumulated into the global batch's mean gradient, global-norm
+//! clipping (with OLMo's clip warmup), the LR schedule, AdamW in OLMo's decay groups,
+//! evaluation every `eval_interval` steps, checkpoints every `save_interval` steps, JSON-lines
+//! metrics and a loss plot. A run whose `save_folder` holds a checkpoint continues from it and
+//! gives the same bits as a run that never stopped.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use rayon::prelude::*;
-use serde::Deserialize;
 
-use crate::data::{batch_instances, expand_paths, global_order, Dtype, Shards};
-use crate::model::{forward_backward, init_normal, ModelConfig};
-use crate::optim::{clip_grad_norm, AdamW, Moments};
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::config::{Duration, TrainConfig};
+use crate::data::{expand_paths, global_order, write_global_indices, Dtype, Shards};
+use crate::eval::{self, LmSet, McSet, Task, Unigram};
+use crate::model::{init_params, Batch, Model, Role};
+use crate::optim::{clip_grad_norm, AdamW};
 use crate::schedule::{Kind, Schedule};
 
-#[derive(Debug, Deserialize)]
-pub struct TrainConfig {
-    pub model: ModelSection,
-    #[serde(default)]
-    pub optimizer: OptimizerSection,
-    #[serde(default)]
-    pub scheduler: SchedulerSection,
-    pub data: DataSection,
-    pub global_train_batch_size: u64,
-    /// Steps to train (OLMo's `max_duration` as an integer).
-    pub max_duration: u64,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    #[serde(default)]
-    pub max_grad_norm: Option<f32>,
-    #[serde(default)]
-    pub softmax_auxiliary_loss: bool,
-    #[serde(default = "default_aux")]
-    pub auxiliary_loss_multiplier: f32,
-    #[serde(default)]
-    pub save_folder: Option<String>,
+/// Tokens read for the unigram baseline (enough for a stable estimate, cheap on huge data).
+const UNIGRAM_TOKENS: u64 = 50_000_000;
+
+/// Opens one group of token files, checking dtype and vocabulary up front on each file's first
+/// window (a uint32 file read as uint16, or a tokenizer/vocabulary mismatch, shows there).
+pub fn open_shards(patterns: &[String], dtype: &str, seq: u64, vocab: usize) -> Result<Shards> {
+    let dtype = Dtype::parse(dtype)?;
+    if dtype == Dtype::U16 && vocab > 65536 {
+        bail!("memmap_dtype uint16 cannot hold a vocabulary of {vocab}: use uint32");
+    }
+    let shards = Shards::open(&expand_paths(patterns)?, dtype, seq)?;
+    for f in shards.files.iter().filter(|f| f.instances > 0) {
+        shards
+            .read(f.first_instance, Some(vocab as u64))
+            .with_context(|| {
+                format!(
+                    "checking {} (memmap_dtype {:?}, vocab_size {vocab})",
+                    f.path.display(),
+                    dtype
+                )
+            })?;
+    }
+    Ok(shards)
 }
 
-fn default_seed() -> u64 {
-    6198
-}
-fn default_aux() -> f32 {
-    1e-4
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ModelSection {
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub n_layers: usize,
-    #[serde(default)]
-    pub mlp_hidden_size: Option<usize>,
-    #[serde(default = "default_ratio")]
-    pub mlp_ratio: usize,
-    pub vocab_size: usize,
-    pub max_sequence_length: usize,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f32,
-    #[serde(default = "default_std")]
-    pub init_std: f32,
-    #[serde(default = "default_eps")]
-    pub layer_norm_eps: f32,
+struct Evaluators {
+    lm: Vec<LmSet>,
+    mc: Vec<McSet>,
+    /// Unigram cross-entropy per LM set label, for reading perplexities against.
+    unigram: Vec<(String, f64)>,
 }
 
-fn default_ratio() -> usize {
-    4
-}
-fn default_theta() -> f32 {
-    10_000.0
-}
-fn default_std() -> f32 {
-    0.02
-}
-fn default_eps() -> f32 {
-    1e-5
-}
-
-#[derive(Debug, Deserialize)]
-pub struct OptimizerSection {
-    #[serde(default = "default_lr")]
-    pub learning_rate: f32,
-    #[serde(default = "default_wd")]
-    pub weight_decay: f32,
-    #[serde(default = "default_betas")]
-    pub betas: (f32, f32),
-    #[serde(default = "default_adam_eps")]
-    pub eps: f32,
-}
-
-impl Default for OptimizerSection {
-    fn default() -> Self {
-        OptimizerSection {
-            learning_rate: default_lr(),
-            weight_decay: default_wd(),
-            betas: default_betas(),
-            eps: default_adam_eps(),
+fn setup_evals(cfg: &TrainConfig, train: &Shards, vocab: usize) -> Result<Evaluators> {
+    let seq = cfg.model.max_sequence_length as u64;
+    let mut lm = Vec::new();
+    let mut mc = Vec::new();
+    let mut tokenizer = None;
+    for e in &cfg.evaluators {
+        match e.kind.as_str() {
+            "lm" => {
+                let groups = e.data.groups(&e.label);
+                if groups.is_empty() {
+                    bail!(
+                        "evaluator `{}`: data.paths or data.datasets is required",
+                        e.label
+                    );
+                }
+                for (label, patterns) in groups {
+                    let shards = open_shards(&patterns, &e.data.memmap_dtype, seq, vocab)
+                        .with_context(|| format!("evaluator `{label}`"))?;
+                    let limit = if cfg.eval_subset_num_batches < 0 {
+                        u64::MAX
+                    } else {
+                        cfg.eval_subset_num_batches as u64 * cfg.device_eval_batch_size as u64
+                    };
+                    lm.push(LmSet {
+                        label,
+                        shards,
+                        limit,
+                    });
+                }
+            }
+            "downstream" => {
+                let name = e.task.as_deref().unwrap_or(&e.label);
+                let task = Task::parse(name).ok_or_else(|| {
+                    anyhow!(
+                        "evaluator `{}`: unknown task `{name}` (known: {})",
+                        e.label,
+                        Task::NAMES
+                            .iter()
+                            .map(|t| t.0)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+                if tokenizer.is_none() {
+                    let t = cfg.tokenizer.as_ref().ok_or_else(|| {
+                        anyhow!("downstream evaluators need `tokenizer: {{identifier: path/to/tokenizer.json}}`")
+                    })?;
+                    tokenizer = Some(
+                        tokenizers::Tokenizer::from_file(&t.identifier).map_err(|err| {
+                            anyhow!("cannot load tokenizer {}: {err}", t.identifier)
+                        })?,
+                    );
+                }
+                let path = eval::task_file(task, e.path.as_deref(), cfg.eval_data_dir.as_deref())?;
+                mc.push(eval::load_mc(
+                    &e.label,
+                    task,
+                    &path,
+                    tokenizer.as_ref().unwrap(),
+                    e.limit,
+                )?);
+            }
+            other => bail!(
+                "evaluator `{}`: type `{other}` (expected lm or downstream)",
+                e.label
+            ),
         }
     }
-}
-
-fn default_lr() -> f32 {
-    4e-4
-}
-fn default_wd() -> f32 {
-    0.1
-}
-fn default_betas() -> (f32, f32) {
-    (0.9, 0.95)
-}
-fn default_adam_eps() -> f32 {
-    1e-5
-}
-
-#[derive(Debug, Deserialize)]
-pub struct SchedulerSection {
-    #[serde(default = "default_sched")]
-    pub name: String,
-    #[serde(default)]
-    pub t_warmup: u64,
-    #[serde(default)]
-    pub t_max: Option<u64>,
-    #[serde(default = "default_alpha")]
-    pub alpha_f: f64,
-    #[serde(default)]
-    pub warmup_min_lr: Option<f64>,
-}
-
-impl Default for SchedulerSection {
-    fn default() -> Self {
-        SchedulerSection {
-            name: default_sched(),
-            t_warmup: 0,
-            t_max: None,
-            alpha_f: default_alpha(),
-            warmup_min_lr: None,
+    let mut unigram = Vec::new();
+    if !lm.is_empty() {
+        let u = Unigram::count(train, vocab, UNIGRAM_TOKENS)?;
+        for set in &lm {
+            unigram.push((set.label.clone(), u.loss(set)?));
         }
     }
+    Ok(Evaluators { lm, mc, unigram })
 }
 
-fn default_sched() -> String {
-    "cosine_with_warmup".into()
-}
-fn default_alpha() -> f64 {
-    0.1
-}
-
-#[derive(Debug, Deserialize)]
-pub struct DataSection {
-    pub paths: Vec<String>,
-    #[serde(default = "default_dtype")]
-    pub memmap_dtype: String,
-}
-
-fn default_dtype() -> String {
-    "uint16".into()
-}
-
-pub fn run(cfg: TrainConfig) -> Result<()> {
-    let m = &cfg.model;
-    if m.n_heads == 0
-        || !m.d_model.is_multiple_of(m.n_heads)
-        || !(m.d_model / m.n_heads).is_multiple_of(2)
-    {
-        bail!("model.d_model must split into n_heads heads of even size (RoPE rotates pairs)");
+fn run_evals(
+    model: &Model,
+    params: &[f32],
+    evals: &Evaluators,
+    cfg: &TrainConfig,
+) -> Result<eval::Results> {
+    let mut out = eval::Results::new();
+    for set in &evals.lm {
+        let ce = eval::lm_loss(model, params, set, cfg.device_eval_batch_size)?;
+        out.insert(format!("eval/{}/CrossEntropyLoss", set.label), ce);
+        out.insert(format!("eval/{}/Perplexity", set.label), ce.exp());
     }
-    let model = ModelConfig {
-        d_model: m.d_model,
-        n_heads: m.n_heads,
-        n_layers: m.n_layers,
-        mlp_hidden: m
-            .mlp_hidden_size
-            .map_or(m.mlp_ratio * m.d_model / 2, |h| h / 2),
-        vocab_size: m.vocab_size,
-        rope_theta: m.rope_theta,
-        eps: m.layer_norm_eps,
-        z_loss: if cfg.softmax_auxiliary_loss {
-            cfg.auxiliary_loss_multiplier
+    for set in &evals.mc {
+        let (acc, len_norm) = eval::mc_accuracy(
+            model,
+            params,
+            set,
+            cfg.model.max_sequence_length,
+            cfg.device_eval_batch_size,
+        );
+        out.insert(format!("eval/downstream/{}_acc", set.label), acc);
+        out.insert(format!("eval/downstream/{}_len_norm", set.label), len_norm);
+    }
+    Ok(out)
+}
+
+/// Appends JSON-lines metrics; on resume keeps only the lines up to the resumed step.
+struct Metrics {
+    file: Option<std::fs::File>,
+}
+
+impl Metrics {
+    fn open(folder: Option<&Path>, resume_step: u64) -> Result<Metrics> {
+        let Some(folder) = folder else {
+            return Ok(Metrics { file: None });
+        };
+        let path = folder.join("metrics.jsonl");
+        let kept: String = if resume_step > 0 {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= resume_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect()
         } else {
-            0.0
-        },
+            String::new()
+        };
+        let tmp = folder.join("metrics.jsonl.tmp");
+        std::fs::write(&tmp, kept)?;
+        std::fs::rename(&tmp, &path)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(Metrics { file: Some(file) })
+    }
+
+    fn write(&mut self, step: u64, fields: &[(String, f64)]) -> Result<()> {
+        if let Some(f) = &mut self.file {
+            let mut obj = serde_json::Map::new();
+            obj.insert("step".into(), step.into());
+            for (k, v) in fields {
+                obj.insert(k.clone(), serde_json::Value::from(*v));
+            }
+            writeln!(f, "{}", serde_json::Value::Object(obj))?;
+        }
+        Ok(())
+    }
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
+    let ignored = cfg.ignored_fields();
+    if !ignored.is_empty() {
+        eprintln!(
+            "olmo-train: ignoring config fields with no effect here: {}",
+            ignored.join(", ")
+        );
+    }
+    match cfg.device.as_deref() {
+        None | Some("auto") | Some("cpu") => {}
+        Some(d) => bail!("device `{d}`: this build has the CPU backend only (auto or cpu)"),
+    }
+    if cfg.optimizer.name != "adamw" {
+        bail!(
+            "optimizer.name `{}`: only adamw is implemented",
+            cfg.optimizer.name
+        );
+    }
+    let (mcfg, init_fn) = cfg.model_config()?;
+    let seq = cfg.model.max_sequence_length;
+    let vocab = mcfg.vocab_size;
+    let groups = cfg.data.groups("train");
+    if groups.is_empty() {
+        bail!("data.paths (or data.datasets) is required");
+    }
+    let patterns: Vec<String> = groups.into_iter().flat_map(|(_, p)| p).collect();
+    let shards = open_shards(&patterns, &cfg.data.memmap_dtype, seq as u64, vocab)?;
+    let data_seed = cfg.data.seed.unwrap_or(cfg.seed);
+    let world = 1u64;
+    let batch = cfg.global_train_batch_size;
+    let micro = cfg
+        .device_train_microbatch_size
+        .unwrap_or(batch)
+        .clamp(1, batch);
+    let per_epoch =
+        global_order(shards.len(), data_seed, 0, world, cfg.data.drop_last).len() as u64;
+    let steps_per_epoch = per_epoch / batch;
+    if steps_per_epoch == 0 {
+        bail!(
+            "{} instances of {seq} tokens cannot fill one global batch of {batch}",
+            shards.len()
+        );
+    }
+    let tokens_per_step = batch * seq as u64;
+    let max_steps = match cfg.max_duration {
+        Duration::Steps(s) => s,
+        Duration::Tokens(t) => t.div_ceil(tokens_per_step),
+        Duration::Epochs(e) => (e * steps_per_epoch as f64).ceil() as u64,
     };
-    let kind = Kind::parse(&cfg.scheduler.name).ok_or_else(|| {
-        anyhow!(
-            "scheduler.name `{}` is not supported yet",
-            cfg.scheduler.name
-        )
-    })?;
+    let stop = cfg.stop_at.map_or(max_steps, |s| s.min(max_steps));
+    let to_steps = |v: f64| -> u64 {
+        match cfg.scheduler.units.as_str() {
+            "tokens" => (v / tokens_per_step as f64).ceil() as u64,
+            _ => v as u64,
+        }
+    };
+    if !matches!(cfg.scheduler.units.as_str(), "steps" | "tokens") {
+        bail!("scheduler.units `{}`: steps or tokens", cfg.scheduler.units);
+    }
     let schedule = Schedule {
-        kind,
+        kind: Kind::parse(&cfg.scheduler.name)
+            .ok_or_else(|| anyhow!("scheduler.name `{}` is not supported", cfg.scheduler.name))?,
         lr: cfg.optimizer.learning_rate as f64,
-        t_warmup: cfg.scheduler.t_warmup,
-        t_max: cfg.scheduler.t_max.unwrap_or(cfg.max_duration),
+        t_warmup: to_steps(cfg.scheduler.t_warmup),
+        t_max: cfg.scheduler.t_max.map_or(max_steps, to_steps),
         alpha_f: cfg.scheduler.alpha_f,
         warmup_min_lr: cfg.scheduler.warmup_min_lr,
     };
-    let paths = expand_paths(&cfg.data.paths)?;
-    let shards = Shards::open(
-        &paths,
-        Dtype::parse(&cfg.data.memmap_dtype)?,
-        m.max_sequence_length as u64,
-    )?;
-    let order = global_order(shards.len(), cfg.seed, 0, 1, false);
-    let batch = cfg.global_train_batch_size;
-    let steps_per_epoch = order.len() as u64 / batch;
-    if steps_per_epoch == 0 {
-        bail!("{} instances cannot fill one batch of {batch}", order.len());
+    let model = Model::new(mcfg, seq);
+    let layout = &model.layout;
+    let save_folder = cfg.save_folder.as_ref().map(PathBuf::from);
+    if let Some(f) = &save_folder {
+        std::fs::create_dir_all(f).with_context(|| format!("cannot create {}", f.display()))?;
     }
-    let mut params = init_normal(&model, m.init_std, cfg.seed);
+
+    // Start fresh, or continue from a checkpoint.
+    let resume_from = match (&cfg.load_path, &save_folder) {
+        (Some(p), _) => Some(PathBuf::from(p)),
+        (None, Some(f)) if cfg.try_load_latest_save => checkpoint::latest(f)?,
+        _ => None,
+    };
+    let (mut params, mut exp_avg, mut exp_avg_sq, mut state) = match &resume_from {
+        Some(dir) => {
+            let l = checkpoint::load(dir, layout)?;
+            if l.state.instances != shards.len() || l.state.seq_len != seq as u64 {
+                bail!(
+                    "{}: the checkpoint was trained on {} windows of {} tokens, the configured data has {} of {seq}: the data order would not continue",
+                    dir.display(),
+                    l.state.instances,
+                    l.state.seq_len,
+                    shards.len()
+                );
+            }
+            eprintln!(
+                "olmo-train: resuming from {} (step {})",
+                dir.display(),
+                l.state.step
+            );
+            (l.params, l.exp_avg, l.exp_avg_sq, l.state)
+        }
+        None => (
+            init_params(
+                &mcfg,
+                init_fn,
+                cfg.model.init_std,
+                cfg.model.init_cutoff_factor,
+                cfg.seed,
+            ),
+            vec![0.0; layout.total],
+            vec![0.0; layout.total],
+            TrainerState {
+                step: 0,
+                epoch: cfg.epoch.unwrap_or(0),
+                global_train_examples_seen_this_epoch: 0,
+                global_train_tokens_seen: 0,
+                seed: data_seed,
+                world_size: world,
+                instances: shards.len(),
+                seq_len: seq as u64,
+                num_params: layout.total as u64,
+            },
+        ),
+    };
+    let evals = setup_evals(&cfg, &shards, vocab)?;
+    let mut metrics = Metrics::open(save_folder.as_deref(), state.step)?;
+    let mut order = global_order(
+        shards.len(),
+        data_seed,
+        state.epoch,
+        world,
+        cfg.data.drop_last,
+    );
+    if let Some(f) = &save_folder {
+        write_global_indices(&f.join("train_data").join("global_indices.npy"), &order)?;
+    }
+    eprintln!(
+        "olmo-train: {} parameters ({} non-embedding), {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {} threads",
+        layout.total,
+        mcfg.non_embedding_params(),
+        mcfg.flops_per_token(seq) / 1e6,
+        shards.len(),
+        rayon::current_num_threads()
+    );
+    for (label, ce) in &evals.unigram {
+        eprintln!(
+            "olmo-train: unigram baseline on {label}: cross-entropy {ce:.4}, perplexity {:.1}",
+            ce.exp()
+        );
+    }
+    if state.step == 0 && (!evals.lm.is_empty() || !evals.mc.is_empty()) {
+        let mut fields: Vec<(String, f64)> = evals
+            .unigram
+            .iter()
+            .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
+            .collect();
+        let r = run_evals(&model, &params, &evals, &cfg)?;
+        print_evals(0, &r);
+        fields.extend(r);
+        metrics.write(0, &fields)?;
+    }
+
     let opt = AdamW {
         beta1: cfg.optimizer.betas.0,
         beta2: cfg.optimizer.betas.1,
         eps: cfg.optimizer.eps,
         weight_decay: cfg.optimizer.weight_decay,
     };
-    let mut state = Moments::zeros(params.len());
-    let emb_params = model.embedding_size() * model.d_model;
-    let mut metrics = match &cfg.save_folder {
-        Some(f) => {
-            std::fs::create_dir_all(f).with_context(|| format!("cannot create {f}"))?;
-            Some(std::fs::File::create(
-                PathBuf::from(f).join("metrics.jsonl"),
-            )?)
-        }
-        None => None,
+    let decays = |role: Role| match role {
+        Role::Embedding => cfg.optimizer.decay_embeddings,
+        Role::Norm => cfg.optimizer.decay_norm_and_bias,
+        _ => true,
     };
-    eprintln!(
-        "olmo-train: {} parameters, {} instances of {} tokens, {} steps of {batch} (epoch = {steps_per_epoch} steps)",
-        model.num_params(),
-        shards.len(),
-        m.max_sequence_length,
-        cfg.max_duration
-    );
-    let start = Instant::now();
-    for step in 1..=cfg.max_duration {
-        let epoch_step = (step - 1) % steps_per_epoch;
-        let ids = batch_instances(&order, epoch_step, batch, 0, 1)?;
-        let seqs: Vec<Vec<u32>> = ids
-            .iter()
-            .map(|&i| shards.read(i as u64, Some(m.vocab_size as u64)))
-            .collect::<Result<_>>()?;
-        // Each instance's gradient in parallel, then averaged (OLMo averages over the batch).
-        let (mut grads, loss, z) = seqs
-            .par_iter()
-            .map(|s| {
-                let mut g = vec![0.0f32; params.len()];
-                let (l, z) = forward_backward(&model, &params, s, &mut g);
-                (g, l as f64, z as f64)
-            })
-            .reduce(
-                || (vec![0.0f32; params.len()], 0.0, 0.0),
-                |mut a, b| {
-                    a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
-                    (a.0, a.1 + b.1, a.2 + b.2)
-                },
-            );
-        let n = seqs.len() as f32;
-        grads.iter_mut().for_each(|g| *g /= n);
-        let (loss, z) = (loss / n as f64, z / n as f64);
-        if !loss.is_finite() {
-            bail!("loss is {loss} at step {step}: stopping (no checkpoint is written yet)");
-        }
-        let norm = match cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut [&mut grads], max),
-            None => clip_grad_norm(&mut [&mut grads], f32::INFINITY),
-        };
-        let lr = schedule.lr(step) as f32;
-        // OLMo's groups: Linear weights decayed, the embedding not (decay_embeddings = false).
-        let (emb_p, rest_p) = params.split_at_mut(emb_params);
-        let (emb_g, rest_g) = grads.split_at(emb_params);
-        let (emb_m, rest_m) = state.m.split_at_mut(emb_params);
-        let (emb_v, rest_v) = state.v.split_at_mut(emb_params);
-        opt.step_slices(step, lr, emb_p, emb_g, emb_m, emb_v, false);
-        opt.step_slices(step, lr, rest_p, rest_g, rest_m, rest_v, true);
-        let secs = start.elapsed().as_secs_f64();
-        let tokens = step * batch * m.max_sequence_length as u64;
-        let tps = tokens as f64 / secs;
-        let eta = secs / step as f64 * (cfg.max_duration - step) as f64;
-        eprintln!("step {step:>6}  loss {loss:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}  {tps:.0} tokens/s  ETA {eta:.0}s");
-        if let Some(f) = &mut metrics {
-            writeln!(
+    let save = |params: &[f32], m: &[f32], v: &[f32], state: &TrainerState| -> Result<()> {
+        if let Some(f) = &save_folder {
+            let dir = checkpoint::save(
                 f,
-                "{{\"step\":{step},\"train/CrossEntropyLoss\":{},\"train/ZLoss\":{z},\"optim/total_grad_norm\":{norm},\"optim/learning_rate\":{lr},\"throughput/tokens_per_second\":{tps}}}",
-                loss - z
+                &Checkpoint {
+                    layout,
+                    params,
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    state,
+                    config_text,
+                },
+                cfg.save_num_checkpoints_to_keep,
             )?;
+            eprintln!("olmo-train: saved {}", dir.display());
+        }
+        Ok(())
+    };
+    let start = Instant::now();
+    let start_step = state.step;
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let mut grads = vec![0.0f32; layout.total];
+    let mut train_secs = 0.0f64;
+    let mut last_eval = eval::Results::new();
+    let mut last_loss = f64::NAN;
+    while state.step < stop {
+        let t0 = Instant::now();
+        if state.global_train_examples_seen_this_epoch + batch > order.len() as u64 {
+            state.epoch += 1;
+            state.global_train_examples_seen_this_epoch = 0;
+            order = global_order(
+                shards.len(),
+                data_seed,
+                state.epoch,
+                world,
+                cfg.data.drop_last,
+            );
+            eprintln!("olmo-train: epoch {} begins", state.epoch);
+        }
+        let at = state.global_train_examples_seen_this_epoch as usize;
+        let ids = &order[at..at + batch as usize];
+        grads.fill(0.0);
+        // OLMo divides each micro-batch's summed loss by the whole batch's token count, so the
+        // accumulated gradient is the batch mean whatever the micro-batch size.
+        let scored = (batch * (seq as u64 - 1)) as f64;
+        let (mut ce, mut z) = (0.0f64, 0.0f64);
+        for chunk in ids.chunks(micro as usize) {
+            let windows: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|&i| shards.read(i as u64, Some(vocab as u64)))
+                .collect::<Result<_>>()?;
+            let b = Batch::from_windows(&windows, &mut inputs, &mut targets);
+            let s = model.forward_backward(&params, &b, (1.0 / scored) as f32, &mut grads);
+            ce += s.ce_sum;
+            z += s.z_sum;
+        }
+        let (ce, z) = (ce / scored, z / scored);
+        let step = state.step + 1;
+        if !(ce + z).is_finite() {
+            let last = save_folder
+                .as_deref()
+                .and_then(|f| checkpoint::latest(f).ok().flatten())
+                .map_or("none was saved".to_string(), |p| p.display().to_string());
+            bail!("loss is {} at step {step}: stopping. The last good checkpoint: {last}. A rerun resumes from it; consider a lower learning rate or clipping.", ce + z);
+        }
+        let max_norm = cfg.max_grad_norm.map(|m| {
+            match (
+                cfg.scheduler.grad_clip_warmup_steps,
+                cfg.scheduler.grad_clip_warmup_factor,
+            ) {
+                (Some(w), Some(f)) if step <= w => m * f,
+                _ => m,
+            }
+        });
+        let norm = clip_grad_norm(&mut [&mut grads], max_norm.unwrap_or(f32::INFINITY));
+        let lr = schedule.lr(step) as f32;
+        for t in &layout.tensors {
+            let r = t.range();
+            opt.step_slices(
+                step,
+                lr,
+                &mut params[r.clone()],
+                &grads[r.clone()],
+                &mut exp_avg[r.clone()],
+                &mut exp_avg_sq[r],
+                decays(t.role),
+            );
+        }
+        state.step = step;
+        state.global_train_examples_seen_this_epoch += batch;
+        state.global_train_tokens_seen += tokens_per_step;
+        let dt = t0.elapsed().as_secs_f64();
+        train_secs += dt;
+        let tps = tokens_per_step as f64 / dt;
+        last_loss = ce;
+        metrics.write(
+            step,
+            &[
+                ("epoch".into(), state.epoch as f64),
+                ("train/CrossEntropyLoss".into(), ce),
+                ("train/Perplexity".into(), ce.exp()),
+                ("train/ZLoss".into(), z),
+                ("optim/total_grad_norm".into(), norm as f64),
+                ("optim/learning_rate_group0".into(), lr as f64),
+                (
+                    "throughput/total_tokens".into(),
+                    state.global_train_tokens_seen as f64,
+                ),
+                ("throughput/device/tokens_per_second".into(), tps),
+            ],
+        )?;
+        if step % cfg.console_log_interval.max(1) == 0 || step == stop {
+            let done = (step - start_step) as f64;
+            let eta = start.elapsed().as_secs_f64() / done * (stop - step) as f64;
+            eprintln!(
+                "step {step:>6}/{stop}  loss {ce:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}  {:.0} tokens/s  ETA {}",
+                (step - start_step) as f64 * tokens_per_step as f64 / train_secs,
+                fmt_secs(eta)
+            );
+        }
+        let evaluate = !(evals.lm.is_empty() && evals.mc.is_empty())
+            && (step % cfg.eval_interval.max(1) == 0 || step == stop);
+        if evaluate {
+            let r = run_evals(&model, &params, &evals, &cfg)?;
+            print_evals(step, &r);
+            metrics.write(
+                step,
+                &r.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>(),
+            )?;
+            last_eval = r;
+        }
+        if step % cfg.save_interval.max(1) == 0 || step == stop {
+            save(&params, &exp_avg, &exp_avg_sq, &state)?;
         }
     }
+    drop(metrics);
+    if let Some(f) = &save_folder {
+        let plot = f.join("loss.png");
+        match crate::plot::loss_plot(&f.join("metrics.jsonl"), &plot) {
+            Ok(()) => eprintln!("olmo-train: loss curves in {}", plot.display()),
+            Err(e) => eprintln!("olmo-train: no plot: {e:#}"),
+        }
+    }
+    let trained = state.step - start_step;
+    let mut summary = format!(
+        "olmo-train: done: {trained} steps this run (step {}, epoch {}), {} tokens in {} ({:.0} tokens/s), final train loss {last_loss:.4}",
+        state.step,
+        state.epoch,
+        trained * tokens_per_step,
+        fmt_secs(train_secs),
+        (trained * tokens_per_step) as f64 / train_secs.max(1e-9),
+    );
+    for (label, uni) in &evals.unigram {
+        if let Some(ce) = last_eval.get(&format!("eval/{label}/CrossEntropyLoss")) {
+            summary += &format!(
+                "; {label} perplexity {:.1} (unigram {:.1})",
+                ce.exp(),
+                uni.exp()
+            );
+        }
+    }
+    eprintln!("{summary}");
     Ok(())
+}
+
+fn print_evals(step: u64, r: &eval::Results) {
+    for (k, v) in r {
+        eprintln!("eval step {step:>6}  {k} {v:.4}");
+    }
 }

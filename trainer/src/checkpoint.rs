@@ -1,0 +1,243 @@
+//! Checkpoints: one self-describing folder per step, `{save_folder}/step{N}/` with
+//! `model.safetensors` (tensors under OLMo's state-dict names), `optim.safetensors` (AdamW's
+//! `exp_avg`/`exp_avg_sq` per tensor), `train.json` (step, epoch, data position, tokens seen)
+//! and `config.yaml`. A folder is written as `step{N}.tmp` and renamed when complete, then the
+//! `latest` link moves to it, so a killed run never leaves a half checkpoint that looks whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Layout;
+
+/// Where training stands; enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub epoch: u64,
+    /// Instances of the current epoch's order already trained on (OLMo's name).
+    pub global_train_examples_seen_this_epoch: u64,
+    pub global_train_tokens_seen: u64,
+    pub seed: u64,
+    pub world_size: u64,
+    /// The data the order was built over: instances and window length (a mismatch on resume
+    /// means the data changed under the run).
+    pub instances: u64,
+    pub seq_len: u64,
+    /// Adaptive clipping and other optimizer scalars have no state here: AdamW's step count is
+    /// `step`.
+    pub num_params: u64,
+}
+
+fn as_bytes(v: &[f32]) -> &[u8] {
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("safetensors stores little-endian floats");
+    // Safety: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+pub(crate) fn write_tensors(path: &Path, items: Vec<(String, Vec<usize>, &[f32])>) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = items
+        .into_iter()
+        .map(|(name, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(StDtype::F32, shape, as_bytes(data))
+                .map_err(|e| anyhow!("{name}: {e}"))?;
+            Ok((name, view))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes a model's tensors under `names` (a renaming of the layout, as HF export needs).
+pub fn write_model(path: &Path, layout: &Layout, params: &[f32]) -> Result<()> {
+    write_tensors(
+        path,
+        layout
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone(), &params[t.range()]))
+            .collect(),
+    )
+}
+
+/// Reads `name → (shape, values)` of an F32 safetensors file.
+fn read_f32(
+    path: &Path,
+    want: &[(String, Vec<usize>, std::ops::Range<usize>)],
+    out: &mut [f32],
+) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    for (name, shape, range) in want {
+        let t = st
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: no tensor `{name}`", path.display()))?;
+        if t.dtype() != StDtype::F32 || t.shape() != shape.as_slice() {
+            bail!(
+                "{}: `{name}` is {:?} {:?}, the model needs F32 {:?}",
+                path.display(),
+                t.dtype(),
+                t.shape(),
+                shape
+            );
+        }
+        for (o, c) in out[range.clone()].iter_mut().zip(t.data().chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(())
+}
+
+/// Reads model weights written by [`write_model`] for this layout.
+pub fn read_model(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
+    let mut params = vec![0.0; layout.total];
+    let want: Vec<_> = layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.range()))
+        .collect();
+    read_f32(path, &want, &mut params)?;
+    Ok(params)
+}
+
+pub struct Checkpoint<'a> {
+    pub layout: &'a Layout,
+    pub params: &'a [f32],
+    pub exp_avg: &'a [f32],
+    pub exp_avg_sq: &'a [f32],
+    pub state: &'a TrainerState,
+    pub config_text: &'a str,
+}
+
+pub fn step_dir(folder: &Path, step: u64) -> PathBuf {
+    folder.join(format!("step{step}"))
+}
+
+/// Writes `step{N}/` atomically, points `latest` at it, and keeps the newest `keep` (all when
+/// negative) step folders. Returns the folder written.
+pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
+    let dir = step_dir(folder, ck.state.step);
+    let tmp = folder.join(format!("step{}.tmp", ck.state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    write_model(&tmp.join("model.safetensors"), ck.layout, ck.params)?;
+    let mut optim = Vec::new();
+    for t in &ck.layout.tensors {
+        optim.push((
+            format!("{}.exp_avg", t.name),
+            t.shape.clone(),
+            &ck.exp_avg[t.range()],
+        ));
+        optim.push((
+            format!("{}.exp_avg_sq", t.name),
+            t.shape.clone(),
+            &ck.exp_avg_sq[t.range()],
+        ));
+    }
+    write_tensors(&tmp.join("optim.safetensors"), optim)?;
+    std::fs::write(
+        tmp.join("train.json"),
+        serde_json::to_string_pretty(ck.state)? + "\n",
+    )?;
+    std::fs::write(tmp.join("config.yaml"), ck.config_text)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    let link_tmp = folder.join("latest.tmp");
+    let _ = std::fs::remove_file(&link_tmp);
+    std::os::unix::fs::symlink(dir.file_name().unwrap(), &link_tmp)?;
+    std::fs::rename(&link_tmp, folder.join("latest"))?;
+    if keep > 0 {
+        let mut steps = list_steps(folder)?;
+        steps.sort();
+        let excess = steps.len().saturating_sub(keep as usize);
+        for s in &steps[..excess] {
+            if *s != ck.state.step {
+                std::fs::remove_dir_all(step_dir(folder, *s))?;
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Steps of the complete checkpoints in `folder`.
+pub fn list_steps(folder: &Path) -> Result<Vec<u64>> {
+    let mut steps = Vec::new();
+    let Ok(rd) = std::fs::read_dir(folder) else {
+        return Ok(steps);
+    };
+    for e in rd {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name
+            .strip_prefix("step")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            steps.push(n);
+        }
+    }
+    Ok(steps)
+}
+
+/// The newest complete checkpoint folder under `folder`, if any.
+pub fn latest(folder: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_steps(folder)?
+        .into_iter()
+        .max()
+        .map(|s| step_dir(folder, s)))
+}
+
+pub struct Loaded {
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub state: TrainerState,
+}
+
+/// Loads a checkpoint folder for this layout.
+pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("train.json"))
+            .with_context(|| format!("cannot read {}/train.json", dir.display()))?,
+    )
+    .with_context(|| format!("{}/train.json", dir.display()))?;
+    if state.num_params != layout.total as u64 {
+        bail!(
+            "{}: checkpoint has {} parameters, the configured model {}",
+            dir.display(),
+            state.num_params,
+            layout.total
+        );
+    }
+    let params = read_model(&dir.join("model.safetensors"), layout)?;
+    let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
+    let want = |suffix: &str| -> Vec<_> {
+        layout
+            .tensors
+            .iter()
+            .map(|t| (format!("{}.{suffix}", t.name), t.shape.clone(), t.range()))
+            .collect()
+    };
+    let optim = dir.join("optim.safetensors");
+    read_f32(&optim, &want("exp_avg"), &mut m)?;
+    read_f32(&optim, &want("exp_avg_sq"), &mut v)?;
+    Ok(Loaded {
+        params,
+        exp_avg: m,
+        exp_avg_sq: v,
+        state,
+    })
+}

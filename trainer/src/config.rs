@@ -1,0 +1,567 @@
+//! The training config: OLMo's YAML field names (`model`, `optimizer`, `scheduler`, `data`,
+//! `tokenizer`, `evaluators`, and the flat train fields), with OLMo's defaults where they make
+//! sense on this engine. Fields OLMo has that change nothing here (dropout 0, FSDP, compile,
+//! wandb, ...) are accepted and listed in a warning; values this engine does not implement
+//! (biases, ALiBi, QK-norm, dropout > 0, ...) are errors, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::model::{InitFn, ModelConfig};
+use crate::ops::NormKind;
+
+#[derive(Debug, Deserialize)]
+pub struct TrainConfig {
+    #[serde(default)]
+    pub run_name: Option<String>,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub optimizer: OptimizerSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSection>,
+    #[serde(default)]
+    pub evaluators: Vec<EvaluatorSection>,
+    #[serde(default = "default_eval_interval")]
+    pub eval_interval: u64,
+    #[serde(default = "default_eval_batch")]
+    pub device_eval_batch_size: usize,
+    /// Batches per LM eval set (-1: all).
+    #[serde(default = "minus_one")]
+    pub eval_subset_num_batches: i64,
+    /// Folder of the `../shared/eval`-style task files, for downstream evaluators without `path`.
+    #[serde(default)]
+    pub eval_data_dir: Option<String>,
+    pub global_train_batch_size: u64,
+    #[serde(default)]
+    pub device_train_microbatch_size: Option<u64>,
+    /// Training length: steps (`1000`), tokens (`2e12T`) or epochs (`2ep`).
+    pub max_duration: Duration,
+    /// Stop after this step (the schedule still runs to `max_duration`).
+    #[serde(default)]
+    pub stop_at: Option<u64>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// First epoch (OLMo counts from 0).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    #[serde(default)]
+    pub max_grad_norm: Option<f32>,
+    #[serde(default)]
+    pub softmax_auxiliary_loss: bool,
+    #[serde(default = "default_aux")]
+    pub auxiliary_loss_multiplier: f32,
+    #[serde(default)]
+    pub save_folder: Option<String>,
+    #[serde(default = "default_save_interval")]
+    pub save_interval: u64,
+    /// Step folders to keep (-1: all).
+    #[serde(default = "minus_one")]
+    pub save_num_checkpoints_to_keep: i64,
+    /// A checkpoint folder to start from.
+    #[serde(default)]
+    pub load_path: Option<String>,
+    /// Resume from the newest checkpoint in `save_folder` when there is one. On by default
+    /// (unlike OLMo), so a killed run rerun with the same command continues.
+    #[serde(default = "yes")]
+    pub try_load_latest_save: bool,
+    #[serde(default = "one")]
+    pub console_log_interval: u64,
+    /// `auto`, `cpu` (or `cuda`, not built yet).
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+fn default_eval_interval() -> u64 {
+    1000
+}
+fn default_eval_batch() -> usize {
+    16
+}
+fn minus_one() -> i64 {
+    -1
+}
+fn default_seed() -> u64 {
+    6198
+}
+fn default_aux() -> f32 {
+    1e-4
+}
+fn default_save_interval() -> u64 {
+    1000
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> u64 {
+    1
+}
+
+/// `max_duration`: OLMo's int (steps) or string with a `T` (tokens) or `ep` (epochs) suffix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Duration {
+    Steps(u64),
+    Tokens(u64),
+    Epochs(f64),
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Duration::Steps(n)),
+            Raw::Str(s) => Duration::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Duration {
+    pub fn parse(s: &str) -> Result<Duration> {
+        let s = s.trim();
+        let num = |v: &str| -> Result<f64> {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| anyhow!("max_duration `{s}`: `{v}` is not a number"))
+        };
+        if let Some(v) = s.strip_suffix("ep") {
+            Ok(Duration::Epochs(num(v)?))
+        } else if let Some(v) = s.strip_suffix('T') {
+            Ok(Duration::Tokens(num(v)? as u64))
+        } else {
+            Ok(Duration::Steps(num(s)? as u64))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ModelSection {
+    pub d_model: usize,
+    pub n_heads: usize,
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    pub n_layers: usize,
+    #[serde(default)]
+    pub mlp_hidden_size: Option<usize>,
+    #[serde(default = "default_ratio")]
+    pub mlp_ratio: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
+    pub max_sequence_length: usize,
+    #[serde(default = "yes")]
+    pub rope: bool,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_norm")]
+    pub layer_norm_type: String,
+    #[serde(default)]
+    pub layer_norm_with_affine: bool,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+    #[serde(default)]
+    pub include_bias: bool,
+    #[serde(default)]
+    pub bias_for_layer_norm: Option<bool>,
+    #[serde(default = "yes")]
+    pub weight_tying: bool,
+    #[serde(default = "default_init")]
+    pub init_fn: String,
+    #[serde(default = "default_std")]
+    pub init_std: f32,
+    #[serde(default)]
+    pub init_cutoff_factor: Option<f32>,
+    #[serde(default = "default_act")]
+    pub activation_type: String,
+    #[serde(default = "default_block")]
+    pub block_type: String,
+    #[serde(default)]
+    pub alibi: bool,
+    #[serde(default)]
+    pub attention_layer_norm: bool,
+    #[serde(default)]
+    pub norm_after: bool,
+    #[serde(default)]
+    pub clip_qkv: Option<f32>,
+    #[serde(default)]
+    pub scale_logits: bool,
+    #[serde(default)]
+    pub attention_dropout: f32,
+    #[serde(default)]
+    pub residual_dropout: f32,
+    #[serde(default)]
+    pub embedding_dropout: f32,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+fn default_ratio() -> usize {
+    4
+}
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_norm() -> String {
+    "default".into()
+}
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_init() -> String {
+    "normal".into()
+}
+fn default_std() -> f32 {
+    0.02
+}
+fn default_act() -> String {
+    "swiglu".into()
+}
+fn default_block() -> String {
+    "sequential".into()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OptimizerSection {
+    #[serde(default = "default_opt")]
+    pub name: String,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f32,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f32,
+    #[serde(default = "default_betas")]
+    pub betas: (f32, f32),
+    #[serde(default = "default_adam_eps")]
+    pub eps: f32,
+    #[serde(default)]
+    pub decay_norm_and_bias: bool,
+    #[serde(default)]
+    pub decay_embeddings: bool,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        OptimizerSection {
+            name: default_opt(),
+            learning_rate: default_lr(),
+            weight_decay: default_wd(),
+            betas: default_betas(),
+            eps: default_adam_eps(),
+            decay_norm_and_bias: false,
+            decay_embeddings: false,
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_opt() -> String {
+    "adamw".into()
+}
+fn default_lr() -> f32 {
+    4e-4
+}
+fn default_wd() -> f32 {
+    0.1
+}
+fn default_betas() -> (f32, f32) {
+    (0.9, 0.95)
+}
+fn default_adam_eps() -> f32 {
+    1e-5
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SchedulerSection {
+    #[serde(default = "default_sched")]
+    pub name: String,
+    #[serde(default = "default_units")]
+    pub units: String,
+    #[serde(default)]
+    pub t_warmup: f64,
+    #[serde(default)]
+    pub t_max: Option<f64>,
+    #[serde(default = "default_alpha")]
+    pub alpha_f: f64,
+    #[serde(default)]
+    pub warmup_min_lr: Option<f64>,
+    #[serde(default)]
+    pub grad_clip_warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub grad_clip_warmup_factor: Option<f32>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            name: default_sched(),
+            units: default_units(),
+            t_warmup: 0.0,
+            t_max: None,
+            alpha_f: default_alpha(),
+            warmup_min_lr: None,
+            grad_clip_warmup_steps: None,
+            grad_clip_warmup_factor: None,
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_sched() -> String {
+    "cosine_with_warmup".into()
+}
+fn default_units() -> String {
+    "steps".into()
+}
+fn default_alpha() -> f64 {
+    0.1
+}
+
+/// Token files: `paths`, or `datasets` (label → paths; labels sorted, as OLMo orders them).
+#[derive(Debug, Deserialize, Default)]
+pub struct DataSection {
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub datasets: BTreeMap<String, Vec<String>>,
+    #[serde(default = "default_dtype")]
+    pub memmap_dtype: String,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub drop_last: bool,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+fn default_dtype() -> String {
+    "uint16".into()
+}
+
+impl DataSection {
+    /// `(label, patterns)` groups in OLMo's order.
+    pub fn groups(&self, default_label: &str) -> Vec<(String, Vec<String>)> {
+        let mut g: Vec<(String, Vec<String>)> = Vec::new();
+        if !self.paths.is_empty() {
+            g.push((default_label.to_string(), self.paths.clone()));
+        }
+        g.extend(self.datasets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        g
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizerSection {
+    /// A `tokenizer.json` path (OLMo takes a hub name here; this tool reads local files).
+    pub identifier: String,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EvaluatorSection {
+    pub label: String,
+    /// `lm` (token shards, the default) or `downstream` (a multiple-choice task).
+    #[serde(default = "default_eval_type", rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub data: DataSection,
+    /// Downstream: the task's name (default: the label), e.g. `arc_easy`, `hellaswag`.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Downstream: its JSONL file.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Downstream: score only the first N questions.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+fn default_eval_type() -> String {
+    "lm".into()
+}
+
+impl TrainConfig {
+    pub fn load(path: &Path) -> Result<(TrainConfig, String)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: TrainConfig =
+            serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok((cfg, text))
+    }
+
+    /// Config fields accepted without effect, for a warning.
+    pub fn ignored_fields(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.other.keys().cloned().collect();
+        let mut sect = |s: &str, m: &BTreeMap<String, IgnoredAny>| {
+            out.extend(m.keys().map(|k| format!("{s}.{k}")))
+        };
+        sect("model", &self.model.other);
+        sect("optimizer", &self.optimizer.other);
+        sect("scheduler", &self.scheduler.other);
+        sect("data", &self.data.other);
+        if let Some(t) = &self.tokenizer {
+            sect("tokenizer", &t.other);
+        }
+        for e in &self.evaluators {
+            sect(&format!("evaluators[{}]", e.label), &e.other);
+        }
+        out
+    }
+
+    /// The model's shape, after checking every option against what this engine implements.
+    pub fn model_config(&self) -> Result<(ModelConfig, InitFn)> {
+        let m = &self.model;
+        let unsupported = |what: &str| -> Result<()> {
+            bail!("model.{what} is not implemented by olmo-train (OLMo-1 style blocks only)")
+        };
+        if m.n_heads == 0
+            || !m.d_model.is_multiple_of(m.n_heads)
+            || !(m.d_model / m.n_heads).is_multiple_of(2)
+        {
+            bail!("model.d_model ({}) must split into n_heads ({}) heads of even size (RoPE rotates pairs)", m.d_model, m.n_heads);
+        }
+        if m.n_kv_heads.is_some_and(|k| k != m.n_heads) {
+            unsupported("n_kv_heads (grouped-query attention)")?;
+        }
+        if !m.rope {
+            unsupported("rope: false (RoPE is the only position encoding here)")?;
+        }
+        if m.alibi {
+            unsupported("alibi")?;
+        }
+        if m.include_bias || m.bias_for_layer_norm == Some(true) {
+            unsupported("include_bias / bias_for_layer_norm")?;
+        }
+        if m.attention_layer_norm {
+            unsupported("attention_layer_norm (QK-norm)")?;
+        }
+        if m.norm_after {
+            unsupported("norm_after (OLMo 2 blocks)")?;
+        }
+        if m.clip_qkv.is_some() {
+            unsupported("clip_qkv")?;
+        }
+        if m.scale_logits {
+            unsupported("scale_logits")?;
+        }
+        if m.activation_type != "swiglu" {
+            unsupported(&format!("activation_type: {}", m.activation_type))?;
+        }
+        if m.block_type != "sequential" {
+            unsupported(&format!("block_type: {}", m.block_type))?;
+        }
+        if m.attention_dropout > 0.0 || m.residual_dropout > 0.0 || m.embedding_dropout > 0.0 {
+            unsupported("*_dropout > 0")?;
+        }
+        let norm = match m.layer_norm_type.as_str() {
+            "default" | "low_precision" => NormKind::LayerNorm,
+            "rms" => NormKind::Rms,
+            other => {
+                bail!("model.layer_norm_type `{other}`: expected default, low_precision or rms")
+            }
+        };
+        let init = match self.model.init_fn.as_str() {
+            "normal" => InitFn::Normal,
+            "mitchell" => InitFn::Mitchell,
+            "full_megatron" => InitFn::FullMegatron,
+            other => bail!("model.init_fn `{other}`: expected normal, mitchell or full_megatron"),
+        };
+        let mlp_hidden = m.mlp_hidden_size.unwrap_or(m.mlp_ratio * m.d_model);
+        if mlp_hidden == 0 || !mlp_hidden.is_multiple_of(2) {
+            bail!("the MLP hidden size ({mlp_hidden}) must be even: SwiGLU splits it in halves");
+        }
+        let embedding_size = m.embedding_size.unwrap_or(m.vocab_size.div_ceil(128) * 128);
+        if embedding_size < m.vocab_size {
+            bail!(
+                "model.embedding_size ({embedding_size}) is below vocab_size ({})",
+                m.vocab_size
+            );
+        }
+        Ok((
+            ModelConfig {
+                d_model: m.d_model,
+                n_heads: m.n_heads,
+                n_layers: m.n_layers,
+                mlp_hidden: mlp_hidden / 2,
+                vocab_size: m.vocab_size,
+                embedding_size,
+                rope_theta: m.rope_theta,
+                eps: m.layer_norm_eps,
+                z_loss: if self.softmax_auxiliary_loss {
+                    self.auxiliary_loss_multiplier
+                } else {
+                    0.0
+                },
+                norm,
+                norm_affine: m.layer_norm_with_affine,
+                weight_tying: m.weight_tying,
+            },
+            init,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_olmo() {
+        assert_eq!(Duration::parse("1000").unwrap(), Duration::Steps(1000));
+        assert_eq!(
+            Duration::parse("2e12T").unwrap(),
+            Duration::Tokens(2_000_000_000_000)
+        );
+        assert_eq!(Duration::parse("2ep").unwrap(), Duration::Epochs(2.0));
+        assert!(Duration::parse("many").is_err());
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_have_olmo_sizes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for (file, params) in [
+            ("OLMo-1B.yaml", 1_176_764_416usize),
+            ("OLMo-7B.yaml", 6_888_095_744),
+            ("tiny.yaml", 0),
+        ] {
+            let (cfg, _) = TrainConfig::load(&dir.join(file)).unwrap();
+            let (m, _) = cfg.model_config().unwrap();
+            if params > 0 {
+                assert_eq!(m.num_params(), params, "{file}");
+            }
+        }
+    }
+
+    #[test]
+    fn unimplemented_options_are_errors() {
+        let text = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8, include_bias: true}\n\
+                    data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\nwandb: {project: p}\n";
+        let cfg: TrainConfig = serde_saphyr::from_str(text).unwrap();
+        let err = cfg.model_config().unwrap_err().to_string();
+        assert!(err.contains("include_bias"), "{err}");
+        assert_eq!(cfg.ignored_fields(), vec!["wandb".to_string()]);
+    }
+}
