@@ -1,56 +1,328 @@
-//! `olmo-train train` end to end on a synthetic shard: the loss falls and metrics are written.
+//! `olmo-train train` end to end on synthetic shards: the loss falls, metrics, checkpoints and
+//! the plot are written, a stopped run resumes to the same bits, NaN stops the run, bad data
+//! and bad configs are explained, and `export-hf` writes a transformers layout.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    /// A folder with a periodic token stream (easy to predict once learnt) in two files.
+    fn new() -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, n) in [("a.npy", 4096u16), ("b.npy", 2048)] {
+            let tokens: Vec<u8> = (0..n)
+                .map(|i| [3u16, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5][i as usize % 11])
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+            std::fs::write(dir.path().join(name), tokens).unwrap();
+        }
+        Run { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes a config (extra YAML lines appended) saving under `out`.
+    fn config(&self, name: &str, out: &str, extra: &str) -> PathBuf {
+        let cfg = self.path(name);
+        std::fs::write(
+            &cfg,
+            format!(
+                "model:\n  d_model: 16\n  n_heads: 2\n  n_layers: 1\n  vocab_size: 16\n  max_sequence_length: 16\n\
+                 optimizer:\n  learning_rate: 1.0e-2\nscheduler:\n  name: cosine_with_warmup\n  t_warmup: 3\n\
+                 data:\n  paths: ['{d}/a.npy', '{d}/b.npy']\n\
+                 global_train_batch_size: 8\nmax_grad_norm: 1.0\nsave_folder: {d}/{out}\n{extra}\n",
+                d = self.dir.path().display(),
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    fn train(&self, cfg: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .args(["train", "-c", cfg.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn metrics(&self, out: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+fn losses(m: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    m.iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m["train/CrossEntropyLoss"].as_f64()?)))
+        .collect()
+}
 
 #[test]
-fn training_lowers_the_loss_and_writes_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    // a periodic stream: easy to predict once learnt
-    let tokens: Vec<u8> = (0..4096u16)
-        .map(|i| [3u16, 1, 4, 1, 5, 9, 2, 6][i as usize % 8])
-        .flat_map(|t| t.to_le_bytes())
-        .collect();
-    std::fs::write(dir.path().join("t.npy"), tokens).unwrap();
-    let out = dir.path().join("run");
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "model:\n  d_model: 16\n  n_heads: 2\n  n_layers: 1\n  vocab_size: 16\n  max_sequence_length: 16\n\
-             optimizer:\n  learning_rate: 1.0e-2\nscheduler:\n  name: constant\ndata:\n  paths: ['{}/t.npy']\n\
-             global_train_batch_size: 4\nmax_duration: 40\nmax_grad_norm: 1.0\nsave_folder: {}\n",
-            dir.path().display(),
-            out.display()
-        ),
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .args(["train", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(metrics.len(), 40);
-    let loss = |i: usize| metrics[i]["train/CrossEntropyLoss"].as_f64().unwrap();
-    // starts near ln(128) (uniform over the padded vocabulary)
-    assert!((loss(0) - 128f64.ln()).abs() < 0.2, "{}", loss(0));
-    assert!(loss(39) < 1.0, "loss went from {} to {}", loss(0), loss(39));
-    // a vocabulary too small for the data is an error, not a crash
+fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
+    let r = Run::new();
+    let cfg = r.config(
+        "c.yaml",
+        "run",
+        "max_duration: 40\nsave_interval: 10\nsave_num_checkpoints_to_keep: 2\n\
+         evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 20\n",
+    );
     std::fs::write(
         &cfg,
         std::fs::read_to_string(&cfg)
             .unwrap()
-            .replace("vocab_size: 16", "vocab_size: 8"),
+            .replace("HELD", r.path("b.npy").to_str().unwrap()),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .args(["train", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(err.contains("done: 40 steps"), "{err}");
+    let m = r.metrics("run");
+    let l = losses(&m);
+    assert_eq!(l.len(), 40);
+    // starts near ln(128) (uniform over the padded vocabulary), ends far below
+    assert!((l[0].1 - 128f64.ln()).abs() < 0.2, "{}", l[0].1);
+    assert!(l[39].1 < l[0].1 / 2.0, "loss went from {} to {}", l[0].1, l[39].1);
+    // evals at 0, 20 and 40, with the unigram baseline at step 0
+    let evals: Vec<(u64, f64)> = m
+        .iter()
+        .filter_map(|m| {
+            Some((
+                m["step"].as_u64()?,
+                m["eval/held/CrossEntropyLoss"].as_f64()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![0, 20, 40]
+    );
+    assert!(m[0]["eval/held/UnigramCrossEntropy"].as_f64().unwrap() > evals[2].1);
+    // keep-2 pruning, the latest link, a self-describing checkpoint
+    let out = r.path("run");
+    assert!(!out.join("step10").exists() && !out.join("step20").exists());
+    assert!(out.join("step30").exists() && out.join("step40/optim.safetensors").exists());
+    assert_eq!(
+        std::fs::read_link(out.join("latest")).unwrap(),
+        Path::new("step40")
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("step40/train.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 40);
+    assert_eq!(state["global_train_tokens_seen"], 40 * 8 * 16);
+    // 384 windows / 8 = 48 steps per epoch: still epoch 0 at step 40
+    assert_eq!(state["global_train_examples_seen_this_epoch"], 320);
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    // global_indices.npy: raw uint32, one per instance
+    assert_eq!(
+        std::fs::metadata(out.join("train_data/global_indices.npy"))
+            .unwrap()
+            .len(),
+        384 * 4
+    );
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_bits_with_any_thread_count() {
+    let r = Run::new();
+    // 60 steps cross an epoch boundary (48 steps per epoch)
+    let whole = r.config(
+        "whole.yaml",
+        "whole",
+        "max_duration: 60\nsave_interval: 25\n",
+    );
+    ok(&r.train(&whole, &["--threads", "2"]));
+    let parts = r.config(
+        "parts.yaml",
+        "parts",
+        "max_duration: 60\nsave_interval: 25\nstop_at: 37\n",
+    );
+    let err = ok(&r.train(&parts, &["--threads", "2"]));
+    assert!(err.contains("done: 37 steps"), "{err}");
+    // a crash after step 37 left a half-written checkpoint behind: it must be ignored
+    std::fs::create_dir_all(r.path("parts/step50.tmp")).unwrap();
+    let parts = r.config(
+        "parts.yaml",
+        "parts",
+        "max_duration: 60\nsave_interval: 25\n",
+    );
+    let err = ok(&r.train(&parts, &["--threads", "1"]));
+    assert!(
+        err.contains("resuming from") && err.contains("step37"),
+        "{err}"
+    );
+    assert!(err.contains("epoch 1 begins"), "{err}");
+    let a = std::fs::read(r.path("whole/step60/model.safetensors")).unwrap();
+    let b = std::fs::read(r.path("parts/step60/model.safetensors")).unwrap();
+    assert!(a == b, "resumed weights differ");
+    let a = std::fs::read(r.path("whole/step60/optim.safetensors")).unwrap();
+    let b = std::fs::read(r.path("parts/step60/optim.safetensors")).unwrap();
+    assert!(a == b, "resumed optimizer state differs");
+    assert_eq!(losses(&r.metrics("whole")), losses(&r.metrics("parts")));
+}
+
+#[test]
+fn micro_batches_accumulate_to_the_batch_mean() {
+    let r = Run::new();
+    let one = r.config("one.yaml", "one", "max_duration: 5\n");
+    let four = r.config(
+        "four.yaml",
+        "four",
+        "max_duration: 5\ndevice_train_microbatch_size: 2\n",
+    );
+    ok(&r.train(&one, &[]));
+    ok(&r.train(&four, &[]));
+    let (a, b) = (losses(&r.metrics("one")), losses(&r.metrics("four")));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_names_the_last_checkpoint() {
+    let r = Run::new();
+    let cfg = r.config("c.yaml", "run", "max_duration: 30\nsave_interval: 1\n");
+    // a learning rate that overflows the weights within a few steps
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("learning_rate: 1.0e-2", "learning_rate: 1.0e+37")
+            .replace("max_grad_norm: 1.0", ""),
+    )
+    .unwrap();
+    let o = r.train(&cfg, &[]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("outside the vocabulary"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("loss is NaN") || err.contains("loss is inf"),
+        "{err}"
+    );
+    assert!(
+        err.contains("last good checkpoint") && err.contains("/run/step"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_data_and_configs_are_explained() {
+    let r = Run::new();
+    let base = r.config("c.yaml", "run", "max_duration: 5\n");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let fails = |edit: &str, want: &str| {
+        let cfg = r.path("bad.yaml");
+        std::fs::write(&cfg, edit).unwrap();
+        let o = r.train(&cfg, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "want `{want}` in: {err}"
+        );
+    };
+    // ids beyond the vocabulary (a tokenizer/vocab mismatch), named with file and position
+    fails(
+        &text.replace("vocab_size: 16", "vocab_size: 8"),
+        "outside the vocabulary",
+    );
+    // uint16 tokens read as uint32 give huge ids: the up-front check catches it
+    fails(
+        &text.replace("paths:", "memmap_dtype: uint32\n  paths:"),
+        "memmap_dtype",
+    );
+    std::fs::write(r.path("empty.npy"), b"").unwrap();
+    fails(&text.replace("a.npy", "empty.npy"), "empty token file");
+    fails(&text.replace("a.npy", "missing.npy"), "matched no file");
+    fails(
+        &text.replace("n_layers: 1", "n_layers: 1\n  include_bias: true"),
+        "include_bias",
+    );
+    fails(
+        &(text.clone() + "evaluators:\n  - label: mmlu\n    type: downstream\n    path: x.jsonl\n"),
+        "unknown task `mmlu`",
+    );
+    fails(&(text.clone() + "device: cuda\n"), "CPU backend only");
+    fails(
+        &text.replace(
+            "global_train_batch_size: 8",
+            "global_train_batch_size: 4000",
+        ),
+        "cannot fill one global batch",
+    );
+}
+
+#[test]
+fn export_hf_writes_olmo_and_llama_layouts() {
+    let r = Run::new();
+    for (name, extra, arch) in [
+        ("olmo", "", "OlmoForCausalLM"),
+        ("llama", "", "LlamaForCausalLM"),
+    ] {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 2\n{extra}"),
+        );
+        if name == "llama" {
+            std::fs::write(
+                &cfg,
+                std::fs::read_to_string(&cfg).unwrap().replace(
+                    "n_layers: 1",
+                    "n_layers: 1\n  layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
+                ),
+            )
+            .unwrap();
+        }
+        ok(&r.train(&cfg, &[]));
+        let hf = r.path(&format!("{name}-hf"));
+        let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .args(["export-hf"])
+            .arg(r.path(name).join("step2"))
+            .arg(&hf)
+            .output()
+            .unwrap();
+        ok(&o);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["architectures"][0], arch);
+        assert_eq!(config["vocab_size"], 128);
+        assert_eq!(config["intermediate_size"], 32);
+        let st = std::fs::read(hf.join("model.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+        assert_eq!(
+            header["model.layers.0.mlp.gate_proj.weight"]["shape"],
+            serde_json::json!([32, 16])
+        );
+        assert_eq!(
+            header["model.layers.0.self_attn.k_proj.weight"]["shape"],
+            serde_json::json!([16, 16])
+        );
+        if name == "llama" {
+            assert!(header
+                .get("model.layers.0.input_layernorm.weight")
+                .is_some());
+            assert!(header.get("lm_head.weight").is_some());
+            assert_eq!(config["tie_word_embeddings"], false);
+        } else {
+            assert!(header.get("model.norm.weight").is_none());
+            assert_eq!(config["tie_word_embeddings"], true);
+        }
+    }
 }
