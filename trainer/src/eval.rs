@@ -55,18 +55,16 @@ pub struct Unigram {
 }
 
 impl Unigram {
-    /// Counts tokens of `shards` (up to `max_tokens` of them, in file order).
+    /// Counts tokens of `shards`: every window, or an evenly strided sample of windows across
+    /// all files when there are more than `max_tokens` tokens.
     pub fn count(shards: &Shards, vocab: usize, max_tokens: u64) -> Result<Unigram> {
         let mut counts = vec![0u64; vocab];
-        let mut seen = 0u64;
-        for i in 0..shards.len() {
-            if seen >= max_tokens {
-                break;
-            }
+        let n = shards.len();
+        let stride = (n * shards.seq_len).div_ceil(max_tokens.max(1)).max(1);
+        for i in (0..n).step_by(stride as usize) {
             for t in shards.read(i, Some(vocab as u64))? {
                 counts[t as usize] += 1;
             }
-            seen += shards.seq_len;
         }
         let total = counts.iter().sum::<u64>() as f64 + vocab as f64;
         Ok(Unigram {

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""The olmo-train model rebuilt in plain PyTorch, for side-by-side checks.
+
+  torch_olmo.py bench CONFIG [--threads N] [--steps N]
+      training tokens/s of the same model, batch, micro-batch and optimizer (fp32, CPU),
+      forward + backward + AdamW, timed after two warm-up steps.
+  torch_olmo.py check CONFIG CHECKPOINT_DIR TOKENS.npy [--hf HF_DIR]
+      loads olmo-train's model.safetensors into the PyTorch twin and prints the mean
+      cross-entropy over the file's windows (and the same through transformers when --hf
+      names an `olmo-train export-hf` folder), to compare with olmo-train's own eval metric.
+
+Needs torch, numpy, pyyaml, safetensors (and transformers for --hf).
+"""
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+
+class Norm(nn.Module):
+    def __init__(self, d, kind, affine, eps):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(d)) if affine else None
+
+    def forward(self, x):
+        if self.kind == "rms":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return x * self.weight if self.weight is not None else x
+        return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, h = c["d"], c["hidden"]
+        self.c = c
+        self.attn_norm = Norm(d, c["norm"], c["affine"], c["eps"])
+        self.att_proj = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = Norm(d, c["norm"], c["affine"], c["eps"])
+        self.ff_proj = nn.Linear(d, 2 * h, bias=False)
+        self.ff_out = nn.Linear(h, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        nh = self.c["heads"]
+        q, k, v = self.att_proj(self.attn_norm(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, nh, d // nh).transpose(1, 2) for z in (q, k, v))
+
+        def rope(z):
+            z1, z2 = z.chunk(2, dim=-1)
+            return z * cos + torch.cat((-z2, z1), dim=-1) * sin
+
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        x = x + self.attn_out(a.transpose(1, 2).reshape(b, t, d))
+        val, gate = self.ff_proj(self.ff_norm(x)).chunk(2, dim=-1)
+        return x + self.ff_out(F.silu(gate) * val)
+
+
+class Olmo(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(c["emb"], c["d"])
+        self.transformer.blocks = nn.ModuleList(Block(c) for _ in range(c["layers"]))
+        self.transformer.ln_f = Norm(c["d"], c["norm"], c["affine"], c["eps"])
+        if not c["tying"]:
+            self.transformer.ff_out = nn.Linear(c["d"], c["emb"], bias=False)
+        hd = c["d"] // c["heads"]
+        inv = 1.0 / (c["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+        f = torch.outer(torch.arange(c["seq"], dtype=torch.float), inv)
+        emb = torch.cat((f, f), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        x = self.transformer.wte(ids)
+        for blk in self.transformer.blocks:
+            x = blk(x, self.cos[:t], self.sin[:t])
+        x = self.transformer.ln_f(x)
+        w = self.transformer.wte.weight if self.c["tying"] else self.transformer.ff_out.weight
+        return F.linear(x, w)
+
+
+def load_config(path):
+    y = yaml.safe_load(open(path))
+    m = y["model"]
+    d = m["d_model"]
+    hidden = m.get("mlp_hidden_size") or m.get("mlp_ratio", 4) * d
+    vocab = m["vocab_size"]
+    c = dict(
+        d=d,
+        heads=m["n_heads"],
+        layers=m["n_layers"],
+        hidden=hidden // 2,
+        vocab=vocab,
+        emb=m.get("embedding_size") or (vocab + 127) // 128 * 128,
+        seq=m["max_sequence_length"],
+        theta=float(m.get("rope_theta", 10000)),
+        eps=float(m.get("layer_norm_eps", 1e-5)),
+        norm="rms" if m.get("layer_norm_type") == "rms" else "default",
+        affine=bool(m.get("layer_norm_with_affine", False)),
+        tying=bool(m.get("weight_tying", True)),
+    )
+    return c, y
+
+
+def loss_fn(model, windows, z_mult):
+    logits = model(windows[:, :-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    ce = F.cross_entropy(flat, windows[:, 1:].reshape(-1))
+    z = z_mult * torch.logsumexp(flat, dim=-1).pow(2).mean() if z_mult else 0.0
+    return ce + z
+
+
+def bench(args):
+    torch.set_num_threads(args.threads)
+    c, y = load_config(args.config)
+    torch.manual_seed(0)
+    model = Olmo(c)
+    for p in model.parameters():
+        if p.dim() > 1:
+            nn.init.normal_(p, std=0.02)
+    opt_cfg = y.get("optimizer", {})
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "wte" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "wte" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=float(opt_cfg.get("learning_rate", 4e-4)),
+        betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+        eps=float(opt_cfg.get("eps", 1e-5)),
+        weight_decay=float(opt_cfg.get("weight_decay", 0.1)),
+        foreach=True,
+    )
+    batch = y["global_train_batch_size"]
+    micro = y.get("device_train_microbatch_size") or batch
+    z_mult = float(y.get("auxiliary_loss_multiplier", 1e-4)) if y.get("softmax_auxiliary_loss") else 0.0
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, c["vocab"], (args.steps + 2, batch, c["seq"]), generator=gen)
+    for i in range(args.steps + 2):
+        if i == 2:
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for mb in data[i].split(micro):
+            (loss_fn(model, mb, z_mult) * (mb.shape[0] / batch)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    secs = time.perf_counter() - start
+    tps = args.steps * batch * c["seq"] / secs
+    params = sum(p.numel() for p in model.parameters())
+    print(f"pytorch {torch.__version__}: {params} parameters, {args.threads} threads, "
+          f"{args.steps} steps of {batch}x{c['seq']} (micro {micro}): {tps:.0f} tokens/s")
+
+
+def windows_of(path, seq, dtype):
+    tokens = np.fromfile(path, dtype=dtype)
+    n = len(tokens) // seq
+    return torch.from_numpy(tokens[: n * seq].astype(np.int64).reshape(n, seq))
+
+
+@torch.no_grad()
+def mean_ce(forward, windows, batch=64):
+    total, count = 0.0, 0
+    for w in windows.split(batch):
+        logits = forward(w[:, :-1]).float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum")
+        total += ce.item()
+        count += w[:, 1:].numel()
+    return total / count
+
+
+def check(args):
+    from safetensors.torch import load_file
+
+    c, y = load_config(args.config)
+    model = Olmo(c)
+    state = load_file(f"{args.checkpoint}/model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("ff_out.weight") or "blocks" in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    dtype = np.uint32 if y.get("data", {}).get("memmap_dtype") == "uint32" else np.uint16
+    windows = windows_of(args.tokens, c["seq"], dtype)
+    print(f"pytorch twin: mean cross-entropy {mean_ce(model, windows):.6f} over {len(windows)} windows")
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
+        ce = mean_ce(lambda ids: hf(input_ids=ids).logits, windows)
+        print(f"transformers {type(hf).__name__}: mean cross-entropy {ce:.6f}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench")
+    b.add_argument("config")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--steps", type=int, default=20)
+    k = sub.add_parser("check")
+    k.add_argument("config")
+    k.add_argument("checkpoint")
+    k.add_argument("tokens")
+    k.add_argument("--hf")
+    args = p.parse_args()
+    bench(args) if args.cmd == "bench" else check(args)
+
+
+if __name__ == "__main__":
+    main()
