@@ -400,6 +400,12 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         }
         Ok(())
     };
+    if state.step >= stop {
+        eprintln!(
+            "olmo-train: the checkpoint is already at step {} (stop at {stop}): nothing to train",
+            state.step
+        );
+    }
     let start = Instant::now();
     let start_step = state.step;
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());

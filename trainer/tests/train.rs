@@ -96,7 +96,12 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
     assert_eq!(l.len(), 40);
     // starts near ln(128) (uniform over the padded vocabulary), ends far below
     assert!((l[0].1 - 128f64.ln()).abs() < 0.2, "{}", l[0].1);
-    assert!(l[39].1 < l[0].1 / 2.0, "loss went from {} to {}", l[0].1, l[39].1);
+    assert!(
+        l[39].1 < l[0].1 / 2.0,
+        "loss went from {} to {}",
+        l[0].1,
+        l[39].1
+    );
     // evals at 0, 20 and 40, with the unigram baseline at step 0
     let evals: Vec<(u64, f64)> = m
         .iter()
