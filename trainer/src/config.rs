@@ -73,9 +73,13 @@ pub struct TrainConfig {
     pub try_load_latest_save: bool,
     #[serde(default = "one")]
     pub console_log_interval: u64,
-    /// `auto`, `cpu` (or `cuda`, not built yet).
+    /// `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: Option<String>,
+    /// `amp_bf16` (bf16 GEMM operands, f32 master weights; the CUDA default) or `fp32`. The
+    /// CPU engine always computes in f32.
+    #[serde(default)]
+    pub precision: Option<String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, IgnoredAny>,
 }

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
+use crate::backend::Backend;
 use crate::data::Shards;
-use crate::model::{Batch, Model};
+use crate::model::Batch;
 use crate::ops::IGNORE;
 
 /// One held-out set of token windows.
@@ -22,7 +23,12 @@ pub struct LmSet {
 }
 
 /// Mean cross-entropy (nats per token) of the model over a set's windows.
-pub fn lm_loss(model: &Model, params: &[f32], set: &LmSet, batch_size: usize) -> Result<f64> {
+pub fn lm_loss(
+    engine: &mut dyn Backend,
+    vocab: usize,
+    set: &LmSet,
+    batch_size: usize,
+) -> Result<f64> {
     let n = set.limit.min(set.shards.len());
     if n == 0 {
         bail!(
@@ -31,7 +37,7 @@ pub fn lm_loss(model: &Model, params: &[f32], set: &LmSet, batch_size: usize) ->
             set.shards.seq_len
         );
     }
-    let vocab = model.cfg.vocab_size as u64;
+    let vocab = vocab as u64;
     let (mut sum, mut count) = (0.0f64, 0usize);
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let mut start = 0;
@@ -41,7 +47,7 @@ pub fn lm_loss(model: &Model, params: &[f32], set: &LmSet, batch_size: usize) ->
             .map(|i| set.shards.read(i, Some(vocab)))
             .collect::<Result<_>>()?;
         let batch = Batch::from_windows(&windows, &mut inputs, &mut targets);
-        let s = model.forward(params, &batch);
+        let s = engine.forward(&batch)?;
         sum += s.ce_sum;
         count += s.count;
         start = end;
@@ -402,12 +408,11 @@ pub fn load_mc(
 
 /// Accuracy by raw log-likelihood (`acc`) and by log-likelihood per character (`len_norm`).
 pub fn mc_accuracy(
-    model: &Model,
-    params: &[f32],
+    engine: &mut dyn Backend,
     set: &McSet,
     max_seq: usize,
     batch_size: usize,
-) -> (f64, f64) {
+) -> Result<(f64, f64)> {
     // Every (question, choice) as one query: context + continuation[..-1], cut from the left
     // to the context length; the continuation's tokens are the scored targets.
     let mut queries: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
@@ -437,15 +442,12 @@ pub fn mc_accuracy(
                     .chain(std::iter::repeat_n(IGNORE, t - tg.len())),
             );
         }
-        let s = model.forward(
-            params,
-            &Batch {
-                inputs: &inputs,
-                targets: &targets,
-                b: chunk.len(),
-                t,
-            },
-        );
+        let s = engine.forward(&Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b: chunk.len(),
+            t,
+        })?;
         for q in s.logprobs.chunks(t) {
             loglik.push(q.iter().map(|&x| x as f64).sum::<f64>());
         }
@@ -462,7 +464,7 @@ pub fn mc_accuracy(
         norm += (argmax(&|i| ll[i] / choices[i].2 as f64) == *label) as usize;
     }
     let n = set.items.len() as f64;
-    (acc as f64 / n, norm as f64 / n)
+    Ok((acc as f64 / n, norm as f64 / n))
 }
 
 /// Resolves the evaluator's JSONL path: `path` as given, else the usual file name of the task

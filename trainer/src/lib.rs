@@ -2,9 +2,12 @@
 //! backward passes, CPU kernels on `gemm` + rayon), reading dolma token shards in OLMo's exact
 //! data order.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod model;

@@ -11,12 +11,13 @@ use olmo_train::data::{batch_instances, global_order};
 use olmo_train::train::open_shards;
 
 const USAGE: &str = "\
-usage: olmo-train train -c CONFIG [--threads N]
+usage: olmo-train train -c CONFIG [--device auto|cpu|cuda[:N]] [--threads N]
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train info -c CONFIG
 
-train      trains on CPU; resumes from the newest checkpoint in save_folder if there is one.
+train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
+           the newest checkpoint in save_folder if there is one.
 batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
@@ -102,8 +103,10 @@ fn config_arg(args: &[String]) -> Result<(String, Vec<(String, String)>)> {
 
 fn train(args: &[String]) -> Result<()> {
     let (config, rest) = config_arg(args)?;
+    let mut device = None;
     for (flag, v) in &rest {
         match flag.as_str() {
+            "--device" => device = Some(olmo_train::device::Request::parse(v)?),
             "--threads" => {
                 let n: usize = v.parse().with_context(|| format!("--threads `{v}`"))?;
                 rayon::ThreadPoolBuilder::new()
@@ -115,7 +118,7 @@ fn train(args: &[String]) -> Result<()> {
         }
     }
     let (cfg, text) = load(&config)?;
-    olmo_train::train::run(cfg, &text)
+    olmo_train::train::run_on(cfg, &text, device)
 }
 
 fn info(args: &[String]) -> Result<()> {

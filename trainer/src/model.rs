@@ -321,6 +321,11 @@ impl Model {
         }
     }
 
+    /// The most positions a batch may have.
+    pub fn max_seq(&self) -> usize {
+        self.rope.sin.len() / self.rope.half.max(1)
+    }
+
     fn norm_weight<'p>(&self, params: &'p [f32], at: Option<usize>) -> Option<&'p [f32]> {
         at.map(|o| &params[o..o + self.cfg.d_model])
     }

@@ -11,12 +11,14 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::backend::{Backend, Cpu, Update};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{Duration, TrainConfig};
 use crate::data::{expand_paths, global_order, write_global_indices, Dtype, Shards};
+use crate::device::{self, Device, Request};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
-use crate::model::{init_params, Batch, Model, Role};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::model::{init_params, Batch, Layout, Model, Role};
+use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
 
 /// Tokens read for the unigram baseline (enough for a stable estimate, cheap on huge data).
@@ -130,25 +132,28 @@ fn setup_evals(cfg: &TrainConfig, train: &Shards, vocab: usize) -> Result<Evalua
 }
 
 fn run_evals(
-    model: &Model,
-    params: &[f32],
+    engine: &mut dyn Backend,
     evals: &Evaluators,
     cfg: &TrainConfig,
 ) -> Result<eval::Results> {
     let mut out = eval::Results::new();
     for set in &evals.lm {
-        let ce = eval::lm_loss(model, params, set, cfg.device_eval_batch_size)?;
+        let ce = eval::lm_loss(
+            engine,
+            cfg.model.vocab_size,
+            set,
+            cfg.device_eval_batch_size,
+        )?;
         out.insert(format!("eval/{}/CrossEntropyLoss", set.label), ce);
         out.insert(format!("eval/{}/Perplexity", set.label), ce.exp());
     }
     for set in &evals.mc {
         let (acc, len_norm) = eval::mc_accuracy(
-            model,
-            params,
+            engine,
             set,
             cfg.model.max_sequence_length,
             cfg.device_eval_batch_size,
-        );
+        )?;
         out.insert(format!("eval/downstream/{}_acc", set.label), acc);
         out.insert(format!("eval/downstream/{}_len_norm", set.label), len_norm);
     }
@@ -210,7 +215,34 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
+/// Builds the engine for the device.
+fn engine(
+    device: Device,
+    bf16: bool,
+    model: Model,
+    params: Vec<f32>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(Cpu::new(model, params, exp_avg, exp_avg_sq))),
+        Device::Cuda(n) => Ok(Box::new(crate::cuda::CudaEngine::with_precision(
+            n,
+            model,
+            &params,
+            &exp_avg,
+            &exp_avg_sq,
+            bf16,
+        )?)),
+    }
+}
+
+/// Trains as the config says; `device` overrides the config's `device:`.
 pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
+    run_on(cfg, config_text, None)
+}
+
+pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> Result<()> {
     let ignored = cfg.ignored_fields();
     if !ignored.is_empty() {
         eprintln!(
@@ -218,10 +250,12 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
             ignored.join(", ")
         );
     }
-    match cfg.device.as_deref() {
-        None | Some("auto") | Some("cpu") => {}
-        Some(d) => bail!("device `{d}`: this build has the CPU backend only (auto or cpu)"),
-    }
+    let request = match device {
+        Some(r) => r,
+        None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
+    };
+    let (device, why) = device::resolve(request)?;
+    eprintln!("olmo-train: device {why}");
     if cfg.optimizer.name != "adamw" {
         bail!(
             "optimizer.name `{}`: only adamw is implemented",
@@ -278,8 +312,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         alpha_f: cfg.scheduler.alpha_f,
         warmup_min_lr: cfg.scheduler.warmup_min_lr,
     };
-    let model = Model::new(mcfg, seq);
-    let layout = &model.layout;
+    let layout = &Layout::new(&mcfg);
     let save_folder = cfg.save_folder.as_ref().map(PathBuf::from);
     if let Some(f) = &save_folder {
         std::fs::create_dir_all(f).with_context(|| format!("cannot create {}", f.display()))?;
@@ -334,6 +367,28 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         ),
     };
     let evals = setup_evals(&cfg, &shards, vocab)?;
+    let decay: Vec<bool> = layout
+        .tensors
+        .iter()
+        .map(|t| match t.role {
+            Role::Embedding => cfg.optimizer.decay_embeddings,
+            Role::Norm => cfg.optimizer.decay_norm_and_bias,
+            _ => true,
+        })
+        .collect();
+    let bf16 = match cfg.precision.as_deref() {
+        None | Some("amp_bf16") => true,
+        Some("fp32") => false,
+        Some(p) => bail!("precision `{p}`: amp_bf16 or fp32"),
+    };
+    let mut engine = engine(
+        device,
+        bf16,
+        Model::new(mcfg, seq),
+        std::mem::take(&mut params),
+        std::mem::take(&mut exp_avg),
+        std::mem::take(&mut exp_avg_sq),
+    )?;
     let mut metrics = Metrics::open(save_folder.as_deref(), state.step)?;
     let mut order = global_order(
         shards.len(),
@@ -346,12 +401,12 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         write_global_indices(&f.join("train_data").join("global_indices.npy"), &order)?;
     }
     eprintln!(
-        "olmo-train: {} parameters ({} non-embedding), {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {} threads",
+        "olmo-train: {} parameters ({} non-embedding), {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}",
         layout.total,
         mcfg.non_embedding_params(),
         mcfg.flops_per_token(seq) / 1e6,
         shards.len(),
-        rayon::current_num_threads()
+        engine.describe()
     );
     for (label, ce) in &evals.unigram {
         eprintln!(
@@ -365,7 +420,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
             .iter()
             .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
             .collect();
-        let r = run_evals(&model, &params, &evals, &cfg)?;
+        let r = run_evals(engine.as_mut(), &evals, &cfg)?;
         print_evals(0, &r);
         fields.extend(r);
         metrics.write(0, &fields)?;
@@ -377,26 +432,24 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         eps: cfg.optimizer.eps,
         weight_decay: cfg.optimizer.weight_decay,
     };
-    let decays = |role: Role| match role {
-        Role::Embedding => cfg.optimizer.decay_embeddings,
-        Role::Norm => cfg.optimizer.decay_norm_and_bias,
-        _ => true,
-    };
-    let save = |params: &[f32], m: &[f32], v: &[f32], state: &TrainerState| -> Result<()> {
+    let save = |engine: &mut dyn Backend, state: &TrainerState| -> Result<()> {
         if let Some(f) = &save_folder {
-            let dir = checkpoint::save(
-                f,
-                &Checkpoint {
-                    layout,
-                    params,
-                    exp_avg: m,
-                    exp_avg_sq: v,
-                    state,
-                    config_text,
-                },
-                cfg.save_num_checkpoints_to_keep,
-            )?;
-            eprintln!("olmo-train: saved {}", dir.display());
+            engine.with_state(&mut |params, m, v| {
+                let dir = checkpoint::save(
+                    f,
+                    &Checkpoint {
+                        layout,
+                        params,
+                        exp_avg: m,
+                        exp_avg_sq: v,
+                        state,
+                        config_text,
+                    },
+                    cfg.save_num_checkpoints_to_keep,
+                )?;
+                eprintln!("olmo-train: saved {}", dir.display());
+                Ok(())
+            })?;
         }
         Ok(())
     };
@@ -409,7 +462,6 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
     let start = Instant::now();
     let start_step = state.step;
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-    let mut grads = vec![0.0f32; layout.total];
     let mut train_secs = 0.0f64;
     let mut last_eval = eval::Results::new();
     let mut last_loss = f64::NAN;
@@ -429,7 +481,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         }
         let at = state.global_train_examples_seen_this_epoch as usize;
         let ids = &order[at..at + batch as usize];
-        grads.fill(0.0);
+        engine.zero_grad()?;
         // OLMo divides each micro-batch's summed loss by the whole batch's token count, so the
         // accumulated gradient is the batch mean whatever the micro-batch size.
         let scored = (batch * (seq as u64 - 1)) as f64;
@@ -440,7 +492,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
                 .map(|&i| shards.read(i as u64, Some(vocab as u64)))
                 .collect::<Result<_>>()?;
             let b = Batch::from_windows(&windows, &mut inputs, &mut targets);
-            let s = model.forward_backward(&params, &b, (1.0 / scored) as f32, &mut grads);
+            let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
             ce += s.ce_sum;
             z += s.z_sum;
         }
@@ -462,20 +514,14 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
                 _ => m,
             }
         });
-        let norm = clip_grad_norm(&mut [&mut grads], max_norm.unwrap_or(f32::INFINITY));
         let lr = schedule.lr(step) as f32;
-        for t in &layout.tensors {
-            let r = t.range();
-            opt.step_slices(
-                step,
-                lr,
-                &mut params[r.clone()],
-                &grads[r.clone()],
-                &mut exp_avg[r.clone()],
-                &mut exp_avg_sq[r],
-                decays(t.role),
-            );
-        }
+        let norm = engine.step(&Update {
+            step,
+            lr,
+            max_norm,
+            adamw: opt,
+            decay: &decay,
+        })?;
         state.step = step;
         state.global_train_examples_seen_this_epoch += batch;
         state.global_train_tokens_seen += tokens_per_step;
@@ -511,7 +557,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
         let evaluate = !(evals.lm.is_empty() && evals.mc.is_empty())
             && (step % cfg.eval_interval.max(1) == 0 || step == stop);
         if evaluate {
-            let r = run_evals(&model, &params, &evals, &cfg)?;
+            let r = run_evals(engine.as_mut(), &evals, &cfg)?;
             print_evals(step, &r);
             metrics.write(
                 step,
@@ -520,7 +566,7 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
             last_eval = r;
         }
         if step % cfg.save_interval.max(1) == 0 || step == stop {
-            save(&params, &exp_avg, &exp_avg_sq, &state)?;
+            save(engine.as_mut(), &state)?;
         }
     }
     drop(metrics);

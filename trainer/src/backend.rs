@@ -1,0 +1,102 @@
+//! The engine interface the training loop drives, with two implementations: the CPU engine
+//! (here) and the CUDA engine (`cuda.rs`). An engine owns the parameters, their gradients and
+//! AdamW's moments; the loop hands it batches and optimizer settings, and reads the state back
+//! only for checkpoints.
+
+use anyhow::Result;
+
+use crate::model::{Batch, Model, Scores};
+use crate::optim::{clip_grad_norm, AdamW};
+
+/// Receives host copies of (params, exp_avg, exp_avg_sq).
+pub type StateFn<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> Result<()> + 'a;
+
+/// One optimizer update.
+pub struct Update<'a> {
+    /// 1-based step (AdamW's bias correction).
+    pub step: u64,
+    pub lr: f32,
+    /// Global-norm clipping threshold, if any.
+    pub max_norm: Option<f32>,
+    pub adamw: AdamW,
+    /// Weight decay on or off per tensor, in layout order.
+    pub decay: &'a [bool],
+}
+
+pub trait Backend {
+    /// What runs where, for the log.
+    fn describe(&self) -> String;
+    /// Scores a batch (no gradients).
+    fn forward(&mut self, batch: &Batch) -> Result<Scores>;
+    /// Scores a batch and adds `grad_scale · d(Σ CE + z)/dparams` to the gradient accumulator.
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<Scores>;
+    fn zero_grad(&mut self) -> Result<()>;
+    /// Clips the accumulated gradient and applies AdamW; returns the norm before clipping.
+    fn step(&mut self, u: &Update) -> Result<f32>;
+    /// Calls `f(params, exp_avg, exp_avg_sq)` with host copies of the state.
+    fn with_state(&mut self, f: &mut StateFn) -> Result<()>;
+}
+
+/// The CPU engine: the model's f32 passes over host buffers.
+pub struct Cpu {
+    pub model: Model,
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+impl Cpu {
+    pub fn new(model: Model, params: Vec<f32>, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>) -> Cpu {
+        let n = params.len();
+        Cpu {
+            model,
+            params,
+            grads: vec![0.0; n],
+            exp_avg,
+            exp_avg_sq,
+        }
+    }
+}
+
+impl Backend for Cpu {
+    fn describe(&self) -> String {
+        format!("cpu, f32, {} threads", rayon::current_num_threads())
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<Scores> {
+        Ok(self.model.forward(&self.params, batch))
+    }
+
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<Scores> {
+        Ok(self
+            .model
+            .forward_backward(&self.params, batch, grad_scale, &mut self.grads))
+    }
+
+    fn zero_grad(&mut self) -> Result<()> {
+        self.grads.fill(0.0);
+        Ok(())
+    }
+
+    fn step(&mut self, u: &Update) -> Result<f32> {
+        let norm = clip_grad_norm(&mut [&mut self.grads], u.max_norm.unwrap_or(f32::INFINITY));
+        for (t, &decay) in self.model.layout.tensors.iter().zip(u.decay) {
+            let r = t.range();
+            u.adamw.step_slices(
+                u.step,
+                u.lr,
+                &mut self.params[r.clone()],
+                &self.grads[r.clone()],
+                &mut self.exp_avg[r.clone()],
+                &mut self.exp_avg_sq[r],
+                decay,
+            );
+        }
+        Ok(norm)
+    }
+
+    fn with_state(&mut self, f: &mut StateFn) -> Result<()> {
+        f(&self.params, &self.exp_avg, &self.exp_avg_sq)
+    }
+}

@@ -1,0 +1,910 @@
+//! The CUDA engine: the same passes as the CPU engine (`model.rs`), with GEMMs in cuBLAS and
+//! the other kernels (`cuda_kernels.cu`) compiled at run time by NVRTC for the present GPU.
+//! Nothing CUDA is linked: cudarc loads the driver, NVRTC and cuBLAS when the engine is built.
+//!
+//! Mixed precision as OLMo's `amp_bf16`: f32 master weights, gradients and AdamW moments; GEMM
+//! operands cast to bf16 (weights once per step, activations per use) with f32 accumulation
+//! and f32 outputs; norms, softmax, RoPE and the loss in f32. `precision: fp32` keeps every
+//! GEMM in f32.
+//!
+//! Not deterministic bit for bit (atomics in the embedding and norm-weight gradients, cuBLAS
+//! algorithm choice); checked against the CPU engine within bf16 tolerance instead.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use crate::backend::{Backend, StateFn, Update};
+use crate::model::{Batch, Layout, Model, ModelConfig, Scores};
+use crate::ops::{NormKind, RopeTable, IGNORE};
+
+const SOURCE: &str = include_str!("cuda_kernels.cu");
+const BLOCK: u32 = 256;
+
+const KERNELS: [&str; 14] = [
+    "embed_fwd",
+    "embed_bwd",
+    "norm_fwd",
+    "norm_bwd",
+    "rope",
+    "softmax_fwd",
+    "softmax_bwd",
+    "swiglu_fwd",
+    "swiglu_bwd",
+    "cross_entropy",
+    "add",
+    "cast_bf16",
+    "sumsq",
+    "adamw",
+];
+
+/// The compiled kernels and the stream they run on.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: std::collections::HashMap<&'static str, CudaFunction>,
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub arch: (i32, i32),
+}
+
+fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        if let Err(why) = crate::device::cuda_unavailable() {
+            bail!("cuda:{ordinal}: {why}");
+        }
+        let ctx = cu(CudaContext::new(ordinal), "creating the context")?;
+        // One stream: no cross-stream events needed, and raw pointers stay valid.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let arch = cu(ctx.compute_capability(), "compute capability")?;
+        let name = cu(ctx.name(), "device name")?;
+        let arch_flag: &'static str =
+            Box::leak(format!("sm_{}{}", arch.0, arch.1).into_boxed_str());
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+            SOURCE,
+            cudarc::nvrtc::CompileOptions {
+                arch: Some(arch_flag),
+                name: Some("olmo_train_kernels.cu".into()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| anyhow!("NVRTC could not compile the kernels for {arch_flag}: {e:?}"))?;
+        let module = cu(ctx.load_module(ptx), "loading the kernels")?;
+        let mut funcs = std::collections::HashMap::new();
+        for k in KERNELS {
+            funcs.insert(k, cu(module.load_function(k), k)?);
+        }
+        let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            name,
+            arch,
+        })
+    }
+
+    /// Raw device address of a buffer (plus `offset` elements).
+    pub fn ptr<T>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
+        let (p, _guard) = s.device_ptr(&self.stream);
+        p + (offset * std::mem::size_of::<T>()) as u64
+    }
+
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        cu(self.stream.clone_htod(v), "upload")
+    }
+
+    pub fn download<T: cudarc::driver::DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+        cu(self.stream.clone_dtoh(s), "download")
+    }
+
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        cu(self.stream.alloc_zeros::<T>(n.max(1)), "allocation")
+    }
+
+    /// Launches `name` with `args` (device pointers as u64, scalars as their types).
+    pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| anyhow!("no kernel {name}"))?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) => b.arg(p),
+                Arg::I(i) => b.arg(i),
+                Arg::L(l) => b.arg(l),
+                Arg::F(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.max(1), 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: argument lists match the kernel signatures in cuda_kernels.cu.
+        cu(unsafe { b.launch(cfg) }, name)?;
+        Ok(())
+    }
+
+    /// Elementwise launch over `n` items.
+    pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, n.div_ceil(BLOCK as usize) as u32, BLOCK, args)
+    }
+
+    /// Row-major `C[m×n] = alpha · op(A) · op(B) + beta · C` for `batch` matrices at the given
+    /// element strides; `op(A)` is m×k (A stored k×m when `ta`), `op(B)` is k×n (stored n×k
+    /// when `tb`). Operands are f32 or bf16 (both the same), C is f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        ta: bool,
+        b: Operand,
+        tb: bool,
+        (c, ldc): (u64, usize),
+        alpha: f32,
+        beta: f32,
+        (batch, sa, sb, sc): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        if a.bf16 != b.bf16 {
+            bail!("gemm operands of mixed precision");
+        }
+        let ty = if a.bf16 {
+            cudaDataType_t::CUDA_R_16BF
+        } else {
+            cudaDataType_t::CUDA_R_32F
+        };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Column-major cuBLAS computes Cᵀ = op(B)ᵀ · op(A)ᵀ on the same buffers.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasGemmStridedBatchedEx(
+                *self.blas.handle(),
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                b.ptr as *const _,
+                ty,
+                b.ld as i32,
+                sb as i64,
+                a.ptr as *const _,
+                ty,
+                a.ld as i32,
+                sa as i64,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                ldc as i32,
+                sc as i64,
+                batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cuBLAS GEMM ({m}x{n}x{k}, batch {batch}) failed: {status:?}");
+        }
+        Ok(())
+    }
+}
+
+/// A kernel argument.
+pub enum Arg {
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+/// A GEMM operand: address, leading dimension (elements), element type.
+#[derive(Clone, Copy)]
+pub struct Operand {
+    pub ptr: u64,
+    pub ld: usize,
+    pub bf16: bool,
+}
+
+/// An activation prepared as a GEMM operand: the f32 buffer itself, or its bf16 copy.
+struct Prepared {
+    ptr: u64,
+    bf16: bool,
+    _copy: Option<CudaSlice<u16>>,
+}
+
+impl Prepared {
+    fn at(&self, offset: usize, ld: usize) -> Operand {
+        let w = if self.bf16 { 2 } else { 4 };
+        Operand {
+            ptr: self.ptr + (offset * w) as u64,
+            ld,
+            bf16: self.bf16,
+        }
+    }
+}
+
+/// Device activations of one layer kept for the backward pass.
+struct Acts {
+    x_in: CudaSlice<f32>,
+    ln1: CudaSlice<f32>,
+    ln1_mean: CudaSlice<f32>,
+    ln1_rstd: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    x_mid: CudaSlice<f32>,
+    ln2: CudaSlice<f32>,
+    ln2_mean: CudaSlice<f32>,
+    ln2_rstd: CudaSlice<f32>,
+    ff_in: CudaSlice<f32>,
+    ff_act: CudaSlice<f32>,
+}
+
+pub struct CudaEngine {
+    pub gpu: Gpu,
+    cfg: ModelConfig,
+    layout: Layout,
+    bf16: bool,
+    params: CudaSlice<f32>,
+    params_bf: CudaSlice<u16>,
+    grads: CudaSlice<f32>,
+    exp_avg: CudaSlice<f32>,
+    exp_avg_sq: CudaSlice<f32>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    max_seq: usize,
+    /// Reused scalar for the gradient norm.
+    norm_acc: CudaSlice<f64>,
+}
+
+impl CudaEngine {
+    pub fn new(
+        ordinal: usize,
+        model: Model,
+        params: &[f32],
+        exp_avg: &[f32],
+        exp_avg_sq: &[f32],
+    ) -> Result<CudaEngine> {
+        Self::with_precision(ordinal, model, params, exp_avg, exp_avg_sq, true)
+    }
+
+    pub fn with_precision(
+        ordinal: usize,
+        model: Model,
+        params: &[f32],
+        exp_avg: &[f32],
+        exp_avg_sq: &[f32],
+        bf16: bool,
+    ) -> Result<CudaEngine> {
+        let gpu = Gpu::new(ordinal)?;
+        let cfg = model.cfg;
+        let max_seq = model.max_seq();
+        let table = RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta);
+        let n = params.len();
+        let e = CudaEngine {
+            params: gpu.upload(params)?,
+            params_bf: gpu.zeros(n)?,
+            grads: gpu.zeros(n)?,
+            exp_avg: gpu.upload(exp_avg)?,
+            exp_avg_sq: gpu.upload(exp_avg_sq)?,
+            cos: gpu.upload(&table.cos)?,
+            sin: gpu.upload(&table.sin)?,
+            norm_acc: gpu.zeros(1)?,
+            layout: model.layout.clone(),
+            cfg,
+            bf16,
+            max_seq,
+            gpu,
+        };
+        e.refresh_bf16()?;
+        Ok(e)
+    }
+
+    /// Recasts the bf16 weight copy from the f32 master weights.
+    fn refresh_bf16(&self) -> Result<()> {
+        if self.bf16 {
+            let n = self.layout.total;
+            self.gpu.launch_n(
+                "cast_bf16",
+                n,
+                &[
+                    Arg::P(self.gpu.ptr(&self.params, 0)),
+                    Arg::P(self.gpu.ptr(&self.params_bf, 0)),
+                    Arg::L(n as i64),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A weight tensor at `offset` as a GEMM operand (row-major, `ld` columns).
+    fn weight(&self, offset: usize, ld: usize) -> Operand {
+        if self.bf16 {
+            Operand {
+                ptr: self.gpu.ptr(&self.params_bf, offset),
+                ld,
+                bf16: true,
+            }
+        } else {
+            Operand {
+                ptr: self.gpu.ptr(&self.params, offset),
+                ld,
+                bf16: false,
+            }
+        }
+    }
+
+    /// An activation as a GEMM operand (cast to bf16 under mixed precision).
+    fn prepare(&self, s: &CudaSlice<f32>) -> Result<Prepared> {
+        if !self.bf16 {
+            return Ok(Prepared {
+                ptr: self.gpu.ptr(s, 0),
+                bf16: false,
+                _copy: None,
+            });
+        }
+        let copy: CudaSlice<u16> = self.gpu.zeros(s.len())?;
+        self.gpu.launch_n(
+            "cast_bf16",
+            s.len(),
+            &[
+                Arg::P(self.gpu.ptr(s, 0)),
+                Arg::P(self.gpu.ptr(&copy, 0)),
+                Arg::L(s.len() as i64),
+            ],
+        )?;
+        Ok(Prepared {
+            ptr: self.gpu.ptr(&copy, 0),
+            bf16: true,
+            _copy: Some(copy),
+        })
+    }
+
+    fn p(&self, s: &CudaSlice<f32>) -> Arg {
+        Arg::P(self.gpu.ptr(s, 0))
+    }
+
+    /// `y = x Wᵀ` for rows of x; W at `w` is `[outp, inp]`.
+    fn linear(
+        &self,
+        x: &CudaSlice<f32>,
+        w: usize,
+        rows: usize,
+        inp: usize,
+        outp: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let y = self.gpu.zeros::<f32>(rows * outp)?;
+        let xp = self.prepare(x)?;
+        self.gpu.gemm(
+            (rows, outp, inp),
+            xp.at(0, inp),
+            false,
+            self.weight(w, inp),
+            true,
+            (self.gpu.ptr(&y, 0), outp),
+            1.0,
+            0.0,
+            (1, 0, 0, 0),
+        )?;
+        Ok(y)
+    }
+
+    /// dx = dy W (fresh buffer), dW += dyᵀ x.
+    fn linear_back(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: usize,
+        rows: usize,
+        inp: usize,
+        outp: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let dx = self.gpu.zeros::<f32>(rows * inp)?;
+        let dyp = self.prepare(dy)?;
+        self.gpu.gemm(
+            (rows, inp, outp),
+            dyp.at(0, outp),
+            false,
+            self.weight(w, inp),
+            false,
+            (self.gpu.ptr(&dx, 0), inp),
+            1.0,
+            0.0,
+            (1, 0, 0, 0),
+        )?;
+        let xp = self.prepare(x)?;
+        self.gpu.gemm(
+            (outp, inp, rows),
+            dyp.at(0, outp),
+            true,
+            xp.at(0, inp),
+            false,
+            (self.gpu.ptr(&self.grads, w), inp),
+            1.0,
+            1.0,
+            (1, 0, 0, 0),
+        )?;
+        Ok(dx)
+    }
+
+    fn norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: Option<usize>,
+        rows: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        let d = self.cfg.d_model;
+        let y = self.gpu.zeros::<f32>(rows * d)?;
+        let mean = self.gpu.zeros::<f32>(rows)?;
+        let rstd = self.gpu.zeros::<f32>(rows)?;
+        self.gpu.launch(
+            "norm_fwd",
+            rows as u32,
+            BLOCK,
+            &[
+                self.p(x),
+                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
+                self.p(&y),
+                self.p(&mean),
+                self.p(&rstd),
+                Arg::I(d as i32),
+                Arg::F(self.cfg.eps),
+                Arg::I((self.cfg.norm == NormKind::Rms) as i32),
+            ],
+        )?;
+        Ok((y, mean, rstd))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn norm_back(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        w: Option<usize>,
+        rows: usize,
+        dx: &CudaSlice<f32>,
+    ) -> Result<()> {
+        self.gpu.launch(
+            "norm_bwd",
+            rows as u32,
+            BLOCK,
+            &[
+                self.p(dy),
+                self.p(x),
+                self.p(mean),
+                self.p(rstd),
+                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
+                self.p(dx),
+                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.grads, o))),
+                Arg::I(self.cfg.d_model as i32),
+                Arg::I((self.cfg.norm == NormKind::Rms) as i32),
+            ],
+        )
+    }
+
+    fn rope(&self, qkv: &CudaSlice<f32>, rows: usize, t: usize, inverse: bool) -> Result<()> {
+        let c = &self.cfg;
+        let half = c.head_dim() / 2;
+        self.gpu.launch_n(
+            "rope",
+            rows * 2 * c.n_heads * half,
+            &[
+                self.p(qkv),
+                self.p(&self.cos),
+                self.p(&self.sin),
+                Arg::L(rows as i64),
+                Arg::I(t as i32),
+                Arg::I(c.n_heads as i32),
+                Arg::I(half as i32),
+                Arg::I(3 * c.d_model as i32),
+                Arg::I(2),
+                Arg::I(inverse as i32),
+            ],
+        )
+    }
+
+    fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let out = self.gpu.zeros::<f32>(a.len())?;
+        self.gpu.launch_n(
+            "add",
+            a.len(),
+            &[self.p(&out), self.p(a), self.p(b), Arg::L(a.len() as i64)],
+        )?;
+        Ok(out)
+    }
+
+    fn run(&mut self, batch: &Batch, backward: Option<f32>) -> Result<Scores> {
+        let c = self.cfg;
+        let (d, hh, h) = (c.d_model, c.n_heads, c.mlp_hidden);
+        let hd = c.head_dim();
+        let (b, t) = (batch.b, batch.t);
+        let n = b * t;
+        let emb = c.embedding_size;
+        if t > self.max_seq {
+            bail!(
+                "a batch of {t} positions exceeds the model's {}",
+                self.max_seq
+            );
+        }
+        let gpu = &self.gpu;
+        let ids = gpu.upload(batch.inputs)?;
+        let tgts = gpu.upload(batch.targets)?;
+        let lay = self.layout.clone();
+        let mut x = gpu.zeros::<f32>(n * d)?;
+        gpu.launch_n(
+            "embed_fwd",
+            n * d,
+            &[
+                self.p_u32(&ids),
+                Arg::P(gpu.ptr(&self.params, lay.wte)),
+                self.p(&x),
+                Arg::L(n as i64),
+                Arg::I(d as i32),
+            ],
+        )?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut acts = Vec::new();
+        for o in &lay.layers {
+            let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
+            let qkv = self.linear(&ln1, o.att_proj, n, d, 3 * d)?;
+            self.rope(&qkv, n, t, false)?;
+            let probs = self.gpu.zeros::<f32>(b * hh * t * t)?;
+            let att = self.gpu.zeros::<f32>(n * d)?;
+            let qp = self.prepare(&qkv)?;
+            for bi in 0..b {
+                let base = bi * t * 3 * d;
+                self.gpu.gemm(
+                    (t, t, hd),
+                    qp.at(base, 3 * d),
+                    false,
+                    qp.at(base + d, 3 * d),
+                    true,
+                    (self.gpu.ptr(&probs, bi * hh * t * t), t),
+                    scale,
+                    0.0,
+                    (hh, hd, hd, t * t),
+                )?;
+            }
+            self.gpu.launch(
+                "softmax_fwd",
+                (b * hh * t) as u32,
+                BLOCK,
+                &[self.p(&probs), Arg::I(t as i32)],
+            )?;
+            let pp = self.prepare(&probs)?;
+            for bi in 0..b {
+                self.gpu.gemm(
+                    (t, hd, t),
+                    pp.at(bi * hh * t * t, t),
+                    false,
+                    qp.at(bi * t * 3 * d + 2 * d, 3 * d),
+                    false,
+                    (self.gpu.ptr(&att, bi * t * d), d),
+                    1.0,
+                    0.0,
+                    (hh, t * t, hd, hd),
+                )?;
+            }
+            drop((qp, pp));
+            let proj = self.linear(&att, o.attn_out, n, d, d)?;
+            let x_mid = self.add(&x, &proj)?;
+            let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
+            let ff_in = self.linear(&ln2, o.ff_proj, n, d, 2 * h)?;
+            let ff_act = self.gpu.zeros::<f32>(n * h)?;
+            self.gpu.launch_n(
+                "swiglu_fwd",
+                n * h,
+                &[
+                    self.p(&ff_in),
+                    self.p(&ff_act),
+                    Arg::L(n as i64),
+                    Arg::I(h as i32),
+                ],
+            )?;
+            let ff = self.linear(&ff_act, o.ff_out, n, h, d)?;
+            let x_out = self.add(&x_mid, &ff)?;
+            let x_in = std::mem::replace(&mut x, x_out);
+            if backward.is_some() {
+                acts.push(Acts {
+                    x_in,
+                    ln1,
+                    ln1_mean,
+                    ln1_rstd,
+                    qkv,
+                    probs,
+                    att,
+                    x_mid,
+                    ln2,
+                    ln2_mean,
+                    ln2_rstd,
+                    ff_in,
+                    ff_act,
+                });
+            }
+        }
+        let (lnf, lnf_mean, lnf_rstd) = self.norm(&x, lay.ln_f, n)?;
+        let head = lay.head.unwrap_or(lay.wte);
+        let logits = self.linear(&lnf, head, n, d, emb)?;
+        let logp = self.gpu.zeros::<f32>(n)?;
+        let zt = self.gpu.zeros::<f32>(n)?;
+        self.gpu.launch(
+            "cross_entropy",
+            n as u32,
+            BLOCK,
+            &[
+                self.p(&logits),
+                self.p_u32(&tgts),
+                self.p(&logp),
+                self.p(&zt),
+                Arg::I(emb as i32),
+                Arg::F(c.z_loss),
+                Arg::F(backward.unwrap_or(0.0)),
+                Arg::I(backward.is_some() as i32),
+            ],
+        )?;
+        let logprobs = self.gpu.download(&logp)?;
+        let z = self.gpu.download(&zt)?;
+        let mut scores = Scores {
+            logprobs: logprobs.clone(),
+            ..Default::default()
+        };
+        for ((lp, zv), &tg) in logprobs.iter().zip(&z).zip(batch.targets) {
+            if tg != IGNORE {
+                scores.ce_sum -= *lp as f64;
+                scores.z_sum += *zv as f64;
+                scores.count += 1;
+            }
+        }
+        if backward.is_none() {
+            return Ok(scores);
+        }
+
+        // Backward; `logits` holds the scaled dL/dlogits.
+        let dlnf = self.linear_back(&logits, &lnf, head, n, d, emb)?;
+        drop(logits);
+        let mut dx = self.gpu.zeros::<f32>(n * d)?;
+        self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
+        for (o, a) in lay.layers.iter().zip(&acts).rev() {
+            let dff_act = self.linear_back(&dx, &a.ff_act, o.ff_out, n, h, d)?;
+            let dff_in = self.gpu.zeros::<f32>(n * 2 * h)?;
+            self.gpu.launch_n(
+                "swiglu_bwd",
+                n * h,
+                &[
+                    self.p(&dff_act),
+                    self.p(&a.ff_in),
+                    self.p(&dff_in),
+                    Arg::L(n as i64),
+                    Arg::I(h as i32),
+                ],
+            )?;
+            let dln2 = self.linear_back(&dff_in, &a.ln2, o.ff_proj, n, d, 2 * h)?;
+            let dx_mid = dx;
+            self.norm_back(
+                &dln2,
+                &a.x_mid,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                o.ff_norm,
+                n,
+                &dx_mid,
+            )?;
+            let datt = self.linear_back(&dx_mid, &a.att, o.attn_out, n, d, d)?;
+            let dqkv = self.gpu.zeros::<f32>(n * 3 * d)?;
+            let dp = self.gpu.zeros::<f32>(b * hh * t * t)?;
+            let pp = self.prepare(&a.probs)?;
+            let dop = self.prepare(&datt)?;
+            let qp = self.prepare(&a.qkv)?;
+            for bi in 0..b {
+                let base = bi * t * 3 * d;
+                // dV = Pᵀ dO
+                self.gpu.gemm(
+                    (t, hd, t),
+                    pp.at(bi * hh * t * t, t),
+                    true,
+                    dop.at(bi * t * d, d),
+                    false,
+                    (self.gpu.ptr(&dqkv, base + 2 * d), 3 * d),
+                    1.0,
+                    0.0,
+                    (hh, t * t, hd, hd),
+                )?;
+                // dP = dO Vᵀ
+                self.gpu.gemm(
+                    (t, t, hd),
+                    dop.at(bi * t * d, d),
+                    false,
+                    qp.at(base + 2 * d, 3 * d),
+                    true,
+                    (self.gpu.ptr(&dp, bi * hh * t * t), t),
+                    1.0,
+                    0.0,
+                    (hh, hd, hd, t * t),
+                )?;
+            }
+            self.gpu.launch(
+                "softmax_bwd",
+                (b * hh * t) as u32,
+                BLOCK,
+                &[
+                    self.p(&a.probs),
+                    self.p(&dp),
+                    Arg::I(t as i32),
+                    Arg::F(scale),
+                ],
+            )?;
+            let dsp = self.prepare(&dp)?;
+            for bi in 0..b {
+                let base = bi * t * 3 * d;
+                // dQ = dS K, dK = dSᵀ Q
+                self.gpu.gemm(
+                    (t, hd, t),
+                    dsp.at(bi * hh * t * t, t),
+                    false,
+                    qp.at(base + d, 3 * d),
+                    false,
+                    (self.gpu.ptr(&dqkv, base), 3 * d),
+                    1.0,
+                    0.0,
+                    (hh, t * t, hd, hd),
+                )?;
+                self.gpu.gemm(
+                    (t, hd, t),
+                    dsp.at(bi * hh * t * t, t),
+                    true,
+                    qp.at(base, 3 * d),
+                    false,
+                    (self.gpu.ptr(&dqkv, base + d), 3 * d),
+                    1.0,
+                    0.0,
+                    (hh, t * t, hd, hd),
+                )?;
+            }
+            drop((pp, dop, qp, dsp, dp));
+            self.rope(&dqkv, n, t, true)?;
+            let dln1 = self.linear_back(&dqkv, &a.ln1, o.att_proj, n, d, 3 * d)?;
+            let dx_in = dx_mid;
+            self.norm_back(
+                &dln1,
+                &a.x_in,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                o.attn_norm,
+                n,
+                &dx_in,
+            )?;
+            dx = dx_in;
+        }
+        self.gpu.launch_n(
+            "embed_bwd",
+            n * d,
+            &[
+                self.p_u32(&ids),
+                self.p(&dx),
+                Arg::P(self.gpu.ptr(&self.grads, lay.wte)),
+                Arg::L(n as i64),
+                Arg::I(d as i32),
+            ],
+        )?;
+        Ok(scores)
+    }
+
+    fn p_u32(&self, s: &CudaSlice<u32>) -> Arg {
+        Arg::P(self.gpu.ptr(s, 0))
+    }
+
+    /// Host copy of the gradient accumulator (for checks).
+    pub fn grads(&self) -> Result<Vec<f32>> {
+        self.gpu.download(&self.grads)
+    }
+}
+
+impl Backend for CudaEngine {
+    fn describe(&self) -> String {
+        format!(
+            "cuda ({}, sm_{}{}), {}",
+            self.gpu.name,
+            self.gpu.arch.0,
+            self.gpu.arch.1,
+            if self.bf16 {
+                "bf16 GEMMs, f32 master weights"
+            } else {
+                "f32"
+            }
+        )
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<Scores> {
+        self.run(batch, None)
+    }
+
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<Scores> {
+        self.run(batch, Some(grad_scale))
+    }
+
+    fn zero_grad(&mut self) -> Result<()> {
+        cu(
+            self.gpu.stream.memset_zeros(&mut self.grads),
+            "zeroing gradients",
+        )
+    }
+
+    fn step(&mut self, u: &Update) -> Result<f32> {
+        let n = self.layout.total;
+        cu(self.gpu.stream.memset_zeros(&mut self.norm_acc), "zeroing")?;
+        self.gpu.launch(
+            "sumsq",
+            (n.div_ceil(BLOCK as usize)).min(4096) as u32,
+            BLOCK,
+            &[
+                self.p(&self.grads),
+                Arg::L(n as i64),
+                Arg::P(self.gpu.ptr(&self.norm_acc, 0)),
+            ],
+        )?;
+        let norm = self.gpu.download(&self.norm_acc)?[0].sqrt() as f32;
+        let coef = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
+        let a = u.adamw;
+        let bc1 = 1.0 - a.beta1.powi(u.step as i32);
+        let bc2_sqrt = (1.0 - a.beta2.powi(u.step as i32)).sqrt();
+        for (t, &decay) in self.layout.tensors.iter().zip(u.decay) {
+            let len = t.len();
+            self.gpu.launch_n(
+                "adamw",
+                len,
+                &[
+                    Arg::P(self.gpu.ptr(&self.params, t.offset)),
+                    Arg::P(self.gpu.ptr(&self.grads, t.offset)),
+                    Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
+                    Arg::P(self.gpu.ptr(&self.exp_avg_sq, t.offset)),
+                    Arg::L(len as i64),
+                    Arg::F(u.lr),
+                    Arg::F(a.beta1),
+                    Arg::F(a.beta2),
+                    Arg::F(a.eps),
+                    Arg::F(if decay { a.weight_decay } else { 0.0 }),
+                    Arg::F(bc1),
+                    Arg::F(bc2_sqrt),
+                    Arg::F(coef),
+                ],
+            )?;
+        }
+        self.refresh_bf16()?;
+        Ok(norm)
+    }
+
+    fn with_state(&mut self, f: &mut StateFn) -> Result<()> {
+        let p = self.gpu.download(&self.params)?;
+        let m = self.gpu.download(&self.exp_avg)?;
+        let v = self.gpu.download(&self.exp_avg_sq)?;
+        f(&p, &m, &v).context("with the engine's state")
+    }
+}
