@@ -22,6 +22,7 @@ use cudarc::driver::{
 };
 
 use crate::backend::{Backend, StateFn, Update};
+use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
 use crate::model::{Batch, Layout, Model, ModelConfig, Scores};
 use crate::ops::{NormKind, RopeTable, IGNORE};
 
@@ -109,7 +110,13 @@ impl Gpu {
     }
 
     pub fn download<T: cudarc::driver::DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
-        cu(self.stream.clone_dtoh(s), "download")
+        let v = cu(self.stream.clone_dtoh(s), "download")?;
+        cu(self.stream.synchronize(), "synchronize")?;
+        Ok(v)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        cu(self.stream.synchronize(), "synchronize")
     }
 
     pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -149,26 +156,13 @@ impl Gpu {
         self.launch(name, n.div_ceil(BLOCK as usize) as u32, BLOCK, args)
     }
 
-    /// Row-major `C[m×n] = alpha · op(A) · op(B) + beta · C` for `batch` matrices at the given
-    /// element strides; `op(A)` is m×k (A stored k×m when `ta`), `op(B)` is k×n (stored n×k
-    /// when `tb`). Operands are f32 or bf16 (both the same), C is f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
-        &self,
-        (m, n, k): (usize, usize, usize),
-        a: Operand,
-        ta: bool,
-        b: Operand,
-        tb: bool,
-        (c, ldc): (u64, usize),
-        alpha: f32,
-        beta: f32,
-        (batch, sa, sb, sc): (usize, usize, usize, usize),
-    ) -> Result<()> {
-        if a.bf16 != b.bf16 {
+    /// Runs a GEMM description (see `gemm_plan`) through cuBLAS: bf16 or f32 operands, f32
+    /// output, f32 accumulation.
+    pub fn gemm(&self, spec: &GemmSpec) -> Result<()> {
+        if spec.a.bf16 != spec.b.bf16 {
             bail!("gemm operands of mixed precision");
         }
-        let ty = if a.bf16 {
+        let ty = if spec.a.bf16 {
             cudaDataType_t::CUDA_R_16BF
         } else {
             cudaDataType_t::CUDA_R_32F
@@ -180,36 +174,43 @@ impl Gpu {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        // Column-major cuBLAS computes Cᵀ = op(B)ᵀ · op(A)ᵀ on the same buffers.
+        let a = cublas_args(spec);
+        // Safety: the addresses come from live buffers of this engine, sized by the caller.
         let status = unsafe {
             cudarc::cublas::sys::cublasGemmStridedBatchedEx(
                 *self.blas.handle(),
-                op(tb),
-                op(ta),
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                b.ptr as *const _,
+                op(a.trans_a),
+                op(a.trans_b),
+                a.m as i32,
+                a.n as i32,
+                a.k as i32,
+                &spec.alpha as *const f32 as *const _,
+                a.a as *const _,
                 ty,
-                b.ld as i32,
-                sb as i64,
-                a.ptr as *const _,
+                a.lda as i32,
+                a.stride_a as i64,
+                a.b as *const _,
                 ty,
-                a.ld as i32,
-                sa as i64,
-                &beta as *const f32 as *const _,
-                c as *mut _,
+                a.ldb as i32,
+                a.stride_b as i64,
+                &spec.beta as *const f32 as *const _,
+                a.c as *mut _,
                 cudaDataType_t::CUDA_R_32F,
-                ldc as i32,
-                sc as i64,
-                batch as i32,
+                a.ldc as i32,
+                a.stride_c as i64,
+                a.batch as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
         if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            bail!("cuBLAS GEMM ({m}x{n}x{k}, batch {batch}) failed: {status:?}");
+            bail!(
+                "cuBLAS GEMM ({}x{}x{}, batch {}) failed: {status:?}",
+                spec.m,
+                spec.n,
+                spec.k,
+                spec.batch
+            );
         }
         Ok(())
     }
@@ -223,30 +224,10 @@ pub enum Arg {
     F(f32),
 }
 
-/// A GEMM operand: address, leading dimension (elements), element type.
-#[derive(Clone, Copy)]
-pub struct Operand {
-    pub ptr: u64,
-    pub ld: usize,
-    pub bf16: bool,
-}
-
 /// An activation prepared as a GEMM operand: the f32 buffer itself, or its bf16 copy.
 struct Prepared {
-    ptr: u64,
-    bf16: bool,
+    buf: Buf,
     _copy: Option<CudaSlice<u16>>,
-}
-
-impl Prepared {
-    fn at(&self, offset: usize, ld: usize) -> Operand {
-        let w = if self.bf16 { 2 } else { 4 };
-        Operand {
-            ptr: self.ptr + (offset * w) as u64,
-            ld,
-            bf16: self.bf16,
-        }
-    }
 }
 
 /// Device activations of one layer kept for the backward pass.
@@ -343,20 +324,16 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// A weight tensor at `offset` as a GEMM operand (row-major, `ld` columns).
-    fn weight(&self, offset: usize, ld: usize) -> Operand {
+    /// The weights starting at `offset` as a GEMM operand buffer (the bf16 copy under mixed
+    /// precision).
+    fn weight(&self, offset: usize) -> Buf {
         if self.bf16 {
-            Operand {
+            Buf {
                 ptr: self.gpu.ptr(&self.params_bf, offset),
-                ld,
                 bf16: true,
             }
         } else {
-            Operand {
-                ptr: self.gpu.ptr(&self.params, offset),
-                ld,
-                bf16: false,
-            }
+            Buf::f32(self.gpu.ptr(&self.params, offset))
         }
     }
 
@@ -364,8 +341,7 @@ impl CudaEngine {
     fn prepare(&self, s: &CudaSlice<f32>) -> Result<Prepared> {
         if !self.bf16 {
             return Ok(Prepared {
-                ptr: self.gpu.ptr(s, 0),
-                bf16: false,
+                buf: Buf::f32(self.gpu.ptr(s, 0)),
                 _copy: None,
             });
         }
@@ -380,8 +356,10 @@ impl CudaEngine {
             ],
         )?;
         Ok(Prepared {
-            ptr: self.gpu.ptr(&copy, 0),
-            bf16: true,
+            buf: Buf {
+                ptr: self.gpu.ptr(&copy, 0),
+                bf16: true,
+            },
             _copy: Some(copy),
         })
     }
@@ -401,17 +379,14 @@ impl CudaEngine {
     ) -> Result<CudaSlice<f32>> {
         let y = self.gpu.zeros::<f32>(rows * outp)?;
         let xp = self.prepare(x)?;
-        self.gpu.gemm(
-            (rows, outp, inp),
-            xp.at(0, inp),
-            false,
-            self.weight(w, inp),
-            true,
-            (self.gpu.ptr(&y, 0), outp),
-            1.0,
-            0.0,
-            (1, 0, 0, 0),
-        )?;
+        self.gpu.gemm(&gemm_plan::linear_fwd(
+            xp.buf,
+            self.weight(w),
+            self.gpu.ptr(&y, 0),
+            rows,
+            inp,
+            outp,
+        ))?;
         Ok(y)
     }
 
@@ -427,29 +402,23 @@ impl CudaEngine {
     ) -> Result<CudaSlice<f32>> {
         let dx = self.gpu.zeros::<f32>(rows * inp)?;
         let dyp = self.prepare(dy)?;
-        self.gpu.gemm(
-            (rows, inp, outp),
-            dyp.at(0, outp),
-            false,
-            self.weight(w, inp),
-            false,
-            (self.gpu.ptr(&dx, 0), inp),
-            1.0,
-            0.0,
-            (1, 0, 0, 0),
-        )?;
+        self.gpu.gemm(&gemm_plan::linear_dx(
+            dyp.buf,
+            self.weight(w),
+            self.gpu.ptr(&dx, 0),
+            rows,
+            inp,
+            outp,
+        ))?;
         let xp = self.prepare(x)?;
-        self.gpu.gemm(
-            (outp, inp, rows),
-            dyp.at(0, outp),
-            true,
-            xp.at(0, inp),
-            false,
-            (self.gpu.ptr(&self.grads, w), inp),
-            1.0,
-            1.0,
-            (1, 0, 0, 0),
-        )?;
+        self.gpu.gemm(&gemm_plan::linear_dw(
+            dyp.buf,
+            xp.buf,
+            self.gpu.ptr(&self.grads, w),
+            rows,
+            inp,
+            outp,
+        ))?;
         Ok(dx)
     }
 
@@ -578,20 +547,11 @@ impl CudaEngine {
             self.rope(&qkv, n, t, false)?;
             let probs = self.gpu.zeros::<f32>(b * hh * t * t)?;
             let att = self.gpu.zeros::<f32>(n * d)?;
+            let at = Attn { t, heads: hh, hd };
             let qp = self.prepare(&qkv)?;
             for bi in 0..b {
-                let base = bi * t * 3 * d;
-                self.gpu.gemm(
-                    (t, t, hd),
-                    qp.at(base, 3 * d),
-                    false,
-                    qp.at(base + d, 3 * d),
-                    true,
-                    (self.gpu.ptr(&probs, bi * hh * t * t), t),
-                    scale,
-                    0.0,
-                    (hh, hd, hd, t * t),
-                )?;
+                self.gpu
+                    .gemm(&at.scores(bi, qp.buf, self.gpu.ptr(&probs, 0), scale))?;
             }
             self.gpu.launch(
                 "softmax_fwd",
@@ -601,17 +561,8 @@ impl CudaEngine {
             )?;
             let pp = self.prepare(&probs)?;
             for bi in 0..b {
-                self.gpu.gemm(
-                    (t, hd, t),
-                    pp.at(bi * hh * t * t, t),
-                    false,
-                    qp.at(bi * t * 3 * d + 2 * d, 3 * d),
-                    false,
-                    (self.gpu.ptr(&att, bi * t * d), d),
-                    1.0,
-                    0.0,
-                    (hh, t * t, hd, hd),
-                )?;
+                self.gpu
+                    .gemm(&at.output(bi, pp.buf, qp.buf, self.gpu.ptr(&att, 0)))?;
             }
             drop((qp, pp));
             let proj = self.linear(&att, o.attn_out, n, d, d)?;
@@ -720,35 +671,14 @@ impl CudaEngine {
             let datt = self.linear_back(&dx_mid, &a.att, o.attn_out, n, d, d)?;
             let dqkv = self.gpu.zeros::<f32>(n * 3 * d)?;
             let dp = self.gpu.zeros::<f32>(b * hh * t * t)?;
+            let at = Attn { t, heads: hh, hd };
             let pp = self.prepare(&a.probs)?;
             let dop = self.prepare(&datt)?;
             let qp = self.prepare(&a.qkv)?;
+            let (dq, dpp) = (self.gpu.ptr(&dqkv, 0), self.gpu.ptr(&dp, 0));
             for bi in 0..b {
-                let base = bi * t * 3 * d;
-                // dV = Pᵀ dO
-                self.gpu.gemm(
-                    (t, hd, t),
-                    pp.at(bi * hh * t * t, t),
-                    true,
-                    dop.at(bi * t * d, d),
-                    false,
-                    (self.gpu.ptr(&dqkv, base + 2 * d), 3 * d),
-                    1.0,
-                    0.0,
-                    (hh, t * t, hd, hd),
-                )?;
-                // dP = dO Vᵀ
-                self.gpu.gemm(
-                    (t, t, hd),
-                    dop.at(bi * t * d, d),
-                    false,
-                    qp.at(base + 2 * d, 3 * d),
-                    true,
-                    (self.gpu.ptr(&dp, bi * hh * t * t), t),
-                    1.0,
-                    0.0,
-                    (hh, hd, hd, t * t),
-                )?;
+                self.gpu.gemm(&at.d_v(bi, pp.buf, dop.buf, dq))?;
+                self.gpu.gemm(&at.d_p(bi, dop.buf, qp.buf, dpp))?;
             }
             self.gpu.launch(
                 "softmax_bwd",
@@ -763,30 +693,8 @@ impl CudaEngine {
             )?;
             let dsp = self.prepare(&dp)?;
             for bi in 0..b {
-                let base = bi * t * 3 * d;
-                // dQ = dS K, dK = dSᵀ Q
-                self.gpu.gemm(
-                    (t, hd, t),
-                    dsp.at(bi * hh * t * t, t),
-                    false,
-                    qp.at(base + d, 3 * d),
-                    false,
-                    (self.gpu.ptr(&dqkv, base), 3 * d),
-                    1.0,
-                    0.0,
-                    (hh, t * t, hd, hd),
-                )?;
-                self.gpu.gemm(
-                    (t, hd, t),
-                    dsp.at(bi * hh * t * t, t),
-                    true,
-                    qp.at(base, 3 * d),
-                    false,
-                    (self.gpu.ptr(&dqkv, base + d), 3 * d),
-                    1.0,
-                    0.0,
-                    (hh, t * t, hd, hd),
-                )?;
+                self.gpu.gemm(&at.d_q(bi, dsp.buf, qp.buf, dq))?;
+                self.gpu.gemm(&at.d_k(bi, dsp.buf, qp.buf, dq))?;
             }
             drop((pp, dop, qp, dsp, dp));
             self.rope(&dqkv, n, t, true)?;
@@ -906,5 +814,36 @@ impl Backend for CudaEngine {
         let m = self.gpu.download(&self.exp_avg)?;
         let v = self.gpu.download(&self.exp_avg_sq)?;
         f(&p, &m, &v).context("with the engine's state")
+    }
+}
+
+/// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`) without a GPU: NVRTC is a plain
+/// library. Returns the PTX size.
+pub fn compile_kernels(arch: &'static str) -> Result<usize> {
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        SOURCE,
+        cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            name: Some("olmo_train_kernels.cu".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("NVRTC could not compile the kernels for {arch}: {e:?}"))?;
+    Ok(ptx.to_src().len())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Runs where libnvrtc is loadable (CI installs it from PyPI; a GPU is not needed).
+    #[test]
+    fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: libnvrtc is not loadable here (LD_LIBRARY_PATH)");
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let size = super::compile_kernels(arch).unwrap();
+            assert!(size > 1000, "{arch}: {size} bytes of PTX");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 typedef unsigned short bf16_t;
 #define IGNORE 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ bf16_t f2bf(float f) {
     unsigned int u = __float_as_uint(f);
@@ -35,7 +36,7 @@ __device__ float block_max(float v, float* sh) {
     if (lane == 0) sh[w] = v;
     __syncthreads();
     if (w == 0) {
-        v = lane < nw ? sh[lane] : -INFINITY;
+        v = lane < nw ? sh[lane] : NEG_INF;
         for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
         if (lane == 0) sh[32] = v;
     }
@@ -140,7 +141,7 @@ extern "C" __global__ void softmax_fwd(float* s, int T) {
     long r = blockIdx.x;
     int t = r % T;
     float* row = s + r * T;
-    float mx = -INFINITY;
+    float mx = NEG_INF;
     for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
     mx = block_max(mx, sh);
     float sum = 0.f;
@@ -205,7 +206,7 @@ extern "C" __global__ void cross_entropy(float* logits, const unsigned* tgt, flo
         return;
     }
     float xt = row[t];
-    float mx = -INFINITY;
+    float mx = NEG_INF;
     for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, row[i]);
     mx = block_max(mx, sh);
     float sum = 0.f;

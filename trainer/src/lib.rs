@@ -10,6 +10,8 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod export;
+pub mod gemm_plan;
+pub mod gpu_check;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -15,6 +15,7 @@ usage: olmo-train train -c CONFIG [--device auto|cpu|cuda[:N]] [--threads N]
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train info -c CONFIG
+       olmo-train gpu-check [--device cuda:N] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
            the newest checkpoint in save_folder if there is one.
@@ -22,7 +23,8 @@ batch-at   prints the instances (file, token offset, first tokens) of global ste
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
            or LlamaForCausalLM for RMSNorm models).
-info       prints the model's size and FLOPs per token.";
+info       prints the model's size and FLOPs per token.
+gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.";
 
 /// The part of a training config `batch-at` needs (any training config parses as one).
 #[derive(serde::Deserialize)]
@@ -69,6 +71,7 @@ fn run(args: Vec<String>) -> Result<()> {
         Some("train") => train(&args[1..]),
         Some("export-hf") => export(&args[1..]),
         Some("info") => info(&args[1..]),
+        Some("gpu-check") => gpu_check(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -137,6 +140,36 @@ fn info(args: &[String]) -> Result<()> {
         m.flops_per_token(seq) / 1e9
     );
     Ok(())
+}
+
+fn gpu_check(args: &[String]) -> Result<()> {
+    let default_tokens = PathBuf::from("tests/data/golden/tokens/part-0-00000.npy");
+    let mut opts = olmo_train::gpu_check::Options {
+        ordinal: 0,
+        train_steps: 300,
+        olmo_1b_steps: 5,
+        olmo_1b_micro: 4,
+        tokens: default_tokens.exists().then_some(default_tokens),
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let flag = args[i].as_str();
+        let v = value(args, i, flag)?;
+        let num = || v.parse::<u64>().with_context(|| format!("{flag} `{v}`"));
+        match flag {
+            "--device" => match olmo_train::device::Request::parse(v)? {
+                olmo_train::device::Request::Cuda(n) => opts.ordinal = n,
+                _ => bail!("gpu-check runs on cuda[:N]"),
+            },
+            "--train-steps" => opts.train_steps = num()?,
+            "--olmo-1b-steps" => opts.olmo_1b_steps = num()?,
+            "--micro" => opts.olmo_1b_micro = num()? as usize,
+            "--tokens" => opts.tokens = Some(PathBuf::from(v)),
+            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+        }
+        i += 2;
+    }
+    olmo_train::gpu_check::run(&opts)
 }
 
 fn export(args: &[String]) -> Result<()> {

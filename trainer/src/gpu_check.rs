@@ -1,0 +1,368 @@
+//! `olmo-train gpu-check`: the one prepared run for a GPU machine. It builds nothing there (the
+//! binary is built on a CPU machine and copied over) and, in a few minutes:
+//!  1. checks the CUDA engine against the CPU engine on random inputs: loss, per-position
+//!     log-probabilities, every tensor's gradient (which localises a wrong kernel: norm weights
+//!     → `norm_bwd`, att_proj → attention/RoPE, wte → embedding/loss, ...) and one AdamW step,
+//!     in fp32 and in bf16 mixed precision, for LayerNorm/tied and RMSNorm/untied models;
+//!  2. trains a small model for a few hundred steps on the committed token file (the loss must
+//!     fall) and prints tokens/s;
+//!  3. times a few steps of OLMo-1B at sequence 2048 and prints tokens/s and MFU.
+//!
+//! It exits non-zero when a check fails, after printing the whole table.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::backend::{Backend, Cpu, Update};
+use crate::cuda::CudaEngine;
+use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
+use crate::ops::{NormKind, IGNORE};
+use crate::optim::AdamW;
+
+/// H100/H200 SXM dense bf16 peak, FLOP/s (half the sparse figure).
+const H200_BF16_PEAK: f64 = 989.4e12;
+
+pub struct Options {
+    pub ordinal: usize,
+    pub train_steps: u64,
+    pub olmo_1b_steps: u64,
+    pub olmo_1b_micro: usize,
+    /// A raw uint16 token file for the training check.
+    pub tokens: Option<std::path::PathBuf>,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn small(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
+    ModelConfig {
+        d_model: 256,
+        n_heads: 4,
+        n_layers: 2,
+        mlp_hidden: 512,
+        vocab_size: 1000,
+        embedding_size: 1024,
+        rope_theta: 10_000.0,
+        eps: 1e-5,
+        z_loss: 1e-4,
+        norm,
+        norm_affine: affine,
+        weight_tying: tying,
+    }
+}
+
+/// Part 1: the CUDA engine against the CPU engine. Returns whether every check passed.
+fn correctness(ordinal: usize) -> Result<bool> {
+    let mut all_ok = true;
+    println!("| model | precision | quantity | relative L2 error | tolerance | ok |");
+    println!("|---|---|---|---|---|---|");
+    for (label, cfg) in [
+        ("layernorm, tied", small(NormKind::LayerNorm, false, true)),
+        ("rmsnorm+weight, untied", small(NormKind::Rms, true, false)),
+    ] {
+        let (b, t) = (4usize, 128usize);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let inputs: Vec<u32> = (0..b * t)
+            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let targets: Vec<u32> = (0..b * t)
+            .map(|i| {
+                if i % 17 == 5 {
+                    IGNORE
+                } else {
+                    (rng.next() % cfg.vocab_size as u64) as u32
+                }
+            })
+            .collect();
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            b,
+            t,
+        };
+        let scored = targets.iter().filter(|&&x| x != IGNORE).count() as f32;
+        let mut params = init_params(&cfg, InitFn::Normal, 0.05, None, 7);
+        let layout = crate::model::Layout::new(&cfg);
+        for tns in &layout.tensors {
+            if tns.role == Role::Norm {
+                for (j, p) in params[tns.range()].iter_mut().enumerate() {
+                    *p = 1.0 + 0.001 * (j % 50) as f32;
+                }
+            }
+        }
+        let n = params.len();
+        let mut cpu = Cpu::new(
+            Model::new(cfg, t),
+            params.clone(),
+            vec![0.0; n],
+            vec![0.0; n],
+        );
+        let want = cpu.forward_backward(&batch, 1.0 / scored)?;
+        let decay: Vec<bool> = layout
+            .tensors
+            .iter()
+            .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
+            .collect();
+        let update = |_: ()| Update {
+            step: 1,
+            lr: 1e-3,
+            max_norm: Some(1.0),
+            adamw: AdamW {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            decay: &decay,
+        };
+        let want_grads = cpu.grads.clone();
+        let want_norm = cpu.step(&update(()))?;
+        for (precision, bf16, tol) in [("fp32", false, 1e-4), ("bf16", true, 3e-2)] {
+            let mut gpu = CudaEngine::with_precision(
+                ordinal,
+                Model::new(cfg, t),
+                &params,
+                &vec![0.0; n],
+                &vec![0.0; n],
+                bf16,
+            )?;
+            let got = gpu.forward_backward(&batch, 1.0 / scored)?;
+            let grads = gpu.grads()?;
+            let mut rows: Vec<(String, f64)> = vec![
+                (
+                    "loss (CE + z)".into(),
+                    ((got.ce_sum + got.z_sum) / (want.ce_sum + want.z_sum) - 1.0).abs(),
+                ),
+                (
+                    "log p(target) per position".into(),
+                    rel(&got.logprobs, &want.logprobs),
+                ),
+            ];
+            // Gradients by role, worst over layers.
+            let mut by_role: std::collections::BTreeMap<String, f64> = Default::default();
+            for tns in &layout.tensors {
+                let name = tns
+                    .name
+                    .rsplit_once(".weight")
+                    .map(|(a, _)| a.rsplit('.').next().unwrap_or(a).to_string())
+                    .unwrap_or_default();
+                let e = rel(&grads[tns.range()], &want_grads[tns.range()]);
+                let slot = by_role.entry(format!("grad {name}")).or_insert(0.0);
+                *slot = slot.max(e);
+            }
+            rows.extend(by_role);
+            let norm = gpu.step(&update(()))?;
+            rows.push(("grad norm".into(), ((norm / want_norm) as f64 - 1.0).abs()));
+            let mut after = Vec::new();
+            gpu.with_state(&mut |p, _, _| {
+                after = p.to_vec();
+                Ok(())
+            })?;
+            rows.push(("params after AdamW".into(), rel(&after, &cpu.params)));
+            for (q, e) in rows {
+                let ok = e.is_finite() && e <= tol;
+                all_ok &= ok;
+                println!(
+                    "| {label} | {precision} | {q} | {e:.2e} | {tol:.0e} | {} |",
+                    if ok { "yes" } else { "NO" }
+                );
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Windows of `seq + 1` tokens from a raw uint16 file, or a deterministic Zipf-ish stream.
+fn token_windows(
+    path: Option<&std::path::Path>,
+    seq: usize,
+    vocab: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let tokens: Vec<u32> = match path {
+        Some(p) => std::fs::read(p)?
+            .chunks_exact(2)
+            .map(|c| (u16::from_le_bytes([c[0], c[1]]) as u32).min(vocab as u32 - 1))
+            .collect(),
+        None => {
+            let mut rng = Rng(42);
+            (0..1 << 20)
+                .map(|_| {
+                    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                    ((vocab as f64).powf(u) as u32).min(vocab as u32 - 1)
+                })
+                .collect()
+        }
+    };
+    Ok(tokens.chunks_exact(seq + 1).map(|w| w.to_vec()).collect())
+}
+
+/// Times `steps` optimizer steps (after `warmup`) of `micro`-sized batches; returns
+/// (tokens/s, first loss, last loss).
+fn time_training(
+    engine: &mut dyn Backend,
+    windows: &[Vec<u32>],
+    micro: usize,
+    warmup: u64,
+    steps: u64,
+    decay: &[bool],
+    lr: f32,
+) -> Result<(f64, f64, f64)> {
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let mut start = Instant::now();
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let seq = windows[0].len() - 1;
+    for s in 0..warmup + steps {
+        if s == warmup {
+            start = Instant::now();
+        }
+        let at = (s as usize * micro) % (windows.len() - micro + 1);
+        let batch = Batch::from_windows(&windows[at..at + micro], &mut inputs, &mut targets);
+        engine.zero_grad()?;
+        let sc = engine.forward_backward(&batch, 1.0 / (micro * seq) as f32)?;
+        engine.step(&Update {
+            step: s + 1,
+            lr,
+            max_norm: Some(1.0),
+            adamw: AdamW {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            decay,
+        })?;
+        let loss = sc.ce_sum / sc.count as f64;
+        if s == 0 {
+            first = loss;
+        }
+        last = loss;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(((steps as usize * micro * seq) as f64 / secs, first, last))
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    if let Err(why) = crate::device::cuda_unavailable() {
+        bail!("gpu-check needs a GPU: {why}");
+    }
+    let probe = crate::cuda::Gpu::new(opts.ordinal)?;
+    println!(
+        "# olmo-train gpu-check on {} (sm_{}{})\n",
+        probe.name, probe.arch.0, probe.arch.1
+    );
+    drop(probe);
+    println!("## 1. CUDA engine vs CPU engine (random inputs)\n");
+    let ok = correctness(opts.ordinal)?;
+
+    println!("\n## 2. training a small model (d 512, 8 layers, seq 512, OLMo vocabulary)\n");
+    let cfg = ModelConfig {
+        d_model: 512,
+        n_heads: 8,
+        n_layers: 8,
+        mlp_hidden: 2048,
+        vocab_size: 50280,
+        embedding_size: 50304,
+        rope_theta: 10_000.0,
+        eps: 1e-5,
+        z_loss: 1e-4,
+        norm: NormKind::LayerNorm,
+        norm_affine: false,
+        weight_tying: true,
+    };
+    let seq = 512;
+    let windows = token_windows(opts.tokens.as_deref(), seq, cfg.vocab_size)?;
+    let micro = 16.min(windows.len());
+    let layout = crate::model::Layout::new(&cfg);
+    let decay: Vec<bool> = layout
+        .tensors
+        .iter()
+        .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
+        .collect();
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
+    let n = params.len();
+    let mut gpu = CudaEngine::new(
+        opts.ordinal,
+        Model::new(cfg, seq),
+        &params,
+        &vec![0.0; n],
+        &vec![0.0; n],
+    )?;
+    let (tps, first, last) =
+        time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
+    let falls = last < first - 1.0;
+    println!(
+        "{} parameters, {} windows; {} steps of {micro}x{seq}: loss {first:.3} -> {last:.3} ({}), {tps:.0} tokens/s, MFU {:.1}%",
+        n,
+        windows.len(),
+        opts.train_steps + 2,
+        if falls { "falls" } else { "DOES NOT FALL" },
+        100.0 * cfg.flops_per_token(seq) * tps / H200_BF16_PEAK
+    );
+    drop(gpu);
+
+    if opts.olmo_1b_steps > 0 {
+        println!("\n## 3. OLMo-1B, sequence 2048, bf16 GEMMs\n");
+        let cfg = ModelConfig {
+            d_model: 2048,
+            n_heads: 16,
+            n_layers: 16,
+            mlp_hidden: 8192,
+            ..cfg
+        };
+        let seq = 2048;
+        let windows = token_windows(None, seq, cfg.vocab_size)?;
+        let layout = crate::model::Layout::new(&cfg);
+        let decay: Vec<bool> = layout
+            .tensors
+            .iter()
+            .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
+            .collect();
+        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
+        let n = params.len();
+        let mut gpu = CudaEngine::new(
+            opts.ordinal,
+            Model::new(cfg, seq),
+            &params,
+            &vec![0.0; n],
+            &vec![0.0; n],
+        )?;
+        let micro = opts.olmo_1b_micro;
+        let (tps, first, last) = time_training(
+            &mut gpu,
+            &windows,
+            micro,
+            1,
+            opts.olmo_1b_steps,
+            &decay,
+            4e-4,
+        )?;
+        let flops = cfg.flops_per_token(seq);
+        println!(
+            "{n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s (loss {first:.3} -> {last:.3})",
+            flops / 1e9,
+            flops * tps / 1e12,
+            100.0 * flops * tps / H200_BF16_PEAK,
+            H200_BF16_PEAK / 1e12
+        );
+    }
+    if !ok || !falls {
+        bail!("gpu-check: some checks failed (see the table)");
+    }
+    println!("\ngpu-check: all checks passed");
+    Ok(())
+}
