@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The olmo-train model rebuilt in plain PyTorch, for side-by-side checks.
 
-  torch_olmo.py bench CONFIG [--threads N] [--steps N]
-      training tokens/s of the same model, batch, micro-batch and optimizer (fp32, CPU),
-      forward + backward + AdamW, timed after two warm-up steps.
+  torch_olmo.py bench CONFIG [--threads N] [--steps N] [--device cuda --amp-bf16]
+                    [--batch B --micro M --seq T]
+      training tokens/s of the same model, batch, micro-batch and optimizer (fp32 on CPU;
+      on a GPU optionally under bf16 autocast, as OLMo's amp_bf16), forward + backward + AdamW,
+      timed after two warm-up steps; on a GPU also MFU against the H100/H200 bf16 peak.
   torch_olmo.py check CONFIG CHECKPOINT_DIR TOKENS.npy [--hf HF_DIR]
       loads olmo-train's model.safetensors into the PyTorch twin and prints the mean
       cross-entropy over the file's windows (and the same through transformers when --hf
@@ -15,11 +17,51 @@ import argparse
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
+
+try:
+    import yaml
+except ImportError:  # a GPU machine's torch venv may lack pyyaml: read our simple configs
+    yaml = None
+
+
+def parse_simple_yaml(text):
+    """Block mappings, scalars and one-line flow lists: enough for trainer/configs/*.yaml."""
+    root, stack = {}, [(-1, None)]
+    stack[0] = (-1, root)
+
+    def scalar(v):
+        v = v.strip()
+        if v.startswith("[") and v.endswith("]"):
+            return [scalar(x) for x in v[1:-1].split(",") if x.strip()]
+        if v in ("true", "false"):
+            return v == "true"
+        if v in ("null", "~", ""):
+            return None
+        for cast in (int, float):
+            try:
+                return cast(v.replace("_", ""))
+            except ValueError:
+                pass
+        return v.strip("'\"")
+
+    for raw in text.splitlines():
+        line = raw.split(" #")[0].rstrip()
+        if not line.strip() or line.strip().startswith("#") or line.strip().startswith("- "):
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, val = line.strip().partition(":")
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        if val.strip():
+            parent[key] = scalar(val)
+        else:
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+    return root
 
 
 class Norm(nn.Module):
@@ -91,7 +133,8 @@ class Olmo(nn.Module):
 
 
 def load_config(path):
-    y = yaml.safe_load(open(path))
+    text = open(path).read()
+    y = yaml.safe_load(text) if yaml else parse_simple_yaml(text)
     m = y["model"]
     d = m["d_model"]
     hidden = m.get("mlp_hidden_size") or m.get("mlp_ratio", 4) * d
@@ -121,11 +164,20 @@ def loss_fn(model, windows, z_mult):
     return ce + z
 
 
+def flops_per_token(c, params_total, seq):
+    emb = c["emb"] * c["d"] * (1 if c["tying"] else 2)
+    attn = c["layers"] * c["d"] * seq
+    return 2 * (params_total - emb) + 4 * attn + 4 * params_total + 8 * attn
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     c, y = load_config(args.config)
+    if args.seq:
+        c["seq"] = args.seq
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = Olmo(c)
+    model = Olmo(c).to(dev)
     for p in model.parameters():
         if p.dim() > 1:
             nn.init.normal_(p, std=0.02)
@@ -140,27 +192,40 @@ def bench(args):
         weight_decay=float(opt_cfg.get("weight_decay", 0.1)),
         foreach=True,
     )
-    batch = y["global_train_batch_size"]
-    micro = y.get("device_train_microbatch_size") or batch
+    batch = args.batch or y["global_train_batch_size"]
+    micro = args.micro or y.get("device_train_microbatch_size") or batch
     z_mult = float(y.get("auxiliary_loss_multiplier", 1e-4)) if y.get("softmax_auxiliary_loss") else 0.0
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, c["vocab"], (args.steps + 2, batch, c["seq"]), generator=gen)
+    amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.amp_bf16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for i in range(args.steps + 2):
         if i == 2:
+            sync()
             start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        for mb in data[i].split(micro):
-            (loss_fn(model, mb, z_mult) * (mb.shape[0] / batch)).backward()
+        for mb in data[i].to(dev).split(micro):
+            with amp:
+                loss = loss_fn(model, mb, z_mult) * (mb.shape[0] / batch)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    sync()
     secs = time.perf_counter() - start
     tps = args.steps * batch * c["seq"] / secs
     params = sum(p.numel() for p in model.parameters())
-    print(f"pytorch {torch.__version__}: {params} parameters, {args.threads} threads, "
-          f"{args.steps} steps of {batch}x{c['seq']} (micro {micro}): {tps:.0f} tokens/s")
+    where = f"{args.threads} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    line = (f"pytorch {torch.__version__} ({where}{', bf16 autocast' if args.amp_bf16 else ''}): "
+            f"{params} parameters, {args.steps} steps of {batch}x{c['seq']} (micro {micro}): {tps:.0f} tokens/s")
+    if dev.type == "cuda":
+        flops = flops_per_token(c, params, c["seq"]) * tps
+        line += f", {flops / 1e12:.1f} TFLOP/s, MFU {100 * flops / 989.4e12:.1f}%"
+    print(line)
 
 
 def windows_of(path, seq, dtype):
+    import numpy as np
+
     tokens = np.fromfile(path, dtype=dtype)
     n = len(tokens) // seq
     return torch.from_numpy(tokens[: n * seq].astype(np.int64).reshape(n, seq))
@@ -186,6 +251,8 @@ def check(args):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("ff_out.weight") or "blocks" in m]
     assert not missing and not unexpected, (missing, unexpected)
+    import numpy as np
+
     dtype = np.uint32 if y.get("data", {}).get("memmap_dtype") == "uint32" else np.uint16
     windows = windows_of(args.tokens, c["seq"], dtype)
     print(f"pytorch twin: mean cross-entropy {mean_ce(model, windows):.6f} over {len(windows)} windows")
@@ -204,6 +271,11 @@ def main():
     b.add_argument("config")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--amp-bf16", action="store_true")
+    b.add_argument("--batch", type=int)
+    b.add_argument("--micro", type=int)
+    b.add_argument("--seq", type=int)
     k = sub.add_parser("check")
     k.add_argument("config")
     k.add_argument("checkpoint")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check of olmo-train's CUDA engine: one run of a few minutes on a GPU machine that
+# builds nothing there. Build the binary on a CPU machine first
+#   cargo build --release -p olmo-train
+# and copy the working tree with target/release/olmo-train to the GPU machine (the device tool:
+# carry ["target/release/olmo-train"]). Then:
+#   trainer/scripts/gpu-check.sh
+# prints: the CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step;
+# fp32 and bf16), a 300-step training run with tokens/s, OLMo-1B at sequence 2048 (tokens/s,
+# MFU), and the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-target/release/olmo-train}
+[ -x "$BIN" ] || { echo "no $BIN: build it on a CPU machine and copy it over" >&2; exit 1; }
+
+# A Python with torch (TORCH_PYTHON, else the first that imports it).
+PY=${TORCH_PYTHON:-}
+if [ -z "$PY" ]; then
+  for p in python3 /opt/*/bin/python3 /root/*/bin/python3 /root/.venv*/bin/python3 /workspace/*/bin/python3 /venv*/bin/python3; do
+    if [ -x "$(command -v "$p" 2>/dev/null)" ] && "$p" -c "import torch" 2>/dev/null; then PY=$p; break; fi
+  done
+fi
+
+# Libraries: the CUDA prefix first (its NVRTC emits PTX the installed driver accepts), then the
+# nvidia-* wheels of the torch venv.
+LIBS=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && LIBS="$LIBS:$d"
+done
+if [ -n "$PY" ]; then
+  for d in $("$PY" -c "import nvidia, os, glob; r=os.path.dirname(nvidia.__path__[0] if hasattr(nvidia,'__path__') else nvidia.__file__); print(' '.join(glob.glob(os.path.join(r,'nvidia','*','lib'))))" 2>/dev/null); do
+    LIBS="$LIBS:$d"
+  done
+fi
+export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+echo "== GPU"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+echo
+status=0
+timeout "${CHECK_TIMEOUT:-420}" "$BIN" gpu-check --train-steps "${TRAIN_STEPS:-300}" \
+  --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-4}" || status=$?
+echo
+echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-4} x 2048, bf16 autocast"
+if [ -n "$PY" ]; then
+  timeout 240 "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
+    --batch "${MICRO:-4}" --micro "${MICRO:-4}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" || status=$?
+else
+  echo "(no Python with torch found: set TORCH_PYTHON)"
+fi
+exit $status
