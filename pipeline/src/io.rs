@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// Largest line (document) read by default; larger ones are errors rather than an OOM.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 512 << 20;
@@ -297,7 +297,7 @@ pub fn open_documents(path: &Path, max_bytes: usize) -> Result<LineReader> {
 
 #[cfg(not(feature = "parquet"))]
 fn parquet_as_lines(path: &Path, _max_bytes: usize) -> Result<LineReader> {
-    bail!(
+    anyhow::bail!(
         "{}: Parquet input needs a build with `--features parquet` (cargo build --release --features parquet)",
         path.display()
     )
