@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 
+use crate::dist::Tcp;
 use crate::model::{Batch, Model, Scores};
 use crate::optim::{clip_grad_norm, AdamW};
 
@@ -31,6 +32,8 @@ pub trait Backend {
     /// Scores a batch and adds `grad_scale · d(Σ CE + z)/dparams` to the gradient accumulator.
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<Scores>;
     fn zero_grad(&mut self) -> Result<()>;
+    /// Sums the gradient accumulators of all ranks (data parallelism).
+    fn all_reduce_grads(&mut self, tcp: &mut Tcp) -> Result<()>;
     /// Clips the accumulated gradient and applies AdamW; returns the norm before clipping.
     fn step(&mut self, u: &Update) -> Result<f32>;
     /// Calls `f(params, exp_avg, exp_avg_sq)` with host copies of the state.
@@ -77,6 +80,10 @@ impl Backend for Cpu {
     fn zero_grad(&mut self) -> Result<()> {
         self.grads.fill(0.0);
         Ok(())
+    }
+
+    fn all_reduce_grads(&mut self, tcp: &mut Tcp) -> Result<()> {
+        tcp.all_reduce_f32(&mut self.grads)
     }
 
     fn step(&mut self, u: &Update) -> Result<f32> {

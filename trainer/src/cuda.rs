@@ -262,6 +262,8 @@ pub struct CudaEngine {
     max_seq: usize,
     /// Reused scalar for the gradient norm.
     norm_acc: CudaSlice<f64>,
+    /// NCCL communicator across ranks, when data parallel and libnccl is present.
+    nccl: Option<cudarc::nccl::Comm>,
 }
 
 impl CudaEngine {
@@ -297,6 +299,7 @@ impl CudaEngine {
             cos: gpu.upload(&table.cos)?,
             sin: gpu.upload(&table.sin)?,
             norm_acc: gpu.zeros(1)?,
+            nccl: None,
             layout: model.layout.clone(),
             cfg,
             bf16,
@@ -729,6 +732,42 @@ impl CudaEngine {
         Arg::P(self.gpu.ptr(s, 0))
     }
 
+    /// Sets up NCCL across the ranks of `tcp` (rank 0's unique id travels over TCP). Without
+    /// libnccl, gradients are summed through the host instead, and this says so.
+    pub fn enable_nccl(&mut self, tcp: &mut crate::dist::Tcp) -> Result<()> {
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            eprintln!(
+                "olmo-train: libnccl not found: gradients are summed through the host (slow)"
+            );
+            return Ok(());
+        }
+        let mut bytes = if tcp.rank == 0 {
+            let id = cu(cudarc::nccl::Id::new(), "NCCL id")?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        tcp.broadcast(&mut bytes)?;
+        if bytes.len() != 128 {
+            bail!("NCCL id of {} bytes", bytes.len());
+        }
+        let mut raw = [0 as std::ffi::c_char; 128];
+        for (r, b) in raw.iter_mut().zip(&bytes) {
+            *r = *b as std::ffi::c_char;
+        }
+        let comm = cu(
+            cudarc::nccl::Comm::from_rank(
+                self.gpu.stream.clone(),
+                tcp.rank,
+                tcp.size,
+                cudarc::nccl::Id::uninit(raw),
+            ),
+            "NCCL communicator",
+        )?;
+        self.nccl = Some(comm);
+        Ok(())
+    }
+
     /// Host copy of the gradient accumulator (for checks).
     pub fn grads(&self) -> Result<Vec<f32>> {
         self.gpu.download(&self.grads)
@@ -763,6 +802,26 @@ impl Backend for CudaEngine {
             self.gpu.stream.memset_zeros(&mut self.grads),
             "zeroing gradients",
         )
+    }
+
+    fn all_reduce_grads(&mut self, tcp: &mut crate::dist::Tcp) -> Result<()> {
+        match &self.nccl {
+            Some(comm) => {
+                cu(
+                    comm.all_reduce_in_place(&mut self.grads, &cudarc::nccl::ReduceOp::Sum),
+                    "NCCL all-reduce",
+                )?;
+            }
+            None => {
+                let mut g = self.gpu.download(&self.grads)?;
+                tcp.all_reduce_f32(&mut g)?;
+                cu(
+                    self.gpu.stream.memcpy_htod(&g, &mut self.grads),
+                    "upload gradients",
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn step(&mut self, u: &Update) -> Result<f32> {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod gemm_plan;

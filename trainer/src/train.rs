@@ -16,6 +16,7 @@ use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{Duration, TrainConfig};
 use crate::data::{expand_paths, global_order, write_global_indices, Dtype, Shards};
 use crate::device::{self, Device, Request};
+use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::model::{init_params, Batch, Layout, Model, Role};
 use crate::optim::AdamW;
@@ -220,20 +221,26 @@ fn engine(
     device: Device,
     bf16: bool,
     model: Model,
-    params: Vec<f32>,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    state: [Vec<f32>; 3],
+    tcp: Option<&mut Tcp>,
 ) -> Result<Box<dyn Backend>> {
+    let [params, exp_avg, exp_avg_sq] = state;
     match device {
         Device::Cpu => Ok(Box::new(Cpu::new(model, params, exp_avg, exp_avg_sq))),
-        Device::Cuda(n) => Ok(Box::new(crate::cuda::CudaEngine::with_precision(
-            n,
-            model,
-            &params,
-            &exp_avg,
-            &exp_avg_sq,
-            bf16,
-        )?)),
+        Device::Cuda(n) => {
+            let mut e = crate::cuda::CudaEngine::with_precision(
+                n,
+                model,
+                &params,
+                &exp_avg,
+                &exp_avg_sq,
+                bf16,
+            )?;
+            if let Some(t) = tcp {
+                e.enable_nccl(t)?;
+            }
+            Ok(Box::new(e))
+        }
     }
 }
 
@@ -243,8 +250,11 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
 }
 
 pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> Result<()> {
+    let world = World::from_env()?;
+    // Rank 0 logs, evaluates and writes; every rank trains on its slice of each batch.
+    let lead = world.rank == 0;
     let ignored = cfg.ignored_fields();
-    if !ignored.is_empty() {
+    if lead && !ignored.is_empty() {
         eprintln!(
             "olmo-train: ignoring config fields with no effect here: {}",
             ignored.join(", ")
@@ -254,8 +264,31 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         Some(r) => r,
         None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
     };
+    // One GPU per process: the local rank picks it unless a device index was given.
+    let request = match request {
+        Request::Cuda(0) | Request::Auto if world.size > 1 && world.local_rank > 0 => match request
+        {
+            Request::Auto if device::cuda_unavailable().is_err() => Request::Cpu,
+            _ => Request::Cuda(world.local_rank),
+        },
+        r => r,
+    };
     let (device, why) = device::resolve(request)?;
-    eprintln!("olmo-train: device {why}");
+    if lead {
+        eprintln!("olmo-train: device {why}");
+    }
+    let mut tcp = if world.size > 1 {
+        let t = Tcp::connect(&world)?;
+        if lead {
+            eprintln!(
+                "olmo-train: {} ranks joined at {}:{}",
+                world.size, world.master_addr, world.master_port
+            );
+        }
+        Some(t)
+    } else {
+        None
+    };
     if cfg.optimizer.name != "adamw" {
         bail!(
             "optimizer.name `{}`: only adamw is implemented",
@@ -272,14 +305,17 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let patterns: Vec<String> = groups.into_iter().flat_map(|(_, p)| p).collect();
     let shards = open_shards(&patterns, &cfg.data.memmap_dtype, seq as u64, vocab)?;
     let data_seed = cfg.data.seed.unwrap_or(cfg.seed);
-    let world = 1u64;
     let batch = cfg.global_train_batch_size;
+    let ranks = world.size as u64;
+    if !batch.is_multiple_of(ranks) {
+        bail!("global_train_batch_size ({batch}) must be a multiple of the world size ({ranks})");
+    }
     let micro = cfg
         .device_train_microbatch_size
         .unwrap_or(batch)
         .clamp(1, batch);
     let per_epoch =
-        global_order(shards.len(), data_seed, 0, world, cfg.data.drop_last).len() as u64;
+        global_order(shards.len(), data_seed, 0, ranks, cfg.data.drop_last).len() as u64;
     let steps_per_epoch = per_epoch / batch;
     if steps_per_epoch == 0 {
         bail!(
@@ -336,11 +372,13 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                     shards.len()
                 );
             }
-            eprintln!(
-                "olmo-train: resuming from {} (step {})",
-                dir.display(),
-                l.state.step
-            );
+            if lead {
+                eprintln!(
+                    "olmo-train: resuming from {} (step {})",
+                    dir.display(),
+                    l.state.step
+                );
+            }
             (l.params, l.exp_avg, l.exp_avg_sq, l.state)
         }
         None => (
@@ -359,14 +397,22 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 global_train_examples_seen_this_epoch: 0,
                 global_train_tokens_seen: 0,
                 seed: data_seed,
-                world_size: world,
+                world_size: ranks,
                 instances: shards.len(),
                 seq_len: seq as u64,
                 num_params: layout.total as u64,
             },
         ),
     };
-    let evals = setup_evals(&cfg, &shards, vocab)?;
+    let evals = if lead {
+        setup_evals(&cfg, &shards, vocab)?
+    } else {
+        Evaluators {
+            lm: Vec::new(),
+            mc: Vec::new(),
+            unigram: Vec::new(),
+        }
+    };
     let decay: Vec<bool> = layout
         .tensors
         .iter()
@@ -385,22 +431,28 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         device,
         bf16,
         Model::new(mcfg, seq),
-        std::mem::take(&mut params),
-        std::mem::take(&mut exp_avg),
-        std::mem::take(&mut exp_avg_sq),
+        [
+            std::mem::take(&mut params),
+            std::mem::take(&mut exp_avg),
+            std::mem::take(&mut exp_avg_sq),
+        ],
+        tcp.as_mut(),
     )?;
-    let mut metrics = Metrics::open(save_folder.as_deref(), state.step)?;
+    // Only rank 0 writes: metrics, checkpoints, indices, plot.
+    let out_folder = if lead { save_folder.clone() } else { None };
+    let mut metrics = Metrics::open(out_folder.as_deref(), state.step)?;
     let mut order = global_order(
         shards.len(),
         data_seed,
         state.epoch,
-        world,
+        ranks,
         cfg.data.drop_last,
     );
-    if let Some(f) = &save_folder {
+    if let Some(f) = &out_folder {
         write_global_indices(&f.join("train_data").join("global_indices.npy"), &order)?;
     }
-    eprintln!(
+    if lead {
+        eprintln!(
         "olmo-train: {} parameters ({} non-embedding), {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}",
         layout.total,
         mcfg.non_embedding_params(),
@@ -408,6 +460,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         shards.len(),
         engine.describe()
     );
+    }
     for (label, ce) in &evals.unigram {
         eprintln!(
             "olmo-train: unigram baseline on {label}: cross-entropy {ce:.4}, perplexity {:.1}",
@@ -433,7 +486,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         weight_decay: cfg.optimizer.weight_decay,
     };
     let save = |engine: &mut dyn Backend, state: &TrainerState| -> Result<()> {
-        if let Some(f) = &save_folder {
+        if let Some(f) = &out_folder {
             engine.with_state(&mut |params, m, v| {
                 let dir = checkpoint::save(
                     f,
@@ -453,7 +506,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         }
         Ok(())
     };
-    if state.step >= stop {
+    if lead && state.step >= stop {
         eprintln!(
             "olmo-train: the checkpoint is already at step {} (stop at {stop}): nothing to train",
             state.step
@@ -474,13 +527,21 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 shards.len(),
                 data_seed,
                 state.epoch,
-                world,
+                ranks,
                 cfg.data.drop_last,
             );
-            eprintln!("olmo-train: epoch {} begins", state.epoch);
+            if lead {
+                eprintln!("olmo-train: epoch {} begins", state.epoch);
+            }
         }
         let at = state.global_train_examples_seen_this_epoch as usize;
-        let ids = &order[at..at + batch as usize];
+        // This rank's slice of the global batch, as OLMo's `[rank::world]`.
+        let ids: Vec<u32> = order[at..at + batch as usize]
+            .iter()
+            .skip(world.rank)
+            .step_by(world.size)
+            .copied()
+            .collect();
         engine.zero_grad()?;
         // OLMo divides each micro-batch's summed loss by the whole batch's token count, so the
         // accumulated gradient is the batch mean whatever the micro-batch size.
@@ -495,6 +556,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
             ce += s.ce_sum;
             z += s.z_sum;
+        }
+        if let Some(t) = tcp.as_mut() {
+            engine.all_reduce_grads(t)?;
+            let mut sums = [ce, z];
+            t.all_reduce_f64(&mut sums)?;
+            (ce, z) = (sums[0], sums[1]);
         }
         let (ce, z) = (ce / scored, z / scored);
         let step = state.step + 1;
@@ -545,7 +612,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 ("throughput/device/tokens_per_second".into(), tps),
             ],
         )?;
-        if step % cfg.console_log_interval.max(1) == 0 || step == stop {
+        if lead && (step % cfg.console_log_interval.max(1) == 0 || step == stop) {
             let done = (step - start_step) as f64;
             let eta = start.elapsed().as_secs_f64() / done * (stop - step) as f64;
             eprintln!(
@@ -570,7 +637,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         }
     }
     drop(metrics);
-    if let Some(f) = &save_folder {
+    if let Some(f) = &out_folder {
         let plot = f.join("loss.png");
         match crate::plot::loss_plot(&f.join("metrics.jsonl"), &plot) {
             Ok(()) => eprintln!("olmo-train: loss curves in {}", plot.display()),
@@ -595,7 +662,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             );
         }
     }
-    eprintln!("{summary}");
+    if lead {
+        eprintln!("{summary}");
+    }
     Ok(())
 }
 

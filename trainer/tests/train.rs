@@ -208,6 +208,47 @@ fn device_auto_falls_back_to_the_cpu_without_a_gpu() {
 }
 
 #[test]
+fn two_ranks_train_like_one_process() {
+    let r = Run::new();
+    let one = r.config("one.yaml", "one", "max_duration: 12\nsave_interval: 6\n");
+    ok(&r.train(&one, &[]));
+    let two = r.config("two.yaml", "two", "max_duration: 12\nsave_interval: 6\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn = |rank: &str| {
+        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .args(["train", "-c", two.to_str().unwrap(), "--device", "cpu"])
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0"), spawn("1"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let err = ok(&a);
+    ok(&b);
+    assert!(err.contains("2 ranks joined"), "{err}");
+    // rank 1 trains silently and writes nothing
+    assert!(String::from_utf8_lossy(&b.stderr).trim().is_empty());
+    let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics("two")));
+    assert_eq!(x.len(), 12);
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p.1 - q.1).abs() < 1e-4, "{x:?} vs {y:?}");
+    }
+    assert!(r.path("two/step12/model.safetensors").exists());
+}
+
+#[test]
 fn micro_batches_accumulate_to_the_batch_mean() {
     let r = Run::new();
     let one = r.config("one.yaml", "one", "max_duration: 5\n");
