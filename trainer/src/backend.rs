@@ -27,6 +27,10 @@ pub struct Update<'a> {
 pub trait Backend {
     /// What runs where, for the log.
     fn describe(&self) -> String;
+    /// Dense bf16 peak FLOP/s of the device, when known (for MFU).
+    fn peak_flops(&self) -> Option<f64> {
+        None
+    }
     /// Scores a batch (no gradients).
     fn forward(&mut self, batch: &Batch) -> Result<Scores>;
     /// Scores a batch and adds `grad_scale · d(Σ CE + z)/dparams` to the gradient accumulator.

@@ -789,6 +789,10 @@ impl Backend for CudaEngine {
         )
     }
 
+    fn peak_flops(&self) -> Option<f64> {
+        peak_bf16_flops(&self.gpu.name)
+    }
+
     fn forward(&mut self, batch: &Batch) -> Result<Scores> {
         self.run(batch, None)
     }
@@ -874,6 +878,23 @@ impl Backend for CudaEngine {
         let v = self.gpu.download(&self.exp_avg_sq)?;
         f(&p, &m, &v).context("with the engine's state")
     }
+}
+
+/// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote).
+pub fn peak_bf16_flops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    [
+        ("H200", 989.4e12),
+        ("H100", 989.4e12),
+        ("GH200", 989.4e12),
+        ("B200", 2250e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("A10", 125e12),
+    ]
+    .iter()
+    .find(|(k, _)| n.contains(k))
+    .map(|(_, f)| *f)
 }
 
 /// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`) without a GPU: NVRTC is a plain

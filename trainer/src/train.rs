@@ -610,14 +610,32 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                     state.global_train_tokens_seen as f64,
                 ),
                 ("throughput/device/tokens_per_second".into(), tps),
-            ],
+                (
+                    "throughput/device/model_flops_per_token".into(),
+                    mcfg.flops_per_token(seq),
+                ),
+            ]
+            .into_iter()
+            .chain(engine.peak_flops().map(|peak| {
+                (
+                    "throughput/device/MFU".into(),
+                    100.0 * mcfg.flops_per_token(seq) * tps / ranks as f64 / peak,
+                )
+            }))
+            .collect::<Vec<_>>(),
         )?;
         if lead && (step % cfg.console_log_interval.max(1) == 0 || step == stop) {
             let done = (step - start_step) as f64;
             let eta = start.elapsed().as_secs_f64() / done * (stop - step) as f64;
+            let avg = (step - start_step) as f64 * tokens_per_step as f64 / train_secs;
+            let mfu = engine.peak_flops().map_or(String::new(), |peak| {
+                format!(
+                    "  MFU {:.1}%",
+                    100.0 * mcfg.flops_per_token(seq) * avg / ranks as f64 / peak
+                )
+            });
             eprintln!(
-                "step {step:>6}/{stop}  loss {ce:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}  {:.0} tokens/s  ETA {}",
-                (step - start_step) as f64 * tokens_per_step as f64 / train_secs,
+                "step {step:>6}/{stop}  loss {ce:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}  {avg:.0} tokens/s{mfu}  ETA {}",
                 fmt_secs(eta)
             );
         }
