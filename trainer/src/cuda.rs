@@ -126,6 +126,14 @@ impl Gpu {
         cu(self.stream.alloc_zeros::<T>(n.max(1)), "allocation")
     }
 
+    /// An uninitialised buffer, for outputs whose every element is written before any is read
+    /// (GEMMs with beta = 0, row kernels that write whole rows): saves a memset pass.
+    pub fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // Safety: callers only use it for outputs fully written by the next kernel or GEMM;
+        // gpu-check compares every output with the CPU engine, which uninitialised reads fail.
+        cu(unsafe { self.stream.alloc::<T>(n.max(1)) }, "allocation")
+    }
+
     /// Launches `name` with `args` (device pointers as u64, scalars as their types).
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
         let f = self
@@ -348,7 +356,7 @@ impl CudaEngine {
                 _copy: None,
             });
         }
-        let copy: CudaSlice<u16> = self.gpu.zeros(s.len())?;
+        let copy: CudaSlice<u16> = self.gpu.scratch(s.len())?;
         self.gpu.launch_n(
             "cast_bf16",
             s.len(),
@@ -380,7 +388,7 @@ impl CudaEngine {
         inp: usize,
         outp: usize,
     ) -> Result<CudaSlice<f32>> {
-        let y = self.gpu.zeros::<f32>(rows * outp)?;
+        let y = self.gpu.scratch::<f32>(rows * outp)?;
         let xp = self.prepare(x)?;
         self.gpu.gemm(&gemm_plan::linear_fwd(
             xp.buf,
@@ -403,7 +411,7 @@ impl CudaEngine {
         inp: usize,
         outp: usize,
     ) -> Result<CudaSlice<f32>> {
-        let dx = self.gpu.zeros::<f32>(rows * inp)?;
+        let dx = self.gpu.scratch::<f32>(rows * inp)?;
         let dyp = self.prepare(dy)?;
         self.gpu.gemm(&gemm_plan::linear_dx(
             dyp.buf,
@@ -432,9 +440,9 @@ impl CudaEngine {
         rows: usize,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let d = self.cfg.d_model;
-        let y = self.gpu.zeros::<f32>(rows * d)?;
-        let mean = self.gpu.zeros::<f32>(rows)?;
-        let rstd = self.gpu.zeros::<f32>(rows)?;
+        let y = self.gpu.scratch::<f32>(rows * d)?;
+        let mean = self.gpu.scratch::<f32>(rows)?;
+        let rstd = self.gpu.scratch::<f32>(rows)?;
         self.gpu.launch(
             "norm_fwd",
             rows as u32,
@@ -504,7 +512,7 @@ impl CudaEngine {
     }
 
     fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let out = self.gpu.zeros::<f32>(a.len())?;
+        let out = self.gpu.scratch::<f32>(a.len())?;
         self.gpu.launch_n(
             "add",
             a.len(),
@@ -530,7 +538,7 @@ impl CudaEngine {
         let ids = gpu.upload(batch.inputs)?;
         let tgts = gpu.upload(batch.targets)?;
         let lay = self.layout.clone();
-        let mut x = gpu.zeros::<f32>(n * d)?;
+        let mut x = gpu.scratch::<f32>(n * d)?;
         gpu.launch_n(
             "embed_fwd",
             n * d,
@@ -548,8 +556,8 @@ impl CudaEngine {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(&ln1, o.att_proj, n, d, 3 * d)?;
             self.rope(&qkv, n, t, false)?;
-            let probs = self.gpu.zeros::<f32>(b * hh * t * t)?;
-            let att = self.gpu.zeros::<f32>(n * d)?;
+            let probs = self.gpu.scratch::<f32>(b * hh * t * t)?;
+            let att = self.gpu.scratch::<f32>(n * d)?;
             let at = Attn { t, heads: hh, hd };
             let qp = self.prepare(&qkv)?;
             for bi in 0..b {
@@ -572,7 +580,7 @@ impl CudaEngine {
             let x_mid = self.add(&x, &proj)?;
             let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
             let ff_in = self.linear(&ln2, o.ff_proj, n, d, 2 * h)?;
-            let ff_act = self.gpu.zeros::<f32>(n * h)?;
+            let ff_act = self.gpu.scratch::<f32>(n * h)?;
             self.gpu.launch_n(
                 "swiglu_fwd",
                 n * h,
@@ -607,8 +615,8 @@ impl CudaEngine {
         let (lnf, lnf_mean, lnf_rstd) = self.norm(&x, lay.ln_f, n)?;
         let head = lay.head.unwrap_or(lay.wte);
         let logits = self.linear(&lnf, head, n, d, emb)?;
-        let logp = self.gpu.zeros::<f32>(n)?;
-        let zt = self.gpu.zeros::<f32>(n)?;
+        let logp = self.gpu.scratch::<f32>(n)?;
+        let zt = self.gpu.scratch::<f32>(n)?;
         self.gpu.launch(
             "cross_entropy",
             n as u32,
@@ -648,7 +656,7 @@ impl CudaEngine {
         self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
             let dff_act = self.linear_back(&dx, &a.ff_act, o.ff_out, n, h, d)?;
-            let dff_in = self.gpu.zeros::<f32>(n * 2 * h)?;
+            let dff_in = self.gpu.scratch::<f32>(n * 2 * h)?;
             self.gpu.launch_n(
                 "swiglu_bwd",
                 n * h,
@@ -672,8 +680,8 @@ impl CudaEngine {
                 &dx_mid,
             )?;
             let datt = self.linear_back(&dx_mid, &a.att, o.attn_out, n, d, d)?;
-            let dqkv = self.gpu.zeros::<f32>(n * 3 * d)?;
-            let dp = self.gpu.zeros::<f32>(b * hh * t * t)?;
+            let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
+            let dp = self.gpu.scratch::<f32>(b * hh * t * t)?;
             let at = Attn { t, heads: hh, hd };
             let pp = self.prepare(&a.probs)?;
             let dop = self.prepare(&datt)?;
