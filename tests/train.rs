@@ -60,7 +60,7 @@ fn tiny_model_beats_the_unigram_baseline_on_held_out_sample_tokens() {
          evaluators:\n  - label: held-out\n    data: {{paths: ['{}']}}\n\
          eval_interval: 1000\neval_subset_num_batches: 20\ndevice_eval_batch_size: 32\n\
          global_train_batch_size: 32\ndevice_train_microbatch_size: 16\nmax_duration: 150\nmax_grad_norm: 1.0\n\
-         save_folder: '{}'\nsave_interval: 1000\n",
+         save_folder: '{}'\nsave_interval: 1000\ndevice: cpu\n",
         list(&files),
         held_out.display(),
         run.display()

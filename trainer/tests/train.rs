@@ -36,7 +36,7 @@ impl Run {
                 "model:\n  d_model: 16\n  n_heads: 2\n  n_layers: 1\n  vocab_size: 16\n  max_sequence_length: 16\n\
                  optimizer:\n  learning_rate: 1.0e-2\nscheduler:\n  name: cosine_with_warmup\n  t_warmup: 3\n\
                  data:\n  paths: ['{d}/a.npy', '{d}/b.npy']\n\
-                 global_train_batch_size: 8\nmax_grad_norm: 1.0\nsave_folder: {d}/{out}\n{extra}\n",
+                 global_train_batch_size: 8\nmax_grad_norm: 1.0\nsave_folder: {d}/{out}\n{extra}\ndevice: cpu\n",
                 d = self.dir.path().display(),
             ),
         )
@@ -328,7 +328,7 @@ fn bad_data_and_configs_are_explained() {
         "unknown task `mmlu`",
     );
     if !cuda_present() {
-        fails(&(text.clone() + "device: cuda\n"), "requested, but");
+        fails(&text.replace("device: cpu", "device: cuda"), "requested, but");
     }
     fails(
         &text.replace(
