@@ -328,7 +328,10 @@ fn bad_data_and_configs_are_explained() {
         "unknown task `mmlu`",
     );
     if !cuda_present() {
-        fails(&text.replace("device: cpu", "device: cuda"), "requested, but");
+        fails(
+            &text.replace("device: cpu", "device: cuda"),
+            "requested, but",
+        );
     }
     fails(
         &text.replace(
