@@ -1,0 +1,209 @@
+// Runs the CUDA engine's kernels (src/cuda_kernels.cu, included unchanged) on the CPU: one
+// std::thread per CUDA thread, a real barrier for __syncthreads, per-warp barriers for warp
+// shuffles, a lock for atomics. Blocks run one after another, so `__shared__` can be a static.
+// Driven by tests/cuda_kernels.rs: `emulator KERNEL DIR ARGS...` reads DIR/<buffer> files
+// (raw little-endian f32/u32), runs the kernel with the engine's launch shape, writes outputs.
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+    unsigned x = 0, y = 1, z = 1;
+};
+thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
+static std::barrier<>* g_block = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+static float g_shfl[1024];
+static std::mutex g_atomic;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    unsigned t = threadIdx.x;
+    auto& b = *g_warps[t / 32];
+    g_shfl[t] = v;
+    b.arrive_and_wait();
+    float r = g_shfl[t ^ (unsigned)o];
+    b.arrive_and_wait();
+    return r;
+}
+inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> l(g_atomic);
+    float old = *p;
+    *p += v;
+    return old;
+}
+inline double atomicAdd(double* p, double v) {
+    std::lock_guard<std::mutex> l(g_atomic);
+    double old = *p;
+    *p += v;
+    return old;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+#include "../src/cuda_kernels.cu"
+
+static void launch(unsigned grid, unsigned block, const std::function<void()>& f) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    for (unsigned b = 0; b < grid; ++b) {
+        std::barrier<> bb(block);
+        g_block = &bb;
+        g_warps.clear();
+        for (unsigned w = 0; w * 32 < block; ++w)
+            g_warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block; ++t)
+            ts.emplace_back([=] {
+                threadIdx.x = t;
+                blockIdx.x = b;
+                f();
+            });
+        for (auto& th : ts) th.join();
+    }
+}
+
+static std::string dir;
+template <class T>
+static std::vector<T> load(const char* name) {
+    std::ifstream f(dir + "/" + name, std::ios::binary | std::ios::ate);
+    if (!f) {
+        fprintf(stderr, "missing buffer %s\n", name);
+        exit(2);
+    }
+    std::vector<T> v(f.tellg() / sizeof(T));
+    f.seekg(0);
+    f.read(reinterpret_cast<char*>(v.data()), v.size() * sizeof(T));
+    return v;
+}
+template <class T>
+static void store(const char* name, const std::vector<T>& v) {
+    std::ofstream f(dir + "/" + name, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+int main(int argc, char** argv) {
+    if (argc < 4) return 2;
+    std::string k = argv[1];
+    dir = argv[2];
+    auto I = [&](int i) { return std::atol(argv[i]); };
+    auto F = [&](int i) { return (float)std::atof(argv[i]); };
+    const unsigned B = (unsigned)I(3);  // block size
+    auto grid_n = [&](long n) { return (unsigned)((n + B - 1) / B); };
+    if (k == "norm_fwd") {  // rows d eps rms affine
+        long rows = I(4);
+        int d = I(5), rms = I(7), affine = I(8);
+        float eps = F(6);
+        auto x = load<float>("x");
+        std::vector<float> w = affine ? load<float>("w") : std::vector<float>();
+        std::vector<float> y(rows * d), mean(rows), rstd(rows);
+        launch(rows, B, [&] { norm_fwd(x.data(), affine ? w.data() : nullptr, y.data(), mean.data(), rstd.data(), d, eps, rms); });
+        store("y", y), store("mean", mean), store("rstd", rstd);
+    } else if (k == "norm_bwd") {  // rows d rms affine
+        long rows = I(4);
+        int d = I(5), rms = I(6), affine = I(7);
+        auto dy = load<float>("dy"), x = load<float>("x"), mean = load<float>("mean"), rstd = load<float>("rstd");
+        auto dx = load<float>("dx");
+        std::vector<float> w = affine ? load<float>("w") : std::vector<float>();
+        std::vector<float> dw = affine ? load<float>("dw") : std::vector<float>();
+        launch(rows, B, [&] {
+            norm_bwd(dy.data(), x.data(), mean.data(), rstd.data(), affine ? w.data() : nullptr, dx.data(),
+                     affine ? dw.data() : nullptr, d, rms);
+        });
+        store("dx", dx);
+        if (affine) store("dw", dw);
+    } else if (k == "rope") {  // rows T heads half stride parts inverse
+        long rows = I(4);
+        int T = I(5), heads = I(6), half = I(7), stride = I(8), parts = I(9), inv = I(10);
+        auto x = load<float>("x"), c = load<float>("cos"), s = load<float>("sin");
+        launch(grid_n(rows * parts * heads * half), B,
+               [&] { rope(x.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
+        store("x", x);
+    } else if (k == "softmax_fwd") {  // rows T
+        long rows = I(4);
+        int T = I(5);
+        auto s = load<float>("s");
+        launch(rows, B, [&] { softmax_fwd(s.data(), T); });
+        store("s", s);
+    } else if (k == "softmax_bwd") {  // rows T scale
+        long rows = I(4);
+        int T = I(5);
+        float scale = F(6);
+        auto p = load<float>("p"), dp = load<float>("dp");
+        launch(rows, B, [&] { softmax_bwd(p.data(), dp.data(), T, scale); });
+        store("dp", dp);
+    } else if (k == "swiglu") {  // rows h
+        long rows = I(4);
+        int h = I(5);
+        auto x = load<float>("x"), dy = load<float>("dy");
+        std::vector<float> y(rows * h), dx(rows * 2 * h);
+        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), y.data(), rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), dx.data(), rows, h); });
+        store("y", y), store("dx", dx);
+    } else if (k == "cross_entropy") {  // rows V zloss gscale backward
+        long rows = I(4);
+        int V = I(5), backward = I(8);
+        float zl = F(6), gs = F(7);
+        auto logits = load<float>("logits");
+        auto t = load<unsigned>("targets");
+        std::vector<float> lp(rows), zt(rows);
+        launch(rows, B, [&] { cross_entropy(logits.data(), t.data(), lp.data(), zt.data(), V, zl, gs, backward); });
+        store("logits", logits), store("logp", lp), store("zt", zt);
+    } else if (k == "embed") {  // n d
+        long n = I(4);
+        int d = I(5);
+        auto ids = load<unsigned>("ids");
+        auto wte = load<float>("wte"), dx = load<float>("dx"), dwte = load<float>("dwte");
+        std::vector<float> x(n * d);
+        launch(grid_n(n * d), B, [&] { embed_fwd(ids.data(), wte.data(), x.data(), n, d); });
+        launch(grid_n(n * d), B, [&] { embed_bwd(ids.data(), dx.data(), dwte.data(), n, d); });
+        store("x", x), store("dwte", dwte);
+    } else if (k == "elementwise") {  // n: add, cast_bf16, sumsq
+        long n = I(4);
+        auto a = load<float>("a"), b = load<float>("b");
+        std::vector<float> out(n);
+        std::vector<uint16_t> bf(n);
+        std::vector<double> ss(1, 0.0);
+        launch(grid_n(n), B, [&] { add(out.data(), a.data(), b.data(), n); });
+        launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
+        launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
+        store("sum", out), store("bf16", bf), store("sumsq", ss);
+    } else if (k == "adamw") {  // n lr b1 b2 eps wd bc1 bc2_sqrt coef
+        long n = I(4);
+        auto p = load<float>("p"), g = load<float>("g"), m = load<float>("m"), v = load<float>("v");
+        launch(grid_n(n), B, [&] {
+            adamw(p.data(), g.data(), m.data(), v.data(), n, F(5), F(6), F(7), F(8), F(9), F(10), F(11), F(12));
+        });
+        store("p", p), store("m", m), store("v", v);
+    } else {
+        fprintf(stderr, "unknown kernel %s\n", k.c_str());
+        return 2;
+    }
+    return 0;
+}
