@@ -95,7 +95,7 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 macro_rules! s {
-    ($($x:expr),*) => { vec![$($x.to_string()),*] };
+    ($($x:expr),*) => { [$($x.to_string()),*] };
 }
 
 #[test]
