@@ -46,12 +46,56 @@ const KERNELS: [&str; 14] = [
     "adamw",
 ];
 
-/// The compiled kernels and the stream they run on.
-pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+/// An element type of engine buffers. `POISON` fills the host emulator's uninitialised
+/// buffers, so an output a kernel forgot to write shows up as NaN (or an impossible id).
+pub trait Elem:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default + 'static
+{
+    const POISON: Self;
+}
+impl Elem for f32 {
+    const POISON: f32 = f32::NAN;
+}
+impl Elem for f64 {
+    const POISON: f64 = f64::NAN;
+}
+impl Elem for u16 {
+    const POISON: u16 = 0xFFFF;
+}
+impl Elem for u32 {
+    const POISON: u32 = u32::MAX - 1;
+}
+
+/// A buffer in GPU memory, or in host memory when the engine runs on the host emulator.
+pub enum Mem<T> {
+    Dev(CudaSlice<T>),
+    Host(Vec<T>),
+}
+
+impl<T> Mem<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            Mem::Dev(s) => s.len(),
+            Mem::Host(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Cuda {
+    _ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: std::collections::HashMap<&'static str, CudaFunction>,
+}
+
+/// Where the engine's kernels run: a GPU (compiled kernels on one stream, cuBLAS), or the host
+/// emulator, which runs the same launches and GEMMs with plain loops so that the engine's
+/// orchestration (buffers, offsets, argument lists, launch shapes) is tested without a GPU.
+pub struct Gpu {
+    cuda: Option<Cuda>,
     pub name: String,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
@@ -90,57 +134,113 @@ impl Gpu {
         }
         let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
         Ok(Gpu {
-            ctx,
-            stream,
-            blas,
-            funcs,
+            cuda: Some(Cuda {
+                _ctx: ctx,
+                stream,
+                blas,
+                funcs,
+            }),
             name,
             arch,
         })
     }
 
-    /// Raw device address of a buffer (plus `offset` elements).
-    pub fn ptr<T>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
-        let (p, _guard) = s.device_ptr(&self.stream);
-        p + (offset * std::mem::size_of::<T>()) as u64
+    /// The host emulator (for tests): no GPU, no CUDA library.
+    pub fn host_emulator() -> Gpu {
+        Gpu {
+            cuda: None,
+            name: "host emulator".into(),
+            arch: (0, 0),
+        }
     }
 
-    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
-        cu(self.stream.clone_htod(v), "upload")
+    fn stream(&self) -> Option<&Arc<CudaStream>> {
+        self.cuda.as_ref().map(|c| &c.stream)
     }
 
-    pub fn download<T: cudarc::driver::DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
-        let v = cu(self.stream.clone_dtoh(s), "download")?;
-        cu(self.stream.synchronize(), "synchronize")?;
-        Ok(v)
+    /// Raw address of a buffer (plus `offset` elements).
+    pub fn ptr<T>(&self, s: &Mem<T>, offset: usize) -> u64 {
+        let base = match (s, self.stream()) {
+            (Mem::Dev(d), Some(st)) => d.device_ptr(st).0,
+            (Mem::Host(v), _) => v.as_ptr() as u64,
+            (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
+        };
+        base + (offset * std::mem::size_of::<T>()) as u64
     }
 
-    pub fn synchronize(&self) -> Result<()> {
-        cu(self.stream.synchronize(), "synchronize")
+    pub fn upload<T: Elem>(&self, v: &[T]) -> Result<Mem<T>> {
+        match self.stream() {
+            Some(st) => Ok(Mem::Dev(cu(st.clone_htod(v), "upload")?)),
+            None => Ok(Mem::Host(v.to_vec())),
+        }
     }
 
-    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        n: usize,
-    ) -> Result<CudaSlice<T>> {
-        cu(self.stream.alloc_zeros::<T>(n.max(1)), "allocation")
+    pub fn download<T: Elem>(&self, s: &Mem<T>) -> Result<Vec<T>> {
+        match (s, self.stream()) {
+            (Mem::Dev(d), Some(st)) => {
+                let v = cu(st.clone_dtoh(d), "download")?;
+                cu(st.synchronize(), "synchronize")?;
+                Ok(v)
+            }
+            (Mem::Host(v), _) => Ok(v.clone()),
+            (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
+        }
+    }
+
+    pub fn zeros<T: Elem>(&self, n: usize) -> Result<Mem<T>> {
+        match self.stream() {
+            Some(st) => Ok(Mem::Dev(cu(st.alloc_zeros::<T>(n.max(1)), "allocation")?)),
+            None => Ok(Mem::Host(vec![T::default(); n.max(1)])),
+        }
     }
 
     /// An uninitialised buffer, for outputs whose every element is written before any is read
-    /// (GEMMs with beta = 0, row kernels that write whole rows): saves a memset pass.
-    pub fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
-        // Safety: callers only use it for outputs fully written by the next kernel or GEMM;
-        // gpu-check compares every output with the CPU engine, which uninitialised reads fail.
-        cu(unsafe { self.stream.alloc::<T>(n.max(1)) }, "allocation")
+    /// (GEMMs with beta = 0, row kernels that write whole rows): saves a memset pass. On the
+    /// host emulator it is filled with `POISON`, so an unwritten element shows.
+    pub fn scratch<T: Elem>(&self, n: usize) -> Result<Mem<T>> {
+        match self.stream() {
+            // Safety: only used for outputs fully written by the next kernel or GEMM (the
+            // emulator's poison checks that).
+            Some(st) => Ok(Mem::Dev(cu(
+                unsafe { st.alloc::<T>(n.max(1)) },
+                "allocation",
+            )?)),
+            None => Ok(Mem::Host(vec![T::POISON; n.max(1)])),
+        }
+    }
+
+    pub fn fill_zero<T: Elem>(&self, s: &mut Mem<T>) -> Result<()> {
+        match (s, self.stream()) {
+            (Mem::Dev(d), Some(st)) => cu(st.memset_zeros(d), "memset"),
+            (Mem::Host(v), _) => {
+                v.fill(T::default());
+                Ok(())
+            }
+            (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
+        }
+    }
+
+    pub fn copy_from_host<T: Elem>(&self, src: &[T], dst: &mut Mem<T>) -> Result<()> {
+        match (dst, self.stream()) {
+            (Mem::Dev(d), Some(st)) => cu(st.memcpy_htod(src, d), "upload"),
+            (Mem::Host(v), _) => {
+                v.copy_from_slice(src);
+                Ok(())
+            }
+            (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
+        }
     }
 
     /// Launches `name` with `args` (device pointers as u64, scalars as their types).
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        let f = self
+        let Some(c) = &self.cuda else {
+            return crate::cuda_host::launch(name, grid.max(1), block, args);
+        };
+        let f = c
             .funcs
             .get(name)
             .ok_or_else(|| anyhow!("no kernel {name}"))?;
-        let mut b = self.stream.launch_builder(f);
+        let mut b = c.stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::P(p) => b.arg(p),
@@ -154,7 +254,8 @@ impl Gpu {
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
-        // Safety: argument lists match the kernel signatures in cuda_kernels.cu.
+        // Safety: argument lists match the kernel signatures in cuda_kernels.cu (the host
+        // emulator checks each launch's argument types against them).
         cu(unsafe { b.launch(cfg) }, name)?;
         Ok(())
     }
@@ -170,6 +271,10 @@ impl Gpu {
         if spec.a.bf16 != spec.b.bf16 {
             bail!("gemm operands of mixed precision");
         }
+        let Some(c) = &self.cuda else {
+            crate::cuda_host::gemm(spec);
+            return Ok(());
+        };
         let ty = if spec.a.bf16 {
             cudaDataType_t::CUDA_R_16BF
         } else {
@@ -186,7 +291,7 @@ impl Gpu {
         // Safety: the addresses come from live buffers of this engine, sized by the caller.
         let status = unsafe {
             cudarc::cublas::sys::cublasGemmStridedBatchedEx(
-                *self.blas.handle(),
+                *c.blas.handle(),
                 op(a.trans_a),
                 op(a.trans_b),
                 a.m as i32,
@@ -235,24 +340,24 @@ pub enum Arg {
 /// An activation prepared as a GEMM operand: the f32 buffer itself, or its bf16 copy.
 struct Prepared {
     buf: Buf,
-    _copy: Option<CudaSlice<u16>>,
+    _copy: Option<Mem<u16>>,
 }
 
 /// Device activations of one layer kept for the backward pass.
 struct Acts {
-    x_in: CudaSlice<f32>,
-    ln1: CudaSlice<f32>,
-    ln1_mean: CudaSlice<f32>,
-    ln1_rstd: CudaSlice<f32>,
-    qkv: CudaSlice<f32>,
-    probs: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    x_mid: CudaSlice<f32>,
-    ln2: CudaSlice<f32>,
-    ln2_mean: CudaSlice<f32>,
-    ln2_rstd: CudaSlice<f32>,
-    ff_in: CudaSlice<f32>,
-    ff_act: CudaSlice<f32>,
+    x_in: Mem<f32>,
+    ln1: Mem<f32>,
+    ln1_mean: Mem<f32>,
+    ln1_rstd: Mem<f32>,
+    qkv: Mem<f32>,
+    probs: Mem<f32>,
+    att: Mem<f32>,
+    x_mid: Mem<f32>,
+    ln2: Mem<f32>,
+    ln2_mean: Mem<f32>,
+    ln2_rstd: Mem<f32>,
+    ff_in: Mem<f32>,
+    ff_act: Mem<f32>,
 }
 
 pub struct CudaEngine {
@@ -260,16 +365,16 @@ pub struct CudaEngine {
     cfg: ModelConfig,
     layout: Layout,
     bf16: bool,
-    params: CudaSlice<f32>,
-    params_bf: CudaSlice<u16>,
-    grads: CudaSlice<f32>,
-    exp_avg: CudaSlice<f32>,
-    exp_avg_sq: CudaSlice<f32>,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    params: Mem<f32>,
+    params_bf: Mem<u16>,
+    grads: Mem<f32>,
+    exp_avg: Mem<f32>,
+    exp_avg_sq: Mem<f32>,
+    cos: Mem<f32>,
+    sin: Mem<f32>,
     max_seq: usize,
     /// Reused scalar for the gradient norm.
-    norm_acc: CudaSlice<f64>,
+    norm_acc: Mem<f64>,
     /// NCCL communicator across ranks, when data parallel and libnccl is present.
     nccl: Option<cudarc::nccl::Comm>,
 }
@@ -294,6 +399,12 @@ impl CudaEngine {
         bf16: bool,
     ) -> Result<CudaEngine> {
         let gpu = Gpu::new(ordinal)?;
+        Self::on(gpu, model, [params, exp_avg, exp_avg_sq], bf16)
+    }
+
+    /// The engine on a given device (a GPU, or the host emulator for tests).
+    pub fn on(gpu: Gpu, model: Model, state: [&[f32]; 3], bf16: bool) -> Result<CudaEngine> {
+        let [params, exp_avg, exp_avg_sq] = state;
         let cfg = model.cfg;
         let max_seq = model.max_seq();
         let table = RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta);
@@ -349,14 +460,14 @@ impl CudaEngine {
     }
 
     /// An activation as a GEMM operand (cast to bf16 under mixed precision).
-    fn prepare(&self, s: &CudaSlice<f32>) -> Result<Prepared> {
+    fn prepare(&self, s: &Mem<f32>) -> Result<Prepared> {
         if !self.bf16 {
             return Ok(Prepared {
                 buf: Buf::f32(self.gpu.ptr(s, 0)),
                 _copy: None,
             });
         }
-        let copy: CudaSlice<u16> = self.gpu.scratch(s.len())?;
+        let copy: Mem<u16> = self.gpu.scratch(s.len())?;
         self.gpu.launch_n(
             "cast_bf16",
             s.len(),
@@ -375,19 +486,19 @@ impl CudaEngine {
         })
     }
 
-    fn p(&self, s: &CudaSlice<f32>) -> Arg {
+    fn p(&self, s: &Mem<f32>) -> Arg {
         Arg::P(self.gpu.ptr(s, 0))
     }
 
     /// `y = x Wᵀ` for rows of x; W at `w` is `[outp, inp]`.
     fn linear(
         &self,
-        x: &CudaSlice<f32>,
+        x: &Mem<f32>,
         w: usize,
         rows: usize,
         inp: usize,
         outp: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<Mem<f32>> {
         let y = self.gpu.scratch::<f32>(rows * outp)?;
         let xp = self.prepare(x)?;
         self.gpu.gemm(&gemm_plan::linear_fwd(
@@ -404,13 +515,13 @@ impl CudaEngine {
     /// dx = dy W (fresh buffer), dW += dyᵀ x.
     fn linear_back(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
+        dy: &Mem<f32>,
+        x: &Mem<f32>,
         w: usize,
         rows: usize,
         inp: usize,
         outp: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<Mem<f32>> {
         let dx = self.gpu.scratch::<f32>(rows * inp)?;
         let dyp = self.prepare(dy)?;
         self.gpu.gemm(&gemm_plan::linear_dx(
@@ -435,10 +546,10 @@ impl CudaEngine {
 
     fn norm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &Mem<f32>,
         w: Option<usize>,
         rows: usize,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(Mem<f32>, Mem<f32>, Mem<f32>)> {
         let d = self.cfg.d_model;
         let y = self.gpu.scratch::<f32>(rows * d)?;
         let mean = self.gpu.scratch::<f32>(rows)?;
@@ -464,13 +575,13 @@ impl CudaEngine {
     #[allow(clippy::too_many_arguments)]
     fn norm_back(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dy: &Mem<f32>,
+        x: &Mem<f32>,
+        mean: &Mem<f32>,
+        rstd: &Mem<f32>,
         w: Option<usize>,
         rows: usize,
-        dx: &CudaSlice<f32>,
+        dx: &Mem<f32>,
     ) -> Result<()> {
         self.gpu.launch(
             "norm_bwd",
@@ -490,7 +601,7 @@ impl CudaEngine {
         )
     }
 
-    fn rope(&self, qkv: &CudaSlice<f32>, rows: usize, t: usize, inverse: bool) -> Result<()> {
+    fn rope(&self, qkv: &Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<()> {
         let c = &self.cfg;
         let half = c.head_dim() / 2;
         self.gpu.launch_n(
@@ -511,7 +622,7 @@ impl CudaEngine {
         )
     }
 
-    fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    fn add(&self, a: &Mem<f32>, b: &Mem<f32>) -> Result<Mem<f32>> {
         let out = self.gpu.scratch::<f32>(a.len())?;
         self.gpu.launch_n(
             "add",
@@ -736,7 +847,7 @@ impl CudaEngine {
         Ok(scores)
     }
 
-    fn p_u32(&self, s: &CudaSlice<u32>) -> Arg {
+    fn p_u32(&self, s: &Mem<u32>) -> Arg {
         Arg::P(self.gpu.ptr(s, 0))
     }
 
@@ -763,9 +874,14 @@ impl CudaEngine {
         for (r, b) in raw.iter_mut().zip(&bytes) {
             *r = *b as std::ffi::c_char;
         }
+        let stream = self
+            .gpu
+            .stream()
+            .ok_or_else(|| anyhow!("NCCL needs a GPU"))?
+            .clone();
         let comm = cu(
             cudarc::nccl::Comm::from_rank(
-                self.gpu.stream.clone(),
+                stream,
                 tcp.rank,
                 tcp.size,
                 cudarc::nccl::Id::uninit(raw),
@@ -810,27 +926,21 @@ impl Backend for CudaEngine {
     }
 
     fn zero_grad(&mut self) -> Result<()> {
-        cu(
-            self.gpu.stream.memset_zeros(&mut self.grads),
-            "zeroing gradients",
-        )
+        self.gpu.fill_zero(&mut self.grads)
     }
 
     fn all_reduce_grads(&mut self, tcp: &mut crate::dist::Tcp) -> Result<()> {
-        match &self.nccl {
-            Some(comm) => {
+        match (&self.nccl, &mut self.grads) {
+            (Some(comm), Mem::Dev(g)) => {
                 cu(
-                    comm.all_reduce_in_place(&mut self.grads, &cudarc::nccl::ReduceOp::Sum),
+                    comm.all_reduce_in_place(g, &cudarc::nccl::ReduceOp::Sum),
                     "NCCL all-reduce",
                 )?;
             }
-            None => {
+            _ => {
                 let mut g = self.gpu.download(&self.grads)?;
                 tcp.all_reduce_f32(&mut g)?;
-                cu(
-                    self.gpu.stream.memcpy_htod(&g, &mut self.grads),
-                    "upload gradients",
-                )?;
+                self.gpu.copy_from_host(&g, &mut self.grads)?;
             }
         }
         Ok(())
@@ -838,7 +948,7 @@ impl Backend for CudaEngine {
 
     fn step(&mut self, u: &Update) -> Result<f32> {
         let n = self.layout.total;
-        cu(self.gpu.stream.memset_zeros(&mut self.norm_acc), "zeroing")?;
+        self.gpu.fill_zero(&mut self.norm_acc)?;
         self.gpu.launch(
             "sumsq",
             (n.div_ceil(BLOCK as usize)).min(4096) as u32,

@@ -66,16 +66,41 @@ fn small(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
     }
 }
 
-/// Part 1: the CUDA engine against the CPU engine. Returns whether every check passed.
-fn correctness(ordinal: usize) -> Result<bool> {
+/// Two model variants (LayerNorm/tied, RMSNorm+weight/untied) at a given width.
+pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
+    let size = |mut c: ModelConfig| {
+        c.d_model = d;
+        c.mlp_hidden = 2 * d;
+        c.vocab_size = vocab;
+        c.embedding_size = vocab.div_ceil(128) * 128;
+        c
+    };
+    [
+        (
+            "layernorm, tied",
+            size(small(NormKind::LayerNorm, false, true)),
+        ),
+        (
+            "rmsnorm+weight, untied",
+            size(small(NormKind::Rms, true, false)),
+        ),
+    ]
+}
+
+/// A CUDA engine for a model, initial state and precision (bf16 or not).
+pub type MakeEngine<'a> = dyn Fn(Model, [&[f32]; 3], bool) -> Result<CudaEngine> + 'a;
+
+/// Part 1: the CUDA engine against the CPU engine on random inputs of `b` sequences of `t`
+/// positions. Prints a table; returns whether every check passed.
+pub fn compare_engines(
+    make: &MakeEngine,
+    models: &[(&str, ModelConfig)],
+    (b, t): (usize, usize),
+) -> Result<bool> {
     let mut all_ok = true;
     println!("| model | precision | quantity | relative L2 error | tolerance | ok |");
     println!("|---|---|---|---|---|---|");
-    for (label, cfg) in [
-        ("layernorm, tied", small(NormKind::LayerNorm, false, true)),
-        ("rmsnorm+weight, untied", small(NormKind::Rms, true, false)),
-    ] {
-        let (b, t) = (4usize, 128usize);
+    for &(label, cfg) in models {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let inputs: Vec<u32> = (0..b * t)
             .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
@@ -133,14 +158,8 @@ fn correctness(ordinal: usize) -> Result<bool> {
         let want_grads = cpu.grads.clone();
         let want_norm = cpu.step(&update(()))?;
         for (precision, bf16, tol) in [("fp32", false, 1e-4), ("bf16", true, 3e-2)] {
-            let mut gpu = CudaEngine::with_precision(
-                ordinal,
-                Model::new(cfg, t),
-                &params,
-                &vec![0.0; n],
-                &vec![0.0; n],
-                bf16,
-            )?;
+            let zeros = vec![0.0; n];
+            let mut gpu = make(Model::new(cfg, t), [&params, &zeros, &zeros], bf16)?;
             let got = gpu.forward_backward(&batch, 1.0 / scored)?;
             let grads = gpu.grads()?;
             let mut rows: Vec<(String, f64)> = vec![
@@ -267,7 +286,12 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     drop(probe);
     println!("## 1. CUDA engine vs CPU engine (random inputs)\n");
-    let ok = correctness(opts.ordinal)?;
+    let ordinal = opts.ordinal;
+    let ok = compare_engines(
+        &|m, [p, e, v], bf16| CudaEngine::with_precision(ordinal, m, p, e, v, bf16),
+        &variants(256, 1000),
+        (4, 128),
+    )?;
 
     println!("\n## 2. training a small model (d 512, 8 layers, seq 512, OLMo vocabulary)\n");
     let cfg = ModelConfig {

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;
+pub mod cuda_host;
 pub mod data;
 pub mod device;
 pub mod dist;

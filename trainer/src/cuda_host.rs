@@ -1,0 +1,349 @@
+//! The host emulator behind `Gpu::host_emulator()`: every kernel launch and GEMM the CUDA
+//! engine issues, executed with plain loops on host memory (addresses are host pointers).
+//! Each launch's argument list is checked against the kernel's signature in
+//! `cuda_kernels.cu` (count and types), and its grid against the work it must cover. A test
+//! then runs the whole CUDA engine here against the CPU engine, which exercises everything but
+//! the GPU itself. Kernel semantics follow the `.cu` source; `tests/cuda_kernels.rs` checks that
+//! source separately.
+
+use anyhow::{bail, Result};
+
+use crate::cuda::Arg;
+use crate::gemm_plan::{cublas_args, GemmSpec};
+use crate::ops::IGNORE;
+
+/// Argument kinds of each kernel: pointer, int, long, float.
+fn signature(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "embed_fwd" | "embed_bwd" => "PPPLI",
+        "norm_fwd" => "PPPPPIFI",
+        "norm_bwd" => "PPPPPPPII",
+        "rope" => "PPPLIIIIII",
+        "softmax_fwd" => "PI",
+        "softmax_bwd" => "PPIF",
+        "swiglu_fwd" => "PPLI",
+        "swiglu_bwd" => "PPPLI",
+        "cross_entropy" => "PPPPIFFI",
+        "add" => "PPPL",
+        "cast_bf16" => "PPL",
+        "sumsq" => "PLP",
+        "adamw" => "PPPPLFFFFFFFF",
+        _ => return None,
+    })
+}
+
+fn p(a: &[Arg], i: usize) -> u64 {
+    match a[i] {
+        Arg::P(v) => v,
+        _ => unreachable!(),
+    }
+}
+fn int(a: &[Arg], i: usize) -> usize {
+    match a[i] {
+        Arg::I(v) => v as usize,
+        Arg::L(v) => v as usize,
+        _ => unreachable!(),
+    }
+}
+fn f(a: &[Arg], i: usize) -> f32 {
+    match a[i] {
+        Arg::F(v) => v,
+        _ => unreachable!(),
+    }
+}
+
+/// A host slice at an emulated device address.
+///
+/// Safety: the engine hands out addresses of live host buffers of at least `n` elements;
+/// the debug assertion below catches a null (absent optional) pointer.
+unsafe fn at<'a, T>(addr: u64, n: usize) -> &'a mut [T] {
+    debug_assert!(addr != 0);
+    std::slice::from_raw_parts_mut(addr as *mut T, n)
+}
+
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Runs one kernel launch.
+pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
+    let Some(sig) = signature(name) else {
+        bail!("host emulator: unknown kernel {name}");
+    };
+    if sig.len() != a.len() {
+        bail!(
+            "{name}: {} arguments, the kernel takes {}",
+            a.len(),
+            sig.len()
+        );
+    }
+    for (i, (k, arg)) in sig.chars().zip(a).enumerate() {
+        let ok = matches!(
+            (k, arg),
+            ('P', Arg::P(_)) | ('I', Arg::I(_)) | ('L', Arg::L(_)) | ('F', Arg::F(_))
+        );
+        if !ok {
+            bail!("{name}: argument {i} has the wrong type (expected {k})");
+        }
+    }
+    if !block.is_multiple_of(32) || block > 1024 {
+        bail!("{name}: block of {block} threads");
+    }
+    let threads = grid as usize * block as usize;
+    let covers = |n: usize| -> Result<()> {
+        if threads < n {
+            bail!("{name}: {threads} threads for {n} elements");
+        }
+        Ok(())
+    };
+    let rows = grid as usize;
+    // Safety (all arms): addresses are live host buffers sized by the engine for these shapes.
+    unsafe {
+        match name {
+            "embed_fwd" | "embed_bwd" => {
+                let (n, d) = (int(a, 3), int(a, 4));
+                covers(n * d)?;
+                let ids = at::<u32>(p(a, 0), n);
+                let src = at::<f32>(p(a, 1), if name == "embed_fwd" { 0 } else { n * d });
+                for (r, &id) in ids.iter().enumerate() {
+                    for j in 0..d {
+                        if name == "embed_fwd" {
+                            let wte = at::<f32>(p(a, 1), (id as usize + 1) * d);
+                            at::<f32>(p(a, 2), n * d)[r * d + j] = wte[id as usize * d + j];
+                        } else {
+                            at::<f32>(p(a, 2), (id as usize + 1) * d)[id as usize * d + j] +=
+                                src[r * d + j];
+                        }
+                    }
+                }
+            }
+            "norm_fwd" => {
+                let d = int(a, 5);
+                let x = at::<f32>(p(a, 0), rows * d);
+                let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
+                let kind = if int(a, 7) == 1 {
+                    crate::ops::NormKind::Rms
+                } else {
+                    crate::ops::NormKind::LayerNorm
+                };
+                crate::ops::norm_forward(
+                    kind,
+                    x,
+                    d,
+                    f(a, 6),
+                    w,
+                    at(p(a, 2), rows * d),
+                    at(p(a, 3), rows),
+                    at(p(a, 4), rows),
+                );
+            }
+            "norm_bwd" => {
+                let d = int(a, 7);
+                let kind = if int(a, 8) == 1 {
+                    crate::ops::NormKind::Rms
+                } else {
+                    crate::ops::NormKind::LayerNorm
+                };
+                let w = (p(a, 4) != 0).then(|| &*at::<f32>(p(a, 4), d));
+                let dw = (p(a, 6) != 0).then(|| at::<f32>(p(a, 6), d));
+                crate::ops::norm_backward(
+                    kind,
+                    at(p(a, 0), rows * d),
+                    at(p(a, 1), rows * d),
+                    at(p(a, 2), rows),
+                    at(p(a, 3), rows),
+                    d,
+                    w,
+                    at(p(a, 5), rows * d),
+                    dw,
+                );
+            }
+            "rope" => {
+                let (n, t, heads, half, stride, parts, inv) = (
+                    int(a, 3),
+                    int(a, 4),
+                    int(a, 5),
+                    int(a, 6),
+                    int(a, 7),
+                    int(a, 8),
+                    int(a, 9),
+                );
+                covers(n * parts * heads * half)?;
+                let x = at::<f32>(p(a, 0), n * stride);
+                let (cos, sin) = (at::<f32>(p(a, 1), t * half), at::<f32>(p(a, 2), t * half));
+                for r in 0..n {
+                    let pos = r % t;
+                    for h in 0..parts * heads {
+                        let base = r * stride + h * 2 * half;
+                        for j in 0..half {
+                            let (c, s) = (cos[pos * half + j], sin[pos * half + j]);
+                            let s = if inv == 1 { -s } else { s };
+                            let (x1, x2) = (x[base + j], x[base + half + j]);
+                            x[base + j] = x1 * c - x2 * s;
+                            x[base + half + j] = x2 * c + x1 * s;
+                        }
+                    }
+                }
+            }
+            "softmax_fwd" => {
+                let t = int(a, 1);
+                let s = at::<f32>(p(a, 0), rows * t);
+                for (r, row) in s.chunks_exact_mut(t).enumerate() {
+                    let pos = r % t;
+                    let mx = row[..=pos]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row[..=pos].iter().map(|v| (v - mx).exp()).sum();
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = if i <= pos { (*v - mx).exp() / sum } else { 0.0 };
+                    }
+                }
+            }
+            "softmax_bwd" => {
+                let (t, scale) = (int(a, 2), f(a, 3));
+                let pr = at::<f32>(p(a, 0), rows * t);
+                let dp = at::<f32>(p(a, 1), rows * t);
+                for r in 0..rows {
+                    let pos = r % t;
+                    let w: f32 = (0..=pos).map(|i| pr[r * t + i] * dp[r * t + i]).sum();
+                    for i in 0..t {
+                        dp[r * t + i] = if i <= pos {
+                            pr[r * t + i] * (dp[r * t + i] - w) * scale
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            "swiglu_fwd" => {
+                let (n, h) = (int(a, 2), int(a, 3));
+                covers(n * h)?;
+                crate::ops::swiglu_forward(at(p(a, 0), n * 2 * h), h, at(p(a, 1), n * h));
+            }
+            "swiglu_bwd" => {
+                let (n, h) = (int(a, 3), int(a, 4));
+                covers(n * h)?;
+                crate::ops::swiglu_backward(
+                    at(p(a, 0), n * h),
+                    at(p(a, 1), n * 2 * h),
+                    h,
+                    at(p(a, 2), n * 2 * h),
+                );
+            }
+            "cross_entropy" => {
+                let v = int(a, 4);
+                let targets = at::<u32>(p(a, 1), rows);
+                if let Some(t) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
+                    bail!("cross_entropy: target {t} outside {v} logits");
+                }
+                let back = int(a, 7) == 1;
+                let per_row = crate::ops::cross_entropy(
+                    at(p(a, 0), rows * v),
+                    targets,
+                    v,
+                    f(a, 5),
+                    back.then(|| f(a, 6)),
+                );
+                let (lp, zt) = (at::<f32>(p(a, 2), rows), at::<f32>(p(a, 3), rows));
+                for (r, (l, z)) in per_row.into_iter().enumerate() {
+                    lp[r] = l;
+                    zt[r] = z;
+                }
+            }
+            "add" => {
+                let n = int(a, 3);
+                covers(n)?;
+                let (x, y) = (at::<f32>(p(a, 1), n), at::<f32>(p(a, 2), n));
+                let out = at::<f32>(p(a, 0), n);
+                for i in 0..n {
+                    out[i] = x[i] + y[i];
+                }
+            }
+            "cast_bf16" => {
+                let n = int(a, 2);
+                covers(n)?;
+                let (x, y) = (at::<f32>(p(a, 0), n), at::<u16>(p(a, 1), n));
+                for i in 0..n {
+                    y[i] = half::bf16::from_f32(x[i]).to_bits();
+                }
+            }
+            "sumsq" => {
+                let n = int(a, 1);
+                let x = at::<f32>(p(a, 0), n);
+                at::<f64>(p(a, 2), 1)[0] += x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            }
+            "adamw" => {
+                let n = int(a, 4);
+                covers(n)?;
+                let (lr, b1, b2, eps, wd, bc1, bc2s, coef) = (
+                    f(a, 5),
+                    f(a, 6),
+                    f(a, 7),
+                    f(a, 8),
+                    f(a, 9),
+                    f(a, 10),
+                    f(a, 11),
+                    f(a, 12),
+                );
+                let (pp, g) = (at::<f32>(p(a, 0), n), at::<f32>(p(a, 1), n));
+                let (m, v) = (at::<f32>(p(a, 2), n), at::<f32>(p(a, 3), n));
+                for i in 0..n {
+                    let gi = g[i] * coef;
+                    let pi = pp[i] * (1.0 - lr * wd);
+                    m[i] += (gi - m[i]) * (1.0 - b1);
+                    v[i] = v[i] * b2 + (1.0 - b2) * gi * gi;
+                    pp[i] = pi - (lr / bc1) * m[i] / (v[i].sqrt() / bc2s + eps);
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    Ok(())
+}
+
+/// `cublasGemmStridedBatchedEx` by its definition (column-major), on host memory.
+pub fn gemm(spec: &GemmSpec) {
+    let c = cublas_args(spec);
+    let bf16 = spec.a.bf16;
+    let read = |addr: u64, i: usize| -> f32 {
+        // Safety: the spec's extents lie inside live host buffers.
+        unsafe {
+            if bf16 {
+                bf16_to_f32(*(addr as *const u16).add(i))
+            } else {
+                *(addr as *const f32).add(i)
+            }
+        }
+    };
+    for bt in 0..c.batch {
+        for i in 0..c.m {
+            for j in 0..c.n {
+                let mut acc = 0.0f32;
+                for l in 0..c.k {
+                    let x = if c.trans_a {
+                        read(c.a, bt * c.stride_a + l + i * c.lda)
+                    } else {
+                        read(c.a, bt * c.stride_a + i + l * c.lda)
+                    };
+                    let y = if c.trans_b {
+                        read(c.b, bt * c.stride_b + j + l * c.ldb)
+                    } else {
+                        read(c.b, bt * c.stride_b + l + j * c.ldb)
+                    };
+                    acc += x * y;
+                }
+                // Safety: as above, for the f32 output.
+                unsafe {
+                    let out = (c.c as *mut f32).add(bt * c.stride_c + i + j * c.ldc);
+                    // beta = 0 must not read C (it may be uninitialised).
+                    *out = if spec.beta == 0.0 {
+                        spec.alpha * acc
+                    } else {
+                        spec.alpha * acc + spec.beta * *out
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The whole CUDA engine (its buffers, offsets, kernel argument lists, launch shapes, GEMM
+//! descriptions, mixed precision and optimizer step) run on the host emulator and compared with
+//! the CPU engine: the same table `olmo-train gpu-check` prints on a GPU, with the same
+//! tolerances. Only the GPU itself (NVRTC-compiled code, cuBLAS, memory) is left out.
+
+use olmo_train::backend::{Backend, Cpu};
+use olmo_train::cuda::{CudaEngine, Gpu};
+use olmo_train::gpu_check::{compare_engines, variants};
+use olmo_train::model::{init_params, Batch, InitFn, Model};
+use olmo_train::ops::IGNORE;
+
+#[test]
+fn cuda_engine_on_the_host_emulator_matches_the_cpu_engine() {
+    let ok = compare_engines(
+        &|m, state, bf16| CudaEngine::on(Gpu::host_emulator(), m, state, bf16),
+        &variants(32, 100),
+        (2, 24),
+    )
+    .unwrap();
+    assert!(ok, "see the table above (cargo test -- --nocapture)");
+}
+
+#[test]
+fn padded_multiple_choice_batches_score_alike() {
+    // right padding and ignored targets, as the downstream evaluator sends them
+    let [(_, cfg), _] = variants(32, 100);
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+    let n = params.len();
+    let zeros = vec![0.0; n];
+    let mut gpu = CudaEngine::on(
+        Gpu::host_emulator(),
+        Model::new(cfg, 16),
+        [&params, &zeros, &zeros],
+        false,
+    )
+    .unwrap();
+    let mut cpu = Cpu::new(Model::new(cfg, 16), params, zeros.clone(), zeros);
+    let inputs: Vec<u32> = (0..2 * 10).map(|i| (i * 7 % 100) as u32).collect();
+    let targets: Vec<u32> = (0..2 * 10)
+        .map(|i| {
+            if i % 10 < 6 {
+                IGNORE
+            } else {
+                (i * 3 % 100) as u32
+            }
+        })
+        .collect();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t: 10,
+    };
+    let (a, b) = (gpu.forward(&batch).unwrap(), cpu.forward(&batch).unwrap());
+    assert_eq!(a.count, b.count);
+    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+}
