@@ -10,6 +10,8 @@ use anyhow::{bail, Result};
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// The CUDA engine on its host emulator: slow, for testing the engine without a GPU.
+    CudaEmulator,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +19,7 @@ pub enum Request {
     Auto,
     Cpu,
     Cuda(usize),
+    CudaEmulator,
 }
 
 impl Request {
@@ -25,6 +28,7 @@ impl Request {
             "auto" => Request::Auto,
             "cpu" => Request::Cpu,
             "cuda" | "gpu" => Request::Cuda(0),
+            "cuda-emulator" => Request::CudaEmulator,
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Request::Cuda(n),
                 _ => bail!("device `{other}`: expected auto, cpu, cuda or cuda:N"),
@@ -70,6 +74,10 @@ pub fn cuda_unavailable() -> std::result::Result<usize, String> {
 pub fn resolve(req: Request) -> Result<(Device, String)> {
     match req {
         Request::Cpu => Ok((Device::Cpu, "cpu (requested)".into())),
+        Request::CudaEmulator => Ok((
+            Device::CudaEmulator,
+            "the CUDA engine on its host emulator (testing only: slow)".into(),
+        )),
         Request::Auto => match cuda_unavailable() {
             Ok(_) => Ok((Device::Cuda(0), "cuda:0 (auto: a GPU is present)".into())),
             Err(why) => Ok((Device::Cpu, format!("cpu (auto: no CUDA: {why})"))),

@@ -241,6 +241,12 @@ fn engine(
             }
             Ok(Box::new(e))
         }
+        Device::CudaEmulator => Ok(Box::new(crate::cuda::CudaEngine::on(
+            crate::cuda::Gpu::host_emulator(),
+            model,
+            [&params, &exp_avg, &exp_avg_sq],
+            bf16,
+        )?)),
     }
 }
 

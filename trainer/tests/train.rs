@@ -249,6 +249,43 @@ fn two_ranks_train_like_one_process() {
 }
 
 #[test]
+fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
+    // the CUDA engine on its host emulator, in fp32, through train, eval and checkpoints
+    let r = Run::new();
+    let extra = "max_duration: 6\nsave_interval: 3\nprecision: fp32\n\
+                 evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 3\n";
+    for (name, dev) in [("cpu", "cpu"), ("emu", "cuda-emulator")] {
+        let cfg = r.config(&format!("{name}.yaml"), name, extra);
+        std::fs::write(
+            &cfg,
+            std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace("HELD", r.path("b.npy").to_str().unwrap()),
+        )
+        .unwrap();
+        let err = ok(&r.train(&cfg, &["--device", dev]));
+        assert!(err.contains("done: 6 steps"), "{err}");
+    }
+    let (a, b) = (r.metrics("cpu"), r.metrics("emu"));
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x.1 - y.1).abs() < 1e-4, "{la:?} vs {lb:?}");
+    }
+    let eval = |m: &[serde_json::Value]| {
+        m.iter()
+            .filter_map(|v| v["eval/held/CrossEntropyLoss"].as_f64())
+            .collect::<Vec<_>>()
+    };
+    let (ea, eb) = (eval(&a), eval(&b));
+    assert_eq!(ea.len(), 3);
+    for (x, y) in ea.iter().zip(&eb) {
+        assert!((x - y).abs() < 1e-4, "{ea:?} vs {eb:?}");
+    }
+    assert!(r.path("emu/step6/optim.safetensors").exists());
+}
+
+#[test]
 fn micro_batches_accumulate_to_the_batch_mean() {
     let r = Run::new();
     let one = r.config("one.yaml", "one", "max_duration: 5\n");
