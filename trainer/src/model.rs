@@ -7,6 +7,8 @@
 //! LayerNorm or RMSNorm, with or without a weight.
 
 use crate::ops::*;
+use rayon::prelude::*;
+
 use crate::permutation::Pcg64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,21 +230,32 @@ pub fn init_params(
                 (std, Some(cutoff.unwrap_or(3.0)))
             }
         };
-        let mut g = Pcg64::new(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        for p in &mut params[t.range()] {
-            *p = loop {
-                // Box-Muller on two uniforms in (0, 1].
-                let u1 = ((g.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-                let u2 = (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                if cut.is_none_or(|c| z.abs() <= c as f64) {
-                    break z as f32 * std;
+        // Chunks of a tensor draw from their own generators, so big models initialise in
+        // parallel and the values do not depend on the thread count.
+        params[t.range()]
+            .par_chunks_mut(INIT_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let stream = (i as u64) << 32 | c as u64;
+                let mut g = Pcg64::new(seed.wrapping_mul(1_000_003).wrapping_add(stream));
+                for p in chunk {
+                    *p = loop {
+                        // Box-Muller on two uniforms in (0, 1].
+                        let u1 = ((g.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                        let u2 = (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                        if cut.is_none_or(|c| z.abs() <= c as f64) {
+                            break z as f32 * std;
+                        }
+                    };
                 }
-            };
-        }
+            });
     }
     params
 }
+
+/// Elements per independently seeded init chunk.
+const INIT_CHUNK: usize = 1 << 20;
 
 /// A batch of `b` sequences of `t` positions: input ids and the next-token targets
 /// ([`IGNORE`] where a position is not scored).
@@ -663,7 +676,9 @@ mod tests {
                 probes.extend([head + 9 * d + 3, head + 100 * d]);
             }
             for &p in &probes {
-                let eps = 1e-2f32;
+                // small enough that truncation error stays below the tolerance for std-0.3
+                // weights, large enough for f32 forward passes
+                let eps = 3e-3f32;
                 let at = |delta: f32| {
                     let mut q = params.clone();
                     q[p] += delta;

@@ -79,8 +79,8 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
     let cfg = r.config(
         "c.yaml",
         "run",
-        "max_duration: 40\nsave_interval: 10\nsave_num_checkpoints_to_keep: 2\n\
-         evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 20\n",
+        "max_duration: 80\nsave_interval: 10\nsave_num_checkpoints_to_keep: 2\n\
+         evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 40\n",
     );
     std::fs::write(
         &cfg,
@@ -90,19 +90,19 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
     )
     .unwrap();
     let err = ok(&r.train(&cfg, &[]));
-    assert!(err.contains("done: 40 steps"), "{err}");
+    assert!(err.contains("done: 80 steps"), "{err}");
     let m = r.metrics("run");
     let l = losses(&m);
-    assert_eq!(l.len(), 40);
+    assert_eq!(l.len(), 80);
     // starts near ln(128) (uniform over the padded vocabulary), ends far below
     assert!((l[0].1 - 128f64.ln()).abs() < 0.2, "{}", l[0].1);
     assert!(
-        l[39].1 < l[0].1 / 2.0,
+        l[79].1 < l[0].1 / 2.0,
         "loss went from {} to {}",
         l[0].1,
-        l[39].1
+        l[79].1
     );
-    // evals at 0, 20 and 40, with the unigram baseline at step 0
+    // evals at 0, 40 and 80, with the unigram baseline at step 0
     let evals: Vec<(u64, f64)> = m
         .iter()
         .filter_map(|m| {
@@ -114,24 +114,26 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
         .collect();
     assert_eq!(
         evals.iter().map(|e| e.0).collect::<Vec<_>>(),
-        vec![0, 20, 40]
+        vec![0, 40, 80]
     );
-    assert!(m[0]["eval/held/UnigramCrossEntropy"].as_f64().unwrap() > evals[2].1);
+    let uni = m[0]["eval/held/UnigramCrossEntropy"].as_f64().unwrap();
+    assert!(uni > evals[2].1, "unigram {uni}, evals {evals:?}");
     // keep-2 pruning, the latest link, a self-describing checkpoint
     let out = r.path("run");
-    assert!(!out.join("step10").exists() && !out.join("step20").exists());
-    assert!(out.join("step30").exists() && out.join("step40/optim.safetensors").exists());
+    assert!(!out.join("step10").exists() && !out.join("step60").exists());
+    assert!(out.join("step70").exists() && out.join("step80/optim.safetensors").exists());
     assert_eq!(
         std::fs::read_link(out.join("latest")).unwrap(),
-        Path::new("step40")
+        Path::new("step80")
     );
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("step40/train.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(out.join("step80/train.json")).unwrap())
             .unwrap();
-    assert_eq!(state["step"], 40);
-    assert_eq!(state["global_train_tokens_seen"], 40 * 8 * 16);
-    // 384 windows / 8 = 48 steps per epoch: still epoch 0 at step 40
-    assert_eq!(state["global_train_examples_seen_this_epoch"], 320);
+    assert_eq!(state["step"], 80);
+    assert_eq!(state["global_train_tokens_seen"], 80 * 8 * 16);
+    // 384 windows / 8 = 48 steps per epoch: step 80 is the 32nd of epoch 1
+    assert_eq!(state["epoch"], 1);
+    assert_eq!(state["global_train_examples_seen_this_epoch"], 32 * 8);
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     // global_indices.npy: raw uint32, one per instance
