@@ -14,6 +14,7 @@ const USAGE: &str = "\
 usage: olmo-train train -c CONFIG [--device auto|cpu|cuda[:N]] [--threads N]
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
+       olmo-train eval -c CONFIG [--checkpoint DIR] [--device D]
        olmo-train info -c CONFIG
        olmo-train gpu-check [--device cuda:N] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--tokens FILE]
 
@@ -23,6 +24,7 @@ batch-at   prints the instances (file, token offset, first tokens) of global ste
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
            or LlamaForCausalLM for RMSNorm models).
+eval       scores a checkpoint (default: the newest in save_folder) with the config's evaluators.
 info       prints the model's size and FLOPs per token.
 gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.";
 
@@ -71,6 +73,7 @@ fn run(args: Vec<String>) -> Result<()> {
         Some("train") => train(&args[1..]),
         Some("export-hf") => export(&args[1..]),
         Some("info") => info(&args[1..]),
+        Some("eval") => evaluate(&args[1..]),
         Some("gpu-check") => gpu_check(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{USAGE}");
@@ -122,6 +125,20 @@ fn train(args: &[String]) -> Result<()> {
     }
     let (cfg, text) = load(&config)?;
     olmo_train::train::run_on(cfg, &text, device)
+}
+
+fn evaluate(args: &[String]) -> Result<()> {
+    let (config, rest) = config_arg(args)?;
+    let (mut device, mut checkpoint) = (None, None);
+    for (flag, v) in &rest {
+        match flag.as_str() {
+            "--device" => device = Some(olmo_train::device::Request::parse(v)?),
+            "--checkpoint" => checkpoint = Some(PathBuf::from(v)),
+            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+        }
+    }
+    let (cfg, _) = load(&config)?;
+    olmo_train::train::evaluate(cfg, device, checkpoint).map(|_| ())
 }
 
 fn info(args: &[String]) -> Result<()> {

@@ -54,7 +54,7 @@ struct Evaluators {
     unigram: Vec<(String, f64)>,
 }
 
-fn setup_evals(cfg: &TrainConfig, train: &Shards, vocab: usize) -> Result<Evaluators> {
+fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Result<Evaluators> {
     let seq = cfg.model.max_sequence_length as u64;
     let mut lm = Vec::new();
     let mut mc = Vec::new();
@@ -123,7 +123,7 @@ fn setup_evals(cfg: &TrainConfig, train: &Shards, vocab: usize) -> Result<Evalua
         }
     }
     let mut unigram = Vec::new();
-    if !lm.is_empty() {
+    if let (false, Some(train)) = (lm.is_empty(), train) {
         let u = Unigram::count(train, vocab, UNIGRAM_TOKENS)?;
         for set in &lm {
             unigram.push((set.label.clone(), u.loss(set)?));
@@ -411,7 +411,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         ),
     };
     let evals = if lead {
-        setup_evals(&cfg, &shards, vocab)?
+        setup_evals(&cfg, Some(&shards), vocab)?
     } else {
         Evaluators {
             lm: Vec::new(),
@@ -696,4 +696,69 @@ fn print_evals(step: u64, r: &eval::Results) {
     for (k, v) in r {
         eprintln!("eval step {step:>6}  {k} {v:.4}");
     }
+}
+
+/// Evaluates a checkpoint (the given folder, else the newest in `save_folder`) with the
+/// config's evaluators, without training; prints one line per metric and returns them.
+pub fn evaluate(
+    cfg: TrainConfig,
+    device: Option<Request>,
+    checkpoint: Option<PathBuf>,
+) -> Result<eval::Results> {
+    if cfg.evaluators.is_empty() {
+        bail!("the config has no evaluators");
+    }
+    let (mcfg, _) = cfg.model_config()?;
+    let seq = cfg.model.max_sequence_length;
+    let layout = Layout::new(&mcfg);
+    let dir = match checkpoint {
+        Some(d) => d,
+        None => {
+            let folder = cfg
+                .save_folder
+                .as_ref()
+                .ok_or_else(|| anyhow!("no --checkpoint and no save_folder to look in"))?;
+            checkpoint::latest(Path::new(folder))?
+                .ok_or_else(|| anyhow!("no checkpoint in {folder}"))?
+        }
+    };
+    let params = checkpoint::read_model(&dir.join("model.safetensors"), &layout)?;
+    let request = match device {
+        Some(r) => r,
+        None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
+    };
+    let (device, why) = device::resolve(request)?;
+    eprintln!("olmo-train: evaluating {} on {why}", dir.display());
+    // The unigram baseline needs the training files; without them it is left out.
+    let groups = cfg.data.groups("train");
+    let patterns: Vec<String> = groups.into_iter().flat_map(|(_, p)| p).collect();
+    let train = if patterns.is_empty() {
+        None
+    } else {
+        open_shards(
+            &patterns,
+            &cfg.data.memmap_dtype,
+            seq as u64,
+            mcfg.vocab_size,
+        )
+        .ok()
+    };
+    let evals = setup_evals(&cfg, train.as_ref(), mcfg.vocab_size)?;
+    let n = layout.total;
+    let bf16 = cfg.precision.as_deref() != Some("fp32");
+    let mut engine = engine(
+        device,
+        bf16,
+        Model::new(mcfg, seq),
+        [params, vec![0.0; n], vec![0.0; n]],
+        None,
+    )?;
+    let mut r = run_evals(engine.as_mut(), &evals, &cfg)?;
+    for (label, ce) in &evals.unigram {
+        r.insert(format!("eval/{label}/UnigramCrossEntropy"), *ce);
+    }
+    for (k, v) in &r {
+        println!("{k} {v:.6}");
+    }
+    Ok(r)
 }

@@ -285,6 +285,24 @@ fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
         assert!((x - y).abs() < 1e-4, "{ea:?} vs {eb:?}");
     }
     assert!(r.path("emu/step6/optim.safetensors").exists());
+    // `eval` scores the saved checkpoint as the training run's last eval did
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["eval", "-c"])
+        .arg(r.path("cpu.yaml"))
+        .args(["--checkpoint"])
+        .arg(r.path("cpu/step6"))
+        .output()
+        .unwrap();
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let ce: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("eval/held/CrossEntropyLoss "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((ce - ea[2]).abs() < 1e-5, "{ce} vs {}", ea[2]);
+    assert!(out.contains("eval/held/UnigramCrossEntropy"), "{out}");
 }
 
 #[test]
