@@ -51,9 +51,13 @@ pub(crate) fn write_tensors(path: &Path, items: Vec<(String, Vec<usize>, &[f32])
         .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::File::open(path)?.sync_all()?;
+    // Written under a temporary name and renamed: a reader never sees half a file.
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
