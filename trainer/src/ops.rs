@@ -584,15 +584,27 @@ pub fn cross_entropy(
                 return;
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-            let lse = max + sum.ln();
-            *out = (row[t as usize] - lse, z_loss * lse * lse);
-            if let Some(s) = grad_scale {
-                let zc = 1.0 + 2.0 * z_loss * lse;
-                for v in row.iter_mut() {
-                    *v = (*v - lse).exp() * zc * s;
+            let target = row[t as usize];
+            match grad_scale {
+                None => {
+                    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                    let lse = max + sum.ln();
+                    *out = (target - lse, z_loss * lse * lse);
                 }
-                row[t as usize] -= s;
+                Some(s) => {
+                    // One exp per logit: keep exp(v - max) in place, then scale it into the
+                    // gradient softmax · (1 + 2 z lse) · s.
+                    let mut sum = 0.0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let lse = max + sum.ln();
+                    *out = (target - lse, z_loss * lse * lse);
+                    let k = (1.0 + 2.0 * z_loss * lse) * s / sum;
+                    row.iter_mut().for_each(|v| *v *= k);
+                    row[t as usize] -= s;
+                }
             }
         });
     out
