@@ -37,6 +37,18 @@ impl Request {
     }
 }
 
+impl Request {
+    /// With one process per GPU, `auto` (when CUDA is usable) and `cuda` mean this process's
+    /// GPU, `LOCAL_RANK`; an explicit `cuda:N` with N > 0 is kept.
+    pub fn on_local_rank(self, local_rank: usize) -> Request {
+        match self {
+            Request::Auto if cuda_unavailable().is_err() => Request::Auto,
+            Request::Auto | Request::Cuda(0) => Request::Cuda(local_rank),
+            r => r,
+        }
+    }
+}
+
 /// The shared libraries the CUDA engine loads, each with cudarc's presence check.
 fn libraries() -> [(&'static str, bool); 4] {
     // Safety: these only try to dlopen candidate names.

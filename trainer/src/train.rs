@@ -270,14 +270,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         Some(r) => r,
         None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
     };
-    // One GPU per process: the local rank picks it unless a device index was given.
-    let request = match request {
-        Request::Cuda(0) | Request::Auto if world.size > 1 && world.local_rank > 0 => match request
-        {
-            Request::Auto if device::cuda_unavailable().is_err() => Request::Cpu,
-            _ => Request::Cuda(world.local_rank),
-        },
-        r => r,
+    let request = if world.size > 1 {
+        request.on_local_rank(world.local_rank)
+    } else {
+        request
     };
     let (device, why) = device::resolve(request)?;
     if lead {
