@@ -116,17 +116,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         let arch = cu(ctx.compute_capability(), "compute capability")?;
         let name = cu(ctx.name(), "device name")?;
-        let arch_flag: &'static str =
-            Box::leak(format!("sm_{}{}", arch.0, arch.1).into_boxed_str());
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-            SOURCE,
-            cudarc::nvrtc::CompileOptions {
-                arch: Some(arch_flag),
-                name: Some("olmo_train_kernels.cu".into()),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| anyhow!("NVRTC could not compile the kernels for {arch_flag}: {e:?}"))?;
+        let ptx = ptx_for(arch)?;
         let module = cu(ctx.load_module(ptx), "loading the kernels")?;
         let mut funcs = std::collections::HashMap::new();
         for k in KERNELS {
@@ -1013,6 +1003,28 @@ pub fn peak_bf16_flops(name: &str) -> Option<f64> {
     .iter()
     .find(|(k, _)| n.contains(k))
     .map(|(_, f)| *f)
+}
+
+/// The kernels' PTX for a compute capability, compiled once per process.
+fn ptx_for(arch: (i32, i32)) -> Result<cudarc::nvrtc::Ptx> {
+    static CACHE: std::sync::Mutex<Vec<((i32, i32), cudarc::nvrtc::Ptx)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().map_err(|_| anyhow!("PTX cache poisoned"))?;
+    if let Some((_, p)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(p.clone());
+    }
+    let flag: &'static str = Box::leak(format!("sm_{}{}", arch.0, arch.1).into_boxed_str());
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        SOURCE,
+        cudarc::nvrtc::CompileOptions {
+            arch: Some(flag),
+            name: Some("olmo_train_kernels.cu".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("NVRTC could not compile the kernels for {flag}: {e:?}"))?;
+    cache.push((arch, ptx.clone()));
+    Ok(ptx)
 }
 
 /// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`) without a GPU: NVRTC is a plain
