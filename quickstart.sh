@@ -16,4 +16,4 @@ $DOLMA -c mixes/sample-mix.yaml mix
 $DOLMA -c mixes/sample-tokenize.yaml tokenize
 $DOLMA tokens-info out/sample/tokens --tokenizer out/sample/tokenizer.json --decode 1
 ./target/release/olmo-train train -c trainer/configs/tiny.yaml
-echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens, training metrics in out/sample/train/metrics.jsonl"
+echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens, training metrics, loss curves (loss.png) and checkpoints in out/sample/train"
