@@ -29,7 +29,7 @@ use crate::ops::{NormKind, RopeTable, IGNORE};
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 const BLOCK: u32 = 256;
 
-const KERNELS: [&str; 14] = [
+const KERNELS: [&str; 16] = [
     "embed_fwd",
     "embed_bwd",
     "norm_fwd",
@@ -37,6 +37,8 @@ const KERNELS: [&str; 14] = [
     "rope",
     "softmax_fwd",
     "softmax_bwd",
+    "softmax_fwd_bf16",
+    "softmax_bwd_bf16",
     "swiglu_fwd",
     "swiglu_bwd",
     "cross_entropy",
@@ -333,6 +335,25 @@ struct Prepared {
     _copy: Option<Mem<u16>>,
 }
 
+/// Attention probabilities: f32, or only bf16 under mixed precision (they are a GEMM operand
+/// both ways, and keeping them in bf16 halves the largest activation and its traffic).
+enum Probs {
+    F32(Mem<f32>),
+    Bf16(Mem<u16>),
+}
+
+impl Probs {
+    fn buf(&self, gpu: &Gpu) -> Buf {
+        match self {
+            Probs::F32(m) => Buf::f32(gpu.ptr(m, 0)),
+            Probs::Bf16(m) => Buf {
+                ptr: gpu.ptr(m, 0),
+                bf16: true,
+            },
+        }
+    }
+}
+
 /// Device activations of one layer kept for the backward pass.
 struct Acts {
     x_in: Mem<f32>,
@@ -340,7 +361,7 @@ struct Acts {
     ln1_mean: Mem<f32>,
     ln1_rstd: Mem<f32>,
     qkv: Mem<f32>,
-    probs: Mem<f32>,
+    probs: Probs,
     att: Mem<f32>,
     x_mid: Mem<f32>,
     ln2: Mem<f32>,
@@ -657,26 +678,43 @@ impl CudaEngine {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(&ln1, o.att_proj, n, d, 3 * d)?;
             self.rope(&qkv, n, t, false)?;
-            let probs = self.gpu.scratch::<f32>(b * hh * t * t)?;
+            let scores = self.gpu.scratch::<f32>(b * hh * t * t)?;
             let att = self.gpu.scratch::<f32>(n * d)?;
             let at = Attn { t, heads: hh, hd };
             let qp = self.prepare(&qkv)?;
             for bi in 0..b {
                 self.gpu
-                    .gemm(&at.scores(bi, qp.buf, self.gpu.ptr(&probs, 0), scale))?;
+                    .gemm(&at.scores(bi, qp.buf, self.gpu.ptr(&scores, 0), scale))?;
             }
-            self.gpu.launch(
-                "softmax_fwd",
-                (b * hh * t) as u32,
-                BLOCK,
-                &[self.p(&probs), Arg::I(t as i32)],
-            )?;
-            let pp = self.prepare(&probs)?;
+            let rows = (b * hh * t) as u32;
+            let probs = if self.bf16 {
+                let p = self.gpu.scratch::<u16>(b * hh * t * t)?;
+                self.gpu.launch(
+                    "softmax_fwd_bf16",
+                    rows,
+                    BLOCK,
+                    &[
+                        self.p(&scores),
+                        Arg::P(self.gpu.ptr(&p, 0)),
+                        Arg::I(t as i32),
+                    ],
+                )?;
+                Probs::Bf16(p)
+            } else {
+                self.gpu.launch(
+                    "softmax_fwd",
+                    rows,
+                    BLOCK,
+                    &[self.p(&scores), Arg::I(t as i32)],
+                )?;
+                Probs::F32(scores)
+            };
+            let pbuf = probs.buf(&self.gpu);
             for bi in 0..b {
                 self.gpu
-                    .gemm(&at.output(bi, pp.buf, qp.buf, self.gpu.ptr(&att, 0)))?;
+                    .gemm(&at.output(bi, pbuf, qp.buf, self.gpu.ptr(&att, 0)))?;
             }
-            drop((qp, pp));
+            drop(qp);
             let proj = self.linear(&att, o.attn_out, n, d, d)?;
             let x_mid = self.add(&x, &proj)?;
             let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
@@ -784,31 +822,53 @@ impl CudaEngine {
             let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
             let dp = self.gpu.scratch::<f32>(b * hh * t * t)?;
             let at = Attn { t, heads: hh, hd };
-            let pp = self.prepare(&a.probs)?;
+            let pbuf = a.probs.buf(&self.gpu);
             let dop = self.prepare(&datt)?;
             let qp = self.prepare(&a.qkv)?;
             let (dq, dpp) = (self.gpu.ptr(&dqkv, 0), self.gpu.ptr(&dp, 0));
             for bi in 0..b {
-                self.gpu.gemm(&at.d_v(bi, pp.buf, dop.buf, dq))?;
+                self.gpu.gemm(&at.d_v(bi, pbuf, dop.buf, dq))?;
                 self.gpu.gemm(&at.d_p(bi, dop.buf, qp.buf, dpp))?;
             }
-            self.gpu.launch(
-                "softmax_bwd",
-                (b * hh * t) as u32,
-                BLOCK,
-                &[
-                    self.p(&a.probs),
-                    self.p(&dp),
-                    Arg::I(t as i32),
-                    Arg::F(scale),
-                ],
-            )?;
-            let dsp = self.prepare(&dp)?;
+            let rows = (b * hh * t) as u32;
+            let dsp = match &a.probs {
+                Probs::Bf16(p) => {
+                    let ds = self.gpu.scratch::<u16>(b * hh * t * t)?;
+                    self.gpu.launch(
+                        "softmax_bwd_bf16",
+                        rows,
+                        BLOCK,
+                        &[
+                            Arg::P(self.gpu.ptr(p, 0)),
+                            self.p(&dp),
+                            Arg::P(self.gpu.ptr(&ds, 0)),
+                            Arg::I(t as i32),
+                            Arg::F(scale),
+                        ],
+                    )?;
+                    Prepared {
+                        buf: Buf {
+                            ptr: self.gpu.ptr(&ds, 0),
+                            bf16: true,
+                        },
+                        _copy: Some(ds),
+                    }
+                }
+                Probs::F32(p) => {
+                    self.gpu.launch(
+                        "softmax_bwd",
+                        rows,
+                        BLOCK,
+                        &[self.p(p), self.p(&dp), Arg::I(t as i32), Arg::F(scale)],
+                    )?;
+                    self.prepare(&dp)?
+                }
+            };
             for bi in 0..b {
                 self.gpu.gemm(&at.d_q(bi, dsp.buf, qp.buf, dq))?;
                 self.gpu.gemm(&at.d_k(bi, dsp.buf, qp.buf, dq))?;
             }
-            drop((pp, dop, qp, dsp, dp));
+            drop((dop, qp, dsp, dp));
             self.rope(&dqkv, n, t, true)?;
             let dln1 = self.linear_back(&dqkv, &a.ln1, o.att_proj, n, d, 3 * d)?;
             let dx_in = dx_mid;

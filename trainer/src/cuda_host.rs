@@ -21,6 +21,8 @@ fn signature(name: &str) -> Option<&'static str> {
         "rope" => "PPPLIIIIII",
         "softmax_fwd" => "PI",
         "softmax_bwd" => "PPIF",
+        "softmax_fwd_bf16" => "PPI",
+        "softmax_bwd_bf16" => "PPPIF",
         "swiglu_fwd" => "PPLI",
         "swiglu_bwd" => "PPPLI",
         "cross_entropy" => "PPPPIFFI",
@@ -213,6 +215,46 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                         } else {
                             0.0
                         };
+                    }
+                }
+            }
+            "softmax_fwd_bf16" => {
+                let t = int(a, 2);
+                let s = at::<f32>(p(a, 0), rows * t);
+                let out = at::<u16>(p(a, 1), rows * t);
+                for (r, row) in s.chunks_exact(t).enumerate() {
+                    let pos = r % t;
+                    let mx = row[..=pos]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row[..=pos].iter().map(|v| (v - mx).exp()).sum();
+                    for i in 0..t {
+                        let v = if i <= pos {
+                            (row[i] - mx).exp() / sum
+                        } else {
+                            0.0
+                        };
+                        out[r * t + i] = half::bf16::from_f32(v).to_bits();
+                    }
+                }
+            }
+            "softmax_bwd_bf16" => {
+                let (t, scale) = (int(a, 3), f(a, 4));
+                let pr = at::<u16>(p(a, 0), rows * t);
+                let dp = at::<f32>(p(a, 1), rows * t);
+                let ds = at::<u16>(p(a, 2), rows * t);
+                for r in 0..rows {
+                    let pos = r % t;
+                    let pv = |i: usize| bf16_to_f32(pr[r * t + i]);
+                    let w: f32 = (0..=pos).map(|i| pv(i) * dp[r * t + i]).sum();
+                    for i in 0..t {
+                        let v = if i <= pos {
+                            pv(i) * (dp[r * t + i] - w) * scale
+                        } else {
+                            0.0
+                        };
+                        ds[r * t + i] = half::bf16::from_f32(v).to_bits();
                     }
                 }
             }

@@ -13,6 +13,8 @@ __device__ __forceinline__ bf16_t f2bf(float f) {
     return (bf16_t)(u >> 16);
 }
 
+__device__ __forceinline__ float bf2f(bf16_t b) { return __uint_as_float(((unsigned)b) << 16); }
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -165,6 +167,42 @@ extern "C" __global__ void softmax_bwd(const float* p, float* dp, int T, float s
     for (int i = threadIdx.x; i <= t; i += blockDim.x) w += pr[i] * dr[i];
     w = block_sum(w, sh);
     for (int i = threadIdx.x; i < T; i += blockDim.x) dr[i] = i <= t ? pr[i] * (dr[i] - w) * scale : 0.f;
+}
+
+// Mixed precision: causal softmax of f32 scores (rows of length T, used as scratch) into bf16
+// probabilities, the PV GEMM's operand, so no f32 copy of P is kept or re-cast.
+extern "C" __global__ void softmax_fwd_bf16(float* s, bf16_t* p, int T) {
+    __shared__ float sh[33];
+    long r = blockIdx.x;
+    int t = r % T;
+    float* row = s + r * T;
+    bf16_t* out = p + r * T;
+    float mx = NEG_INF;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    mx = block_max(mx, sh);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) {
+        float e = expf(row[i] - mx);
+        row[i] = e;
+        sum += e;
+    }
+    float inv = 1.f / block_sum(sum, sh);
+    for (int i = threadIdx.x; i < T; i += blockDim.x) out[i] = f2bf(i <= t ? row[i] * inv : 0.f);
+}
+
+// Mixed precision: dS = P * (dP - rowsum(P * dP)) * scale from bf16 P and f32 dP, as bf16.
+extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf16_t* ds, int T, float scale) {
+    __shared__ float sh[33];
+    long r = blockIdx.x;
+    int t = r % T;
+    const bf16_t* pr = p + r * T;
+    const float* dr = dp + r * T;
+    bf16_t* out = ds + r * T;
+    float w = 0.f;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) w += bf2f(pr[i]) * dr[i];
+    w = block_sum(w, sh);
+    for (int i = threadIdx.x; i < T; i += blockDim.x)
+        out[i] = f2bf(i <= t ? bf2f(pr[i]) * (dr[i] - w) * scale : 0.f);
 }
 
 extern "C" __global__ void swiglu_fwd(const float* x, float* y, long rows, int h) {

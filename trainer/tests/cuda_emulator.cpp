@@ -60,6 +60,11 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);
@@ -158,6 +163,15 @@ int main(int argc, char** argv) {
         auto p = load<float>("p"), dp = load<float>("dp");
         launch(rows, B, [&] { softmax_bwd(p.data(), dp.data(), T, scale); });
         store("dp", dp);
+    } else if (k == "softmax_bf16") {  // rows T scale: forward into bf16 P, then backward
+        long rows = I(4);
+        int T = I(5);
+        float scale = F(6);
+        auto s = load<float>("s"), dp = load<float>("dp");
+        std::vector<uint16_t> p(rows * T), ds(rows * T);
+        launch(rows, B, [&] { softmax_fwd_bf16(s.data(), p.data(), T); });
+        launch(rows, B, [&] { softmax_bwd_bf16(p.data(), dp.data(), ds.data(), T, scale); });
+        store("p", p), store("ds", ds);
     } else if (k == "swiglu") {  // rows h
         long rows = I(4);
         int h = I(5);

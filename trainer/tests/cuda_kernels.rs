@@ -228,6 +228,54 @@ fn softmax_kernels_match_the_cpu_attention() {
 }
 
 #[test]
+fn bf16_softmax_kernels_round_the_cpu_values() {
+    let Some(bin) = emulator() else { return };
+    let (rows, t, scale) = (2 * 3 * 19, 19, 0.35f32);
+    let s_in = rnd(rows * t, 20, 3.0);
+    let dp = rnd(rows * t, 21, 1.0);
+    let b = Bufs::new();
+    b.put("s", &s_in);
+    b.put("dp", &dp);
+    b.run(bin, "softmax_bf16", 64, &s![rows, t, scale]);
+    let bf = |name: &str| -> Vec<f32> {
+        b.raw(name)
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect()
+    };
+    let (p, ds) = (bf("p"), bf("ds"));
+    for r in 0..rows {
+        let pos = r % t;
+        let row = &s_in[r * t..][..t];
+        let mx = row[..=pos].iter().copied().fold(f32::MIN, f32::max);
+        let sum: f32 = row[..=pos].iter().map(|v| (v - mx).exp()).sum();
+        // the backward uses the rounded probabilities, as the kernel does
+        let pr = &p[r * t..][..t];
+        let w: f32 = (0..=pos).map(|i| pr[i] * dp[r * t + i]).sum();
+        for i in 0..t {
+            let (want_p, want_ds) = if i <= pos {
+                (
+                    (row[i] - mx).exp() / sum,
+                    pr[i] * (dp[r * t + i] - w) * scale,
+                )
+            } else {
+                (0.0, 0.0)
+            };
+            // bf16 keeps 8 significant bits
+            assert!(
+                (pr[i] - want_p).abs() <= 4e-3 * want_p.abs() + 1e-7,
+                "p[{r},{i}]"
+            );
+            assert!(
+                (ds[r * t + i] - want_ds).abs() <= 4e-3 * want_ds.abs() + 1e-6,
+                "ds[{r},{i}]: {} vs {want_ds}",
+                ds[r * t + i]
+            );
+        }
+    }
+}
+
+#[test]
 fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     let Some(bin) = emulator() else { return };
     let b = Bufs::new();
