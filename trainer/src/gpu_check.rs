@@ -138,11 +138,7 @@ pub fn compare_engines(
             vec![0.0; n],
         );
         let want = cpu.forward_backward(&batch, 1.0 / scored)?;
-        let decay: Vec<bool> = layout
-            .tensors
-            .iter()
-            .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
-            .collect();
+        let decay = layout.decay_mask(false, false);
         let update = |_: ()| Update {
             step: 1,
             lr: 1e-3,
@@ -204,6 +200,20 @@ pub fn compare_engines(
         }
     }
     Ok(all_ok)
+}
+
+/// A mitchell-initialised model on the GPU, its decay mask and parameter count.
+fn fresh_engine(
+    ordinal: usize,
+    cfg: ModelConfig,
+    seq: usize,
+) -> Result<(CudaEngine, Vec<bool>, usize)> {
+    let decay = crate::model::Layout::new(&cfg).decay_mask(false, false);
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
+    let n = params.len();
+    let zeros = vec![0.0; n];
+    let engine = CudaEngine::new(ordinal, Model::new(cfg, seq), &params, &zeros, &zeros)?;
+    Ok((engine, decay, n))
 }
 
 /// Windows of `seq + 1` tokens from a raw uint16 file, or a deterministic Zipf-ish stream.
@@ -311,21 +321,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let seq = 512;
     let windows = token_windows(opts.tokens.as_deref(), seq, cfg.vocab_size)?;
     let micro = 16.min(windows.len());
-    let layout = crate::model::Layout::new(&cfg);
-    let decay: Vec<bool> = layout
-        .tensors
-        .iter()
-        .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
-        .collect();
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
-    let n = params.len();
-    let mut gpu = CudaEngine::new(
-        opts.ordinal,
-        Model::new(cfg, seq),
-        &params,
-        &vec![0.0; n],
-        &vec![0.0; n],
-    )?;
+    let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq)?;
     let (tps, first, last) =
         time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
     let falls = last < first - 1.0;
@@ -350,21 +346,7 @@ pub fn run(opts: &Options) -> Result<()> {
         };
         let seq = 2048;
         let windows = token_windows(None, seq, cfg.vocab_size)?;
-        let layout = crate::model::Layout::new(&cfg);
-        let decay: Vec<bool> = layout
-            .tensors
-            .iter()
-            .map(|x| !matches!(x.role, Role::Embedding | Role::Norm))
-            .collect();
-        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
-        let n = params.len();
-        let mut gpu = CudaEngine::new(
-            opts.ordinal,
-            Model::new(cfg, seq),
-            &params,
-            &vec![0.0; n],
-            &vec![0.0; n],
-        )?;
+        let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq)?;
         let micro = opts.olmo_1b_micro;
         let (tps, first, last) = time_training(
             &mut gpu,

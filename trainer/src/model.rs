@@ -190,6 +190,21 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// Weight decay on or off per tensor, in layout order: OLMo decays Linear weights, and
+    /// embeddings and norm weights only when asked.
+    pub fn decay_mask(&self, embeddings: bool, norms: bool) -> Vec<bool> {
+        self.tensors
+            .iter()
+            .map(|t| match t.role {
+                Role::Embedding => embeddings,
+                Role::Norm => norms,
+                _ => true,
+            })
+            .collect()
+    }
+}
+
 /// Initial parameters as OLMo's `init_fn` sets them (truncated normals; norm weights 1).
 /// Each tensor draws from its own generator seeded by (seed, tensor index), so the values do
 /// not depend on the order tensors are filled in.

@@ -18,7 +18,7 @@ use crate::data::{expand_paths, global_order, write_global_indices, Dtype, Shard
 use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
-use crate::model::{init_params, Batch, Layout, Model, Role};
+use crate::model::{init_params, Batch, Layout, Model};
 use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
 
@@ -415,15 +415,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             unigram: Vec::new(),
         }
     };
-    let decay: Vec<bool> = layout
-        .tensors
-        .iter()
-        .map(|t| match t.role {
-            Role::Embedding => cfg.optimizer.decay_embeddings,
-            Role::Norm => cfg.optimizer.decay_norm_and_bias,
-            _ => true,
-        })
-        .collect();
+    let decay = layout.decay_mask(
+        cfg.optimizer.decay_embeddings,
+        cfg.optimizer.decay_norm_and_bias,
+    );
     let bf16 = match cfg.precision.as_deref() {
         None | Some("amp_bf16") => true,
         Some("fp32") => false,
