@@ -3,7 +3,8 @@
 # builds nothing there. Build the binary on a CPU machine first
 #   cargo build --release -p olmo-train
 # and copy the working tree with target/release/olmo-train to the GPU machine (the device tool:
-# carry ["target/release/olmo-train"]). Then:
+# carry ["target/release/olmo-train"]; the binary needs glibc >= 2.34 there, as on Ubuntu 22.04+,
+# Debian 12 and RHEL 9). Then:
 #   trainer/scripts/gpu-check.sh
 # prints: the CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step;
 # fp32 and bf16), a 300-step training run with tokens/s, OLMo-1B at sequence 2048 (tokens/s,
