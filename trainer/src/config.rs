@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
+use crate::device::Request;
 use crate::model::{InitFn, ModelConfig};
 use crate::ops::NormKind;
 
@@ -363,6 +364,14 @@ fn default_dtype() -> String {
 }
 
 impl DataSection {
+    /// Every path pattern, in OLMo's order (the training data as one instance space).
+    pub fn all_patterns(&self) -> Vec<String> {
+        self.groups("train")
+            .into_iter()
+            .flat_map(|(_, p)| p)
+            .collect()
+    }
+
     /// `(label, patterns)` groups in OLMo's order.
     pub fn groups(&self, default_label: &str) -> Vec<(String, Vec<String>)> {
         let mut g: Vec<(String, Vec<String>)> = Vec::new();
@@ -414,6 +423,23 @@ impl TrainConfig {
         let cfg: TrainConfig =
             serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok((cfg, text))
+    }
+
+    /// The device asked for: `overridden` (the command line), else `device:`, else auto.
+    pub fn device_request(&self, overridden: Option<Request>) -> Result<Request> {
+        match overridden {
+            Some(r) => Ok(r),
+            None => Request::parse(self.device.as_deref().unwrap_or("auto")),
+        }
+    }
+
+    /// Whether GEMMs take bf16 operands (`precision: amp_bf16`, the default) or not (`fp32`).
+    pub fn bf16(&self) -> Result<bool> {
+        match self.precision.as_deref() {
+            None | Some("amp_bf16") => Ok(true),
+            Some("fp32") => Ok(false),
+            Some(p) => bail!("precision `{p}`: amp_bf16 or fp32"),
+        }
     }
 
     /// Config fields accepted without effect, for a warning.

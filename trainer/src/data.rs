@@ -187,17 +187,25 @@ fn tracing_warn(msg: &str) {
 /// exactly as OLMo's `IterableDataset` does.
 pub fn global_order(n: u64, seed: u64, epoch: u64, world: u64, drop_last: bool) -> Vec<u32> {
     let mut idx = permutation(n as usize, seed + epoch);
-    let world = world.max(1);
-    if drop_last && !n.is_multiple_of(world) {
-        let total = (n - world).div_ceil(world) * world;
-        idx.truncate(total as usize);
+    let total = epoch_len(n, world, drop_last) as usize;
+    if total <= idx.len() {
+        idx.truncate(total);
     } else {
-        let total = n.div_ceil(world) * world;
-        let pad = (total - n) as usize;
-        let head: Vec<u32> = idx[..pad.min(idx.len())].to_vec();
+        let head: Vec<u32> = idx[..(total - idx.len()).min(idx.len())].to_vec();
         idx.extend(head);
     }
     idx
+}
+
+/// The length of [`global_order`]'s result, without shuffling: `n` padded up to a multiple of
+/// `world`, or with `drop_last` and a remainder, truncated as OLMo does.
+pub fn epoch_len(n: u64, world: u64, drop_last: bool) -> u64 {
+    let world = world.max(1);
+    if drop_last && !n.is_multiple_of(world) {
+        (n - world).div_ceil(world) * world
+    } else {
+        n.div_ceil(world) * world
+    }
 }
 
 /// The instances of global step `step` (0-based) read by `rank`: `order[step*B..(step+1)*B]`,
@@ -298,6 +306,18 @@ mod tests {
         assert_eq!(&order[10..], &order[..2]);
         let trunc = global_order(10, 6198, 0, 4, true);
         assert_eq!(trunc.len(), 8);
+        for (n, w, drop) in [
+            (10, 4, false),
+            (10, 4, true),
+            (12, 4, true),
+            (7, 1, false),
+            (3, 5, false),
+        ] {
+            assert_eq!(
+                epoch_len(n, w, drop),
+                global_order(n, 1, 0, w, drop).len() as u64
+            );
+        }
         let full = global_order(10, 6198, 0, 1, false);
         assert_eq!(full, permutation(10, 6198));
         let e1 = global_order(10, 6198, 1, 1, false);

@@ -232,12 +232,7 @@ fn batch_at(args: &[String]) -> Result<()> {
         .with_context(|| format!("cannot read {}", config.display()))?;
     let cfg: BatchAtConfig =
         serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
-    let patterns: Vec<String> = cfg
-        .data
-        .groups("train")
-        .into_iter()
-        .flat_map(|(_, p)| p)
-        .collect();
+    let patterns = cfg.data.all_patterns();
     // Without a vocabulary in the config, ids are checked against the dtype's range only.
     let vocab = cfg
         .model

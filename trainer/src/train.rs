@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::backend::{Backend, Cpu, Update};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{Duration, TrainConfig};
-use crate::data::{expand_paths, global_order, write_global_indices, Dtype, Shards};
+use crate::data::{epoch_len, expand_paths, global_order, write_global_indices, Dtype, Shards};
 use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
@@ -266,10 +266,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ignored.join(", ")
         );
     }
-    let request = match device {
-        Some(r) => r,
-        None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
-    };
+    let request = cfg.device_request(device)?;
     let request = if world.size > 1 {
         request.on_local_rank(world.local_rank)
     } else {
@@ -300,11 +297,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let (mcfg, init_fn) = cfg.model_config()?;
     let seq = cfg.model.max_sequence_length;
     let vocab = mcfg.vocab_size;
-    let groups = cfg.data.groups("train");
-    if groups.is_empty() {
+    let patterns = cfg.data.all_patterns();
+    if patterns.is_empty() {
         bail!("data.paths (or data.datasets) is required");
     }
-    let patterns: Vec<String> = groups.into_iter().flat_map(|(_, p)| p).collect();
     let shards = open_shards(&patterns, &cfg.data.memmap_dtype, seq as u64, vocab)?;
     let data_seed = cfg.data.seed.unwrap_or(cfg.seed);
     let batch = cfg.global_train_batch_size;
@@ -316,8 +312,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         .device_train_microbatch_size
         .unwrap_or(batch)
         .clamp(1, batch);
-    let per_epoch =
-        global_order(shards.len(), data_seed, 0, ranks, cfg.data.drop_last).len() as u64;
+    let per_epoch = epoch_len(shards.len(), ranks, cfg.data.drop_last);
     let steps_per_epoch = per_epoch / batch;
     if steps_per_epoch == 0 {
         bail!(
@@ -419,11 +414,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         cfg.optimizer.decay_embeddings,
         cfg.optimizer.decay_norm_and_bias,
     );
-    let bf16 = match cfg.precision.as_deref() {
-        None | Some("amp_bf16") => true,
-        Some("fp32") => false,
-        Some(p) => bail!("precision `{p}`: amp_bf16 or fp32"),
-    };
+    let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
         bf16,
@@ -714,15 +705,10 @@ pub fn evaluate(
         }
     };
     let params = checkpoint::read_model(&dir.join("model.safetensors"), &layout)?;
-    let request = match device {
-        Some(r) => r,
-        None => Request::parse(cfg.device.as_deref().unwrap_or("auto"))?,
-    };
-    let (device, why) = device::resolve(request)?;
+    let (device, why) = device::resolve(cfg.device_request(device)?)?;
     eprintln!("olmo-train: evaluating {} on {why}", dir.display());
     // The unigram baseline needs the training files; without them it is left out.
-    let groups = cfg.data.groups("train");
-    let patterns: Vec<String> = groups.into_iter().flat_map(|(_, p)| p).collect();
+    let patterns = cfg.data.all_patterns();
     let train = if patterns.is_empty() {
         None
     } else {
@@ -736,7 +722,7 @@ pub fn evaluate(
     };
     let evals = setup_evals(&cfg, train.as_ref(), mcfg.vocab_size)?;
     let n = layout.total;
-    let bf16 = cfg.precision.as_deref() != Some("fp32");
+    let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
         bf16,
