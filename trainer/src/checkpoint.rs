@@ -73,29 +73,29 @@ pub fn write_model(path: &Path, layout: &Layout, params: &[f32]) -> Result<()> {
     )
 }
 
-/// Reads `name → (shape, values)` of an F32 safetensors file.
-fn read_f32(
-    path: &Path,
-    want: &[(String, Vec<usize>, std::ops::Range<usize>)],
-    out: &mut [f32],
-) -> Result<()> {
+/// Reads F32 tensors of a safetensors file into flat buffers, the file read once: for each
+/// buffer, the layout's tensors under their names plus `suffix` (`""`, `".exp_avg"`, ...).
+fn read_f32(path: &Path, layout: &Layout, outs: &mut [(&str, &mut [f32])]) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    for (name, shape, range) in want {
-        let t = st
-            .tensor(name)
-            .map_err(|_| anyhow!("{}: no tensor `{name}`", path.display()))?;
-        if t.dtype() != StDtype::F32 || t.shape() != shape.as_slice() {
-            bail!(
-                "{}: `{name}` is {:?} {:?}, the model needs F32 {:?}",
-                path.display(),
-                t.dtype(),
-                t.shape(),
-                shape
-            );
-        }
-        for (o, c) in out[range.clone()].iter_mut().zip(t.data().chunks_exact(4)) {
-            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    for (suffix, out) in outs.iter_mut() {
+        for tensor in &layout.tensors {
+            let name = format!("{}{suffix}", tensor.name);
+            let t = st
+                .tensor(&name)
+                .map_err(|_| anyhow!("{}: no tensor `{name}`", path.display()))?;
+            if t.dtype() != StDtype::F32 || t.shape() != tensor.shape.as_slice() {
+                bail!(
+                    "{}: `{name}` is {:?} {:?}, the model needs F32 {:?}",
+                    path.display(),
+                    t.dtype(),
+                    t.shape(),
+                    tensor.shape
+                );
+            }
+            for (o, c) in out[tensor.range()].iter_mut().zip(t.data().chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
         }
     }
     Ok(())
@@ -104,12 +104,7 @@ fn read_f32(
 /// Reads model weights written by [`write_model`] for this layout.
 pub fn read_model(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
     let mut params = vec![0.0; layout.total];
-    let want: Vec<_> = layout
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone(), t.range()))
-        .collect();
-    read_f32(path, &want, &mut params)?;
+    read_f32(path, layout, &mut [("", &mut params)])?;
     Ok(params)
 }
 
@@ -228,16 +223,11 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
     }
     let params = read_model(&dir.join("model.safetensors"), layout)?;
     let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
-    let want = |suffix: &str| -> Vec<_> {
-        layout
-            .tensors
-            .iter()
-            .map(|t| (format!("{}.{suffix}", t.name), t.shape.clone(), t.range()))
-            .collect()
-    };
-    let optim = dir.join("optim.safetensors");
-    read_f32(&optim, &want("exp_avg"), &mut m)?;
-    read_f32(&optim, &want("exp_avg_sq"), &mut v)?;
+    read_f32(
+        &dir.join("optim.safetensors"),
+        layout,
+        &mut [(".exp_avg", &mut m), (".exp_avg_sq", &mut v)],
+    )?;
     Ok(Loaded {
         params,
         exp_avg: m,
