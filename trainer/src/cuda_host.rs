@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::cuda::Arg;
 use crate::gemm_plan::{cublas_args, GemmSpec};
-use crate::ops::IGNORE;
+use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 
 /// Argument kinds of each kernel: pointer, int, long, float.
 fn signature(name: &str) -> Option<&'static str> {
@@ -189,53 +189,31 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
             }
             "softmax_fwd" => {
                 let t = int(a, 1);
-                let s = at::<f32>(p(a, 0), rows * t);
-                for (r, row) in s.chunks_exact_mut(t).enumerate() {
-                    let pos = r % t;
-                    let mx = row[..=pos]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row[..=pos].iter().map(|v| (v - mx).exp()).sum();
-                    for (i, v) in row.iter_mut().enumerate() {
-                        *v = if i <= pos { (*v - mx).exp() / sum } else { 0.0 };
-                    }
+                for (r, row) in at::<f32>(p(a, 0), rows * t).chunks_exact_mut(t).enumerate() {
+                    softmax_causal_row(row, r % t);
                 }
             }
             "softmax_bwd" => {
                 let (t, scale) = (int(a, 2), f(a, 3));
                 let pr = at::<f32>(p(a, 0), rows * t);
                 let dp = at::<f32>(p(a, 1), rows * t);
-                for r in 0..rows {
-                    let pos = r % t;
-                    let w: f32 = (0..=pos).map(|i| pr[r * t + i] * dp[r * t + i]).sum();
-                    for i in 0..t {
-                        dp[r * t + i] = if i <= pos {
-                            pr[r * t + i] * (dp[r * t + i] - w) * scale
-                        } else {
-                            0.0
-                        };
-                    }
+                for (r, (pr, dp)) in pr.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+                    softmax_causal_row_backward(pr, dp, r % t, scale);
                 }
             }
             "softmax_fwd_bf16" => {
                 let t = int(a, 2);
                 let s = at::<f32>(p(a, 0), rows * t);
                 let out = at::<u16>(p(a, 1), rows * t);
-                for (r, row) in s.chunks_exact(t).enumerate() {
-                    let pos = r % t;
-                    let mx = row[..=pos]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row[..=pos].iter().map(|v| (v - mx).exp()).sum();
-                    for i in 0..t {
-                        let v = if i <= pos {
-                            (row[i] - mx).exp() / sum
-                        } else {
-                            0.0
-                        };
-                        out[r * t + i] = half::bf16::from_f32(v).to_bits();
+                for (r, (row, out)) in s
+                    .chunks_exact_mut(t)
+                    .zip(out.chunks_exact_mut(t))
+                    .enumerate()
+                {
+                    // the kernel also uses its scores as scratch
+                    softmax_causal_row(row, r % t);
+                    for (o, v) in out.iter_mut().zip(row.iter()) {
+                        *o = half::bf16::from_f32(*v).to_bits();
                     }
                 }
             }
@@ -245,16 +223,11 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 let dp = at::<f32>(p(a, 1), rows * t);
                 let ds = at::<u16>(p(a, 2), rows * t);
                 for r in 0..rows {
-                    let pos = r % t;
-                    let pv = |i: usize| bf16_to_f32(pr[r * t + i]);
-                    let w: f32 = (0..=pos).map(|i| pv(i) * dp[r * t + i]).sum();
-                    for i in 0..t {
-                        let v = if i <= pos {
-                            pv(i) * (dp[r * t + i] - w) * scale
-                        } else {
-                            0.0
-                        };
-                        ds[r * t + i] = half::bf16::from_f32(v).to_bits();
+                    let pf: Vec<f32> = pr[r * t..][..t].iter().map(|&b| bf16_to_f32(b)).collect();
+                    let mut g = dp[r * t..][..t].to_vec();
+                    softmax_causal_row_backward(&pf, &mut g, r % t, scale);
+                    for (o, v) in ds[r * t..][..t].iter_mut().zip(&g) {
+                        *o = half::bf16::from_f32(*v).to_bits();
                     }
                 }
             }

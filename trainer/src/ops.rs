@@ -351,6 +351,33 @@ pub fn rope(
     });
 }
 
+/// Causal softmax in place over one row of scaled scores at position `pos`: entries `..=pos`
+/// become probabilities, later ones 0. Shared by the CPU attention and the CUDA emulator.
+pub fn softmax_causal_row(row: &mut [f32], pos: usize) {
+    let max = row[..=pos]
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in &mut row[..=pos] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row[..=pos].iter_mut().for_each(|x| *x *= inv);
+    row[pos + 1..].fill(0.0);
+}
+
+/// The softmax backward over one row, in place on `dp`: `dS = P ⊙ (dP − Σ P·dP) · scale` for
+/// entries `..=pos`, 0 after.
+pub fn softmax_causal_row_backward(p: &[f32], dp: &mut [f32], pos: usize, scale: f32) {
+    let w: f32 = dp[..=pos].iter().zip(&p[..=pos]).map(|(a, b)| a * b).sum();
+    for (x, pv) in dp[..=pos].iter_mut().zip(&p[..=pos]) {
+        *x = pv * (*x - w) * scale;
+    }
+    dp[pos + 1..].fill(0.0);
+}
+
 /// A raw pointer that parallel tasks writing disjoint regions can share.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32, usize);
@@ -413,15 +440,7 @@ pub fn attention_forward(
                 false,
             );
             for (t, row) in p.chunks_exact_mut(seq).enumerate() {
-                let max = row[..=t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for x in &mut row[..=t] {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row[..=t].iter_mut().for_each(|x| *x *= inv);
-                row[t + 1..].fill(0.0);
+                softmax_causal_row(row, t);
             }
             assert!(seq * seq <= p.len() && (seq - 1) * 3 * d + hd <= v.len());
             // Safety: task (bi, h) writes rows bi·seq.. and columns h·hd.. only.
@@ -513,11 +532,7 @@ pub fn attention_backward(
             .zip(p.chunks_exact(seq))
             .enumerate()
         {
-            let w: f32 = row[..=t].iter().zip(&prow[..=t]).map(|(a, b)| a * b).sum();
-            for (x, pv) in row[..=t].iter_mut().zip(&prow[..=t]) {
-                *x = pv * (*x - w) * scale;
-            }
-            row[t + 1..].fill(0.0);
+            softmax_causal_row_backward(prow, row, t, scale);
         }
         // dQ = dS K, dK = dSᵀ Q
         unsafe {
