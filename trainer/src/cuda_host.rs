@@ -106,16 +106,20 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 let (n, d) = (int(a, 3), int(a, 4));
                 covers(n * d)?;
                 let ids = at::<u32>(p(a, 0), n);
-                let src = at::<f32>(p(a, 1), if name == "embed_fwd" { 0 } else { n * d });
-                for (r, &id) in ids.iter().enumerate() {
-                    for j in 0..d {
-                        if name == "embed_fwd" {
-                            let wte = at::<f32>(p(a, 1), (id as usize + 1) * d);
-                            at::<f32>(p(a, 2), n * d)[r * d + j] = wte[id as usize * d + j];
-                        } else {
-                            at::<f32>(p(a, 2), (id as usize + 1) * d)[id as usize * d + j] +=
-                                src[r * d + j];
-                        }
+                // the embedding table (wte or its gradient) spans the largest id used
+                let rows_used = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+                if name == "embed_fwd" {
+                    let wte = at::<f32>(p(a, 1), rows_used * d);
+                    let x = at::<f32>(p(a, 2), n * d);
+                    for (row, &id) in x.chunks_exact_mut(d).zip(ids.iter()) {
+                        row.copy_from_slice(&wte[id as usize * d..][..d]);
+                    }
+                } else {
+                    let dx = at::<f32>(p(a, 1), n * d);
+                    let dwte = at::<f32>(p(a, 2), rows_used * d);
+                    for (row, &id) in dx.chunks_exact(d).zip(ids.iter()) {
+                        let g = &mut dwte[id as usize * d..][..d];
+                        g.iter_mut().zip(row).for_each(|(g, r)| *g += r);
                     }
                 }
             }
