@@ -49,41 +49,26 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn small(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
-    ModelConfig {
-        d_model: 256,
+/// Two model variants (LayerNorm/tied, RMSNorm+weight/untied), 4 heads, 2 layers, at a given
+/// width and vocabulary.
+pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
+    let model = |norm, affine, tying| ModelConfig {
+        d_model: d,
         n_heads: 4,
         n_layers: 2,
-        mlp_hidden: 512,
-        vocab_size: 1000,
-        embedding_size: 1024,
+        mlp_hidden: 2 * d,
+        vocab_size: vocab,
+        embedding_size: vocab.div_ceil(128) * 128,
         rope_theta: 10_000.0,
         eps: 1e-5,
         z_loss: 1e-4,
         norm,
         norm_affine: affine,
         weight_tying: tying,
-    }
-}
-
-/// Two model variants (LayerNorm/tied, RMSNorm+weight/untied) at a given width.
-pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
-    let size = |mut c: ModelConfig| {
-        c.d_model = d;
-        c.mlp_hidden = 2 * d;
-        c.vocab_size = vocab;
-        c.embedding_size = vocab.div_ceil(128) * 128;
-        c
     };
     [
-        (
-            "layernorm, tied",
-            size(small(NormKind::LayerNorm, false, true)),
-        ),
-        (
-            "rmsnorm+weight, untied",
-            size(small(NormKind::Rms, true, false)),
-        ),
+        ("layernorm, tied", model(NormKind::LayerNorm, false, true)),
+        ("rmsnorm+weight, untied", model(NormKind::Rms, true, false)),
     ]
 }
 
