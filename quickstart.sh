@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release -q -p dolma -p olmo-train
-DOLMA=./target/release/dolma
+BIN=${CARGO_TARGET_DIR:-target}/release
+DOLMA=$BIN/dolma
 mkdir -p out/sample
 cp -r tests/data/sample/documents out/sample/
 $DOLMA -c mixes/sample-tag.yaml tag
@@ -15,5 +16,5 @@ $DOLMA -c mixes/sample-mix.yaml mix
   --vocab_size 4096 --output out/sample/tokenizer.json
 $DOLMA -c mixes/sample-tokenize.yaml tokenize
 $DOLMA tokens-info out/sample/tokens --tokenizer out/sample/tokenizer.json --decode 1
-./target/release/olmo-train train -c trainer/configs/tiny.yaml
+"$BIN"/olmo-train train -c trainer/configs/tiny.yaml
 echo "done: attributes in out/sample/attributes, mixed documents in out/sample/mixed, token shards in out/sample/tokens, training metrics, loss curves (loss.png) and checkpoints in out/sample/train"
