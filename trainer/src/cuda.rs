@@ -29,7 +29,7 @@ use crate::ops::{NormKind, RopeTable, IGNORE};
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 const BLOCK: u32 = 256;
 
-const KERNELS: [&str; 16] = [
+const KERNELS: &[&str] = &[
     "embed_fwd",
     "embed_bwd",
     "norm_fwd",
@@ -46,7 +46,20 @@ const KERNELS: [&str; 16] = [
     "cast_bf16",
     "sumsq",
     "adamw",
+    "flash_bwd_pre",
+    "flash_fwd_32",
+    "flash_dq_32",
+    "flash_dkdv_32",
+    "flash_fwd_64",
+    "flash_dq_64",
+    "flash_dkdv_64",
+    "flash_fwd_128",
+    "flash_dq_128",
+    "flash_dkdv_128",
 ];
+
+/// Head sizes the flash-attention kernels are instantiated for.
+pub const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// An element type of engine buffers. `POISON` fills the host emulator's uninitialised
 /// buffers, so an output a kernel forgot to write shows up as NaN (or an impossible id).
@@ -103,6 +116,27 @@ pub struct Gpu {
     pub arch: (i32, i32),
 }
 
+/// Activations are allocated and freed on the stream every step (`cuMemAllocAsync`). The
+/// device's default pool returns freed memory to the driver at each synchronisation unless
+/// its release threshold says otherwise, which would make every step map its tens of GB
+/// again; keep it. Best effort: without stream-ordered allocation this changes nothing.
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    // Safety: plain driver calls on this context's device with valid out-pointers.
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
+            let mut keep = u64::MAX;
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
+}
+
 fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
 }
@@ -116,12 +150,13 @@ impl Gpu {
         // One stream: no cross-stream events needed, and raw pointers stay valid.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_freed_memory(&ctx);
         let arch = cu(ctx.compute_capability(), "compute capability")?;
         let name = cu(ctx.name(), "device name")?;
         let ptx = ptx_for(arch)?;
         let module = cu(ctx.load_module(ptx), "loading the kernels")?;
         let mut funcs = std::collections::HashMap::new();
-        for k in KERNELS {
+        for &k in KERNELS {
             funcs.insert(k, cu(module.load_function(k), k)?);
         }
         let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
@@ -335,17 +370,19 @@ struct Prepared {
     _copy: Option<Mem<u16>>,
 }
 
-/// Attention probabilities: f32, or only bf16 under mixed precision (they are a GEMM operand
-/// both ways, and keeping them in bf16 halves the largest activation and its traffic).
+/// What the attention keeps for its backward pass: the probabilities, f32 or (under mixed
+/// precision) bf16 only, as they are a GEMM operand both ways and bf16 halves the largest
+/// activation and its traffic; or, with flash attention, only each row's log-sum-exp.
 enum Probs {
     F32(Mem<f32>),
     Bf16(Mem<u16>),
+    Lse(Mem<f32>),
 }
 
 impl Probs {
     fn buf(&self, gpu: &Gpu) -> Buf {
         match self {
-            Probs::F32(m) => Buf::f32(gpu.ptr(m, 0)),
+            Probs::F32(m) | Probs::Lse(m) => Buf::f32(gpu.ptr(m, 0)),
             Probs::Bf16(m) => Buf {
                 ptr: gpu.ptr(m, 0),
                 bf16: true,
@@ -376,6 +413,9 @@ pub struct CudaEngine {
     cfg: ModelConfig,
     layout: Layout,
     bf16: bool,
+    /// Attention by the flash kernels (bf16 only) instead of GEMMs over materialised T×T
+    /// scores and probabilities.
+    flash: bool,
     params: Mem<f32>,
     params_bf: Mem<u16>,
     grads: Mem<f32>,
@@ -433,11 +473,28 @@ impl CudaEngine {
             layout: model.layout.clone(),
             cfg,
             bf16,
+            flash: false,
             max_seq,
             gpu,
         };
         e.refresh_bf16()?;
         Ok(e)
+    }
+
+    /// Switches attention to the flash kernels (or back). They need bf16 mixed precision and
+    /// a head size they are instantiated for; otherwise this says why and changes nothing.
+    pub fn set_flash_attention(&mut self, on: bool) -> Result<()> {
+        if on {
+            let hd = self.cfg.head_dim();
+            if !self.bf16 {
+                bail!("flash attention runs in bf16 mixed precision only (precision is fp32)");
+            }
+            if !FLASH_HEAD_DIMS.contains(&hd) {
+                bail!("flash attention is built for head sizes {FLASH_HEAD_DIMS:?}, not {hd}");
+            }
+        }
+        self.flash = on;
+        Ok(())
     }
 
     /// Recasts the bf16 weight copy from the f32 master weights.
@@ -643,10 +700,190 @@ impl CudaEngine {
         Ok(out)
     }
 
+    fn attn_shape(&self) -> (usize, usize, f32) {
+        let hd = self.cfg.head_dim();
+        (self.cfg.n_heads, hd, 1.0 / (hd as f32).sqrt())
+    }
+
+    /// Attention over materialised scores: `S = Q Kᵀ` and `O = P V` as batched GEMMs around a
+    /// causal softmax kernel. Returns the probabilities for the backward pass.
+    fn materialised_forward(&self, qkv: Buf, att: &Mem<f32>, b: usize, t: usize) -> Result<Probs> {
+        let (hh, hd, scale) = self.attn_shape();
+        let scores = self.gpu.scratch::<f32>(b * hh * t * t)?;
+        let at = Attn { t, heads: hh, hd };
+        for bi in 0..b {
+            self.gpu
+                .gemm(&at.scores(bi, qkv, self.gpu.ptr(&scores, 0), scale))?;
+        }
+        let rows = (b * hh * t) as u32;
+        let probs = if self.bf16 {
+            let p = self.gpu.scratch::<u16>(b * hh * t * t)?;
+            self.gpu.launch(
+                "softmax_fwd_bf16",
+                rows,
+                BLOCK,
+                &[
+                    self.p(&scores),
+                    Arg::P(self.gpu.ptr(&p, 0)),
+                    Arg::I(t as i32),
+                ],
+            )?;
+            Probs::Bf16(p)
+        } else {
+            self.gpu.launch(
+                "softmax_fwd",
+                rows,
+                BLOCK,
+                &[self.p(&scores), Arg::I(t as i32)],
+            )?;
+            Probs::F32(scores)
+        };
+        let pbuf = probs.buf(&self.gpu);
+        for bi in 0..b {
+            self.gpu
+                .gemm(&at.output(bi, pbuf, qkv, self.gpu.ptr(att, 0)))?;
+        }
+        Ok(probs)
+    }
+
+    /// The materialised attention's backward into `dqkv` (before the inverse RoPE).
+    fn materialised_backward(
+        &self,
+        probs: &Probs,
+        qkv: &Prepared,
+        dout: &Prepared,
+        dqkv: &Mem<f32>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        let (hh, hd, scale) = self.attn_shape();
+        let dp = self.gpu.scratch::<f32>(b * hh * t * t)?;
+        let at = Attn { t, heads: hh, hd };
+        let pbuf = probs.buf(&self.gpu);
+        let (dq, dpp) = (self.gpu.ptr(dqkv, 0), self.gpu.ptr(&dp, 0));
+        for bi in 0..b {
+            self.gpu.gemm(&at.d_v(bi, pbuf, dout.buf, dq))?;
+            self.gpu.gemm(&at.d_p(bi, dout.buf, qkv.buf, dpp))?;
+        }
+        let rows = (b * hh * t) as u32;
+        let dsp = match probs {
+            Probs::Bf16(p) => {
+                let ds = self.gpu.scratch::<u16>(b * hh * t * t)?;
+                self.gpu.launch(
+                    "softmax_bwd_bf16",
+                    rows,
+                    BLOCK,
+                    &[
+                        Arg::P(self.gpu.ptr(p, 0)),
+                        self.p(&dp),
+                        Arg::P(self.gpu.ptr(&ds, 0)),
+                        Arg::I(t as i32),
+                        Arg::F(scale),
+                    ],
+                )?;
+                Prepared {
+                    buf: Buf {
+                        ptr: self.gpu.ptr(&ds, 0),
+                        bf16: true,
+                    },
+                    _copy: Some(ds),
+                }
+            }
+            Probs::F32(p) => {
+                self.gpu.launch(
+                    "softmax_bwd",
+                    rows,
+                    BLOCK,
+                    &[self.p(p), self.p(&dp), Arg::I(t as i32), Arg::F(scale)],
+                )?;
+                self.prepare(&dp)?
+            }
+            Probs::Lse(_) => bail!("materialised attention backward without probabilities"),
+        };
+        for bi in 0..b {
+            self.gpu.gemm(&at.d_q(bi, dsp.buf, qkv.buf, dq))?;
+            self.gpu.gemm(&at.d_k(bi, dsp.buf, qkv.buf, dq))?;
+        }
+        Ok(())
+    }
+
+    /// Flash attention: `att` from the bf16 qkv at `qkv` without T×T buffers. Returns each
+    /// row's log-sum-exp for the backward pass.
+    fn flash_forward(&self, qkv: u64, att: &Mem<f32>, b: usize, t: usize) -> Result<Probs> {
+        let (hh, hd, scale) = self.attn_shape();
+        let lse = self.gpu.scratch::<f32>(b * hh * t)?;
+        self.gpu.launch(
+            &format!("flash_fwd_{hd}"),
+            (b * hh * t.div_ceil(64)) as u32,
+            128,
+            &[
+                Arg::P(qkv),
+                self.p(att),
+                self.p(&lse),
+                Arg::I(t as i32),
+                Arg::I(hh as i32),
+                Arg::F(scale),
+            ],
+        )?;
+        Ok(Probs::Lse(lse))
+    }
+
+    /// Flash attention's backward into `dqkv` (before the inverse RoPE): `D = rowsum(dO ∘ O)`
+    /// from the f32 output and its gradient, then dQ over query blocks and dK, dV over key
+    /// blocks, each recomputing P from the log-sum-exp.
+    fn flash_backward(
+        &self,
+        qkv: u64,
+        dout: &Prepared,
+        (datt, att, lse): (&Mem<f32>, &Mem<f32>, &Mem<f32>),
+        dqkv: &Mem<f32>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        let (hh, hd, scale) = self.attn_shape();
+        let n = b * t;
+        let dsum = self.gpu.scratch::<f32>(b * hh * t)?;
+        self.gpu.launch(
+            "flash_bwd_pre",
+            (n * hh * 32).div_ceil(BLOCK as usize) as u32,
+            BLOCK,
+            &[
+                self.p(datt),
+                self.p(att),
+                self.p(&dsum),
+                Arg::L(n as i64),
+                Arg::I(t as i32),
+                Arg::I(hh as i32),
+                Arg::I(hd as i32),
+            ],
+        )?;
+        let args = [
+            Arg::P(qkv),
+            Arg::P(dout.buf.ptr),
+            self.p(lse),
+            self.p(&dsum),
+            self.p(dqkv),
+            Arg::I(t as i32),
+            Arg::I(hh as i32),
+            Arg::F(scale),
+        ];
+        self.gpu.launch(
+            &format!("flash_dq_{hd}"),
+            (b * hh * t.div_ceil(64)) as u32,
+            128,
+            &args,
+        )?;
+        self.gpu.launch(
+            &format!("flash_dkdv_{hd}"),
+            (b * hh * t.div_ceil(32)) as u32,
+            64,
+            &args,
+        )
+    }
+
     fn run(&mut self, batch: &Batch, backward: Option<f32>) -> Result<Scores> {
         let c = self.cfg;
-        let (d, hh, h) = (c.d_model, c.n_heads, c.mlp_hidden);
-        let hd = c.head_dim();
+        let (d, h) = (c.d_model, c.mlp_hidden);
         let (b, t) = (batch.b, batch.t);
         let n = b * t;
         let emb = c.embedding_size;
@@ -672,48 +909,18 @@ impl CudaEngine {
                 Arg::I(d as i32),
             ],
         )?;
-        let scale = 1.0 / (hd as f32).sqrt();
         let mut acts = Vec::new();
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(&ln1, o.att_proj, n, d, 3 * d)?;
             self.rope(&qkv, n, t, false)?;
-            let scores = self.gpu.scratch::<f32>(b * hh * t * t)?;
             let att = self.gpu.scratch::<f32>(n * d)?;
-            let at = Attn { t, heads: hh, hd };
             let qp = self.prepare(&qkv)?;
-            for bi in 0..b {
-                self.gpu
-                    .gemm(&at.scores(bi, qp.buf, self.gpu.ptr(&scores, 0), scale))?;
-            }
-            let rows = (b * hh * t) as u32;
-            let probs = if self.bf16 {
-                let p = self.gpu.scratch::<u16>(b * hh * t * t)?;
-                self.gpu.launch(
-                    "softmax_fwd_bf16",
-                    rows,
-                    BLOCK,
-                    &[
-                        self.p(&scores),
-                        Arg::P(self.gpu.ptr(&p, 0)),
-                        Arg::I(t as i32),
-                    ],
-                )?;
-                Probs::Bf16(p)
+            let probs = if self.flash {
+                self.flash_forward(qp.buf.ptr, &att, b, t)?
             } else {
-                self.gpu.launch(
-                    "softmax_fwd",
-                    rows,
-                    BLOCK,
-                    &[self.p(&scores), Arg::I(t as i32)],
-                )?;
-                Probs::F32(scores)
+                self.materialised_forward(qp.buf, &att, b, t)?
             };
-            let pbuf = probs.buf(&self.gpu);
-            for bi in 0..b {
-                self.gpu
-                    .gemm(&at.output(bi, pbuf, qp.buf, self.gpu.ptr(&att, 0)))?;
-            }
             drop(qp);
             let proj = self.linear(&att, o.attn_out, n, d, d)?;
             let x_mid = self.add(&x, &proj)?;
@@ -820,55 +1027,15 @@ impl CudaEngine {
             )?;
             let datt = self.linear_back(&dx_mid, &a.att, o.attn_out, n, d, d)?;
             let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
-            let dp = self.gpu.scratch::<f32>(b * hh * t * t)?;
-            let at = Attn { t, heads: hh, hd };
-            let pbuf = a.probs.buf(&self.gpu);
             let dop = self.prepare(&datt)?;
             let qp = self.prepare(&a.qkv)?;
-            let (dq, dpp) = (self.gpu.ptr(&dqkv, 0), self.gpu.ptr(&dp, 0));
-            for bi in 0..b {
-                self.gpu.gemm(&at.d_v(bi, pbuf, dop.buf, dq))?;
-                self.gpu.gemm(&at.d_p(bi, dop.buf, qp.buf, dpp))?;
-            }
-            let rows = (b * hh * t) as u32;
-            let dsp = match &a.probs {
-                Probs::Bf16(p) => {
-                    let ds = self.gpu.scratch::<u16>(b * hh * t * t)?;
-                    self.gpu.launch(
-                        "softmax_bwd_bf16",
-                        rows,
-                        BLOCK,
-                        &[
-                            Arg::P(self.gpu.ptr(p, 0)),
-                            self.p(&dp),
-                            Arg::P(self.gpu.ptr(&ds, 0)),
-                            Arg::I(t as i32),
-                            Arg::F(scale),
-                        ],
-                    )?;
-                    Prepared {
-                        buf: Buf {
-                            ptr: self.gpu.ptr(&ds, 0),
-                            bf16: true,
-                        },
-                        _copy: Some(ds),
-                    }
+            match &a.probs {
+                Probs::Lse(lse) => {
+                    self.flash_backward(qp.buf.ptr, &dop, (&datt, &a.att, lse), &dqkv, b, t)?
                 }
-                Probs::F32(p) => {
-                    self.gpu.launch(
-                        "softmax_bwd",
-                        rows,
-                        BLOCK,
-                        &[self.p(p), self.p(&dp), Arg::I(t as i32), Arg::F(scale)],
-                    )?;
-                    self.prepare(&dp)?
-                }
-            };
-            for bi in 0..b {
-                self.gpu.gemm(&at.d_q(bi, dsp.buf, qp.buf, dq))?;
-                self.gpu.gemm(&at.d_k(bi, dsp.buf, qp.buf, dq))?;
+                probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }
-            drop((dop, qp, dsp, dp));
+            drop((dop, qp));
             self.rope(&dqkv, n, t, true)?;
             let dln1 = self.linear_back(&dqkv, &a.ln1, o.att_proj, n, d, 3 * d)?;
             let dx_in = dx_mid;
@@ -951,7 +1118,7 @@ impl CudaEngine {
 impl Backend for CudaEngine {
     fn describe(&self) -> String {
         format!(
-            "cuda ({}, sm_{}{}), {}",
+            "cuda ({}, sm_{}{}), {}, {} attention",
             self.gpu.name,
             self.gpu.arch.0,
             self.gpu.arch.1,
@@ -959,7 +1126,8 @@ impl Backend for CudaEngine {
                 "bf16 GEMMs, f32 master weights"
             } else {
                 "f32"
-            }
+            },
+            if self.flash { "flash" } else { "materialised" }
         )
     }
 

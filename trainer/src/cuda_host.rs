@@ -30,6 +30,10 @@ fn signature(name: &str) -> Option<&'static str> {
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
         "adamw" => "PPPPLFFFFFFFF",
+        "flash_bwd_pre" => "PPPLIII",
+        "flash_fwd_32" | "flash_fwd_64" | "flash_fwd_128" => "PPPIIF",
+        "flash_dq_32" | "flash_dq_64" | "flash_dq_128" | "flash_dkdv_32" | "flash_dkdv_64"
+        | "flash_dkdv_128" => "PPPPPIIF",
         _ => return None,
     })
 }
@@ -315,7 +319,120 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     pp[i] = pi - (lr / bc1) * m[i] / (v[i].sqrt() / bc2s + eps);
                 }
             }
+            "flash_bwd_pre" => {
+                let (n, t, heads, hd) = (int(a, 3), int(a, 4), int(a, 5), int(a, 6));
+                covers(n * heads * 32)?;
+                let d = heads * hd;
+                let (dout, out) = (at::<f32>(p(a, 0), n * d), at::<f32>(p(a, 1), n * d));
+                let dsum = at::<f32>(p(a, 2), n * heads);
+                for r in 0..n {
+                    for h in 0..heads {
+                        let i = r * d + h * hd;
+                        let v: f32 = (0..hd).map(|c| dout[i + c] * out[i + c]).sum();
+                        dsum[((r / t) * heads + h) * t + r % t] = v;
+                    }
+                }
+            }
+            _ if name.starts_with("flash_") => flash(name, grid as usize, block, a)?,
             _ => unreachable!(),
+        }
+    }
+    Ok(())
+}
+
+/// The flash-attention kernels by their definition: causal softmax attention of the bf16
+/// q, k, v (and bf16 dO), with f32 arithmetic; the batch size follows from the grid, whose
+/// shape is checked against the kernels' blocks (64 query rows of 128 threads; 32 keys of 64).
+///
+/// Safety: as `launch`.
+unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
+    let (kind, hd) = name["flash_".len()..]
+        .rsplit_once('_')
+        .map(|(k, h)| (k, h.parse::<usize>().unwrap_or(0)))
+        .unwrap_or_default();
+    let (t, heads, scale) = match kind {
+        "fwd" => (int(a, 3), int(a, 4), f(a, 5)),
+        _ => (int(a, 5), int(a, 6), f(a, 7)),
+    };
+    let (rows_per_block, threads) = if kind == "dkdv" { (32, 64) } else { (64, 128) };
+    let blocks = t.div_ceil(rows_per_block) * heads;
+    if block != threads || grid % blocks != 0 || grid == 0 {
+        bail!("{name}: grid {grid} of {block} threads for T {t} and {heads} heads");
+    }
+    let b = grid / blocks;
+    let d = heads * hd;
+    let n = b * t;
+    let bf = |v: u16| bf16_to_f32(v);
+    let qkv = at::<u16>(p(a, 0), n * 3 * d);
+    let (q, k, v) = (
+        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + h * hd + c]),
+        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + d + h * hd + c]),
+        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + 2 * d + h * hd + c]),
+    );
+    let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| -> f32 {
+        (0..hd).map(|c| x(c) * y(c)).sum()
+    };
+    // scaled score of query row i and key row j (rows of the same sequence)
+    let score = |i: usize, j: usize, h: usize| dot(&|c| q(i, h, c), &|c| k(j, h, c)) * scale;
+    if kind == "fwd" {
+        let out = at::<f32>(p(a, 1), n * d);
+        let lse = at::<f32>(p(a, 2), b * heads * t);
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..t {
+                    let r = bi * t + i;
+                    let s: Vec<f32> = (0..=i).map(|j| score(r, bi * t + j, h)).collect();
+                    let mx = s.iter().copied().fold(f32::MIN, f32::max);
+                    let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let sum: f32 = e.iter().sum();
+                    for c in 0..hd {
+                        out[r * d + h * hd + c] =
+                            (0..=i).map(|j| e[j] * v(bi * t + j, h, c)).sum::<f32>() / sum;
+                    }
+                    lse[(bi * heads + h) * t + i] = mx + sum.ln();
+                }
+            }
+        }
+        return Ok(());
+    }
+    let dout = at::<u16>(p(a, 1), n * d);
+    let lse = at::<f32>(p(a, 2), b * heads * t);
+    let dsum = at::<f32>(p(a, 3), b * heads * t);
+    let dqkv = at::<f32>(p(a, 4), n * 3 * d);
+    let g = |r: usize, h: usize, c: usize| bf(dout[r * d + h * hd + c]);
+    for bi in 0..b {
+        for h in 0..heads {
+            let st = |i: usize| (bi * heads + h) * t + i;
+            // P and dS = P ∘ (dP − D) of query i, key j
+            let pds = |i: usize, j: usize| {
+                let (ri, rj) = (bi * t + i, bi * t + j);
+                let pr = (score(ri, rj, h) - lse[st(i)]).exp();
+                let dp = dot(&|c| g(ri, h, c), &|c| v(rj, h, c));
+                (pr, pr * (dp - dsum[st(i)]))
+            };
+            for x in 0..t {
+                let rx = bi * t + x;
+                let row = &mut dqkv[rx * 3 * d..][..3 * d];
+                if kind == "dq" {
+                    let ds: Vec<f32> = (0..=x).map(|j| pds(x, j).1).collect();
+                    for c in 0..hd {
+                        row[h * hd + c] =
+                            scale * (0..=x).map(|j| ds[j] * k(bi * t + j, h, c)).sum::<f32>();
+                    }
+                } else {
+                    let pd: Vec<(f32, f32)> = (x..t).map(|i| pds(i, x)).collect();
+                    for c in 0..hd {
+                        let (mut dk, mut dv) = (0.0, 0.0);
+                        for (o, &(pr, ds)) in pd.iter().enumerate() {
+                            let ri = bi * t + x + o;
+                            dk += ds * q(ri, h, c);
+                            dv += pr * g(ri, h, c);
+                        }
+                        row[d + h * hd + c] = scale * dk;
+                        row[2 * d + h * hd + c] = dv;
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -294,3 +294,411 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, l
     v[i] = vi;
     p[i] = pi - (lr / bc1) * mi / (sqrtf(vi) / bc2_sqrt + eps);
 }
+
+// ---- Flash attention: causal attention on bf16 tensor cores without the T×T matrices ----
+//
+// FlashAttention-2's schedule with one warp per 16 rows and mma.sync m16n8k16 (bf16 in, f32
+// accumulate). Fragment layouts (PTX ISA, "mma.m16n8k16"), with g = lane/4 and c = lane%4:
+// A (16×16, row major), four 32-bit registers of two bf16 (low half first): (g, 2c..2c+1),
+// (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..); B (16×8, k × n): (k 2c..2c+1, n g), (k 2c+8.., n g);
+// C (16×8 f32): (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1). An accumulator pair of 8-wide
+// tiles is thus, packed to bf16, the A operand of the next product, as FlashAttention does.
+// qkv is the bf16 `[b·T, 3·d]` row block (q | k | v, head h at columns h·HD), dO the bf16
+// `[b·T, d]` output gradient; outputs and statistics are f32. Rows past T read as zeros and
+// are not written. The backward recomputes P in two kernels (dQ over query blocks, dK and dV
+// over key blocks), which needs no atomics, so it is deterministic.
+
+#ifndef MMA_BF16_16816
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// A shared tile of `rows` rows of HD bf16, as 32-bit words, padded by 8 bf16 per row so that
+// the fragment loads of a warp (rows g, words c) fall in distinct banks.
+template <int HD>
+struct Tile {
+    static constexpr int W = (HD + 8) / 2;  // words per row
+};
+
+// Copies rows [r0, r0 + rows) of a bf16 matrix (row stride `ld` elements, starting at column
+// 0 of `src`) into a tile; rows at or past `limit` become zeros.
+template <int HD>
+__device__ __forceinline__ void tile_load(unsigned* tile, const bf16_t* src, long ld, int r0, int rows, int limit) {
+    constexpr int WR = HD / 2, W = Tile<HD>::W;
+    for (int i = threadIdx.x; i < rows * WR; i += blockDim.x) {
+        int r = i / WR, w = i % WR;
+        unsigned v = 0;
+        if (r0 + r < limit) v = ((const unsigned*)(src + (long)(r0 + r) * ld))[w];
+        tile[r * W + w] = v;
+    }
+}
+
+// Two bf16 at (row, col) and (row, col + 1) of a tile (col even).
+template <int HD>
+__device__ __forceinline__ unsigned tile_pair(const unsigned* tile, int row, int col) {
+    return tile[row * Tile<HD>::W + (col >> 1)];
+}
+
+// Two bf16 at (row, col) and (row + 1, col) of a tile, packed (the k-major B operand).
+template <int HD>
+__device__ __forceinline__ unsigned tile_column_pair(const unsigned* tile, int row, int col) {
+    constexpr int W = Tile<HD>::W;
+    unsigned a = tile[row * W + (col >> 1)], b = tile[(row + 1) * W + (col >> 1)];
+    int sh = (col & 1) * 16;
+    return ((a >> sh) & 0xffffu) | (((b >> sh) & 0xffffu) << 16);
+}
+
+// Two bf16 at (row, col), (row, col + 1) of a global bf16 matrix, zeros past `limit` rows.
+__device__ __forceinline__ unsigned global_pair(const bf16_t* m, long ld, int row, int col, int limit) {
+    return row < limit ? *(const unsigned*)(m + (long)row * ld + col) : 0u;
+}
+
+// The A fragments of 16 rows (from r0) of a global bf16 matrix, HD columns.
+template <int HD>
+__device__ __forceinline__ void global_a_frags(unsigned (*f)[4], const bf16_t* m, long ld, int r0, int limit) {
+    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    #pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int col = kk * 16 + 2 * c;
+        f[kk][0] = global_pair(m, ld, r0 + g, col, limit);
+        f[kk][1] = global_pair(m, ld, r0 + g + 8, col, limit);
+        f[kk][2] = global_pair(m, ld, r0 + g, col + 8, limit);
+        f[kk][3] = global_pair(m, ld, r0 + g + 8, col + 8, limit);
+    }
+}
+
+// The A fragment of k-step kk from accumulator tiles (2kk, 2kk + 1), packed to bf16.
+__device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int kk) {
+    a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: [b·T, d]; lse: [b·H·T].
+template <int HD>
+__device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T, int H, float scale) {
+    constexpr int BR = 64, BC = 64, W = Tile<HD>::W;
+    __shared__ unsigned ks[BC * W];
+    __shared__ unsigned vs[BC * W];
+    int nqb = (T + BR - 1) / BR;
+    int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;  // long rows first
+    int b = bh / H, h = bh % H;
+    long d = (long)H * HD, ld = 3 * d;
+    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
+    const bf16_t* k = q + d;
+    const bf16_t* v = q + 2 * d;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    int r0 = qb * BR + warp * 16;
+    unsigned qf[HD / 16][4];
+    global_a_frags<HD>(qf, q, ld, r0, T);
+    float o[HD / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    int kend = min(T, qb * BR + BR);
+    for (int k0 = 0; k0 < kend; k0 += BC) {
+        __syncthreads();
+        tile_load<HD>(ks, k, ld, k0, BC, T);
+        tile_load<HD>(vs, v, ld, k0, BC, T);
+        __syncthreads();
+        float s[BC / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                unsigned bf[2] = {tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 2 * c),
+                                  tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 8 + 2 * c)};
+                mma_bf16_16816(s[nt], qf[kk], bf);
+            }
+        }
+        #pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            int row = r0 + g + 8 * rr;
+            float mx = m[rr];
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    int key = k0 + nt * 8 + 2 * c + e;
+                    float x = (key <= row && key < T) ? s[nt][2 * rr + e] * scale : NEG_INF;
+                    s[nt][2 * rr + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = quad_max(mx);
+            // Every row of a block sees key k0 <= row, so mx is finite here.
+            float corr = __expf(m[rr] - mx);
+            l[rr] *= corr;
+            #pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) o[nt][2 * rr] *= corr, o[nt][2 * rr + 1] *= corr;
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float p = __expf(s[nt][2 * rr + e] - mx);
+                    s[nt][2 * rr + e] = p;
+                    l[rr] += p;
+                }
+            m[rr] = mx;
+        }
+        #pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            unsigned a[4];
+            acc_to_a(a, s, kk);
+            #pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                unsigned bf[2] = {tile_column_pair<HD>(vs, kk * 16 + 2 * c, nt * 8 + g),
+                                  tile_column_pair<HD>(vs, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+                mma_bf16_16816(o[nt], a, bf);
+            }
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float sum = quad_sum(l[rr]);
+        int row = r0 + g + 8 * rr;
+        if (row >= T) continue;
+        float* orow = out + ((long)b * T + row) * d + h * HD;
+        #pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt)
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) orow[nt * 8 + 2 * c + e] = o[nt][2 * rr + e] / sum;
+        if (c == 0) lse[(long)bh * T + row] = m[rr] + logf(sum);
+    }
+}
+
+// D = rowsum(dO ∘ O) per (row, head), one warp each: dlse[(b·H + h)·T + t].
+extern "C" __global__ void flash_bwd_pre(const float* dout, const float* out, float* dsum, long rows, int T, int H,
+                                         int hd) {
+    long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (w >= rows * H) return;
+    long row = w / H;
+    int h = w % H;
+    const float* a = dout + row * H * hd + h * hd;
+    const float* o = out + row * H * hd + h * hd;
+    float s = 0.f;
+    for (int i = lane; i < hd; i += 32) s += a[i] * o[i];
+    for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(0xffffffffu, s, x);
+    if (lane == 0) {
+        long b = row / T, t = row % T;
+        dsum[(b * H + h) * T + t] = s;
+    }
+}
+
+// dQ: blocks of 64 query rows (4 warps), key tiles of 32; writes the q part of dqkv.
+template <int HD>
+__device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
+                              float* dqkv, int T, int H, float scale) {
+    constexpr int BR = 64, BC = 32, W = Tile<HD>::W;
+    __shared__ unsigned ks[BC * W];
+    __shared__ unsigned vs[BC * W];
+    int nqb = (T + BR - 1) / BR;
+    int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;
+    int b = bh / H, h = bh % H;
+    long d = (long)H * HD, ld = 3 * d;
+    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
+    const bf16_t* k = q + d;
+    const bf16_t* v = q + 2 * d;
+    const bf16_t* dob = dout + (long)b * T * d + h * HD;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    int r0 = qb * BR + warp * 16;
+    unsigned qf[HD / 16][4], df[HD / 16][4];
+    global_a_frags<HD>(qf, q, ld, r0, T);
+    global_a_frags<HD>(df, dob, d, r0, T);
+    float lr[2], dr[2];
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        int row = r0 + g + 8 * rr;
+        lr[rr] = row < T ? lse[(long)bh * T + row] : 0.f;
+        dr[rr] = row < T ? dsum[(long)bh * T + row] : 0.f;
+    }
+    float dq[HD / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+    int kend = min(T, qb * BR + BR);
+    for (int k0 = 0; k0 < kend; k0 += BC) {
+        __syncthreads();
+        tile_load<HD>(ks, k, ld, k0, BC, T);
+        tile_load<HD>(vs, v, ld, k0, BC, T);
+        __syncthreads();
+        float s[BC / 8][4], dp[BC / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                unsigned kb[2] = {tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 2 * c),
+                                  tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 8 + 2 * c)};
+                mma_bf16_16816(s[nt], qf[kk], kb);
+                unsigned vb[2] = {tile_pair<HD>(vs, nt * 8 + g, kk * 16 + 2 * c),
+                                  tile_pair<HD>(vs, nt * 8 + g, kk * 16 + 8 + 2 * c)};
+                mma_bf16_16816(dp[nt], df[kk], vb);
+            }
+        }
+        // dS = P ∘ (dP − D), P recomputed from the saved log-sum-exp.
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int rr = i >> 1, row = r0 + g + 8 * rr, key = k0 + nt * 8 + 2 * c + (i & 1);
+                float p = (key <= row && row < T) ? __expf(s[nt][i] * scale - lr[rr]) : 0.f;
+                s[nt][i] = p * (dp[nt][i] - dr[rr]);
+            }
+        #pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            unsigned a[4];
+            acc_to_a(a, s, kk);
+            #pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                unsigned bf[2] = {tile_column_pair<HD>(ks, kk * 16 + 2 * c, nt * 8 + g),
+                                  tile_column_pair<HD>(ks, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+                mma_bf16_16816(dq[nt], a, bf);
+            }
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        int row = r0 + g + 8 * rr;
+        if (row >= T) continue;
+        float* dst = dqkv + ((long)b * T + row) * ld + h * HD;
+        #pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt)
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) dst[nt * 8 + 2 * c + e] = dq[nt][2 * rr + e] * scale;
+    }
+}
+
+// dK and dV: blocks of 32 keys (2 warps), query tiles of 32; writes the k and v parts of dqkv.
+template <int HD>
+__device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
+                                float* dqkv, int T, int H, float scale) {
+    constexpr int BK = 32, BQ = 32, W = Tile<HD>::W;
+    __shared__ unsigned ks[BK * W];
+    __shared__ unsigned vs[BK * W];
+    __shared__ unsigned qs[BQ * W];
+    __shared__ unsigned dos[BQ * W];
+    __shared__ float ls[BQ];
+    __shared__ float dd[BQ];
+    int nkb = (T + BK - 1) / BK;
+    int bh = blockIdx.x / nkb, kb = blockIdx.x % nkb;  // early keys (most queries) first
+    int b = bh / H, h = bh % H;
+    long d = (long)H * HD, ld = 3 * d;
+    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
+    const bf16_t* k = q + d;
+    const bf16_t* v = q + 2 * d;
+    const bf16_t* dob = dout + (long)b * T * d + h * HD;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    int kr = warp * 16;  // this warp's first key row in the tile
+    tile_load<HD>(ks, k, ld, kb * BK, BK, T);
+    tile_load<HD>(vs, v, ld, kb * BK, BK, T);
+    float dk[HD / 8][4], dv[HD / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) dk[nt][i] = dv[nt][i] = 0.f;
+    for (int q0 = kb * BK; q0 < T; q0 += BQ) {
+        __syncthreads();
+        tile_load<HD>(qs, q, ld, q0, BQ, T);
+        tile_load<HD>(dos, dob, d, q0, BQ, T);
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            ls[i] = q0 + i < T ? lse[(long)bh * T + q0 + i] : 0.f;
+            dd[i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
+        }
+        __syncthreads();
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries.
+        float s[BQ / 8][4], dp[BQ / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BQ / 8; ++nt) {
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                int col = kk * 16 + 2 * c;
+                unsigned ka[4] = {tile_pair<HD>(ks, kr + g, col), tile_pair<HD>(ks, kr + g + 8, col),
+                                  tile_pair<HD>(ks, kr + g, col + 8), tile_pair<HD>(ks, kr + g + 8, col + 8)};
+                unsigned qb2[2] = {tile_pair<HD>(qs, nt * 8 + g, col), tile_pair<HD>(qs, nt * 8 + g, col + 8)};
+                mma_bf16_16816(s[nt], ka, qb2);
+                unsigned va[4] = {tile_pair<HD>(vs, kr + g, col), tile_pair<HD>(vs, kr + g + 8, col),
+                                  tile_pair<HD>(vs, kr + g, col + 8), tile_pair<HD>(vs, kr + g + 8, col + 8)};
+                unsigned db[2] = {tile_pair<HD>(dos, nt * 8 + g, col), tile_pair<HD>(dos, nt * 8 + g, col + 8)};
+                mma_bf16_16816(dp[nt], va, db);
+            }
+        }
+        #pragma unroll
+        for (int nt = 0; nt < BQ / 8; ++nt)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1), qrow = q0 + qi;
+                float p = (qrow >= key && qrow < T) ? __expf(s[nt][i] * scale - ls[qi]) : 0.f;
+                s[nt][i] = p;
+                dp[nt][i] = p * (dp[nt][i] - dd[qi]);
+            }
+        #pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            unsigned pa[4], sa[4];
+            acc_to_a(pa, s, kk);
+            acc_to_a(sa, dp, kk);
+            #pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                unsigned db[2] = {tile_column_pair<HD>(dos, kk * 16 + 2 * c, nt * 8 + g),
+                                  tile_column_pair<HD>(dos, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+                mma_bf16_16816(dv[nt], pa, db);
+                unsigned qb2[2] = {tile_column_pair<HD>(qs, kk * 16 + 2 * c, nt * 8 + g),
+                                   tile_column_pair<HD>(qs, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+                mma_bf16_16816(dk[nt], sa, qb2);
+            }
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        int key = kb * BK + kr + g + 8 * rr;
+        if (key >= T) continue;
+        float* dst = dqkv + ((long)b * T + key) * ld + h * HD;
+        #pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt)
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                dst[d + nt * 8 + 2 * c + e] = dk[nt][2 * rr + e] * scale;
+                dst[2 * d + nt * 8 + 2 * c + e] = dv[nt][2 * rr + e];
+            }
+    }
+}
+
+#define FLASH_KERNELS(HD)                                                                                   \
+    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, float* out, float* lse, int T, int H,     \
+                                              float scale) {                                               \
+        flash_fwd_impl<HD>(qkv, out, lse, T, H, scale);                                                    \
+    }                                                                                                       \
+    extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,      \
+                                             const float* dsum, float* dqkv, int T, int H, float scale) {  \
+        flash_dq_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                        \
+    }                                                                                                       \
+    extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
+                                               const float* dsum, float* dqkv, int T, int H, float scale) { \
+        flash_dkdv_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                      \
+    }
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(128)

@@ -138,9 +138,22 @@ pub fn compare_engines(
         };
         let want_grads = cpu.grads.clone();
         let want_norm = cpu.step(&update(()))?;
-        for (precision, bf16, tol) in [("fp32", false, 1e-4), ("bf16", true, 3e-2)] {
+        let flash_ok = crate::cuda::FLASH_HEAD_DIMS.contains(&cfg.head_dim());
+        for (precision, bf16, flash, tol) in [
+            ("fp32", false, false, 1e-4),
+            ("bf16", true, false, 3e-2),
+            ("bf16 flash", true, true, 3e-2),
+        ] {
+            if flash && !flash_ok {
+                println!(
+                    "| {label} | {precision} | (no flash kernels for head size {}) | | | |",
+                    cfg.head_dim()
+                );
+                continue;
+            }
             let zeros = vec![0.0; n];
             let mut gpu = make(Model::new(cfg, t), [&params, &zeros, &zeros], bf16)?;
+            gpu.set_flash_attention(flash)?;
             let got = gpu.forward_backward(&batch, 1.0 / scored)?;
             let grads = gpu.grads()?;
             let mut rows: Vec<(String, f64)> = vec![

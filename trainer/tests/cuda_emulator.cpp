@@ -71,6 +71,35 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// mma.sync.m16n8k16 (bf16 in, f32 accumulate) across the 32 lanes of a warp: each lane
+// deposits its fragments, and computes its own accumulator elements from everyone's, with the
+// fragment layouts of the PTX ISA (independent of the kernel's use of them).
+static unsigned g_mma_a[1024][4], g_mma_b[1024][2];
+#define MMA_BF16_16816
+inline float bf16_at(unsigned word, int half) { return __uint_as_float(((word >> (16 * half)) & 0xffffu) << 16); }
+inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
+    auto& bar = *g_warps[t / 32];
+    for (int i = 0; i < 4; ++i) g_mma_a[t][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_mma_b[t][i] = b[i];
+    bar.arrive_and_wait();
+    auto A = [&](int row, int k) {
+        return bf16_at(g_mma_a[w0 + (row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+    };
+    auto B = [&](int k, int col) { return bf16_at(g_mma_b[w0 + col * 4 + (k % 8) / 2][k / 8], k % 2); };
+    float r[4];
+    for (int i = 0; i < 4; ++i) {
+        int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        r[i] = acc;
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) c[i] = r[i];
+}
 
 #include "../src/cuda_kernels.cu"
 
@@ -208,6 +237,28 @@ int main(int argc, char** argv) {
         launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
         launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
         store("sum", out), store("bf16", bf), store("sumsq", ss);
+    } else if (k == "flash") {  // b T H hd scale: forward, then the three backward kernels
+        int b = I(4), T = I(5), H = I(6), hd = I(7);
+        float scale = F(8);
+        long rows = (long)b * T, d = (long)H * hd;
+        auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
+        auto doutf = load<float>("dout_f32");
+        std::vector<float> out(rows * d), lse(b * H * T), dsum(b * H * T), dqkv(rows * 3 * d);
+        unsigned nqb = (T + 63) / 64, nkb = (T + 31) / 32;
+        auto flash = [&](auto fwd, auto dq, auto dkdv) {
+            launch(b * H * nqb, 128, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
+            launch((unsigned)((rows * H * 32 + 255) / 256), 256,
+                   [&] { flash_bwd_pre(doutf.data(), out.data(), dsum.data(), rows, T, H, hd); });
+            launch(b * H * nqb, 128,
+                   [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
+            launch(b * H * nkb, 64,
+                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
+        };
+        if (hd == 32) flash(flash_fwd_32, flash_dq_32, flash_dkdv_32);
+        else if (hd == 64) flash(flash_fwd_64, flash_dq_64, flash_dkdv_64);
+        else if (hd == 128) flash(flash_fwd_128, flash_dq_128, flash_dkdv_128);
+        else return 2;
+        store("out", out), store("lse", lse), store("dsum", dsum), store("dqkv", dqkv);
     } else if (k == "adamw") {  // n lr b1 b2 eps wd bc1 bc2_sqrt coef
         long n = I(4);
         auto p = load<float>("p"), g = load<float>("g"), m = load<float>("m"), v = load<float>("v");

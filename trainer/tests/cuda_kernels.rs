@@ -222,6 +222,93 @@ fn softmax_kernels_match_the_cpu_attention() {
     }
 }
 
+/// Relative L2 error of `got` against `want`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn flash_attention_kernels_match_the_cpu_attention() {
+    let Some(bin) = emulator() else { return };
+    // Sequence lengths that are not multiples of the 64-row and 32-row blocks, each head
+    // size the engine instantiates, more than one batch row and head.
+    for (bsz, t, heads, hd) in [(1, 70, 2, 32), (2, 64, 1, 64), (1, 40, 1, 128)] {
+        let d = heads * hd;
+        let bf = |v: Vec<f32>| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        // bf16-representable inputs: the kernels read bf16, the CPU attention reads f32
+        let qkv = bf(rnd(bsz * t * 3 * d, 30 + hd as u64, 1.5));
+        let dout = bf(rnd(bsz * t * d, 31 + hd as u64, 1.0));
+        let mut out = vec![0.0; bsz * t * d];
+        let mut probs = vec![0.0; bsz * heads * t * t];
+        ops::attention_forward(&qkv, bsz, t, heads, hd, &mut out, &mut probs);
+        let mut dqkv = vec![0.0; qkv.len()];
+        ops::attention_backward(&dout, &qkv, &probs, bsz, t, heads, hd, &mut dqkv);
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        let b = Bufs::new();
+        let to_bf16 = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect()
+        };
+        std::fs::write(b.0.path().join("qkv"), to_bf16(&qkv)).unwrap();
+        std::fs::write(b.0.path().join("dout"), to_bf16(&dout)).unwrap();
+        b.put("dout_f32", &dout);
+        b.run(bin, "flash", 128, &s![bsz, t, heads, hd, scale]);
+
+        let what = format!("b {bsz}, T {t}, {heads} heads of {hd}");
+        let e = rel_l2(&b.get("out"), &out);
+        assert!(e < 1e-2, "{what}: output relative error {e:.2e}");
+        // log-sum-exp of the scaled causal scores, and D = rowsum(dO ∘ O)
+        let (lse, dsum) = (b.get("lse"), b.get("dsum"));
+        for bi in 0..bsz {
+            for h in 0..heads {
+                for i in 0..t {
+                    let q = &qkv[(bi * t + i) * 3 * d + h * hd..][..hd];
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let k = &qkv[(bi * t + j) * 3 * d + d + h * hd..][..hd];
+                            q.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::MIN, f64::max);
+                    let want = mx + s.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                    let got = lse[(bi * heads + h) * t + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "{what}: lse[{i}] {got} vs {want}"
+                    );
+                    let o = &b.get("out")[(bi * t + i) * d + h * hd..][..hd];
+                    let g = &dout[(bi * t + i) * d + h * hd..][..hd];
+                    let want: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                    let got = dsum[(bi * heads + h) * t + i];
+                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{what}: D");
+                }
+            }
+        }
+        let got = b.get("dqkv");
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let pick = |v: &[f32]| -> Vec<f32> {
+                v.chunks_exact(3 * d)
+                    .flat_map(|r| r[part * d..(part + 1) * d].to_vec())
+                    .collect()
+            };
+            let e = rel_l2(&pick(&got), &pick(&dqkv));
+            assert!(e < 2e-2, "{what}: {name} relative error {e:.2e}");
+        }
+    }
+}
+
 #[test]
 fn bf16_softmax_kernels_round_the_cpu_values() {
     let Some(bin) = emulator() else { return };
