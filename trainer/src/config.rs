@@ -204,6 +204,10 @@ pub struct ModelSection {
     pub clip_qkv: Option<f32>,
     #[serde(default)]
     pub scale_logits: bool,
+    /// OLMo's switch for the flash-attn library; here the CUDA engine's flash kernels (bf16
+    /// only). The CPU engine computes the same exact attention either way.
+    #[serde(default)]
+    pub flash_attention: bool,
     #[serde(default)]
     pub attention_dropout: f32,
     #[serde(default)]

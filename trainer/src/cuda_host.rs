@@ -356,7 +356,7 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     };
     let (rows_per_block, threads) = if kind == "dkdv" { (32, 64) } else { (64, 128) };
     let blocks = t.div_ceil(rows_per_block) * heads;
-    if block != threads || grid % blocks != 0 || grid == 0 {
+    if block != threads || !grid.is_multiple_of(blocks) || grid == 0 {
         bail!("{name}: grid {grid} of {block} threads for T {t} and {heads} heads");
     }
     let b = grid / blocks;

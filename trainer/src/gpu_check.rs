@@ -30,6 +30,8 @@ pub struct Options {
     pub olmo_1b_micro: usize,
     /// A raw uint16 token file for the training check.
     pub tokens: Option<std::path::PathBuf>,
+    /// The attention paths to check and time: `false` materialised, `true` flash.
+    pub attention: Vec<bool>,
 }
 
 struct Rng(u64);
@@ -76,11 +78,13 @@ pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
 pub type MakeEngine<'a> = dyn Fn(Model, [&[f32]; 3], bool) -> Result<CudaEngine> + 'a;
 
 /// Part 1: the CUDA engine against the CPU engine on random inputs of `b` sequences of `t`
-/// positions. Prints a table; returns whether every check passed.
+/// positions, with the materialised attention (fp32 and bf16) and/or the flash attention
+/// (bf16), as `attention` lists them. Prints a table; returns whether every check passed.
 pub fn compare_engines(
     make: &MakeEngine,
     models: &[(&str, ModelConfig)],
     (b, t): (usize, usize),
+    attention: &[bool],
 ) -> Result<bool> {
     let mut all_ok = true;
     println!("| model | precision | quantity | relative L2 error | tolerance | ok |");
@@ -144,6 +148,9 @@ pub fn compare_engines(
             ("bf16", true, false, 3e-2),
             ("bf16 flash", true, true, 3e-2),
         ] {
+            if !attention.contains(&flash) {
+                continue;
+            }
             if flash && !flash_ok {
                 println!(
                     "| {label} | {precision} | (no flash kernels for head size {}) | | | |",
@@ -205,13 +212,23 @@ fn fresh_engine(
     ordinal: usize,
     cfg: ModelConfig,
     seq: usize,
+    flash: bool,
 ) -> Result<(CudaEngine, Vec<bool>, usize)> {
     let decay = crate::model::Layout::new(&cfg).decay_mask(false, false);
     let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
     let n = params.len();
     let zeros = vec![0.0; n];
-    let engine = CudaEngine::new(ordinal, Model::new(cfg, seq), &params, &zeros, &zeros)?;
+    let mut engine = CudaEngine::new(ordinal, Model::new(cfg, seq), &params, &zeros, &zeros)?;
+    engine.set_flash_attention(flash)?;
     Ok((engine, decay, n))
+}
+
+fn attention_name(flash: bool) -> &'static str {
+    if flash {
+        "flash attention"
+    } else {
+        "materialised attention"
+    }
 }
 
 /// Windows of `seq + 1` tokens from a raw uint16 file, or a deterministic Zipf-ish stream.
@@ -297,8 +314,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let ordinal = opts.ordinal;
     let ok = compare_engines(
         &|m, [p, e, v], bf16| CudaEngine::with_precision(ordinal, m, p, e, v, bf16),
-        &variants(256, 1000),
-        (4, 128),
+        &[variants(256, 1000)[0], variants(512, 1000)[1]],
+        (3, 100),
+        &opts.attention,
     )?;
 
     println!("\n## 2. training a small model (d 512, 8 layers, seq 512, OLMo vocabulary)\n");
@@ -319,19 +337,23 @@ pub fn run(opts: &Options) -> Result<()> {
     let seq = 512;
     let windows = token_windows(opts.tokens.as_deref(), seq, cfg.vocab_size)?;
     let micro = 16.min(windows.len());
-    let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq)?;
-    let (tps, first, last) =
-        time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
-    let falls = last < first - 1.0;
-    println!(
-        "{} parameters, {} windows; {} steps of {micro}x{seq}: loss {first:.3} -> {last:.3} ({}), {tps:.0} tokens/s, MFU {:.1}%",
-        n,
-        windows.len(),
-        opts.train_steps + 2,
-        if falls { "falls" } else { "DOES NOT FALL" },
-        100.0 * cfg.flops_per_token(seq) * tps / H200_BF16_PEAK
-    );
-    drop(gpu);
+    let mut falls = true;
+    for &flash in &opts.attention {
+        let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
+        let (tps, first, last) =
+            time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
+        let fell = last < first - 1.0;
+        falls &= fell;
+        println!(
+            "{}: {} parameters, {} windows; {} steps of {micro}x{seq}: loss {first:.3} -> {last:.3} ({}), {tps:.0} tokens/s, MFU {:.1}%",
+            attention_name(flash),
+            n,
+            windows.len(),
+            opts.train_steps + 2,
+            if fell { "falls" } else { "DOES NOT FALL" },
+            100.0 * cfg.flops_per_token(seq) * tps / H200_BF16_PEAK
+        );
+    }
 
     if opts.olmo_1b_steps > 0 {
         println!("\n## 3. OLMo-1B, sequence 2048, bf16 GEMMs\n");
@@ -344,25 +366,28 @@ pub fn run(opts: &Options) -> Result<()> {
         };
         let seq = 2048;
         let windows = token_windows(None, seq, cfg.vocab_size)?;
-        let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq)?;
         let micro = opts.olmo_1b_micro;
-        let (tps, first, last) = time_training(
-            &mut gpu,
-            &windows,
-            micro,
-            1,
-            opts.olmo_1b_steps,
-            &decay,
-            4e-4,
-        )?;
-        let flops = cfg.flops_per_token(seq);
-        println!(
-            "{n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s (loss {first:.3} -> {last:.3})",
-            flops / 1e9,
-            flops * tps / 1e12,
-            100.0 * flops * tps / H200_BF16_PEAK,
-            H200_BF16_PEAK / 1e12
-        );
+        for &flash in &opts.attention {
+            let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
+            let (tps, first, last) = time_training(
+                &mut gpu,
+                &windows,
+                micro,
+                1,
+                opts.olmo_1b_steps,
+                &decay,
+                4e-4,
+            )?;
+            let flops = cfg.flops_per_token(seq);
+            println!(
+                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s (loss {first:.3} -> {last:.3})",
+                attention_name(flash),
+                flops / 1e9,
+                flops * tps / 1e12,
+                100.0 * flops * tps / H200_BF16_PEAK,
+                H200_BF16_PEAK / 1e12
+            );
+        }
     }
     if !ok || !falls {
         bail!("gpu-check: some checks failed (see the table)");

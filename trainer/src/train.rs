@@ -219,7 +219,7 @@ fn fmt_secs(s: f64) -> String {
 /// Builds the engine for the device.
 fn engine(
     device: Device,
-    bf16: bool,
+    (bf16, flash): (bool, bool),
     model: Model,
     state: [Vec<f32>; 3],
     tcp: Option<&mut Tcp>,
@@ -239,14 +239,27 @@ fn engine(
             if let Some(t) = tcp {
                 e.enable_nccl(t)?;
             }
+            flash_attention(&mut e, flash);
             Ok(Box::new(e))
         }
-        Device::CudaEmulator => Ok(Box::new(crate::cuda::CudaEngine::on(
-            crate::cuda::Gpu::host_emulator(),
-            model,
-            [&params, &exp_avg, &exp_avg_sq],
-            bf16,
-        )?)),
+        Device::CudaEmulator => {
+            let mut e = crate::cuda::CudaEngine::on(
+                crate::cuda::Gpu::host_emulator(),
+                model,
+                [&params, &exp_avg, &exp_avg_sq],
+                bf16,
+            )?;
+            flash_attention(&mut e, flash);
+            Ok(Box::new(e))
+        }
+    }
+}
+
+/// `model.flash_attention` on the CUDA engine; where its kernels cannot run (fp32, an
+/// unsupported head size) training goes on with the materialised attention and says so.
+fn flash_attention(e: &mut crate::cuda::CudaEngine, on: bool) {
+    if let Err(why) = e.set_flash_attention(on) {
+        eprintln!("olmo-train: model.flash_attention: {why}; using the materialised attention");
     }
 }
 
@@ -417,7 +430,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
-        bf16,
+        (bf16, cfg.model.flash_attention),
         Model::new(mcfg, seq),
         [
             std::mem::take(&mut params),
@@ -725,7 +738,7 @@ pub fn evaluate(
     let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
-        bf16,
+        (bf16, cfg.model.flash_attention),
         Model::new(mcfg, seq),
         [params, vec![0.0; n], vec![0.0; n]],
         None,

@@ -16,6 +16,7 @@ fn cuda_engine_on_the_host_emulator_matches_the_cpu_engine() {
         // head size 32: the flash kernels' rows run too; 40 positions: partial blocks
         &variants(128, 100),
         (2, 40),
+        &[false, true],
     )
     .unwrap();
     assert!(ok, "see the table above (cargo test -- --nocapture)");

@@ -251,6 +251,41 @@ fn two_ranks_train_like_one_process() {
 }
 
 #[test]
+fn flash_attention_trains_on_the_cuda_engine_and_falls_back_where_it_cannot_run() {
+    // d 64 over 2 heads: head size 32, one the flash kernels are built for
+    let r = Run::new();
+    let flash = |name: &str, extra: &str| {
+        let cfg = r.config(&format!("{name}.yaml"), name, extra);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "d_model: 16\n  n_heads: 2\n",
+            "d_model: 64\n  n_heads: 2\n  flash_attention: true\n",
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let extra = "max_duration: 5\n";
+    let cpu = ok(&r.train(&flash("cpu", extra), &["--device", "cpu"]));
+    assert!(cpu.contains("done: 5 steps"), "{cpu}");
+    let emu = ok(&r.train(&flash("emu", extra), &["--device", "cuda-emulator"]));
+    assert!(emu.contains("flash attention"), "{emu}");
+    let (a, b) = (losses(&r.metrics("cpu")), losses(&r.metrics("emu")));
+    assert_eq!(a.len(), 5);
+    // bf16 q, k, v and probabilities against the CPU's f32 attention
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 2e-2 * x.1, "{a:?} vs {b:?}");
+    }
+    // fp32 has no flash kernels: the run says so and uses the materialised attention
+    let fp32 = ok(&r.train(
+        &flash("fp32", "max_duration: 2\nprecision: fp32\n"),
+        &["--device", "cuda-emulator"],
+    ));
+    assert!(
+        fp32.contains("flash_attention") && fp32.contains("materialised attention"),
+        "{fp32}"
+    );
+}
+
+#[test]
 fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
     // the CUDA engine on its host emulator, in fp32, through train, eval and checkpoints
     let r = Run::new();
