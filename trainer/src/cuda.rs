@@ -114,7 +114,13 @@ pub struct Gpu {
     pub name: String,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
+    /// While profiling: an event recorded after each launch and GEMM, with its label.
+    profile: std::sync::Mutex<Option<Vec<(String, cudarc::driver::CudaEvent)>>>,
 }
+
+/// GPU time by kernel (or GEMM shape) over a profiled stretch: label, milliseconds, calls;
+/// the time between consecutive events, so idle gaps (a CPU-bound host) count too.
+pub type Profile = Vec<(String, f64, usize)>;
 
 /// Activations are allocated and freed on the stream every step (`cuMemAllocAsync`). The
 /// device's default pool returns freed memory to the driver at each synchronisation unless
@@ -169,6 +175,7 @@ impl Gpu {
             }),
             name,
             arch,
+            profile: Default::default(),
         })
     }
 
@@ -178,7 +185,55 @@ impl Gpu {
             cuda: None,
             name: "host emulator".into(),
             arch: (0, 0),
+            profile: Default::default(),
         }
+    }
+
+    /// Starts timing every launch and GEMM on the stream (a no-op on the host emulator).
+    pub fn profile_start(&self) -> Result<()> {
+        let Some(c) = &self.cuda else { return Ok(()) };
+        let start = cu(
+            c.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
+            "event",
+        )?;
+        *self.profile.lock().map_err(|_| anyhow!("profile lock"))? =
+            Some(vec![("start".into(), start)]);
+        Ok(())
+    }
+
+    /// Stops timing; the time by label, largest first.
+    pub fn profile_end(&self) -> Result<Profile> {
+        let marks = self
+            .profile
+            .lock()
+            .map_err(|_| anyhow!("profile lock"))?
+            .take()
+            .unwrap_or_default();
+        let mut by: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        for w in marks.windows(2) {
+            let ms = cu(w[0].1.elapsed_ms(&w[1].1), "event time")? as f64;
+            let e = by.entry(w[1].0.clone()).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let mut out: Profile = by.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(out)
+    }
+
+    fn mark(&self, label: impl FnOnce() -> String) -> Result<()> {
+        let Some(c) = &self.cuda else { return Ok(()) };
+        let mut p = self.profile.lock().map_err(|_| anyhow!("profile lock"))?;
+        if let Some(marks) = p.as_mut() {
+            let ev = cu(
+                c.stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
+                "event",
+            )?;
+            marks.push((label(), ev));
+        }
+        Ok(())
     }
 
     fn stream(&self) -> Option<&Arc<CudaStream>> {
@@ -197,7 +252,11 @@ impl Gpu {
 
     pub fn upload<T: Elem>(&self, v: &[T]) -> Result<Mem<T>> {
         match self.stream() {
-            Some(st) => Ok(Mem::Dev(cu(st.clone_htod(v), "upload")?)),
+            Some(st) => {
+                let m = Mem::Dev(cu(st.clone_htod(v), "upload")?);
+                self.mark(|| "(upload)".into())?;
+                Ok(m)
+            }
             None => Ok(Mem::Host(v.to_vec())),
         }
     }
@@ -206,6 +265,7 @@ impl Gpu {
         match (s, self.stream()) {
             (Mem::Dev(d), Some(st)) => {
                 let v = cu(st.clone_dtoh(d), "download")?;
+                self.mark(|| "(download)".into())?;
                 cu(st.synchronize(), "synchronize")?;
                 Ok(v)
             }
@@ -238,7 +298,10 @@ impl Gpu {
 
     pub fn fill_zero<T: Elem>(&self, s: &mut Mem<T>) -> Result<()> {
         match (s, self.stream()) {
-            (Mem::Dev(d), Some(st)) => cu(st.memset_zeros(d), "memset"),
+            (Mem::Dev(d), Some(st)) => {
+                cu(st.memset_zeros(d), "memset")?;
+                self.mark(|| "(memset)".into())
+            }
             (Mem::Host(v), _) => {
                 v.fill(T::default());
                 Ok(())
@@ -284,7 +347,7 @@ impl Gpu {
         // Safety: argument lists match the kernel signatures in cuda_kernels.cu (the host
         // emulator checks each launch's argument types against them).
         cu(unsafe { b.launch(cfg) }, name)?;
-        Ok(())
+        self.mark(|| name.to_string())
     }
 
     /// Elementwise launch over `n` items.
@@ -352,7 +415,20 @@ impl Gpu {
                 spec.batch
             );
         }
-        Ok(())
+        self.mark(|| {
+            format!(
+                "GEMM {}x{}x{}{}{}",
+                spec.m,
+                spec.n,
+                spec.k,
+                if spec.batch > 1 {
+                    format!(" x{}", spec.batch)
+                } else {
+                    String::new()
+                },
+                if spec.a.bf16 { " bf16" } else { " f32" }
+            )
+        })
     }
 }
 

@@ -300,6 +300,39 @@ fn time_training(
     Ok(((steps as usize * micro * seq) as f64 / secs, first, last))
 }
 
+/// One more optimizer step with every launch and GEMM timed on the GPU: where the step's time
+/// goes, for the next round of kernel work.
+fn profile_step(
+    engine: &mut CudaEngine,
+    windows: &[Vec<u32>],
+    micro: usize,
+    decay: &[bool],
+) -> Result<()> {
+    engine.gpu.profile_start()?;
+    time_training(engine, windows, micro, 0, 1, decay, 4e-4)?;
+    let rows = engine.gpu.profile_end()?;
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    println!("\nGPU time of one step by kernel and GEMM shape (m x n x k): {total:.1} ms\n");
+    println!("| kernel | ms | share | calls |");
+    println!("|---|---|---|---|");
+    for (label, ms, calls) in rows.iter().take(24) {
+        println!(
+            "| {label} | {ms:.2} | {:.1}% | {calls} |",
+            100.0 * ms / total.max(1e-9)
+        );
+    }
+    if rows.len() > 24 {
+        let rest: f64 = rows[24..].iter().map(|r| r.1).sum();
+        println!(
+            "| ({} more) | {rest:.2} | {:.1}% | |",
+            rows.len() - 24,
+            100.0 * rest / total.max(1e-9)
+        );
+    }
+    println!();
+    Ok(())
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     if let Err(why) = crate::device::cuda_unavailable() {
         bail!("gpu-check needs a GPU: {why}");
@@ -387,6 +420,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 100.0 * flops * tps / H200_BF16_PEAK,
                 H200_BF16_PEAK / 1e12
             );
+            profile_step(&mut gpu, &windows, micro, &decay)?;
         }
     }
     if !ok || !falls {
