@@ -446,6 +446,36 @@ struct Prepared {
     _copy: Option<Mem<u16>>,
 }
 
+/// An activation: f32, or (under mixed precision) bf16 only where it is never more than a
+/// GEMM operand. Such kernels write the bf16 copy themselves: the same bits as a cast of
+/// the f32 result, without writing, reading and casting the f32 buffer again.
+enum Act {
+    F32(Mem<f32>),
+    Bf16(Mem<u16>),
+}
+
+/// A borrowed activation, as a GEMM's input.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    F32(&'a Mem<f32>),
+    Bf16(&'a Mem<u16>),
+}
+
+impl Act {
+    fn src(&self) -> Src<'_> {
+        match self {
+            Act::F32(m) => Src::F32(m),
+            Act::Bf16(m) => Src::Bf16(m),
+        }
+    }
+}
+
+impl<'a> From<&'a Mem<f32>> for Src<'a> {
+    fn from(m: &'a Mem<f32>) -> Src<'a> {
+        Src::F32(m)
+    }
+}
+
 /// What the attention keeps for its backward pass: the probabilities, f32 or (under mixed
 /// precision) bf16 only, as they are a GEMM operand both ways and bf16 halves the largest
 /// activation and its traffic; or, with flash attention, only each row's log-sum-exp.
@@ -470,18 +500,18 @@ impl Probs {
 /// Device activations of one layer kept for the backward pass.
 struct Acts {
     x_in: Mem<f32>,
-    ln1: Mem<f32>,
+    ln1: Act,
     ln1_mean: Mem<f32>,
     ln1_rstd: Mem<f32>,
-    qkv: Mem<f32>,
+    qkv: Act,
     probs: Probs,
     att: Mem<f32>,
     x_mid: Mem<f32>,
-    ln2: Mem<f32>,
+    ln2: Act,
     ln2_mean: Mem<f32>,
     ln2_rstd: Mem<f32>,
     ff_in: Mem<f32>,
-    ff_act: Mem<f32>,
+    ff_act: Act,
 }
 
 pub struct CudaEngine {
@@ -634,17 +664,61 @@ impl CudaEngine {
         Arg::P(self.gpu.ptr(s, 0))
     }
 
+    /// An f32 result that is from now on only a GEMM operand: cast to bf16 (and the f32
+    /// buffer freed) under mixed precision.
+    fn into_operand(&self, m: Mem<f32>) -> Result<Act> {
+        if !self.bf16 {
+            return Ok(Act::F32(m));
+        }
+        let out: Mem<u16> = self.gpu.scratch(m.len())?;
+        self.gpu.launch_n(
+            "cast_bf16",
+            m.len(),
+            &[
+                Arg::P(self.gpu.ptr(&m, 0)),
+                Arg::P(self.gpu.ptr(&out, 0)),
+                Arg::L(m.len() as i64),
+            ],
+        )?;
+        Ok(Act::Bf16(out))
+    }
+
+    /// An activation as a GEMM operand: bf16 ones as they are, f32 ones `prepare`d.
+    fn operand(&self, x: Src) -> Result<Prepared> {
+        match x {
+            Src::F32(m) => self.prepare(m),
+            Src::Bf16(m) => Ok(Prepared {
+                buf: Buf {
+                    ptr: self.gpu.ptr(m, 0),
+                    bf16: true,
+                },
+                _copy: None,
+            }),
+        }
+    }
+
+    /// A buffer of `n` elements for a result that is only a GEMM operand: bf16 under mixed
+    /// precision, else f32.
+    fn operand_out(&self, n: usize) -> Result<Act> {
+        Ok(if self.bf16 {
+            Act::Bf16(self.gpu.scratch(n)?)
+        } else {
+            Act::F32(self.gpu.scratch(n)?)
+        })
+    }
+
+    /// The (f32, bf16) output pointer pair of kernels that write either; the other is null.
+    fn out_args(&self, a: &Act) -> [Arg; 2] {
+        match a {
+            Act::F32(m) => [Arg::P(self.gpu.ptr(m, 0)), Arg::P(0)],
+            Act::Bf16(m) => [Arg::P(0), Arg::P(self.gpu.ptr(m, 0))],
+        }
+    }
+
     /// `y = x Wᵀ` for rows of x; W at `w` is `[outp, inp]`.
-    fn linear(
-        &self,
-        x: &Mem<f32>,
-        w: usize,
-        rows: usize,
-        inp: usize,
-        outp: usize,
-    ) -> Result<Mem<f32>> {
+    fn linear(&self, x: Src, w: usize, rows: usize, inp: usize, outp: usize) -> Result<Mem<f32>> {
         let y = self.gpu.scratch::<f32>(rows * outp)?;
-        let xp = self.prepare(x)?;
+        let xp = self.operand(x)?;
         self.gpu.gemm(&gemm_plan::linear_fwd(
             xp.buf,
             self.weight(w),
@@ -659,15 +733,15 @@ impl CudaEngine {
     /// dx = dy W (fresh buffer), dW += dyᵀ x.
     fn linear_back(
         &self,
-        dy: &Mem<f32>,
-        x: &Mem<f32>,
+        dy: Src,
+        x: Src,
         w: usize,
         rows: usize,
         inp: usize,
         outp: usize,
     ) -> Result<Mem<f32>> {
         let dx = self.gpu.scratch::<f32>(rows * inp)?;
-        let dyp = self.prepare(dy)?;
+        let dyp = self.operand(dy)?;
         self.gpu.gemm(&gemm_plan::linear_dx(
             dyp.buf,
             self.weight(w),
@@ -676,7 +750,7 @@ impl CudaEngine {
             inp,
             outp,
         ))?;
-        let xp = self.prepare(x)?;
+        let xp = self.operand(x)?;
         self.gpu.gemm(&gemm_plan::linear_dw(
             dyp.buf,
             xp.buf,
@@ -688,14 +762,17 @@ impl CudaEngine {
         Ok(dx)
     }
 
+    /// The normalised rows, only ever a GEMM operand (bf16 under mixed precision), with the
+    /// rows' means and reciprocal deviations for the backward pass.
     fn norm(
         &self,
         x: &Mem<f32>,
         w: Option<usize>,
         rows: usize,
-    ) -> Result<(Mem<f32>, Mem<f32>, Mem<f32>)> {
+    ) -> Result<(Act, Mem<f32>, Mem<f32>)> {
         let d = self.cfg.d_model;
-        let y = self.gpu.scratch::<f32>(rows * d)?;
+        let y = self.operand_out(rows * d)?;
+        let [yf, yb] = self.out_args(&y);
         let mean = self.gpu.scratch::<f32>(rows)?;
         let rstd = self.gpu.scratch::<f32>(rows)?;
         self.gpu.launch(
@@ -705,7 +782,8 @@ impl CudaEngine {
             &[
                 self.p(x),
                 Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
-                self.p(&y),
+                yf,
+                yb,
                 self.p(&mean),
                 self.p(&rstd),
                 Arg::I(d as i32),
@@ -988,32 +1066,30 @@ impl CudaEngine {
         let mut acts = Vec::new();
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
-            let qkv = self.linear(&ln1, o.att_proj, n, d, 3 * d)?;
+            let qkv = self.linear(ln1.src(), o.att_proj, n, d, 3 * d)?;
             self.rope(&qkv, n, t, false)?;
+            // after RoPE, q, k and v are only GEMM (or flash) operands
+            let qkv = self.into_operand(qkv)?;
             let att = self.gpu.scratch::<f32>(n * d)?;
-            let qp = self.prepare(&qkv)?;
+            let qp = self.operand(qkv.src())?;
             let probs = if self.flash {
                 self.flash_forward(qp.buf.ptr, &att, b, t)?
             } else {
                 self.materialised_forward(qp.buf, &att, b, t)?
             };
             drop(qp);
-            let proj = self.linear(&att, o.attn_out, n, d, d)?;
+            let proj = self.linear((&att).into(), o.attn_out, n, d, d)?;
             let x_mid = self.add(&x, &proj)?;
             let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
-            let ff_in = self.linear(&ln2, o.ff_proj, n, d, 2 * h)?;
-            let ff_act = self.gpu.scratch::<f32>(n * h)?;
+            let ff_in = self.linear(ln2.src(), o.ff_proj, n, d, 2 * h)?;
+            let ff_act = self.operand_out(n * h)?;
+            let [yf, yb] = self.out_args(&ff_act);
             self.gpu.launch_n(
                 "swiglu_fwd",
                 n * h,
-                &[
-                    self.p(&ff_in),
-                    self.p(&ff_act),
-                    Arg::L(n as i64),
-                    Arg::I(h as i32),
-                ],
+                &[self.p(&ff_in), yf, yb, Arg::L(n as i64), Arg::I(h as i32)],
             )?;
-            let ff = self.linear(&ff_act, o.ff_out, n, h, d)?;
+            let ff = self.linear(ff_act.src(), o.ff_out, n, h, d)?;
             let x_out = self.add(&x_mid, &ff)?;
             let x_in = std::mem::replace(&mut x, x_out);
             if backward.is_some() {
@@ -1036,7 +1112,7 @@ impl CudaEngine {
         }
         let (lnf, lnf_mean, lnf_rstd) = self.norm(&x, lay.ln_f, n)?;
         let head = lay.head.unwrap_or(lay.wte);
-        let logits = self.linear(&lnf, head, n, d, emb)?;
+        let logits = self.linear(lnf.src(), head, n, d, emb)?;
         let logp = self.gpu.scratch::<f32>(n)?;
         let zt = self.gpu.scratch::<f32>(n)?;
         self.gpu.launch(
@@ -1072,25 +1148,27 @@ impl CudaEngine {
         }
 
         // Backward; `logits` holds the scaled dL/dlogits.
-        let dlnf = self.linear_back(&logits, &lnf, head, n, d, emb)?;
+        let dlnf = self.linear_back((&logits).into(), lnf.src(), head, n, d, emb)?;
         drop(logits);
         let mut dx = self.gpu.zeros::<f32>(n * d)?;
         self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
-            let dff_act = self.linear_back(&dx, &a.ff_act, o.ff_out, n, h, d)?;
-            let dff_in = self.gpu.scratch::<f32>(n * 2 * h)?;
+            let dff_act = self.linear_back((&dx).into(), a.ff_act.src(), o.ff_out, n, h, d)?;
+            let dff_in = self.operand_out(n * 2 * h)?;
+            let [gf, gb] = self.out_args(&dff_in);
             self.gpu.launch_n(
                 "swiglu_bwd",
                 n * h,
                 &[
                     self.p(&dff_act),
                     self.p(&a.ff_in),
-                    self.p(&dff_in),
+                    gf,
+                    gb,
                     Arg::L(n as i64),
                     Arg::I(h as i32),
                 ],
             )?;
-            let dln2 = self.linear_back(&dff_in, &a.ln2, o.ff_proj, n, d, 2 * h)?;
+            let dln2 = self.linear_back(dff_in.src(), a.ln2.src(), o.ff_proj, n, d, 2 * h)?;
             let dx_mid = dx;
             self.norm_back(
                 &dln2,
@@ -1101,10 +1179,10 @@ impl CudaEngine {
                 n,
                 &dx_mid,
             )?;
-            let datt = self.linear_back(&dx_mid, &a.att, o.attn_out, n, d, d)?;
+            let datt = self.linear_back((&dx_mid).into(), (&a.att).into(), o.attn_out, n, d, d)?;
             let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
             let dop = self.prepare(&datt)?;
-            let qp = self.prepare(&a.qkv)?;
+            let qp = self.operand(a.qkv.src())?;
             match &a.probs {
                 Probs::Lse(lse) => {
                     self.flash_backward(qp.buf.ptr, &dop, (&datt, &a.att, lse), &dqkv, b, t)?
@@ -1113,7 +1191,7 @@ impl CudaEngine {
             }
             drop((dop, qp));
             self.rope(&dqkv, n, t, true)?;
-            let dln1 = self.linear_back(&dqkv, &a.ln1, o.att_proj, n, d, 3 * d)?;
+            let dln1 = self.linear_back((&dqkv).into(), a.ln1.src(), o.att_proj, n, d, 3 * d)?;
             let dx_in = dx_mid;
             self.norm_back(
                 &dln1,

@@ -16,15 +16,15 @@ use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 fn signature(name: &str) -> Option<&'static str> {
     Some(match name {
         "embed_fwd" | "embed_bwd" => "PPPLI",
-        "norm_fwd" => "PPPPPIFI",
+        "norm_fwd" => "PPPPPPIFI",
         "norm_bwd" => "PPPPPPPII",
         "rope" => "PPPLIIIIII",
         "softmax_fwd" => "PI",
         "softmax_bwd" => "PPIF",
         "softmax_fwd_bf16" => "PPI",
         "softmax_bwd_bf16" => "PPPIF",
-        "swiglu_fwd" => "PPLI",
-        "swiglu_bwd" => "PPPLI",
+        "swiglu_fwd" => "PPPLI",
+        "swiglu_bwd" => "PPPPLI",
         "cross_entropy" => "PPPPIFFI",
         "add" => "PPPL",
         "cast_bf16" => "PPL",
@@ -69,6 +69,20 @@ unsafe fn at<'a, T>(addr: u64, n: usize) -> &'a mut [T] {
 
 fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
+}
+
+/// A kernel result into its f32 output, or rounded into its bf16 output when that pointer is
+/// set (the kernels' convention for outputs that are only GEMM operands).
+///
+/// Safety: the set address is a live host buffer of `v.len()` elements.
+unsafe fn write_f32_or_bf16(v: &[f32], f32_out: u64, bf16_out: u64) {
+    if bf16_out != 0 {
+        for (o, x) in at::<u16>(bf16_out, v.len()).iter_mut().zip(v) {
+            *o = half::bf16::from_f32(*x).to_bits();
+        }
+    } else {
+        at::<f32>(f32_out, v.len()).copy_from_slice(v);
+    }
 }
 
 /// Runs one kernel launch.
@@ -128,24 +142,26 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "norm_fwd" => {
-                let d = int(a, 5);
+                let d = int(a, 6);
                 let x = at::<f32>(p(a, 0), rows * d);
                 let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
-                let kind = if int(a, 7) == 1 {
+                let kind = if int(a, 8) == 1 {
                     crate::ops::NormKind::Rms
                 } else {
                     crate::ops::NormKind::LayerNorm
                 };
+                let mut y = vec![0.0; rows * d];
                 crate::ops::norm_forward(
                     kind,
                     x,
                     d,
-                    f(a, 6),
+                    f(a, 7),
                     w,
-                    at(p(a, 2), rows * d),
-                    at(p(a, 3), rows),
+                    &mut y,
                     at(p(a, 4), rows),
+                    at(p(a, 5), rows),
                 );
+                write_f32_or_bf16(&y, p(a, 2), p(a, 3));
             }
             "norm_bwd" => {
                 let d = int(a, 7);
@@ -240,19 +256,18 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "swiglu_fwd" => {
-                let (n, h) = (int(a, 2), int(a, 3));
-                covers(n * h)?;
-                crate::ops::swiglu_forward(at(p(a, 0), n * 2 * h), h, at(p(a, 1), n * h));
-            }
-            "swiglu_bwd" => {
                 let (n, h) = (int(a, 3), int(a, 4));
                 covers(n * h)?;
-                crate::ops::swiglu_backward(
-                    at(p(a, 0), n * h),
-                    at(p(a, 1), n * 2 * h),
-                    h,
-                    at(p(a, 2), n * 2 * h),
-                );
+                let mut y = vec![0.0; n * h];
+                crate::ops::swiglu_forward(at(p(a, 0), n * 2 * h), h, &mut y);
+                write_f32_or_bf16(&y, p(a, 1), p(a, 2));
+            }
+            "swiglu_bwd" => {
+                let (n, h) = (int(a, 4), int(a, 5));
+                covers(n * h)?;
+                let mut dx = vec![0.0; n * 2 * h];
+                crate::ops::swiglu_backward(at(p(a, 0), n * h), at(p(a, 1), n * 2 * h), h, &mut dx);
+                write_f32_or_bf16(&dx, p(a, 2), p(a, 3));
             }
             "cross_entropy" => {
                 let v = int(a, 4);

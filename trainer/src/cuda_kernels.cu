@@ -62,13 +62,13 @@ extern "C" __global__ void embed_bwd(const unsigned* ids, const float* dx, float
     atomicAdd(&dwte[(long)ids[r] * d + i % d], dx[i]);
 }
 
-// One block per row. w may be null (no affine weight).
-extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, float* mean, float* rstd,
-                                    int d, float eps, int rms) {
+// One block per row. w may be null (no affine weight). The output goes to y (f32), or, when yb
+// is not null, to yb only, rounded to bf16: under mixed precision it is only a GEMM operand.
+extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf16_t* yb, float* mean,
+                                    float* rstd, int d, float eps, int rms) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     const float* xr = x + r * d;
-    float* yr = y + r * d;
     float m = 0.f;
     if (!rms) {
         float s = 0.f;
@@ -84,7 +84,11 @@ extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, fl
     float rs = rsqrtf(v + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = (xr[i] - m) * rs;
-        yr[i] = w ? o * w[i] : o;
+        o = w ? o * w[i] : o;
+        if (yb)
+            yb[r * d + i] = f2bf(o);
+        else
+            y[r * d + i] = o;
     }
     if (threadIdx.x == 0) {
         mean[r] = m;
@@ -205,16 +209,23 @@ extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf
         out[i] = f2bf(i <= t ? bf2f(pr[i]) * (dr[i] - w) * scale : 0.f);
 }
 
-extern "C" __global__ void swiglu_fwd(const float* x, float* y, long rows, int h) {
+// SwiGLU and its backward write f32 (y, dx), or bf16 only when yb / dxb is not null (under
+// mixed precision both results are only GEMM operands).
+extern "C" __global__ void swiglu_fwd(const float* x, float* y, bf16_t* yb, long rows, int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * h) return;
     long r = idx / h;
     int i = idx % h;
     float v = x[r * 2 * h + i], g = x[r * 2 * h + h + i];
-    y[idx] = g / (1.f + expf(-g)) * v;
+    float o = g / (1.f + expf(-g)) * v;
+    if (yb)
+        yb[idx] = f2bf(o);
+    else
+        y[idx] = o;
 }
 
-extern "C" __global__ void swiglu_bwd(const float* dy, const float* x, float* dx, long rows, int h) {
+extern "C" __global__ void swiglu_bwd(const float* dy, const float* x, float* dx, bf16_t* dxb, long rows,
+                                      int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * h) return;
     long r = idx / h;
@@ -222,8 +233,14 @@ extern "C" __global__ void swiglu_bwd(const float* dy, const float* x, float* dx
     float v = x[r * 2 * h + i], g = x[r * 2 * h + h + i];
     float sig = 1.f / (1.f + expf(-g));
     float d = dy[idx];
-    dx[r * 2 * h + i] = d * g * sig;
-    dx[r * 2 * h + h + i] = d * v * sig * (1.f + g * (1.f - sig));
+    float dv = d * g * sig, dg = d * v * sig * (1.f + g * (1.f - sig));
+    if (dxb) {
+        dxb[r * 2 * h + i] = f2bf(dv);
+        dxb[r * 2 * h + h + i] = f2bf(dg);
+    } else {
+        dx[r * 2 * h + i] = dv;
+        dx[r * 2 * h + h + i] = dg;
+    }
 }
 
 // One block per row: log p(target) and the z-loss term; with `backward`, overwrites the logits

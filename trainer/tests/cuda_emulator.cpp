@@ -157,8 +157,14 @@ int main(int argc, char** argv) {
         auto x = load<float>("x");
         std::vector<float> w = affine ? load<float>("w") : std::vector<float>();
         std::vector<float> y(rows * d), mean(rows), rstd(rows);
-        launch(rows, B, [&] { norm_fwd(x.data(), affine ? w.data() : nullptr, y.data(), mean.data(), rstd.data(), d, eps, rms); });
-        store("y", y), store("mean", mean), store("rstd", rstd);
+        std::vector<uint16_t> yb(rows * d);
+        launch(rows, B, [&] {
+            norm_fwd(x.data(), affine ? w.data() : nullptr, y.data(), nullptr, mean.data(), rstd.data(), d, eps, rms);
+        });
+        launch(rows, B, [&] {
+            norm_fwd(x.data(), affine ? w.data() : nullptr, nullptr, yb.data(), mean.data(), rstd.data(), d, eps, rms);
+        });
+        store("y", y), store("y_bf16", yb), store("mean", mean), store("rstd", rstd);
     } else if (k == "norm_bwd") {  // rows d rms affine
         long rows = I(4);
         int d = I(5), rms = I(6), affine = I(7);
@@ -206,9 +212,12 @@ int main(int argc, char** argv) {
         int h = I(5);
         auto x = load<float>("x"), dy = load<float>("dy");
         std::vector<float> y(rows * h), dx(rows * 2 * h);
-        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), y.data(), rows, h); });
-        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), dx.data(), rows, h); });
-        store("y", y), store("dx", dx);
+        std::vector<uint16_t> yb(rows * h), dxb(rows * 2 * h);
+        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), y.data(), nullptr, rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), dx.data(), nullptr, rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), nullptr, yb.data(), rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), nullptr, dxb.data(), rows, h); });
+        store("y", y), store("dx", dx), store("y_bf16", yb), store("dx_bf16", dxb);
     } else if (k == "cross_entropy") {  // rows V zloss gscale backward
         long rows = I(4);
         int V = I(5), backward = I(8);

@@ -124,6 +124,7 @@ fn norm_kernels_match_the_cpu() {
         let (mut y, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
         ops::norm_forward(kind, &x, d, 1e-5, wt, &mut y, &mut m, &mut r);
         close("norm_fwd y", &b.get("y"), &y, 1e-5);
+        same_bf16("norm_fwd into bf16", &b, "y_bf16", &b.get("y"));
         close("norm_fwd rstd", &b.get("rstd"), &r, 1e-5);
         let dy = rnd(rows * d, 3, 1.0);
         let dx0 = rnd(rows * d, 4, 1.0);
@@ -220,6 +221,20 @@ fn softmax_kernels_match_the_cpu_attention() {
         }
         close("softmax_bwd", &b.get("dp"), &want, 1e-5);
     }
+}
+
+/// A kernel's bf16 output is its f32 output rounded to nearest even, bit for bit.
+fn same_bf16(what: &str, b: &Bufs, name: &str, f32_out: &[f32]) {
+    let got: Vec<u16> = b
+        .raw(name)
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let want: Vec<u16> = f32_out
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(got, want, "{what}");
 }
 
 /// Relative L2 error of `got` against `want`.
@@ -373,6 +388,8 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     ops::swiglu_backward(&dy, &x, h, &mut dx);
     close("swiglu_fwd", &b.get("y"), &y, 1e-5);
     close("swiglu_bwd", &b.get("dx"), &dx, 1e-5);
+    same_bf16("swiglu_fwd into bf16", &b, "y_bf16", &b.get("y"));
+    same_bf16("swiglu_bwd into bf16", &b, "dx_bf16", &b.get("dx"));
 
     let (n, d, vocab) = (9, 6, 5);
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 1) % vocab).collect();
