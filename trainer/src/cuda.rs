@@ -664,25 +664,6 @@ impl CudaEngine {
         Arg::P(self.gpu.ptr(s, 0))
     }
 
-    /// An f32 result that is from now on only a GEMM operand: cast to bf16 (and the f32
-    /// buffer freed) under mixed precision.
-    fn into_operand(&self, m: Mem<f32>) -> Result<Act> {
-        if !self.bf16 {
-            return Ok(Act::F32(m));
-        }
-        let out: Mem<u16> = self.gpu.scratch(m.len())?;
-        self.gpu.launch_n(
-            "cast_bf16",
-            m.len(),
-            &[
-                Arg::P(self.gpu.ptr(&m, 0)),
-                Arg::P(self.gpu.ptr(&out, 0)),
-                Arg::L(m.len() as i64),
-            ],
-        )?;
-        Ok(Act::Bf16(out))
-    }
-
     /// An activation as a GEMM operand: bf16 ones as they are, f32 ones `prepare`d.
     fn operand(&self, x: Src) -> Result<Prepared> {
         match x {
@@ -823,14 +804,24 @@ impl CudaEngine {
         )
     }
 
-    fn rope(&self, qkv: &Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<()> {
+    /// RoPE on q and k of fused qkv rows (or its inverse on their gradients). From here on
+    /// q, k and v are only GEMM (or flash) operands, so under mixed precision the kernel
+    /// writes all three into a bf16 copy and the f32 rows are freed; in fp32 it works in place.
+    fn rope(&self, qkv: Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<Act> {
         let c = &self.cfg;
         let half = c.head_dim() / 2;
+        let out = if self.bf16 {
+            Some(self.gpu.scratch::<u16>(qkv.len())?)
+        } else {
+            None
+        };
+        let parts = if out.is_some() { 3 } else { 2 };
         self.gpu.launch_n(
             "rope",
-            rows * 2 * c.n_heads * half,
+            rows * parts * c.n_heads * half,
             &[
-                self.p(qkv),
+                self.p(&qkv),
+                Arg::P(out.as_ref().map_or(0, |o| self.gpu.ptr(o, 0))),
                 self.p(&self.cos),
                 self.p(&self.sin),
                 Arg::L(rows as i64),
@@ -838,10 +829,14 @@ impl CudaEngine {
                 Arg::I(c.n_heads as i32),
                 Arg::I(half as i32),
                 Arg::I(3 * c.d_model as i32),
-                Arg::I(2),
+                Arg::I(parts as i32),
                 Arg::I(inverse as i32),
             ],
-        )
+        )?;
+        Ok(match out {
+            Some(o) => Act::Bf16(o),
+            None => Act::F32(qkv),
+        })
     }
 
     fn add(&self, a: &Mem<f32>, b: &Mem<f32>) -> Result<Mem<f32>> {
@@ -1067,9 +1062,7 @@ impl CudaEngine {
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(ln1.src(), o.att_proj, n, d, 3 * d)?;
-            self.rope(&qkv, n, t, false)?;
-            // after RoPE, q, k and v are only GEMM (or flash) operands
-            let qkv = self.into_operand(qkv)?;
+            let qkv = self.rope(qkv, n, t, false)?;
             let att = self.gpu.scratch::<f32>(n * d)?;
             let qp = self.operand(qkv.src())?;
             let probs = if self.flash {
@@ -1190,8 +1183,8 @@ impl CudaEngine {
                 probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }
             drop((dop, qp));
-            self.rope(&dqkv, n, t, true)?;
-            let dln1 = self.linear_back((&dqkv).into(), a.ln1.src(), o.att_proj, n, d, 3 * d)?;
+            let dqkv = self.rope(dqkv, n, t, true)?;
+            let dln1 = self.linear_back(dqkv.src(), a.ln1.src(), o.att_proj, n, d, 3 * d)?;
             let dx_in = dx_mid;
             self.norm_back(
                 &dln1,

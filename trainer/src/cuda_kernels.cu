@@ -123,8 +123,11 @@ extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float
 }
 
 // NeoX rotate-half RoPE in place on `parts` consecutive [heads, 2*half] groups of each row.
-extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
-                                int half, int stride, int parts, int inverse) {
+// RoPE over the first two of `parts` column blocks of `heads` heads (q and k of a fused qkv
+// row); further blocks (v) pass unrotated. In place, or, when y is not null, into y as bf16
+// (under mixed precision q, k and v are from here on only GEMM operands).
+extern "C" __global__ void rope(float* x, bf16_t* y, const float* cosb, const float* sinb, long rows, int T,
+                                int heads, int half, int stride, int parts, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long total = rows * parts * heads * half;
     if (idx >= total) return;
@@ -133,12 +136,22 @@ extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, 
     int h = q % (parts * heads);
     long r = q / (parts * heads);
     int t = r % T;
-    float c = cosb[t * half + j], s = sinb[t * half + j];
-    if (inverse) s = -s;
-    float* base = x + r * stride + (long)h * 2 * half;
-    float a = base[j], b = base[j + half];
-    base[j] = a * c - b * s;
-    base[j + half] = b * c + a * s;
+    long at = r * stride + (long)h * 2 * half;
+    float a = x[at + j], b = x[at + j + half];
+    float oa = a, ob = b;
+    if (h < 2 * heads) {
+        float c = cosb[t * half + j], s = sinb[t * half + j];
+        if (inverse) s = -s;
+        oa = a * c - b * s;
+        ob = b * c + a * s;
+    }
+    if (y) {
+        y[at + j] = f2bf(oa);
+        y[at + j + half] = f2bf(ob);
+    } else {
+        x[at + j] = oa;
+        x[at + j + half] = ob;
+    }
 }
 
 // Causal softmax in place over rows of length T (row r is position r % T).

@@ -182,9 +182,12 @@ int main(int argc, char** argv) {
         long rows = I(4);
         int T = I(5), heads = I(6), half = I(7), stride = I(8), parts = I(9), inv = I(10);
         auto x = load<float>("x"), c = load<float>("cos"), s = load<float>("sin");
+        std::vector<uint16_t> y(x.size());
         launch(grid_n(rows * parts * heads * half), B,
-               [&] { rope(x.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
-        store("x", x);
+               [&] { rope(x.data(), y.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
+        launch(grid_n(rows * parts * heads * half), B,
+               [&] { rope(x.data(), nullptr, c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
+        store("x", x), store("y_bf16", y);
     } else if (k == "softmax_fwd") {  // rows T
         long rows = I(4);
         int T = I(5);

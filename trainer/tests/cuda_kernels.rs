@@ -161,7 +161,8 @@ fn rope_kernel_matches_the_cpu_both_ways() {
     let d = heads * hd;
     let rows = bsz * t;
     let table = RopeTable::new(16, hd, 10_000.0);
-    for inverse in [false, true] {
+    // q and k rotated in place; with v as a third part, all three into bf16 (v unrotated)
+    for (inverse, parts) in [(false, 2), (true, 2), (false, 3), (true, 3)] {
         let b = Bufs::new();
         let x = rnd(rows * 3 * d, 6, 1.0);
         b.put("x", &x);
@@ -171,11 +172,15 @@ fn rope_kernel_matches_the_cpu_both_ways() {
             bin,
             "rope",
             64,
-            &s![rows, t, heads, hd / 2, 3 * d, 2, inverse as i32],
+            &s![rows, t, heads, hd / 2, 3 * d, parts, inverse as i32],
         );
         let mut want = x.clone();
         ops::rope(&mut want, 3 * d, 2, t, heads, &table, inverse);
-        close("rope", &b.get("x"), &want, 1e-6);
+        let got = b.get("x");
+        close("rope", &got, &want, 1e-6);
+        if parts == 3 {
+            same_bf16("rope into bf16", &b, "y_bf16", &got);
+        }
     }
 }
 
