@@ -388,13 +388,27 @@ __device__ __forceinline__ unsigned tile_pair(const unsigned* tile, int row, int
     return tile[row * Tile<HD>::W + (col >> 1)];
 }
 
-// Two bf16 at (row, col) and (row + 1, col) of a tile, packed (the k-major B operand).
+#ifndef LDMATRIX_X4_TRANS
+// ldmatrix .x4 .trans: lanes 8i..8i+7 give the addresses of rows 0..7 (16 bytes each, 16-byte
+// aligned) of 8×8 bf16 matrix i; each lane receives in r[i] matrix i's elements (2c, g) and
+// (2c + 1, g), that is the transposed pair, which is a B fragment register of mma.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned* row) {
+    asm volatile(
+        "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n"
+        " ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+        : "l"(row));
+}
+#endif
+
+// The B fragments of k rows k0..k0+15 and n columns n0..n0+15 of a row-major tile (the tile's
+// rows are the k dimension): b[0..1] for columns n0..n0+7, b[2..3] for n0+8..n0+15. One
+// ldmatrix.trans instead of eight 16-bit gathers.
 template <int HD>
-__device__ __forceinline__ unsigned tile_column_pair(const unsigned* tile, int row, int col) {
-    constexpr int W = Tile<HD>::W;
-    unsigned a = tile[row * W + (col >> 1)], b = tile[(row + 1) * W + (col >> 1)];
-    int sh = (col & 1) * 16;
-    return ((a >> sh) & 0xffffu) | (((b >> sh) & 0xffffu) << 16);
+__device__ __forceinline__ void tile_column_frags(unsigned* b, const unsigned* tile, int k0, int n0) {
+    int lane = threadIdx.x & 31, m = lane >> 3;
+    int row = k0 + (m & 1) * 8 + (lane & 7), col = n0 + (m >> 1) * 8;
+    ldmatrix_x4_trans(b, tile + row * Tile<HD>::W + (col >> 1));
 }
 
 // Two bf16 at (row, col), (row, col + 1) of a global bf16 matrix, zeros past `limit` rows.
@@ -428,8 +442,8 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int k
 template <int HD>
 __device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T, int H, float scale) {
     constexpr int BR = 64, BC = 64, W = Tile<HD>::W;
-    __shared__ unsigned ks[BC * W];
-    __shared__ unsigned vs[BC * W];
+    __shared__ __align__(16) unsigned ks[BC * W];
+    __shared__ __align__(16) unsigned vs[BC * W];
     int nqb = (T + BR - 1) / BR;
     int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;  // long rows first
     int b = bh / H, h = bh % H;
@@ -496,10 +510,11 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T,
             unsigned a[4];
             acc_to_a(a, s, kk);
             #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                unsigned bf[2] = {tile_column_pair<HD>(vs, kk * 16 + 2 * c, nt * 8 + g),
-                                  tile_column_pair<HD>(vs, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned bf[4];
+                tile_column_frags<HD>(bf, vs, kk * 16, nt * 8);
                 mma_bf16_16816(o[nt], a, bf);
+                mma_bf16_16816(o[nt + 1], a, bf + 2);
             }
         }
     }
@@ -541,8 +556,8 @@ template <int HD>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                               float* dqkv, int T, int H, float scale) {
     constexpr int BR = 64, BC = 32, W = Tile<HD>::W;
-    __shared__ unsigned ks[BC * W];
-    __shared__ unsigned vs[BC * W];
+    __shared__ __align__(16) unsigned ks[BC * W];
+    __shared__ __align__(16) unsigned vs[BC * W];
     int nqb = (T + BR - 1) / BR;
     int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;
     int b = bh / H, h = bh % H;
@@ -601,10 +616,11 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
             unsigned a[4];
             acc_to_a(a, s, kk);
             #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                unsigned bf[2] = {tile_column_pair<HD>(ks, kk * 16 + 2 * c, nt * 8 + g),
-                                  tile_column_pair<HD>(ks, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned bf[4];
+                tile_column_frags<HD>(bf, ks, kk * 16, nt * 8);
                 mma_bf16_16816(dq[nt], a, bf);
+                mma_bf16_16816(dq[nt + 1], a, bf + 2);
             }
         }
     }
@@ -625,10 +641,10 @@ template <int HD>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                                 float* dqkv, int T, int H, float scale) {
     constexpr int BK = 32, BQ = 32, W = Tile<HD>::W;
-    __shared__ unsigned ks[BK * W];
-    __shared__ unsigned vs[BK * W];
-    __shared__ unsigned qs[BQ * W];
-    __shared__ unsigned dos[BQ * W];
+    __shared__ __align__(16) unsigned ks[BK * W];
+    __shared__ __align__(16) unsigned vs[BK * W];
+    __shared__ __align__(16) unsigned qs[BQ * W];
+    __shared__ __align__(16) unsigned dos[BQ * W];
     __shared__ float ls[BQ];
     __shared__ float dd[BQ];
     int nkb = (T + BK - 1) / BK;
@@ -691,13 +707,14 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             acc_to_a(pa, s, kk);
             acc_to_a(sa, dp, kk);
             #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                unsigned db[2] = {tile_column_pair<HD>(dos, kk * 16 + 2 * c, nt * 8 + g),
-                                  tile_column_pair<HD>(dos, kk * 16 + 8 + 2 * c, nt * 8 + g)};
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned db[4], qb4[4];
+                tile_column_frags<HD>(db, dos, kk * 16, nt * 8);
                 mma_bf16_16816(dv[nt], pa, db);
-                unsigned qb2[2] = {tile_column_pair<HD>(qs, kk * 16 + 2 * c, nt * 8 + g),
-                                   tile_column_pair<HD>(qs, kk * 16 + 8 + 2 * c, nt * 8 + g)};
-                mma_bf16_16816(dk[nt], sa, qb2);
+                mma_bf16_16816(dv[nt + 1], pa, db + 2);
+                tile_column_frags<HD>(qb4, qs, kk * 16, nt * 8);
+                mma_bf16_16816(dk[nt], sa, qb4);
+                mma_bf16_16816(dk[nt + 1], sa, qb4 + 2);
             }
         }
     }
