@@ -370,15 +370,16 @@ struct Tile {
 };
 
 // Copies rows [r0, r0 + rows) of a bf16 matrix (row stride `ld` elements, starting at column
-// 0 of `src`) into a tile; rows at or past `limit` become zeros.
+// 0 of `src`) into a tile, 16 bytes per load; rows at or past `limit` become zeros. The rows
+// (of q, k, v or dO: ld and the head's offset are multiples of 8) are 16-byte aligned.
 template <int HD>
 __device__ __forceinline__ void tile_load(unsigned* tile, const bf16_t* src, long ld, int r0, int rows, int limit) {
-    constexpr int WR = HD / 2, W = Tile<HD>::W;
-    for (int i = threadIdx.x; i < rows * WR; i += blockDim.x) {
-        int r = i / WR, w = i % WR;
-        unsigned v = 0;
-        if (r0 + r < limit) v = ((const unsigned*)(src + (long)(r0 + r) * ld))[w];
-        tile[r * W + w] = v;
+    constexpr int VR = HD / 8, W = Tile<HD>::W;
+    for (int i = threadIdx.x; i < rows * VR; i += blockDim.x) {
+        int r = i / VR, v = i % VR;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < limit) x = ((const uint4*)(src + (long)(r0 + r) * ld))[v];
+        *(uint4*)(tile + r * W + v * 4) = x;
     }
 }
 
