@@ -446,7 +446,8 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T,
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
     int nqb = (T + BR - 1) / BR;
-    int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;  // long rows first
+    // The longest rows (last query blocks) of every head first, so the short ones fill the tail.
+    int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
     long d = (long)H * HD, ld = 3 * d;
     const bf16_t* q = qkv + (long)b * T * ld + h * HD;
@@ -560,7 +561,7 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
     int nqb = (T + BR - 1) / BR;
-    int bh = blockIdx.x / nqb, qb = nqb - 1 - blockIdx.x % nqb;
+    int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
     long d = (long)H * HD, ld = 3 * d;
     const bf16_t* q = qkv + (long)b * T * ld + h * HD;
@@ -649,7 +650,8 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     __shared__ float ls[BQ];
     __shared__ float dd[BQ];
     int nkb = (T + BK - 1) / BK;
-    int bh = blockIdx.x / nkb, kb = blockIdx.x % nkb;  // early keys (most queries) first
+    // The first keys (seen by the most queries) of every head first.
+    int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
     long d = (long)H * HD, ld = 3 * d;
     const bf16_t* q = qkv + (long)b * T * ld + h * HD;
