@@ -41,6 +41,9 @@ const KERNELS: &[&str] = &[
     "softmax_bwd_bf16",
     "swiglu_fwd",
     "swiglu_bwd",
+    "swiglu_fwd_bf16",
+    "swiglu_bwd_bf16",
+    "rope_bf16",
     "cross_entropy",
     "add",
     "cast_bf16",
@@ -361,6 +364,9 @@ impl Gpu {
         if spec.a.bf16 != spec.b.bf16 {
             bail!("gemm operands of mixed precision");
         }
+        if spec.c_bf16 && spec.beta != 0.0 {
+            bail!("a bf16 GEMM output cannot accumulate (beta {})", spec.beta);
+        }
         let Some(c) = &self.cuda else {
             crate::cuda_host::gemm(spec);
             return Ok(());
@@ -398,7 +404,11 @@ impl Gpu {
                 a.stride_b as i64,
                 &spec.beta as *const f32 as *const _,
                 a.c as *mut _,
-                cudaDataType_t::CUDA_R_32F,
+                if spec.c_bf16 {
+                    cudaDataType_t::CUDA_R_16BF
+                } else {
+                    cudaDataType_t::CUDA_R_32F
+                },
                 a.ldc as i32,
                 a.stride_c as i64,
                 a.batch as i32,
@@ -510,7 +520,7 @@ struct Acts {
     ln2: Act,
     ln2_mean: Mem<f32>,
     ln2_rstd: Mem<f32>,
-    ff_in: Mem<f32>,
+    ff_in: Act,
     ff_act: Act,
 }
 
@@ -696,14 +706,37 @@ impl CudaEngine {
         }
     }
 
-    /// `y = x Wᵀ` for rows of x; W at `w` is `[outp, inp]`.
-    fn linear(&self, x: Src, w: usize, rows: usize, inp: usize, outp: usize) -> Result<Mem<f32>> {
-        let y = self.gpu.scratch::<f32>(rows * outp)?;
+    /// A buffer's address as a GEMM output of its type.
+    fn out_buf(&self, a: &Act) -> Buf {
+        match a {
+            Act::F32(m) => Buf::f32(self.gpu.ptr(m, 0)),
+            Act::Bf16(m) => Buf {
+                ptr: self.gpu.ptr(m, 0),
+                bf16: true,
+            },
+        }
+    }
+
+    /// `y = x Wᵀ` for rows of x; W at `w` is `[outp, inp]`. `to_operand`: y is only a GEMM
+    /// operand (or the input of a kernel that makes one), so under mixed precision the GEMM
+    /// writes it in bf16, as autocast does; otherwise f32.
+    fn linear(
+        &self,
+        x: Src,
+        w: usize,
+        (rows, inp, outp): (usize, usize, usize),
+        to_operand: bool,
+    ) -> Result<Act> {
+        let y = if to_operand {
+            self.operand_out(rows * outp)?
+        } else {
+            Act::F32(self.gpu.scratch(rows * outp)?)
+        };
         let xp = self.operand(x)?;
         self.gpu.gemm(&gemm_plan::linear_fwd(
             xp.buf,
             self.weight(w),
-            self.gpu.ptr(&y, 0),
+            self.out_buf(&y),
             rows,
             inp,
             outp,
@@ -711,22 +744,33 @@ impl CudaEngine {
         Ok(y)
     }
 
-    /// dx = dy W (fresh buffer), dW += dyᵀ x.
+    /// `linear` into f32.
+    fn linear_f32(&self, x: Src, w: usize, shape: (usize, usize, usize)) -> Result<Mem<f32>> {
+        match self.linear(x, w, shape, false)? {
+            Act::F32(m) => Ok(m),
+            Act::Bf16(_) => unreachable!("an f32 GEMM output"),
+        }
+    }
+
+    /// dx = dy W (fresh buffer; bf16 under mixed precision with `to_operand`), dW += dyᵀ x.
     fn linear_back(
         &self,
         dy: Src,
         x: Src,
         w: usize,
-        rows: usize,
-        inp: usize,
-        outp: usize,
-    ) -> Result<Mem<f32>> {
-        let dx = self.gpu.scratch::<f32>(rows * inp)?;
+        (rows, inp, outp): (usize, usize, usize),
+        to_operand: bool,
+    ) -> Result<Act> {
+        let dx = if to_operand {
+            self.operand_out(rows * inp)?
+        } else {
+            Act::F32(self.gpu.scratch(rows * inp)?)
+        };
         let dyp = self.operand(dy)?;
         self.gpu.gemm(&gemm_plan::linear_dx(
             dyp.buf,
             self.weight(w),
-            self.gpu.ptr(&dx, 0),
+            self.out_buf(&dx),
             rows,
             inp,
             outp,
@@ -741,6 +785,20 @@ impl CudaEngine {
             outp,
         ))?;
         Ok(dx)
+    }
+
+    /// `linear_back` with dx in f32.
+    fn linear_back_f32(
+        &self,
+        dy: Src,
+        x: Src,
+        w: usize,
+        shape: (usize, usize, usize),
+    ) -> Result<Mem<f32>> {
+        match self.linear_back(dy, x, w, shape, false)? {
+            Act::F32(m) => Ok(m),
+            Act::Bf16(_) => unreachable!("an f32 GEMM output"),
+        }
     }
 
     /// The normalised rows, only ever a GEMM operand (bf16 under mixed precision), with the
@@ -807,7 +865,7 @@ impl CudaEngine {
     /// RoPE on q and k of fused qkv rows (or its inverse on their gradients). From here on
     /// q, k and v are only GEMM (or flash) operands, so under mixed precision the kernel
     /// writes all three into a bf16 copy and the f32 rows are freed; in fp32 it works in place.
-    fn rope(&self, qkv: Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<Act> {
+    fn rope_f32(&self, qkv: Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<Act> {
         let c = &self.cfg;
         let half = c.head_dim() / 2;
         let out = if self.bf16 {
@@ -837,6 +895,78 @@ impl CudaEngine {
             Some(o) => Act::Bf16(o),
             None => Act::F32(qkv),
         })
+    }
+
+    /// RoPE on the qkv projection: in place on its bf16 rows under mixed precision, else
+    /// on the f32 rows.
+    fn rope_fwd(&self, qkv: Act, rows: usize, t: usize) -> Result<Act> {
+        let m = match qkv {
+            Act::F32(m) => return self.rope_f32(m, rows, t, false),
+            Act::Bf16(m) => m,
+        };
+        let c = &self.cfg;
+        let half = c.head_dim() / 2;
+        self.gpu.launch_n(
+            "rope_bf16",
+            rows * 2 * c.n_heads * half,
+            &[
+                Arg::P(self.gpu.ptr(&m, 0)),
+                self.p(&self.cos),
+                self.p(&self.sin),
+                Arg::L(rows as i64),
+                Arg::I(t as i32),
+                Arg::I(c.n_heads as i32),
+                Arg::I(half as i32),
+                Arg::I(3 * c.d_model as i32),
+                Arg::I(0),
+            ],
+        )?;
+        Ok(Act::Bf16(m))
+    }
+
+    /// SwiGLU of `[rows, 2h]` into `[rows, h]`, in the input's type.
+    fn swiglu(&self, x: &Act, rows: usize) -> Result<Act> {
+        let h = self.cfg.mlp_hidden;
+        let (name, y) = match x {
+            Act::F32(_) => ("swiglu_fwd", Act::F32(self.gpu.scratch(rows * h)?)),
+            Act::Bf16(_) => ("swiglu_fwd_bf16", Act::Bf16(self.gpu.scratch(rows * h)?)),
+        };
+        self.gpu.launch_n(
+            name,
+            rows * h,
+            &[
+                Arg::P(self.out_buf(x).ptr),
+                Arg::P(self.out_buf(&y).ptr),
+                Arg::L(rows as i64),
+                Arg::I(h as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// SwiGLU's backward: dL/d(value | gate) from dL/dy, in the inputs' type.
+    fn swiglu_back(&self, dy: &Act, x: &Act, rows: usize) -> Result<Act> {
+        let h = self.cfg.mlp_hidden;
+        let (name, dx) = match (dy, x) {
+            (Act::F32(_), Act::F32(_)) => ("swiglu_bwd", Act::F32(self.gpu.scratch(rows * 2 * h)?)),
+            (Act::Bf16(_), Act::Bf16(_)) => (
+                "swiglu_bwd_bf16",
+                Act::Bf16(self.gpu.scratch(rows * 2 * h)?),
+            ),
+            _ => bail!("SwiGLU backward over mixed f32 and bf16 buffers"),
+        };
+        self.gpu.launch_n(
+            name,
+            rows * h,
+            &[
+                Arg::P(self.out_buf(dy).ptr),
+                Arg::P(self.out_buf(x).ptr),
+                Arg::P(self.out_buf(&dx).ptr),
+                Arg::L(rows as i64),
+                Arg::I(h as i32),
+            ],
+        )?;
+        Ok(dx)
     }
 
     fn add(&self, a: &Mem<f32>, b: &Mem<f32>) -> Result<Mem<f32>> {
@@ -1061,8 +1191,8 @@ impl CudaEngine {
         let mut acts = Vec::new();
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
-            let qkv = self.linear(ln1.src(), o.att_proj, n, d, 3 * d)?;
-            let qkv = self.rope(qkv, n, t, false)?;
+            let qkv = self.linear(ln1.src(), o.att_proj, (n, d, 3 * d), true)?;
+            let qkv = self.rope_fwd(qkv, n, t)?;
             let att = self.gpu.scratch::<f32>(n * d)?;
             let qp = self.operand(qkv.src())?;
             let probs = if self.flash {
@@ -1071,18 +1201,12 @@ impl CudaEngine {
                 self.materialised_forward(qp.buf, &att, b, t)?
             };
             drop(qp);
-            let proj = self.linear((&att).into(), o.attn_out, n, d, d)?;
+            let proj = self.linear_f32((&att).into(), o.attn_out, (n, d, d))?;
             let x_mid = self.add(&x, &proj)?;
             let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
-            let ff_in = self.linear(ln2.src(), o.ff_proj, n, d, 2 * h)?;
-            let ff_act = self.operand_out(n * h)?;
-            let [yf, yb] = self.out_args(&ff_act);
-            self.gpu.launch_n(
-                "swiglu_fwd",
-                n * h,
-                &[self.p(&ff_in), yf, yb, Arg::L(n as i64), Arg::I(h as i32)],
-            )?;
-            let ff = self.linear(ff_act.src(), o.ff_out, n, h, d)?;
+            let ff_in = self.linear(ln2.src(), o.ff_proj, (n, d, 2 * h), true)?;
+            let ff_act = self.swiglu(&ff_in, n)?;
+            let ff = self.linear_f32(ff_act.src(), o.ff_out, (n, h, d))?;
             let x_out = self.add(&x_mid, &ff)?;
             let x_in = std::mem::replace(&mut x, x_out);
             if backward.is_some() {
@@ -1105,7 +1229,7 @@ impl CudaEngine {
         }
         let (lnf, lnf_mean, lnf_rstd) = self.norm(&x, lay.ln_f, n)?;
         let head = lay.head.unwrap_or(lay.wte);
-        let logits = self.linear(lnf.src(), head, n, d, emb)?;
+        let logits = self.linear_f32(lnf.src(), head, (n, d, emb))?;
         let logp = self.gpu.scratch::<f32>(n)?;
         let zt = self.gpu.scratch::<f32>(n)?;
         self.gpu.launch(
@@ -1141,27 +1265,16 @@ impl CudaEngine {
         }
 
         // Backward; `logits` holds the scaled dL/dlogits.
-        let dlnf = self.linear_back((&logits).into(), lnf.src(), head, n, d, emb)?;
+        let dlnf = self.linear_back_f32((&logits).into(), lnf.src(), head, (n, d, emb))?;
         drop(logits);
         let mut dx = self.gpu.zeros::<f32>(n * d)?;
         self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
-            let dff_act = self.linear_back((&dx).into(), a.ff_act.src(), o.ff_out, n, h, d)?;
-            let dff_in = self.operand_out(n * 2 * h)?;
-            let [gf, gb] = self.out_args(&dff_in);
-            self.gpu.launch_n(
-                "swiglu_bwd",
-                n * h,
-                &[
-                    self.p(&dff_act),
-                    self.p(&a.ff_in),
-                    gf,
-                    gb,
-                    Arg::L(n as i64),
-                    Arg::I(h as i32),
-                ],
-            )?;
-            let dln2 = self.linear_back(dff_in.src(), a.ln2.src(), o.ff_proj, n, d, 2 * h)?;
+            let dff_act =
+                self.linear_back((&dx).into(), a.ff_act.src(), o.ff_out, (n, h, d), true)?;
+            let dff_in = self.swiglu_back(&dff_act, &a.ff_in, n)?;
+            drop(dff_act);
+            let dln2 = self.linear_back_f32(dff_in.src(), a.ln2.src(), o.ff_proj, (n, d, 2 * h))?;
             let dx_mid = dx;
             self.norm_back(
                 &dln2,
@@ -1172,7 +1285,8 @@ impl CudaEngine {
                 n,
                 &dx_mid,
             )?;
-            let datt = self.linear_back((&dx_mid).into(), (&a.att).into(), o.attn_out, n, d, d)?;
+            let datt =
+                self.linear_back_f32((&dx_mid).into(), (&a.att).into(), o.attn_out, (n, d, d))?;
             let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
             let dop = self.prepare(&datt)?;
             let qp = self.operand(a.qkv.src())?;
@@ -1183,8 +1297,8 @@ impl CudaEngine {
                 probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }
             drop((dop, qp));
-            let dqkv = self.rope(dqkv, n, t, true)?;
-            let dln1 = self.linear_back(dqkv.src(), a.ln1.src(), o.att_proj, n, d, 3 * d)?;
+            let dqkv = self.rope_f32(dqkv, n, t, true)?;
+            let dln1 = self.linear_back_f32(dqkv.src(), a.ln1.src(), o.att_proj, (n, d, 3 * d))?;
             let dx_in = dx_mid;
             self.norm_back(
                 &dln1,

@@ -23,8 +23,9 @@ fn signature(name: &str) -> Option<&'static str> {
         "softmax_bwd" => "PPIF",
         "softmax_fwd_bf16" => "PPI",
         "softmax_bwd_bf16" => "PPPIF",
-        "swiglu_fwd" => "PPPLI",
-        "swiglu_bwd" => "PPPPLI",
+        "swiglu_fwd" | "swiglu_fwd_bf16" => "PPLI",
+        "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
+        "rope_bf16" => "PPPLIIIII",
         "cross_entropy" => "PPPPIFFI",
         "add" => "PPPL",
         "cast_bf16" => "PPL",
@@ -71,17 +72,27 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// A kernel result into its f32 output, or rounded into its bf16 output when that pointer is
-/// set (the kernels' convention for outputs that are only GEMM operands).
+/// A kernel's f32 or bf16 input as f32.
 ///
-/// Safety: the set address is a live host buffer of `v.len()` elements.
-unsafe fn write_f32_or_bf16(v: &[f32], f32_out: u64, bf16_out: u64) {
-    if bf16_out != 0 {
-        for (o, x) in at::<u16>(bf16_out, v.len()).iter_mut().zip(v) {
+/// Safety: `addr` is a live host buffer of `n` elements of that type.
+unsafe fn read_f32_or_bf16(addr: u64, n: usize, bf16: bool) -> Vec<f32> {
+    if bf16 {
+        at::<u16>(addr, n).iter().map(|&b| bf16_to_f32(b)).collect()
+    } else {
+        at::<f32>(addr, n).to_vec()
+    }
+}
+
+/// A kernel result into its f32 output, or rounded into its bf16 output.
+///
+/// Safety: `addr` is a live host buffer of `v.len()` elements of that type.
+unsafe fn write_f32_or_bf16(v: &[f32], addr: u64, bf16: bool) {
+    if bf16 {
+        for (o, x) in at::<u16>(addr, v.len()).iter_mut().zip(v) {
             *o = half::bf16::from_f32(*x).to_bits();
         }
     } else {
-        at::<f32>(f32_out, v.len()).copy_from_slice(v);
+        at::<f32>(addr, v.len()).copy_from_slice(v);
     }
 }
 
@@ -161,7 +172,12 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     at(p(a, 4), rows),
                     at(p(a, 5), rows),
                 );
-                write_f32_or_bf16(&y, p(a, 2), p(a, 3));
+                // the f32 output, or the bf16 one when that pointer is set
+                if p(a, 3) != 0 {
+                    write_f32_or_bf16(&y, p(a, 3), true);
+                } else {
+                    write_f32_or_bf16(&y, p(a, 2), false);
+                }
             }
             "norm_bwd" => {
                 let d = int(a, 7);
@@ -269,19 +285,43 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     }
                 }
             }
-            "swiglu_fwd" => {
+            "swiglu_fwd" | "swiglu_fwd_bf16" => {
+                let (n, h) = (int(a, 2), int(a, 3));
+                covers(n * h)?;
+                let bf = name.ends_with("_bf16");
+                let x = read_f32_or_bf16(p(a, 0), n * 2 * h, bf);
+                let mut y = vec![0.0; n * h];
+                crate::ops::swiglu_forward(&x, h, &mut y);
+                write_f32_or_bf16(&y, p(a, 1), bf);
+            }
+            "swiglu_bwd" | "swiglu_bwd_bf16" => {
                 let (n, h) = (int(a, 3), int(a, 4));
                 covers(n * h)?;
-                let mut y = vec![0.0; n * h];
-                crate::ops::swiglu_forward(at(p(a, 0), n * 2 * h), h, &mut y);
-                write_f32_or_bf16(&y, p(a, 1), p(a, 2));
-            }
-            "swiglu_bwd" => {
-                let (n, h) = (int(a, 4), int(a, 5));
-                covers(n * h)?;
+                let bf = name.ends_with("_bf16");
+                let dy = read_f32_or_bf16(p(a, 0), n * h, bf);
+                let x = read_f32_or_bf16(p(a, 1), n * 2 * h, bf);
                 let mut dx = vec![0.0; n * 2 * h];
-                crate::ops::swiglu_backward(at(p(a, 0), n * h), at(p(a, 1), n * 2 * h), h, &mut dx);
-                write_f32_or_bf16(&dx, p(a, 2), p(a, 3));
+                crate::ops::swiglu_backward(&dy, &x, h, &mut dx);
+                write_f32_or_bf16(&dx, p(a, 2), bf);
+            }
+            "rope_bf16" => {
+                let (n, t, heads, half, stride, inv) = (
+                    int(a, 3),
+                    int(a, 4),
+                    int(a, 5),
+                    int(a, 6),
+                    int(a, 7),
+                    int(a, 8),
+                );
+                covers(n * 2 * heads * half)?;
+                let mut x = read_f32_or_bf16(p(a, 0), n * stride, true);
+                let table = crate::ops::RopeTable {
+                    cos: at::<f32>(p(a, 1), t * half).to_vec(),
+                    sin: at::<f32>(p(a, 2), t * half).to_vec(),
+                    half,
+                };
+                crate::ops::rope(&mut x, stride, 2, t, heads, &table, inv == 1);
+                write_f32_or_bf16(&x, p(a, 0), true);
             }
             "cross_entropy" => {
                 let v = int(a, 4);
@@ -498,15 +538,22 @@ pub fn gemm(spec: &GemmSpec) {
                     };
                     acc += x * y;
                 }
-                // Safety: as above, for the f32 output.
+                // Safety: as above, for the output.
                 unsafe {
-                    let out = (c.c as *mut f32).add(bt * c.stride_c + i + j * c.ldc);
-                    // beta = 0 must not read C (it may be uninitialised).
-                    *out = if spec.beta == 0.0 {
-                        spec.alpha * acc
+                    let at = bt * c.stride_c + i + j * c.ldc;
+                    if spec.c_bf16 {
+                        // bf16 outputs never accumulate (the engine checks beta = 0)
+                        *(c.c as *mut u16).add(at) =
+                            half::bf16::from_f32(spec.alpha * acc).to_bits();
                     } else {
-                        spec.alpha * acc + spec.beta * *out
-                    };
+                        let out = (c.c as *mut f32).add(at);
+                        // beta = 0 must not read C (it may be uninitialised).
+                        *out = if spec.beta == 0.0 {
+                            spec.alpha * acc
+                        } else {
+                            spec.alpha * acc + spec.beta * *out
+                        };
+                    }
                 }
             }
         }

@@ -154,6 +154,24 @@ extern "C" __global__ void rope(float* x, bf16_t* y, const float* cosb, const fl
     }
 }
 
+// RoPE in place on the q and k of bf16 qkv rows (a bf16 GEMM output), in f32 arithmetic.
+extern "C" __global__ void rope_bf16(bf16_t* x, const float* cosb, const float* sinb, long rows, int T, int heads,
+                                     int half, int stride, int inverse) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * 2 * heads * half) return;
+    int j = idx % half;
+    long q = idx / half;
+    int h = q % (2 * heads);
+    long r = q / (2 * heads);
+    int t = r % T;
+    long at = r * stride + (long)h * 2 * half;
+    float a = bf2f(x[at + j]), b = bf2f(x[at + j + half]);
+    float c = cosb[t * half + j], s = sinb[t * half + j];
+    if (inverse) s = -s;
+    x[at + j] = f2bf(a * c - b * s);
+    x[at + j + half] = f2bf(b * c + a * s);
+}
+
 // Causal softmax in place over rows of length T (row r is position r % T).
 extern "C" __global__ void softmax_fwd(float* s, int T) {
     __shared__ float sh[33];
@@ -222,38 +240,48 @@ extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf
         out[i] = f2bf(i <= t ? bf2f(pr[i]) * (dr[i] - w) * scale : 0.f);
 }
 
-// SwiGLU and its backward write f32 (y, dx), or bf16 only when yb / dxb is not null (under
-// mixed precision both results are only GEMM operands).
-extern "C" __global__ void swiglu_fwd(const float* x, float* y, bf16_t* yb, long rows, int h) {
+// Loads and stores of f32 or bf16 (kept in f32 in between).
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long i) { return bf2f(p[i]); }
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) { p[i] = f2bf(v); }
+
+// SwiGLU over [rows, 2h] (value | gate) into [rows, h], and its backward; in f32, or under mixed
+// precision on bf16 GEMM outputs into bf16 GEMM operands (arithmetic in f32 either way).
+template <typename T>
+__device__ void swiglu_fwd_impl(const T* x, T* y, long rows, int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * h) return;
     long r = idx / h;
     int i = idx % h;
-    float v = x[r * 2 * h + i], g = x[r * 2 * h + h + i];
-    float o = g / (1.f + expf(-g)) * v;
-    if (yb)
-        yb[idx] = f2bf(o);
-    else
-        y[idx] = o;
+    float v = ld(x, r * 2 * h + i), g = ld(x, r * 2 * h + h + i);
+    st(y, idx, g / (1.f + expf(-g)) * v);
 }
 
-extern "C" __global__ void swiglu_bwd(const float* dy, const float* x, float* dx, bf16_t* dxb, long rows,
-                                      int h) {
+template <typename T>
+__device__ void swiglu_bwd_impl(const T* dy, const T* x, T* dx, long rows, int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * h) return;
     long r = idx / h;
     int i = idx % h;
-    float v = x[r * 2 * h + i], g = x[r * 2 * h + h + i];
+    float v = ld(x, r * 2 * h + i), g = ld(x, r * 2 * h + h + i);
     float sig = 1.f / (1.f + expf(-g));
-    float d = dy[idx];
-    float dv = d * g * sig, dg = d * v * sig * (1.f + g * (1.f - sig));
-    if (dxb) {
-        dxb[r * 2 * h + i] = f2bf(dv);
-        dxb[r * 2 * h + h + i] = f2bf(dg);
-    } else {
-        dx[r * 2 * h + i] = dv;
-        dx[r * 2 * h + h + i] = dg;
-    }
+    float d = ld(dy, idx);
+    st(dx, r * 2 * h + i, d * g * sig);
+    st(dx, r * 2 * h + h + i, d * v * sig * (1.f + g * (1.f - sig)));
+}
+
+extern "C" __global__ void swiglu_fwd(const float* x, float* y, long rows, int h) {
+    swiglu_fwd_impl(x, y, rows, h);
+}
+extern "C" __global__ void swiglu_fwd_bf16(const bf16_t* x, bf16_t* y, long rows, int h) {
+    swiglu_fwd_impl(x, y, rows, h);
+}
+extern "C" __global__ void swiglu_bwd(const float* dy, const float* x, float* dx, long rows, int h) {
+    swiglu_bwd_impl(dy, x, dx, rows, h);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const bf16_t* dy, const bf16_t* x, bf16_t* dx, long rows, int h) {
+    swiglu_bwd_impl(dy, x, dx, rows, h);
 }
 
 // One block per row: log p(target) and the z-loss term; with `backward`, overwrites the logits

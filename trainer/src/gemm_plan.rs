@@ -45,9 +45,11 @@ pub struct GemmSpec {
     pub ta: bool,
     pub b: Operand,
     pub tb: bool,
-    /// f32 output address and leading dimension.
+    /// Output address and leading dimension; the output is f32, or bf16 with `c_bf16`
+    /// (accumulation is f32 either way; `beta` must then be 0).
     pub c: u64,
     pub ldc: usize,
+    pub c_bf16: bool,
     pub alpha: f32,
     pub beta: f32,
     pub batch: usize,
@@ -98,7 +100,7 @@ pub fn cublas_args(s: &GemmSpec) -> CublasArgs {
 }
 
 /// `y = x Wᵀ`: x `[rows, inp]`, W `[outp, inp]`, y `[rows, outp]`.
-pub fn linear_fwd(x: Buf, w: Buf, y: u64, rows: usize, inp: usize, outp: usize) -> GemmSpec {
+pub fn linear_fwd(x: Buf, w: Buf, y: Buf, rows: usize, inp: usize, outp: usize) -> GemmSpec {
     GemmSpec {
         m: rows,
         n: outp,
@@ -107,8 +109,9 @@ pub fn linear_fwd(x: Buf, w: Buf, y: u64, rows: usize, inp: usize, outp: usize) 
         ta: false,
         b: w.at(0, inp),
         tb: true,
-        c: y,
+        c: y.ptr,
         ldc: outp,
+        c_bf16: y.bf16,
         alpha: 1.0,
         beta: 0.0,
         batch: 1,
@@ -119,7 +122,7 @@ pub fn linear_fwd(x: Buf, w: Buf, y: u64, rows: usize, inp: usize, outp: usize) 
 }
 
 /// `dx = dy W` (overwrites dx).
-pub fn linear_dx(dy: Buf, w: Buf, dx: u64, rows: usize, inp: usize, outp: usize) -> GemmSpec {
+pub fn linear_dx(dy: Buf, w: Buf, dx: Buf, rows: usize, inp: usize, outp: usize) -> GemmSpec {
     GemmSpec {
         m: rows,
         n: inp,
@@ -128,8 +131,9 @@ pub fn linear_dx(dy: Buf, w: Buf, dx: u64, rows: usize, inp: usize, outp: usize)
         ta: false,
         b: w.at(0, inp),
         tb: false,
-        c: dx,
+        c: dx.ptr,
         ldc: inp,
+        c_bf16: dx.bf16,
         alpha: 1.0,
         beta: 0.0,
         batch: 1,
@@ -151,6 +155,7 @@ pub fn linear_dw(dy: Buf, x: Buf, dw: u64, rows: usize, inp: usize, outp: usize)
         tb: false,
         c: dw,
         ldc: inp,
+        c_bf16: false,
         alpha: 1.0,
         beta: 1.0,
         batch: 1,
@@ -197,6 +202,7 @@ impl Attn {
             tb,
             c,
             ldc,
+            c_bf16: false,
             alpha,
             beta: 0.0,
             batch: self.heads,
@@ -369,11 +375,11 @@ mod tests {
         let pdw = mem.add(dw0.clone());
         run(
             &mut mem,
-            linear_fwd(Buf::f32(px), Buf::f32(pw), py, rows, inp, outp),
+            linear_fwd(Buf::f32(px), Buf::f32(pw), Buf::f32(py), rows, inp, outp),
         );
         run(
             &mut mem,
-            linear_dx(Buf::f32(pdy), Buf::f32(pw), pdx, rows, inp, outp),
+            linear_dx(Buf::f32(pdy), Buf::f32(pw), Buf::f32(pdx), rows, inp, outp),
         );
         run(
             &mut mem,

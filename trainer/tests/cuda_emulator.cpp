@@ -214,7 +214,14 @@ int main(int argc, char** argv) {
                [&] { rope(x.data(), y.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
         launch(grid_n(rows * parts * heads * half), B,
                [&] { rope(x.data(), nullptr, c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
-        store("x", x), store("y_bf16", y);
+        std::vector<uint16_t> xb(x.size());
+        if (parts == 2) {  // in place on bf16 rows: the input rounded to bf16 first
+            auto x0 = load<float>("x");
+            for (size_t i = 0; i < xb.size(); ++i) xb[i] = f2bf(x0[i]);
+            launch(grid_n(rows * parts * heads * half), B,
+                   [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
+        }
+        store("x", x), store("y_bf16", y), store("x_bf16", xb);
     } else if (k == "softmax_fwd") {  // rows T
         long rows = I(4);
         int T = I(5);
@@ -242,12 +249,17 @@ int main(int argc, char** argv) {
         int h = I(5);
         auto x = load<float>("x"), dy = load<float>("dy");
         std::vector<float> y(rows * h), dx(rows * 2 * h);
-        std::vector<uint16_t> yb(rows * h), dxb(rows * 2 * h);
-        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), y.data(), nullptr, rows, h); });
-        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), dx.data(), nullptr, rows, h); });
-        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), nullptr, yb.data(), rows, h); });
-        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), nullptr, dxb.data(), rows, h); });
-        store("y", y), store("dx", dx), store("y_bf16", yb), store("dx_bf16", dxb);
+        launch(grid_n(rows * h), B, [&] { swiglu_fwd(x.data(), y.data(), rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_bwd(dy.data(), x.data(), dx.data(), rows, h); });
+        store("y", y), store("dx", dx);
+    } else if (k == "swiglu_bf16") {  // rows h: bf16 in, bf16 out
+        long rows = I(4);
+        int h = I(5);
+        auto x = load<uint16_t>("x"), dy = load<uint16_t>("dy");
+        std::vector<uint16_t> y(rows * h), dx(rows * 2 * h);
+        launch(grid_n(rows * h), B, [&] { swiglu_fwd_bf16(x.data(), y.data(), rows, h); });
+        launch(grid_n(rows * h), B, [&] { swiglu_bwd_bf16(dy.data(), x.data(), dx.data(), rows, h); });
+        store("y", y), store("dx", dx);
     } else if (k == "cross_entropy") {  // rows V zloss gscale backward
         long rows = I(4);
         int V = I(5), backward = I(8);

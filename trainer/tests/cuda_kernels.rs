@@ -180,6 +180,20 @@ fn rope_kernel_matches_the_cpu_both_ways() {
         close("rope", &got, &want, 1e-6);
         if parts == 3 {
             same_bf16("rope into bf16", &b, "y_bf16", &got);
+        } else {
+            // in place on bf16 rows: the CPU RoPE of the rounded input, rounded
+            let mut want: Vec<f32> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            ops::rope(&mut want, 3 * d, 2, t, heads, &table, inverse);
+            let got: Vec<f32> = b
+                .raw("x_bf16")
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect();
+            // one bf16 rounding of a value within 1e-6 of the CPU's
+            close("rope_bf16", &got, &want, 1.0 / 128.0);
         }
     }
 }
@@ -393,8 +407,28 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     ops::swiglu_backward(&dy, &x, h, &mut dx);
     close("swiglu_fwd", &b.get("y"), &y, 1e-5);
     close("swiglu_bwd", &b.get("dx"), &dx, 1e-5);
-    same_bf16("swiglu_fwd into bf16", &b, "y_bf16", &b.get("y"));
-    same_bf16("swiglu_bwd into bf16", &b, "dx_bf16", &b.get("dx"));
+    // bf16 in and out: the f32 kernels' results on the rounded inputs, rounded
+    let round = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (xr, dyr) = (round(&x), round(&dy));
+    let f = Bufs::new();
+    f.put("x", &xr);
+    f.put("dy", &dyr);
+    f.run(bin, "swiglu", 64, &s![rows, h]);
+    let bf = Bufs::new();
+    let to_bf16 = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect()
+    };
+    std::fs::write(bf.0.path().join("x"), to_bf16(&xr)).unwrap();
+    std::fs::write(bf.0.path().join("dy"), to_bf16(&dyr)).unwrap();
+    bf.run(bin, "swiglu_bf16", 64, &s![rows, h]);
+    same_bf16("swiglu_fwd_bf16", &bf, "y", &f.get("y"));
+    same_bf16("swiglu_bwd_bf16", &bf, "dx", &f.get("dx"));
 
     let (n, d, vocab) = (9, 6, 5);
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 1) % vocab).collect();
