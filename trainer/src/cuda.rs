@@ -515,7 +515,7 @@ struct Acts {
     ln1_rstd: Mem<f32>,
     qkv: Act,
     probs: Probs,
-    att: Mem<f32>,
+    att: Act,
     x_mid: Mem<f32>,
     ln2: Act,
     ln2_mean: Mem<f32>,
@@ -986,7 +986,7 @@ impl CudaEngine {
 
     /// Attention over materialised scores: `S = Q Kᵀ` and `O = P V` as batched GEMMs around a
     /// causal softmax kernel. Returns the probabilities for the backward pass.
-    fn materialised_forward(&self, qkv: Buf, att: &Mem<f32>, b: usize, t: usize) -> Result<Probs> {
+    fn materialised_forward(&self, qkv: Buf, att: &Act, b: usize, t: usize) -> Result<Probs> {
         let (hh, hd, scale) = self.attn_shape();
         let scores = self.gpu.scratch::<f32>(b * hh * t * t)?;
         let at = Attn { t, heads: hh, hd };
@@ -1020,7 +1020,7 @@ impl CudaEngine {
         let pbuf = probs.buf(&self.gpu);
         for bi in 0..b {
             self.gpu
-                .gemm(&at.output(bi, pbuf, qkv, self.gpu.ptr(att, 0)))?;
+                .gemm(&at.output(bi, pbuf, qkv, self.out_buf(att)))?;
         }
         Ok(probs)
     }
@@ -1088,7 +1088,10 @@ impl CudaEngine {
 
     /// Flash attention: `att` from the bf16 qkv at `qkv` without T×T buffers. Returns each
     /// row's log-sum-exp for the backward pass.
-    fn flash_forward(&self, qkv: u64, att: &Mem<f32>, b: usize, t: usize) -> Result<Probs> {
+    fn flash_forward(&self, qkv: u64, att: &Act, b: usize, t: usize) -> Result<Probs> {
+        let Act::Bf16(att) = att else {
+            bail!("flash attention writes a bf16 output");
+        };
         let (hh, hd, scale) = self.attn_shape();
         let lse = self.gpu.scratch::<f32>(b * hh * t)?;
         self.gpu.launch(
@@ -1097,7 +1100,7 @@ impl CudaEngine {
             128,
             &[
                 Arg::P(qkv),
-                self.p(att),
+                Arg::P(self.gpu.ptr(att, 0)),
                 self.p(&lse),
                 Arg::I(t as i32),
                 Arg::I(hh as i32),
@@ -1114,7 +1117,7 @@ impl CudaEngine {
         &self,
         qkv: u64,
         dout: &Prepared,
-        (datt, att, lse): (&Mem<f32>, &Mem<f32>, &Mem<f32>),
+        (datt, att, lse): (&Mem<f32>, &Act, &Mem<f32>),
         dqkv: &Mem<f32>,
         b: usize,
         t: usize,
@@ -1128,7 +1131,7 @@ impl CudaEngine {
             BLOCK,
             &[
                 self.p(datt),
-                self.p(att),
+                Arg::P(self.out_buf(att).ptr),
                 self.p(&dsum),
                 Arg::L(n as i64),
                 Arg::I(t as i32),
@@ -1193,7 +1196,8 @@ impl CudaEngine {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(ln1.src(), o.att_proj, (n, d, 3 * d), true)?;
             let qkv = self.rope_fwd(qkv, n, t)?;
-            let att = self.gpu.scratch::<f32>(n * d)?;
+            // only a GEMM operand: bf16 under mixed precision
+            let att = self.operand_out(n * d)?;
             let qp = self.operand(qkv.src())?;
             let probs = if self.flash {
                 self.flash_forward(qp.buf.ptr, &att, b, t)?
@@ -1201,7 +1205,7 @@ impl CudaEngine {
                 self.materialised_forward(qp.buf, &att, b, t)?
             };
             drop(qp);
-            let proj = self.linear_f32((&att).into(), o.attn_out, (n, d, d))?;
+            let proj = self.linear_f32(att.src(), o.attn_out, (n, d, d))?;
             let x_mid = self.add(&x, &proj)?;
             let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
             let ff_in = self.linear(ln2.src(), o.ff_proj, (n, d, 2 * h), true)?;
@@ -1286,7 +1290,7 @@ impl CudaEngine {
                 &dx_mid,
             )?;
             let datt =
-                self.linear_back_f32((&dx_mid).into(), (&a.att).into(), o.attn_out, (n, d, d))?;
+                self.linear_back_f32((&dx_mid).into(), a.att.src(), o.attn_out, (n, d, d))?;
             let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
             let dop = self.prepare(&datt)?;
             let qp = self.operand(a.qkv.src())?;

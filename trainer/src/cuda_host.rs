@@ -392,12 +392,12 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 let (n, t, heads, hd) = (int(a, 3), int(a, 4), int(a, 5), int(a, 6));
                 covers(n * heads * 32)?;
                 let d = heads * hd;
-                let (dout, out) = (at::<f32>(p(a, 0), n * d), at::<f32>(p(a, 1), n * d));
+                let (dout, out) = (at::<f32>(p(a, 0), n * d), at::<u16>(p(a, 1), n * d));
                 let dsum = at::<f32>(p(a, 2), n * heads);
                 for r in 0..n {
                     for h in 0..heads {
                         let i = r * d + h * hd;
-                        let v: f32 = (0..hd).map(|c| dout[i + c] * out[i + c]).sum();
+                        let v: f32 = (0..hd).map(|c| dout[i + c] * bf16_to_f32(out[i + c])).sum();
                         dsum[((r / t) * heads + h) * t + r % t] = v;
                     }
                 }
@@ -444,7 +444,7 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     // scaled score of query row i and key row j (rows of the same sequence)
     let score = |i: usize, j: usize, h: usize| dot(&|c| q(i, h, c), &|c| k(j, h, c)) * scale;
     if kind == "fwd" {
-        let out = at::<f32>(p(a, 1), n * d);
+        let out = at::<u16>(p(a, 1), n * d);
         let lse = at::<f32>(p(a, 2), b * heads * t);
         for bi in 0..b {
             for h in 0..heads {
@@ -455,8 +455,8 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                     let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
                     let sum: f32 = e.iter().sum();
                     for c in 0..hd {
-                        out[r * d + h * hd + c] =
-                            (0..=i).map(|j| e[j] * v(bi * t + j, h, c)).sum::<f32>() / sum;
+                        let o = (0..=i).map(|j| e[j] * v(bi * t + j, h, c)).sum::<f32>() / sum;
+                        out[r * d + h * hd + c] = half::bf16::from_f32(o).to_bits();
                     }
                     lse[(bi * heads + h) * t + i] = mx + sum.ln();
                 }

@@ -362,7 +362,7 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, l
 // C (16×8 f32): (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1). An accumulator pair of 8-wide
 // tiles is thus, packed to bf16, the A operand of the next product, as FlashAttention does.
 // qkv is the bf16 `[b·T, 3·d]` row block (q | k | v, head h at columns h·HD), dO the bf16
-// `[b·T, d]` output gradient; outputs and statistics are f32. Rows past T read as zeros and
+// `[b·T, d]` output gradient; the output is bf16, gradients and statistics are f32. Rows past T read as zeros and
 // are not written. The backward recomputes P in two kernels (dQ over query blocks, dK and dV
 // over key blocks), which needs no atomics, so it is deterministic.
 
@@ -467,9 +467,10 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int k
     a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: [b·T, d]; lse: [b·H·T].
+// Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: bf16 [b·T, d] (only a GEMM
+// operand from here on); lse: [b·H·T].
 template <int HD>
-__device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T, int H, float scale) {
+__device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale) {
     constexpr int BR = 64, BC = 64, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
@@ -553,17 +554,18 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, float* out, float* lse, int T,
         float sum = quad_sum(l[rr]);
         int row = r0 + g + 8 * rr;
         if (row >= T) continue;
-        float* orow = out + ((long)b * T + row) * d + h * HD;
+        bf16_t* orow = out + ((long)b * T + row) * d + h * HD;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt)
             #pragma unroll
-            for (int e = 0; e < 2; ++e) orow[nt * 8 + 2 * c + e] = o[nt][2 * rr + e] / sum;
+            for (int e = 0; e < 2; ++e) orow[nt * 8 + 2 * c + e] = f2bf(o[nt][2 * rr + e] / sum);
         if (c == 0) lse[(long)bh * T + row] = m[rr] + logf(sum);
     }
 }
 
-// D = rowsum(dO ∘ O) per (row, head), one warp each: dlse[(b·H + h)·T + t].
-extern "C" __global__ void flash_bwd_pre(const float* dout, const float* out, float* dsum, long rows, int T, int H,
+// D = rowsum(dO ∘ O) per (row, head) from the f32 dO and the bf16 O, one warp each:
+// dsum[(b·H + h)·T + t].
+extern "C" __global__ void flash_bwd_pre(const float* dout, const bf16_t* out, float* dsum, long rows, int T, int H,
                                          int hd) {
     long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -571,9 +573,9 @@ extern "C" __global__ void flash_bwd_pre(const float* dout, const float* out, fl
     long row = w / H;
     int h = w % H;
     const float* a = dout + row * H * hd + h * hd;
-    const float* o = out + row * H * hd + h * hd;
+    const bf16_t* o = out + row * H * hd + h * hd;
     float s = 0.f;
-    for (int i = lane; i < hd; i += 32) s += a[i] * o[i];
+    for (int i = lane; i < hd; i += 32) s += a[i] * bf2f(o[i]);
     for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(0xffffffffu, s, x);
     if (lane == 0) {
         long b = row / T, t = row % T;
@@ -765,7 +767,7 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
 }
 
 #define FLASH_KERNELS(HD)                                                                                   \
-    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, float* out, float* lse, int T, int H,     \
+    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H,    \
                                               float scale) {                                               \
         flash_fwd_impl<HD>(qkv, out, lse, T, H, scale);                                                    \
     }                                                                                                       \

@@ -226,15 +226,20 @@ impl Attn {
     }
 
     /// `O = P V` into the `[b·t, d]` output.
-    pub fn output(&self, bi: usize, probs: Buf, qkv: Buf, out: u64) -> GemmSpec {
+    /// The output in f32, or bf16 (an operand of the next GEMM) as `out` says.
+    pub fn output(&self, bi: usize, probs: Buf, qkv: Buf, out: Buf) -> GemmSpec {
         let (t, d, hd) = (self.t, self.d(), self.hd);
-        self.spec(
-            (t, hd, t),
-            (probs.at(self.probs_at(bi), t), false, t * t),
-            (qkv.at(self.qkv_row(bi) + 2 * d, 3 * d), false, hd),
-            (out + (bi * t * d * 4) as u64, d, hd),
-            1.0,
-        )
+        let o = out.at(bi * t * d, d);
+        GemmSpec {
+            c_bf16: out.bf16,
+            ..self.spec(
+                (t, hd, t),
+                (probs.at(self.probs_at(bi), t), false, t * t),
+                (qkv.at(self.qkv_row(bi) + 2 * d, 3 * d), false, hd),
+                (o.ptr, d, hd),
+                1.0,
+            )
+        }
     }
 
     /// `dV = Pᵀ dO` into the v part of dqkv.
@@ -420,7 +425,10 @@ mod tests {
             }
         }
         for bi in 0..b {
-            run(&mut mem, at.output(bi, Buf::f32(pp), Buf::f32(pq), po));
+            run(
+                &mut mem,
+                at.output(bi, Buf::f32(pp), Buf::f32(pq), Buf::f32(po)),
+            );
         }
         let mut out = vec![0.0; b * t * d];
         let mut probs = vec![0.0; b * heads * t * t];

@@ -294,7 +294,8 @@ int main(int argc, char** argv) {
         long rows = (long)b * T, d = (long)H * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
         auto doutf = load<float>("dout_f32");
-        std::vector<float> out(rows * d), lse(b * H * T), dsum(b * H * T), dqkv(rows * 3 * d);
+        std::vector<uint16_t> out(rows * d);
+        std::vector<float> lse(b * H * T), dsum(b * H * T), dqkv(rows * 3 * d);
         unsigned nqb = (T + 63) / 64, nkb = (T + 31) / 32;
         auto flash = [&](auto fwd, auto dq, auto dkdv) {
             launch(b * H * nqb, 128, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });

@@ -301,7 +301,12 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         b.run(bin, "flash", 128, &s![bsz, t, heads, hd, scale]);
 
         let what = format!("b {bsz}, T {t}, {heads} heads of {hd}");
-        let e = rel_l2(&b.get("out"), &out);
+        let got_out: Vec<f32> = b
+            .raw("out")
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect();
+        let e = rel_l2(&got_out, &out);
         assert!(e < 1e-2, "{what}: output relative error {e:.2e}");
         // log-sum-exp of the scaled causal scores, and D = rowsum(dO ∘ O)
         let (lse, dsum) = (b.get("lse"), b.get("dsum"));
@@ -322,7 +327,7 @@ fn flash_attention_kernels_match_the_cpu_attention() {
                         (got - want).abs() < 1e-3,
                         "{what}: lse[{i}] {got} vs {want}"
                     );
-                    let o = &b.get("out")[(bi * t + i) * d + h * hd..][..hd];
+                    let o = &got_out[(bi * t + i) * d + h * hd..][..hd];
                     let g = &dout[(bi * t + i) * d + h * hd..][..hd];
                     let want: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
                     let got = dsum[(bi * heads + h) * t + i];
