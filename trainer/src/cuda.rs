@@ -862,66 +862,31 @@ impl CudaEngine {
         )
     }
 
-    /// RoPE on q and k of fused qkv rows (or its inverse on their gradients). From here on
-    /// q, k and v are only GEMM (or flash) operands, so under mixed precision the kernel
-    /// writes all three into a bf16 copy and the f32 rows are freed; in fp32 it works in place.
-    fn rope_f32(&self, qkv: Mem<f32>, rows: usize, t: usize, inverse: bool) -> Result<Act> {
+    /// RoPE on q and k of fused qkv rows, or (`inverse`) its transpose on their gradients; in
+    /// place, on bf16 rows under mixed precision (the qkv projection and the attention's qkv
+    /// gradient are bf16 there), else on f32 rows.
+    fn rope(&self, qkv: &Act, rows: usize, t: usize, inverse: bool) -> Result<()> {
         let c = &self.cfg;
         let half = c.head_dim() / 2;
-        let out = if self.bf16 {
-            Some(self.gpu.scratch::<u16>(qkv.len())?)
-        } else {
-            None
+        let mut args = vec![
+            Arg::P(self.out_buf(qkv).ptr),
+            self.p(&self.cos),
+            self.p(&self.sin),
+            Arg::L(rows as i64),
+            Arg::I(t as i32),
+            Arg::I(c.n_heads as i32),
+            Arg::I(half as i32),
+            Arg::I(3 * c.d_model as i32),
+        ];
+        let name = match qkv {
+            Act::F32(_) => {
+                args.push(Arg::I(2));
+                "rope"
+            }
+            Act::Bf16(_) => "rope_bf16",
         };
-        let parts = if out.is_some() { 3 } else { 2 };
-        self.gpu.launch_n(
-            "rope",
-            rows * parts * c.n_heads * half,
-            &[
-                self.p(&qkv),
-                Arg::P(out.as_ref().map_or(0, |o| self.gpu.ptr(o, 0))),
-                self.p(&self.cos),
-                self.p(&self.sin),
-                Arg::L(rows as i64),
-                Arg::I(t as i32),
-                Arg::I(c.n_heads as i32),
-                Arg::I(half as i32),
-                Arg::I(3 * c.d_model as i32),
-                Arg::I(parts as i32),
-                Arg::I(inverse as i32),
-            ],
-        )?;
-        Ok(match out {
-            Some(o) => Act::Bf16(o),
-            None => Act::F32(qkv),
-        })
-    }
-
-    /// RoPE on the qkv projection: in place on its bf16 rows under mixed precision, else
-    /// on the f32 rows.
-    fn rope_fwd(&self, qkv: Act, rows: usize, t: usize) -> Result<Act> {
-        let m = match qkv {
-            Act::F32(m) => return self.rope_f32(m, rows, t, false),
-            Act::Bf16(m) => m,
-        };
-        let c = &self.cfg;
-        let half = c.head_dim() / 2;
-        self.gpu.launch_n(
-            "rope_bf16",
-            rows * 2 * c.n_heads * half,
-            &[
-                Arg::P(self.gpu.ptr(&m, 0)),
-                self.p(&self.cos),
-                self.p(&self.sin),
-                Arg::L(rows as i64),
-                Arg::I(t as i32),
-                Arg::I(c.n_heads as i32),
-                Arg::I(half as i32),
-                Arg::I(3 * c.d_model as i32),
-                Arg::I(0),
-            ],
-        )?;
-        Ok(Act::Bf16(m))
+        args.push(Arg::I(inverse as i32));
+        self.gpu.launch_n(name, rows * 2 * c.n_heads * half, &args)
     }
 
     /// SwiGLU of `[rows, 2h]` into `[rows, h]`, in the input's type.
@@ -1031,7 +996,7 @@ impl CudaEngine {
         probs: &Probs,
         qkv: &Prepared,
         dout: &Prepared,
-        dqkv: &Mem<f32>,
+        dqkv: &Act,
         b: usize,
         t: usize,
     ) -> Result<()> {
@@ -1039,7 +1004,7 @@ impl CudaEngine {
         let dp = self.gpu.scratch::<f32>(b * hh * t * t)?;
         let at = Attn { t, heads: hh, hd };
         let pbuf = probs.buf(&self.gpu);
-        let (dq, dpp) = (self.gpu.ptr(dqkv, 0), self.gpu.ptr(&dp, 0));
+        let (dq, dpp) = (self.out_buf(dqkv), self.gpu.ptr(&dp, 0));
         for bi in 0..b {
             self.gpu.gemm(&at.d_v(bi, pbuf, dout.buf, dq))?;
             self.gpu.gemm(&at.d_p(bi, dout.buf, qkv.buf, dpp))?;
@@ -1118,11 +1083,14 @@ impl CudaEngine {
         qkv: u64,
         dout: &Prepared,
         (datt, att, lse): (&Mem<f32>, &Act, &Mem<f32>),
-        dqkv: &Mem<f32>,
+        dqkv: &Act,
         b: usize,
         t: usize,
     ) -> Result<()> {
         let (hh, hd, scale) = self.attn_shape();
+        if !matches!(dqkv, Act::Bf16(_)) {
+            bail!("flash attention writes a bf16 qkv gradient");
+        }
         let n = b * t;
         let dsum = self.gpu.scratch::<f32>(b * hh * t)?;
         self.gpu.launch(
@@ -1144,7 +1112,7 @@ impl CudaEngine {
             Arg::P(dout.buf.ptr),
             self.p(lse),
             self.p(&dsum),
-            self.p(dqkv),
+            Arg::P(self.out_buf(dqkv).ptr),
             Arg::I(t as i32),
             Arg::I(hh as i32),
             Arg::F(scale),
@@ -1195,7 +1163,7 @@ impl CudaEngine {
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(ln1.src(), o.att_proj, (n, d, 3 * d), true)?;
-            let qkv = self.rope_fwd(qkv, n, t)?;
+            self.rope(&qkv, n, t, false)?;
             // only a GEMM operand: bf16 under mixed precision
             let att = self.operand_out(n * d)?;
             let qp = self.operand(qkv.src())?;
@@ -1291,7 +1259,8 @@ impl CudaEngine {
             )?;
             let datt =
                 self.linear_back_f32((&dx_mid).into(), a.att.src(), o.attn_out, (n, d, d))?;
-            let dqkv = self.gpu.scratch::<f32>(n * 3 * d)?;
+            // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
+            let dqkv = self.operand_out(n * 3 * d)?;
             let dop = self.prepare(&datt)?;
             let qp = self.operand(a.qkv.src())?;
             match &a.probs {
@@ -1301,7 +1270,7 @@ impl CudaEngine {
                 probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }
             drop((dop, qp));
-            let dqkv = self.rope_f32(dqkv, n, t, true)?;
+            self.rope(&dqkv, n, t, true)?;
             let dln1 = self.linear_back_f32(dqkv.src(), a.ln1.src(), o.att_proj, (n, d, 3 * d))?;
             let dx_in = dx_mid;
             self.norm_back(

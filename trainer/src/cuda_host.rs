@@ -18,7 +18,7 @@ fn signature(name: &str) -> Option<&'static str> {
         "embed_fwd" | "embed_bwd" => "PPPLI",
         "norm_fwd" => "PPPPPPIFI",
         "norm_bwd" => "PPPPPPPII",
-        "rope" => "PPPPLIIIIII",
+        "rope" => "PPPLIIIIII",
         "softmax_fwd" => "PI",
         "softmax_bwd" => "PPIF",
         "softmax_fwd_bf16" => "PPI",
@@ -202,43 +202,29 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
             }
             "rope" => {
                 let (n, t, heads, half, stride, parts, inv) = (
+                    int(a, 3),
                     int(a, 4),
                     int(a, 5),
                     int(a, 6),
                     int(a, 7),
                     int(a, 8),
                     int(a, 9),
-                    int(a, 10),
                 );
                 covers(n * parts * heads * half)?;
                 let x = at::<f32>(p(a, 0), n * stride);
-                let y = (p(a, 1) != 0).then(|| at::<u16>(p(a, 1), n * stride));
-                let (cos, sin) = (at::<f32>(p(a, 2), t * half), at::<f32>(p(a, 3), t * half));
-                let mut out = x.to_vec();
+                let (cos, sin) = (at::<f32>(p(a, 1), t * half), at::<f32>(p(a, 2), t * half));
                 for r in 0..n {
                     let pos = r % t;
-                    for h in 0..2 * heads {
+                    for h in 0..parts * heads {
                         let base = r * stride + h * 2 * half;
                         for j in 0..half {
                             let (c, s) = (cos[pos * half + j], sin[pos * half + j]);
                             let s = if inv == 1 { -s } else { s };
                             let (x1, x2) = (x[base + j], x[base + half + j]);
-                            out[base + j] = x1 * c - x2 * s;
-                            out[base + half + j] = x2 * c + x1 * s;
+                            x[base + j] = x1 * c - x2 * s;
+                            x[base + half + j] = x2 * c + x1 * s;
                         }
                     }
-                }
-                match y {
-                    // every part (v unrotated) into bf16
-                    Some(y) => {
-                        for r in 0..n {
-                            let cols = r * stride..r * stride + parts * heads * 2 * half;
-                            for i in cols {
-                                y[i] = half::bf16::from_f32(out[i]).to_bits();
-                            }
-                        }
-                    }
-                    None => x.copy_from_slice(&out),
                 }
             }
             "softmax_fwd" => {
@@ -467,7 +453,8 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     let dout = at::<u16>(p(a, 1), n * d);
     let lse = at::<f32>(p(a, 2), b * heads * t);
     let dsum = at::<f32>(p(a, 3), b * heads * t);
-    let dqkv = at::<f32>(p(a, 4), n * 3 * d);
+    let dqkv = at::<u16>(p(a, 4), n * 3 * d);
+    let bits = |v: f32| half::bf16::from_f32(v).to_bits();
     let g = |r: usize, h: usize, c: usize| bf(dout[r * d + h * hd + c]);
     for bi in 0..b {
         for h in 0..heads {
@@ -486,7 +473,7 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                     let ds: Vec<f32> = (0..=x).map(|j| pds(x, j).1).collect();
                     for c in 0..hd {
                         row[h * hd + c] =
-                            scale * (0..=x).map(|j| ds[j] * k(bi * t + j, h, c)).sum::<f32>();
+                            bits(scale * (0..=x).map(|j| ds[j] * k(bi * t + j, h, c)).sum::<f32>());
                     }
                 } else {
                     let pd: Vec<(f32, f32)> = (x..t).map(|i| pds(i, x)).collect();
@@ -497,8 +484,8 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                             dk += ds * q(ri, h, c);
                             dv += pr * g(ri, h, c);
                         }
-                        row[d + h * hd + c] = scale * dk;
-                        row[2 * d + h * hd + c] = dv;
+                        row[d + h * hd + c] = bits(scale * dk);
+                        row[2 * d + h * hd + c] = bits(dv);
                     }
                 }
             }

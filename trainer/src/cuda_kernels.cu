@@ -123,11 +123,10 @@ extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float
 }
 
 // NeoX rotate-half RoPE in place on `parts` consecutive [heads, 2*half] groups of each row.
-// RoPE over the first two of `parts` column blocks of `heads` heads (q and k of a fused qkv
-// row); further blocks (v) pass unrotated. In place, or, when y is not null, into y as bf16
-// (under mixed precision q, k and v are from here on only GEMM operands).
-extern "C" __global__ void rope(float* x, bf16_t* y, const float* cosb, const float* sinb, long rows, int T,
-                                int heads, int half, int stride, int parts, int inverse) {
+// RoPE in place over the first `parts` column blocks of `heads` heads (q and k of a fused
+// qkv row: parts = 2, stride = 3d); `inverse` rotates back (the backward pass).
+extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
+                                int half, int stride, int parts, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long total = rows * parts * heads * half;
     if (idx >= total) return;
@@ -136,25 +135,16 @@ extern "C" __global__ void rope(float* x, bf16_t* y, const float* cosb, const fl
     int h = q % (parts * heads);
     long r = q / (parts * heads);
     int t = r % T;
-    long at = r * stride + (long)h * 2 * half;
-    float a = x[at + j], b = x[at + j + half];
-    float oa = a, ob = b;
-    if (h < 2 * heads) {
-        float c = cosb[t * half + j], s = sinb[t * half + j];
-        if (inverse) s = -s;
-        oa = a * c - b * s;
-        ob = b * c + a * s;
-    }
-    if (y) {
-        y[at + j] = f2bf(oa);
-        y[at + j + half] = f2bf(ob);
-    } else {
-        x[at + j] = oa;
-        x[at + j + half] = ob;
-    }
+    float c = cosb[t * half + j], s = sinb[t * half + j];
+    if (inverse) s = -s;
+    float* base = x + r * stride + (long)h * 2 * half;
+    float a = base[j], b = base[j + half];
+    base[j] = a * c - b * s;
+    base[j + half] = b * c + a * s;
 }
 
-// RoPE in place on the q and k of bf16 qkv rows (a bf16 GEMM output), in f32 arithmetic.
+// RoPE (or its inverse) in place on the q and k of bf16 qkv rows, in f32 arithmetic: under
+// mixed precision on the qkv projection and on the attention's qkv gradient.
 extern "C" __global__ void rope_bf16(bf16_t* x, const float* cosb, const float* sinb, long rows, int T, int heads,
                                      int half, int stride, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -362,7 +352,8 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, l
 // C (16×8 f32): (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1). An accumulator pair of 8-wide
 // tiles is thus, packed to bf16, the A operand of the next product, as FlashAttention does.
 // qkv is the bf16 `[b·T, 3·d]` row block (q | k | v, head h at columns h·HD), dO the bf16
-// `[b·T, d]` output gradient; the output is bf16, gradients and statistics are f32. Rows past T read as zeros and
+// `[b·T, d]` output gradient; the output and the qkv gradient (GEMM operands next) are bf16,
+// the statistics f32. Rows past T read as zeros and
 // are not written. The backward recomputes P in two kernels (dQ over query blocks, dK and dV
 // over key blocks), which needs no atomics, so it is deterministic.
 
@@ -586,7 +577,7 @@ extern "C" __global__ void flash_bwd_pre(const float* dout, const bf16_t* out, f
 // dQ: blocks of 64 query rows (4 warps), key tiles of 32; writes the q part of dqkv.
 template <int HD>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                              float* dqkv, int T, int H, float scale) {
+                              bf16_t* dqkv, int T, int H, float scale) {
     constexpr int BR = 64, BC = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
@@ -660,18 +651,18 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     for (int rr = 0; rr < 2; ++rr) {
         int row = r0 + g + 8 * rr;
         if (row >= T) continue;
-        float* dst = dqkv + ((long)b * T + row) * ld + h * HD;
+        bf16_t* dst = dqkv + ((long)b * T + row) * ld + h * HD;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt)
             #pragma unroll
-            for (int e = 0; e < 2; ++e) dst[nt * 8 + 2 * c + e] = dq[nt][2 * rr + e] * scale;
+            for (int e = 0; e < 2; ++e) dst[nt * 8 + 2 * c + e] = f2bf(dq[nt][2 * rr + e] * scale);
     }
 }
 
 // dK and dV: blocks of 32 keys (2 warps), query tiles of 32; writes the k and v parts of dqkv.
 template <int HD>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                                float* dqkv, int T, int H, float scale) {
+                                bf16_t* dqkv, int T, int H, float scale) {
     constexpr int BK = 32, BQ = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BK * W];
     __shared__ __align__(16) unsigned vs[BK * W];
@@ -755,13 +746,13 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     for (int rr = 0; rr < 2; ++rr) {
         int key = kb * BK + kr + g + 8 * rr;
         if (key >= T) continue;
-        float* dst = dqkv + ((long)b * T + key) * ld + h * HD;
+        bf16_t* dst = dqkv + ((long)b * T + key) * ld + h * HD;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt)
             #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                dst[d + nt * 8 + 2 * c + e] = dk[nt][2 * rr + e] * scale;
-                dst[2 * d + nt * 8 + 2 * c + e] = dv[nt][2 * rr + e];
+                dst[d + nt * 8 + 2 * c + e] = f2bf(dk[nt][2 * rr + e] * scale);
+                dst[2 * d + nt * 8 + 2 * c + e] = f2bf(dv[nt][2 * rr + e]);
             }
     }
 }
@@ -772,11 +763,11 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
         flash_fwd_impl<HD>(qkv, out, lse, T, H, scale);                                                    \
     }                                                                                                       \
     extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,      \
-                                             const float* dsum, float* dqkv, int T, int H, float scale) {  \
+                                             const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
         flash_dq_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                        \
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
-                                               const float* dsum, float* dqkv, int T, int H, float scale) { \
+                                               const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
         flash_dkdv_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                      \
     }
 FLASH_KERNELS(32)

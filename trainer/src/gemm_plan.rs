@@ -189,7 +189,7 @@ impl Attn {
         (m, n, k): (usize, usize, usize),
         (a, ta, sa): (Operand, bool, usize),
         (b, tb, sb): (Operand, bool, usize),
-        (c, ldc, sc): (u64, usize, usize),
+        (c, sc): (Operand, usize),
         alpha: f32,
     ) -> GemmSpec {
         GemmSpec {
@@ -200,9 +200,9 @@ impl Attn {
             ta,
             b,
             tb,
-            c,
-            ldc,
-            c_bf16: false,
+            c: c.ptr,
+            ldc: c.ld,
+            c_bf16: c.bf16,
             alpha,
             beta: 0.0,
             batch: self.heads,
@@ -220,36 +220,31 @@ impl Attn {
             (t, t, hd),
             (qkv.at(base, 3 * d), false, hd),
             (qkv.at(base + d, 3 * d), true, hd),
-            (probs + (self.probs_at(bi) * 4) as u64, t, t * t),
+            (Buf::f32(probs).at(self.probs_at(bi), t), t * t),
             scale,
         )
     }
 
-    /// `O = P V` into the `[b·t, d]` output.
-    /// The output in f32, or bf16 (an operand of the next GEMM) as `out` says.
+    /// `O = P V` into the `[b·t, d]` output (f32, or bf16 as `out` says).
     pub fn output(&self, bi: usize, probs: Buf, qkv: Buf, out: Buf) -> GemmSpec {
         let (t, d, hd) = (self.t, self.d(), self.hd);
-        let o = out.at(bi * t * d, d);
-        GemmSpec {
-            c_bf16: out.bf16,
-            ..self.spec(
-                (t, hd, t),
-                (probs.at(self.probs_at(bi), t), false, t * t),
-                (qkv.at(self.qkv_row(bi) + 2 * d, 3 * d), false, hd),
-                (o.ptr, d, hd),
-                1.0,
-            )
-        }
+        self.spec(
+            (t, hd, t),
+            (probs.at(self.probs_at(bi), t), false, t * t),
+            (qkv.at(self.qkv_row(bi) + 2 * d, 3 * d), false, hd),
+            (out.at(bi * t * d, d), hd),
+            1.0,
+        )
     }
 
     /// `dV = Pᵀ dO` into the v part of dqkv.
-    pub fn d_v(&self, bi: usize, probs: Buf, dout: Buf, dqkv: u64) -> GemmSpec {
+    pub fn d_v(&self, bi: usize, probs: Buf, dout: Buf, dqkv: Buf) -> GemmSpec {
         let (t, d, hd) = (self.t, self.d(), self.hd);
         self.spec(
             (t, hd, t),
             (probs.at(self.probs_at(bi), t), true, t * t),
             (dout.at(bi * t * d, d), false, hd),
-            (dqkv + ((self.qkv_row(bi) + 2 * d) * 4) as u64, 3 * d, hd),
+            (dqkv.at(self.qkv_row(bi) + 2 * d, 3 * d), hd),
             1.0,
         )
     }
@@ -261,31 +256,31 @@ impl Attn {
             (t, t, hd),
             (dout.at(bi * t * d, d), false, hd),
             (qkv.at(self.qkv_row(bi) + 2 * d, 3 * d), true, hd),
-            (dp + (self.probs_at(bi) * 4) as u64, t, t * t),
+            (Buf::f32(dp).at(self.probs_at(bi), t), t * t),
             1.0,
         )
     }
 
     /// `dQ = dS K` into the q part of dqkv.
-    pub fn d_q(&self, bi: usize, ds: Buf, qkv: Buf, dqkv: u64) -> GemmSpec {
+    pub fn d_q(&self, bi: usize, ds: Buf, qkv: Buf, dqkv: Buf) -> GemmSpec {
         let (t, d, hd) = (self.t, self.d(), self.hd);
         self.spec(
             (t, hd, t),
             (ds.at(self.probs_at(bi), t), false, t * t),
             (qkv.at(self.qkv_row(bi) + d, 3 * d), false, hd),
-            (dqkv + (self.qkv_row(bi) * 4) as u64, 3 * d, hd),
+            (dqkv.at(self.qkv_row(bi), 3 * d), hd),
             1.0,
         )
     }
 
     /// `dK = dSᵀ Q` into the k part of dqkv.
-    pub fn d_k(&self, bi: usize, ds: Buf, qkv: Buf, dqkv: u64) -> GemmSpec {
+    pub fn d_k(&self, bi: usize, ds: Buf, qkv: Buf, dqkv: Buf) -> GemmSpec {
         let (t, d, hd) = (self.t, self.d(), self.hd);
         self.spec(
             (t, hd, t),
             (ds.at(self.probs_at(bi), t), true, t * t),
             (qkv.at(self.qkv_row(bi), 3 * d), false, hd),
-            (dqkv + ((self.qkv_row(bi) + d) * 4) as u64, 3 * d, hd),
+            (dqkv.at(self.qkv_row(bi) + d, 3 * d), hd),
             1.0,
         )
     }
@@ -440,7 +435,10 @@ mod tests {
         let pdqkv = mem.add(vec![0.0; b * t * 3 * d]);
         let pdp = mem.add(vec![0.0; b * heads * t * t]);
         for bi in 0..b {
-            run(&mut mem, at.d_v(bi, Buf::f32(pp), Buf::f32(pdo), pdqkv));
+            run(
+                &mut mem,
+                at.d_v(bi, Buf::f32(pp), Buf::f32(pdo), Buf::f32(pdqkv)),
+            );
             run(&mut mem, at.d_p(bi, Buf::f32(pdo), Buf::f32(pq), pdp));
         }
         // the softmax-backward kernel's job
@@ -459,8 +457,14 @@ mod tests {
             }
         }
         for bi in 0..b {
-            run(&mut mem, at.d_q(bi, Buf::f32(pdp), Buf::f32(pq), pdqkv));
-            run(&mut mem, at.d_k(bi, Buf::f32(pdp), Buf::f32(pq), pdqkv));
+            run(
+                &mut mem,
+                at.d_q(bi, Buf::f32(pdp), Buf::f32(pq), Buf::f32(pdqkv)),
+            );
+            run(
+                &mut mem,
+                at.d_k(bi, Buf::f32(pdp), Buf::f32(pq), Buf::f32(pdqkv)),
+            );
         }
         let mut dqkv = vec![0.0; b * t * 3 * d];
         ops::attention_backward(&dout, &qkv, &probs, b, t, heads, hd, &mut dqkv);

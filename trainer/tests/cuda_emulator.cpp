@@ -209,19 +209,14 @@ int main(int argc, char** argv) {
         long rows = I(4);
         int T = I(5), heads = I(6), half = I(7), stride = I(8), parts = I(9), inv = I(10);
         auto x = load<float>("x"), c = load<float>("cos"), s = load<float>("sin");
-        std::vector<uint16_t> y(x.size());
-        launch(grid_n(rows * parts * heads * half), B,
-               [&] { rope(x.data(), y.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
-        launch(grid_n(rows * parts * heads * half), B,
-               [&] { rope(x.data(), nullptr, c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
+        // in place on bf16 rows too (q and k: parts 2), from the input rounded to bf16
         std::vector<uint16_t> xb(x.size());
-        if (parts == 2) {  // in place on bf16 rows: the input rounded to bf16 first
-            auto x0 = load<float>("x");
-            for (size_t i = 0; i < xb.size(); ++i) xb[i] = f2bf(x0[i]);
-            launch(grid_n(rows * parts * heads * half), B,
-                   [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
-        }
-        store("x", x), store("y_bf16", y), store("x_bf16", xb);
+        for (size_t i = 0; i < xb.size(); ++i) xb[i] = f2bf(x[i]);
+        launch(grid_n(rows * parts * heads * half), B,
+               [&] { rope(x.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
+        launch(grid_n(rows * 2 * heads * half), B,
+               [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
+        store("x", x), store("x_bf16", xb);
     } else if (k == "softmax_fwd") {  // rows T
         long rows = I(4);
         int T = I(5);
@@ -295,7 +290,8 @@ int main(int argc, char** argv) {
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
         auto doutf = load<float>("dout_f32");
         std::vector<uint16_t> out(rows * d);
-        std::vector<float> lse(b * H * T), dsum(b * H * T), dqkv(rows * 3 * d);
+        std::vector<float> lse(b * H * T), dsum(b * H * T);
+        std::vector<uint16_t> dqkv(rows * 3 * d);
         unsigned nqb = (T + 63) / 64, nkb = (T + 31) / 32;
         auto flash = [&](auto fwd, auto dq, auto dkdv) {
             launch(b * H * nqb, 128, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
