@@ -1204,12 +1204,19 @@ impl CudaEngine {
         let logits = self.linear_f32(lnf.src(), head, (n, d, emb))?;
         let logp = self.gpu.scratch::<f32>(n)?;
         let zt = self.gpu.scratch::<f32>(n)?;
+        // dL/dlogits: only an operand of the head's GEMMs, so in bf16 under mixed precision
+        // (written by the loss kernel), else in place over the f32 logits
+        let dlogits = match backward {
+            Some(_) if self.bf16 => Some(Act::Bf16(self.gpu.scratch(n * emb)?)),
+            _ => None,
+        };
         self.gpu.launch(
             "cross_entropy",
             n as u32,
             BLOCK,
             &[
                 self.p(&logits),
+                Arg::P(dlogits.as_ref().map_or(0, |g| self.out_buf(g).ptr)),
                 self.p_u32(&tgts),
                 self.p(&logp),
                 self.p(&zt),
@@ -1236,9 +1243,10 @@ impl CudaEngine {
             return Ok(scores);
         }
 
-        // Backward; `logits` holds the scaled dL/dlogits.
-        let dlnf = self.linear_back_f32((&logits).into(), lnf.src(), head, (n, d, emb))?;
-        drop(logits);
+        // Backward from the scaled dL/dlogits.
+        let dlogits = dlogits.unwrap_or(Act::F32(logits));
+        let dlnf = self.linear_back_f32(dlogits.src(), lnf.src(), head, (n, d, emb))?;
+        drop(dlogits);
         let mut dx = self.gpu.zeros::<f32>(n * d)?;
         self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {

@@ -26,7 +26,7 @@ fn signature(name: &str) -> Option<&'static str> {
         "swiglu_fwd" | "swiglu_fwd_bf16" => "PPLI",
         "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
         "rope_bf16" => "PPPLIIIII",
-        "cross_entropy" => "PPPPIFFI",
+        "cross_entropy" => "PPPPPIFFI",
         "add" => "PPPL",
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
@@ -310,20 +310,31 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 write_f32_or_bf16(&x, p(a, 0), true);
             }
             "cross_entropy" => {
-                let v = int(a, 4);
-                let targets = at::<u32>(p(a, 1), rows);
+                let v = int(a, 5);
+                let targets = at::<u32>(p(a, 2), rows);
                 if let Some(t) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
                     bail!("cross_entropy: target {t} outside {v} logits");
                 }
-                let back = int(a, 7) == 1;
+                let back = int(a, 8) == 1;
+                let logits = at::<f32>(p(a, 0), rows * v);
+                let bf16_grad = p(a, 1) != 0;
+                // into bf16, the logits stay: work on a copy
+                let mut work = if bf16_grad {
+                    logits.to_vec()
+                } else {
+                    Vec::new()
+                };
                 let per_row = crate::ops::cross_entropy(
-                    at(p(a, 0), rows * v),
+                    if bf16_grad { &mut work } else { logits },
                     targets,
                     v,
-                    f(a, 5),
-                    back.then(|| f(a, 6)),
+                    f(a, 6),
+                    back.then(|| f(a, 7)),
                 );
-                let (lp, zt) = (at::<f32>(p(a, 2), rows), at::<f32>(p(a, 3), rows));
+                if back && bf16_grad {
+                    write_f32_or_bf16(&work, p(a, 1), true);
+                }
+                let (lp, zt) = (at::<f32>(p(a, 3), rows), at::<f32>(p(a, 4), rows));
                 for (r, (l, z)) in per_row.into_iter().enumerate() {
                     lp[r] = l;
                     zt[r] = z;

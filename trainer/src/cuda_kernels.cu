@@ -276,8 +276,11 @@ extern "C" __global__ void swiglu_bwd_bf16(const bf16_t* dy, const bf16_t* x, bf
 
 // One block per row: log p(target) and the z-loss term; with `backward`, overwrites the logits
 // with gscale * dL/dlogits.
-extern "C" __global__ void cross_entropy(float* logits, const unsigned* tgt, float* logp, float* zt, int V,
-                                         float zloss, float gscale, int backward) {
+// One block per row: log p(target) and the z-loss term; with `backward`, gscale * dL/dlogits
+// over the logits, or, when dlb is not null, into dlb as bf16 (a GEMM operand under mixed
+// precision) with the logits left as they are.
+extern "C" __global__ void cross_entropy(float* logits, bf16_t* dlb, const unsigned* tgt, float* logp, float* zt,
+                                         int V, float zloss, float gscale, int backward) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     float* row = logits + r * V;
@@ -288,7 +291,12 @@ extern "C" __global__ void cross_entropy(float* logits, const unsigned* tgt, flo
             zt[r] = 0.f;
         }
         if (backward)
-            for (int i = threadIdx.x; i < V; i += blockDim.x) row[i] = 0.f;
+            for (int i = threadIdx.x; i < V; i += blockDim.x) {
+                if (dlb)
+                    dlb[r * V + i] = 0;
+                else
+                    row[i] = 0.f;
+            }
         return;
     }
     float xt = row[t];
@@ -304,9 +312,14 @@ extern "C" __global__ void cross_entropy(float* logits, const unsigned* tgt, flo
     }
     if (backward) {
         float zc = 1.f + 2.f * zloss * lse;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) row[i] = expf(row[i] - lse) * zc * gscale;
-        __syncthreads();
-        if (threadIdx.x == 0) row[t] -= gscale;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            float g = expf(row[i] - lse) * zc * gscale;
+            if (i == (int)t) g -= gscale;
+            if (dlb)
+                dlb[r * V + i] = f2bf(g);
+            else
+                row[i] = g;
+        }
     }
 }
 

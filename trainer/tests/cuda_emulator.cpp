@@ -262,8 +262,12 @@ int main(int argc, char** argv) {
         auto logits = load<float>("logits");
         auto t = load<unsigned>("targets");
         std::vector<float> lp(rows), zt(rows);
-        launch(rows, B, [&] { cross_entropy(logits.data(), t.data(), lp.data(), zt.data(), V, zl, gs, backward); });
-        store("logits", logits), store("logp", lp), store("zt", zt);
+        std::vector<uint16_t> dlb(rows * V);
+        launch(rows, B,
+               [&] { cross_entropy(logits.data(), dlb.data(), t.data(), lp.data(), zt.data(), V, zl, gs, backward); });
+        launch(rows, B,
+               [&] { cross_entropy(logits.data(), nullptr, t.data(), lp.data(), zt.data(), V, zl, gs, backward); });
+        store("logits", logits), store("logp", lp), store("zt", zt), store("dlogits_bf16", dlb);
     } else if (k == "embed") {  // n d
         long n = I(4);
         int d = I(5);
