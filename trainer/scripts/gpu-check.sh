@@ -45,14 +45,14 @@ status=0
 # context) cannot take the materialised path's results with it.
 for attention in materialised flash; do
   echo "== olmo-train gpu-check --attention $attention"
-  timeout "${CHECK_TIMEOUT:-240}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
+  timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
     --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-4}" || status=$?
   echo
 done
 echo
 echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-4} x 2048, bf16 autocast"
 if [ -n "$PY" ]; then
-  timeout 240 "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
+  timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
     --batch "${MICRO:-4}" --micro "${MICRO:-4}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" || status=$?
 else
   echo "(no Python with torch found: set TORCH_PYTHON)"
