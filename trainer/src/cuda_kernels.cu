@@ -471,6 +471,59 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int k
     a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
+// The B fragment of n rows n0..n0+7 and k columns k0..k0+15 of a tile whose rows are the n
+// dimension (K in S = Q Kᵀ, V in dP = dO Vᵀ, ...).
+template <int HD>
+__device__ __forceinline__ void tile_row_frag(unsigned* b, const unsigned* tile, int n0, int k0) {
+    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    b[0] = tile_pair<HD>(tile, n0 + g, k0 + 2 * c);
+    b[1] = tile_pair<HD>(tile, n0 + g, k0 + 8 + 2 * c);
+}
+
+// The A fragment of rows r0..r0+15 and columns k0..k0+15 of a tile.
+template <int HD>
+__device__ __forceinline__ void tile_a_frag(unsigned* a, const unsigned* tile, int r0, int k0) {
+    int g = (threadIdx.x & 31) >> 2, col = k0 + 2 * (threadIdx.x & 3);
+    a[0] = tile_pair<HD>(tile, r0 + g, col);
+    a[1] = tile_pair<HD>(tile, r0 + g + 8, col);
+    a[2] = tile_pair<HD>(tile, r0 + g, col + 8);
+    a[3] = tile_pair<HD>(tile, r0 + g + 8, col + 8);
+}
+
+// s = A tileᵀ for this warp's 16 rows: A as HD/16 register fragments (q or dO rows), the tile's
+// NT·8 rows the n dimension (S = Q Kᵀ, dP = dO Vᵀ).
+template <int HD, int NT>
+__device__ __forceinline__ void frags_times_tile(float (*s)[4], const unsigned (*af)[4], const unsigned* tile) {
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            unsigned bf[2];
+            tile_row_frag<HD>(bf, tile, nt * 8, kk * 16);
+            mma_bf16_16816(s[nt], af[kk], bf);
+        }
+    }
+}
+
+// out += s tile: s an accumulator of this warp's 16 rows × KS·16 (P or dS, packed to bf16 as
+// the A operand), the tile's KS·16 rows the k dimension (O += P V, dQ += dS K, ...).
+template <int HD, int KS>
+__device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)[4], const unsigned* tile) {
+    #pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        unsigned a[4];
+        acc_to_a(a, s, kk);
+        #pragma unroll
+        for (int nt = 0; nt < HD / 8; nt += 2) {
+            unsigned bf[4];
+            tile_column_frags<HD>(bf, tile, kk * 16, nt * 8);
+            mma_bf16_16816(out[nt], a, bf);
+            mma_bf16_16816(out[nt + 1], a, bf + 2);
+        }
+    }
+}
+
 // Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: bf16 [b·T, d] (only a GEMM
 // operand from here on); lse: [b·H·T].
 template <int HD>
@@ -501,16 +554,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
         tile_load<HD>(vs, v, ld, k0, BC, T);
         __syncthreads();
         float s[BC / 8][4];
-        #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                unsigned bf[2] = {tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 2 * c),
-                                  tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 8 + 2 * c)};
-                mma_bf16_16816(s[nt], qf[kk], bf);
-            }
-        }
+        frags_times_tile<HD, BC / 8>(s, qf, ks);
         #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             int row = r0 + g + 8 * rr;
@@ -540,18 +584,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
                 }
             m[rr] = mx;
         }
-        #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            unsigned a[4];
-            acc_to_a(a, s, kk);
-            #pragma unroll
-            for (int nt = 0; nt < HD / 8; nt += 2) {
-                unsigned bf[4];
-                tile_column_frags<HD>(bf, vs, kk * 16, nt * 8);
-                mma_bf16_16816(o[nt], a, bf);
-                mma_bf16_16816(o[nt + 1], a, bf + 2);
-            }
-        }
+        acc_times_tile<HD, BC / 16>(o, s, vs);
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -624,20 +657,8 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
         tile_load<HD>(vs, v, ld, k0, BC, T);
         __syncthreads();
         float s[BC / 8][4], dp[BC / 8][4];
-        #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-            #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                unsigned kb[2] = {tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 2 * c),
-                                  tile_pair<HD>(ks, nt * 8 + g, kk * 16 + 8 + 2 * c)};
-                mma_bf16_16816(s[nt], qf[kk], kb);
-                unsigned vb[2] = {tile_pair<HD>(vs, nt * 8 + g, kk * 16 + 2 * c),
-                                  tile_pair<HD>(vs, nt * 8 + g, kk * 16 + 8 + 2 * c)};
-                mma_bf16_16816(dp[nt], df[kk], vb);
-            }
-        }
+        frags_times_tile<HD, BC / 8>(s, qf, ks);
+        frags_times_tile<HD, BC / 8>(dp, df, vs);
         // dS = P ∘ (dP − D), P recomputed from the saved log-sum-exp.
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -647,18 +668,7 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
                 float p = (key <= row && row < T) ? __expf(s[nt][i] * scale - lr[rr]) : 0.f;
                 s[nt][i] = p * (dp[nt][i] - dr[rr]);
             }
-        #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            unsigned a[4];
-            acc_to_a(a, s, kk);
-            #pragma unroll
-            for (int nt = 0; nt < HD / 8; nt += 2) {
-                unsigned bf[4];
-                tile_column_frags<HD>(bf, ks, kk * 16, nt * 8);
-                mma_bf16_16816(dq[nt], a, bf);
-                mma_bf16_16816(dq[nt + 1], a, bf + 2);
-            }
-        }
+        acc_times_tile<HD, BC / 16>(dq, s, ks);
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -711,22 +721,24 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
         }
         __syncthreads();
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries.
+        // (The keys' A fragments are loaded once per k-step and serve every query column tile.)
         float s[BQ / 8][4], dp[BQ / 8][4];
         #pragma unroll
-        for (int nt = 0; nt < BQ / 8; ++nt) {
+        for (int nt = 0; nt < BQ / 8; ++nt)
             #pragma unroll
             for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            unsigned ka[4], va[4];
+            tile_a_frag<HD>(ka, ks, kr, kk * 16);
+            tile_a_frag<HD>(va, vs, kr, kk * 16);
             #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                int col = kk * 16 + 2 * c;
-                unsigned ka[4] = {tile_pair<HD>(ks, kr + g, col), tile_pair<HD>(ks, kr + g + 8, col),
-                                  tile_pair<HD>(ks, kr + g, col + 8), tile_pair<HD>(ks, kr + g + 8, col + 8)};
-                unsigned qb2[2] = {tile_pair<HD>(qs, nt * 8 + g, col), tile_pair<HD>(qs, nt * 8 + g, col + 8)};
-                mma_bf16_16816(s[nt], ka, qb2);
-                unsigned va[4] = {tile_pair<HD>(vs, kr + g, col), tile_pair<HD>(vs, kr + g + 8, col),
-                                  tile_pair<HD>(vs, kr + g, col + 8), tile_pair<HD>(vs, kr + g + 8, col + 8)};
-                unsigned db[2] = {tile_pair<HD>(dos, nt * 8 + g, col), tile_pair<HD>(dos, nt * 8 + g, col + 8)};
-                mma_bf16_16816(dp[nt], va, db);
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+                unsigned bf[2];
+                tile_row_frag<HD>(bf, qs, nt * 8, kk * 16);
+                mma_bf16_16816(s[nt], ka, bf);
+                tile_row_frag<HD>(bf, dos, nt * 8, kk * 16);
+                mma_bf16_16816(dp[nt], va, bf);
             }
         }
         #pragma unroll
@@ -738,22 +750,8 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
                 s[nt][i] = p;
                 dp[nt][i] = p * (dp[nt][i] - dd[qi]);
             }
-        #pragma unroll
-        for (int kk = 0; kk < BQ / 16; ++kk) {
-            unsigned pa[4], sa[4];
-            acc_to_a(pa, s, kk);
-            acc_to_a(sa, dp, kk);
-            #pragma unroll
-            for (int nt = 0; nt < HD / 8; nt += 2) {
-                unsigned db[4], qb4[4];
-                tile_column_frags<HD>(db, dos, kk * 16, nt * 8);
-                mma_bf16_16816(dv[nt], pa, db);
-                mma_bf16_16816(dv[nt + 1], pa, db + 2);
-                tile_column_frags<HD>(qb4, qs, kk * 16, nt * 8);
-                mma_bf16_16816(dk[nt], sa, qb4);
-                mma_bf16_16816(dk[nt + 1], sa, qb4 + 2);
-            }
-        }
+        acc_times_tile<HD, BQ / 16>(dv, s, dos);  // dV += Pᵀ dO
+        acc_times_tile<HD, BQ / 16>(dk, dp, qs);  // dK += dSᵀ Q (scaled at the end)
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
