@@ -200,33 +200,6 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     dw,
                 );
             }
-            "rope" => {
-                let (n, t, heads, half, stride, parts, inv) = (
-                    int(a, 3),
-                    int(a, 4),
-                    int(a, 5),
-                    int(a, 6),
-                    int(a, 7),
-                    int(a, 8),
-                    int(a, 9),
-                );
-                covers(n * parts * heads * half)?;
-                let x = at::<f32>(p(a, 0), n * stride);
-                let (cos, sin) = (at::<f32>(p(a, 1), t * half), at::<f32>(p(a, 2), t * half));
-                for r in 0..n {
-                    let pos = r % t;
-                    for h in 0..parts * heads {
-                        let base = r * stride + h * 2 * half;
-                        for j in 0..half {
-                            let (c, s) = (cos[pos * half + j], sin[pos * half + j]);
-                            let s = if inv == 1 { -s } else { s };
-                            let (x1, x2) = (x[base + j], x[base + half + j]);
-                            x[base + j] = x1 * c - x2 * s;
-                            x[base + half + j] = x2 * c + x1 * s;
-                        }
-                    }
-                }
-            }
             "softmax_fwd" => {
                 let t = int(a, 1);
                 for (r, row) in at::<f32>(p(a, 0), rows * t).chunks_exact_mut(t).enumerate() {
@@ -290,24 +263,25 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 crate::ops::swiglu_backward(&dy, &x, h, &mut dx);
                 write_f32_or_bf16(&dx, p(a, 2), bf);
             }
-            "rope_bf16" => {
-                let (n, t, heads, half, stride, inv) = (
-                    int(a, 3),
-                    int(a, 4),
-                    int(a, 5),
-                    int(a, 6),
-                    int(a, 7),
-                    int(a, 8),
-                );
-                covers(n * 2 * heads * half)?;
-                let mut x = read_f32_or_bf16(p(a, 0), n * stride, true);
+            // rope: f32 rows, `parts` column blocks; rope_bf16: bf16 rows, q and k. In place.
+            "rope" | "rope_bf16" => {
+                let bf = name == "rope_bf16";
+                let (n, t, heads, half, stride) =
+                    (int(a, 3), int(a, 4), int(a, 5), int(a, 6), int(a, 7));
+                let (parts, inv) = if bf {
+                    (2, int(a, 8))
+                } else {
+                    (int(a, 8), int(a, 9))
+                };
+                covers(n * parts * heads * half)?;
+                let mut x = read_f32_or_bf16(p(a, 0), n * stride, bf);
                 let table = crate::ops::RopeTable {
                     cos: at::<f32>(p(a, 1), t * half).to_vec(),
                     sin: at::<f32>(p(a, 2), t * half).to_vec(),
                     half,
                 };
-                crate::ops::rope(&mut x, stride, 2, t, heads, &table, inv == 1);
-                write_f32_or_bf16(&x, p(a, 0), true);
+                crate::ops::rope(&mut x, stride, parts, t, heads, &table, inv == 1);
+                write_f32_or_bf16(&x, p(a, 0), bf);
             }
             "cross_entropy" => {
                 let v = int(a, 5);
