@@ -61,6 +61,15 @@ impl Run {
     }
 }
 
+/// Rewrites a config file with text replacements, in order.
+fn edit(cfg: &Path, replacements: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    for (from, to) in replacements {
+        text = text.replace(from, to);
+    }
+    std::fs::write(cfg, text).unwrap();
+}
+
 fn ok(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
@@ -82,13 +91,7 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
         "max_duration: 80\nsave_interval: 10\nsave_num_checkpoints_to_keep: 2\n\
          evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 40\n",
     );
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("HELD", r.path("b.npy").to_str().unwrap()),
-    )
-    .unwrap();
+    edit(&cfg, &[("HELD", r.path("b.npy").to_str().unwrap())]);
     let err = ok(&r.train(&cfg, &[]));
     assert!(err.contains("done: 80 steps"), "{err}");
     let m = r.metrics("run");
@@ -256,11 +259,13 @@ fn flash_attention_trains_on_the_cuda_engine_and_falls_back_where_it_cannot_run(
     let r = Run::new();
     let flash = |name: &str, extra: &str| {
         let cfg = r.config(&format!("{name}.yaml"), name, extra);
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "d_model: 16\n  n_heads: 2\n",
-            "d_model: 64\n  n_heads: 2\n  flash_attention: true\n",
+        edit(
+            &cfg,
+            &[(
+                "d_model: 16\n  n_heads: 2\n",
+                "d_model: 64\n  n_heads: 2\n  flash_attention: true\n",
+            )],
         );
-        std::fs::write(&cfg, text).unwrap();
         cfg
     };
     let extra = "max_duration: 5\n";
@@ -293,13 +298,7 @@ fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
                  evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 3\n";
     for (name, dev) in [("cpu", "cpu"), ("emu", "cuda-emulator")] {
         let cfg = r.config(&format!("{name}.yaml"), name, extra);
-        std::fs::write(
-            &cfg,
-            std::fs::read_to_string(&cfg)
-                .unwrap()
-                .replace("HELD", r.path("b.npy").to_str().unwrap()),
-        )
-        .unwrap();
+        edit(&cfg, &[("HELD", r.path("b.npy").to_str().unwrap())]);
         let err = ok(&r.train(&cfg, &["--device", dev]));
         assert!(err.contains("done: 6 steps"), "{err}");
     }
@@ -362,14 +361,13 @@ fn a_nan_loss_stops_the_run_and_names_the_last_checkpoint() {
     let r = Run::new();
     let cfg = r.config("c.yaml", "run", "max_duration: 30\nsave_interval: 1\n");
     // a learning rate that overflows the weights within a few steps
-    std::fs::write(
+    edit(
         &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("learning_rate: 1.0e-2", "learning_rate: 1.0e+37")
-            .replace("max_grad_norm: 1.0", ""),
-    )
-    .unwrap();
+        &[
+            ("learning_rate: 1.0e-2", "learning_rate: 1.0e+37"),
+            ("max_grad_norm: 1.0", ""),
+        ],
+    );
     let o = r.train(&cfg, &[]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -447,14 +445,13 @@ fn export_hf_writes_olmo_and_llama_layouts() {
             &format!("max_duration: 2\n{extra}"),
         );
         if name == "llama" {
-            std::fs::write(
+            edit(
                 &cfg,
-                std::fs::read_to_string(&cfg).unwrap().replace(
+                &[(
                     "n_layers: 1",
                     "n_layers: 1\n  layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
-                ),
-            )
-            .unwrap();
+                )],
+            );
         }
         ok(&r.train(&cfg, &[]));
         let hf = r.path(&format!("{name}-hf"));
