@@ -187,7 +187,18 @@ pub fn loss_plot(metrics: &Path, out: &Path) -> Result<()> {
     );
     c.text(LEFT + pw as usize / 2 - 14, H - 22, "step", black);
     c.text(LEFT, 8, "cross-entropy (nats/token)", black);
-    // curves and legend
+    // curves and legend: one legend row per curve, a sample of its line and its name
+    let legend = |c: &mut Canvas, row: usize, name: &str, col: [u8; 3], dashed: bool| {
+        let (lx, ly) = (W - RIGHT + 15, TOP + 10 + row * 18);
+        let y = ly as f64 + 6.0;
+        c.line((lx as f64, y), (lx as f64 + 20.0, y), col, dashed);
+        c.text(
+            lx + 26,
+            ly,
+            &name.chars().take(26).collect::<String>(),
+            black,
+        );
+    };
     let mut row = 0;
     for (i, (name, pts)) in series.iter().enumerate() {
         let col = COLORS[i % COLORS.len()];
@@ -207,39 +218,13 @@ pub fn loss_plot(metrics: &Path, out: &Path) -> Result<()> {
                 false,
             );
         }
-        let lx = W - RIGHT + 15;
-        let ly = TOP + 10 + row * 18;
-        c.line(
-            (lx as f64, ly as f64 + 6.0),
-            (lx as f64 + 20.0, ly as f64 + 6.0),
-            col,
-            false,
-        );
-        c.text(
-            lx + 26,
-            ly,
-            &name.chars().take(26).collect::<String>(),
-            black,
-        );
+        legend(&mut c, row, name, col, false);
         row += 1;
     }
     for (i, (name, &b)) in baselines.iter().enumerate() {
         let col = COLORS[(series.len() + i) % COLORS.len()];
         c.line((LEFT as f64, sy(b)), (LEFT as f64 + pw, sy(b)), col, true);
-        let lx = W - RIGHT + 15;
-        let ly = TOP + 10 + row * 18;
-        c.line(
-            (lx as f64, ly as f64 + 6.0),
-            (lx as f64 + 20.0, ly as f64 + 6.0),
-            col,
-            true,
-        );
-        c.text(
-            lx + 26,
-            ly,
-            &name.chars().take(26).collect::<String>(),
-            black,
-        );
+        legend(&mut c, row, name, col, true);
         row += 1;
     }
     let tmp = out.with_extension("png.tmp");
