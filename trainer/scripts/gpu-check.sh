@@ -8,7 +8,7 @@
 #   trainer/scripts/gpu-check.sh
 # prints, for the materialised attention and then the flash attention (one process each): the
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
-# bf16), a 300-step training run with tokens/s, OLMo-1B at sequence 2048 (tokens/s, MFU); then
+# bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, OLMo-1B at sequence 2048 (tokens/s, MFU); then
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,10 +43,13 @@ echo
 status=0
 # One process per attention path: a fault in the flash kernels (which poisons the CUDA
 # context) cannot take the materialised path's results with it.
+# The GEMM table (cuBLASLt vs cuBLAS) once, with the first.
+reps=${GEMM_REPS:-10}
 for attention in materialised flash; do
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
-    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-4}" || status=$?
+    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-4}" --gemm-reps "$reps" || status=$?
+  reps=0
   echo
 done
 echo

@@ -6,10 +6,10 @@
 //! the GPU itself. Kernel semantics follow the `.cu` source; `tests/cuda_kernels.rs` checks that
 //! source separately.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::cuda::Arg;
-use crate::gemm_plan::{cublas_args, GemmSpec};
+use crate::gemm_plan::{lt_args, lt_problem, GemmSpec, LtLayout};
 use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 
 /// Argument kinds of each kernel: pointer, int, long, float.
@@ -27,7 +27,6 @@ fn signature(name: &str) -> Option<&'static str> {
         "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
         "rope_bf16" => "PPPLIIIII",
         "cross_entropy" => "PPPPPIFFI",
-        "add" => "PPPL",
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
         "adamw" => "PPPPLFFFFFFFF",
@@ -314,15 +313,6 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     zt[r] = z;
                 }
             }
-            "add" => {
-                let n = int(a, 3);
-                covers(n)?;
-                let (x, y) = (at::<f32>(p(a, 1), n), at::<f32>(p(a, 2), n));
-                let out = at::<f32>(p(a, 0), n);
-                for i in 0..n {
-                    out[i] = x[i] + y[i];
-                }
-            }
             "cast_bf16" => {
                 let n = int(a, 2);
                 covers(n)?;
@@ -479,12 +469,14 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     Ok(())
 }
 
-/// `cublasGemmStridedBatchedEx` by its definition (column-major), on host memory.
-pub fn gemm(spec: &GemmSpec) {
-    let c = cublas_args(spec);
-    let bf16 = spec.a.bf16;
-    let read = |addr: u64, i: usize| -> f32 {
-        // Safety: the spec's extents lie inside live host buffers.
+/// `cublasLtMatmul` by its definition (column-major layouts) on host memory, refusing what
+/// cuBLASLt would refuse.
+pub fn gemm(spec: &GemmSpec) -> Result<()> {
+    let a = lt_args(spec);
+    let (m, n, k) = lt_problem(&a)
+        .map_err(|e| anyhow!("cuBLASLt GEMM ({}x{}x{}): {e}", spec.m, spec.n, spec.k))?;
+    let read = |addr: u64, bf16: bool, i: usize| -> f32 {
+        // Safety: the layouts' extents lie inside live host buffers.
         unsafe {
             if bf16 {
                 bf16_to_f32(*(addr as *const u16).add(i))
@@ -493,41 +485,35 @@ pub fn gemm(spec: &GemmSpec) {
             }
         }
     };
-    for bt in 0..c.batch {
-        for i in 0..c.m {
-            for j in 0..c.n {
+    let at = |l: &LtLayout, bt: usize, r: usize, c: usize| bt * l.stride + r + c * l.ld;
+    let (la, lb, lc) = (&a.a_layout, &a.b_layout, &a.cd_layout);
+    for bt in 0..a.batch {
+        for i in 0..m {
+            for j in 0..n {
                 let mut acc = 0.0f32;
-                for l in 0..c.k {
-                    let x = if c.trans_a {
-                        read(c.a, bt * c.stride_a + l + i * c.lda)
-                    } else {
-                        read(c.a, bt * c.stride_a + i + l * c.lda)
-                    };
-                    let y = if c.trans_b {
-                        read(c.b, bt * c.stride_b + j + l * c.ldb)
-                    } else {
-                        read(c.b, bt * c.stride_b + l + j * c.ldb)
-                    };
-                    acc += x * y;
+                for l in 0..k {
+                    let (r, c) = if a.trans_a { (l, i) } else { (i, l) };
+                    let x = read(a.a, la.bf16, at(la, bt, r, c));
+                    let (r, c) = if a.trans_b { (j, l) } else { (l, j) };
+                    acc += x * read(a.b, lb.bf16, at(lb, bt, r, c));
                 }
+                let o = at(lc, bt, i, j);
+                // beta = 0 must not read C (it may be uninitialised).
+                let v = if spec.beta == 0.0 {
+                    spec.alpha * acc
+                } else {
+                    spec.alpha * acc + spec.beta * read(a.c, lc.bf16, o)
+                };
                 // Safety: as above, for the output.
                 unsafe {
-                    let at = bt * c.stride_c + i + j * c.ldc;
-                    if spec.c_bf16 {
-                        // bf16 outputs never accumulate (the engine checks beta = 0)
-                        *(c.c as *mut u16).add(at) =
-                            half::bf16::from_f32(spec.alpha * acc).to_bits();
+                    if lc.bf16 {
+                        *(a.d as *mut u16).add(o) = half::bf16::from_f32(v).to_bits();
                     } else {
-                        let out = (c.c as *mut f32).add(at);
-                        // beta = 0 must not read C (it may be uninitialised).
-                        *out = if spec.beta == 0.0 {
-                            spec.alpha * acc
-                        } else {
-                            spec.alpha * acc + spec.beta * *out
-                        };
+                        *(a.d as *mut f32).add(o) = v;
                     }
                 }
             }
         }
     }
+    Ok(())
 }

@@ -323,11 +323,6 @@ extern "C" __global__ void cross_entropy(float* logits, bf16_t* dlb, const unsig
     }
 }
 
-extern "C" __global__ void add(float* out, const float* a, const float* b, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
-}
-
 extern "C" __global__ void cast_bf16(const float* x, bf16_t* y, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = f2bf(x[i]);

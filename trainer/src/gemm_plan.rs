@@ -1,6 +1,7 @@
 //! The CUDA engine's GEMMs as plain descriptions, separate from cuBLAS so they can be checked
-//! without a GPU: the tests run them through a column-major reference of
-//! `cublasGemmStridedBatchedEx` on host memory and compare with the CPU kernels.
+//! without a GPU: the tests run them through column-major references of `cublasLtMatmul`
+//! (the engine's GEMM) and `cublasGemmStridedBatchedEx` (its fallback) on host memory and
+//! compare with the CPU kernels; the host emulator runs the engine's GEMMs through the first.
 //!
 //! Convention: every matrix is row-major. A spec computes, for each of `batch` matrices,
 //! `C[m×n] = alpha · op(A) · op(B) + beta · C` with `op(A)` m×k (A stored k×m when `ta`) and
@@ -50,6 +51,9 @@ pub struct GemmSpec {
     pub c: u64,
     pub ldc: usize,
     pub c_bf16: bool,
+    /// Where C is read from when it is not the output (cuBLASLt's C ≠ D): a residual added
+    /// in the GEMM's epilogue instead of by a kernel of its own. Same layout as the output.
+    pub c_src: Option<u64>,
     pub alpha: f32,
     pub beta: f32,
     pub batch: usize,
@@ -99,6 +103,126 @@ pub fn cublas_args(s: &GemmSpec) -> CublasArgs {
     }
 }
 
+/// A matrix as a cuBLASLt layout describes it: column-major `rows × cols` with `ld` elements
+/// from one column to the next and, in a batch, `stride` elements from one matrix to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LtLayout {
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+    pub stride: usize,
+    pub bf16: bool,
+}
+
+impl LtLayout {
+    /// The alignment in bytes, at most 256 (what cuBLASLt assumes unless told otherwise), of
+    /// every matrix of a batch of `batch` starting at `ptr`. An algorithm chosen for a better
+    /// aligned operand than the real one may fault or refuse, so the engine tells the
+    /// heuristic this: heads of a fused qkv row, for one, start only `2·hd` bytes apart.
+    pub fn alignment(&self, ptr: u64, batch: usize) -> u32 {
+        let elem = if self.bf16 { 2 } else { 4 };
+        let mut bits = ptr | 256;
+        if batch > 1 {
+            bits |= (self.stride * elem) as u64;
+        }
+        1 << bits.trailing_zeros()
+    }
+}
+
+/// `cublasLtMatmul`'s arguments for a spec: `D = alpha · op(A) · op(B) + beta · C` per batch
+/// matrix, column-major, the problem transposed as for cuBLAS. C and D share a layout; they
+/// are one buffer unless the spec reads C elsewhere (`c_src`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LtArgs {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub a: u64,
+    pub a_layout: LtLayout,
+    pub b: u64,
+    pub b_layout: LtLayout,
+    pub c: u64,
+    pub d: u64,
+    pub cd_layout: LtLayout,
+    pub batch: usize,
+}
+
+impl LtArgs {
+    /// The alignments of A, B, C and D, for the heuristic's preferences.
+    pub fn alignments(&self) -> [u32; 4] {
+        [
+            self.a_layout.alignment(self.a, self.batch),
+            self.b_layout.alignment(self.b, self.batch),
+            self.cd_layout.alignment(self.c, self.batch),
+            self.cd_layout.alignment(self.d, self.batch),
+        ]
+    }
+}
+
+pub fn lt_args(s: &GemmSpec) -> LtArgs {
+    let c = cublas_args(s);
+    // a layout describes the matrix as stored: op(A) m×k is stored k×m when transposed
+    let stored = |t: bool, r: usize, cols: usize| if t { (cols, r) } else { (r, cols) };
+    let (ar, ac) = stored(c.trans_a, c.m, c.k);
+    let (br, bc) = stored(c.trans_b, c.k, c.n);
+    LtArgs {
+        trans_a: c.trans_a,
+        trans_b: c.trans_b,
+        a: c.a,
+        a_layout: LtLayout {
+            rows: ar,
+            cols: ac,
+            ld: c.lda,
+            stride: c.stride_a,
+            bf16: s.b.bf16,
+        },
+        b: c.b,
+        b_layout: LtLayout {
+            rows: br,
+            cols: bc,
+            ld: c.ldb,
+            stride: c.stride_b,
+            bf16: s.a.bf16,
+        },
+        c: s.c_src.unwrap_or(s.c),
+        d: s.c,
+        cd_layout: LtLayout {
+            rows: c.m,
+            cols: c.n,
+            ld: c.ldc,
+            stride: c.stride_c,
+            bf16: s.c_bf16,
+        },
+        batch: c.batch,
+    }
+}
+
+/// The problem a set of layouts describes, `(m, n, k)`, or why cuBLASLt would refuse it
+/// (`CUBLAS_STATUS_INVALID_VALUE`): shapes that do not chain, a leading dimension shorter
+/// than a column.
+pub fn lt_problem(a: &LtArgs) -> Result<(usize, usize, usize), String> {
+    let op = |t: bool, l: &LtLayout| {
+        if t {
+            (l.cols, l.rows)
+        } else {
+            (l.rows, l.cols)
+        }
+    };
+    let (m, k) = op(a.trans_a, &a.a_layout);
+    let (k2, n) = op(a.trans_b, &a.b_layout);
+    let (m2, n2) = (a.cd_layout.rows, a.cd_layout.cols);
+    if k != k2 || m != m2 || n != n2 {
+        return Err(format!(
+            "layouts do not chain: op(A) {m}x{k}, op(B) {k2}x{n}, C {m2}x{n2}"
+        ));
+    }
+    for (name, l) in [("A", &a.a_layout), ("B", &a.b_layout), ("C", &a.cd_layout)] {
+        if l.ld < l.rows.max(1) {
+            return Err(format!("{name}: ld {} < rows {}", l.ld, l.rows));
+        }
+    }
+    Ok((m, n, k))
+}
+
 /// `y = x Wᵀ`: x `[rows, inp]`, W `[outp, inp]`, y `[rows, outp]`.
 pub fn linear_fwd(x: Buf, w: Buf, y: Buf, rows: usize, inp: usize, outp: usize) -> GemmSpec {
     GemmSpec {
@@ -112,12 +236,31 @@ pub fn linear_fwd(x: Buf, w: Buf, y: Buf, rows: usize, inp: usize, outp: usize) 
         c: y.ptr,
         ldc: outp,
         c_bf16: y.bf16,
+        c_src: None,
         alpha: 1.0,
         beta: 0.0,
         batch: 1,
         sa: 0,
         sb: 0,
         sc: 0,
+    }
+}
+
+/// `y = r + x Wᵀ`: `linear_fwd` with the residual `r` (f32, `[rows, outp]`) added by the
+/// GEMM (y is then f32 too).
+pub fn linear_fwd_residual(
+    x: Buf,
+    w: Buf,
+    r: u64,
+    y: u64,
+    rows: usize,
+    inp: usize,
+    outp: usize,
+) -> GemmSpec {
+    GemmSpec {
+        c_src: Some(r),
+        beta: 1.0,
+        ..linear_fwd(x, w, Buf::f32(y), rows, inp, outp)
     }
 }
 
@@ -134,6 +277,7 @@ pub fn linear_dx(dy: Buf, w: Buf, dx: Buf, rows: usize, inp: usize, outp: usize)
         c: dx.ptr,
         ldc: inp,
         c_bf16: dx.bf16,
+        c_src: None,
         alpha: 1.0,
         beta: 0.0,
         batch: 1,
@@ -156,6 +300,7 @@ pub fn linear_dw(dy: Buf, x: Buf, dw: u64, rows: usize, inp: usize, outp: usize)
         c: dw,
         ldc: inp,
         c_bf16: false,
+        c_src: None,
         alpha: 1.0,
         beta: 1.0,
         batch: 1,
@@ -203,6 +348,7 @@ impl Attn {
             c: c.ptr,
             ldc: c.ld,
             c_bf16: c.bf16,
+            c_src: None,
             alpha,
             beta: 0.0,
             batch: self.heads,
@@ -292,6 +438,7 @@ mod tests {
     use crate::ops;
 
     /// Host "device memory": f32 buffers at distinct fake addresses.
+    #[derive(Clone, PartialEq, Debug)]
     struct Mem(Vec<(u64, Vec<f32>)>);
 
     impl Mem {
@@ -340,8 +487,99 @@ mod tests {
         }
     }
 
+    /// `cublasLtMatmul` by its definition (column-major layouts, C read from `c`, D written
+    /// at `d`).
+    fn lt(mem: &mut Mem, a: &LtArgs, alpha: f32, beta: f32) {
+        let (m, n, k) = lt_problem(a).unwrap();
+        let at = |l: &LtLayout, bt: usize, r: usize, c: usize| bt * l.stride + r + c * l.ld;
+        for bt in 0..a.batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f32;
+                    for l in 0..k {
+                        let (r, c) = if a.trans_a { (l, i) } else { (i, l) };
+                        let x = mem.get(a.a, at(&a.a_layout, bt, r, c));
+                        let (r, c) = if a.trans_b { (j, l) } else { (l, j) };
+                        acc += x * mem.get(a.b, at(&a.b_layout, bt, r, c));
+                    }
+                    let o = at(&a.cd_layout, bt, i, j);
+                    let c = mem.get(a.c, o);
+                    let (db, dof) = mem.loc(a.d);
+                    mem.0[db].1[dof + o] = alpha * acc + beta * c;
+                }
+            }
+        }
+    }
+
+    /// Runs a spec through the cuBLASLt reference, and (C being the output) through the
+    /// cuBLAS one too: the engine's GEMM and its fallback must agree to the bit.
     fn run(mem: &mut Mem, s: GemmSpec) {
-        cublas(mem, &cublas_args(&s), s.alpha, s.beta);
+        let before = mem.clone();
+        lt(mem, &lt_args(&s), s.alpha, s.beta);
+        if s.c_src.is_none() {
+            let mut other = before;
+            cublas(&mut other, &cublas_args(&s), s.alpha, s.beta);
+            assert_eq!(*mem, other, "cuBLASLt and cuBLAS arguments disagree");
+        }
+    }
+
+    #[test]
+    fn residual_specs_add_in_the_epilogue() {
+        let (rows, inp, outp) = (4, 6, 5);
+        let (x, w, r) = (rnd(rows * inp, 7), rnd(outp * inp, 8), rnd(rows * outp, 9));
+        let mut mem = Mem(Vec::new());
+        let (px, pw, pr) = (mem.add(x.clone()), mem.add(w.clone()), mem.add(r.clone()));
+        let py = mem.add(vec![f32::NAN; rows * outp]);
+        run(
+            &mut mem,
+            linear_fwd_residual(Buf::f32(px), Buf::f32(pw), pr, py, rows, inp, outp),
+        );
+        let mut y = vec![0.0; rows * outp];
+        ops::matmul_forward(&x, &w, rows, inp, outp, &mut y);
+        let want: Vec<f32> = y.iter().zip(&r).map(|(a, b)| a + b).collect();
+        close(mem.data(py), &want);
+        assert_eq!(mem.data(pr), &r[..], "the residual is an input only");
+    }
+
+    #[test]
+    fn layouts_describe_the_problem_and_its_alignment() {
+        let at = Attn {
+            t: 8,
+            heads: 4,
+            hd: 16,
+        };
+        let qkv = Buf {
+            ptr: 1 << 20,
+            bf16: true,
+        };
+        let s = at.scores(1, qkv, 1 << 30, 0.25);
+        let a = lt_args(&s);
+        assert_eq!(lt_problem(&a), Ok((8, 8, 16)));
+        // K and Q of sequence 1: heads 16 bf16 (32 bytes) apart
+        assert_eq!(a.alignments()[..2], [32, 32]);
+        assert_eq!(
+            LtLayout {
+                stride: 64,
+                ..a.a_layout
+            }
+            .alignment(1 << 20, 4),
+            128
+        );
+        assert_eq!(a.cd_layout.alignment(1 << 30, 1), 256);
+        assert_eq!(a.cd_layout.alignment((1 << 30) + 4, 1), 4);
+        let bad = LtArgs {
+            cd_layout: LtLayout {
+                ld: 3,
+                ..a.cd_layout
+            },
+            ..a
+        };
+        assert!(lt_problem(&bad).unwrap_err().contains("ld 3 < rows 8"));
+        let bad = LtArgs {
+            trans_b: !a.trans_b,
+            ..a
+        };
+        assert!(lt_problem(&bad).unwrap_err().contains("do not chain"));
     }
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {

@@ -4,9 +4,11 @@
 //!     log-probabilities, every tensor's gradient (which localises a wrong kernel: norm weights
 //!     → `norm_bwd`, att_proj → attention/RoPE, wte → embedding/loss, ...) and one AdamW step,
 //!     in fp32 and in bf16 mixed precision, for LayerNorm/tied and RMSNorm/untied models;
-//!  2. trains a small model for a few hundred steps on the committed token file (the loss must
+//!  2. runs the GEMMs of an OLMo-1B step in cuBLASLt (the engine's library) and in cuBLAS:
+//!     the two must agree, and their TFLOP/s say how far the GEMMs alone are from peak;
+//!  3. trains a small model for a few hundred steps on the committed token file (the loss must
 //!     fall) and prints tokens/s;
-//!  3. times a few steps of OLMo-1B at sequence 2048 and prints tokens/s and MFU.
+//!  4. times a few steps of OLMo-1B at sequence 2048 and prints tokens/s and MFU.
 //!
 //! It exits non-zero when a check fails, after printing the whole table.
 
@@ -15,7 +17,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::backend::{Backend, Cpu, Update};
-use crate::cuda::CudaEngine;
+use crate::cuda::{CudaEngine, GemmLib, Gpu, Mem};
+use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
 use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
@@ -32,6 +35,8 @@ pub struct Options {
     pub tokens: Option<std::path::PathBuf>,
     /// The attention paths to check and time: `false` materialised, `true` flash.
     pub attention: Vec<bool>,
+    /// Timed runs of each OLMo-1B GEMM in cuBLASLt and in cuBLAS (0: no GEMM table).
+    pub gemm_reps: usize,
 }
 
 struct Rng(u64);
@@ -333,6 +338,133 @@ fn profile_step(
     Ok(())
 }
 
+/// Runs `spec` in `lib` into a zeroed output; the output's f32 values (bf16 outputs widened).
+fn gemm_result(gpu: &Gpu, spec: &GemmSpec, lib: GemmLib, out: &mut Mem<f32>) -> Result<Vec<f32>> {
+    gpu.fill_zero(out)?;
+    if gpu.gemm_in(spec, lib)? != lib {
+        bail!(
+            "the GEMM {}x{}x{} did not run in {lib:?}",
+            spec.m,
+            spec.n,
+            spec.k
+        );
+    }
+    let v = gpu.download(out)?;
+    let n = spec.m * spec.n * spec.batch;
+    Ok(if spec.c_bf16 {
+        v.iter()
+            .flat_map(|x| {
+                let b = x.to_bits();
+                [b as u16, (b >> 16) as u16]
+            })
+            .take(n)
+            .map(|h| half::bf16::from_bits(h).to_f32())
+            .collect()
+    } else {
+        v[..n].to_vec()
+    })
+}
+
+/// Milliseconds per run of `spec` in `lib`, over `reps` runs after one untimed.
+fn gemm_ms(gpu: &Gpu, spec: &GemmSpec, lib: GemmLib, reps: usize) -> Result<f64> {
+    gpu.gemm_in(spec, lib)?;
+    gpu.profile_start()?;
+    for _ in 0..reps {
+        gpu.gemm_in(spec, lib)?;
+    }
+    let rows = gpu.profile_end()?;
+    Ok(rows.iter().map(|r| r.1).sum::<f64>() / reps as f64)
+}
+
+/// The GEMMs of one OLMo-1B layer and head at micro-batch `micro` × 2048, each in cuBLASLt
+/// and in cuBLAS on the same random bf16 operands: results within bf16 rounding of each
+/// other, and TFLOP/s. Materialised attention's batched GEMMs are there too: their operands
+/// (heads of a fused qkv row) are the least aligned the engine hands cuBLASLt.
+fn gemm_table(ordinal: usize, micro: usize, reps: usize) -> Result<bool> {
+    let gpu = Gpu::new(ordinal)?;
+    if gpu.gemm_library() != Some(GemmLib::CublasLt) {
+        println!("(OLMO_TRAIN_GEMM=cublas: no cuBLASLt to compare)");
+        return Ok(true);
+    }
+    let (rows, d, h, v, t) = (micro * 2048, 2048, 8192, 50304, 2048);
+    let attn = Attn {
+        t,
+        heads: 16,
+        hd: 128,
+    };
+    // one buffer of random bf16 for every operand, one f32 residual, one output
+    let mut rng = Rng(7);
+    let n_src = rows * v;
+    let src: Vec<u16> = (0..n_src)
+        .map(|_| {
+            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            half::bf16::from_f32(u).to_bits()
+        })
+        .collect();
+    let src = gpu.upload(&src)?;
+    let resid: Vec<f32> = (0..rows * d)
+        .map(|i| (i % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let resid = gpu.upload(&resid)?;
+    let mut out = gpu.zeros::<f32>(rows * v.max(attn.heads * t * t))?;
+    let (s, o, r) = (gpu.ptr(&src, 0), gpu.ptr(&out, 0), gpu.ptr(&resid, 0));
+    let bf = Buf { ptr: s, bf16: true };
+    let (of, ob) = (Buf::f32(o), Buf { ptr: o, bf16: true });
+    let specs: Vec<(&str, GemmSpec)> = vec![
+        ("qkv", gemm_plan::linear_fwd(bf, bf, ob, rows, d, 3 * d)),
+        (
+            "attn out + residual",
+            gemm_plan::linear_fwd_residual(bf, bf, r, o, rows, d, d),
+        ),
+        ("ff in", gemm_plan::linear_fwd(bf, bf, ob, rows, d, 2 * h)),
+        (
+            "ff out + residual",
+            gemm_plan::linear_fwd_residual(bf, bf, r, o, rows, h, d),
+        ),
+        (
+            "head (logits)",
+            gemm_plan::linear_fwd(bf, bf, of, rows, d, v),
+        ),
+        ("ff out dx", gemm_plan::linear_dx(bf, bf, ob, rows, h, d)),
+        ("ff out dW", gemm_plan::linear_dw(bf, bf, o, rows, h, d)),
+        ("head dW", gemm_plan::linear_dw(bf, bf, o, rows, d, v)),
+        ("scores (1 seq)", attn.scores(0, bf, o, 0.088)),
+        ("P V (1 seq)", attn.output(0, bf, bf, ob)),
+    ];
+    println!("| GEMM | m x n x k (batch) | cuBLASLt TFLOP/s | cuBLAS TFLOP/s | rel diff | ok |");
+    println!("|---|---|---|---|---|---|");
+    let mut all = true;
+    for (name, spec) in &specs {
+        let lt = gemm_result(&gpu, spec, GemmLib::CublasLt, &mut out)?;
+        let cb = gemm_result(&gpu, spec, GemmLib::Cublas, &mut out)?;
+        let e = rel(&lt, &cb);
+        // the same sums in another order, rounded once to bf16 at most
+        let ok = e.is_finite() && e < 1e-2;
+        all &= ok;
+        let flop = 2.0 * (spec.m * spec.n * spec.k * spec.batch) as f64;
+        let tf = |ms: f64| flop / (ms * 1e-3) / 1e12;
+        let (t_lt, t_cb) = (
+            gemm_ms(&gpu, spec, GemmLib::CublasLt, reps)?,
+            gemm_ms(&gpu, spec, GemmLib::Cublas, reps)?,
+        );
+        println!(
+            "| {name} | {}x{}x{}{} | {:.0} | {:.0} | {e:.1e} | {} |",
+            spec.m,
+            spec.n,
+            spec.k,
+            if spec.batch > 1 {
+                format!(" ({})", spec.batch)
+            } else {
+                String::new()
+            },
+            tf(t_lt),
+            tf(t_cb),
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    Ok(all)
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     if let Err(why) = crate::device::cuda_unavailable() {
         bail!("gpu-check needs a GPU: {why}");
@@ -352,7 +484,17 @@ pub fn run(opts: &Options) -> Result<()> {
         &opts.attention,
     )?;
 
-    println!("\n## 2. training a small model (d 512, 8 layers, seq 512, OLMo vocabulary)\n");
+    let gemms_ok = if opts.gemm_reps > 0 {
+        println!(
+            "\n## 2. OLMo-1B GEMMs (micro-batch {} x 2048, bf16): cuBLASLt vs cuBLAS\n",
+            opts.olmo_1b_micro
+        );
+        gemm_table(ordinal, opts.olmo_1b_micro, opts.gemm_reps)?
+    } else {
+        true
+    };
+
+    println!("\n## 3. training a small model (d 512, 8 layers, seq 512, OLMo vocabulary)\n");
     let cfg = ModelConfig {
         d_model: 512,
         n_heads: 8,
@@ -389,7 +531,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     if opts.olmo_1b_steps > 0 {
-        println!("\n## 3. OLMo-1B, sequence 2048, bf16 GEMMs\n");
+        println!("\n## 4. OLMo-1B, sequence 2048, bf16 GEMMs\n");
         let cfg = ModelConfig {
             d_model: 2048,
             n_heads: 16,
@@ -423,7 +565,7 @@ pub fn run(opts: &Options) -> Result<()> {
             profile_step(&mut gpu, &windows, micro, &decay)?;
         }
     }
-    if !ok || !falls {
+    if !ok || !falls || !gemms_ok {
         bail!("gpu-check: some checks failed (see the table)");
     }
     println!("\ngpu-check: all checks passed");

@@ -16,7 +16,7 @@ usage: olmo-train train -c CONFIG [--device auto|cpu|cuda[:N]] [--threads N]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train eval -c CONFIG [--checkpoint DIR] [--device D]
        olmo-train info -c CONFIG
-       olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--tokens FILE]
+       olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
            the newest checkpoint in save_folder if there is one.
@@ -168,6 +168,7 @@ fn gpu_check(args: &[String]) -> Result<()> {
         olmo_1b_micro: 4,
         tokens: default_tokens.exists().then_some(default_tokens),
         attention: vec![false, true],
+        gemm_reps: 10,
     };
     let mut i = 0;
     while i < args.len() {
@@ -182,6 +183,7 @@ fn gpu_check(args: &[String]) -> Result<()> {
             "--train-steps" => opts.train_steps = num()?,
             "--olmo-1b-steps" => opts.olmo_1b_steps = num()?,
             "--micro" => opts.olmo_1b_micro = num()? as usize,
+            "--gemm-reps" => opts.gemm_reps = num()? as usize,
             "--tokens" => opts.tokens = Some(PathBuf::from(v)),
             "--attention" => {
                 opts.attention = match v {
