@@ -583,8 +583,8 @@ impl Gpu {
             bail!("a bf16 GEMM output cannot accumulate (beta {})", spec.beta);
         }
         let Some(c) = &self.cuda else {
-            crate::cuda_host::gemm(spec)?;
-            return Ok(GemmLib::CublasLt);
+            crate::cuda_host::gemm(spec, lib)?;
+            return Ok(lib);
         };
         let ran = match (&c.lt, lib) {
             (Some(lt), GemmLib::CublasLt) if self.gemm_lt(c, lt, spec)? => GemmLib::CublasLt,
@@ -678,20 +678,11 @@ impl Gpu {
     }
 
     fn gemm_cublas(&self, c: &Cuda, spec: &GemmSpec) -> Result<()> {
-        if let (Some(src), true) = (spec.c_src, spec.beta != 0.0) {
-            // cuBLAS reads C where it writes: copy the residual there first
-            if spec.batch != 1 || spec.ldc != spec.n || spec.c_bf16 {
-                bail!("cuBLAS: a GEMM reading C elsewhere needs one contiguous f32 output");
-            }
+        if let Some((to, from, bytes)) = gemm_plan::cublas_c_copy(spec).map_err(|e| anyhow!(e))? {
             // Safety: both ranges lie in live buffers of the spec's output extent.
             cu(
                 unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        spec.c,
-                        src,
-                        spec.m * spec.n * 4,
-                        c.stream.cu_stream(),
-                    )
+                    cudarc::driver::result::memcpy_dtod_async(to, from, bytes, c.stream.cu_stream())
                 },
                 "copying C",
             )?;

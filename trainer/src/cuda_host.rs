@@ -9,7 +9,8 @@
 use anyhow::{anyhow, bail, Result};
 
 use crate::cuda::Arg;
-use crate::gemm_plan::{lt_args, lt_problem, GemmSpec, LtLayout};
+use crate::cuda::GemmLib;
+use crate::gemm_plan::{cublas_args, cublas_c_copy, lt_args, lt_problem, GemmSpec, LtLayout};
 use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 
 /// Argument kinds of each kernel: pointer, int, long, float.
@@ -469,14 +470,84 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     Ok(())
 }
 
-/// `cublasLtMatmul` by its definition (column-major layouts) on host memory, refusing what
-/// cuBLASLt would refuse.
-pub fn gemm(spec: &GemmSpec) -> Result<()> {
-    let a = lt_args(spec);
-    let (m, n, k) = lt_problem(&a)
-        .map_err(|e| anyhow!("cuBLASLt GEMM ({}x{}x{}): {e}", spec.m, spec.n, spec.k))?;
-    let read = |addr: u64, bf16: bool, i: usize| -> f32 {
-        // Safety: the layouts' extents lie inside live host buffers.
+/// A GEMM in `lib` by that library's definition (column-major, from exactly the arguments
+/// the engine would pass it) on host memory, refusing what cuBLASLt would refuse.
+pub fn gemm(spec: &GemmSpec, lib: GemmLib) -> Result<()> {
+    let scalars = (spec.alpha, spec.beta);
+    match lib {
+        GemmLib::CublasLt => {
+            let a = lt_args(spec);
+            let (m, n, k) = lt_problem(&a)
+                .map_err(|e| anyhow!("cuBLASLt GEMM ({}x{}x{}): {e}", spec.m, spec.n, spec.k))?;
+            let at = |l: &LtLayout, bt: usize, r: usize, c: usize| bt * l.stride + r + c * l.ld;
+            let (la, lb, lc) = (&a.a_layout, &a.b_layout, &a.cd_layout);
+            host_gemm(
+                (m, n, k, a.batch),
+                [
+                    (a.a, la.bf16),
+                    (a.b, lb.bf16),
+                    (a.c, lc.bf16),
+                    (a.d, lc.bf16),
+                ],
+                scalars,
+                |bt, i, l| {
+                    let (r, c) = if a.trans_a { (l, i) } else { (i, l) };
+                    at(la, bt, r, c)
+                },
+                |bt, l, j| {
+                    let (r, c) = if a.trans_b { (j, l) } else { (l, j) };
+                    at(lb, bt, r, c)
+                },
+                |bt, i, j| at(lc, bt, i, j),
+            );
+        }
+        GemmLib::Cublas => {
+            if let Some((dst, src, bytes)) = cublas_c_copy(spec).map_err(|e| anyhow!(e))? {
+                // Safety: both ranges lie in live host buffers of the output's extent.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+            }
+            let a = cublas_args(spec);
+            let ix = |t: bool, ld: usize, stride: usize| {
+                move |bt: usize, r: usize, c: usize| {
+                    bt * stride + if t { c + r * ld } else { r + c * ld }
+                }
+            };
+            let (ia, ib) = (
+                ix(a.trans_a, a.lda, a.stride_a),
+                ix(a.trans_b, a.ldb, a.stride_b),
+            );
+            let bf16 = spec.a.bf16;
+            host_gemm(
+                (a.m, a.n, a.k, a.batch),
+                [
+                    (a.a, bf16),
+                    (a.b, bf16),
+                    (a.c, spec.c_bf16),
+                    (a.c, spec.c_bf16),
+                ],
+                scalars,
+                ia,
+                ib,
+                |bt, i, j| bt * a.stride_c + i + j * a.ldc,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `D = alpha · op(A) · op(B) + beta · C` for each of `batch`, on host pointers `[A, B, C, D]`
+/// (each with its bf16 flag), where op(A)[i, l], op(B)[l, j] and C/D[i, j] of matrix `bt` lie
+/// at the indices the closures give.
+fn host_gemm(
+    (m, n, k, batch): (usize, usize, usize, usize),
+    [a, b, c, d]: [(u64, bool); 4],
+    (alpha, beta): (f32, f32),
+    ia: impl Fn(usize, usize, usize) -> usize,
+    ib: impl Fn(usize, usize, usize) -> usize,
+    ic: impl Fn(usize, usize, usize) -> usize,
+) {
+    let read = |(addr, bf16): (u64, bool), i: usize| -> f32 {
+        // Safety: the arguments' extents lie inside live host buffers.
         unsafe {
             if bf16 {
                 bf16_to_f32(*(addr as *const u16).add(i))
@@ -485,35 +556,29 @@ pub fn gemm(spec: &GemmSpec) -> Result<()> {
             }
         }
     };
-    let at = |l: &LtLayout, bt: usize, r: usize, c: usize| bt * l.stride + r + c * l.ld;
-    let (la, lb, lc) = (&a.a_layout, &a.b_layout, &a.cd_layout);
-    for bt in 0..a.batch {
+    for bt in 0..batch {
         for i in 0..m {
             for j in 0..n {
                 let mut acc = 0.0f32;
                 for l in 0..k {
-                    let (r, c) = if a.trans_a { (l, i) } else { (i, l) };
-                    let x = read(a.a, la.bf16, at(la, bt, r, c));
-                    let (r, c) = if a.trans_b { (j, l) } else { (l, j) };
-                    acc += x * read(a.b, lb.bf16, at(lb, bt, r, c));
+                    acc += read(a, ia(bt, i, l)) * read(b, ib(bt, l, j));
                 }
-                let o = at(lc, bt, i, j);
+                let o = ic(bt, i, j);
                 // beta = 0 must not read C (it may be uninitialised).
-                let v = if spec.beta == 0.0 {
-                    spec.alpha * acc
+                let v = if beta == 0.0 {
+                    alpha * acc
                 } else {
-                    spec.alpha * acc + spec.beta * read(a.c, lc.bf16, o)
+                    alpha * acc + beta * read(c, o)
                 };
                 // Safety: as above, for the output.
                 unsafe {
-                    if lc.bf16 {
-                        *(a.d as *mut u16).add(o) = half::bf16::from_f32(v).to_bits();
+                    if d.1 {
+                        *(d.0 as *mut u16).add(o) = half::bf16::from_f32(v).to_bits();
                     } else {
-                        *(a.d as *mut f32).add(o) = v;
+                        *(d.0 as *mut f32).add(o) = v;
                     }
                 }
             }
         }
     }
-    Ok(())
 }

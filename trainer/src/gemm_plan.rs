@@ -103,6 +103,23 @@ pub fn cublas_args(s: &GemmSpec) -> CublasArgs {
     }
 }
 
+/// The copy cuBLAS needs before a spec that reads C elsewhere (it reads C where it writes D):
+/// `(to, from, bytes)`, or none when C is the output or unread (beta 0).
+pub fn cublas_c_copy(s: &GemmSpec) -> Result<Option<(u64, u64, usize)>, String> {
+    match s.c_src {
+        Some(src) if s.beta != 0.0 => {
+            if s.batch != 1 || s.ldc != s.n || s.c_bf16 {
+                return Err(format!(
+                    "cuBLAS: the GEMM {}x{}x{} reads C elsewhere, which needs one contiguous f32 output",
+                    s.m, s.n, s.k
+                ));
+            }
+            Ok(Some((s.c, src, s.m * s.n * 4)))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// A matrix as a cuBLASLt layout describes it: column-major `rows × cols` with `ld` elements
 /// from one column to the next and, in a batch, `stride` elements from one matrix to the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
