@@ -337,6 +337,23 @@ fn keep_freed_memory(ctx: &CudaContext) {
     }
 }
 
+/// An allocation's result, its failure saying how much was asked, how much is free, and, when
+/// the GPU is full, what to change.
+fn alloc_err<S, E>(r: std::result::Result<S, cudarc::driver::DriverError>, n: usize) -> Result<S> {
+    r.map_err(|e| {
+        let bytes = n * std::mem::size_of::<E>();
+        let free = cudarc::driver::result::mem_get_info()
+            .map(|(free, total)| format!(" ({} of {} MiB free)", free >> 20, total >> 20))
+            .unwrap_or_default();
+        let hint = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            "; the GPU is full: lower device_train_microbatch_size (gradient accumulation keeps the global batch) or use flash attention"
+        } else {
+            ""
+        };
+        anyhow!("CUDA: allocating {} MiB failed: {e:?}{free}{hint}", bytes.div_ceil(1 << 20))
+    })
+}
+
 fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
 }
@@ -478,7 +495,10 @@ impl Gpu {
 
     pub fn zeros<T: Elem>(&self, n: usize) -> Result<Mem<T>> {
         match self.stream() {
-            Some(st) => Ok(Mem::Dev(cu(st.alloc_zeros::<T>(n.max(1)), "allocation")?)),
+            Some(st) => Ok(Mem::Dev(alloc_err::<_, T>(
+                st.alloc_zeros::<T>(n.max(1)),
+                n,
+            )?)),
             None => Ok(Mem::Host(vec![T::default(); n.max(1)])),
         }
     }
@@ -490,9 +510,9 @@ impl Gpu {
         match self.stream() {
             // Safety: only used for outputs fully written by the next kernel or GEMM (the
             // emulator's poison checks that).
-            Some(st) => Ok(Mem::Dev(cu(
+            Some(st) => Ok(Mem::Dev(alloc_err::<_, T>(
                 unsafe { st.alloc::<T>(n.max(1)) },
-                "allocation",
+                n,
             )?)),
             None => Ok(Mem::Host(vec![T::POISON; n.max(1)])),
         }
