@@ -23,10 +23,10 @@ use cudarc::driver::{
 };
 
 use crate::backend::{Backend, StateFn, Update};
-use crate::gemm_plan::{self, cublas_args, lt_args, Attn, Buf, GemmSpec, LtLayout};
+use crate::cublaslt::Lt;
+use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
 use crate::model::{Batch, Layout, Model, ModelConfig, Scores};
 use crate::ops::{NormKind, RopeTable, IGNORE};
-use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 const BLOCK: u32 = 256;
@@ -104,8 +104,9 @@ impl<T> Mem<T> {
 }
 
 struct Cuda {
-    // Dropped first: its plans and handle before the stream and context they use.
-    lt: Option<Lt>,
+    // Dropped first: its plans and handle before the stream and context they use; with the
+    // workspace it runs in.
+    lt: Option<(Lt, CudaSlice<u8>)>,
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -121,183 +122,6 @@ pub enum GemmLib {
     /// `cublasGemmStridedBatchedEx`: the fallback for a problem cuBLASLt has no algorithm for,
     /// and everything under `OLMO_TRAIN_GEMM=cublas`.
     Cublas,
-}
-
-/// cuBLASLt: a handle, a workspace, and a plan (descriptors and algorithm) per problem.
-struct Lt {
-    handle: lt_sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    /// `None` for a problem cuBLASLt has no algorithm for (it runs in cuBLAS).
-    plans: std::sync::Mutex<std::collections::HashMap<LtKey, Option<LtPlan>>>,
-}
-
-/// What a plan depends on: everything in the arguments but the addresses and the scalars.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct LtKey {
-    trans: (bool, bool),
-    layouts: [LtLayout; 3],
-    batch: usize,
-    align: [u32; 4],
-}
-
-struct LtPlan {
-    desc: lt_sys::cublasLtMatmulDesc_t,
-    layouts: [lt_sys::cublasLtMatrixLayout_t; 3],
-    algo: lt_sys::cublasLtMatmulAlgo_t,
-}
-
-// Safety: the descriptors are plain host objects, used under the plans' lock or read-only.
-unsafe impl Send for LtPlan {}
-unsafe impl Send for Lt {}
-unsafe impl Sync for Lt {}
-
-impl Drop for LtPlan {
-    fn drop(&mut self) {
-        // Safety: created by `LtPlan::new`, destroyed once.
-        unsafe {
-            let _ = lt_result::destroy_matmul_desc(self.desc);
-            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
-                let _ = lt_result::destroy_matrix_layout(l);
-            }
-        }
-    }
-}
-
-impl Drop for Lt {
-    fn drop(&mut self) {
-        if let Ok(p) = self.plans.get_mut() {
-            p.clear();
-        }
-        // Safety: the handle outlives every plan, which are gone.
-        unsafe {
-            let _ = lt_result::destroy_handle(self.handle);
-        }
-    }
-}
-
-fn lt_err(what: &str, e: lt_result::CublasError) -> anyhow::Error {
-    anyhow!("cuBLASLt: {what}: {:?}", e.0)
-}
-
-impl Lt {
-    fn new(stream: &Arc<CudaStream>, arch: (i32, i32)) -> Result<Lt> {
-        let handle = lt_result::create_handle().map_err(|e| lt_err("creating the handle", e))?;
-        // NVIDIA's advice: 32 MiB on Hopper and later, 4 MiB before.
-        let size = if arch.0 >= 9 { 32 << 20 } else { 4 << 20 };
-        // Safety: scratch memory for cuBLASLt alone.
-        let workspace = cu(unsafe { stream.alloc::<u8>(size) }, "cuBLASLt workspace")?;
-        Ok(Lt {
-            handle,
-            workspace,
-            plans: Default::default(),
-        })
-    }
-}
-
-impl LtPlan {
-    /// Descriptors for `key` and the heuristic's best algorithm; `None` when it has none.
-    fn new(lt: &Lt, key: &LtKey) -> std::result::Result<LtPlan, lt_result::CublasError> {
-        use lt_sys::cublasLtMatmulDescAttributes_t as D;
-        use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
-        let ty = |b: bool| {
-            if b {
-                lt_sys::cudaDataType_t::CUDA_R_16BF
-            } else {
-                lt_sys::cudaDataType_t::CUDA_R_32F
-            }
-        };
-        // f32 operands keep f32 products (no TF32): `precision: fp32` means it.
-        let desc = lt_result::create_matmul_desc(
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            lt_sys::cudaDataType_t::CUDA_R_32F,
-        )?;
-        let mut plan = LtPlan {
-            desc,
-            layouts: [std::ptr::null_mut(); 3],
-            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-        };
-        for (slot, l) in plan.layouts.iter_mut().zip(&key.layouts) {
-            *slot = lt_result::create_matrix_layout(
-                ty(l.bf16),
-                l.rows as u64,
-                l.cols as u64,
-                l.ld as i64,
-            )?;
-            if key.batch > 1 {
-                let (count, stride) = (key.batch as i32, l.stride as i64);
-                // Safety: attribute values of the documented types and sizes.
-                unsafe {
-                    lt_result::set_matrix_layout_attribute(
-                        *slot,
-                        lt_sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                        &count as *const i32 as *const _,
-                        4,
-                    )
-                    .and_then(|_| {
-                        lt_result::set_matrix_layout_attribute(
-                            *slot,
-                            lt_sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                            &stride as *const i64 as *const _,
-                            8,
-                        )
-                    })?;
-                }
-            }
-        }
-        let op = |t: bool| -> i32 {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T as i32
-            } else {
-                cublasOperation_t::CUBLAS_OP_N as i32
-            }
-        };
-        let pref = lt_result::create_matmul_pref()?;
-        let found = (|| {
-            // Safety: attribute values of the documented types and sizes.
-            unsafe {
-                for (attr, v) in [
-                    (D::CUBLASLT_MATMUL_DESC_TRANSA, op(key.trans.0)),
-                    (D::CUBLASLT_MATMUL_DESC_TRANSB, op(key.trans.1)),
-                ] {
-                    lt_result::set_matmul_desc_attribute(
-                        plan.desc,
-                        attr,
-                        &v as *const i32 as *const _,
-                        4,
-                    )?;
-                }
-                let ws = lt.workspace.len() as u64;
-                lt_result::set_matmul_pref_attribute(
-                    pref,
-                    P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &ws as *const u64 as *const _,
-                    8,
-                )?;
-                let attrs = [
-                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                ];
-                for (attr, v) in attrs.into_iter().zip(key.align) {
-                    lt_result::set_matmul_pref_attribute(
-                        pref,
-                        attr,
-                        &v as *const u32 as *const _,
-                        4,
-                    )?;
-                }
-                let [a, b, c] = plan.layouts;
-                lt_result::get_matmul_algo_heuristic(lt.handle, plan.desc, a, b, c, c, pref)
-            }
-        })();
-        // Safety: created above, destroyed once.
-        unsafe {
-            let _ = lt_result::destroy_matmul_pref(pref);
-        }
-        plan.algo = found?.algo;
-        Ok(plan)
-    }
 }
 
 /// Where the engine's kernels run: a GPU (compiled kernels on one stream, cuBLAS), or the host
@@ -379,7 +203,14 @@ impl Gpu {
         let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
         let lt = match std::env::var("OLMO_TRAIN_GEMM").as_deref() {
             Ok("cublas") => None,
-            Ok("cublaslt") | Err(_) => Some(Lt::new(&stream, arch)?),
+            Ok("cublaslt") | Err(_) => {
+                // NVIDIA's advice: 32 MiB on Hopper and later, 4 MiB before.
+                let size = if arch.0 >= 9 { 32 << 20 } else { 4 << 20 };
+                // Safety: scratch memory for cuBLASLt alone.
+                let ws = cu(unsafe { stream.alloc::<u8>(size) }, "cuBLASLt workspace")?;
+                let lt = Lt::new(ws.device_ptr(&stream).0, size)?;
+                Some((lt, ws))
+            }
             Ok(other) => {
                 bail!("OLMO_TRAIN_GEMM={other}: expected cublaslt (the default) or cublas")
             }
@@ -593,6 +424,12 @@ impl Gpu {
         })
     }
 
+    /// How many GEMM problems run in cuBLASLt and how many fell back to cuBLAS, so far.
+    pub fn gemm_plans(&self) -> Option<(usize, usize)> {
+        let (lt, _) = self.cuda.as_ref()?.lt.as_ref()?;
+        Some(lt.plan_counts())
+    }
+
     /// `gemm` in the library asked for (cuBLASLt falling back to cuBLAS as `gemm` does);
     /// the library it ran in.
     pub fn gemm_in(&self, spec: &GemmSpec, lib: GemmLib) -> Result<GemmLib> {
@@ -607,7 +444,13 @@ impl Gpu {
             return Ok(lib);
         };
         let ran = match (&c.lt, lib) {
-            (Some(lt), GemmLib::CublasLt) if self.gemm_lt(c, lt, spec)? => GemmLib::CublasLt,
+            // Safety: the spec's addresses lie in live buffers of this engine, sized by the
+            // caller; the stream is this engine's.
+            (Some((lt, _)), GemmLib::CublasLt)
+                if unsafe { lt.matmul(spec, c.stream.cu_stream() as *mut _)? } =>
+            {
+                GemmLib::CublasLt
+            }
             _ => {
                 self.gemm_cublas(c, spec)?;
                 GemmLib::Cublas
@@ -633,68 +476,6 @@ impl Gpu {
             )
         })?;
         Ok(ran)
-    }
-
-    /// The GEMM in cuBLASLt; false when the heuristic has no algorithm for it (said once per
-    /// problem), for the caller to run it in cuBLAS.
-    fn gemm_lt(&self, c: &Cuda, lt: &Lt, spec: &GemmSpec) -> Result<bool> {
-        let a = lt_args(spec);
-        let key = LtKey {
-            trans: (a.trans_a, a.trans_b),
-            layouts: [a.a_layout, a.b_layout, a.cd_layout],
-            batch: a.batch,
-            align: a.alignments(),
-        };
-        let mut plans = lt
-            .plans
-            .lock()
-            .map_err(|_| anyhow!("cuBLASLt plans lock"))?;
-        let plan = plans.entry(key).or_insert_with(|| match LtPlan::new(lt, &key) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!(
-                    "note: cuBLASLt has no algorithm for the GEMM {}x{}x{} (batch {}, alignments {:?}): {:?}; it runs in cuBLAS",
-                    spec.m, spec.n, spec.k, spec.batch, key.align, e.0
-                );
-                None
-            }
-        });
-        let Some(plan) = plan else { return Ok(false) };
-        let [la, lb, lc] = plan.layouts;
-        let ws = lt.workspace.device_ptr(&c.stream).0;
-        // Safety: the addresses come from live buffers of this engine, sized by the caller;
-        // the plan was made for exactly these layouts and alignments.
-        unsafe {
-            lt_result::matmul(
-                lt.handle,
-                plan.desc,
-                &spec.alpha as *const f32 as *const _,
-                &spec.beta as *const f32 as *const _,
-                a.a as *const _,
-                la,
-                a.b as *const _,
-                lb,
-                a.c as *const _,
-                lc,
-                a.d as *mut _,
-                lc,
-                &plan.algo,
-                ws as *mut _,
-                lt.workspace.len(),
-                c.stream.cu_stream() as *mut _,
-            )
-        }
-        .map_err(|e| {
-            anyhow!(
-                "cuBLASLt GEMM ({}x{}x{}, batch {}) failed: {:?}",
-                spec.m,
-                spec.n,
-                spec.k,
-                spec.batch,
-                e.0
-            )
-        })?;
-        Ok(true)
     }
 
     fn gemm_cublas(&self, c: &Cuda, spec: &GemmSpec) -> Result<()> {

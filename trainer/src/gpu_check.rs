@@ -317,6 +317,9 @@ fn profile_step(
     time_training(engine, windows, micro, 0, 1, decay, 4e-4)?;
     let rows = engine.gpu.profile_end()?;
     let total: f64 = rows.iter().map(|r| r.1).sum();
+    if let Some((lt, fallback)) = engine.gpu.gemm_plans() {
+        println!("\nGEMM problems: {lt} in cuBLASLt, {fallback} fell back to cuBLAS");
+    }
     println!("\nGPU time of one step by kernel and GEMM shape (m x n x k): {total:.1} ms\n");
     println!("| kernel | ms | share | calls |");
     println!("|---|---|---|---|");

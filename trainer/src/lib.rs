@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod cublaslt;
 pub mod cuda;
 pub mod cuda_host;
 pub mod data;
