@@ -1,0 +1,338 @@
+// A stand-in for libcuda.so (and, built into the same file, libcublas.so) that runs the CUDA
+// engine's real GPU code path on the host: cudarc's driver calls, the engine's launches with
+// their packed argument arrays, its allocations, copies, events and cuBLAS calls.
+//
+// "Device" memory is host memory (a CUdeviceptr is a host address), allocated 256-byte aligned
+// and filled with 0xFF bytes (NaN as f32 and bf16), so a read of memory nothing wrote shows.
+// Every copy and memset must lie inside one live allocation. Modules are the PTX NVRTC made:
+// a function exists only if the PTX has its `.entry` and the emulation layer has the kernel,
+// which then runs on the host (cuda_emulation.hpp, one thread per CUDA thread) with the
+// launch's grid, block and arguments. Work runs when issued, so every stream is synchronous.
+
+#include <chrono>
+#include <map>
+#include <set>
+#include <tuple>
+#include <utility>
+
+#include "cuda_emulation.hpp"
+
+namespace {
+
+enum : int {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+};
+
+int fail(int code, const char* what, const char* detail = "") {
+    fprintf(stderr, "cuda stand-in: %s%s\n", what, detail);
+    return code;
+}
+
+std::mutex g_mem;
+std::map<uintptr_t, size_t> g_allocs;  // base -> bytes
+bool g_trace = std::getenv("CUDA_STANDIN_TRACE") != nullptr;
+
+// Whether [p, p + n) lies in one live allocation.
+bool inside(uintptr_t p, size_t n) {
+    std::lock_guard<std::mutex> l(g_mem);
+    auto it = g_allocs.upper_bound(p);
+    if (it == g_allocs.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+template <typename... A, size_t... I>
+std::function<void()> bind_impl(void (*f)(A...), void** p, std::index_sequence<I...>) {
+    std::tuple<std::decay_t<A>...> args{*static_cast<std::decay_t<A>*>(p[I])...};
+    return [f, args] { std::apply(f, args); };
+}
+
+// A kernel's launch with its arguments unpacked by the kernel's own parameter types.
+template <typename... A>
+std::function<void()> bind(void (*f)(A...), void** p) {
+    return bind_impl(f, p, std::index_sequence_for<A...>{});
+}
+
+using Binder = std::function<void()> (*)(void**);
+#define K(name) {#name, [](void** p) { return bind(&name, p); }}
+const std::map<std::string, Binder> g_kernels = {
+    K(embed_fwd),        K(embed_bwd),        K(norm_fwd),        K(norm_bwd),
+    K(rope),             K(rope_bf16),        K(softmax_fwd),     K(softmax_bwd),
+    K(softmax_fwd_bf16), K(softmax_bwd_bf16), K(swiglu_fwd),      K(swiglu_bwd),
+    K(swiglu_fwd_bf16),  K(swiglu_bwd_bf16),  K(cross_entropy),   K(cast_bf16),
+    K(sumsq),            K(adamw),            K(flash_bwd_pre),   K(flash_fwd_32),
+    K(flash_dq_32),      K(flash_dkdv_32),    K(flash_fwd_64),    K(flash_dq_64),
+    K(flash_dkdv_64),    K(flash_fwd_128),    K(flash_dq_128),    K(flash_dkdv_128),
+};
+#undef K
+
+// Kernels with no barriers, shuffles or warp-wide instructions run their threads serially
+// (the emulation aborts if one does use them).
+const std::set<std::string> g_serial_kernels = {
+    "embed_fwd", "embed_bwd", "rope",       "rope_bf16",       "swiglu_fwd", "swiglu_bwd",
+    "swiglu_fwd_bf16", "swiglu_bwd_bf16", "cast_bf16", "adamw",
+};
+
+struct Module {
+    std::set<std::string> entries;
+};
+struct Function {
+    std::string name;
+    Binder bind;
+};
+struct Event {
+    std::chrono::steady_clock::time_point at;
+};
+
+int g_ctx_token;  // the primary context's handle
+
+}  // namespace
+
+extern "C" {
+
+// ---- the driver ----
+
+int cuInit(unsigned) { return SUCCESS; }
+int cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return SUCCESS;
+}
+int cuDeviceGetCount(int* n) {
+    *n = 1;
+    return SUCCESS;
+}
+int cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal != 0) return fail(INVALID_VALUE, "no such device");
+    *dev = 0;
+    return SUCCESS;
+}
+int cuDeviceGetName(char* name, int len, int) {
+    snprintf(name, len, "CUDA stand-in (host emulation)");
+    return SUCCESS;
+}
+int cuDeviceGetAttribute(int* v, int attr, int) {
+    switch (attr) {
+        case 75: *v = 9; break;    // compute capability major
+        case 76: *v = 0; break;    // minor
+        case 115: *v = 1; break;   // memory pools supported
+        case 16: *v = 132; break;  // multiprocessors
+        default: *v = 0;
+    }
+    return SUCCESS;
+}
+int cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = size_t(1) << 34;
+    return SUCCESS;
+}
+int cuDevicePrimaryCtxRetain(void** ctx, int) {
+    *ctx = &g_ctx_token;
+    return SUCCESS;
+}
+int cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
+int cuCtxSetCurrent(void*) { return SUCCESS; }
+int cuCtxGetCurrent(void** ctx) {
+    *ctx = &g_ctx_token;
+    return SUCCESS;
+}
+int cuCtxPushCurrent_v2(void*) { return SUCCESS; }
+int cuCtxPopCurrent_v2(void** ctx) {
+    if (ctx) *ctx = &g_ctx_token;
+    return SUCCESS;
+}
+int cuCtxSynchronize() { return SUCCESS; }
+int cuCtxGetDevice(int* dev) {
+    *dev = 0;
+    return SUCCESS;
+}
+int cuGetErrorString(int code, const char** s) {
+    *s = code == SUCCESS ? "no error" : "cuda stand-in error";
+    return SUCCESS;
+}
+int cuGetErrorName(int code, const char** s) {
+    *s = code == SUCCESS ? "CUDA_SUCCESS" : "CUDA_ERROR_STANDIN";
+    return SUCCESS;
+}
+
+int cuDeviceGetDefaultMemPool(void** pool, int) {
+    *pool = &g_ctx_token;
+    return SUCCESS;
+}
+int cuMemPoolSetAttribute(void*, int, void*) { return SUCCESS; }
+int cuMemGetInfo_v2(size_t* free_, size_t* total) {
+    *free_ = size_t(1) << 33, *total = size_t(1) << 34;
+    return SUCCESS;
+}
+
+int cuStreamCreate(void** s, unsigned) {
+    *s = nullptr;
+    return SUCCESS;
+}
+int cuStreamDestroy_v2(void*) { return SUCCESS; }
+int cuStreamSynchronize(void*) { return SUCCESS; }
+int cuStreamWaitEvent(void*, void*, unsigned) { return SUCCESS; }
+
+int cuMemAlloc_v2(uintptr_t* p, size_t bytes) {
+    size_t n = (bytes + 255) / 256 * 256;
+    void* m = aligned_alloc(256, n ? n : 256);
+    if (!m) return fail(OUT_OF_MEMORY, "out of host memory");
+    std::memset(m, 0xFF, n);
+    std::lock_guard<std::mutex> l(g_mem);
+    g_allocs[(uintptr_t)m] = bytes;
+    *p = (uintptr_t)m;
+    return SUCCESS;
+}
+int cuMemAllocAsync(uintptr_t* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
+int cuMemFree_v2(uintptr_t p) {
+    std::lock_guard<std::mutex> l(g_mem);
+    auto it = g_allocs.find(p);
+    if (it == g_allocs.end()) return fail(INVALID_VALUE, "freeing what was not allocated");
+    g_allocs.erase(it);
+    free((void*)p);
+    return SUCCESS;
+}
+int cuMemFreeAsync(uintptr_t p, void*) { return cuMemFree_v2(p); }
+
+int cuMemcpyHtoDAsync_v2(uintptr_t dst, const void* src, size_t n, void*) {
+    if (!inside(dst, n)) return fail(INVALID_VALUE, "upload outside an allocation");
+    std::memcpy((void*)dst, src, n);
+    return SUCCESS;
+}
+int cuMemcpyHtoD_v2(uintptr_t dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
+int cuMemcpyDtoHAsync_v2(void* dst, uintptr_t src, size_t n, void*) {
+    if (!inside(src, n)) return fail(INVALID_VALUE, "download outside an allocation");
+    std::memcpy(dst, (const void*)src, n);
+    return SUCCESS;
+}
+int cuMemcpyDtoH_v2(void* dst, uintptr_t src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
+int cuMemcpyDtoDAsync_v2(uintptr_t dst, uintptr_t src, size_t n, void*) {
+    if (!inside(dst, n) || !inside(src, n)) return fail(INVALID_VALUE, "device copy outside an allocation");
+    std::memmove((void*)dst, (const void*)src, n);
+    return SUCCESS;
+}
+int cuMemsetD8Async(uintptr_t dst, unsigned char v, size_t n, void*) {
+    if (!inside(dst, n)) return fail(INVALID_VALUE, "memset outside an allocation");
+    std::memset((void*)dst, v, n);
+    return SUCCESS;
+}
+int cuMemsetD8_v2(uintptr_t dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
+
+int cuEventCreate(void** e, unsigned) {
+    *e = new Event{std::chrono::steady_clock::now()};
+    return SUCCESS;
+}
+int cuEventRecord(void* e, void*) {
+    static_cast<Event*>(e)->at = std::chrono::steady_clock::now();
+    return SUCCESS;
+}
+int cuEventSynchronize(void*) { return SUCCESS; }
+int cuEventQuery(void*) { return SUCCESS; }
+int cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = std::chrono::duration<float, std::milli>(static_cast<Event*>(b)->at - static_cast<Event*>(a)->at).count();
+    return SUCCESS;
+}
+int cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+int cuEventDestroy_v2(void* e) {
+    delete static_cast<Event*>(e);
+    return SUCCESS;
+}
+
+int cuModuleLoadData(void** m, const void* image) {
+    std::string ptx(static_cast<const char*>(image));
+    if (ptx.find(".version") == std::string::npos) return fail(INVALID_VALUE, "module image is not PTX");
+    auto mod = new Module;
+    for (size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 1)) {
+        size_t b = ptx.find_first_not_of(" \t", at + 6), e = ptx.find_first_of("( \t\n", b);
+        mod->entries.insert(ptx.substr(b, e - b));
+    }
+    *m = mod;
+    return SUCCESS;
+}
+int cuModuleUnload(void* m) {
+    delete static_cast<Module*>(m);
+    return SUCCESS;
+}
+int cuModuleGetFunction(void** f, void* m, const char* name) {
+    if (!static_cast<Module*>(m)->entries.count(name)) return fail(NOT_FOUND, "no .entry in the PTX: ", name);
+    auto k = g_kernels.find(name);
+    if (k == g_kernels.end()) return fail(NOT_FOUND, "no emulated kernel: ", name);
+    *f = new Function{name, k->second};
+    return SUCCESS;
+}
+int cuFuncGetAttribute(int* v, int, void*) {
+    *v = 0;
+    return SUCCESS;
+}
+int cuFuncSetAttribute(void*, int, int) { return SUCCESS; }
+
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   unsigned smem, void*, void** params, void** extra) {
+    auto fn = static_cast<Function*>(f);
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1) return fail(INVALID_VALUE, "a 2D or 3D launch of ", fn->name.c_str());
+    if (bx == 0 || bx > 1024 || gx == 0) return fail(INVALID_VALUE, "a launch shape out of range for ", fn->name.c_str());
+    if (smem != 0 || extra) return fail(INVALID_VALUE, "dynamic shared memory or extra for ", fn->name.c_str());
+    auto t0 = std::chrono::steady_clock::now();
+    if (g_serial_kernels.count(fn->name))
+        launch_serial(fn->name.c_str(), gx, bx, fn->bind(params));
+    else
+        launch(gx, bx, fn->bind(params));
+    if (g_trace)
+        fprintf(stderr, "cuda stand-in: %s<<<%u, %u>>> %.1f ms\n", fn->name.c_str(), gx, bx,
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    return SUCCESS;
+}
+
+// ---- cuBLAS ----
+
+int cublasCreate_v2(void** h) {
+    *h = &g_ctx_token;
+    return 0;
+}
+int cublasDestroy_v2(void*) { return 0; }
+int cublasSetStream_v2(void*, void*) { return 0; }
+
+static float bf16_load(const void* p, long i) {
+    uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
+    u += 0x7fff + ((u >> 16) & 1);
+    return uint16_t(u >> 16);
+}
+
+// Column-major, by definition; types: 0 f32, 14 bf16; compute 68 (f32).
+int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* A,
+                               int at, int lda, long long sa, const void* B, int bt, int ldb, long long sb,
+                               const void* beta, void* C, int ct, int ldc, long long sc, int batch, int compute,
+                               int) {
+    if (at != bt || (at != 0 && at != 14) || (ct != 0 && ct != 14) || compute != 68) return 15;
+    if (lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m) return 7;
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    auto ld = [](const void* p, int t, long i) { return t == 14 ? bf16_load(p, i) : static_cast<const float*>(p)[i]; };
+    for (int q = 0; q < batch; ++q)
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) {
+                float acc = 0;
+                for (int l = 0; l < k; ++l)
+                    acc += ld(A, at, q * sa + (ta ? l + (long)i * lda : i + (long)l * lda)) *
+                           ld(B, bt, q * sb + (tb ? j + (long)l * ldb : l + (long)j * ldb));
+                long o = q * sc + i + (long)j * ldc;
+                float v = al * acc + (be != 0 ? be * ld(C, ct, o) : 0.0f);
+                if (ct == 14)
+                    static_cast<uint16_t*>(C)[o] = to_bf16(v);
+                else
+                    static_cast<float*>(C)[o] = v;
+            }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,186 @@
+// The CUDA emulation layer shared by the kernel emulator (cuda_emulator.cpp) and the stand-in
+// CUDA driver (cuda_driver_mock.cpp): one std::thread per CUDA thread, a real barrier for
+// __syncthreads, per-warp barriers for warp shuffles, a lock for atomics, and mma.sync and
+// ldmatrix by their PTX fragment layouts. Blocks run one after another, so `__shared__` can be
+// a static. Includes src/cuda_kernels.cu unchanged.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+    unsigned x = 0, y = 1, z = 1;
+};
+thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
+static std::barrier<>* g_block = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+static float g_shfl[1024];
+static std::mutex g_atomic;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+// Set while a launch runs its threads one after another on one OS thread (`launch_serial`),
+// which only kernels without barriers, shuffles or warp-wide instructions may use.
+static const char* g_serial = nullptr;
+[[noreturn]] inline void serial_abort(const char* what) {
+    fprintf(stderr, "%s in %s, which was launched serially\n", what, g_serial);
+    std::abort();
+}
+
+inline void __syncthreads() {
+    if (g_serial) serial_abort("__syncthreads");
+    g_block->arrive_and_wait();
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    if (g_serial) serial_abort("a warp shuffle");
+    unsigned t = threadIdx.x;
+    auto& b = *g_warps[t / 32];
+    g_shfl[t] = v;
+    b.arrive_and_wait();
+    float r = g_shfl[t ^ (unsigned)o];
+    b.arrive_and_wait();
+    return r;
+}
+inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> l(g_atomic);
+    float old = *p;
+    *p += v;
+    return old;
+}
+inline double atomicAdd(double* p, double v) {
+    std::lock_guard<std::mutex> l(g_atomic);
+    double old = *p;
+    *p += v;
+    return old;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// mma.sync.m16n8k16 (bf16 in, f32 accumulate) across the 32 lanes of a warp: each lane
+// deposits its fragments, and computes its own accumulator elements from everyone's, with the
+// fragment layouts of the PTX ISA (independent of the kernel's use of them).
+static unsigned g_mma_a[1024][4], g_mma_b[1024][2];
+// ldmatrix.x4.trans across the warp: lane 8i + r gives the address of row r of matrix i; lane
+// t receives matrix i's elements (row 2(t%4), column t/4) and (row 2(t%4) + 1, column t/4).
+static const uint16_t* g_ldsm_rows[1024];
+#define LDMATRIX_X4_TRANS
+inline void ldmatrix_x4_trans(unsigned* r, const unsigned* row) {
+    if (g_serial) serial_abort("ldmatrix");
+    unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
+        std::abort();
+    }
+    auto& bar = *g_warps[t / 32];
+    g_ldsm_rows[t] = reinterpret_cast<const uint16_t*>(row);
+    bar.arrive_and_wait();
+    unsigned out[4];
+    for (int i = 0; i < 4; ++i) {
+        int rr = 2 * (lane % 4), col = lane / 4;
+        unsigned lo = g_ldsm_rows[w0 + 8 * i + rr][col], hi = g_ldsm_rows[w0 + 8 * i + rr + 1][col];
+        out[i] = lo | (hi << 16);
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) r[i] = out[i];
+}
+#define MMA_BF16_16816
+inline float bf16_at(unsigned word, int half) { return __uint_as_float(((word >> (16 * half)) & 0xffffu) << 16); }
+inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    if (g_serial) serial_abort("mma.sync");
+    unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
+    auto& bar = *g_warps[t / 32];
+    for (int i = 0; i < 4; ++i) g_mma_a[t][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_mma_b[t][i] = b[i];
+    bar.arrive_and_wait();
+    auto A = [&](int row, int k) {
+        return bf16_at(g_mma_a[w0 + (row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+    };
+    auto B = [&](int k, int col) { return bf16_at(g_mma_b[w0 + col * 4 + (k % 8) / 2][k / 8], k % 2); };
+    float r[4];
+    for (int i = 0; i < 4; ++i) {
+        int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        r[i] = acc;
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) c[i] = r[i];
+}
+
+#include "../src/cuda_kernels.cu"
+
+// One std::thread per CUDA thread of a block, kept for every block of the launch: a block
+// ends at a barrier before the next begins, so the statics standing in for `__shared__` are
+// free again, and the block and warp barriers are reused.
+static void launch(unsigned grid, unsigned block, const std::function<void()>& f) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    std::barrier<> bb(block);
+    g_block = &bb;
+    g_warps.clear();
+    for (unsigned w = 0; w * 32 < block; ++w)
+        g_warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < block; ++t)
+        ts.emplace_back([=, &bb] {
+            threadIdx.x = t;
+            for (unsigned b = 0; b < grid; ++b) {
+                blockIdx.x = b;
+                f();
+                bb.arrive_and_wait();
+            }
+        });
+    for (auto& th : ts) th.join();
+}
+
+// A launch of a kernel without barriers, shuffles or warp-wide instructions: its threads one
+// after another on the calling thread, far cheaper than a thread each. Using any of those
+// aborts, naming `kernel`.
+static void launch_serial(const char* kernel, unsigned grid, unsigned block, const std::function<void()>& f) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    g_serial = kernel;
+    for (unsigned b = 0; b < grid; ++b)
+        for (unsigned t = 0; t < block; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            f();
+        }
+    g_serial = nullptr;
+}
