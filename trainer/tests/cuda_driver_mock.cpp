@@ -102,13 +102,17 @@ int cuDriverGetVersion(int* v) {
     *v = 13000;
     return SUCCESS;
 }
+// One device, or CUDA_STANDIN_DEVICES of them (for one process per rank); all the same.
 int cuDeviceGetCount(int* n) {
-    *n = 1;
+    const char* v = std::getenv("CUDA_STANDIN_DEVICES");
+    *n = v ? std::atoi(v) : 1;
     return SUCCESS;
 }
 int cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal != 0) return fail(INVALID_VALUE, "no such device");
-    *dev = 0;
+    int n;
+    cuDeviceGetCount(&n);
+    if (ordinal < 0 || ordinal >= n) return fail(INVALID_VALUE, "no such device");
+    *dev = ordinal;
     return SUCCESS;
 }
 int cuDeviceGetName(char* name, int len, int) {

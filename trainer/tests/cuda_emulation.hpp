@@ -1,11 +1,15 @@
 // The CUDA emulation layer shared by the kernel emulator (cuda_emulator.cpp) and the stand-in
-// CUDA driver (cuda_driver_mock.cpp): one std::thread per CUDA thread, a real barrier for
-// __syncthreads, per-warp barriers for warp shuffles, a lock for atomics, and mma.sync and
-// ldmatrix by their PTX fragment layouts. Blocks run one after another, so `__shared__` can be
-// a static. Includes src/cuda_kernels.cu unchanged.
+// CUDA driver (cuda_driver_mock.cpp): each CUDA thread of a block is a fiber (ucontext) on the
+// calling OS thread, a barrier (`__syncthreads`, and per warp for shuffles, mma.sync and
+// ldmatrix) suspends a fiber until every participant arrived, and mma.sync and ldmatrix follow
+// their PTX fragment layouts. A round in which no fiber moves is a deadlock (a barrier some
+// thread never reaches) and aborts. Blocks run one after another, so `__shared__` can be a
+// static. Includes src/cuda_kernels.cu unchanged.
 #pragma once
 
-#include <barrier>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -22,10 +26,39 @@
 struct Dim3 {
     unsigned x = 0, y = 1, z = 1;
 };
-thread_local Dim3 threadIdx, blockIdx;
+// One OS thread runs every fiber: the scheduler sets these before resuming a fiber.
+static Dim3 threadIdx, blockIdx;
 static Dim3 blockDim, gridDim;
-static std::barrier<>* g_block = nullptr;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+
+struct Fiber {
+    ucontext_t ctx;
+    unsigned t = 0;
+    bool done = false;
+};
+static ucontext_t g_scheduler;
+static std::vector<Fiber> g_fibers;
+static unsigned g_current = 0;
+static unsigned long g_moves = 0;  // arrivals and completions, to tell progress from deadlock
+
+// A barrier of `need` fibers: the last to arrive releases the others and runs on.
+struct Barrier {
+    unsigned need, arrived = 0;
+    unsigned long generation = 0;
+    explicit Barrier(unsigned n) : need(n) {}
+    void arrive_and_wait() {
+        ++g_moves;
+        unsigned long mine = generation;
+        if (++arrived == need) {
+            arrived = 0;
+            ++generation;
+            return;
+        }
+        while (generation == mine) swapcontext(&g_fibers[g_current].ctx, &g_scheduler);
+    }
+};
+
+static Barrier* g_block = nullptr;
+static std::vector<std::unique_ptr<Barrier>> g_warps;
 static float g_shfl[1024];
 static std::mutex g_atomic;
 
@@ -145,28 +178,56 @@ inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
 
 #include "../src/cuda_kernels.cu"
 
-// One std::thread per CUDA thread of a block, kept for every block of the launch: a block
-// ends at a barrier before the next begins, so the statics standing in for `__shared__` are
-// free again, and the block and warp barriers are reused.
+static const std::function<void()>* g_kernel = nullptr;
+
+static void fiber_main() {
+    (*g_kernel)();
+    g_fibers[g_current].done = true;
+    ++g_moves;
+}  // returns to uc_link, the scheduler
+
+// Runs each block's threads as fibers, round robin, each until it finishes or waits at a
+// barrier; blocks one after another.
 static void launch(unsigned grid, unsigned block, const std::function<void()>& f) {
+    constexpr size_t STACK = 256 << 10;
     gridDim.x = grid;
     blockDim.x = block;
-    std::barrier<> bb(block);
+    g_kernel = &f;
+    Barrier bb(block);
     g_block = &bb;
     g_warps.clear();
     for (unsigned w = 0; w * 32 < block; ++w)
-        g_warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < block; ++t)
-        ts.emplace_back([=, &bb] {
-            threadIdx.x = t;
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx.x = b;
-                f();
-                bb.arrive_and_wait();
+        g_warps.push_back(std::make_unique<Barrier>(std::min(32u, block - w * 32)));
+    std::vector<char> stacks(STACK * block);
+    g_fibers.assign(block, Fiber{});
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& fb = g_fibers[t];
+            fb.t = t;
+            fb.done = false;
+            getcontext(&fb.ctx);
+            fb.ctx.uc_stack.ss_sp = stacks.data() + STACK * t;
+            fb.ctx.uc_stack.ss_size = STACK;
+            fb.ctx.uc_link = &g_scheduler;
+            makecontext(&fb.ctx, fiber_main, 0);
+        }
+        for (unsigned left = block; left > 0;) {
+            unsigned long before = g_moves;
+            left = 0;
+            for (unsigned t = 0; t < block; ++t) {
+                if (g_fibers[t].done) continue;
+                g_current = t;
+                threadIdx.x = t;
+                swapcontext(&g_scheduler, &g_fibers[t].ctx);
+                left += !g_fibers[t].done;
             }
-        });
-    for (auto& th : ts) th.join();
+            if (left > 0 && g_moves == before) {
+                fprintf(stderr, "emulated kernel deadlocked: %u threads of block %u wait at a barrier\n", left, b);
+                std::abort();
+            }
+        }
+    }
 }
 
 // A launch of a kernel without barriers, shuffles or warp-wide instructions: its threads one

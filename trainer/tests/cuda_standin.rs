@@ -1,16 +1,14 @@
 //! The CUDA engine's real GPU code path run without a GPU: cudarc's driver calls, the engine's
 //! packed kernel arguments and launch shapes, its allocations, copies, memsets and events, its
 //! cuBLAS and cuBLASLt calls, and the PTX NVRTC makes from `cuda_kernels.cu`. Stand-in
-//! libraries take the GPU's place (`cuda_driver_mock.cpp` as libcuda and libcublas,
-//! `cublaslt_mock.c` as libcublasLt): kernels found in the PTX run in the host emulation of
-//! the same source, GEMMs by their libraries' definitions, and every copy must stay inside an
-//! allocation. The engine is compared with the CPU engine (`gpu-check`'s table).
-//!
-//! The stand-ins load the way cudarc loads the real libraries, from `LD_LIBRARY_PATH`, which
-//! only takes effect in a fresh process: the test runs itself again in one. NVRTC is the real
-//! one; without it (or a C/C++ compiler) the test says it skipped.
+//! libraries take the GPU's place (see `standin/mod.rs`): kernels found in the PTX run in the
+//! host emulation of the same source, GEMMs by their libraries' definitions, and every copy
+//! must stay inside an allocation. The engine is compared with the CPU engine (`gpu-check`'s
+//! table). The stand-ins only load in a fresh process, so the test runs itself again in one.
+//! Without NVRTC (or a C/C++ compiler) it says it skipped.
 
-use std::path::Path;
+mod standin;
+
 use std::process::Command;
 
 use olmo_train::cuda::CudaEngine;
@@ -18,45 +16,14 @@ use olmo_train::gpu_check::{compare_engines, variants};
 
 const CHILD: &str = "OLMO_TRAIN_CUDA_STANDIN";
 
-/// Builds the stand-in libraries into `dir`; false when a compiler is missing.
-fn build(dir: &Path) -> bool {
-    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-    let cuda = ["c++", "g++", "clang++"].iter().any(|cxx| {
-        Command::new(cxx)
-            .args(["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o"])
-            .arg(dir.join("libcuda.so"))
-            .arg(tests.join("cuda_driver_mock.cpp"))
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    let lt = ["cc", "gcc", "clang"].iter().any(|cc| {
-        Command::new(cc)
-            .args(["-std=c11", "-O1", "-shared", "-fPIC", "-o"])
-            .arg(dir.join("libcublasLt.so"))
-            .arg(tests.join("cublaslt_mock.c"))
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    // one file serves as the driver and as cuBLAS
-    cuda && lt && std::fs::copy(dir.join("libcuda.so"), dir.join("libcublas.so")).is_ok()
-}
-
 /// Runs `name` again in a fresh process with the stand-ins first on the library path; its
 /// output, or `None` when it skipped.
 fn in_child(name: &str) -> Option<String> {
-    let dir = tempfile::tempdir().unwrap();
-    if !build(dir.path()) {
-        eprintln!("skipped: no C/C++ compiler to build the CUDA stand-ins");
-        return None;
-    }
-    let path = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.path().display()),
-        _ => dir.path().display().to_string(),
-    };
+    let dir = standin::build()?;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads", "1"])
         .env(CHILD, "1")
-        .env("LD_LIBRARY_PATH", path)
+        .env("LD_LIBRARY_PATH", standin::library_path(dir.path()))
         .output()
         .unwrap();
     let text = format!(

@@ -2,6 +2,8 @@
 //! the plot are written, a stopped run resumes to the same bits, NaN stops the run, bad data
 //! and bad configs are explained, and `export-hf` writes a transformers layout.
 
+mod standin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -251,6 +253,95 @@ fn two_ranks_train_like_one_process() {
         assert!((p.1 - q.1).abs() < 1e-4, "{x:?} vs {y:?}");
     }
     assert!(r.path("two/step12/model.safetensors").exists());
+}
+
+/// The CUDA engine's data-parallel path without GPUs: two `--device cuda` ranks on the
+/// stand-in libraries (`standin/`), NCCL's id sent over the rendezvous and the gradients
+/// all-reduced by the NCCL stand-in, against one CUDA process on the same stand-ins.
+#[test]
+fn two_cuda_ranks_all_reduce_through_nccl_like_one_process() {
+    let Some(libs) = standin::build() else { return };
+    let path = standin::library_path(libs.path());
+    let r = Run::new();
+    // small: every CUDA thread is emulated on the host
+    let config = |name: &str| {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            "max_duration: 3
+precision: fp32
+",
+        );
+        edit(
+            &cfg,
+            &[
+                ("max_sequence_length: 16", "max_sequence_length: 8"),
+                ("global_train_batch_size: 8", "global_train_batch_size: 4"),
+            ],
+        );
+        cfg
+    };
+    let tmp = r.path("");
+    let run = |cfg: &Path, env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
+            .env("LD_LIBRARY_PATH", &path)
+            .env("CUDA_STANDIN_DEVICES", "2")
+            .env("TMPDIR", &tmp)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let one = run(&config("one"), &[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&one.stderr);
+    if err.contains("nvrtc library could not be loaded") {
+        eprintln!("skipped: no NVRTC on the library path");
+        return;
+    }
+    let err = ok(&one);
+    assert!(
+        err.contains("device cuda:0") && err.contains("CUDA stand-in"),
+        "{err}"
+    );
+    let two = config("two");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let rank = |r: &'static str| {
+        run(
+            &two,
+            &[
+                ("RANK", r),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", r),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+            ],
+        )
+    };
+    let (a, b) = (rank("0"), rank("1"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (ea, eb) = (ok(&a), ok(&b));
+    assert!(ea.contains("2 ranks joined"), "{ea}");
+    assert!(!ea.contains("libnccl not found"), "{ea}");
+    // each rank on its own device, all-reducing once per step
+    assert!(
+        ea.contains("nccl stand-in: rank 0 of 2, 3 all-reduces"),
+        "{ea}"
+    );
+    assert!(
+        eb.contains("nccl stand-in: rank 1 of 2, 3 all-reduces"),
+        "{eb}"
+    );
+    let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics("two")));
+    assert_eq!(x.len(), 3);
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p.1 - q.1).abs() < 1e-5, "{x:?} vs {y:?}");
+    }
 }
 
 #[test]

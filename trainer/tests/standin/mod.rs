@@ -1,0 +1,52 @@
+//! Stand-ins for the CUDA libraries, built with the system compilers for tests that run the
+//! CUDA engine's real GPU code path without a GPU: `cuda_driver_mock.cpp` as libcuda and
+//! libcublas, `cublaslt_mock.c` as libcublasLt, `nccl_mock.c` as libnccl. They load the way
+//! cudarc loads the real libraries, from `LD_LIBRARY_PATH`, so only in a process started with
+//! it set. NVRTC is the real one (the kernels' PTX is checked for each kernel's entry).
+
+use std::path::Path;
+use std::process::Command;
+
+fn compile(compilers: &[&str], args: &[&str], out: &Path, src: &Path) -> bool {
+    compilers.iter().any(|c| {
+        Command::new(c)
+            .args(args)
+            .arg("-o")
+            .arg(out)
+            .arg(src)
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// A folder holding the stand-ins, or `None` (said) when a compiler is missing.
+pub fn build() -> Option<tempfile::TempDir> {
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cxx = ["c++", "g++", "clang++"];
+    let cc = ["cc", "gcc", "clang"];
+    let c_args = ["-std=c11", "-O1", "-shared", "-fPIC"];
+    let ok = compile(
+        &cxx,
+        &["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"],
+        &d.join("libcuda.so"),
+        &tests.join("cuda_driver_mock.cpp"),
+    ) && compile(&cc, &c_args, &d.join("libcublasLt.so"), &tests.join("cublaslt_mock.c"))
+        && compile(&cc, &c_args, &d.join("libnccl.so"), &tests.join("nccl_mock.c"))
+        // one file serves as the driver and as cuBLAS
+        && std::fs::copy(d.join("libcuda.so"), d.join("libcublas.so")).is_ok();
+    if !ok {
+        eprintln!("skipped: no C/C++ compiler to build the CUDA stand-ins");
+        return None;
+    }
+    Some(dir)
+}
+
+/// `LD_LIBRARY_PATH` with the stand-ins first (NVRTC stays reachable through the rest).
+pub fn library_path(dir: &Path) -> String {
+    match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    }
+}
