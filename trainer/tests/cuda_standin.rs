@@ -11,8 +11,10 @@ mod standin;
 
 use std::process::Command;
 
-use olmo_train::cuda::CudaEngine;
-use olmo_train::gpu_check::{compare_engines, variants};
+use olmo_train::backend::Backend;
+use olmo_train::cuda::{CudaEngine, GemmLib, Gpu};
+use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
+use olmo_train::model::{init_params, Batch, InitFn, Model};
 
 const CHILD: &str = "OLMO_TRAIN_CUDA_STANDIN";
 
@@ -81,4 +83,47 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
     )
     .unwrap();
     assert!(ok, "see the table above");
+
+    // gpu-check's GEMM table: both libraries on the same operands, timed with events
+    let gpu = Gpu::new(0).unwrap();
+    assert_eq!(gpu.gemm_library(), Some(GemmLib::CublasLt));
+    let dims = GemmDims {
+        rows: 24,
+        d: 16,
+        h: 40,
+        v: 56,
+    };
+    assert!(gemm_table(&gpu, dims, 2).unwrap());
+    drop(gpu);
+
+    // a profiled step: every launch and GEMM timed by events, by label
+    let (_, cfg) = models[1];
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 5);
+    let zeros = vec![0.0; params.len()];
+    let mut engine = CudaEngine::new(0, Model::new(cfg, 16), &params, &zeros, &zeros).unwrap();
+    let tokens: Vec<u32> = (0..2 * 16).map(|i| (i * 5 % 64) as u32).collect();
+    let batch = Batch {
+        inputs: &tokens,
+        targets: &tokens,
+        b: 2,
+        t: 16,
+    };
+    engine.gpu.profile_start().unwrap();
+    engine.forward_backward(&batch, 1.0 / 32.0).unwrap();
+    let rows = engine.gpu.profile_end().unwrap();
+    let calls = |label: &str| {
+        rows.iter()
+            .filter(|r| r.0.starts_with(label))
+            .map(|r| r.2)
+            .sum::<usize>()
+    };
+    // per layer: 4 projections forward and 8 backward (dx, dW), the materialised attention's 2
+    // per sequence forward and 4 backward; the head's 3
+    assert_eq!(calls("GEMM"), 2 * (4 + 8 + 2 * 2 + 4 * 2) + 3, "{rows:?}");
+    assert_eq!(calls("norm_fwd"), 2 * 2 + 1, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.1 >= 0.0 && r.1.is_finite()),
+        "{rows:?}"
+    );
+    assert_eq!(engine.gpu.gemm_plans().map(|p| p.1), Some(0));
 }
