@@ -87,6 +87,7 @@ struct Function {
 };
 struct Event {
     std::chrono::steady_clock::time_point at;
+    unsigned flags;
 };
 
 int g_ctx_token;  // the primary context's handle
@@ -225,8 +226,8 @@ int cuMemsetD8Async(uintptr_t dst, unsigned char v, size_t n, void*) {
 }
 int cuMemsetD8_v2(uintptr_t dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
 
-int cuEventCreate(void** e, unsigned) {
-    *e = new Event{std::chrono::steady_clock::now()};
+int cuEventCreate(void** e, unsigned flags) {
+    *e = new Event{std::chrono::steady_clock::now(), flags};
     return SUCCESS;
 }
 int cuEventRecord(void* e, void*) {
@@ -236,6 +237,9 @@ int cuEventRecord(void* e, void*) {
 int cuEventSynchronize(void*) { return SUCCESS; }
 int cuEventQuery(void*) { return SUCCESS; }
 int cuEventElapsedTime(float* ms, void* a, void* b) {
+    // CU_EVENT_DISABLE_TIMING: such events cannot be timed
+    if ((static_cast<Event*>(a)->flags | static_cast<Event*>(b)->flags) & 2)
+        return fail(INVALID_HANDLE, "timing an event created without timing");
     *ms = std::chrono::duration<float, std::milli>(static_cast<Event*>(b)->at - static_cast<Event*>(a)->at).count();
     return SUCCESS;
 }
