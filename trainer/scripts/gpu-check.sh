@@ -10,6 +10,7 @@
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
 # bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, OLMo-1B at sequence 2048 (tokens/s, MFU); then
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
+# MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release/olmo-train}
@@ -48,15 +49,15 @@ reps=${GEMM_REPS:-10}
 for attention in materialised flash; do
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
-    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-4}" --gemm-reps "$reps" || status=$?
+    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-8}" --gemm-reps "$reps" || status=$?
   reps=0
   echo
 done
 echo
-echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-4} x 2048, bf16 autocast"
+echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-8} x 2048, bf16 autocast"
 if [ -n "$PY" ]; then
   timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
-    --batch "${MICRO:-4}" --micro "${MICRO:-4}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" || status=$?
+    --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" || status=$?
 else
   echo "(no Python with torch found: set TORCH_PYTHON)"
 fi

@@ -165,7 +165,7 @@ fn gpu_check(args: &[String]) -> Result<()> {
         ordinal: 0,
         train_steps: 300,
         olmo_1b_steps: 5,
-        olmo_1b_micro: 4,
+        olmo_1b_micro: 8,
         tokens: default_tokens.exists().then_some(default_tokens),
         attention: vec![false, true],
         gemm_reps: 10,
