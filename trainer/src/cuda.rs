@@ -1551,6 +1551,11 @@ impl Backend for CudaEngine {
                 len,
                 &[
                     Arg::P(self.gpu.ptr(&self.params, t.offset)),
+                    Arg::P(if self.bf16 {
+                        self.gpu.ptr(&self.params_bf, t.offset)
+                    } else {
+                        0
+                    }),
                     Arg::P(self.gpu.ptr(&self.grads, t.offset)),
                     Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
                     Arg::P(self.gpu.ptr(&self.exp_avg_sq, t.offset)),
@@ -1566,7 +1571,6 @@ impl Backend for CudaEngine {
                 ],
             )?;
         }
-        self.refresh_bf16()?;
         Ok(norm)
     }
 

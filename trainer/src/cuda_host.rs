@@ -30,7 +30,7 @@ fn signature(name: &str) -> Option<&'static str> {
         "cross_entropy" => "PPPPPIFFI",
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
-        "adamw" => "PPPPLFFFFFFFF",
+        "adamw" => "PPPPPLFFFFFFFF",
         "flash_bwd_pre" => "PPPLIII",
         "flash_fwd_32" | "flash_fwd_64" | "flash_fwd_128" => "PPPIIF",
         "flash_dq_32" | "flash_dq_64" | "flash_dq_128" | "flash_dkdv_32" | "flash_dkdv_64"
@@ -328,10 +328,9 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 at::<f64>(p(a, 2), 1)[0] += x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
             }
             "adamw" => {
-                let n = int(a, 4);
+                let n = int(a, 5);
                 covers(n)?;
                 let (lr, b1, b2, eps, wd, bc1, bc2s, coef) = (
-                    f(a, 5),
                     f(a, 6),
                     f(a, 7),
                     f(a, 8),
@@ -339,15 +338,20 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     f(a, 10),
                     f(a, 11),
                     f(a, 12),
+                    f(a, 13),
                 );
-                let (pp, g) = (at::<f32>(p(a, 0), n), at::<f32>(p(a, 1), n));
-                let (m, v) = (at::<f32>(p(a, 2), n), at::<f32>(p(a, 3), n));
+                let (pp, g) = (at::<f32>(p(a, 0), n), at::<f32>(p(a, 2), n));
+                let (m, v) = (at::<f32>(p(a, 3), n), at::<f32>(p(a, 4), n));
+                let mut pb = (p(a, 1) != 0).then(|| at::<u16>(p(a, 1), n));
                 for i in 0..n {
                     let gi = g[i] * coef;
                     let pi = pp[i] * (1.0 - lr * wd);
                     m[i] += (gi - m[i]) * (1.0 - b1);
                     v[i] = v[i] * b2 + (1.0 - b2) * gi * gi;
                     pp[i] = pi - (lr / bc1) * m[i] / (v[i].sqrt() / bc2s + eps);
+                    if let Some(pb) = pb.as_mut() {
+                        pb[i] = half::bf16::from_f32(pp[i]).to_bits();
+                    }
                 }
             }
             "flash_bwd_pre" => {

@@ -337,9 +337,11 @@ extern "C" __global__ void sumsq(const float* x, long n, double* out) {
     if (threadIdx.x == 0) atomicAdd(out, (double)s);
 }
 
-// AdamW as torch computes it, on gradients scaled by the clipping coefficient.
-extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, long n, float lr, float b1,
-                                 float b2, float eps, float wd, float bc1, float bc2_sqrt, float coef) {
+// AdamW as torch computes it, on gradients scaled by the clipping coefficient. With `pb` not
+// null it also writes the bf16 copy of the new weights (the next step's GEMM operands), saving
+// a pass that would read them all again.
+extern "C" __global__ void adamw(float* p, bf16_t* pb, const float* g, float* m, float* v, long n, float lr,
+                                 float b1, float b2, float eps, float wd, float bc1, float bc2_sqrt, float coef) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gi = g[i] * coef;
@@ -348,7 +350,9 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, l
     float vi = v[i] * b2 + (1.f - b2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    p[i] = pi - (lr / bc1) * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    float np = pi - (lr / bc1) * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    p[i] = np;
+    if (pb) pb[i] = f2bf(np);
 }
 
 // ---- Flash attention: causal attention on bf16 tensor cores without the T×T matrices ----

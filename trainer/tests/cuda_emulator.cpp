@@ -166,13 +166,20 @@ int main(int argc, char** argv) {
         else if (hd == 128) flash(flash_fwd_128, flash_dq_128, flash_dkdv_128);
         else return 2;
         store("out", out), store("lse", lse), store("dsum", dsum), store("dqkv", dqkv);
-    } else if (k == "adamw") {  // n lr b1 b2 eps wd bc1 bc2_sqrt coef
+    } else if (k == "adamw") {  // n lr b1 b2 eps wd bc1 bc2_sqrt coef: without, then with the bf16 copy
         long n = I(4);
         auto p = load<float>("p"), g = load<float>("g"), m = load<float>("m"), v = load<float>("v");
+        auto p2 = p, m2 = m, v2 = v;
+        std::vector<uint16_t> pb(n);
         launch(grid_n(n), B, [&] {
-            adamw(p.data(), g.data(), m.data(), v.data(), n, F(5), F(6), F(7), F(8), F(9), F(10), F(11), F(12));
+            adamw(p.data(), nullptr, g.data(), m.data(), v.data(), n, F(5), F(6), F(7), F(8), F(9), F(10), F(11),
+                  F(12));
         });
-        store("p", p), store("m", m), store("v", v);
+        launch(grid_n(n), B, [&] {
+            adamw(p2.data(), pb.data(), g.data(), m2.data(), v2.data(), n, F(5), F(6), F(7), F(8), F(9), F(10),
+                  F(11), F(12));
+        });
+        store("p", p), store("m", m), store("v", v), store("p2", p2), store("pb", pb);
     } else {
         fprintf(stderr, "unknown kernel %s\n", k.c_str());
         return 2;

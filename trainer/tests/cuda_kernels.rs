@@ -551,4 +551,17 @@ fn adamw_kernel_matches_the_cpu_optimizer() {
     close("adamw p", &b.get("p"), &wp, 1e-6);
     close("adamw m", &b.get("m"), &wm, 1e-6);
     close("adamw v", &b.get("v"), &wv, 1e-6);
+    // with the bf16 copy: the same update, and the copy is its rounding
+    assert_eq!(b.get("p2"), b.get("p"));
+    let pb: Vec<u16> = b
+        .raw("pb")
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let want: Vec<u16> = b
+        .get("p")
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(pb, want);
 }
