@@ -1,7 +1,6 @@
-// Runs the CUDA engine's kernels (src/cuda_kernels.cu, included unchanged) on the CPU: one
-// std::thread per CUDA thread, a real barrier for __syncthreads, per-warp barriers for warp
-// shuffles, a lock for atomics. Blocks run one after another, so `__shared__` can be a static.
-// Driven by tests/cuda_kernels.rs: `emulator KERNEL DIR ARGS...` reads DIR/<buffer> files
+// Runs the CUDA engine's kernels (src/cuda_kernels.cu, included unchanged) on the CPU, through
+// the emulation layer of cuda_emulation.hpp (each CUDA thread a fiber, barriers for
+// __syncthreads and warp-wide operations, blocks one after another). Driven by tests/cuda_kernels.rs: `emulator KERNEL DIR ARGS...` reads DIR/<buffer> files
 // (raw little-endian f32/u32), runs the kernel with the engine's launch shape, writes outputs.
 
 #include <fstream>
