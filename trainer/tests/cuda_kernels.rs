@@ -1,9 +1,9 @@
 //! The CUDA kernels' logic checked without a GPU: `cuda_emulator.cpp` compiles
 //! `src/cuda_kernels.cu` unchanged as C++, runs each CUDA thread as a fiber with barriers for
-//! `__syncthreads` and warp shuffles (`cuda_emulation.hpp`), and these tests compare its outputs with the
-//! CPU kernels of `ops.rs`. It catches indexing, reduction and launch-shape mistakes; what it
-//! cannot catch (GPU memory model, cuBLAS, NVRTC) is left to `olmo-train gpu-check`. Skipped
-//! with a message where no C++20 compiler is installed.
+//! `__syncthreads` and warp shuffles (`cuda_emulation.hpp`), and these tests compare its
+//! outputs with the CPU kernels of `ops.rs`. It catches indexing, reduction and launch-shape
+//! mistakes; what it cannot catch (GPU memory model, cuBLAS, NVRTC) is left to `olmo-train
+//! gpu-check`. Skipped with a message where no C++20 compiler is installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
