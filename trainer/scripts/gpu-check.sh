@@ -42,6 +42,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 echo
 status=0
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
 # One process per attention path: a fault in the flash kernels (which poisons the CUDA
 # context) cannot take the materialised path's results with it.
 # The GEMM table (cuBLASLt vs cuBLAS) once, with the first.
@@ -49,7 +51,7 @@ reps=${GEMM_REPS:-10}
 for attention in materialised flash; do
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
-    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-8}" --gemm-reps "$reps" || status=$?
+    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-8}" --gemm-reps "$reps" 2>&1 | tee -a "$LOG" || status=$?
   reps=0
   echo
 done
@@ -57,8 +59,16 @@ echo
 echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-8} x 2048, bf16 autocast"
 if [ -n "$PY" ]; then
   timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
-    --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" || status=$?
+    --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" 2>&1 | tee -a "$LOG" || status=$?
 else
   echo "(no Python with torch found: set TORCH_PYTHON)"
 fi
+
+# The issue's must-show in a few lines.
+echo
+echo "== Summary"
+echo "checks failed: $(grep -c '| NO |' "$LOG")"
+grep -E '^(materialised|flash) attention: .*micro-batch' "$LOG" || echo "(no OLMo-1B timing)"
+grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
+echo "exit status: $status"
 exit $status
