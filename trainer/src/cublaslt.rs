@@ -103,8 +103,10 @@ impl Lt {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!(
-                    "note: cuBLASLt has no algorithm for the GEMM {}x{}x{} (batch {}, alignments {:?}): {:?}; it runs in cuBLAS",
-                    spec.m, spec.n, spec.k, spec.batch, key.align, e.0
+                    "note: cuBLASLt has no algorithm for the GEMM {} (alignments {:?}): {:?}; it runs in cuBLAS",
+                    spec.shape(),
+                    key.align,
+                    e.0
                 );
                 None
             }
@@ -133,16 +135,7 @@ impl Lt {
                 stream as _,
             )
         }
-        .map_err(|e| {
-            anyhow!(
-                "cuBLASLt GEMM ({}x{}x{}, batch {}) failed: {:?}",
-                spec.m,
-                spec.n,
-                spec.k,
-                spec.batch,
-                e.0
-            )
-        })?;
+        .map_err(|e| anyhow!("cuBLASLt GEMM {} failed: {:?}", spec.shape(), e.0))?;
         Ok(true)
     }
 

@@ -458,15 +458,8 @@ impl Gpu {
         };
         self.mark(|| {
             format!(
-                "GEMM {}x{}x{}{}{}{}",
-                spec.m,
-                spec.n,
-                spec.k,
-                if spec.batch > 1 {
-                    format!(" x{}", spec.batch)
-                } else {
-                    String::new()
-                },
+                "GEMM {}{}{}",
+                spec.shape(),
                 if spec.a.bf16 { " bf16" } else { " f32" },
                 if ran == GemmLib::Cublas {
                     " (cuBLAS)"
@@ -534,13 +527,7 @@ impl Gpu {
             )
         };
         if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            bail!(
-                "cuBLAS GEMM ({}x{}x{}, batch {}) failed: {status:?}",
-                spec.m,
-                spec.n,
-                spec.k,
-                spec.batch
-            );
+            bail!("cuBLAS GEMM {} failed: {status:?}", spec.shape());
         }
         Ok(())
     }
@@ -802,6 +789,15 @@ impl CudaEngine {
         })
     }
 
+    /// A GEMM's fresh output: `operand_out` when it is only an operand, else f32.
+    fn gemm_out(&self, n: usize, to_operand: bool) -> Result<Act> {
+        if to_operand {
+            self.operand_out(n)
+        } else {
+            Ok(Act::F32(self.gpu.scratch(n)?))
+        }
+    }
+
     /// The (f32, bf16) output pointer pair of kernels that write either; the other is null.
     fn out_args(&self, a: &Act) -> [Arg; 2] {
         match a {
@@ -831,11 +827,7 @@ impl CudaEngine {
         (rows, inp, outp): (usize, usize, usize),
         to_operand: bool,
     ) -> Result<Act> {
-        let y = if to_operand {
-            self.operand_out(rows * outp)?
-        } else {
-            Act::F32(self.gpu.scratch(rows * outp)?)
-        };
+        let y = self.gemm_out(rows * outp, to_operand)?;
         let xp = self.operand(x)?;
         self.gpu.gemm(&gemm_plan::linear_fwd(
             xp.buf,
@@ -888,11 +880,7 @@ impl CudaEngine {
         (rows, inp, outp): (usize, usize, usize),
         to_operand: bool,
     ) -> Result<Act> {
-        let dx = if to_operand {
-            self.operand_out(rows * inp)?
-        } else {
-            Act::F32(self.gpu.scratch(rows * inp)?)
-        };
+        let dx = self.gemm_out(rows * inp, to_operand)?;
         let dyp = self.operand(dy)?;
         self.gpu.gemm(&gemm_plan::linear_dx(
             dyp.buf,

@@ -481,8 +481,8 @@ pub fn gemm(spec: &GemmSpec, lib: GemmLib) -> Result<()> {
     match lib {
         GemmLib::CublasLt => {
             let a = lt_args(spec);
-            let (m, n, k) = lt_problem(&a)
-                .map_err(|e| anyhow!("cuBLASLt GEMM ({}x{}x{}): {e}", spec.m, spec.n, spec.k))?;
+            let (m, n, k) =
+                lt_problem(&a).map_err(|e| anyhow!("cuBLASLt GEMM {}: {e}", spec.shape()))?;
             let at = |l: &LtLayout, bt: usize, r: usize, c: usize| bt * l.stride + r + c * l.ld;
             let (la, lb, lc) = (&a.a_layout, &a.b_layout, &a.cd_layout);
             host_gemm(

@@ -15,6 +15,12 @@ __device__ __forceinline__ bf16_t f2bf(float f) {
 
 __device__ __forceinline__ float bf2f(bf16_t b) { return __uint_as_float(((unsigned)b) << 16); }
 
+// Loads and stores of f32 or bf16 (kept in f32 in between).
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long i) { return bf2f(p[i]); }
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) { p[i] = f2bf(v); }
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -122,14 +128,15 @@ extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float
     }
 }
 
-// NeoX rotate-half RoPE in place on `parts` consecutive [heads, 2*half] groups of each row.
-// RoPE in place over the first `parts` column blocks of `heads` heads (q and k of a fused
-// qkv row: parts = 2, stride = 3d); `inverse` rotates back (the backward pass).
-extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
-                                int half, int stride, int parts, int inverse) {
+// NeoX rotate-half RoPE in place over the first `parts` column blocks of `heads` heads of each
+// row (q and k of a fused qkv row: parts = 2, stride = 3d), in f32 arithmetic; `inverse`
+// rotates back (the backward pass). On f32 rows, or under mixed precision on the bf16 qkv
+// projection and the attention's qkv gradient.
+template <typename X>
+__device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
+                          int stride, int parts, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    long total = rows * parts * heads * half;
-    if (idx >= total) return;
+    if (idx >= rows * parts * heads * half) return;
     int j = idx % half;
     long q = idx / half;
     int h = q % (parts * heads);
@@ -137,37 +144,31 @@ extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, 
     int t = r % T;
     float c = cosb[t * half + j], s = sinb[t * half + j];
     if (inverse) s = -s;
-    float* base = x + r * stride + (long)h * 2 * half;
-    float a = base[j], b = base[j + half];
-    base[j] = a * c - b * s;
-    base[j + half] = b * c + a * s;
+    long at = r * stride + (long)h * 2 * half;
+    float a = ld(x, at + j), b = ld(x, at + j + half);
+    st(x, at + j, a * c - b * s);
+    st(x, at + j + half, b * c + a * s);
 }
 
-// RoPE (or its inverse) in place on the q and k of bf16 qkv rows, in f32 arithmetic: under
-// mixed precision on the qkv projection and on the attention's qkv gradient.
+extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
+                                int half, int stride, int parts, int inverse) {
+    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, parts, inverse);
+}
 extern "C" __global__ void rope_bf16(bf16_t* x, const float* cosb, const float* sinb, long rows, int T, int heads,
                                      int half, int stride, int inverse) {
-    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= rows * 2 * heads * half) return;
-    int j = idx % half;
-    long q = idx / half;
-    int h = q % (2 * heads);
-    long r = q / (2 * heads);
-    int t = r % T;
-    long at = r * stride + (long)h * 2 * half;
-    float a = bf2f(x[at + j]), b = bf2f(x[at + j + half]);
-    float c = cosb[t * half + j], s = sinb[t * half + j];
-    if (inverse) s = -s;
-    x[at + j] = f2bf(a * c - b * s);
-    x[at + j + half] = f2bf(b * c + a * s);
+    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, 2, inverse);
 }
 
-// Causal softmax in place over rows of length T (row r is position r % T).
-extern "C" __global__ void softmax_fwd(float* s, int T) {
+// Causal softmax of f32 scores (rows of length T, row r is position r % T, used as scratch)
+// into P: in place, or under mixed precision into bf16 probabilities, the PV GEMM's operand, so
+// no f32 copy of P is kept or re-cast.
+template <typename P>
+__device__ void softmax_fwd_impl(float* s, P* p, int T) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     int t = r % T;
     float* row = s + r * T;
+    P* out = p + r * T;
     float mx = NEG_INF;
     for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
     mx = block_max(mx, sh);
@@ -178,63 +179,34 @@ extern "C" __global__ void softmax_fwd(float* s, int T) {
         sum += e;
     }
     float inv = 1.f / block_sum(sum, sh);
-    for (int i = threadIdx.x; i < T; i += blockDim.x) row[i] = i <= t ? row[i] * inv : 0.f;
+    for (int i = threadIdx.x; i < T; i += blockDim.x) st(out, i, i <= t ? row[i] * inv : 0.f);
 }
 
-// dS = P * (dP - rowsum(P * dP)) * scale, in place on dP.
-extern "C" __global__ void softmax_bwd(const float* p, float* dp, int T, float scale) {
+extern "C" __global__ void softmax_fwd(float* s, int T) { softmax_fwd_impl(s, s, T); }
+extern "C" __global__ void softmax_fwd_bf16(float* s, bf16_t* p, int T) { softmax_fwd_impl(s, p, T); }
+
+// dS = P * (dP - rowsum(P * dP)) * scale from f32 dP: in place on dP with f32 P, or under mixed
+// precision from bf16 P into bf16 dS.
+template <typename P>
+__device__ void softmax_bwd_impl(const P* p, const float* dp, P* ds, int T, float scale) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     int t = r % T;
-    const float* pr = p + r * T;
-    float* dr = dp + r * T;
-    float w = 0.f;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) w += pr[i] * dr[i];
-    w = block_sum(w, sh);
-    for (int i = threadIdx.x; i < T; i += blockDim.x) dr[i] = i <= t ? pr[i] * (dr[i] - w) * scale : 0.f;
-}
-
-// Mixed precision: causal softmax of f32 scores (rows of length T, used as scratch) into bf16
-// probabilities, the PV GEMM's operand, so no f32 copy of P is kept or re-cast.
-extern "C" __global__ void softmax_fwd_bf16(float* s, bf16_t* p, int T) {
-    __shared__ float sh[33];
-    long r = blockIdx.x;
-    int t = r % T;
-    float* row = s + r * T;
-    bf16_t* out = p + r * T;
-    float mx = NEG_INF;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
-    mx = block_max(mx, sh);
-    float sum = 0.f;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) {
-        float e = expf(row[i] - mx);
-        row[i] = e;
-        sum += e;
-    }
-    float inv = 1.f / block_sum(sum, sh);
-    for (int i = threadIdx.x; i < T; i += blockDim.x) out[i] = f2bf(i <= t ? row[i] * inv : 0.f);
-}
-
-// Mixed precision: dS = P * (dP - rowsum(P * dP)) * scale from bf16 P and f32 dP, as bf16.
-extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf16_t* ds, int T, float scale) {
-    __shared__ float sh[33];
-    long r = blockIdx.x;
-    int t = r % T;
-    const bf16_t* pr = p + r * T;
+    const P* pr = p + r * T;
     const float* dr = dp + r * T;
-    bf16_t* out = ds + r * T;
+    P* out = ds + r * T;
     float w = 0.f;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) w += bf2f(pr[i]) * dr[i];
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) w += ld(pr, i) * dr[i];
     w = block_sum(w, sh);
-    for (int i = threadIdx.x; i < T; i += blockDim.x)
-        out[i] = f2bf(i <= t ? bf2f(pr[i]) * (dr[i] - w) * scale : 0.f);
+    for (int i = threadIdx.x; i < T; i += blockDim.x) st(out, i, i <= t ? ld(pr, i) * (dr[i] - w) * scale : 0.f);
 }
 
-// Loads and stores of f32 or bf16 (kept in f32 in between).
-__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, long i) { return bf2f(p[i]); }
-__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long i, float v) { p[i] = f2bf(v); }
+extern "C" __global__ void softmax_bwd(const float* p, float* dp, int T, float scale) {
+    softmax_bwd_impl(p, dp, dp, T, scale);
+}
+extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf16_t* ds, int T, float scale) {
+    softmax_bwd_impl(p, dp, ds, T, scale);
+}
 
 // SwiGLU over [rows, 2h] (value | gate) into [rows, h], and its backward; in f32, or under mixed
 // precision on bf16 GEMM outputs into bf16 GEMM operands (arithmetic in f32 either way).

@@ -63,6 +63,18 @@ pub struct GemmSpec {
     pub sc: usize,
 }
 
+impl GemmSpec {
+    /// `m×n×k`, and ` xB` for a batch of B: how logs, errors and profiles name the problem.
+    pub fn shape(&self) -> String {
+        let batch = if self.batch > 1 {
+            format!(" x{}", self.batch)
+        } else {
+            String::new()
+        };
+        format!("{}x{}x{}{batch}", self.m, self.n, self.k)
+    }
+}
+
 /// `cublasGemmStridedBatchedEx`'s arguments for a spec (column-major, the problem transposed).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CublasArgs {
@@ -110,8 +122,8 @@ pub fn cublas_c_copy(s: &GemmSpec) -> Result<Option<(u64, u64, usize)>, String> 
         Some(src) if s.beta != 0.0 => {
             if s.batch != 1 || s.ldc != s.n || s.c_bf16 {
                 return Err(format!(
-                    "cuBLAS: the GEMM {}x{}x{} reads C elsewhere, which needs one contiguous f32 output",
-                    s.m, s.n, s.k
+                    "cuBLAS: the GEMM {} reads C elsewhere, which needs one contiguous f32 output",
+                    s.shape()
                 ));
             }
             Ok(Some((s.c, src, s.m * s.n * 4)))

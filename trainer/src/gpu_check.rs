@@ -345,12 +345,7 @@ fn profile_step(
 fn gemm_result(gpu: &Gpu, spec: &GemmSpec, lib: GemmLib, out: &mut Mem<f32>) -> Result<Vec<f32>> {
     gpu.fill_zero(out)?;
     if gpu.gemm_in(spec, lib)? != lib {
-        bail!(
-            "the GEMM {}x{}x{} did not run in {lib:?}",
-            spec.m,
-            spec.n,
-            spec.k
-        );
+        bail!("the GEMM {} did not run in {lib:?}", spec.shape());
     }
     let v = gpu.download(out)?;
     let n = spec.m * spec.n * spec.batch;
@@ -473,7 +468,7 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
         ("scores (1 seq)", Box::new(|o| attn.scores(0, bf, o, 0.088))),
         ("P V (1 seq)", Box::new(|o| attn.output(0, bf, bf, b16(o)))),
     ];
-    println!("| GEMM | m x n x k (batch) | cuBLASLt TFLOP/s | cuBLAS TFLOP/s | rel diff | ok |");
+    println!("| GEMM | m x n x k (x batch) | cuBLASLt TFLOP/s | cuBLAS TFLOP/s | rel diff | ok |");
     println!("|---|---|---|---|---|---|");
     let mut all = true;
     for (name, make) in &specs {
@@ -501,15 +496,8 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
             gemm_ms(gpu, spec, GemmLib::Cublas, reps)?,
         );
         println!(
-            "| {name} | {}x{}x{}{} | {} | {} | {e:.1e} | {} |",
-            spec.m,
-            spec.n,
-            spec.k,
-            if spec.batch > 1 {
-                format!(" ({})", spec.batch)
-            } else {
-                String::new()
-            },
+            "| {name} | {} | {} | {} | {e:.1e} | {} |",
+            spec.shape(),
             tf(t_lt),
             tf(t_cb),
             if ok { "yes" } else { "NO" }

@@ -303,20 +303,6 @@ int cublasCreate_v2(void** h) {
 int cublasDestroy_v2(void*) { return 0; }
 int cublasSetStream_v2(void*, void*) { return 0; }
 
-static float bf16_load(const void* p, long i) {
-    uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-static uint16_t to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return uint16_t(u >> 16);
-}
-
 // Column-major, by definition; types: 0 f32, 14 bf16; compute 68 (f32).
 int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* A,
                                int at, int lda, long long sa, const void* B, int bt, int ldb, long long sb,
@@ -325,18 +311,21 @@ int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const
     if (at != bt || (at != 0 && at != 14) || (ct != 0 && ct != 14) || compute != 68) return 15;
     if (lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m) return 7;
     float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    auto ld = [](const void* p, int t, long i) { return t == 14 ? bf16_load(p, i) : static_cast<const float*>(p)[i]; };
+    // the kernels' own bf16 conversions (round to nearest even)
+    auto load = [](const void* p, int t, long i) {
+        return t == 14 ? bf2f(static_cast<const bf16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+    };
     for (int q = 0; q < batch; ++q)
         for (int i = 0; i < m; ++i)
             for (int j = 0; j < n; ++j) {
                 float acc = 0;
                 for (int l = 0; l < k; ++l)
-                    acc += ld(A, at, q * sa + (ta ? l + (long)i * lda : i + (long)l * lda)) *
-                           ld(B, bt, q * sb + (tb ? j + (long)l * ldb : l + (long)j * ldb));
+                    acc += load(A, at, q * sa + (ta ? l + (long)i * lda : i + (long)l * lda)) *
+                           load(B, bt, q * sb + (tb ? j + (long)l * ldb : l + (long)j * ldb));
                 long o = q * sc + i + (long)j * ldc;
-                float v = al * acc + (be != 0 ? be * ld(C, ct, o) : 0.0f);
+                float v = al * acc + (be != 0 ? be * load(C, ct, o) : 0.0f);
                 if (ct == 14)
-                    static_cast<uint16_t*>(C)[o] = to_bf16(v);
+                    static_cast<bf16_t*>(C)[o] = f2bf(v);
                 else
                     static_cast<float*>(C)[o] = v;
             }
