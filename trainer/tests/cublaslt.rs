@@ -3,63 +3,30 @@
 //! sizes, layouts, alignment promises, algorithm reuse) and computes on host memory. The
 //! results must match the host emulator's GEMMs, which take the same specs by definition.
 //!
-//! The stand-in is built with the system C compiler and loaded the way cudarc loads the real
-//! one, from `LD_LIBRARY_PATH`, which only takes effect in a fresh process: the test runs
-//! itself again in one.
+//! The stand-in (`standin/`) loads the way cudarc loads the real library, from
+//! `LD_LIBRARY_PATH`, which only takes effect in a fresh process: the test runs itself again in
+//! one.
 
-use std::process::Command;
+mod standin;
 
 use olmo_train::cublaslt::Lt;
 use olmo_train::cuda::GemmLib;
 use olmo_train::gemm_plan::{self, Attn, Buf, GemmSpec};
 
-const CHILD: &str = "OLMO_TRAIN_CUBLASLT_MOCK";
-
 #[test]
 fn cublaslt_calls_keep_the_library_contract() {
-    if std::env::var_os(CHILD).is_some() {
+    if standin::is_child() {
         return child();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let lib = dir.path().join("libcublasLt.so");
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cublaslt_mock.c");
-    let built = ["cc", "gcc", "clang"].iter().any(|cc| {
-        Command::new(cc)
-            .args([
-                "-std=c11", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o",
-            ])
-            .arg(&lib)
-            .arg(src)
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !built {
-        eprintln!("skipped: no C compiler (cc, gcc or clang) to build the cuBLASLt stand-in");
+    let Some(out) = standin::in_child("cublaslt_calls_keep_the_library_contract") else {
         return;
-    }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "cublaslt_calls_keep_the_library_contract",
-            "--exact",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD, "1")
-        .env("LD_LIBRARY_PATH", dir.path())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    };
     // the child ran its checks against the stand-in, planning each problem once
-    let stats = stderr
+    let stats = out
         .lines()
         .find_map(|l| l.strip_prefix("cublasLt mock: "))
-        .unwrap_or_else(|| panic!("the stand-in was not used:\n{stdout}\n{stderr}"));
-    assert_eq!(stats, "8 heuristic calls, 16 matmuls", "{stderr}");
+        .unwrap_or_else(|| panic!("the stand-in was not used:\n{out}"));
+    assert_eq!(stats, "8 heuristic calls, 16 matmuls", "{out}");
 }
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {

@@ -9,37 +9,10 @@
 
 mod standin;
 
-use std::process::Command;
-
 use olmo_train::backend::Backend;
 use olmo_train::cuda::{CudaEngine, GemmLib, Gpu};
 use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
 use olmo_train::model::{init_params, Batch, InitFn, Model};
-
-const CHILD: &str = "OLMO_TRAIN_CUDA_STANDIN";
-
-/// Runs `name` again in a fresh process with the stand-ins first on the library path; its
-/// output, or `None` when it skipped.
-fn in_child(name: &str) -> Option<String> {
-    let dir = standin::build()?;
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
-        .env(CHILD, "1")
-        .env("LD_LIBRARY_PATH", standin::library_path(dir.path()))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    if let Some(line) = text.lines().find(|l| l.starts_with("skipped:")) {
-        eprintln!("{line}");
-        return None;
-    }
-    Some(text)
-}
 
 /// In the child: whether CUDA (the stand-ins and a real NVRTC) is usable; says why not.
 fn usable() -> bool {
@@ -58,8 +31,10 @@ fn usable() -> bool {
 
 #[test]
 fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
-    if std::env::var_os(CHILD).is_none() {
-        if let Some(out) = in_child("cuda_engine_through_the_driver_matches_the_cpu_engine") {
+    if !standin::is_child() {
+        if let Some(out) =
+            standin::in_child("cuda_engine_through_the_driver_matches_the_cpu_engine")
+        {
             // the GEMMs went through the cuBLASLt stand-in
             assert!(out.contains("cublasLt mock:"), "{out}");
             assert!(!out.contains("runs in cuBLAS"), "{out}");

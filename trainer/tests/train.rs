@@ -214,12 +214,10 @@ fn device_auto_falls_back_to_the_cpu_without_a_gpu() {
     assert!(err.contains("done: 3 steps"), "{err}");
 }
 
-#[test]
-fn two_ranks_train_like_one_process() {
-    let r = Run::new();
-    let one = r.config("one.yaml", "one", "max_duration: 12\nsave_interval: 6\n");
-    ok(&r.train(&one, &[]));
-    let two = r.config("two.yaml", "two", "max_duration: 12\nsave_interval: 6\n");
+/// Two ranks launched as torchrun launches them (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT` at a free local port), each `command()` with its rank's
+/// environment; their outputs.
+fn two_ranks(command: impl Fn() -> Command) -> (Output, Output) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -227,8 +225,7 @@ fn two_ranks_train_like_one_process() {
         .port()
         .to_string();
     let spawn = |rank: &str| {
-        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-            .args(["train", "-c", two.to_str().unwrap(), "--device", "cpu"])
+        command()
             .envs([
                 ("RANK", rank),
                 ("WORLD_SIZE", "2"),
@@ -241,7 +238,20 @@ fn two_ranks_train_like_one_process() {
             .unwrap()
     };
     let (a, b) = (spawn("0"), spawn("1"));
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    (a.wait_with_output().unwrap(), b.wait_with_output().unwrap())
+}
+
+#[test]
+fn two_ranks_train_like_one_process() {
+    let r = Run::new();
+    let one = r.config("one.yaml", "one", "max_duration: 12\nsave_interval: 6\n");
+    ok(&r.train(&one, &[]));
+    let two = r.config("two.yaml", "two", "max_duration: 12\nsave_interval: 6\n");
+    let (a, b) = two_ranks(|| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_olmo-train"));
+        c.args(["train", "-c", two.to_str().unwrap(), "--device", "cpu"]);
+        c
+    });
     let err = ok(&a);
     ok(&b);
     assert!(err.contains("2 ranks joined"), "{err}");
@@ -282,18 +292,15 @@ precision: fp32
         cfg
     };
     let tmp = r.path("");
-    let run = |cfg: &Path, env: &[(&str, &str)]| {
-        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-            .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
+    let command = |cfg: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_olmo-train"));
+        c.args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
             .env("LD_LIBRARY_PATH", &path)
             .env("CUDA_STANDIN_DEVICES", "2")
-            .env("TMPDIR", &tmp)
-            .envs(env.iter().copied())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            .env("TMPDIR", &tmp);
+        c
     };
-    let one = run(&config("one"), &[]).wait_with_output().unwrap();
+    let one = command(&config("one")).output().unwrap();
     let err = String::from_utf8_lossy(&one.stderr);
     if err.contains("nvrtc library could not be loaded") {
         eprintln!("skipped: no NVRTC on the library path");
@@ -306,26 +313,7 @@ precision: fp32
     );
     let ranks = |name: &str| {
         let cfg = config(name);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string();
-        let rank = |r: &'static str| {
-            run(
-                &cfg,
-                &[
-                    ("RANK", r),
-                    ("WORLD_SIZE", "2"),
-                    ("LOCAL_RANK", r),
-                    ("MASTER_ADDR", "127.0.0.1"),
-                    ("MASTER_PORT", port.as_str()),
-                ],
-            )
-        };
-        let (a, b) = (rank("0"), rank("1"));
-        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let (a, b) = two_ranks(|| command(&cfg));
         let (ea, eb) = (ok(&a), ok(&b));
         assert!(ea.contains("2 ranks joined"), "{ea}");
         let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics(name)));

@@ -4,6 +4,9 @@
 //! cudarc loads the real libraries, from `LD_LIBRARY_PATH`, so only in a process started with
 //! it set. NVRTC is the real one (the kernels' PTX is checked for each kernel's entry).
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::process::Command;
 
@@ -26,7 +29,7 @@ pub fn build() -> Option<tempfile::TempDir> {
     let d = dir.path();
     let cxx = ["c++", "g++", "clang++"];
     let cc = ["cc", "gcc", "clang"];
-    let c_args = ["-std=c11", "-O1", "-shared", "-fPIC"];
+    let c_args = ["-std=c11", "-O1", "-Wall", "-Werror", "-shared", "-fPIC"];
     let ok = compile(
         &cxx,
         &["-std=c++20", "-O1", "-pthread", "-shared", "-fPIC"],
@@ -49,4 +52,35 @@ pub fn library_path(dir: &Path) -> String {
         Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     }
+}
+
+/// Set in the process a test runs itself again in.
+const CHILD: &str = "OLMO_TRAIN_CUDA_STANDIN";
+
+/// Whether this process is the test's run on the stand-ins (`in_child`).
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// Runs the test `name` again in a fresh process with the stand-ins first on the library path;
+/// its output (stdout, then stderr), or `None` when it skipped (said).
+pub fn in_child(name: &str) -> Option<String> {
+    let dir = build()?;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .env("LD_LIBRARY_PATH", library_path(dir.path()))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    if let Some(line) = text.lines().find(|l| l.starts_with("skipped:")) {
+        eprintln!("{line}");
+        return None;
+    }
+    Some(text)
 }
