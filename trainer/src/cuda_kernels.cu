@@ -372,17 +372,38 @@ struct Tile {
     static constexpr int W = (HD + 8) / 2;  // words per row
 };
 
-// Copies rows [r0, r0 + rows) of a bf16 matrix (row stride `ld` elements, starting at column
-// 0 of `src`) into a tile, 16 bytes per load; rows at or past `limit` become zeros. The rows
-// (of q, k, v or dO: ld and the head's offset are multiples of 8) are 16-byte aligned.
+#ifndef CP_ASYNC
+// cp.async.cg (sm_80+): 16 bytes from global to shared memory without a trip through
+// registers, zeros when !valid (the source address must still be a readable one). The copy
+// is complete at a cp.async.wait_group that its group (cp.async.commit_group) falls under.
+__device__ __forceinline__ void cp_async16(unsigned* dst, const bf16_t* src, bool valid) {
+    asm volatile(
+        "{\n .reg .u64 s64, g64;\n .reg .u32 s32;\n cvta.to.shared.u64 s64, %0;\n cvt.u32.u64 s32, s64;\n"
+        " cvta.to.global.u64 g64, %1;\n cp.async.cg.shared.global [s32], [g64], 16, %2;\n}\n"
+        :
+        : "l"(dst), "l"(src), "r"(valid ? 16 : 0)
+        : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
+// Starts copying rows [r0, r0 + rows) of a bf16 matrix (row stride `ld` elements, starting at
+// column 0 of `src`) into a tile, 16 bytes per copy; rows at or past `limit` become zeros. The
+// rows (of q, k, v or dO: ld and the head's offset are multiples of 8) are 16-byte aligned.
+// The caller commits the group and waits for it before a barrier and the tile's first use.
 template <int HD>
-__device__ __forceinline__ void tile_load(unsigned* tile, const bf16_t* src, long ld, int r0, int rows, int limit) {
+__device__ __forceinline__ void tile_load_async(unsigned* tile, const bf16_t* src, long ld, int r0, int rows,
+                                                int limit) {
     constexpr int VR = HD / 8, W = Tile<HD>::W;
     for (int i = threadIdx.x; i < rows * VR; i += blockDim.x) {
         int r = i / VR, v = i % VR;
-        uint4 x = make_uint4(0u, 0u, 0u, 0u);
-        if (r0 + r < limit) x = ((const uint4*)(src + (long)(r0 + r) * ld))[v];
-        *(uint4*)(tile + r * W + v * 4) = x;
+        bool in = r0 + r < limit;
+        cp_async16(tile + r * W + v * 4, src + (long)(in ? r0 + r : 0) * ld + v * 8, in);
     }
 }
 
@@ -495,8 +516,14 @@ __device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)
     }
 }
 
+// Scores are kept in base 2 (s·scale·log2 e), so that each exponential is one exp2.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 // Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: bf16 [b·T, d] (only a GEMM
-// operand from here on); lse: [b·H·T].
+// operand from here on); lse: [b·H·T], natural log. K and V have a tile buffer each and load
+// while the other is in use, as FlashAttention-2 does: V(j) during S = Q K(j)ᵀ and the
+// softmax, K(j + 1) during O += P V(j).
 template <int HD>
 __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale) {
     constexpr int BR = 64, BC = 64, W = Tile<HD>::W;
@@ -512,20 +539,28 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     const bf16_t* v = q + 2 * d;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int r0 = qb * BR + warp * 16;
+    int kend = min(T, qb * BR + BR), tiles = (kend + BC - 1) / BC;
+    const float sl2 = scale * LOG2E;
+    tile_load_async<HD>(ks, k, ld, 0, BC, T);
+    cp_async_commit();
     unsigned qf[HD / 16][4];
     global_a_frags<HD>(qf, q, ld, r0, T);
     float o[HD / 8][4];
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    int kend = min(T, qb * BR + BR);
-    for (int k0 = 0; k0 < kend; k0 += BC) {
+    for (int j = 0; j < tiles; ++j) {
+        int k0 = j * BC;
+        // K(j) has landed and every warp is done with V(j − 1).
+        cp_async_wait<0>();
         __syncthreads();
-        tile_load<HD>(ks, k, ld, k0, BC, T);
-        tile_load<HD>(vs, v, ld, k0, BC, T);
-        __syncthreads();
+        tile_load_async<HD>(vs, v, ld, k0, BC, T);
+        cp_async_commit();
         float s[BC / 8][4];
         frags_times_tile<HD, BC / 8>(s, qf, ks);
+        // Only a tile with keys past this warp's first row needs the causal mask. Keys past T
+        // are past every row < T (rows past T are not written).
+        bool masked = k0 + BC - 1 > r0;
         #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             int row = r0 + g + 8 * rr;
@@ -535,13 +570,14 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
                 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     int key = k0 + nt * 8 + 2 * c + e;
-                    float x = (key <= row && key < T) ? s[nt][2 * rr + e] * scale : NEG_INF;
+                    float x = s[nt][2 * rr + e] * sl2;
+                    if (masked && key > row) x = NEG_INF;
                     s[nt][2 * rr + e] = x;
                     mx = fmaxf(mx, x);
                 }
             mx = quad_max(mx);
             // Every row of a block sees key k0 <= row, so mx is finite here.
-            float corr = __expf(m[rr] - mx);
+            float corr = exp2f(m[rr] - mx);
             l[rr] *= corr;
             #pragma unroll
             for (int nt = 0; nt < HD / 8; ++nt) o[nt][2 * rr] *= corr, o[nt][2 * rr + 1] *= corr;
@@ -549,11 +585,18 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
             for (int nt = 0; nt < BC / 8; ++nt)
                 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float p = __expf(s[nt][2 * rr + e] - mx);
+                    float p = exp2f(s[nt][2 * rr + e] - mx);
                     s[nt][2 * rr + e] = p;
                     l[rr] += p;
                 }
             m[rr] = mx;
+        }
+        // V(j) has landed and every warp is done with K(j).
+        cp_async_wait<0>();
+        __syncthreads();
+        if (j + 1 < tiles) {
+            tile_load_async<HD>(ks, k, ld, k0 + BC, BC, T);
+            cp_async_commit();
         }
         acc_times_tile<HD, BC / 16>(o, s, vs);
     }
@@ -567,7 +610,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
         for (int nt = 0; nt < HD / 8; ++nt)
             #pragma unroll
             for (int e = 0; e < 2; ++e) orow[nt * 8 + 2 * c + e] = f2bf(o[nt][2 * rr + e] / sum);
-        if (c == 0) lse[(long)bh * T + row] = m[rr] + logf(sum);
+        if (c == 0) lse[(long)bh * T + row] = (m[rr] + log2f(sum)) * LN2;
     }
 }
 
@@ -591,13 +634,14 @@ extern "C" __global__ void flash_bwd_pre(const float* dout, const bf16_t* out, f
     }
 }
 
-// dQ: blocks of 64 query rows (4 warps), key tiles of 32; writes the q part of dqkv.
+// dQ: blocks of 64 query rows (4 warps), key tiles of 32 (two buffers each of K and V: tile
+// j + 1 loads while tile j is in use); writes the q part of dqkv.
 template <int HD>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                               bf16_t* dqkv, int T, int H, float scale) {
     constexpr int BR = 64, BC = 32, W = Tile<HD>::W;
-    __shared__ __align__(16) unsigned ks[BC * W];
-    __shared__ __align__(16) unsigned vs[BC * W];
+    __shared__ __align__(16) unsigned ks[2][BC * W];
+    __shared__ __align__(16) unsigned vs[2][BC * W];
     int nqb = (T + BR - 1) / BR;
     int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
@@ -608,38 +652,49 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     const bf16_t* dob = dout + (long)b * T * d + h * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int r0 = qb * BR + warp * 16;
+    int kend = min(T, qb * BR + BR), tiles = (kend + BC - 1) / BC;
+    const float sl2 = scale * LOG2E;
+    tile_load_async<HD>(ks[0], k, ld, 0, BC, T);
+    tile_load_async<HD>(vs[0], v, ld, 0, BC, T);
+    cp_async_commit();
     unsigned qf[HD / 16][4], df[HD / 16][4];
     global_a_frags<HD>(qf, q, ld, r0, T);
     global_a_frags<HD>(df, dob, d, r0, T);
+    // Rows past T read q = dO = 0 and lse = D = 0, so their dS is 0 (and they are not written).
     float lr[2], dr[2];
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         int row = r0 + g + 8 * rr;
-        lr[rr] = row < T ? lse[(long)bh * T + row] : 0.f;
+        lr[rr] = row < T ? lse[(long)bh * T + row] * LOG2E : 0.f;
         dr[rr] = row < T ? dsum[(long)bh * T + row] : 0.f;
     }
     float dq[HD / 8][4];
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
-    int kend = min(T, qb * BR + BR);
-    for (int k0 = 0; k0 < kend; k0 += BC) {
+    for (int j = 0; j < tiles; ++j) {
+        int k0 = j * BC, buf = j & 1;
+        // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
+        cp_async_wait<0>();
         __syncthreads();
-        tile_load<HD>(ks, k, ld, k0, BC, T);
-        tile_load<HD>(vs, v, ld, k0, BC, T);
-        __syncthreads();
+        if (j + 1 < tiles) {
+            tile_load_async<HD>(ks[buf ^ 1], k, ld, k0 + BC, BC, T);
+            tile_load_async<HD>(vs[buf ^ 1], v, ld, k0 + BC, BC, T);
+            cp_async_commit();
+        }
         float s[BC / 8][4], dp[BC / 8][4];
-        frags_times_tile<HD, BC / 8>(s, qf, ks);
-        frags_times_tile<HD, BC / 8>(dp, df, vs);
+        frags_times_tile<HD, BC / 8>(s, qf, ks[buf]);
+        frags_times_tile<HD, BC / 8>(dp, df, vs[buf]);
         // dS = P ∘ (dP − D), P recomputed from the saved log-sum-exp.
+        bool masked = k0 + BC - 1 > r0;
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int rr = i >> 1, row = r0 + g + 8 * rr, key = k0 + nt * 8 + 2 * c + (i & 1);
-                float p = (key <= row && row < T) ? __expf(s[nt][i] * scale - lr[rr]) : 0.f;
+                float p = (masked && key > row) ? 0.f : exp2f(s[nt][i] * sl2 - lr[rr]);
                 s[nt][i] = p * (dp[nt][i] - dr[rr]);
             }
-        acc_times_tile<HD, BC / 16>(dq, s, ks);
+        acc_times_tile<HD, BC / 16>(dq, s, ks[buf]);
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -654,6 +709,8 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
 }
 
 // dK and dV: blocks of 32 keys (2 warps), query tiles of 32; writes the k and v parts of dqkv.
+// Q and dO have a tile buffer each (two of each would not fit 48 KiB at HD 128) and load while
+// the other is in use: Q(j) during dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j).
 template <int HD>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                                 bf16_t* dqkv, int T, int H, float scale) {
@@ -675,54 +732,79 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     const bf16_t* dob = dout + (long)b * T * d + h * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int kr = warp * 16;  // this warp's first key row in the tile
-    tile_load<HD>(ks, k, ld, kb * BK, BK, T);
-    tile_load<HD>(vs, v, ld, kb * BK, BK, T);
+    const float sl2 = scale * LOG2E;
+    tile_load_async<HD>(ks, k, ld, kb * BK, BK, T);
+    tile_load_async<HD>(vs, v, ld, kb * BK, BK, T);
+    tile_load_async<HD>(dos, dob, d, kb * BK, BQ, T);
+    cp_async_commit();
     float dk[HD / 8][4], dv[HD / 8][4];
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
         #pragma unroll
         for (int i = 0; i < 4; ++i) dk[nt][i] = dv[nt][i] = 0.f;
     for (int q0 = kb * BK; q0 < T; q0 += BQ) {
+        // dO (and first K and V) has landed and every warp is done with the last Q, ls and dd.
+        cp_async_wait<0>();
         __syncthreads();
-        tile_load<HD>(qs, q, ld, q0, BQ, T);
-        tile_load<HD>(dos, dob, d, q0, BQ, T);
+        tile_load_async<HD>(qs, q, ld, q0, BQ, T);
+        cp_async_commit();
+        // Queries past T read q = dO = 0 and lse = D = 0: P = 1 but dS = 0 and both products
+        // with their (zero) rows vanish.
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            ls[i] = q0 + i < T ? lse[(long)bh * T + q0 + i] : 0.f;
+            ls[i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
             dd[i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
         }
-        __syncthreads();
-        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries.
-        // (The keys' A fragments are loaded once per k-step and serve every query column tile.)
+        // dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries (each key fragment, loaded once per
+        // k-step, serves every query column tile). The k-steps are unrolled by 2, not fully: at
+        // HD 128 that spills (ptxas: 255 registers), by 2 it needs 239.
         float s[BQ / 8][4], dp[BQ / 8][4];
         #pragma unroll
         for (int nt = 0; nt < BQ / 8; ++nt)
             #pragma unroll
             for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.f;
-        #pragma unroll
+        #pragma unroll 2
         for (int kk = 0; kk < HD / 16; ++kk) {
-            unsigned ka[4], va[4];
-            tile_a_frag<HD>(ka, ks, kr, kk * 16);
+            unsigned va[4];
             tile_a_frag<HD>(va, vs, kr, kk * 16);
+            #pragma unroll
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+                unsigned bf[2];
+                tile_row_frag<HD>(bf, dos, nt * 8, kk * 16);
+                mma_bf16_16816(dp[nt], va, bf);
+            }
+        }
+        // Q, ls and dd have landed: Sᵀ = K Qᵀ.
+        cp_async_wait<0>();
+        __syncthreads();
+        #pragma unroll 2
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            unsigned ka[4];
+            tile_a_frag<HD>(ka, ks, kr, kk * 16);
             #pragma unroll
             for (int nt = 0; nt < BQ / 8; ++nt) {
                 unsigned bf[2];
                 tile_row_frag<HD>(bf, qs, nt * 8, kk * 16);
                 mma_bf16_16816(s[nt], ka, bf);
-                tile_row_frag<HD>(bf, dos, nt * 8, kk * 16);
-                mma_bf16_16816(dp[nt], va, bf);
             }
         }
+        bool masked = q0 < kb * BK + kr + 15;
         #pragma unroll
         for (int nt = 0; nt < BQ / 8; ++nt)
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1), qrow = q0 + qi;
-                float p = (qrow >= key && qrow < T) ? __expf(s[nt][i] * scale - ls[qi]) : 0.f;
+                int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
+                float p = (masked && q0 + qi < key) ? 0.f : exp2f(s[nt][i] * sl2 - ls[qi]);
                 s[nt][i] = p;
                 dp[nt][i] = p * (dp[nt][i] - dd[qi]);
             }
         acc_times_tile<HD, BQ / 16>(dv, s, dos);  // dV += Pᵀ dO
-        acc_times_tile<HD, BQ / 16>(dk, dp, qs);  // dK += dSᵀ Q (scaled at the end)
+        // Every warp is done with dO: the next tile's loads while dK += dSᵀ Q (scaled at the end).
+        __syncthreads();
+        if (q0 + BQ < T) {
+            tile_load_async<HD>(dos, dob, d, q0 + BQ, BQ, T);
+            cp_async_commit();
+        }
+        acc_times_tile<HD, BQ / 16>(dk, dp, qs);
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {

@@ -176,18 +176,76 @@ inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
     for (int i = 0; i < 4; ++i) c[i] = r[i];
 }
 
+// cp.async (16 bytes, global to shared): the copy lands when its thread waits for its group
+// (cp.async.wait_group), and until then its destination reads as NaN (bf16 0xffff) from the
+// moment it is issued. So a read before the wait, or a copy into a tile that other threads
+// still read, shows up in the results. A thread that ends with copies not waited for aborts.
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+};
+struct AsyncGroups {
+    std::vector<AsyncCopy> open;
+    std::vector<std::vector<AsyncCopy>> committed;  // oldest first
+};
+static AsyncGroups g_async[1024];
+#define CP_ASYNC
+inline void cp_async16(unsigned* dst, const unsigned short* src, bool valid) {
+    if (g_serial) serial_abort("cp.async");
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+        fprintf(stderr, "cp.async: address not 16-byte aligned\n");
+        std::abort();
+    }
+    AsyncCopy c;
+    c.dst = reinterpret_cast<unsigned char*>(dst);
+    if (valid) std::memcpy(c.data, src, 16);
+    else std::memset(c.data, 0, 16);
+    std::memset(c.dst, 0xff, 16);
+    g_async[threadIdx.x].open.push_back(c);
+}
+inline void cp_async_commit() {
+    auto& a = g_async[threadIdx.x];
+    a.committed.push_back(std::move(a.open));
+    a.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    auto& a = g_async[threadIdx.x];
+    while (a.committed.size() > (size_t)N) {
+        for (auto& c : a.committed.front()) std::memcpy(c.dst, c.data, 16);
+        a.committed.erase(a.committed.begin());
+    }
+}
+inline void cp_async_check_drained() {
+    auto& a = g_async[threadIdx.x];
+    if (!a.open.empty() || !a.committed.empty()) {
+        fprintf(stderr, "thread %u of block %u ended with cp.async copies not waited for\n", threadIdx.x, blockIdx.x);
+        std::abort();
+    }
+}
+
 #include "../src/cuda_kernels.cu"
 
 static const std::function<void()>* g_kernel = nullptr;
 
 static void fiber_main() {
     (*g_kernel)();
+    cp_async_check_drained();
     g_fibers[g_current].done = true;
     ++g_moves;
 }  // returns to uc_link, the scheduler
 
-// Runs each block's threads as fibers, round robin, each until it finishes or waits at a
-// barrier; blocks one after another.
+// Runs each block's threads as fibers, blocks one after another. Within a block, one warp at
+// a time runs as far as it can (its threads round robin, each until it finishes or waits at
+// a barrier) before the next warp starts: warps are as far apart as `__syncthreads` lets
+// them be, so a shared tile that one warp overwrites while another still needs it (a barrier
+// missing) corrupts the other's results. Even blocks run their warps first to last, odd
+// blocks last to first, so a hazard shows whichever warp is ahead.
+static void resume(unsigned t) {
+    g_current = t;
+    threadIdx.x = t;
+    swapcontext(&g_scheduler, &g_fibers[t].ctx);
+}
 static void launch(unsigned grid, unsigned block, const std::function<void()>& f) {
     constexpr size_t STACK = 256 << 10;
     gridDim.x = grid;
@@ -198,6 +256,7 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& f
     g_warps.clear();
     for (unsigned w = 0; w * 32 < block; ++w)
         g_warps.push_back(std::make_unique<Barrier>(std::min(32u, block - w * 32)));
+    const unsigned warps = (unsigned)g_warps.size();
     std::vector<char> stacks(STACK * block);
     g_fibers.assign(block, Fiber{});
     for (unsigned b = 0; b < grid; ++b) {
@@ -214,14 +273,16 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& f
         }
         for (unsigned left = block; left > 0;) {
             unsigned long before = g_moves;
-            left = 0;
-            for (unsigned t = 0; t < block; ++t) {
-                if (g_fibers[t].done) continue;
-                g_current = t;
-                threadIdx.x = t;
-                swapcontext(&g_scheduler, &g_fibers[t].ctx);
-                left += !g_fibers[t].done;
+            for (unsigned i = 0; i < warps; ++i) {
+                unsigned w = (b & 1) ? warps - 1 - i : i, end = std::min(block, 32 * (w + 1));
+                for (unsigned long moved = ~0ul; moved != g_moves;) {
+                    moved = g_moves;
+                    for (unsigned t = 32 * w; t < end; ++t)
+                        if (!g_fibers[t].done) resume(t);
+                }
             }
+            left = 0;
+            for (unsigned t = 0; t < block; ++t) left += !g_fibers[t].done;
             if (left > 0 && g_moves == before) {
                 fprintf(stderr, "emulated kernel deadlocked: %u threads of block %u wait at a barrier\n", left, b);
                 std::abort();

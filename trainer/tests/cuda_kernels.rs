@@ -269,8 +269,15 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 fn flash_attention_kernels_match_the_cpu_attention() {
     let Some(bin) = emulator() else { return };
     // Sequence lengths that are not multiples of the 64-row and 32-row blocks, each head
-    // size the engine instantiates, more than one batch row and head.
-    for (bsz, t, heads, hd) in [(1, 70, 2, 32), (2, 64, 1, 64), (1, 40, 1, 128)] {
+    // size the engine instantiates, more than one batch row and head; at T 150, blocks that
+    // stream several key (and query) tiles through their buffers, with the causal mask on
+    // some tiles and not on others.
+    for (bsz, t, heads, hd) in [
+        (1, 70, 2, 32),
+        (2, 64, 1, 64),
+        (1, 40, 1, 128),
+        (1, 150, 1, 128),
+    ] {
         let d = heads * hd;
         let bf = |v: Vec<f32>| -> Vec<f32> {
             v.iter()
