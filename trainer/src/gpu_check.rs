@@ -305,6 +305,37 @@ fn time_training(
     Ok(((steps as usize * micro * seq) as f64 / secs, first, last))
 }
 
+/// Model FLOPs of one call of a profiled launch, where they are known: a GEMM (label
+/// `GEMM MxNxK[ xBATCH] ...`) or a flash-attention kernel over `b` sequences of `t` positions
+/// with `heads` heads of `hd`. The flash kernels count the causal half only (as
+/// FlashAttention reports), and recompute: 2 products for the forward, 3 for dQ, 4 for dK, dV.
+fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Option<f64> {
+    if let Some(rest) = label.strip_prefix("GEMM ") {
+        let mut words = rest.split(' ');
+        let dims: Vec<f64> = words
+            .next()?
+            .split('x')
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let batch: f64 = match words.next().and_then(|w| w.strip_prefix('x')) {
+            Some(n) => n.parse().ok()?,
+            None => 1.0,
+        };
+        return match dims[..] {
+            [m, n, k] => Some(2.0 * m * n * k * batch),
+            _ => None,
+        };
+    }
+    let products = match label.split('_').take(2).collect::<Vec<_>>()[..] {
+        ["flash", "fwd"] => 2.0,
+        ["flash", "dq"] => 3.0,
+        ["flash", "dkdv"] => 4.0,
+        _ => return None,
+    };
+    let pairs = (b * heads) as f64 * (t * (t + 1) / 2) as f64;
+    Some(products * 2.0 * pairs * hd as f64)
+}
+
 /// One more optimizer step with every launch and GEMM timed on the GPU: where the step's time
 /// goes, for the next round of kernel work.
 fn profile_step(
@@ -312,7 +343,9 @@ fn profile_step(
     windows: &[Vec<u32>],
     micro: usize,
     decay: &[bool],
+    cfg: &ModelConfig,
 ) -> Result<()> {
+    let (seq, heads, hd) = (windows[0].len() - 1, cfg.n_heads, cfg.head_dim());
     engine.gpu.profile_start()?;
     time_training(engine, windows, micro, 0, 1, decay, 4e-4)?;
     let rows = engine.gpu.profile_end()?;
@@ -321,11 +354,14 @@ fn profile_step(
         println!("\nGEMM problems: {lt} in cuBLASLt, {fallback} fell back to cuBLAS");
     }
     println!("\nGPU time of one step by kernel and GEMM shape (m x n x k): {total:.1} ms\n");
-    println!("| kernel | ms | share | calls |");
-    println!("|---|---|---|---|");
+    println!("| kernel | ms | share | calls | TFLOP/s |");
+    println!("|---|---|---|---|---|");
     for (label, ms, calls) in rows.iter().take(24) {
+        let tflops = call_flops(label, micro, seq, heads, hd)
+            .map(|f| format!("{:.0}", f * *calls as f64 / (ms * 1e-3) / 1e12))
+            .unwrap_or_default();
         println!(
-            "| {label} | {ms:.2} | {:.1}% | {calls} |",
+            "| {label} | {ms:.2} | {:.1}% | {calls} | {tflops} |",
             100.0 * ms / total.max(1e-9)
         );
     }
@@ -615,7 +651,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 100.0 * flops * tps / H200_BF16_PEAK,
                 H200_BF16_PEAK / 1e12
             );
-            profile_step(&mut gpu, &windows, micro, &decay)?;
+            profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
         }
     }
     if !ok || !falls || !gemms_ok {
@@ -642,5 +678,19 @@ mod tests {
         };
         assert_eq!(dims.attention().heads, 2);
         assert!(gemm_table(&Gpu::host_emulator(), dims, 1).unwrap());
+    }
+
+    #[test]
+    fn profile_rows_know_their_flops() {
+        let f = |label| call_flops(label, 2, 4, 3, 8);
+        assert_eq!(f("GEMM 16x24x32 bf16"), Some(2.0 * 16.0 * 24.0 * 32.0));
+        assert_eq!(f("GEMM 4x4x8 x6 bf16 (cuBLAS)"), Some(2.0 * 128.0 * 6.0));
+        // 2 sequences × 3 heads × 10 causal pairs × 2 FLOPs × 8 per product
+        assert_eq!(f("flash_fwd_8"), Some(2.0 * 2.0 * 60.0 * 8.0));
+        assert_eq!(f("flash_dq_8"), Some(3.0 * 2.0 * 60.0 * 8.0));
+        assert_eq!(f("flash_dkdv_8"), Some(4.0 * 2.0 * 60.0 * 8.0));
+        assert_eq!(f("flash_bwd_pre"), None);
+        assert_eq!(f("norm_fwd"), None);
+        assert_eq!(f("GEMM bogus"), None);
     }
 }
