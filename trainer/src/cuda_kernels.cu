@@ -407,12 +407,6 @@ __device__ __forceinline__ void tile_load_async(unsigned* tile, const bf16_t* sr
     }
 }
 
-// Two bf16 at (row, col) and (row, col + 1) of a tile (col even).
-template <int HD>
-__device__ __forceinline__ unsigned tile_pair(const unsigned* tile, int row, int col) {
-    return tile[row * Tile<HD>::W + (col >> 1)];
-}
-
 #ifndef LDMATRIX_X4_TRANS
 // ldmatrix .x4 .trans: lanes 8i..8i+7 give the addresses of rows 0..7 (16 bytes each, 16-byte
 // aligned) of 8×8 bf16 matrix i; each lane receives in r[i] matrix i's elements (2c, g) and
@@ -421,6 +415,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned* r
     asm volatile(
         "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n"
         " ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+        : "l"(row));
+}
+#endif
+
+#ifndef LDMATRIX_X4
+// ldmatrix .x4: lanes 8i..8i+7 give the addresses of rows 0..7 (16 bytes each, 16-byte
+// aligned) of 8×8 bf16 matrix i; each lane receives in r[i] matrix i's elements (g, 2c) and
+// (g, 2c + 1): the layout of an mma A or B fragment register.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned* row) {
+    asm volatile(
+        "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n"
+        " ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
         : "l"(row));
 }
@@ -463,23 +470,22 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int k
     a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// The B fragment of n rows n0..n0+7 and k columns k0..k0+15 of a tile whose rows are the n
-// dimension (K in S = Q Kᵀ, V in dP = dO Vᵀ, ...).
+// The B fragments of n rows n0..n0+15 and k columns k0..k0+15 of a tile whose rows are the n
+// dimension (K in S = Q Kᵀ, V in dP = dO Vᵀ, ...): b[0..1] for rows n0..n0+7, b[2..3] for
+// n0+8..n0+15. One ldmatrix instead of four 32-bit loads.
 template <int HD>
-__device__ __forceinline__ void tile_row_frag(unsigned* b, const unsigned* tile, int n0, int k0) {
-    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    b[0] = tile_pair<HD>(tile, n0 + g, k0 + 2 * c);
-    b[1] = tile_pair<HD>(tile, n0 + g, k0 + 8 + 2 * c);
+__device__ __forceinline__ void tile_row_frags(unsigned* b, const unsigned* tile, int n0, int k0) {
+    int lane = threadIdx.x & 31, m = lane >> 3;
+    int row = n0 + (m >> 1) * 8 + (lane & 7), col = k0 + (m & 1) * 8;
+    ldmatrix_x4(b, tile + row * Tile<HD>::W + (col >> 1));
 }
 
-// The A fragment of rows r0..r0+15 and columns k0..k0+15 of a tile.
+// The A fragment of rows r0..r0+15 and columns k0..k0+15 of a tile, by one ldmatrix.
 template <int HD>
 __device__ __forceinline__ void tile_a_frag(unsigned* a, const unsigned* tile, int r0, int k0) {
-    int g = (threadIdx.x & 31) >> 2, col = k0 + 2 * (threadIdx.x & 3);
-    a[0] = tile_pair<HD>(tile, r0 + g, col);
-    a[1] = tile_pair<HD>(tile, r0 + g + 8, col);
-    a[2] = tile_pair<HD>(tile, r0 + g, col + 8);
-    a[3] = tile_pair<HD>(tile, r0 + g + 8, col + 8);
+    int lane = threadIdx.x & 31, m = lane >> 3;
+    int row = r0 + (m & 1) * 8 + (lane & 7), col = k0 + (m >> 1) * 8;
+    ldmatrix_x4(a, tile + row * Tile<HD>::W + (col >> 1));
 }
 
 // s = A tileᵀ for this warp's 16 rows: A as HD/16 register fragments (q or dO rows), the tile's
@@ -487,13 +493,15 @@ __device__ __forceinline__ void tile_a_frag(unsigned* a, const unsigned* tile, i
 template <int HD, int NT>
 __device__ __forceinline__ void frags_times_tile(float (*s)[4], const unsigned (*af)[4], const unsigned* tile) {
     #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; nt += 2) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        s[nt + 1][0] = s[nt + 1][1] = s[nt + 1][2] = s[nt + 1][3] = 0.f;
         #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
-            unsigned bf[2];
-            tile_row_frag<HD>(bf, tile, nt * 8, kk * 16);
+            unsigned bf[4];
+            tile_row_frags<HD>(bf, tile, nt * 8, kk * 16);
             mma_bf16_16816(s[nt], af[kk], bf);
+            mma_bf16_16816(s[nt + 1], af[kk], bf + 2);
         }
     }
 }
@@ -605,11 +613,12 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
         float sum = quad_sum(l[rr]);
         int row = r0 + g + 8 * rr;
         if (row >= T) continue;
+        // Two bf16 per 32-bit store (the column 2c is even, rows and heads start 4-byte aligned).
         bf16_t* orow = out + ((long)b * T + row) * d + h * HD;
+        float inv = 1.f / sum;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt)
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) orow[nt * 8 + 2 * c + e] = f2bf(o[nt][2 * rr + e] / sum);
+            *(unsigned*)(orow + nt * 8 + 2 * c) = pack_bf16(o[nt][2 * rr] * inv, o[nt][2 * rr + 1] * inv);
         if (c == 0) lse[(long)bh * T + row] = (m[rr] + log2f(sum)) * LN2;
     }
 }
@@ -703,8 +712,7 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
         bf16_t* dst = dqkv + ((long)b * T + row) * ld + h * HD;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt)
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) dst[nt * 8 + 2 * c + e] = f2bf(dq[nt][2 * rr + e] * scale);
+            *(unsigned*)(dst + nt * 8 + 2 * c) = pack_bf16(dq[nt][2 * rr] * scale, dq[nt][2 * rr + 1] * scale);
     }
 }
 
@@ -767,10 +775,11 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             unsigned va[4];
             tile_a_frag<HD>(va, vs, kr, kk * 16);
             #pragma unroll
-            for (int nt = 0; nt < BQ / 8; ++nt) {
-                unsigned bf[2];
-                tile_row_frag<HD>(bf, dos, nt * 8, kk * 16);
+            for (int nt = 0; nt < BQ / 8; nt += 2) {
+                unsigned bf[4];
+                tile_row_frags<HD>(bf, dos, nt * 8, kk * 16);
                 mma_bf16_16816(dp[nt], va, bf);
+                mma_bf16_16816(dp[nt + 1], va, bf + 2);
             }
         }
         // Q, ls and dd have landed: Sᵀ = K Qᵀ.
@@ -781,10 +790,11 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             unsigned ka[4];
             tile_a_frag<HD>(ka, ks, kr, kk * 16);
             #pragma unroll
-            for (int nt = 0; nt < BQ / 8; ++nt) {
-                unsigned bf[2];
-                tile_row_frag<HD>(bf, qs, nt * 8, kk * 16);
+            for (int nt = 0; nt < BQ / 8; nt += 2) {
+                unsigned bf[4];
+                tile_row_frags<HD>(bf, qs, nt * 8, kk * 16);
                 mma_bf16_16816(s[nt], ka, bf);
+                mma_bf16_16816(s[nt + 1], ka, bf + 2);
             }
         }
         bool masked = q0 < kb * BK + kr + 15;
@@ -812,12 +822,10 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
         if (key >= T) continue;
         bf16_t* dst = dqkv + ((long)b * T + key) * ld + h * HD;
         #pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt)
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                dst[d + nt * 8 + 2 * c + e] = f2bf(dk[nt][2 * rr + e] * scale);
-                dst[2 * d + nt * 8 + 2 * c + e] = f2bf(dv[nt][2 * rr + e]);
-            }
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            *(unsigned*)(dst + d + nt * 8 + 2 * c) = pack_bf16(dk[nt][2 * rr] * scale, dk[nt][2 * rr + 1] * scale);
+            *(unsigned*)(dst + 2 * d + nt * 8 + 2 * c) = pack_bf16(dv[nt][2 * rr], dv[nt][2 * rr + 1]);
+        }
     }
 }
 

@@ -152,6 +152,27 @@ inline void ldmatrix_x4_trans(unsigned* r, const unsigned* row) {
     bar.arrive_and_wait();
     for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
+// ldmatrix.x4 across the warp: lane 8i + r gives the address of row r of matrix i; lane t
+// receives matrix i's elements (row t/4, column 2(t%4)) and (row t/4, column 2(t%4) + 1).
+#define LDMATRIX_X4
+inline void ldmatrix_x4(unsigned* r, const unsigned* row) {
+    if (g_serial) serial_abort("ldmatrix");
+    unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
+        std::abort();
+    }
+    auto& bar = *g_warps[t / 32];
+    g_ldsm_rows[t] = reinterpret_cast<const uint16_t*>(row);
+    bar.arrive_and_wait();
+    unsigned out[4];
+    for (int i = 0; i < 4; ++i) {
+        const uint16_t* src = g_ldsm_rows[w0 + 8 * i + lane / 4];
+        out[i] = src[2 * (lane % 4)] | ((unsigned)src[2 * (lane % 4) + 1] << 16);
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) r[i] = out[i];
+}
 #define MMA_BF16_16816
 inline float bf16_at(unsigned word, int half) { return __uint_as_float(((word >> (16 * half)) & 0xffffu) << 16); }
 inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
