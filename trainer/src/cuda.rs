@@ -194,8 +194,7 @@ impl Gpu {
         keep_freed_memory(&ctx);
         let arch = cu(ctx.compute_capability(), "compute capability")?;
         let name = cu(ctx.name(), "device name")?;
-        let ptx = ptx_for(arch)?;
-        let module = cu(ctx.load_module(ptx), "loading the kernels")?;
+        let module = load_kernels(&ctx, arch)?;
         let mut funcs = std::collections::HashMap::new();
         for &k in KERNELS {
             funcs.insert(k, cu(module.load_function(k), k)?);
@@ -1587,41 +1586,123 @@ pub fn peak_bf16_flops(name: &str) -> Option<f64> {
     .map(|(_, f)| *f)
 }
 
-/// The kernels' PTX for a compute capability, compiled once per process.
-fn ptx_for(arch: (i32, i32)) -> Result<cudarc::nvrtc::Ptx> {
-    static CACHE: std::sync::Mutex<Vec<((i32, i32), cudarc::nvrtc::Ptx)>> =
-        std::sync::Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().map_err(|_| anyhow!("PTX cache poisoned"))?;
-    if let Some((_, p)) = cache.iter().find(|(a, _)| *a == arch) {
-        return Ok(p.clone());
-    }
-    let flag: &'static str = Box::leak(format!("sm_{}{}", arch.0, arch.1).into_boxed_str());
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        SOURCE,
-        cudarc::nvrtc::CompileOptions {
-            arch: Some(flag),
-            name: Some("olmo_train_kernels.cu".into()),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| anyhow!("NVRTC could not compile the kernels for {flag}: {e:?}"))?;
-    cache.push((arch, ptx.clone()));
-    Ok(ptx)
+/// The kernels as NVRTC compiled them for one GPU architecture: the PTX, and the GPU code
+/// (CUBIN) that NVRTC also makes for a real architecture such as `sm_90`.
+#[derive(Clone)]
+pub struct KernelImages {
+    pub ptx: Vec<u8>,
+    pub cubin: Option<Vec<u8>>,
+    /// NVRTC's (major, minor) version.
+    pub nvrtc: (i32, i32),
 }
 
-/// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`) without a GPU: NVRTC is a plain
-/// library. Returns the PTX size.
-pub fn compile_kernels(arch: &'static str) -> Result<usize> {
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        SOURCE,
-        cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            name: Some("olmo_train_kernels.cu".into()),
-            ..Default::default()
+/// The kernels for a compute capability, compiled once per process.
+fn images_for(arch: (i32, i32)) -> Result<KernelImages> {
+    type Cache = Vec<((i32, i32), KernelImages)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().map_err(|_| anyhow!("kernel cache poisoned"))?;
+    if let Some((_, k)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(k.clone());
+    }
+    let k = compile_kernels(&format!("sm_{}{}", arch.0, arch.1))?;
+    cache.push((arch, k.clone()));
+    Ok(k)
+}
+
+/// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`); needs no GPU, NVRTC is a plain
+/// library.
+pub fn compile_kernels(arch: &str) -> Result<KernelImages> {
+    use cudarc::nvrtc::{result, sys};
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // Safety: created by create_program, destroyed once.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    let src = std::ffi::CString::new(SOURCE)?;
+    let prog = Program(
+        result::create_program(&src, Some(c"olmo_train_kernels.cu"))
+            .map_err(|e| anyhow!("NVRTC: creating the program: {e:?}"))?,
+    );
+    let opts = [format!("--gpu-architecture={arch}")];
+    // Safety: prog is a live program; the images are read after a successful compile.
+    unsafe {
+        if let Err(e) = result::compile_program(prog.0, &opts) {
+            let log = result::get_program_log(prog.0).unwrap_or_default();
+            let log = std::ffi::CStr::from_ptr(log.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            bail!("NVRTC could not compile the kernels for {arch}: {e:?}\n{log}");
+        }
+        let ptx = result::get_ptx(prog.0).map_err(|e| anyhow!("NVRTC: the PTX: {e:?}"))?;
+        let ptx = ptx.iter().map(|&c| c as u8).collect();
+        let mut size = 0usize;
+        let cubin = (sys::nvrtcGetCUBINSize(prog.0, &mut size) == sys::nvrtcResult::NVRTC_SUCCESS
+            && size > 0)
+            .then(|| {
+                let mut v = vec![0u8; size];
+                (sys::nvrtcGetCUBIN(prog.0, v.as_mut_ptr().cast())
+                    == sys::nvrtcResult::NVRTC_SUCCESS)
+                    .then_some(v)
+            })
+            .flatten();
+        let (mut major, mut minor) = (0, 0);
+        sys::nvrtcVersion(&mut major, &mut minor);
+        Ok(KernelImages {
+            ptx,
+            cubin,
+            nvrtc: (major, minor),
+        })
+    }
+}
+
+/// Loads the kernels: their CUBIN if the driver takes it, else their PTX. The CUBIN needs no
+/// JIT, so it loads where the driver is older than NVRTC (within a CUDA major version), which
+/// rejects that NVRTC's PTX as a newer ISA; the PTX serves where the CUBIN does not (a GPU that
+/// NVRTC's code is not for, a driver of an older CUDA major version that knows the ISA).
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    arch: (i32, i32),
+) -> Result<Arc<cudarc::driver::CudaModule>> {
+    let k = images_for(arch)?;
+    let cubin_err = match &k.cubin {
+        Some(c) => match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.clone())) {
+            Ok(m) => return Ok(m),
+            Err(e) => Some(e),
         },
-    )
-    .map_err(|e| anyhow!("NVRTC could not compile the kernels for {arch}: {e:?}"))?;
-    Ok(ptx.to_src().len())
+        None => None,
+    };
+    let ptx = std::ffi::CStr::from_bytes_until_nul(&k.ptx)
+        .map_err(|_| anyhow!("NVRTC's PTX has no terminating NUL"))?
+        .to_string_lossy()
+        .into_owned();
+    match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
+        Ok(m) => {
+            if let Some(e) = cubin_err {
+                eprintln!(
+                    "note: the kernels' CUBIN from NVRTC {}.{} did not load ({e:?}); they run from PTX (JIT-compiled by the driver)",
+                    k.nvrtc.0, k.nvrtc.1
+                );
+            }
+            Ok(m)
+        }
+        Err(e) => {
+            let mut driver = 0;
+            // Safety: a plain query of the loaded driver.
+            unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+            bail!(
+                "CUDA: the driver refused the kernels (sm_{}{}): CUBIN: {}; PTX: {e:?}. NVRTC is {}.{}, the driver supports CUDA {}.{}: the driver takes PTX from an NVRTC no newer than itself, and a CUBIN from one of its CUDA major version; put such an NVRTC first on LD_LIBRARY_PATH",
+                arch.0,
+                arch.1,
+                cubin_err.map_or_else(|| "none made".into(), |c| format!("{c:?}")),
+                k.nvrtc.0,
+                k.nvrtc.1,
+                driver / 1000,
+                driver % 1000 / 10
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1634,8 +1715,13 @@ mod tests {
             return;
         }
         for arch in ["sm_80", "sm_90"] {
-            let size = super::compile_kernels(arch).unwrap();
-            assert!(size > 1000, "{arch}: {size} bytes of PTX");
+            let k = super::compile_kernels(arch).unwrap();
+            let ptx = String::from_utf8_lossy(&k.ptx);
+            assert!(ptx.contains(".entry flash_fwd_128"), "{arch}: PTX");
+            // GPU code for the real architecture, which loads without the driver's JIT
+            let cubin = k.cubin.expect("a CUBIN");
+            assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: CUBIN");
+            assert!(k.nvrtc.0 >= 11, "NVRTC {:?}", k.nvrtc);
         }
     }
 }

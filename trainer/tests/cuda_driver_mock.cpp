@@ -25,6 +25,8 @@ enum : int {
     OUT_OF_MEMORY = 2,
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
+    NO_BINARY_FOR_GPU = 209,
+    UNSUPPORTED_PTX_VERSION = 222,
     LAUNCH_FAILED = 719,
 };
 
@@ -91,6 +93,22 @@ struct Event {
 };
 
 int g_ctx_token;  // the primary context's handle
+
+// The kernels of a CUBIN: an ELF64 whose sections `.text.<kernel>` hold them.
+bool cubin_kernels(const unsigned char* elf, std::set<std::string>& out) {
+    auto u16 = [&](size_t at) { uint16_t v; std::memcpy(&v, elf + at, 2); return (size_t)v; };
+    auto u32 = [&](size_t at) { uint32_t v; std::memcpy(&v, elf + at, 4); return (size_t)v; };
+    auto u64 = [&](size_t at) { uint64_t v; std::memcpy(&v, elf + at, 8); return (size_t)v; };
+    if (elf[4] != 2 || elf[5] != 1) return false;  // ELFCLASS64, little-endian
+    size_t shoff = u64(0x28), shentsize = u16(0x3a), shnum = u16(0x3c), shstrndx = u16(0x3e);
+    if (shentsize != 64 || shstrndx >= shnum) return false;
+    const char* names = reinterpret_cast<const char*>(elf + u64(shoff + shstrndx * 64 + 24));
+    for (size_t i = 0; i < shnum; ++i) {
+        std::string name(names + u32(shoff + i * 64));
+        if (name.rfind(".text.", 0) == 0) out.insert(name.substr(6));
+    }
+    return true;
+}
 
 }  // namespace
 
@@ -249,9 +267,25 @@ int cuEventDestroy_v2(void* e) {
     return SUCCESS;
 }
 
+// A PTX module (kernels by `.entry`), or a CUBIN (by `.text.` section); CUDA_STANDIN_NO_CUBIN
+// makes CUBINs fail as a driver of an older CUDA major version would, CUDA_STANDIN_NO_PTX
+// PTX as a driver older than the NVRTC that made it.
 int cuModuleLoadData(void** m, const void* image) {
+    const unsigned char* bytes = static_cast<const unsigned char*>(image);
+    if (std::memcmp(bytes, "\x7f" "ELF", 4) == 0) {
+        if (std::getenv("CUDA_STANDIN_NO_CUBIN")) return fail(NO_BINARY_FOR_GPU, "refused a CUBIN");
+        auto mod = new Module;
+        if (!cubin_kernels(bytes, mod->entries)) {
+            delete mod;
+            return fail(INVALID_VALUE, "module image is not a 64-bit ELF");
+        }
+        fprintf(stderr, "cuda stand-in: loaded a CUBIN of %zu kernels\n", mod->entries.size());
+        *m = mod;
+        return SUCCESS;
+    }
     std::string ptx(static_cast<const char*>(image));
     if (ptx.find(".version") == std::string::npos) return fail(INVALID_VALUE, "module image is not PTX");
+    if (std::getenv("CUDA_STANDIN_NO_PTX")) return fail(UNSUPPORTED_PTX_VERSION, "refused the PTX");
     auto mod = new Module;
     for (size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 1)) {
         size_t b = ptx.find_first_not_of(" \t", at + 6), e = ptx.find_first_of("( \t\n", b);
@@ -265,7 +299,7 @@ int cuModuleUnload(void* m) {
     return SUCCESS;
 }
 int cuModuleGetFunction(void** f, void* m, const char* name) {
-    if (!static_cast<Module*>(m)->entries.count(name)) return fail(NOT_FOUND, "no .entry in the PTX: ", name);
+    if (!static_cast<Module*>(m)->entries.count(name)) return fail(NOT_FOUND, "no such kernel in the module: ", name);
     auto k = g_kernels.find(name);
     if (k == g_kernels.end()) return fail(NOT_FOUND, "no emulated kernel: ", name);
     *f = new Function{name, k->second};

@@ -10,7 +10,7 @@
 mod standin;
 
 use olmo_train::backend::Backend;
-use olmo_train::cuda::{CudaEngine, GemmLib, Gpu};
+use olmo_train::cuda::{Arg, CudaEngine, GemmLib, Gpu};
 use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
 use olmo_train::model::{init_params, Batch, InitFn, Model};
 
@@ -35,7 +35,9 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
         if let Some(out) =
             standin::in_child("cuda_engine_through_the_driver_matches_the_cpu_engine")
         {
-            // the GEMMs went through the cuBLASLt stand-in
+            // the kernels loaded as GPU code (no JIT), the GEMMs went through cuBLASLt
+            assert!(out.contains("cuda stand-in: loaded a CUBIN of"), "{out}");
+            assert!(!out.contains("run from PTX"), "{out}");
             assert!(out.contains("cublasLt mock:"), "{out}");
             assert!(!out.contains("runs in cuBLAS"), "{out}");
         }
@@ -101,4 +103,60 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
         "{rows:?}"
     );
     assert_eq!(engine.gpu.gemm_plans().map(|p| p.1), Some(0));
+}
+
+/// A driver that refuses NVRTC's CUBIN (an older CUDA major version) gets the PTX instead,
+/// and says so; one that refuses both gets an error that names NVRTC's and the driver's
+/// versions and what to do.
+#[test]
+fn kernels_load_from_ptx_where_the_driver_refuses_their_cubin() {
+    if !standin::is_child() {
+        if let Some(out) = standin::in_child_with(
+            "kernels_load_from_ptx_where_the_driver_refuses_their_cubin",
+            &[("CUDA_STANDIN_NO_CUBIN", "1")],
+        ) {
+            assert!(out.contains("cuda stand-in: refused a CUBIN"), "{out}");
+            assert!(out.contains("note: the kernels' CUBIN from NVRTC"), "{out}");
+            assert!(out.contains("they run from PTX"), "{out}");
+            assert!(!out.contains("loaded a CUBIN"), "{out}");
+        }
+        if let Some(out) = standin::in_child_with(
+            "kernels_load_from_ptx_where_the_driver_refuses_their_cubin",
+            &[("CUDA_STANDIN_NO_CUBIN", "1"), ("CUDA_STANDIN_NO_PTX", "1")],
+        ) {
+            assert!(out.contains("refused the PTX"), "{out}");
+            assert!(out.contains("refused both"), "{out}");
+        }
+        return;
+    }
+    if !usable() {
+        return;
+    }
+    let both_refused = std::env::var_os("CUDA_STANDIN_NO_PTX").is_some();
+    match Gpu::new(0) {
+        Ok(gpu) => {
+            assert!(!both_refused, "loaded with CUBIN and PTX refused");
+            // a kernel of the PTX module runs
+            let x = gpu.upload(&[3.0f32, -4.5]).unwrap();
+            let y = gpu.scratch::<u16>(2).unwrap();
+            let args = [Arg::P(gpu.ptr(&x, 0)), Arg::P(gpu.ptr(&y, 0)), Arg::L(2)];
+            gpu.launch_n("cast_bf16", 2, &args).unwrap();
+            let bf = [3.0f32, -4.5].map(|v| half::bf16::from_f32(v).to_bits());
+            assert_eq!(gpu.download(&y).unwrap(), bf);
+        }
+        Err(e) => {
+            assert!(both_refused, "{e:#}");
+            let e = format!("{e:#}");
+            for part in [
+                "CUBIN: ",
+                "PTX: ",
+                "NVRTC is ",
+                "the driver supports CUDA 13.0",
+                "LD_LIBRARY_PATH",
+            ] {
+                assert!(e.contains(part), "{part:?} not in: {e}");
+            }
+            println!("refused both: {e}");
+        }
+    }
 }

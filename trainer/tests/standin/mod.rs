@@ -65,11 +65,17 @@ pub fn is_child() -> bool {
 /// Runs the test `name` again in a fresh process with the stand-ins first on the library path;
 /// its output (stdout, then stderr), or `None` when it skipped (said).
 pub fn in_child(name: &str) -> Option<String> {
+    in_child_with(name, &[])
+}
+
+/// `in_child` with more environment variables set in the child (the stand-ins' switches).
+pub fn in_child_with(name: &str, env: &[(&str, &str)]) -> Option<String> {
     let dir = build()?;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads", "1"])
         .env(CHILD, "1")
         .env("LD_LIBRARY_PATH", library_path(dir.path()))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = format!(
