@@ -1629,10 +1629,13 @@ pub fn compile_kernels(arch: &str) -> Result<KernelImages> {
     // Safety: prog is a live program; the images are read after a successful compile.
     unsafe {
         if let Err(e) = result::compile_program(prog.0, &opts) {
-            let log = result::get_program_log(prog.0).unwrap_or_default();
-            let log = std::ffi::CStr::from_ptr(log.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            let log: Vec<u8> = result::get_program_log(prog.0)
+                .unwrap_or_default()
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&c| c != 0)
+                .collect();
+            let log = String::from_utf8_lossy(&log);
             bail!("NVRTC could not compile the kernels for {arch}: {e:?}\n{log}");
         }
         let ptx = result::get_ptx(prog.0).map_err(|e| anyhow!("NVRTC: the PTX: {e:?}"))?;
@@ -1659,8 +1662,8 @@ pub fn compile_kernels(arch: &str) -> Result<KernelImages> {
 
 /// Loads the kernels: their CUBIN if the driver takes it, else their PTX. The CUBIN needs no
 /// JIT, so it loads where the driver is older than NVRTC (within a CUDA major version), which
-/// rejects that NVRTC's PTX as a newer ISA; the PTX serves where the CUBIN does not (a GPU that
-/// NVRTC's code is not for, a driver of an older CUDA major version that knows the ISA).
+/// rejects that NVRTC's PTX as a newer ISA. The PTX serves where the CUBIN fails to load for
+/// any other reason.
 fn load_kernels(
     ctx: &Arc<CudaContext>,
     arch: (i32, i32),
