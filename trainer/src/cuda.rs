@@ -238,6 +238,54 @@ impl Gpu {
         }
     }
 
+    /// The default memory pool (where the engine's stream-ordered allocations come from).
+    fn pool(&self) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+        let Some(c) = &self.cuda else { return Ok(None) };
+        let mut pool = std::ptr::null_mut();
+        // Safety: a query of the context's own device.
+        let r = unsafe {
+            cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, c._ctx.cu_device())
+        };
+        cu(r.result(), "the default memory pool")?;
+        Ok(Some(pool))
+    }
+
+    /// Restarts the peak of `peak_memory` from what is in use now.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        let Some(pool) = self.pool()? else {
+            return Ok(());
+        };
+        let mut zero = 0u64;
+        // Safety: USED_MEM_HIGH takes a u64, and only 0 (a reset).
+        let r = unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        cu(r.result(), "resetting the memory peak")
+    }
+
+    /// The most GPU memory in use at once (bytes) since the context began or the last reset;
+    /// `None` on the host emulator.
+    pub fn peak_memory(&self) -> Result<Option<u64>> {
+        let Some(pool) = self.pool()? else {
+            return Ok(None);
+        };
+        let mut high = 0u64;
+        // Safety: USED_MEM_HIGH is a u64.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        cu(r.result(), "the memory peak")?;
+        Ok(Some(high))
+    }
+
     /// Starts timing every launch and GEMM on the stream (a no-op on the host emulator).
     pub fn profile_start(&self) -> Result<()> {
         let Some(c) = &self.cuda else { return Ok(()) };

@@ -633,6 +633,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let micro = opts.olmo_1b_micro;
         for &flash in &opts.attention {
             let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
+            gpu.gpu.reset_peak_memory()?;
             let (tps, first, last) = time_training(
                 &mut gpu,
                 &windows,
@@ -642,9 +643,10 @@ pub fn run(opts: &Options) -> Result<()> {
                 &decay,
                 4e-4,
             )?;
+            let peak = gpu.gpu.peak_memory()?.unwrap_or(0) as f64 / (1u64 << 30) as f64;
             let flops = cfg.flops_per_token(seq);
             println!(
-                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s (loss {first:.3} -> {last:.3})",
+                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s, peak GPU memory {peak:.1} GiB (loss {first:.3} -> {last:.3})",
                 attention_name(flash),
                 flops / 1e9,
                 flops * tps / 1e12,

@@ -37,6 +37,7 @@ int fail(int code, const char* what, const char* detail = "") {
 
 std::mutex g_mem;
 std::map<uintptr_t, size_t> g_allocs;  // base -> bytes
+size_t g_used = 0, g_used_high = 0;     // bytes allocated now, and at most
 bool g_trace = std::getenv("CUDA_STANDIN_TRACE") != nullptr;
 
 // Whether [p, p + n) lies in one live allocation.
@@ -185,7 +186,22 @@ int cuDeviceGetDefaultMemPool(void** pool, int) {
     *pool = &g_ctx_token;
     return SUCCESS;
 }
-int cuMemPoolSetAttribute(void*, int, void*) { return SUCCESS; }
+// The pool's USED_MEM_HIGH (8): the most bytes allocated at once; setting it (to 0, the only
+// value the driver takes) restarts it from what is allocated now.
+int cuMemPoolSetAttribute(void*, int attr, void* v) {
+    if (attr == 8) {
+        if (*static_cast<uint64_t*>(v) != 0) return fail(INVALID_VALUE, "USED_MEM_HIGH can only be reset to 0");
+        std::lock_guard<std::mutex> l(g_mem);
+        g_used_high = g_used;
+    }
+    return SUCCESS;
+}
+int cuMemPoolGetAttribute(void*, int attr, void* v) {
+    if (attr != 8) return fail(INVALID_VALUE, "pool attribute not served by the stand-in");
+    std::lock_guard<std::mutex> l(g_mem);
+    *static_cast<uint64_t*>(v) = g_used_high;
+    return SUCCESS;
+}
 int cuMemGetInfo_v2(size_t* free_, size_t* total) {
     *free_ = size_t(1) << 33, *total = size_t(1) << 34;
     return SUCCESS;
@@ -206,6 +222,8 @@ int cuMemAlloc_v2(uintptr_t* p, size_t bytes) {
     std::memset(m, 0xFF, n);
     std::lock_guard<std::mutex> l(g_mem);
     g_allocs[(uintptr_t)m] = bytes;
+    g_used += bytes;
+    g_used_high = std::max(g_used_high, g_used);
     *p = (uintptr_t)m;
     return SUCCESS;
 }
@@ -214,6 +232,7 @@ int cuMemFree_v2(uintptr_t p) {
     std::lock_guard<std::mutex> l(g_mem);
     auto it = g_allocs.find(p);
     if (it == g_allocs.end()) return fail(INVALID_VALUE, "freeing what was not allocated");
+    g_used -= it->second;
     g_allocs.erase(it);
     free((void*)p);
     return SUCCESS;

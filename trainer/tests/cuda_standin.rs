@@ -85,9 +85,14 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
         b: 2,
         t: 16,
     };
+    engine.gpu.reset_peak_memory().unwrap();
     engine.gpu.profile_start().unwrap();
     engine.forward_backward(&batch, 1.0 / 32.0).unwrap();
     let rows = engine.gpu.profile_end().unwrap();
+    // the peak counts what stayed allocated (weights, gradients, AdamW state: 4 f32 each)
+    // and the step's activations on top
+    let peak = engine.gpu.peak_memory().unwrap().unwrap() as usize;
+    assert!(peak > 16 * params.len(), "{peak} bytes");
     let calls = |label: &str| {
         rows.iter()
             .filter(|r| r.0.starts_with(label))
