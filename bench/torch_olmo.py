@@ -220,6 +220,7 @@ def bench(args):
     if dev.type == "cuda":
         flops = flops_per_token(c, params, c["seq"]) * tps
         line += f", {flops / 1e12:.1f} TFLOP/s, MFU {100 * flops / 989.4e12:.1f}%"
+        line += f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB"
     print(line)
 
 
