@@ -30,12 +30,18 @@ use crate::ops::{NormKind, RopeTable, IGNORE};
 
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 const BLOCK: u32 = 256;
+/// Blocks of the gradient norm's sum of squares (one partial sum each).
+const SUMSQ_BLOCKS: usize = 4096;
+/// Rows per partial sum of an affine norm's weight gradient.
+const NORM_DW_ROWS: usize = 256;
 
 const KERNELS: &[&str] = &[
     "embed_fwd",
     "embed_bwd",
     "norm_fwd",
     "norm_bwd",
+    "norm_dw_partial",
+    "norm_dw_sum",
     "rope",
     "softmax_fwd",
     "softmax_bwd",
@@ -722,7 +728,7 @@ impl CudaEngine {
             exp_avg_sq: gpu.upload(exp_avg_sq)?,
             cos: gpu.upload(&table.cos)?,
             sin: gpu.upload(&table.sin)?,
-            norm_acc: gpu.zeros(1)?,
+            norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
             nccl: None,
             layout: model.layout.clone(),
             cfg,
@@ -1006,6 +1012,7 @@ impl CudaEngine {
         rows: usize,
         dx: &Mem<f32>,
     ) -> Result<()> {
+        let d = self.cfg.d_model;
         self.gpu.launch(
             "norm_bwd",
             rows as u32,
@@ -1017,9 +1024,38 @@ impl CudaEngine {
                 self.p(rstd),
                 Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
                 self.p(dx),
-                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.grads, o))),
-                Arg::I(self.cfg.d_model as i32),
+                Arg::I(d as i32),
                 Arg::I((self.cfg.norm == NormKind::Rms) as i32),
+            ],
+        )?;
+        let Some(w) = w else { return Ok(()) };
+        // dL/dw: partial sums over chunks of rows, then their sum in chunk order
+        let chunks = rows.div_ceil(NORM_DW_ROWS);
+        let partial = self.gpu.scratch::<f32>(chunks * d)?;
+        self.gpu.launch(
+            "norm_dw_partial",
+            (d.div_ceil(32) * chunks) as u32,
+            BLOCK,
+            &[
+                self.p(dy),
+                self.p(x),
+                self.p(mean),
+                self.p(rstd),
+                self.p(&partial),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+                Arg::I(NORM_DW_ROWS as i32),
+            ],
+        )?;
+        self.gpu.launch(
+            "norm_dw_sum",
+            d.div_ceil(BLOCK as usize) as u32,
+            BLOCK,
+            &[
+                self.p(&partial),
+                Arg::P(self.gpu.ptr(&self.grads, w)),
+                Arg::I(chunks as i32),
+                Arg::I(d as i32),
             ],
         )
     }
@@ -1298,6 +1334,18 @@ impl CudaEngine {
         let gpu = &self.gpu;
         let ids = gpu.upload(batch.inputs)?;
         let tgts = gpu.upload(batch.targets)?;
+        // the embedding gradient's positions grouped by token, uploaded with the inputs
+        let by_token = match backward {
+            Some(_) => {
+                let g = TokenGroups::new(batch.inputs);
+                Some((
+                    gpu.upload(&g.tokens)?,
+                    gpu.upload(&g.starts)?,
+                    gpu.upload(&g.positions)?,
+                ))
+            }
+            None => None,
+        };
         let lay = self.layout.clone();
         let mut x = gpu.scratch::<f32>(n * d)?;
         gpu.launch_n(
@@ -1442,14 +1490,17 @@ impl CudaEngine {
             )?;
             dx = dx_in;
         }
-        self.gpu.launch_n(
+        let (tokens, starts, positions) = by_token.expect("uploaded for the backward pass");
+        self.gpu.launch(
             "embed_bwd",
-            n * d,
+            tokens.len() as u32,
+            BLOCK,
             &[
-                self.p_u32(&ids),
+                self.p_u32(&tokens),
+                self.p_u32(&starts),
+                self.p_u32(&positions),
                 self.p(&dx),
                 Arg::P(self.gpu.ptr(&self.grads, lay.wte)),
-                Arg::L(n as i64),
                 Arg::I(d as i32),
             ],
         )?;
@@ -1563,10 +1614,10 @@ impl Backend for CudaEngine {
 
     fn step(&mut self, u: &Update) -> Result<f32> {
         let n = self.layout.total;
-        self.gpu.fill_zero(&mut self.norm_acc)?;
+        let blocks = n.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
         self.gpu.launch(
             "sumsq",
-            (n.div_ceil(BLOCK as usize)).min(4096) as u32,
+            blocks as u32,
             BLOCK,
             &[
                 self.p(&self.grads),
@@ -1574,7 +1625,9 @@ impl Backend for CudaEngine {
                 Arg::P(self.gpu.ptr(&self.norm_acc, 0)),
             ],
         )?;
-        let norm = self.gpu.download(&self.norm_acc)?[0].sqrt() as f32;
+        // the blocks' parts added in block order: the same bits on every run
+        let parts = self.gpu.download(&self.norm_acc)?;
+        let norm = parts[..blocks].iter().sum::<f64>().sqrt() as f32;
         let coef = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
         let a = u.adamw;
         let bc1 = 1.0 - a.beta1.powi(u.step as i32);
@@ -1632,6 +1685,38 @@ pub fn peak_bf16_flops(name: &str) -> Option<f64> {
     .iter()
     .find(|(k, _)| n.contains(k))
     .map(|(_, f)| *f)
+}
+
+/// A batch's positions grouped by input token, for the embedding gradient (`embed_bwd`):
+/// the distinct tokens ascending, and for the i-th, its positions (ascending) at
+/// `positions[starts[i]..starts[i + 1]]`.
+#[derive(Debug, PartialEq)]
+pub struct TokenGroups {
+    pub tokens: Vec<u32>,
+    pub starts: Vec<u32>,
+    pub positions: Vec<u32>,
+}
+
+impl TokenGroups {
+    pub fn new(ids: &[u32]) -> TokenGroups {
+        let mut positions: Vec<u32> = (0..ids.len() as u32).collect();
+        // stable: a token's positions stay ascending
+        positions.sort_by_key(|&p| ids[p as usize]);
+        let (mut tokens, mut starts) = (Vec::new(), Vec::new());
+        for (i, &p) in positions.iter().enumerate() {
+            let id = ids[p as usize];
+            if tokens.last() != Some(&id) {
+                tokens.push(id);
+                starts.push(i as u32);
+            }
+        }
+        starts.push(positions.len() as u32);
+        TokenGroups {
+            tokens,
+            starts,
+            positions,
+        }
+    }
 }
 
 /// The kernels as NVRTC compiled them for one GPU architecture: the PTX, and the GPU code
@@ -1758,6 +1843,19 @@ fn load_kernels(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_groups_list_each_tokens_positions_in_order() {
+        let g = super::TokenGroups::new(&[7, 2, 7, 0, 2, 7]);
+        assert_eq!(g.tokens, [0, 2, 7]);
+        assert_eq!(g.starts, [0, 1, 3, 6]);
+        assert_eq!(g.positions, [3, 1, 4, 0, 2, 5]);
+        let one = super::TokenGroups::new(&[5]);
+        assert_eq!(
+            (one.tokens, one.starts, one.positions),
+            (vec![5], vec![0, 1], vec![0])
+        );
+    }
+
     /// Runs where libnvrtc is loadable (CI installs it from PyPI; a GPU is not needed).
     #[test]
     fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {

@@ -16,9 +16,12 @@ use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 /// Argument kinds of each kernel: pointer, int, long, float.
 fn signature(name: &str) -> Option<&'static str> {
     Some(match name {
-        "embed_fwd" | "embed_bwd" => "PPPLI",
+        "embed_fwd" => "PPPLI",
+        "embed_bwd" => "PPPPPI",
         "norm_fwd" => "PPPPPPIFI",
-        "norm_bwd" => "PPPPPPPII",
+        "norm_bwd" => "PPPPPPII",
+        "norm_dw_partial" => "PPPPPLII",
+        "norm_dw_sum" => "PPII",
         "rope" => "PPPLIIIIII",
         "softmax_fwd" => "PI",
         "softmax_bwd" => "PPIF",
@@ -131,25 +134,36 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
     // Safety (all arms): addresses are live host buffers sized by the engine for these shapes.
     unsafe {
         match name {
-            "embed_fwd" | "embed_bwd" => {
+            "embed_fwd" => {
                 let (n, d) = (int(a, 3), int(a, 4));
                 covers(n * d)?;
                 let ids = at::<u32>(p(a, 0), n);
-                // the embedding table (wte or its gradient) spans the largest id used
+                // the embedding table spans the largest id used
                 let rows_used = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
-                if name == "embed_fwd" {
-                    let wte = at::<f32>(p(a, 1), rows_used * d);
-                    let x = at::<f32>(p(a, 2), n * d);
-                    for (row, &id) in x.chunks_exact_mut(d).zip(ids.iter()) {
-                        row.copy_from_slice(&wte[id as usize * d..][..d]);
+                let wte = at::<f32>(p(a, 1), rows_used * d);
+                let x = at::<f32>(p(a, 2), n * d);
+                for (row, &id) in x.chunks_exact_mut(d).zip(ids.iter()) {
+                    row.copy_from_slice(&wte[id as usize * d..][..d]);
+                }
+            }
+            "embed_bwd" => {
+                // a block per distinct token, summing its positions' rows in order
+                let (groups, d) = (grid as usize, int(a, 5));
+                let tokens = at::<u32>(p(a, 0), groups);
+                let starts = at::<u32>(p(a, 1), groups + 1);
+                let positions = at::<u32>(p(a, 2), starts[groups] as usize);
+                let n = positions.iter().map(|&q| q as usize + 1).max().unwrap_or(0);
+                let dx = at::<f32>(p(a, 3), n * d);
+                let rows_used = tokens.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+                let dwte = at::<f32>(p(a, 4), rows_used * d);
+                for (g, &tok) in tokens.iter().enumerate() {
+                    let mut acc = vec![0.0f32; d];
+                    for &q in &positions[starts[g] as usize..starts[g + 1] as usize] {
+                        let row = &dx[q as usize * d..][..d];
+                        acc.iter_mut().zip(row).for_each(|(s, r)| *s += r);
                     }
-                } else {
-                    let dx = at::<f32>(p(a, 1), n * d);
-                    let dwte = at::<f32>(p(a, 2), rows_used * d);
-                    for (row, &id) in dx.chunks_exact(d).zip(ids.iter()) {
-                        let g = &mut dwte[id as usize * d..][..d];
-                        g.iter_mut().zip(row).for_each(|(g, r)| *g += r);
-                    }
+                    let out = &mut dwte[tok as usize * d..][..d];
+                    out.iter_mut().zip(&acc).for_each(|(o, s)| *o += s);
                 }
             }
             "norm_fwd" => {
@@ -180,14 +194,13 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "norm_bwd" => {
-                let d = int(a, 7);
-                let kind = if int(a, 8) == 1 {
+                let d = int(a, 6);
+                let kind = if int(a, 7) == 1 {
                     crate::ops::NormKind::Rms
                 } else {
                     crate::ops::NormKind::LayerNorm
                 };
                 let w = (p(a, 4) != 0).then(|| &*at::<f32>(p(a, 4), d));
-                let dw = (p(a, 6) != 0).then(|| at::<f32>(p(a, 6), d));
                 crate::ops::norm_backward(
                     kind,
                     at(p(a, 0), rows * d),
@@ -197,8 +210,35 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     d,
                     w,
                     at(p(a, 5), rows * d),
-                    dw,
+                    None,
                 );
+            }
+            "norm_dw_partial" => {
+                let (n, d, chunk) = (int(a, 5), int(a, 6), int(a, 7));
+                let chunks = n.div_ceil(chunk);
+                if grid as usize != d.div_ceil(32) * chunks {
+                    bail!("{name}: {grid} blocks for {chunks} chunks of {d} columns");
+                }
+                let (dy, x) = (at::<f32>(p(a, 0), n * d), at::<f32>(p(a, 1), n * d));
+                let (mean, rstd) = (at::<f32>(p(a, 2), n), at::<f32>(p(a, 3), n));
+                let partial = at::<f32>(p(a, 4), chunks * d);
+                for (c, out) in partial.chunks_exact_mut(d).enumerate() {
+                    out.fill(0.0);
+                    for r in c * chunk..n.min((c + 1) * chunk) {
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o += dy[r * d + j] * (x[r * d + j] - mean[r]) * rstd[r];
+                        }
+                    }
+                }
+            }
+            "norm_dw_sum" => {
+                let (chunks, d) = (int(a, 2), int(a, 3));
+                covers(d)?;
+                let partial = at::<f32>(p(a, 0), chunks * d);
+                let dw = at::<f32>(p(a, 1), d);
+                for c in partial.chunks_exact(d) {
+                    dw.iter_mut().zip(c).for_each(|(w, s)| *w += s);
+                }
             }
             "softmax_fwd" => {
                 let t = int(a, 1);
@@ -323,9 +363,14 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "sumsq" => {
+                // block b's part: the elements its grid-stride loop visits
                 let n = int(a, 1);
                 let x = at::<f32>(p(a, 0), n);
-                at::<f64>(p(a, 2), 1)[0] += x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                let parts = at::<f64>(p(a, 2), grid as usize);
+                parts.fill(0.0);
+                for (i, &v) in x.iter().enumerate() {
+                    parts[(i / block as usize) % grid as usize] += (v as f64) * (v as f64);
+                }
             }
             "adamw" => {
                 let n = int(a, 5);

@@ -61,11 +61,19 @@ extern "C" __global__ void embed_fwd(const unsigned* ids, const float* wte, floa
     x[i] = wte[(long)ids[r] * d + i % d];
 }
 
-extern "C" __global__ void embed_bwd(const unsigned* ids, const float* dx, float* dwte, long n, int d) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * d) return;
-    long r = i / d;
-    atomicAdd(&dwte[(long)ids[r] * d + i % d], dx[i]);
+// dL/dwte += the rows of dx, by token: block b adds, for token tokens[b], the rows
+// pos[starts[b]] .. pos[starts[b + 1] - 1] of dx in that order (the host groups the positions
+// by token, ascending). Each row of dwte has one writer and one order of summation, so the
+// result is the same bits on every run, which atomics would not give (nor their contention on
+// frequent tokens spare).
+extern "C" __global__ void embed_bwd(const unsigned* tokens, const unsigned* starts, const unsigned* pos,
+                                     const float* dx, float* dwte, int d) {
+    unsigned tok = tokens[blockIdx.x], s = starts[blockIdx.x], e = starts[blockIdx.x + 1];
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.f;
+        for (unsigned k = s; k < e; ++k) acc += dx[(long)pos[k] * d + c];
+        dwte[(long)tok * d + c] += acc;
+    }
 }
 
 // One block per row. w may be null (no affine weight). The output goes to y (f32), or, when yb
@@ -102,9 +110,9 @@ extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf
     }
 }
 
-// Adds dL/dx into dx; adds dL/dw into dw when w is not null.
+// Adds dL/dx into dx (w, the affine weight, may be null). dL/dw is norm_dw_partial's.
 extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float* mean, const float* rstd,
-                                    const float* w, float* dx, float* dw, int d, int rms) {
+                                    const float* w, float* dx, int d, int rms) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     const float* xr = x + r * d;
@@ -116,7 +124,6 @@ extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float
         float gi = w ? g[i] * w[i] : g[i];
         a += gi;
         b += gi * n;
-        if (w) atomicAdd(&dw[i], g[i] * n);
     }
     a = block_sum(a, sh) / d;
     b = block_sum(b, sh) / d;
@@ -126,6 +133,38 @@ extern "C" __global__ void norm_bwd(const float* dy, const float* x, const float
         float gi = w ? g[i] * w[i] : g[i];
         dx[r * d + i] += rs * (gi - a - n * b);
     }
+}
+
+// dL/dw of an affine norm, sum over rows of dy ∘ (x − mean) · rstd, in two fixed-order stages
+// instead of atomics (the same bits on every run): block (tile, chunk), as blockIdx.x = tile +
+// tiles · chunk, sums `chunk` rows of 32 columns (a warp per row, a lane per column: coalesced)
+// into partial[chunk][column]; norm_dw_sum adds the chunks' partials into dw in chunk order.
+// RMSNorm's mean is 0.
+extern "C" __global__ void norm_dw_partial(const float* dy, const float* x, const float* mean, const float* rstd,
+                                           float* partial, long rows, int d, int chunk) {
+    __shared__ float sh[32][33];
+    int tiles = (d + 31) / 32, tile = blockIdx.x % tiles, ch = blockIdx.x / tiles;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int col = tile * 32 + lane;
+    long r0 = (long)ch * chunk, r1 = min(rows, r0 + chunk);
+    float acc = 0.f;
+    if (col < d)
+        for (long r = r0 + warp; r < r1; r += warps) acc += dy[r * d + col] * (x[r * d + col] - mean[r]) * rstd[r];
+    sh[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && col < d) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; ++w) sum += sh[w][lane];
+        partial[(long)ch * d + col] = sum;
+    }
+}
+
+extern "C" __global__ void norm_dw_sum(const float* partial, float* dw, int chunks, int d) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= d) return;
+    float sum = 0.f;
+    for (int c = 0; c < chunks; ++c) sum += partial[(long)c * d + col];
+    dw[col] += sum;
 }
 
 // NeoX rotate-half RoPE in place over the first `parts` column blocks of `heads` heads of each
@@ -300,13 +339,15 @@ extern "C" __global__ void cast_bf16(const float* x, bf16_t* y, long n) {
     if (i < n) y[i] = f2bf(x[i]);
 }
 
-extern "C" __global__ void sumsq(const float* x, long n, double* out) {
+// Each block's part of the sum of squares, into partial[blockIdx.x]; the host adds the parts
+// in order (no atomics: the same bits on every run).
+extern "C" __global__ void sumsq(const float* x, long n, double* partial) {
     __shared__ float sh[33];
     float s = 0.f;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         s += x[i] * x[i];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) atomicAdd(out, (double)s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = (double)s;
 }
 
 // AdamW as torch computes it, on gradients scaled by the clipping coefficient. With `pb` not

@@ -65,6 +65,7 @@ using Binder = std::function<void()> (*)(void**);
 #define K(name) {#name, [](void** p) { return bind(&name, p); }}
 const std::map<std::string, Binder> g_kernels = {
     K(embed_fwd),        K(embed_bwd),        K(norm_fwd),        K(norm_bwd),
+    K(norm_dw_partial),  K(norm_dw_sum),
     K(rope),             K(rope_bf16),        K(softmax_fwd),     K(softmax_bwd),
     K(softmax_fwd_bf16), K(softmax_bwd_bf16), K(swiglu_fwd),      K(swiglu_bwd),
     K(swiglu_fwd_bf16),  K(swiglu_bwd_bf16),  K(cross_entropy),   K(cast_bf16),
@@ -77,7 +78,7 @@ const std::map<std::string, Binder> g_kernels = {
 // Kernels with no barriers, shuffles or warp-wide instructions run their threads serially
 // (the emulation aborts if one does use them).
 const std::set<std::string> g_serial_kernels = {
-    "embed_fwd", "embed_bwd", "rope",       "rope_bf16",       "swiglu_fwd", "swiglu_bwd",
+    "embed_fwd", "embed_bwd", "norm_dw_sum", "rope",       "rope_bf16",       "swiglu_fwd", "swiglu_bwd",
     "swiglu_fwd_bf16", "swiglu_bwd_bf16", "cast_bf16", "adamw",
 };
 

@@ -48,19 +48,26 @@ int main(int argc, char** argv) {
             norm_fwd(x.data(), affine ? w.data() : nullptr, nullptr, yb.data(), mean.data(), rstd.data(), d, eps, rms);
         });
         store("y", y), store("y_bf16", yb), store("mean", mean), store("rstd", rstd);
-    } else if (k == "norm_bwd") {  // rows d rms affine
+    } else if (k == "norm_bwd") {  // rows d rms affine chunk: dx, then dw over chunks of rows
         long rows = I(4);
-        int d = I(5), rms = I(6), affine = I(7);
+        int d = I(5), rms = I(6), affine = I(7), chunk = I(8);
         auto dy = load<float>("dy"), x = load<float>("x"), mean = load<float>("mean"), rstd = load<float>("rstd");
         auto dx = load<float>("dx");
         std::vector<float> w = affine ? load<float>("w") : std::vector<float>();
-        std::vector<float> dw = affine ? load<float>("dw") : std::vector<float>();
         launch(rows, B, [&] {
-            norm_bwd(dy.data(), x.data(), mean.data(), rstd.data(), affine ? w.data() : nullptr, dx.data(),
-                     affine ? dw.data() : nullptr, d, rms);
+            norm_bwd(dy.data(), x.data(), mean.data(), rstd.data(), affine ? w.data() : nullptr, dx.data(), d, rms);
         });
         store("dx", dx);
-        if (affine) store("dw", dw);
+        if (affine) {
+            auto dw = load<float>("dw");
+            int chunks = (int)((rows + chunk - 1) / chunk);
+            std::vector<float> partial((size_t)chunks * d);
+            launch((unsigned)(((d + 31) / 32) * chunks), B, [&] {
+                norm_dw_partial(dy.data(), x.data(), mean.data(), rstd.data(), partial.data(), rows, d, chunk);
+            });
+            launch(grid_n(d), B, [&] { norm_dw_sum(partial.data(), dw.data(), chunks, d); });
+            store("dw", dw);
+        }
     } else if (k == "rope") {  // rows T heads half stride parts inverse
         long rows = I(4);
         int T = I(5), heads = I(6), half = I(7), stride = I(8), parts = I(9), inv = I(10);
@@ -124,20 +131,22 @@ int main(int argc, char** argv) {
         launch(rows, B,
                [&] { cross_entropy(logits.data(), nullptr, t.data(), lp.data(), zt.data(), V, zl, gs, backward); });
         store("logits", logits), store("logp", lp), store("zt", zt), store("dlogits_bf16", dlb);
-    } else if (k == "embed") {  // n d
+    } else if (k == "embed") {  // n d: the backward over the positions grouped by token
         long n = I(4);
         int d = I(5);
-        auto ids = load<unsigned>("ids");
+        auto ids = load<unsigned>("ids"), tokens = load<unsigned>("tokens"), starts = load<unsigned>("starts"),
+             pos = load<unsigned>("positions");
         auto wte = load<float>("wte"), dx = load<float>("dx"), dwte = load<float>("dwte");
         std::vector<float> x(n * d);
         launch(grid_n(n * d), B, [&] { embed_fwd(ids.data(), wte.data(), x.data(), n, d); });
-        launch(grid_n(n * d), B, [&] { embed_bwd(ids.data(), dx.data(), dwte.data(), n, d); });
+        launch((unsigned)tokens.size(), B,
+               [&] { embed_bwd(tokens.data(), starts.data(), pos.data(), dx.data(), dwte.data(), d); });
         store("x", x), store("dwte", dwte);
     } else if (k == "elementwise") {  // n: cast_bf16, sumsq
         long n = I(4);
         auto a = load<float>("a");
         std::vector<uint16_t> bf(n);
-        std::vector<double> ss(1, 0.0);
+        std::vector<double> ss(3, 0.0);  // a part per block
         launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
         launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
         store("bf16", bf), store("sumsq", ss);

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use olmo_train::cuda::TokenGroups;
 use olmo_train::ops::{self, NormKind, RopeTable, IGNORE};
 
 fn emulator() -> Option<&'static Path> {
@@ -134,7 +135,8 @@ fn norm_kernels_match_the_cpu() {
         b.put("rstd", &r);
         b.put("dx", &dx0);
         b.put("dw", &dw0);
-        b.run(bin, "norm_bwd", block, &s![rows, d, rms, affine as i32]);
+        // dw over chunks of 2 rows: two partial sums, the second of one row
+        b.run(bin, "norm_bwd", block, &s![rows, d, rms, affine as i32, 2]);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
         ops::norm_backward(
             kind,
@@ -443,14 +445,20 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     b.put_u32("ids", &ids);
     b.put("wte", &wte);
     b.put("dx", &g);
-    b.put("dwte", &vec![0.0; wte.len()]);
+    // accumulates into what the gradient held
+    let dwte0 = rnd(wte.len(), 14, 1.0);
+    b.put("dwte", &dwte0);
+    let groups = TokenGroups::new(&ids);
+    b.put_u32("tokens", &groups.tokens);
+    b.put_u32("starts", &groups.starts);
+    b.put_u32("positions", &groups.positions);
     b.run(bin, "embed", 64, &s![n, d]);
     let want_x: Vec<f32> = ids
         .iter()
         .flat_map(|&i| wte[i as usize * d..(i as usize + 1) * d].to_vec())
         .collect();
     close("embed_fwd", &b.get("x"), &want_x, 0.0);
-    let mut want_g = vec![0.0f32; wte.len()];
+    let mut want_g = dwte0.clone();
     for (r, &i) in ids.iter().enumerate() {
         for j in 0..d {
             want_g[i as usize * d + j] += g[r * d + j];
@@ -472,7 +480,11 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
         .map(|&x| half::bf16::from_f32(x).to_bits())
         .collect();
     assert_eq!(bf, want_bf, "cast_bf16 rounds to nearest even");
-    let ss = f64::from_le_bytes(b.raw("sumsq")[..8].try_into().unwrap());
+    let ss: f64 = b
+        .raw("sumsq")
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .sum();
     let want_ss: f64 = a.iter().map(|&x| (x as f64) * (x as f64)).sum();
     assert!((ss / want_ss - 1.0).abs() < 1e-5, "sumsq {ss} vs {want_ss}");
 }
