@@ -261,7 +261,11 @@ static void fiber_main() {
 // a barrier) before the next warp starts: warps are as far apart as `__syncthreads` lets
 // them be, so a shared tile that one warp overwrites while another still needs it (a barrier
 // missing) corrupts the other's results. Even blocks run their warps first to last, odd
-// blocks last to first, so a hazard shows whichever warp is ahead.
+// blocks last to first, so a hazard shows whichever warp is ahead. Blocks run in grid order,
+// or last to first with CUDA_EMU_BLOCKS_REVERSED set: a result that depends on the order of
+// blocks (float atomics, say) then differs between the two.
+static const bool g_blocks_reversed = std::getenv("CUDA_EMU_BLOCKS_REVERSED") != nullptr;
+inline unsigned block_at(unsigned i, unsigned grid) { return g_blocks_reversed ? grid - 1 - i : i; }
 static void resume(unsigned t) {
     g_current = t;
     threadIdx.x = t;
@@ -280,7 +284,8 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& f
     const unsigned warps = (unsigned)g_warps.size();
     std::vector<char> stacks(STACK * block);
     g_fibers.assign(block, Fiber{});
-    for (unsigned b = 0; b < grid; ++b) {
+    for (unsigned i = 0; i < grid; ++i) {
+        unsigned b = block_at(i, grid);
         blockIdx.x = b;
         for (unsigned t = 0; t < block; ++t) {
             Fiber& fb = g_fibers[t];
@@ -319,9 +324,9 @@ static void launch_serial(const char* kernel, unsigned grid, unsigned block, con
     gridDim.x = grid;
     blockDim.x = block;
     g_serial = kernel;
-    for (unsigned b = 0; b < grid; ++b)
+    for (unsigned i = 0; i < grid; ++i)
         for (unsigned t = 0; t < block; ++t) {
-            blockIdx.x = b;
+            blockIdx.x = block_at(i, grid);
             threadIdx.x = t;
             f();
         }

@@ -165,3 +165,79 @@ fn kernels_load_from_ptx_where_the_driver_refuses_their_cubin() {
         }
     }
 }
+
+/// The CUDA engine's training steps give the same bits whatever order the GPU runs blocks in
+/// (no float atomics or other order-dependent sums), so a rerun or a resumed run on a GPU
+/// repeats a run exactly. The emulation runs blocks in grid order, then again last to first;
+/// the model has an affine norm and runs the flash kernels in bf16.
+#[test]
+fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
+    const NAME: &str = "cuda_training_steps_do_not_depend_on_the_order_blocks_run_in";
+    if !standin::is_child() {
+        let runs: Vec<String> = [None, Some(("CUDA_EMU_BLOCKS_REVERSED", "1"))]
+            .into_iter()
+            .filter_map(|env| standin::in_child_with(NAME, env.as_slice()))
+            .map(|out| {
+                let at = out.find("state bits:").unwrap_or_else(|| panic!("{out}"));
+                out[at..].lines().next().unwrap().to_string()
+            })
+            .collect();
+        if runs.len() == 2 {
+            assert_eq!(runs[0], runs[1], "the order of blocks changed the result");
+        }
+        return;
+    }
+    if !usable() {
+        return;
+    }
+    let (_, mut cfg) = variants(64, 64)[1];
+    cfg.n_heads = 2;
+    let decay = olmo_train::model::Layout::new(&cfg).decay_mask(false, false);
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 9);
+    let zeros = vec![0.0; params.len()];
+    let mut engine =
+        CudaEngine::with_precision(0, Model::new(cfg, 24), &params, &zeros, &zeros, true).unwrap();
+    engine.set_flash_attention(true).unwrap();
+    // repeated tokens: the embedding gradient sums several rows per token
+    let tokens: Vec<u32> = (0..2 * 24).map(|i| (i * 7 % 13) as u32).collect();
+    let targets: Vec<u32> = (0..2 * 24).map(|i| (i * 5 % 64) as u32).collect();
+    let batch = Batch {
+        inputs: &tokens,
+        targets: &targets,
+        b: 2,
+        t: 24,
+    };
+    let mut norms = Vec::new();
+    for step in 1..=2 {
+        engine.zero_grad().unwrap();
+        engine.forward_backward(&batch, 1.0 / 48.0).unwrap();
+        norms.push(
+            engine
+                .step(&olmo_train::backend::Update {
+                    step,
+                    lr: 1e-3,
+                    max_norm: Some(1.0),
+                    adamw: olmo_train::optim::AdamW {
+                        beta1: 0.9,
+                        beta2: 0.95,
+                        eps: 1e-8,
+                        weight_decay: 0.1,
+                    },
+                    decay: &decay,
+                })
+                .unwrap()
+                .to_bits(),
+        );
+    }
+    // FNV-1a over the bits of the weights and both moments, and the gradient norms
+    let mut hash = 0xcbf29ce484222325u64;
+    engine
+        .with_state(&mut |p, m, v| {
+            for x in p.iter().chain(m).chain(v) {
+                hash = (hash ^ x.to_bits() as u64).wrapping_mul(0x100000001b3);
+            }
+            Ok(())
+        })
+        .unwrap();
+    println!("state bits: {hash:016x}, gradient norms {norms:?}");
+}
