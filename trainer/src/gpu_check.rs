@@ -336,6 +336,18 @@ fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Optio
     Some(products * 2.0 * pairs * hd as f64)
 }
 
+/// FNV-1a over the bits of an engine's weights and AdamW moments.
+pub fn state_hash(engine: &mut dyn Backend) -> Result<u64> {
+    let mut hash = 0xcbf29ce484222325u64;
+    engine.with_state(&mut |p, m, v| {
+        for x in p.iter().chain(m).chain(v) {
+            hash = (hash ^ x.to_bits() as u64).wrapping_mul(0x100000001b3);
+        }
+        Ok(())
+    })?;
+    Ok(hash)
+}
+
 /// One more optimizer step with every launch and GEMM timed on the GPU: where the step's time
 /// goes, for the next round of kernel work.
 fn profile_step(
@@ -619,6 +631,30 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
 
+    // The same steps twice from the same start give the same bits: no sum depends on the order
+    // the GPU runs blocks in (affine norms, to include their weight gradient).
+    println!("\n| repeat run (affine norms, 3 steps, twice) | same bits |\n|---|---|");
+    let affine = ModelConfig {
+        norm_affine: true,
+        ..cfg
+    };
+    let mut repeats = true;
+    for &flash in &opts.attention {
+        let mut hashes = Vec::new();
+        for _ in 0..2 {
+            let (mut gpu, decay, _) = fresh_engine(opts.ordinal, affine, seq, flash)?;
+            time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
+            hashes.push(state_hash(&mut gpu)?);
+        }
+        let same = hashes[0] == hashes[1];
+        repeats &= same;
+        println!(
+            "| {} | {} |",
+            attention_name(flash),
+            if same { "yes" } else { "NO" }
+        );
+    }
+
     if opts.olmo_1b_steps > 0 {
         println!("\n## 4. OLMo-1B, sequence 2048, bf16 GEMMs\n");
         let cfg = ModelConfig {
@@ -656,7 +692,7 @@ pub fn run(opts: &Options) -> Result<()> {
             profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
         }
     }
-    if !ok || !falls || !gemms_ok {
+    if !ok || !falls || !gemms_ok || !repeats {
         bail!("gpu-check: some checks failed (see the table)");
     }
     println!("\ngpu-check: all checks passed");

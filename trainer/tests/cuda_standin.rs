@@ -229,15 +229,6 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
                 .to_bits(),
         );
     }
-    // FNV-1a over the bits of the weights and both moments, and the gradient norms
-    let mut hash = 0xcbf29ce484222325u64;
-    engine
-        .with_state(&mut |p, m, v| {
-            for x in p.iter().chain(m).chain(v) {
-                hash = (hash ^ x.to_bits() as u64).wrapping_mul(0x100000001b3);
-            }
-            Ok(())
-        })
-        .unwrap();
+    let hash = olmo_train::gpu_check::state_hash(&mut engine).unwrap();
     println!("state bits: {hash:016x}, gradient norms {norms:?}");
 }
