@@ -448,29 +448,20 @@ __device__ __forceinline__ void tile_load_async(unsigned* tile, const bf16_t* sr
     }
 }
 
-#ifndef LDMATRIX_X4_TRANS
-// ldmatrix .x4 .trans: lanes 8i..8i+7 give the addresses of rows 0..7 (16 bytes each, 16-byte
-// aligned) of 8×8 bf16 matrix i; each lane receives in r[i] matrix i's elements (2c, g) and
-// (2c + 1, g), that is the transposed pair, which is a B fragment register of mma.
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned* row) {
-    asm volatile(
-        "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n"
-        " ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-        : "l"(row));
-}
-#endif
-
 #ifndef LDMATRIX_X4
 // ldmatrix .x4: lanes 8i..8i+7 give the addresses of rows 0..7 (16 bytes each, 16-byte
 // aligned) of 8×8 bf16 matrix i; each lane receives in r[i] matrix i's elements (g, 2c) and
-// (g, 2c + 1): the layout of an mma A or B fragment register.
+// (g, 2c + 1), the layout of an mma A or B fragment register. With .trans (`Trans`), (2c, g)
+// and (2c + 1, g), the transposed pair: a B fragment register from a row-major k × n tile.
+#define LDMATRIX_X4_ASM(trans)                                                                   \
+    "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n" \
+    " ldmatrix.sync.aligned.m8n8.x4" trans ".shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
+template <bool Trans>
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned* row) {
-    asm volatile(
-        "{\n .reg .u64 a64;\n .reg .u32 a32;\n cvta.to.shared.u64 a64, %4;\n cvt.u32.u64 a32, a64;\n"
-        " ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-        : "l"(row));
+    if (Trans)
+        asm volatile(LDMATRIX_X4_ASM(".trans") : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(row));
+    else
+        asm volatile(LDMATRIX_X4_ASM("") : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(row));
 }
 #endif
 
@@ -481,7 +472,7 @@ template <int HD>
 __device__ __forceinline__ void tile_column_frags(unsigned* b, const unsigned* tile, int k0, int n0) {
     int lane = threadIdx.x & 31, m = lane >> 3;
     int row = k0 + (m & 1) * 8 + (lane & 7), col = n0 + (m >> 1) * 8;
-    ldmatrix_x4_trans(b, tile + row * Tile<HD>::W + (col >> 1));
+    ldmatrix_x4<true>(b, tile + row * Tile<HD>::W + (col >> 1));
 }
 
 // Two bf16 at (row, col), (row, col + 1) of a global bf16 matrix, zeros past `limit` rows.
@@ -518,7 +509,7 @@ template <int HD>
 __device__ __forceinline__ void tile_row_frags(unsigned* b, const unsigned* tile, int n0, int k0) {
     int lane = threadIdx.x & 31, m = lane >> 3;
     int row = n0 + (m >> 1) * 8 + (lane & 7), col = k0 + (m & 1) * 8;
-    ldmatrix_x4(b, tile + row * Tile<HD>::W + (col >> 1));
+    ldmatrix_x4<false>(b, tile + row * Tile<HD>::W + (col >> 1));
 }
 
 // The A fragment of rows r0..r0+15 and columns k0..k0+15 of a tile, by one ldmatrix.
@@ -526,7 +517,7 @@ template <int HD>
 __device__ __forceinline__ void tile_a_frag(unsigned* a, const unsigned* tile, int r0, int k0) {
     int lane = threadIdx.x & 31, m = lane >> 3;
     int row = r0 + (m & 1) * 8 + (lane & 7), col = k0 + (m >> 1) * 8;
-    ldmatrix_x4(a, tile + row * Tile<HD>::W + (col >> 1));
+    ldmatrix_x4<false>(a, tile + row * Tile<HD>::W + (col >> 1));
 }
 
 // s = A tileᵀ for this warp's 16 rows: A as HD/16 register fragments (q or dO rows), the tile's

@@ -129,32 +129,12 @@ inline int min(int a, int b) { return a < b ? a : b; }
 // deposits its fragments, and computes its own accumulator elements from everyone's, with the
 // fragment layouts of the PTX ISA (independent of the kernel's use of them).
 static unsigned g_mma_a[1024][4], g_mma_b[1024][2];
-// ldmatrix.x4.trans across the warp: lane 8i + r gives the address of row r of matrix i; lane
-// t receives matrix i's elements (row 2(t%4), column t/4) and (row 2(t%4) + 1, column t/4).
-static const uint16_t* g_ldsm_rows[1024];
-#define LDMATRIX_X4_TRANS
-inline void ldmatrix_x4_trans(unsigned* r, const unsigned* row) {
-    if (g_serial) serial_abort("ldmatrix");
-    unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
-    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
-        fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
-        std::abort();
-    }
-    auto& bar = *g_warps[t / 32];
-    g_ldsm_rows[t] = reinterpret_cast<const uint16_t*>(row);
-    bar.arrive_and_wait();
-    unsigned out[4];
-    for (int i = 0; i < 4; ++i) {
-        int rr = 2 * (lane % 4), col = lane / 4;
-        unsigned lo = g_ldsm_rows[w0 + 8 * i + rr][col], hi = g_ldsm_rows[w0 + 8 * i + rr + 1][col];
-        out[i] = lo | (hi << 16);
-    }
-    bar.arrive_and_wait();
-    for (int i = 0; i < 4; ++i) r[i] = out[i];
-}
 // ldmatrix.x4 across the warp: lane 8i + r gives the address of row r of matrix i; lane t
-// receives matrix i's elements (row t/4, column 2(t%4)) and (row t/4, column 2(t%4) + 1).
+// receives matrix i's elements (row t/4, column 2(t%4)) and (row t/4, column 2(t%4) + 1), or
+// with .trans (`Trans`), (row 2(t%4), column t/4) and (row 2(t%4) + 1, column t/4).
+static const uint16_t* g_ldsm_rows[1024];
 #define LDMATRIX_X4
+template <bool Trans>
 inline void ldmatrix_x4(unsigned* r, const unsigned* row) {
     if (g_serial) serial_abort("ldmatrix");
     unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31;
@@ -167,8 +147,14 @@ inline void ldmatrix_x4(unsigned* r, const unsigned* row) {
     bar.arrive_and_wait();
     unsigned out[4];
     for (int i = 0; i < 4; ++i) {
-        const uint16_t* src = g_ldsm_rows[w0 + 8 * i + lane / 4];
-        out[i] = src[2 * (lane % 4)] | ((unsigned)src[2 * (lane % 4) + 1] << 16);
+        const uint16_t* const* rows = g_ldsm_rows + w0 + 8 * i;
+        unsigned lo, hi;
+        if (Trans) {
+            lo = rows[2 * (lane % 4)][lane / 4], hi = rows[2 * (lane % 4) + 1][lane / 4];
+        } else {
+            lo = rows[lane / 4][2 * (lane % 4)], hi = rows[lane / 4][2 * (lane % 4) + 1];
+        }
+        out[i] = lo | (hi << 16);
     }
     bar.arrive_and_wait();
     for (int i = 0; i < 4; ++i) r[i] = out[i];
