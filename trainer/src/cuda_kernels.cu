@@ -311,12 +311,21 @@ extern "C" __global__ void cross_entropy(float* logits, bf16_t* dlb, const unsig
         return;
     }
     float xt = row[t];
-    float mx = NEG_INF;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, row[i]);
-    mx = block_max(mx, sh);
-    float sum = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(row[i] - mx);
-    float lse = mx + logf(block_sum(sum, sh));
+    // One pass for the max and the sum of exponentials (each thread rescales its running sum
+    // when its max grows), not two: the logits are the largest tensor of the step.
+    float mt = NEG_INF, st = 0.f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = row[i];
+        if (v > mt) {
+            st = st * expf(mt - v) + 1.f;
+            mt = v;
+        } else {
+            st += expf(v - mt);
+        }
+    }
+    float mx = block_max(mt, sh);
+    float sum = block_sum(mt == NEG_INF ? 0.f : st * expf(mt - mx), sh);
+    float lse = mx + logf(sum);
     if (threadIdx.x == 0) {
         logp[r] = xt - lse;
         zt[r] = zloss * lse * lse;
