@@ -10,7 +10,9 @@
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
 # bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits?), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, and a profiled step with TFLOP/s per GEMM shape and flash kernel); then
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
-# MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both.
+# MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
+# ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
+# rerun; TRAIN_STEPS, OLMO_1B_STEPS and GEMM_REPS (0: no GEMM table) shorten it further.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release/olmo-train}
@@ -48,7 +50,7 @@ trap 'rm -f "$LOG"' EXIT
 # context) cannot take the materialised path's results with it.
 # The GEMM table (cuBLASLt vs cuBLAS) once, with the first.
 reps=${GEMM_REPS:-10}
-for attention in materialised flash; do
+for attention in ${ATTENTIONS:-materialised flash}; do
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
     --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-8}" --gemm-reps "$reps" 2>&1 | tee -a "$LOG" || status=$?
