@@ -113,7 +113,7 @@ struct Cuda {
     // Dropped first: its plans and handle before the stream and context they use; with the
     // workspace it runs in.
     lt: Option<(Lt, CudaSlice<u8>)>,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: std::collections::HashMap<&'static str, CudaFunction>,
@@ -223,7 +223,7 @@ impl Gpu {
         Ok(Gpu {
             cuda: Some(Cuda {
                 lt,
-                _ctx: ctx,
+                ctx,
                 stream,
                 blas,
                 funcs,
@@ -249,9 +249,8 @@ impl Gpu {
         let Some(c) = &self.cuda else { return Ok(None) };
         let mut pool = std::ptr::null_mut();
         // Safety: a query of the context's own device.
-        let r = unsafe {
-            cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, c._ctx.cu_device())
-        };
+        let r =
+            unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, c.ctx.cu_device()) };
         cu(r.result(), "the default memory pool")?;
         Ok(Some(pool))
     }

@@ -547,6 +547,28 @@ __device__ __forceinline__ void frags_times_tile(float (*s)[4], const unsigned (
     }
 }
 
+// s = A Bᵀ for rows r0..r0+15 of tile A (K or V rows in dK/dV) against the NT·8 rows of tile B
+// (the n dimension: Q or dO rows). The A fragment is loaded once per k-step and serves every
+// n-tile. The k-steps are unrolled by 2, not fully: at HD 128 dK/dV then spilled (ptxas: 255
+// registers); by 2 it needs 232.
+template <int HD, int NT>
+__device__ __forceinline__ void tile_times_tile(float (*s)[4], const unsigned* a, int r0, const unsigned* b) {
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    #pragma unroll 2
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        unsigned af[4];
+        tile_a_frag<HD>(af, a, r0, kk * 16);
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            unsigned bf[4];
+            tile_row_frags<HD>(bf, b, nt * 8, kk * 16);
+            mma_bf16_16816(s[nt], af, bf);
+            mma_bf16_16816(s[nt + 1], af, bf + 2);
+        }
+    }
+}
+
 // out += s tile: s an accumulator of this warp's 16 rows × KS·16 (P or dS, packed to bf16 as
 // the A operand), the tile's KS·16 rows the k dimension (O += P V, dQ += dS K, ...).
 template <int HD, int KS>
@@ -803,41 +825,13 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             ls[i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
             dd[i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
         }
-        // dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries (each key fragment, loaded once per
-        // k-step, serves every query column tile). The k-steps are unrolled by 2, not fully: at
-        // HD 128 that spills (ptxas: 255 registers), by 2 it needs 239.
+        // dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries, while Q loads
         float s[BQ / 8][4], dp[BQ / 8][4];
-        #pragma unroll
-        for (int nt = 0; nt < BQ / 8; ++nt)
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) s[nt][i] = dp[nt][i] = 0.f;
-        #pragma unroll 2
-        for (int kk = 0; kk < HD / 16; ++kk) {
-            unsigned va[4];
-            tile_a_frag<HD>(va, vs, kr, kk * 16);
-            #pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt += 2) {
-                unsigned bf[4];
-                tile_row_frags<HD>(bf, dos, nt * 8, kk * 16);
-                mma_bf16_16816(dp[nt], va, bf);
-                mma_bf16_16816(dp[nt + 1], va, bf + 2);
-            }
-        }
+        tile_times_tile<HD, BQ / 8>(dp, vs, kr, dos);
         // Q, ls and dd have landed: Sᵀ = K Qᵀ.
         cp_async_wait<0>();
         __syncthreads();
-        #pragma unroll 2
-        for (int kk = 0; kk < HD / 16; ++kk) {
-            unsigned ka[4];
-            tile_a_frag<HD>(ka, ks, kr, kk * 16);
-            #pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt += 2) {
-                unsigned bf[4];
-                tile_row_frags<HD>(bf, qs, nt * 8, kk * 16);
-                mma_bf16_16816(s[nt], ka, bf);
-                mma_bf16_16816(s[nt + 1], ka, bf + 2);
-            }
-        }
+        tile_times_tile<HD, BQ / 8>(s, ks, kr, qs);
         bool masked = q0 < kb * BK + kr + 15;
         #pragma unroll
         for (int nt = 0; nt < BQ / 8; ++nt)

@@ -119,10 +119,6 @@ inline float __int_as_float(int i) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
-struct alignas(16) uint4 {
-    unsigned x, y, z, w;
-};
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline int min(int a, int b) { return a < b ? a : b; }
 
 // mma.sync.m16n8k16 (bf16 in, f32 accumulate) across the 32 lanes of a warp: each lane
