@@ -22,6 +22,7 @@ use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
 use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
+use crate::xorshift::XorShift;
 
 /// H100/H200 SXM dense bf16 peak, FLOP/s (half the sparse figure).
 const H200_BF16_PEAK: f64 = 989.4e12;
@@ -37,17 +38,6 @@ pub struct Options {
     pub attention: Vec<bool>,
     /// Timed runs of each OLMo-1B GEMM in cuBLASLt and in cuBLAS (0: no GEMM table).
     pub gemm_reps: usize,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -95,16 +85,16 @@ pub fn compare_engines(
     println!("| model | precision | quantity | relative L2 error | tolerance | ok |");
     println!("|---|---|---|---|---|---|");
     for &(label, cfg) in models {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift::from_state(0x9E37_79B9_7F4A_7C15);
         let inputs: Vec<u32> = (0..b * t)
-            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
             .collect();
         let targets: Vec<u32> = (0..b * t)
             .map(|i| {
                 if i % 17 == 5 {
                     IGNORE
                 } else {
-                    (rng.next() % cfg.vocab_size as u64) as u32
+                    (rng.next_u64() % cfg.vocab_size as u64) as u32
                 }
             })
             .collect();
@@ -248,10 +238,10 @@ fn token_windows(
             .map(|c| (u16::from_le_bytes([c[0], c[1]]) as u32).min(vocab as u32 - 1))
             .collect(),
         None => {
-            let mut rng = Rng(42);
+            let mut rng = XorShift::from_state(42);
             (0..1 << 20)
                 .map(|_| {
-                    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                     ((vocab as f64).powf(u) as u32).min(vocab as u32 - 1)
                 })
                 .collect()
@@ -451,7 +441,7 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
     let attn = dims.attention();
     let t = attn.t;
     // one buffer of random bf16 for every operand, one f32 residual, one output
-    let mut rng = Rng(7);
+    let mut rng = XorShift::from_state(7);
     // the largest operand: the head's dlogits, the probabilities, or a weight
     let n_src = [
         rows * v,
@@ -465,10 +455,7 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
     .max()
     .unwrap_or(0);
     let src: Vec<u16> = (0..n_src)
-        .map(|_| {
-            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-            half::bf16::from_f32(u).to_bits()
-        })
+        .map(|_| half::bf16::from_f32(rng.symmetric()).to_bits())
         .collect();
     let src = gpu.upload(&src)?;
     let resid: Vec<f32> = (0..rows * d)

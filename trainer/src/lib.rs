@@ -22,3 +22,4 @@ pub mod permutation;
 pub mod plot;
 pub mod schedule;
 pub mod train;
+pub mod xorshift;

@@ -628,26 +628,7 @@ pub fn cross_entropy(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A tiny deterministic generator for test inputs.
-    pub(crate) struct Rng(u64);
-
-    impl Rng {
-        pub(crate) fn new(seed: u64) -> Rng {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        /// `n` values uniform in [-scale, scale].
-        pub(crate) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    self.0 ^= self.0 << 13;
-                    self.0 ^= self.0 >> 7;
-                    self.0 ^= self.0 << 17;
-                    ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-                })
-                .collect()
-        }
-    }
+    use crate::xorshift::XorShift;
 
     /// Checks `grad` (the analytic dL/dx) against central differences of `loss(x)`.
     fn check(x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64) {
@@ -675,7 +656,7 @@ mod tests {
     fn norm_backward_matches_finite_differences() {
         for kind in [NormKind::LayerNorm, NormKind::Rms] {
             for affine in [false, true] {
-                let mut rng = Rng::new(1);
+                let mut rng = XorShift::new(1);
                 let (rows, dim) = (3, 8);
                 let x = rng.vec(rows * dim, 1.0);
                 let r = rng.vec(rows * dim, 1.0);
@@ -711,7 +692,7 @@ mod tests {
 
     #[test]
     fn matmul_backward_matches_finite_differences() {
-        let mut rng = Rng::new(2);
+        let mut rng = XorShift::new(2);
         let (rows, inp, outp) = (3, 5, 4);
         let x = rng.vec(rows * inp, 1.0);
         let w = rng.vec(outp * inp, 1.0);
@@ -738,7 +719,7 @@ mod tests {
 
     #[test]
     fn swiglu_backward_matches_finite_differences_and_gates_with_the_second_half() {
-        let mut rng = Rng::new(3);
+        let mut rng = XorShift::new(3);
         let (rows, h) = (2, 3);
         let x = rng.vec(rows * 2 * h, 2.0);
         let r = rng.vec(rows * h, 1.0);
@@ -760,7 +741,7 @@ mod tests {
 
     #[test]
     fn rope_rotates_half_pairs_and_its_inverse_is_the_backward_pass() {
-        let mut rng = Rng::new(4);
+        let mut rng = XorShift::new(4);
         let (seq, heads, hd) = (3, 2, 4);
         let d = heads * hd;
         let table = RopeTable::new(seq, hd, 10_000.0);
@@ -785,7 +766,7 @@ mod tests {
 
     #[test]
     fn attention_backward_matches_finite_differences() {
-        let mut rng = Rng::new(5);
+        let mut rng = XorShift::new(5);
         let (b, seq, heads, hd) = (2, 4, 2, 3);
         let d = heads * hd;
         let qkv = rng.vec(b * seq * 3 * d, 1.0);
@@ -810,7 +791,7 @@ mod tests {
 
     #[test]
     fn cross_entropy_with_z_loss_matches_finite_differences() {
-        let mut rng = Rng::new(6);
+        let mut rng = XorShift::new(6);
         let (rows, vocab) = (3, 7);
         let logits = rng.vec(rows * vocab, 3.0);
         let targets = [2u32, IGNORE, 6];
@@ -830,7 +811,7 @@ mod tests {
 
     #[test]
     fn kernels_give_the_same_bits_on_one_thread_and_many() {
-        let mut rng = Rng::new(7);
+        let mut rng = XorShift::new(7);
         let (rows, inp, outp) = (70, 300, 130);
         let x = rng.vec(rows * inp, 1.0);
         let w = rng.vec(outp * inp, 1.0);

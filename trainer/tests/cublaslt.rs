@@ -30,15 +30,7 @@ fn cublaslt_calls_keep_the_library_contract() {
 }
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
+    olmo_train::xorshift::XorShift::new(seed).vec(n, 1.0)
 }
 
 fn bf16(v: &[f32]) -> Vec<u16> {

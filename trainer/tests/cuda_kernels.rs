@@ -74,15 +74,7 @@ impl Bufs {
 }
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    olmo_train::xorshift::XorShift::new(seed).vec(n, scale)
 }
 
 fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
