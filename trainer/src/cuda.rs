@@ -66,10 +66,75 @@ const KERNELS: &[&str] = &[
     "flash_fwd_128",
     "flash_dq_128",
     "flash_dkdv_128",
+    "flash_fwd_32_wide",
+    "flash_dq_32_wide",
+    "flash_dkdv_32_wide",
+    "flash_fwd_64_wide",
+    "flash_dq_64_wide",
+    "flash_dkdv_64_wide",
+    "flash_fwd_128_wide",
+    "flash_dq_128_wide",
+    "flash_dkdv_128_wide",
 ];
 
 /// Head sizes the flash-attention kernels are instantiated for.
 pub const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+/// Warps per block of a flash kernel (`fwd`, `dq` or `dkdv`), each warp 16 query rows (or 16
+/// keys in dK/dV), in its narrow or wide build.
+pub fn flash_warps(kind: &str, wide: bool) -> usize {
+    match (kind, wide) {
+        ("dkdv", false) => 2,
+        ("dkdv", true) | (_, false) => 4,
+        (_, true) => 8,
+    }
+}
+
+/// Dynamic shared memory of the wide dK/dV kernel at head size `hd`, in bytes: K and V tiles
+/// of 64 rows, Q and dO tiles of 32, rows of hd + 8 bf16, and 2 × 32 floats (`DkdvSmem` in
+/// the `.cu` file; the kernel stops if given less).
+pub fn flash_dkdv_wide_smem(hd: usize) -> u32 {
+    (((2 * 64 + 2 * 32) * (hd + 8) / 2 + 2 * 32) * 4) as u32
+}
+
+/// The block size the flash kernels run with. Both sizes give the same bits (the kernel test
+/// checks), so the choice changes only speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashBlocks {
+    /// The forward and dQ in blocks of 64 query rows (4 warps), dK/dV of 32 keys (2 warps).
+    Narrow,
+    /// 128 query rows (8 warps) and 64 keys (4 warps): each K, V (or Q, dO) tile that a block
+    /// loads serves twice the rows.
+    Wide,
+    /// Each kernel times both on its first launch for a shape and keeps the faster (the
+    /// default; narrow where nothing can be timed, as on the host emulator).
+    Fastest,
+}
+
+impl FlashBlocks {
+    /// `OLMO_TRAIN_FLASH_BLOCKS`: narrow, wide or fastest (the default).
+    pub fn from_env() -> Result<FlashBlocks> {
+        match std::env::var("OLMO_TRAIN_FLASH_BLOCKS").as_deref() {
+            Err(_) | Ok("fastest") => Ok(FlashBlocks::Fastest),
+            Ok("narrow") => Ok(FlashBlocks::Narrow),
+            Ok("wide") => Ok(FlashBlocks::Wide),
+            Ok(other) => bail!(
+                "OLMO_TRAIN_FLASH_BLOCKS={other}: expected fastest (the default), narrow or wide"
+            ),
+        }
+    }
+}
+
+/// A flash kernel's block size chosen by timing: kind, batch, sequence, whether wide, and the
+/// milliseconds each size took (narrow, wide).
+#[derive(Clone, Debug)]
+pub struct FlashChoice {
+    pub kind: &'static str,
+    pub b: usize,
+    pub t: usize,
+    pub wide: bool,
+    pub ms: [f64; 2],
+}
 
 /// An element type of engine buffers. `POISON` fills the host emulator's uninitialised
 /// buffers, so an output a kernel forgot to write shows up as NaN (or an impossible id).
@@ -204,6 +269,19 @@ impl Gpu {
         let mut funcs = std::collections::HashMap::new();
         for &k in KERNELS {
             funcs.insert(k, cu(module.load_function(k), k)?);
+        }
+        // The wide dK/dV takes more than the default 48 KiB of dynamic shared memory at head
+        // 128; where the GPU cannot give it, the narrow one is the only choice.
+        for hd in FLASH_HEAD_DIMS {
+            let name = KERNELS
+                .iter()
+                .find(|k| **k == format!("flash_dkdv_{hd}_wide"))
+                .expect("listed");
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            if let Err(e) = funcs[name].set_attribute(attr, flash_dkdv_wide_smem(hd) as i32) {
+                eprintln!("note: {name} needs {} bytes of shared memory, which the GPU refused ({e:?}): the narrow dK/dV runs", flash_dkdv_wide_smem(hd));
+                funcs.remove(name);
+            }
         }
         let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
         let lt = match std::env::var("OLMO_TRAIN_GEMM").as_deref() {
@@ -428,6 +506,27 @@ impl Gpu {
 
     /// Launches `name` with `args` (device pointers as u64, scalars as their types).
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, args)
+    }
+
+    /// Whether the kernel `name` is there to launch (the wide dK/dV is not where the GPU
+    /// refused its shared memory).
+    pub fn has_kernel(&self, name: &str) -> bool {
+        match &self.cuda {
+            Some(c) => c.funcs.contains_key(name),
+            None => crate::cuda_host::knows(name),
+        }
+    }
+
+    /// `launch` with `smem` bytes of dynamic shared memory.
+    pub fn launch_smem(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let Some(c) = &self.cuda else {
             return crate::cuda_host::launch(name, grid.max(1), block, args);
         };
@@ -447,12 +546,43 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid.max(1), 1, 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         // Safety: argument lists match the kernel signatures in cuda_kernels.cu (the host
         // emulator checks each launch's argument types against them).
         cu(unsafe { b.launch(cfg) }, name)?;
         self.mark(|| name.to_string())
+    }
+
+    /// GPU milliseconds of each launch (name, grid, block, dynamic shared memory) on `args`:
+    /// each once to warm up, then the best of `reps` runs; `None` on the host emulator.
+    pub fn time_launches(
+        &self,
+        launches: &[(String, u32, u32, u32)],
+        args: &[Arg],
+        reps: usize,
+    ) -> Result<Option<Vec<f64>>> {
+        let Some(c) = &self.cuda else { return Ok(None) };
+        let event = || {
+            cu(
+                c.stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
+                "event",
+            )
+        };
+        for (name, grid, block, smem) in launches {
+            self.launch_smem(name, *grid, *block, *smem, args)?;
+        }
+        let mut best = vec![f64::INFINITY; launches.len()];
+        for _ in 0..reps {
+            for ((name, grid, block, smem), best) in launches.iter().zip(&mut best) {
+                let start = event()?;
+                self.launch_smem(name, *grid, *block, *smem, args)?;
+                let end = event()?;
+                *best = best.min(cu(start.elapsed_ms(&end), "event time")? as f64);
+            }
+        }
+        Ok(Some(best))
     }
 
     /// Elementwise launch over `n` items.
@@ -687,6 +817,9 @@ pub struct CudaEngine {
     norm_acc: Mem<f64>,
     /// NCCL communicator across ranks, when data parallel and libnccl is present.
     nccl: Option<cudarc::nccl::Comm>,
+    /// The flash kernels' block size, and what timing chose where it is `Fastest`.
+    flash_blocks: FlashBlocks,
+    flash_choices: std::sync::Mutex<Vec<FlashChoice>>,
 }
 
 impl CudaEngine {
@@ -733,6 +866,8 @@ impl CudaEngine {
             cfg,
             bf16,
             flash: false,
+            flash_blocks: FlashBlocks::from_env()?,
+            flash_choices: Default::default(),
             max_seq,
             gpu,
         };
@@ -754,6 +889,84 @@ impl CudaEngine {
         }
         self.flash = on;
         Ok(())
+    }
+
+    /// Sets the flash kernels' block size (`OLMO_TRAIN_FLASH_BLOCKS` otherwise); the bits do
+    /// not depend on it.
+    pub fn set_flash_blocks(&mut self, blocks: FlashBlocks) {
+        self.flash_blocks = blocks;
+    }
+
+    /// The flash kernels' block sizes chosen by timing so far.
+    pub fn flash_choices(&self) -> Vec<FlashChoice> {
+        self.flash_choices
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Launches the flash kernel `kind` (`fwd`, `dq`, `dkdv`) over b sequences of t positions
+    /// in the block size that `flash_blocks` says; under `Fastest`, the first launch for a
+    /// shape times both and the choice is kept. Both write the same outputs, so running one
+    /// twice is harmless.
+    fn flash_launch(&self, kind: &'static str, b: usize, t: usize, args: &[Arg]) -> Result<()> {
+        let (hh, hd, _) = self.attn_shape();
+        let shape = |wide: bool| {
+            let warps = flash_warps(kind, wide);
+            let name = format!("flash_{kind}_{hd}{}", if wide { "_wide" } else { "" });
+            let smem = if wide && kind == "dkdv" {
+                flash_dkdv_wide_smem(hd)
+            } else {
+                0
+            };
+            (
+                name,
+                (b * hh * t.div_ceil(16 * warps)) as u32,
+                32 * warps as u32,
+                smem,
+            )
+        };
+        let wide = self.gpu.has_kernel(&shape(true).0)
+            && match self.flash_blocks {
+                FlashBlocks::Narrow => false,
+                FlashBlocks::Wide => true,
+                FlashBlocks::Fastest => {
+                    self.wide_is_faster(kind, b, t, [shape(false), shape(true)], args)?
+                }
+            };
+        let (name, grid, block, smem) = shape(wide);
+        self.gpu.launch_smem(&name, grid, block, smem, args)
+    }
+
+    /// Whether the wide build of a flash kernel is the faster for this shape: timed once
+    /// (launches: narrow, wide), then remembered; false where nothing can be timed.
+    fn wide_is_faster(
+        &self,
+        kind: &'static str,
+        b: usize,
+        t: usize,
+        launches: [(String, u32, u32, u32); 2],
+        args: &[Arg],
+    ) -> Result<bool> {
+        let mut chosen = self
+            .flash_choices
+            .lock()
+            .map_err(|_| anyhow!("flash choices lock"))?;
+        if let Some(c) = chosen.iter().find(|c| (c.kind, c.b, c.t) == (kind, b, t)) {
+            return Ok(c.wide);
+        }
+        let Some(ms) = self.gpu.time_launches(&launches, args, 3)? else {
+            return Ok(false);
+        };
+        let wide = ms[1] < ms[0];
+        chosen.push(FlashChoice {
+            kind,
+            b,
+            t,
+            wide,
+            ms: [ms[0], ms[1]],
+        });
+        Ok(wide)
     }
 
     /// Recasts the bf16 weight copy from the f32 master weights.
@@ -1244,21 +1457,17 @@ impl CudaEngine {
         let Act::Bf16(att) = att else {
             bail!("flash attention writes a bf16 output");
         };
-        let (hh, hd, scale) = self.attn_shape();
+        let (hh, _, scale) = self.attn_shape();
         let lse = self.gpu.scratch::<f32>(b * hh * t)?;
-        self.gpu.launch(
-            &format!("flash_fwd_{hd}"),
-            (b * hh * t.div_ceil(64)) as u32,
-            128,
-            &[
-                Arg::P(qkv),
-                Arg::P(self.gpu.ptr(att, 0)),
-                self.p(&lse),
-                Arg::I(t as i32),
-                Arg::I(hh as i32),
-                Arg::F(scale),
-            ],
-        )?;
+        let args = [
+            Arg::P(qkv),
+            Arg::P(self.gpu.ptr(att, 0)),
+            self.p(&lse),
+            Arg::I(t as i32),
+            Arg::I(hh as i32),
+            Arg::F(scale),
+        ];
+        self.flash_launch("fwd", b, t, &args)?;
         Ok(Probs::Lse(lse))
     }
 
@@ -1304,18 +1513,8 @@ impl CudaEngine {
             Arg::I(hh as i32),
             Arg::F(scale),
         ];
-        self.gpu.launch(
-            &format!("flash_dq_{hd}"),
-            (b * hh * t.div_ceil(64)) as u32,
-            128,
-            &args,
-        )?;
-        self.gpu.launch(
-            &format!("flash_dkdv_{hd}"),
-            (b * hh * t.div_ceil(32)) as u32,
-            64,
-            &args,
-        )
+        self.flash_launch("dq", b, t, &args)?;
+        self.flash_launch("dkdv", b, t, &args)
     }
 
     fn run(&mut self, batch: &Batch, backward: Option<f32>) -> Result<Scores> {

@@ -35,11 +35,18 @@ fn signature(name: &str) -> Option<&'static str> {
         "sumsq" => "PLP",
         "adamw" => "PPPPPLFFFFFFFF",
         "flash_bwd_pre" => "PPPLIII",
-        "flash_fwd_32" | "flash_fwd_64" | "flash_fwd_128" => "PPPIIF",
-        "flash_dq_32" | "flash_dq_64" | "flash_dq_128" | "flash_dkdv_32" | "flash_dkdv_64"
-        | "flash_dkdv_128" => "PPPPPIIF",
-        _ => return None,
+        _ => {
+            return flash_kernel(name).map(|(kind, _, _)| match kind {
+                "fwd" => "PPPIIF",
+                _ => "PPPPPIIF",
+            })
+        }
     })
+}
+
+/// Whether the host emulator runs a kernel of this name.
+pub fn knows(name: &str) -> bool {
+    signature(name).is_some()
 }
 
 fn p(a: &[Arg], i: usize) -> u64 {
@@ -420,21 +427,39 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
     Ok(())
 }
 
+/// A flash-attention kernel's name read as (kind, head size, wide): `flash_fwd_128`,
+/// `flash_dkdv_64_wide`, ... for the head sizes the `.cu` file instantiates.
+fn flash_kernel(name: &str) -> Option<(&'static str, usize, bool)> {
+    let rest = name.strip_prefix("flash_")?;
+    let (rest, wide) = match rest.strip_suffix("_wide") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    let (kind, hd) = rest.rsplit_once('_')?;
+    let kind = ["fwd", "dq", "dkdv"].into_iter().find(|k| *k == kind)?;
+    let hd = hd
+        .parse()
+        .ok()
+        .filter(|h| crate::cuda::FLASH_HEAD_DIMS.contains(h))?;
+    Some((kind, hd, wide))
+}
+
 /// The flash-attention kernels by their definition: causal softmax attention of the bf16
 /// q, k, v (and bf16 dO), with f32 arithmetic; the batch size follows from the grid, whose
-/// shape is checked against the kernels' blocks (64 query rows of 128 threads; 32 keys of 64).
+/// shape is checked against the kernels' blocks (16 rows a warp: the forward and dQ 4 warps,
+/// or 8 wide; dK/dV 2, or 4 wide).
 ///
 /// Safety: as `launch`.
 unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
-    let (kind, hd) = name["flash_".len()..]
-        .rsplit_once('_')
-        .map(|(k, h)| (k, h.parse::<usize>().unwrap_or(0)))
-        .unwrap_or_default();
+    let Some((kind, hd, wide)) = flash_kernel(name) else {
+        bail!("host emulator: unknown kernel {name}");
+    };
     let (t, heads, scale) = match kind {
         "fwd" => (int(a, 3), int(a, 4), f(a, 5)),
         _ => (int(a, 5), int(a, 6), f(a, 7)),
     };
-    let (rows_per_block, threads) = if kind == "dkdv" { (32, 64) } else { (64, 128) };
+    let warps = crate::cuda::flash_warps(kind, wide);
+    let (rows_per_block, threads) = (16 * warps, 32 * warps as u32);
     let blocks = t.div_ceil(rows_per_block) * heads;
     if block != threads || !grid.is_multiple_of(blocks) || grid == 0 {
         bail!("{name}: grid {grid} of {block} threads for T {t} and {heads} heads");

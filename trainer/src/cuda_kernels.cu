@@ -591,13 +591,16 @@ __device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// Forward: blocks of 64 query rows (4 warps), key tiles of 64. out: bf16 [b·T, d] (only a GEMM
-// operand from here on); lse: [b·H·T], natural log. K and V have a tile buffer each and load
-// while the other is in use, as FlashAttention-2 does: V(j) during S = Q K(j)ᵀ and the
-// softmax, K(j + 1) during O += P V(j).
-template <int HD>
+// Forward: blocks of 16·WARPS query rows (16 per warp), key tiles of 64. out: bf16 [b·T, d]
+// (only a GEMM operand from here on); lse: [b·H·T], natural log. K and V have a tile buffer
+// each and load while the other is in use, as FlashAttention-2 does: V(j) during S = Q K(j)ᵀ
+// and the softmax, K(j + 1) during O += P V(j). Each warp's arithmetic does not depend on
+// WARPS: a key tile past all of a warp's rows (the block's later rows reach it) leaves its m,
+// l and o unchanged, bit for bit (a correction of exp2(0) = 1 and probabilities of 0), so both
+// block sizes give the same bits and the engine may run whichever is faster.
+template <int HD, int WARPS>
 __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale) {
-    constexpr int BR = 64, BC = 64, W = Tile<HD>::W;
+    constexpr int BR = 16 * WARPS, BC = 64, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
     int nqb = (T + BR - 1) / BR;
@@ -706,12 +709,13 @@ extern "C" __global__ void flash_bwd_pre(const float* dout, const bf16_t* out, f
     }
 }
 
-// dQ: blocks of 64 query rows (4 warps), key tiles of 32 (two buffers each of K and V: tile
-// j + 1 loads while tile j is in use); writes the q part of dqkv.
-template <int HD>
+// dQ: blocks of 16·WARPS query rows (16 per warp), key tiles of 32 (two buffers each of K and
+// V: tile j + 1 loads while tile j is in use); writes the q part of dqkv. As in the forward,
+// the bits do not depend on WARPS (a tile past a warp's rows adds dS = ±0 to its dQ).
+template <int HD, int WARPS>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                               bf16_t* dqkv, int T, int H, float scale) {
-    constexpr int BR = 64, BC = 32, W = Tile<HD>::W;
+    constexpr int BR = 16 * WARPS, BC = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[2][BC * W];
     __shared__ __align__(16) unsigned vs[2][BC * W];
     int nqb = (T + BR - 1) / BR;
@@ -779,19 +783,29 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     }
 }
 
-// dK and dV: blocks of 32 keys (2 warps), query tiles of 32; writes the k and v parts of dqkv.
-// Q and dO have a tile buffer each (two of each would not fit 48 KiB at HD 128) and load while
-// the other is in use: Q(j) during dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j).
-template <int HD>
+// The shared memory of dK/dV with WARPS warps, in 32-bit words: K and V tiles of 16·WARPS
+// rows, Q and dO tiles of 32, and the 32 queries' log-sum-exp and D.
+template <int HD, int WARPS>
+struct DkdvSmem {
+    static constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
+    static constexpr int words = (2 * BK + 2 * BQ) * W + 2 * BQ;
+};
+
+// dK and dV: blocks of 16·WARPS keys (16 per warp), query tiles of 32; writes the k and v parts
+// of dqkv. Q and dO have a tile buffer each and load while the other is in use: Q(j) during
+// dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j). `smem` holds DkdvSmem<HD, WARPS>::words.
+// Each warp sees the same query tiles in the same order whatever WARPS (a block's first tile,
+// before a later warp's keys, adds ±0), so both block sizes give the same bits.
+template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                                bf16_t* dqkv, int T, int H, float scale) {
-    constexpr int BK = 32, BQ = 32, W = Tile<HD>::W;
-    __shared__ __align__(16) unsigned ks[BK * W];
-    __shared__ __align__(16) unsigned vs[BK * W];
-    __shared__ __align__(16) unsigned qs[BQ * W];
-    __shared__ __align__(16) unsigned dos[BQ * W];
-    __shared__ float ls[BQ];
-    __shared__ float dd[BQ];
+                                bf16_t* dqkv, int T, int H, float scale, unsigned* smem) {
+    constexpr int BK = DkdvSmem<HD, WARPS>::BK, BQ = DkdvSmem<HD, WARPS>::BQ, W = Tile<HD>::W;
+    unsigned* ks = smem;
+    unsigned* vs = ks + BK * W;
+    unsigned* qs = vs + BK * W;
+    unsigned* dos = qs + BQ * W;
+    float* ls = (float*)(dos + BQ * W);
+    float* dd = ls + BQ;
     int nkb = (T + BK - 1) / BK;
     // The first keys (seen by the most queries) of every head first.
     int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
@@ -864,18 +878,51 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     }
 }
 
+#ifndef DYNAMIC_SMEM
+// The block's dynamic shared memory, and its size in bytes (the launch's sharedMemBytes).
+__device__ __forceinline__ unsigned* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned dyn_smem[];
+    return dyn_smem;
+}
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+#endif
+
+// Two block sizes of each kernel, with the same bits: the engine times both on the first step
+// and keeps the faster. The wide dK/dV (4 warps, 64 keys) needs more than the 48 KiB of static
+// shared memory at head 128, so it takes dynamic shared memory (the host sets the function's
+// limit), and stops at once if the launch gave it too little.
 #define FLASH_KERNELS(HD)                                                                                   \
     extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H,    \
                                               float scale) {                                               \
-        flash_fwd_impl<HD>(qkv, out, lse, T, H, scale);                                                    \
+        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, scale);                                                 \
+    }                                                                                                       \
+    extern "C" __global__ void flash_fwd_##HD##_wide(const bf16_t* qkv, bf16_t* out, float* lse, int T,    \
+                                                     int H, float scale) {                                 \
+        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, scale);                                                 \
     }                                                                                                       \
     extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,      \
                                              const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
-        flash_dq_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                        \
+        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                     \
+    }                                                                                                       \
+    extern "C" __global__ void flash_dq_##HD##_wide(const bf16_t* qkv, const bf16_t* dout, const float* lse, \
+                                                    const float* dsum, bf16_t* dqkv, int T, int H,         \
+                                                    float scale) {                                         \
+        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                     \
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
                                                const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
-        flash_dkdv_impl<HD>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                      \
+        __shared__ __align__(16) unsigned smem[DkdvSmem<HD, 2>::words];                                    \
+        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale, smem);                             \
+    }                                                                                                       \
+    extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,               \
+                                                      const float* lse, const float* dsum, bf16_t* dqkv,   \
+                                                      int T, int H, float scale) {                         \
+        if (dynamic_smem_bytes() < 4u * DkdvSmem<HD, 4>::words) __trap();                                  \
+        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, dynamic_smem());                   \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

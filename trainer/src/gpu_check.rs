@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::backend::{Backend, Cpu, Update};
-use crate::cuda::{CudaEngine, GemmLib, Gpu, Mem};
+use crate::cuda::{CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
 use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
@@ -326,6 +326,23 @@ fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Optio
     Some(products * 2.0 * pairs * hd as f64)
 }
 
+/// The block size each flash kernel runs in, as timed on its first launch (the same bits
+/// either way).
+fn print_flash_choices(engine: &CudaEngine) {
+    for c in engine.flash_choices() {
+        println!(
+            "flash_{} ({}x{}): {} blocks ({:.3} ms; narrow {:.3} ms, wide {:.3} ms)",
+            c.kind,
+            c.b,
+            c.t,
+            if c.wide { "wide" } else { "narrow" },
+            c.ms[c.wide as usize],
+            c.ms[0],
+            c.ms[1]
+        );
+    }
+}
+
 /// FNV-1a over the bits of an engine's weights and AdamW moments.
 pub fn state_hash(engine: &mut dyn Backend) -> Result<u64> {
     let mut hash = 0xcbf29ce484222325u64;
@@ -605,6 +622,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
         let (tps, first, last) =
             time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
+        print_flash_choices(&gpu);
         let fell = last < first - 1.0;
         falls &= fell;
         println!(
@@ -627,19 +645,30 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let mut repeats = true;
     for &flash in &opts.attention {
+        // the flash kernels' two block sizes must give the same bits too
+        let blocks: &[FlashBlocks] = if flash {
+            &[FlashBlocks::Narrow, FlashBlocks::Narrow, FlashBlocks::Wide]
+        } else {
+            &[FlashBlocks::Narrow; 2]
+        };
         let mut hashes = Vec::new();
-        for _ in 0..2 {
+        for &b in blocks {
             let (mut gpu, decay, _) = fresh_engine(opts.ordinal, affine, seq, flash)?;
+            gpu.set_flash_blocks(b);
             time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
             hashes.push(state_hash(&mut gpu)?);
         }
-        let same = hashes[0] == hashes[1];
-        repeats &= same;
-        println!(
-            "| {} | {} |",
-            attention_name(flash),
-            if same { "yes" } else { "NO" }
-        );
+        let mut row = |what: String, same: bool| {
+            repeats &= same;
+            println!("| {what} | {} |", if same { "yes" } else { "NO" });
+        };
+        row(attention_name(flash).to_string(), hashes[0] == hashes[1]);
+        if flash {
+            row(
+                format!("{}: wide blocks vs narrow", attention_name(flash)),
+                hashes[0] == hashes[2],
+            );
+        }
     }
 
     if opts.olmo_1b_steps > 0 {
@@ -676,6 +705,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 100.0 * flops * tps / H200_BF16_PEAK,
                 H200_BF16_PEAK / 1e12
             );
+            print_flash_choices(&gpu);
             profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
         }
     }
@@ -714,6 +744,7 @@ mod tests {
         assert_eq!(f("flash_fwd_8"), Some(2.0 * 2.0 * 60.0 * 8.0));
         assert_eq!(f("flash_dq_8"), Some(3.0 * 2.0 * 60.0 * 8.0));
         assert_eq!(f("flash_dkdv_8"), Some(4.0 * 2.0 * 60.0 * 8.0));
+        assert_eq!(f("flash_dkdv_8_wide"), Some(4.0 * 2.0 * 60.0 * 8.0));
         assert_eq!(f("flash_bwd_pre"), None);
         assert_eq!(f("norm_fwd"), None);
         assert_eq!(f("GEMM bogus"), None);

@@ -20,7 +20,7 @@ static std::vector<T> load(const char* name) {
     return v;
 }
 template <class T>
-static void store(const char* name, const std::vector<T>& v) {
+static void store(const std::string& name, const std::vector<T>& v) {
     std::ofstream f(dir + "/" + name, std::ios::binary);
     f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
@@ -150,30 +150,39 @@ int main(int argc, char** argv) {
         launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
         launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
         store("bf16", bf), store("sumsq", ss);
-    } else if (k == "flash") {  // b T H hd scale: forward, then the three backward kernels
+    } else if (k == "flash") {  // b T H hd scale: forward, then the three backward kernels; both block sizes
         int b = I(4), T = I(5), H = I(6), hd = I(7);
         float scale = F(8);
         long rows = (long)b * T, d = (long)H * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
         auto doutf = load<float>("dout_f32");
-        std::vector<uint16_t> out(rows * d);
-        std::vector<float> lse(b * H * T), dsum(b * H * T);
-        std::vector<uint16_t> dqkv(rows * 3 * d);
-        unsigned nqb = (T + 63) / 64, nkb = (T + 31) / 32;
-        auto flash = [&](auto fwd, auto dq, auto dkdv) {
-            launch(b * H * nqb, 128, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
+        // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp
+        auto flash = [&](const char* suffix, int wq, int wk, unsigned dyn, auto fwd, auto dq, auto dkdv) {
+            std::vector<uint16_t> out(rows * d);
+            std::vector<float> lse(b * H * T), dsum(b * H * T);
+            std::vector<uint16_t> dqkv(rows * 3 * d);
+            unsigned nqb = (T + 16 * wq - 1) / (16 * wq), nkb = (T + 16 * wk - 1) / (16 * wk);
+            launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
             launch((unsigned)((rows * H * 32 + 255) / 256), 256,
                    [&] { flash_bwd_pre(doutf.data(), out.data(), dsum.data(), rows, T, H, hd); });
-            launch(b * H * nqb, 128,
+            launch(b * H * nqb, 32 * wq,
                    [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
-            launch(b * H * nkb, 64,
-                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
+            launch(
+                b * H * nkb, 32 * wk,
+                [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); }, dyn);
+            std::string s(suffix);
+            store("out" + s, out), store("lse" + s, lse), store("dsum" + s, dsum), store("dqkv" + s, dqkv);
         };
-        if (hd == 32) flash(flash_fwd_32, flash_dq_32, flash_dkdv_32);
-        else if (hd == 64) flash(flash_fwd_64, flash_dq_64, flash_dkdv_64);
-        else if (hd == 128) flash(flash_fwd_128, flash_dq_128, flash_dkdv_128);
+#define FLASH_BOTH(HD)                                                                                      \
+    do {                                                                                                    \
+        flash("", 4, 2, 0, flash_fwd_##HD, flash_dq_##HD, flash_dkdv_##HD);                                 \
+        flash("_wide", 8, 4, 4 * DkdvSmem<HD, 4>::words, flash_fwd_##HD##_wide, flash_dq_##HD##_wide,       \
+              flash_dkdv_##HD##_wide);                                                                      \
+    } while (0)
+        if (hd == 32) FLASH_BOTH(32);
+        else if (hd == 64) FLASH_BOTH(64);
+        else if (hd == 128) FLASH_BOTH(128);
         else return 2;
-        store("out", out), store("lse", lse), store("dsum", dsum), store("dqkv", dqkv);
     } else if (k == "adamw") {  // n lr b1 b2 eps wd bc1 bc2_sqrt coef: without, then with the bf16 copy
         long n = I(4);
         auto p = load<float>("p"), g = load<float>("g"), m = load<float>("m"), v = load<float>("v");

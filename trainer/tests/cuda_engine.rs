@@ -4,7 +4,7 @@
 //! tolerances. Only the GPU itself (NVRTC-compiled code, cuBLAS, memory) is left out.
 
 use olmo_train::backend::{Backend, Cpu};
-use olmo_train::cuda::{CudaEngine, Gpu};
+use olmo_train::cuda::{CudaEngine, FlashBlocks, Gpu};
 use olmo_train::gpu_check::{compare_engines, variants};
 use olmo_train::model::{init_params, Batch, InitFn, Model};
 use olmo_train::ops::IGNORE;
@@ -17,6 +17,24 @@ fn cuda_engine_on_the_host_emulator_matches_the_cpu_engine() {
         &variants(128, 100),
         (2, 40),
         &[false, true],
+    )
+    .unwrap();
+    assert!(ok, "see the table above (cargo test -- --nocapture)");
+}
+
+#[test]
+fn wide_flash_blocks_on_the_host_emulator_match_the_cpu_engine() {
+    // the launch shapes of the wide flash kernels (128 query rows, 64 keys) checked against
+    // their work; 40 positions: one partial block of each
+    let ok = compare_engines(
+        &|m, state, bf16| {
+            let mut e = CudaEngine::on(Gpu::host_emulator(), m, state, bf16)?;
+            e.set_flash_blocks(FlashBlocks::Wide);
+            Ok(e)
+        },
+        &variants(128, 100),
+        (2, 40),
+        &[true],
     )
     .unwrap();
     assert!(ok, "see the table above (cargo test -- --nocapture)");

@@ -169,22 +169,47 @@ fn kernels_load_from_ptx_where_the_driver_refuses_their_cubin() {
 /// The CUDA engine's training steps give the same bits whatever order the GPU runs blocks in
 /// (no float atomics or other order-dependent sums), so a rerun or a resumed run on a GPU
 /// repeats a run exactly. The emulation runs blocks in grid order, then again last to first;
-/// the model has an affine norm and runs the flash kernels in bf16.
+/// the model has an affine norm and runs the flash kernels in bf16, in either block size.
 #[test]
 fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
     const NAME: &str = "cuda_training_steps_do_not_depend_on_the_order_blocks_run_in";
     if !standin::is_child() {
-        let runs: Vec<String> = [None, Some(("CUDA_EMU_BLOCKS_REVERSED", "1"))]
+        // blocks in grid order with each flash kernel's block size chosen by timing; last to
+        // first with the narrow blocks; in grid order with the wide ones (dK/dV's in dynamic
+        // shared memory, through the driver's function attribute)
+        let envs: [&[(&str, &str)]; 3] = [
+            &[],
+            &[
+                ("CUDA_EMU_BLOCKS_REVERSED", "1"),
+                ("OLMO_TRAIN_FLASH_BLOCKS", "narrow"),
+            ],
+            &[("OLMO_TRAIN_FLASH_BLOCKS", "wide")],
+        ];
+        let outs: Vec<String> = envs
             .into_iter()
-            .filter_map(|env| standin::in_child_with(NAME, env.as_slice()))
+            .filter_map(|env| standin::in_child_with(NAME, env))
+            .collect();
+        if outs.is_empty() {
+            return;
+        }
+        // timing chose a block size for each of the three kernels, once
+        let timed = ["flash fwd ", "flash dq ", "flash dkdv "]
+            .iter()
+            .filter(|k| outs[0].matches(*k).count() == 1)
+            .count();
+        assert_eq!(timed, 3, "{}", outs[0]);
+        let runs: Vec<&str> = outs
+            .iter()
             .map(|out| {
                 let at = out.find("state bits:").unwrap_or_else(|| panic!("{out}"));
-                out[at..].lines().next().unwrap().to_string()
+                out[at..].lines().next().unwrap()
             })
             .collect();
-        if runs.len() == 2 {
-            assert_eq!(runs[0], runs[1], "the order of blocks changed the result");
-        }
+        assert_eq!(
+            runs[0], runs[1],
+            "the order of blocks or the block size changed the result"
+        );
+        assert_eq!(runs[0], runs[2], "the block size changed the result");
         return;
     }
     if !usable() {
@@ -227,6 +252,12 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
                 })
                 .unwrap()
                 .to_bits(),
+        );
+    }
+    for c in engine.flash_choices() {
+        println!(
+            "flash {} {}x{}: wide {} {:?}",
+            c.kind, c.b, c.t, c.wide, c.ms
         );
     }
     let hash = olmo_train::gpu_check::state_hash(&mut engine).unwrap();

@@ -10,16 +10,30 @@
 use std::path::Path;
 use std::process::Command;
 
+/// Whether one of `compilers` built `src`; false when none is installed. One that is
+/// installed but refuses the source fails the test (a broken stand-in is not a skip).
 fn compile(compilers: &[&str], args: &[&str], out: &Path, src: &Path) -> bool {
-    compilers.iter().any(|c| {
-        Command::new(c)
+    let mut refused = Vec::new();
+    for c in compilers {
+        match Command::new(c)
             .args(args)
             .arg("-o")
             .arg(out)
             .arg(src)
             .status()
-            .is_ok_and(|s| s.success())
-    })
+        {
+            Ok(s) if s.success() => return true,
+            Ok(s) => refused.push(format!("{c} ({s})")),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "could not build {}: {}",
+        src.display(),
+        refused.join(", ")
+    );
+    false
 }
 
 /// A folder holding the stand-ins, or `None` (said) when a compiler is missing.
