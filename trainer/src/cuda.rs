@@ -847,6 +847,14 @@ impl CudaEngine {
 
     /// The engine on a given device (a GPU, or the host emulator for tests).
     pub fn on(gpu: Gpu, model: Model, state: [&[f32]; 3], bf16: bool) -> Result<CudaEngine> {
+        if bf16 && gpu.cuda.is_some() && gpu.arch < (8, 0) {
+            bail!(
+                "bf16 mixed precision (precision: amp_bf16, the default) needs an Ampere or newer GPU (compute capability 8.0+): {} is sm_{}{}; set precision: fp32 to train on it",
+                gpu.name,
+                gpu.arch.0,
+                gpu.arch.1
+            );
+        }
         let [params, exp_avg, exp_avg_sq] = state;
         let cfg = model.cfg;
         let max_seq = model.max_seq();
@@ -2056,12 +2064,12 @@ mod tests {
 
     /// Runs where libnvrtc is loadable (CI installs it from PyPI; a GPU is not needed).
     #[test]
-    fn kernels_compile_with_nvrtc_for_hopper_and_ampere() {
+    fn kernels_compile_with_nvrtc_for_hopper_ampere_and_turing() {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             eprintln!("skipped: libnvrtc is not loadable here (LD_LIBRARY_PATH)");
             return;
         }
-        for arch in ["sm_80", "sm_90"] {
+        for arch in ["sm_75", "sm_80", "sm_90"] {
             let k = super::compile_kernels(arch).unwrap();
             let ptx = String::from_utf8_lossy(&k.ptx);
             assert!(ptx.contains(".entry flash_fwd_128"), "{arch}: PTX");

@@ -391,13 +391,26 @@ extern "C" __global__ void adamw(float* p, bf16_t* pb, const float* g, float* m,
 // are not written. The backward recomputes P in two kernels (dQ over query blocks, dK and dV
 // over key blocks), which needs no atomics, so it is deterministic.
 
+// The flash kernels' instructions (bf16 mma.sync, cp.async) need sm_80. Before Ampere they
+// compile to a trap, so that the other kernels still build there (the fp32 engine runs on a
+// Turing GPU); the engine never launches the flash kernels on such a GPU.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PRE_AMPERE 1
+#else
+#define PRE_AMPERE 0
+#endif
+
 #ifndef MMA_BF16_16816
 __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+#if PRE_AMPERE
+    __trap();
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 #endif
 
@@ -427,18 +440,28 @@ struct Tile {
 // registers, zeros when !valid (the source address must still be a readable one). The copy
 // is complete at a cp.async.wait_group that its group (cp.async.commit_group) falls under.
 __device__ __forceinline__ void cp_async16(unsigned* dst, const bf16_t* src, bool valid) {
+#if PRE_AMPERE
+    __trap();
+#else
     asm volatile(
         "{\n .reg .u64 s64, g64;\n .reg .u32 s32;\n cvta.to.shared.u64 s64, %0;\n cvt.u32.u64 s32, s64;\n"
         " cvta.to.global.u64 g64, %1;\n cp.async.cg.shared.global [s32], [g64], 16, %2;\n}\n"
         :
         : "l"(dst), "l"(src), "r"(valid ? 16 : 0)
         : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if !PRE_AMPERE
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if !PRE_AMPERE
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 #endif
 

@@ -146,10 +146,15 @@ int cuDeviceGetName(char* name, int len, int) {
     snprintf(name, len, "CUDA stand-in (host emulation)");
     return SUCCESS;
 }
+// CUDA_STANDIN_ARCH (e.g. 75) sets the compute capability; sm_90 otherwise.
+int standin_arch() {
+    const char* a = std::getenv("CUDA_STANDIN_ARCH");
+    return a ? std::atoi(a) : 90;
+}
 int cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
-        case 75: *v = 9; break;    // compute capability major
-        case 76: *v = 0; break;    // minor
+        case 75: *v = standin_arch() / 10; break;  // compute capability major
+        case 76: *v = standin_arch() % 10; break;  // minor
         case 115: *v = 1; break;   // memory pools supported
         case 16: *v = 132; break;  // multiprocessors
         default: *v = 0;

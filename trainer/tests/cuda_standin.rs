@@ -166,6 +166,49 @@ fn kernels_load_from_ptx_where_the_driver_refuses_their_cubin() {
     }
 }
 
+/// On a GPU older than Ampere (a Turing T4, sm_75) the kernels still build and load, the
+/// fp32 engine runs and matches the CPU engine, and bf16 mixed precision is refused with what
+/// to do instead.
+#[test]
+fn a_turing_gpu_runs_the_fp32_engine_and_refuses_bf16() {
+    const NAME: &str = "a_turing_gpu_runs_the_fp32_engine_and_refuses_bf16";
+    if !standin::is_child() {
+        if let Some(out) = standin::in_child_with(NAME, &[("CUDA_STANDIN_ARCH", "75")]) {
+            assert!(out.contains("cuda stand-in: loaded a CUBIN of"), "{out}");
+        }
+        return;
+    }
+    if !usable() {
+        return;
+    }
+    let (_, cfg) = variants(64, 64)[0];
+    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 4);
+    let zeros = vec![0.0; params.len()];
+    let model = || Model::new(cfg, 16);
+    let e = CudaEngine::with_precision(0, model(), &params, &zeros, &zeros, true)
+        .err()
+        .expect("bf16 refused before Ampere");
+    let e = format!("{e:#}");
+    assert!(e.contains("sm_75") && e.contains("precision: fp32"), "{e}");
+
+    let mut gpu = CudaEngine::with_precision(0, model(), &params, &zeros, &zeros, false).unwrap();
+    assert_eq!(gpu.gpu.arch, (7, 5));
+    let mut cpu = olmo_train::backend::Cpu::new(model(), params.clone(), zeros.clone(), zeros);
+    let tokens: Vec<u32> = (0..2 * 16).map(|i| (i * 11 % 64) as u32).collect();
+    let batch = Batch {
+        inputs: &tokens,
+        targets: &tokens,
+        b: 2,
+        t: 16,
+    };
+    let (g, c) = (
+        gpu.forward_backward(&batch, 1.0 / 32.0).unwrap(),
+        cpu.forward_backward(&batch, 1.0 / 32.0).unwrap(),
+    );
+    let rel = (g.ce_sum - c.ce_sum).abs() / c.ce_sum.abs();
+    assert!(rel < 1e-5, "loss {} vs {}", g.ce_sum, c.ce_sum);
+}
+
 /// The CUDA engine's training steps give the same bits whatever order the GPU runs blocks in
 /// (no float atomics or other order-dependent sums), so a rerun or a resumed run on a GPU
 /// repeats a run exactly. The emulation runs blocks in grid order, then again last to first;
