@@ -490,10 +490,14 @@ __device__ __forceinline__ void tile_load_async(unsigned* tile, const bf16_t* sr
     " ldmatrix.sync.aligned.m8n8.x4" trans ".shared.b16 {%0,%1,%2,%3}, [a32];\n}\n"
 template <bool Trans>
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned* row) {
+#if PRE_AMPERE  // ldmatrix itself needs sm_75, and only the flash kernels use it
+    __trap();
+#else
     if (Trans)
         asm volatile(LDMATRIX_X4_ASM(".trans") : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(row));
     else
         asm volatile(LDMATRIX_X4_ASM("") : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(row));
+#endif
 }
 #endif
 
