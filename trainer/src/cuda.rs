@@ -1480,13 +1480,14 @@ impl CudaEngine {
     }
 
     /// Flash attention's backward into `dqkv` (before the inverse RoPE): `D = rowsum(dO ∘ O)`
-    /// from the f32 output and its gradient, then dQ over query blocks and dK, dV over key
-    /// blocks, each recomputing P from the log-sum-exp.
+    /// from the bf16 output and its bf16 gradient (the dO that dP = dO Vᵀ uses, as in
+    /// FlashAttention-2, so that each row of dS sums to zero as it should), then dQ over
+    /// query blocks and dK, dV over key blocks, each recomputing P from the log-sum-exp.
     fn flash_backward(
         &self,
         qkv: u64,
         dout: &Prepared,
-        (datt, att, lse): (&Mem<f32>, &Act, &Mem<f32>),
+        (att, lse): (&Act, &Mem<f32>),
         dqkv: &Act,
         b: usize,
         t: usize,
@@ -1502,7 +1503,7 @@ impl CudaEngine {
             (n * hh * 32).div_ceil(BLOCK as usize) as u32,
             BLOCK,
             &[
-                self.p(datt),
+                Arg::P(dout.buf.ptr),
                 Arg::P(self.out_buf(att).ptr),
                 self.p(&dsum),
                 Arg::L(n as i64),
@@ -1669,19 +1670,21 @@ impl CudaEngine {
                 n,
                 &dx_mid,
             )?;
+            // dO: only an operand (of attention's GEMMs or flash kernels), so bf16 under mixed
+            // precision, written so by its GEMM
             let datt =
-                self.linear_back_f32((&dx_mid).into(), a.att.src(), o.attn_out, (n, d, d))?;
+                self.linear_back((&dx_mid).into(), a.att.src(), o.attn_out, (n, d, d), true)?;
             // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
             let dqkv = self.operand_out(n * 3 * d)?;
-            let dop = self.prepare(&datt)?;
+            let dop = self.operand(datt.src())?;
             let qp = self.operand(a.qkv.src())?;
             match &a.probs {
                 Probs::Lse(lse) => {
-                    self.flash_backward(qp.buf.ptr, &dop, (&datt, &a.att, lse), &dqkv, b, t)?
+                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dqkv, b, t)?
                 }
                 probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }
-            drop((dop, qp));
+            drop((dop, qp, datt));
             self.rope(&dqkv, n, t, true)?;
             let dln1 = self.linear_back_f32(dqkv.src(), a.ln1.src(), o.att_proj, (n, d, 3 * d))?;
             let dx_in = dx_mid;

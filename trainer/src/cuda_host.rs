@@ -410,12 +410,14 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 let (n, t, heads, hd) = (int(a, 3), int(a, 4), int(a, 5), int(a, 6));
                 covers(n * heads * 32)?;
                 let d = heads * hd;
-                let (dout, out) = (at::<f32>(p(a, 0), n * d), at::<u16>(p(a, 1), n * d));
+                let (dout, out) = (at::<u16>(p(a, 0), n * d), at::<u16>(p(a, 1), n * d));
                 let dsum = at::<f32>(p(a, 2), n * heads);
                 for r in 0..n {
                     for h in 0..heads {
                         let i = r * d + h * hd;
-                        let v: f32 = (0..hd).map(|c| dout[i + c] * bf16_to_f32(out[i + c])).sum();
+                        let v: f32 = (0..hd)
+                            .map(|c| bf16_to_f32(dout[i + c]) * bf16_to_f32(out[i + c]))
+                            .sum();
                         dsum[((r / t) * heads + h) * t + r % t] = v;
                     }
                 }

@@ -716,19 +716,19 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     }
 }
 
-// D = rowsum(dO ∘ O) per (row, head) from the f32 dO and the bf16 O, one warp each:
+// D = rowsum(dO ∘ O) per (row, head) from the bf16 dO and O, one warp each:
 // dsum[(b·H + h)·T + t].
-extern "C" __global__ void flash_bwd_pre(const float* dout, const bf16_t* out, float* dsum, long rows, int T, int H,
+extern "C" __global__ void flash_bwd_pre(const bf16_t* dout, const bf16_t* out, float* dsum, long rows, int T, int H,
                                          int hd) {
     long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (w >= rows * H) return;
     long row = w / H;
     int h = w % H;
-    const float* a = dout + row * H * hd + h * hd;
+    const bf16_t* a = dout + row * H * hd + h * hd;
     const bf16_t* o = out + row * H * hd + h * hd;
     float s = 0.f;
-    for (int i = lane; i < hd; i += 32) s += a[i] * bf2f(o[i]);
+    for (int i = lane; i < hd; i += 32) s += bf2f(a[i]) * bf2f(o[i]);
     for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(0xffffffffu, s, x);
     if (lane == 0) {
         long b = row / T, t = row % T;

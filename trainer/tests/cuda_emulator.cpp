@@ -155,7 +155,6 @@ int main(int argc, char** argv) {
         float scale = F(8);
         long rows = (long)b * T, d = (long)H * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
-        auto doutf = load<float>("dout_f32");
         // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp
         auto flash = [&](const char* suffix, int wq, int wk, unsigned dyn, auto fwd, auto dq, auto dkdv) {
             std::vector<uint16_t> out(rows * d);
@@ -164,7 +163,7 @@ int main(int argc, char** argv) {
             unsigned nqb = (T + 16 * wq - 1) / (16 * wq), nkb = (T + 16 * wk - 1) / (16 * wk);
             launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
             launch((unsigned)((rows * H * 32 + 255) / 256), 256,
-                   [&] { flash_bwd_pre(doutf.data(), out.data(), dsum.data(), rows, T, H, hd); });
+                   [&] { flash_bwd_pre(dout.data(), out.data(), dsum.data(), rows, T, H, hd); });
             launch(b * H * nqb, 32 * wq,
                    [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
             launch(
