@@ -8,7 +8,7 @@
 #   trainer/scripts/gpu-check.sh
 # prints, for the materialised attention and then the flash attention (one process each): the
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
-# bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits?), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, and a profiled step with TFLOP/s per GEMM shape and flash kernel); then
+# bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits? and with the flash kernels' wide blocks), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, the block size timing chose for each flash kernel, and a profiled step with TFLOP/s per GEMM shape and flash kernel); then
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
@@ -71,6 +71,7 @@ echo
 echo "== Summary"
 echo "checks failed: $(grep -c '| NO |' "$LOG")"
 grep -E '^(materialised|flash) attention: .*micro-batch' "$LOG" || echo "(no OLMo-1B timing)"
+grep -E '^flash_(fwd|dq|dkdv) \([0-9]+x2048\)' "$LOG" || true
 grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
 echo "exit status: $status"
 exit $status
