@@ -327,18 +327,29 @@ fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Optio
 }
 
 /// The block size each flash kernel runs in, as timed on its first launch (the same bits
-/// either way).
-fn print_flash_choices(engine: &CudaEngine) {
+/// either way), with the TFLOP/s of both sizes.
+fn print_flash_choices(engine: &CudaEngine, cfg: &ModelConfig) {
     for c in engine.flash_choices() {
+        let flops = call_flops(
+            &format!("flash_{}", c.kind),
+            c.b,
+            c.t,
+            cfg.n_heads,
+            cfg.head_dim(),
+        )
+        .unwrap_or(0.0);
+        let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
         println!(
-            "flash_{} ({}x{}): {} blocks ({:.3} ms; narrow {:.3} ms, wide {:.3} ms)",
+            "flash_{} ({}x{}): {} blocks ({:.3} ms; narrow {:.3} ms, {:.0} TFLOP/s; wide {:.3} ms, {:.0} TFLOP/s)",
             c.kind,
             c.b,
             c.t,
             if c.wide { "wide" } else { "narrow" },
             c.ms[c.wide as usize],
             c.ms[0],
-            c.ms[1]
+            tf(c.ms[0]),
+            c.ms[1],
+            tf(c.ms[1])
         );
     }
 }
@@ -622,7 +633,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
         let (tps, first, last) =
             time_training(&mut gpu, &windows, micro, 2, opts.train_steps, &decay, 1e-3)?;
-        print_flash_choices(&gpu);
+        print_flash_choices(&gpu, &cfg);
         let fell = last < first - 1.0;
         falls &= fell;
         println!(
@@ -705,7 +716,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 100.0 * flops * tps / H200_BF16_PEAK,
                 H200_BF16_PEAK / 1e12
             );
-            print_flash_choices(&gpu);
+            print_flash_choices(&gpu, &cfg);
             profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
         }
     }
