@@ -90,13 +90,6 @@ pub fn flash_warps(kind: &str, wide: bool) -> usize {
     }
 }
 
-/// Dynamic shared memory of the wide dK/dV kernel at head size `hd`, in bytes: K and V tiles
-/// of 64 rows, Q and dO tiles of 32, rows of hd + 8 bf16, and 2 × 32 floats (`DkdvSmem` in
-/// the `.cu` file; the kernel stops if given less).
-pub fn flash_dkdv_wide_smem(hd: usize) -> u32 {
-    (((2 * 64 + 2 * 32) * (hd + 8) / 2 + 2 * 32) * 4) as u32
-}
-
 /// The block size the flash kernels run with. Both sizes give the same bits (the kernel test
 /// checks), so the choice changes only speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,19 +262,6 @@ impl Gpu {
         let mut funcs = std::collections::HashMap::new();
         for &k in KERNELS {
             funcs.insert(k, cu(module.load_function(k), k)?);
-        }
-        // The wide dK/dV takes more than the default 48 KiB of dynamic shared memory at head
-        // 128; where the GPU cannot give it, the narrow one is the only choice.
-        for hd in FLASH_HEAD_DIMS {
-            let name = KERNELS
-                .iter()
-                .find(|k| **k == format!("flash_dkdv_{hd}_wide"))
-                .expect("listed");
-            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            if let Err(e) = funcs[name].set_attribute(attr, flash_dkdv_wide_smem(hd) as i32) {
-                eprintln!("note: {name} needs {} bytes of shared memory, which the GPU refused ({e:?}): the narrow dK/dV runs", flash_dkdv_wide_smem(hd));
-                funcs.remove(name);
-            }
         }
         let blas = cu(CudaBlas::new(stream.clone()), "creating the cuBLAS handle")?;
         let lt = match std::env::var("OLMO_TRAIN_GEMM").as_deref() {
@@ -506,27 +486,6 @@ impl Gpu {
 
     /// Launches `name` with `args` (device pointers as u64, scalars as their types).
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        self.launch_smem(name, grid, block, 0, args)
-    }
-
-    /// Whether the kernel `name` is there to launch (the wide dK/dV is not where the GPU
-    /// refused its shared memory).
-    pub fn has_kernel(&self, name: &str) -> bool {
-        match &self.cuda {
-            Some(c) => c.funcs.contains_key(name),
-            None => crate::cuda_host::knows(name),
-        }
-    }
-
-    /// `launch` with `smem` bytes of dynamic shared memory.
-    pub fn launch_smem(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<()> {
         let Some(c) = &self.cuda else {
             return crate::cuda_host::launch(name, grid.max(1), block, args);
         };
@@ -546,7 +505,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid.max(1), 1, 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: 0,
         };
         // Safety: argument lists match the kernel signatures in cuda_kernels.cu (the host
         // emulator checks each launch's argument types against them).
@@ -554,11 +513,11 @@ impl Gpu {
         self.mark(|| name.to_string())
     }
 
-    /// GPU milliseconds of each launch (name, grid, block, dynamic shared memory) on `args`:
-    /// each once to warm up, then the best of `reps` runs; `None` on the host emulator.
+    /// GPU milliseconds of each launch (name, grid, block) on `args`: each once to warm up,
+    /// then the best of `reps` runs; `None` on the host emulator.
     pub fn time_launches(
         &self,
-        launches: &[(String, u32, u32, u32)],
+        launches: &[(String, u32, u32)],
         args: &[Arg],
         reps: usize,
     ) -> Result<Option<Vec<f64>>> {
@@ -570,14 +529,14 @@ impl Gpu {
                 "event",
             )
         };
-        for (name, grid, block, smem) in launches {
-            self.launch_smem(name, *grid, *block, *smem, args)?;
+        for (name, grid, block) in launches {
+            self.launch(name, *grid, *block, args)?;
         }
         let mut best = vec![f64::INFINITY; launches.len()];
         for _ in 0..reps {
-            for ((name, grid, block, smem), best) in launches.iter().zip(&mut best) {
+            for ((name, grid, block), best) in launches.iter().zip(&mut best) {
                 let start = event()?;
-                self.launch_smem(name, *grid, *block, *smem, args)?;
+                self.launch(name, *grid, *block, args)?;
                 let end = event()?;
                 *best = best.min(cu(start.elapsed_ms(&end), "event time")? as f64);
             }
@@ -922,28 +881,21 @@ impl CudaEngine {
         let shape = |wide: bool| {
             let warps = flash_warps(kind, wide);
             let name = format!("flash_{kind}_{hd}{}", if wide { "_wide" } else { "" });
-            let smem = if wide && kind == "dkdv" {
-                flash_dkdv_wide_smem(hd)
-            } else {
-                0
-            };
             (
                 name,
                 (b * hh * t.div_ceil(16 * warps)) as u32,
                 32 * warps as u32,
-                smem,
             )
         };
-        let wide = self.gpu.has_kernel(&shape(true).0)
-            && match self.flash_blocks {
-                FlashBlocks::Narrow => false,
-                FlashBlocks::Wide => true,
-                FlashBlocks::Fastest => {
-                    self.wide_is_faster(kind, b, t, [shape(false), shape(true)], args)?
-                }
-            };
-        let (name, grid, block, smem) = shape(wide);
-        self.gpu.launch_smem(&name, grid, block, smem, args)
+        let wide = match self.flash_blocks {
+            FlashBlocks::Narrow => false,
+            FlashBlocks::Wide => true,
+            FlashBlocks::Fastest => {
+                self.wide_is_faster(kind, b, t, [shape(false), shape(true)], args)?
+            }
+        };
+        let (name, grid, block) = shape(wide);
+        self.gpu.launch(&name, grid, block, args)
     }
 
     /// Whether the wide build of a flash kernel is the faster for this shape: timed once
@@ -953,7 +905,7 @@ impl CudaEngine {
         kind: &'static str,
         b: usize,
         t: usize,
-        launches: [(String, u32, u32, u32); 2],
+        launches: [(String, u32, u32); 2],
         args: &[Arg],
     ) -> Result<bool> {
         let mut chosen = self

@@ -44,11 +44,6 @@ fn signature(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Whether the host emulator runs a kernel of this name.
-pub fn knows(name: &str) -> bool {
-    signature(name).is_some()
-}
-
 fn p(a: &[Arg], i: usize) -> u64 {
     match a[i] {
         Arg::P(v) => v,

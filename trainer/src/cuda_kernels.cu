@@ -548,16 +548,9 @@ __device__ __forceinline__ void tile_row_frags(unsigned* b, const unsigned* tile
     ldmatrix_x4<false>(b, tile + row * Tile<HD>::W + (col >> 1));
 }
 
-// The A fragment of rows r0..r0+15 and columns k0..k0+15 of a tile, by one ldmatrix.
-template <int HD>
-__device__ __forceinline__ void tile_a_frag(unsigned* a, const unsigned* tile, int r0, int k0) {
-    int lane = threadIdx.x & 31, m = lane >> 3;
-    int row = r0 + (m & 1) * 8 + (lane & 7), col = k0 + (m >> 1) * 8;
-    ldmatrix_x4<false>(a, tile + row * Tile<HD>::W + (col >> 1));
-}
-
-// s = A tileᵀ for this warp's 16 rows: A as HD/16 register fragments (q or dO rows), the tile's
-// NT·8 rows the n dimension (S = Q Kᵀ, dP = dO Vᵀ).
+// s = A tileᵀ for this warp's 16 rows: A as HD/16 register fragments (q or dO rows; k or v
+// rows in dK/dV), the tile's NT·8 rows the n dimension (S = Q Kᵀ, dP = dO Vᵀ; Sᵀ = K Qᵀ,
+// dPᵀ = V dOᵀ).
 template <int HD, int NT>
 __device__ __forceinline__ void frags_times_tile(float (*s)[4], const unsigned (*af)[4], const unsigned* tile) {
     #pragma unroll
@@ -570,28 +563,6 @@ __device__ __forceinline__ void frags_times_tile(float (*s)[4], const unsigned (
             tile_row_frags<HD>(bf, tile, nt * 8, kk * 16);
             mma_bf16_16816(s[nt], af[kk], bf);
             mma_bf16_16816(s[nt + 1], af[kk], bf + 2);
-        }
-    }
-}
-
-// s = A Bᵀ for rows r0..r0+15 of tile A (K or V rows in dK/dV) against the NT·8 rows of tile B
-// (the n dimension: Q or dO rows). The A fragment is loaded once per k-step and serves every
-// n-tile. The k-steps are unrolled by 2, not fully: at HD 128 dK/dV then spilled (ptxas: 255
-// registers); by 2 it needs 232.
-template <int HD, int NT>
-__device__ __forceinline__ void tile_times_tile(float (*s)[4], const unsigned* a, int r0, const unsigned* b) {
-    #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    #pragma unroll 2
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        unsigned af[4];
-        tile_a_frag<HD>(af, a, r0, kk * 16);
-        #pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-            unsigned bf[4];
-            tile_row_frags<HD>(bf, b, nt * 8, kk * 16);
-            mma_bf16_16816(s[nt], af, bf);
-            mma_bf16_16816(s[nt + 1], af, bf + 2);
         }
     }
 }
@@ -810,29 +781,22 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     }
 }
 
-// The shared memory of dK/dV with WARPS warps, in 32-bit words: K and V tiles of 16·WARPS
-// rows, Q and dO tiles of 32, and the 32 queries' log-sum-exp and D.
-template <int HD, int WARPS>
-struct DkdvSmem {
-    static constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
-    static constexpr int words = (2 * BK + 2 * BQ) * W + 2 * BQ;
-};
-
 // dK and dV: blocks of 16·WARPS keys (16 per warp), query tiles of 32; writes the k and v parts
-// of dqkv. Q and dO have a tile buffer each and load while the other is in use: Q(j) during
-// dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j). `smem` holds DkdvSmem<HD, WARPS>::words.
-// Each warp sees the same query tiles in the same order whatever WARPS (a block's first tile,
-// before a later warp's keys, adds ±0), so both block sizes give the same bits.
+// of dqkv. Each warp keeps its 16 rows of K and V in registers as A fragments (loaded once;
+// from shared memory they would cost one ldmatrix per four mma in Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
+// a fifth of the kernel's shared-memory reads; ptxas: 255 registers at HD 128, and 20 bytes
+// of spill, three local-memory accesses per 128 mma). Q and dO have a tile buffer each and load while the
+// other is in use: Q(j) during dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j). Each warp
+// sees the same query tiles in the same order whatever WARPS (a block's first tile, before a
+// later warp's keys, adds ±0), so both block sizes give the same bits.
 template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                                bf16_t* dqkv, int T, int H, float scale, unsigned* smem) {
-    constexpr int BK = DkdvSmem<HD, WARPS>::BK, BQ = DkdvSmem<HD, WARPS>::BQ, W = Tile<HD>::W;
-    unsigned* ks = smem;
-    unsigned* vs = ks + BK * W;
-    unsigned* qs = vs + BK * W;
-    unsigned* dos = qs + BQ * W;
-    float* ls = (float*)(dos + BQ * W);
-    float* dd = ls + BQ;
+                                bf16_t* dqkv, int T, int H, float scale) {
+    constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
+    __shared__ __align__(16) unsigned qs[BQ * W];
+    __shared__ __align__(16) unsigned dos[BQ * W];
+    __shared__ float ls[BQ];
+    __shared__ float dd[BQ];
     int nkb = (T + BK - 1) / BK;
     // The first keys (seen by the most queries) of every head first.
     int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
@@ -845,10 +809,11 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int kr = warp * 16;  // this warp's first key row in the tile
     const float sl2 = scale * LOG2E;
-    tile_load_async<HD>(ks, k, ld, kb * BK, BK, T);
-    tile_load_async<HD>(vs, v, ld, kb * BK, BK, T);
     tile_load_async<HD>(dos, dob, d, kb * BK, BQ, T);
     cp_async_commit();
+    unsigned kf[HD / 16][4], vf[HD / 16][4];
+    global_a_frags<HD>(kf, k, ld, kb * BK + kr, T);
+    global_a_frags<HD>(vf, v, ld, kb * BK + kr, T);
     float dk[HD / 8][4], dv[HD / 8][4];
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
@@ -868,11 +833,11 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
         }
         // dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries, while Q loads
         float s[BQ / 8][4], dp[BQ / 8][4];
-        tile_times_tile<HD, BQ / 8>(dp, vs, kr, dos);
+        frags_times_tile<HD, BQ / 8>(dp, vf, dos);
         // Q, ls and dd have landed: Sᵀ = K Qᵀ.
         cp_async_wait<0>();
         __syncthreads();
-        tile_times_tile<HD, BQ / 8>(s, ks, kr, qs);
+        frags_times_tile<HD, BQ / 8>(s, kf, qs);
         bool masked = q0 < kb * BK + kr + 15;
         #pragma unroll
         for (int nt = 0; nt < BQ / 8; ++nt)
@@ -905,23 +870,8 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     }
 }
 
-#ifndef DYNAMIC_SMEM
-// The block's dynamic shared memory, and its size in bytes (the launch's sharedMemBytes).
-__device__ __forceinline__ unsigned* dynamic_smem() {
-    extern __shared__ __align__(16) unsigned dyn_smem[];
-    return dyn_smem;
-}
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-    unsigned r;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-}
-#endif
-
-// Two block sizes of each kernel, with the same bits: the engine times both on the first step
-// and keeps the faster. The wide dK/dV (4 warps, 64 keys) needs more than the 48 KiB of static
-// shared memory at head 128, so it takes dynamic shared memory (the host sets the function's
-// limit), and stops at once if the launch gave it too little.
+// Two block sizes of each kernel, with the same bits: the engine times both on the first
+// launch for a shape and keeps the faster.
 #define FLASH_KERNELS(HD)                                                                                   \
     extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H,    \
                                               float scale) {                                               \
@@ -942,14 +892,12 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
                                                const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
-        __shared__ __align__(16) unsigned smem[DkdvSmem<HD, 2>::words];                                    \
-        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale, smem);                             \
+        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                   \
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,               \
                                                       const float* lse, const float* dsum, bf16_t* dqkv,   \
                                                       int T, int H, float scale) {                         \
-        if (dynamic_smem_bytes() < 4u * DkdvSmem<HD, 4>::words) __trap();                                  \
-        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, dynamic_smem());                   \
+        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                   \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

@@ -91,9 +91,6 @@ struct Module {
 struct Function {
     std::string name;
     Binder bind;
-    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: 48 KiB unless raised (up to an
-    // sm_90's 227 KiB opt-in), as on a real GPU.
-    int max_dynamic_smem = 48 << 10;
 };
 struct Event {
     std::chrono::steady_clock::time_point at;
@@ -340,29 +337,19 @@ int cuFuncGetAttribute(int* v, int, void*) {
     *v = 0;
     return SUCCESS;
 }
-int cuFuncSetAttribute(void* f, int attr, int value) {
-    auto fn = static_cast<Function*>(f);
-    if (attr == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (value < 0 || value > (227 << 10)) return fail(INVALID_VALUE, "a dynamic shared memory limit out of range for ", fn->name.c_str());
-        fn->max_dynamic_smem = value;
-    }
-    return SUCCESS;
-}
+int cuFuncSetAttribute(void*, int, int) { return SUCCESS; }
 
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                    unsigned smem, void*, void** params, void** extra) {
     auto fn = static_cast<Function*>(f);
     if (gy != 1 || gz != 1 || by != 1 || bz != 1) return fail(INVALID_VALUE, "a 2D or 3D launch of ", fn->name.c_str());
     if (bx == 0 || bx > 1024 || gx == 0) return fail(INVALID_VALUE, "a launch shape out of range for ", fn->name.c_str());
-    if (extra) return fail(INVALID_VALUE, "extra for ", fn->name.c_str());
-    if (smem > (unsigned)fn->max_dynamic_smem)
-        return fail(INVALID_VALUE, "more dynamic shared memory than the function's limit (cuFuncSetAttribute) for ",
-                    fn->name.c_str());
+    if (smem != 0 || extra) return fail(INVALID_VALUE, "dynamic shared memory or extra for ", fn->name.c_str());
     auto t0 = std::chrono::steady_clock::now();
     if (g_serial_kernels.count(fn->name))
         launch_serial(fn->name.c_str(), gx, bx, fn->bind(params));
     else
-        launch(gx, bx, fn->bind(params), smem);
+        launch(gx, bx, fn->bind(params));
     if (g_trace)
         fprintf(stderr, "cuda stand-in: %s<<<%u, %u>>> %.1f ms\n", fn->name.c_str(), gx, bx,
                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());

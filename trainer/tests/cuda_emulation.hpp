@@ -227,19 +227,6 @@ inline void cp_async_check_drained() {
     }
 }
 
-// Dynamic shared memory: the launch's bytes (`launch`'s dyn_smem) at the start of a buffer that
-// is poisoned (0xff bytes: bf16 and f32 NaN) before each block, so a read before the block's
-// own write, or past the launch's size, shows up in the results; a write past the size aborts.
-static unsigned g_dyn_bytes = 0;
-alignas(16) static unsigned char g_dyn_smem[256 << 10];
-#define DYNAMIC_SMEM
-inline unsigned* dynamic_smem() { return reinterpret_cast<unsigned*>(g_dyn_smem); }
-inline unsigned dynamic_smem_bytes() { return g_dyn_bytes; }
-[[noreturn]] inline void __trap() {
-    fprintf(stderr, "__trap() in block %u, thread %u\n", blockIdx.x, threadIdx.x);
-    std::abort();
-}
-
 #include "../src/cuda_kernels.cu"
 
 static const std::function<void()>* g_kernel = nullptr;
@@ -266,16 +253,10 @@ static void resume(unsigned t) {
     threadIdx.x = t;
     swapcontext(&g_scheduler, &g_fibers[t].ctx);
 }
-static void launch(unsigned grid, unsigned block, const std::function<void()>& f, unsigned dyn_smem = 0) {
+static void launch(unsigned grid, unsigned block, const std::function<void()>& f) {
     constexpr size_t STACK = 256 << 10;
-    if (dyn_smem > sizeof g_dyn_smem) {
-        fprintf(stderr, "a launch with %u bytes of dynamic shared memory, more than the emulation's %zu\n", dyn_smem,
-                sizeof g_dyn_smem);
-        std::abort();
-    }
     gridDim.x = grid;
     blockDim.x = block;
-    g_dyn_bytes = dyn_smem;
     g_kernel = &f;
     Barrier bb(block);
     g_block = &bb;
@@ -288,7 +269,6 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& f
     for (unsigned i = 0; i < grid; ++i) {
         unsigned b = block_at(i, grid);
         blockIdx.x = b;
-        if (dyn_smem > 0) std::memset(g_dyn_smem, 0xff, sizeof g_dyn_smem);
         for (unsigned t = 0; t < block; ++t) {
             Fiber& fb = g_fibers[t];
             fb.t = t;
@@ -316,14 +296,7 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& f
                 std::abort();
             }
         }
-        if (dyn_smem > 0)
-            for (size_t i = dyn_smem; i < sizeof g_dyn_smem; ++i)
-                if (g_dyn_smem[i] != 0xff) {
-                    fprintf(stderr, "block %u wrote past its %u bytes of dynamic shared memory\n", b, dyn_smem);
-                    std::abort();
-                }
     }
-    g_dyn_bytes = 0;
 }
 
 // A launch of a kernel without barriers, shuffles or warp-wide instructions: its threads one

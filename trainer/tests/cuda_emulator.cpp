@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
         long rows = (long)b * T, d = (long)H * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
         // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp
-        auto flash = [&](const char* suffix, int wq, int wk, unsigned dyn, auto fwd, auto dq, auto dkdv) {
+        auto flash = [&](const char* suffix, int wq, int wk, auto fwd, auto dq, auto dkdv) {
             std::vector<uint16_t> out(rows * d);
             std::vector<float> lse(b * H * T), dsum(b * H * T);
             std::vector<uint16_t> dqkv(rows * 3 * d);
@@ -166,17 +166,15 @@ int main(int argc, char** argv) {
                    [&] { flash_bwd_pre(dout.data(), out.data(), dsum.data(), rows, T, H, hd); });
             launch(b * H * nqb, 32 * wq,
                    [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
-            launch(
-                b * H * nkb, 32 * wk,
-                [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); }, dyn);
+            launch(b * H * nkb, 32 * wk,
+                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
             std::string s(suffix);
             store("out" + s, out), store("lse" + s, lse), store("dsum" + s, dsum), store("dqkv" + s, dqkv);
         };
 #define FLASH_BOTH(HD)                                                                                      \
     do {                                                                                                    \
-        flash("", 4, 2, 0, flash_fwd_##HD, flash_dq_##HD, flash_dkdv_##HD);                                 \
-        flash("_wide", 8, 4, 4 * DkdvSmem<HD, 4>::words, flash_fwd_##HD##_wide, flash_dq_##HD##_wide,       \
-              flash_dkdv_##HD##_wide);                                                                      \
+        flash("", 4, 2, flash_fwd_##HD, flash_dq_##HD, flash_dkdv_##HD);                                    \
+        flash("_wide", 8, 4, flash_fwd_##HD##_wide, flash_dq_##HD##_wide, flash_dkdv_##HD##_wide);          \
     } while (0)
         if (hd == 32) FLASH_BOTH(32);
         else if (hd == 64) FLASH_BOTH(64);
