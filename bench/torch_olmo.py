@@ -170,6 +170,20 @@ def flops_per_token(c, params_total, seq):
     return 2 * (params_total - emb) + 4 * attn + 4 * params_total + 8 * attn
 
 
+def sdpa_backend(c, micro, dev):
+    """The attention kernel PyTorch's SDPA picks for the model's bf16 q, k, v (flash,
+    memory-efficient, cuDNN, ...), to read the comparison by; a private API, so best effort."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q = torch.zeros(micro, c["heads"], c["seq"], c["d"] // c["heads"], device=dev, dtype=torch.bfloat16)
+        choice = int(torch._fused_sdp_choice(q, q, q, None, 0.0, True))
+        names = {int(v): k for k, v in SDPBackend.__members__.items()}
+        return names.get(choice, str(choice))
+    except Exception as e:  # noqa: BLE001 - only a label
+        return f"unknown ({type(e).__name__})"
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     c, y = load_config(args.config)
@@ -196,7 +210,8 @@ def bench(args):
     micro = args.micro or y.get("device_train_microbatch_size") or batch
     z_mult = float(y.get("auxiliary_loss_multiplier", 1e-4)) if y.get("softmax_auxiliary_loss") else 0.0
     gen = torch.Generator().manual_seed(1)
-    data = torch.randint(0, c["vocab"], (args.steps + 2, batch, c["seq"]), generator=gen)
+    # seq + 1 tokens a row: the model sees seq positions, as olmo-train's windows of seq
+    data = torch.randint(0, c["vocab"], (args.steps + 2, batch, c["seq"] + 1), generator=gen)
     amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.amp_bf16)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for i in range(args.steps + 2):
@@ -221,6 +236,7 @@ def bench(args):
         flops = flops_per_token(c, params, c["seq"]) * tps
         line += f", {flops / 1e12:.1f} TFLOP/s, MFU {100 * flops / 989.4e12:.1f}%"
         line += f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB"
+        line += f", SDPA {sdpa_backend(c, micro, dev)}"
     print(line)
 
 
