@@ -784,19 +784,19 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
 // dK and dV: blocks of 16·WARPS keys (16 per warp), query tiles of 32; writes the k and v parts
 // of dqkv. Each warp keeps its 16 rows of K and V in registers as A fragments (loaded once;
 // from shared memory they would cost one ldmatrix per four mma in Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
-// a fifth of the kernel's shared-memory reads; ptxas: 255 registers at HD 128, and 20 bytes
-// of spill, three local-memory accesses per 128 mma). Q and dO have a tile buffer each and load while the
-// other is in use: Q(j) during dPᵀ = V dO(j)ᵀ, dO(j + 1) during dK += dSᵀ Q(j). Each warp
-// sees the same query tiles in the same order whatever WARPS (a block's first tile, before a
-// later warp's keys, adds ±0), so both block sizes give the same bits.
+// a fifth of the kernel's shared-memory reads; ptxas: 255 registers at HD 128, and a few
+// bytes of spill). Q, dO and the queries' statistics have two buffers each, as K and V in
+// dQ: tile j + 1 loads while tile j is in use, with one barrier a tile. Each warp sees the
+// same query tiles in the same order whatever WARPS (a block's first tile, before a later
+// warp's keys, adds ±0), so both block sizes give the same bits.
 template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                                 bf16_t* dqkv, int T, int H, float scale) {
     constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
-    __shared__ __align__(16) unsigned qs[BQ * W];
-    __shared__ __align__(16) unsigned dos[BQ * W];
-    __shared__ float ls[BQ];
-    __shared__ float dd[BQ];
+    __shared__ __align__(16) unsigned qs[2][BQ * W];
+    __shared__ __align__(16) unsigned dos[2][BQ * W];
+    __shared__ float ls[2][BQ];
+    __shared__ float dd[2][BQ];
     int nkb = (T + BK - 1) / BK;
     // The first keys (seen by the most queries) of every head first.
     int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
@@ -809,8 +809,19 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int kr = warp * 16;  // this warp's first key row in the tile
     const float sl2 = scale * LOG2E;
-    tile_load_async<HD>(dos, dob, d, kb * BK, BQ, T);
-    cp_async_commit();
+    // Starts loading query tile q0 into buffer buf: Q and dO by cp.async, the log-sum-exp (base
+    // 2) and D by plain stores. Queries past T read q = dO = 0 and lse = D = 0: P = 1 but dS = 0,
+    // and both products with their (zero) rows vanish.
+    auto load_tile = [&](int q0, int buf) {
+        tile_load_async<HD>(qs[buf], q, ld, q0, BQ, T);
+        tile_load_async<HD>(dos[buf], dob, d, q0, BQ, T);
+        cp_async_commit();
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            ls[buf][i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
+            dd[buf][i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
+        }
+    };
+    load_tile(kb * BK, 0);
     unsigned kf[HD / 16][4], vf[HD / 16][4];
     global_a_frags<HD>(kf, k, ld, kb * BK + kr, T);
     global_a_frags<HD>(vf, v, ld, kb * BK + kr, T);
@@ -819,43 +830,26 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     for (int nt = 0; nt < HD / 8; ++nt)
         #pragma unroll
         for (int i = 0; i < 4; ++i) dk[nt][i] = dv[nt][i] = 0.f;
-    for (int q0 = kb * BK; q0 < T; q0 += BQ) {
-        // dO (and first K and V) has landed and every warp is done with the last Q, ls and dd.
+    for (int q0 = kb * BK, buf = 0; q0 < T; q0 += BQ, buf ^= 1) {
+        // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
         cp_async_wait<0>();
         __syncthreads();
-        tile_load_async<HD>(qs, q, ld, q0, BQ, T);
-        cp_async_commit();
-        // Queries past T read q = dO = 0 and lse = D = 0: P = 1 but dS = 0 and both products
-        // with their (zero) rows vanish.
-        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            ls[i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
-            dd[i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
-        }
-        // dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries, while Q loads
+        if (q0 + BQ < T) load_tile(q0 + BQ, buf ^ 1);
         float s[BQ / 8][4], dp[BQ / 8][4];
-        frags_times_tile<HD, BQ / 8>(dp, vf, dos);
-        // Q, ls and dd have landed: Sᵀ = K Qᵀ.
-        cp_async_wait<0>();
-        __syncthreads();
-        frags_times_tile<HD, BQ / 8>(s, kf, qs);
+        frags_times_tile<HD, BQ / 8>(dp, vf, dos[buf]);  // dPᵀ = V dOᵀ
+        frags_times_tile<HD, BQ / 8>(s, kf, qs[buf]);    // Sᵀ = K Qᵀ
         bool masked = q0 < kb * BK + kr + 15;
         #pragma unroll
         for (int nt = 0; nt < BQ / 8; ++nt)
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
-                float p = (masked && q0 + qi < key) ? 0.f : exp2f(s[nt][i] * sl2 - ls[qi]);
+                float p = (masked && q0 + qi < key) ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
                 s[nt][i] = p;
-                dp[nt][i] = p * (dp[nt][i] - dd[qi]);
+                dp[nt][i] = p * (dp[nt][i] - dd[buf][qi]);
             }
-        acc_times_tile<HD, BQ / 16>(dv, s, dos);  // dV += Pᵀ dO
-        // Every warp is done with dO: the next tile's loads while dK += dSᵀ Q (scaled at the end).
-        __syncthreads();
-        if (q0 + BQ < T) {
-            tile_load_async<HD>(dos, dob, d, q0 + BQ, BQ, T);
-            cp_async_commit();
-        }
-        acc_times_tile<HD, BQ / 16>(dk, dp, qs);
+        acc_times_tile<HD, BQ / 16>(dv, s, dos[buf]);  // dV += Pᵀ dO
+        acc_times_tile<HD, BQ / 16>(dk, dp, qs[buf]);  // dK += dSᵀ Q (scaled at the end)
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
