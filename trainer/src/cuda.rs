@@ -177,6 +177,17 @@ struct Cuda {
     funcs: std::collections::HashMap<&'static str, CudaFunction>,
 }
 
+impl Cuda {
+    /// A timing event recorded on the stream now.
+    fn event(&self) -> Result<cudarc::driver::CudaEvent> {
+        cu(
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
+            "event",
+        )
+    }
+}
+
 /// The library a GEMM runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmLib {
@@ -352,11 +363,7 @@ impl Gpu {
     /// Starts timing every launch and GEMM on the stream (a no-op on the host emulator).
     pub fn profile_start(&self) -> Result<()> {
         let Some(c) = &self.cuda else { return Ok(()) };
-        let start = cu(
-            c.stream
-                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
-            "event",
-        )?;
+        let start = c.event()?;
         *self.profile.lock().map_err(|_| anyhow!("profile lock"))? =
             Some(vec![("start".into(), start)]);
         Ok(())
@@ -386,12 +393,7 @@ impl Gpu {
         let Some(c) = &self.cuda else { return Ok(()) };
         let mut p = self.profile.lock().map_err(|_| anyhow!("profile lock"))?;
         if let Some(marks) = p.as_mut() {
-            let ev = cu(
-                c.stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
-                "event",
-            )?;
-            marks.push((label(), ev));
+            marks.push((label(), c.event()?));
         }
         Ok(())
     }
@@ -522,22 +524,15 @@ impl Gpu {
         reps: usize,
     ) -> Result<Option<Vec<f64>>> {
         let Some(c) = &self.cuda else { return Ok(None) };
-        let event = || {
-            cu(
-                c.stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
-                "event",
-            )
-        };
         for (name, grid, block) in launches {
             self.launch(name, *grid, *block, args)?;
         }
         let mut best = vec![f64::INFINITY; launches.len()];
         for _ in 0..reps {
             for ((name, grid, block), best) in launches.iter().zip(&mut best) {
-                let start = event()?;
+                let start = c.event()?;
                 self.launch(name, *grid, *block, args)?;
-                let end = event()?;
+                let end = c.event()?;
                 *best = best.min(cu(start.elapsed_ms(&end), "event time")? as f64);
             }
         }
