@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::Command;
 
 /// Whether one of `compilers` built `src`; false when none is installed. One that is
-/// installed but refuses the source fails the test (a broken stand-in is not a skip).
-fn compile(compilers: &[&str], args: &[&str], out: &Path, src: &Path) -> bool {
+/// installed but refuses the source fails the test (a broken stand-in or emulator is not a
+/// skip).
+pub fn compile(compilers: &[&str], args: &[&str], out: &Path, src: &Path) -> bool {
     let mut refused = Vec::new();
     for c in compilers {
         match Command::new(c)
