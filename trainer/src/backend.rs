@@ -31,6 +31,11 @@ pub trait Backend {
     fn peak_flops(&self) -> Option<f64> {
         None
     }
+    /// What the engine chose by timing since the last call (a kernel's block size), one line
+    /// each, for the log: a run's speed depends on it, its bits do not.
+    fn tuning_notes(&mut self) -> Vec<String> {
+        Vec::new()
+    }
     /// Scores a batch (no gradients).
     fn forward(&mut self, batch: &Batch) -> Result<Scores>;
     /// Scores a batch and adds `grad_scale · d(Σ CE + z)/dparams` to the gradient accumulator.

@@ -129,6 +129,41 @@ pub struct FlashChoice {
     pub ms: [f64; 2],
 }
 
+impl FlashChoice {
+    /// One line for the log: the size chosen, and both sizes' times and TFLOP/s for a model of
+    /// `heads` heads of `hd`.
+    pub fn line(&self, heads: usize, hd: usize) -> String {
+        let flops = flash_flops(self.kind, self.b, self.t, heads, hd).unwrap_or(0.0);
+        let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+        format!(
+            "flash_{} ({}x{}): {} blocks ({:.3} ms; narrow {:.3} ms, {:.0} TFLOP/s; wide {:.3} ms, {:.0} TFLOP/s)",
+            self.kind,
+            self.b,
+            self.t,
+            if self.wide { "wide" } else { "narrow" },
+            self.ms[self.wide as usize],
+            self.ms[0],
+            tf(self.ms[0]),
+            self.ms[1],
+            tf(self.ms[1])
+        )
+    }
+}
+
+/// Model FLOPs of one launch of the flash kernel `kind` (`fwd`, `dq`, `dkdv`) over `b`
+/// sequences of `t` positions with `heads` heads of `hd`. They count the causal half only (as
+/// FlashAttention reports), and recompute: 2 products for the forward, 3 for dQ, 4 for dK, dV.
+pub fn flash_flops(kind: &str, b: usize, t: usize, heads: usize, hd: usize) -> Option<f64> {
+    let products = match kind {
+        "fwd" => 2.0,
+        "dq" => 3.0,
+        "dkdv" => 4.0,
+        _ => return None,
+    };
+    let pairs = (b * heads) as f64 * (t * (t + 1) / 2) as f64;
+    Some(products * 2.0 * pairs * hd as f64)
+}
+
 /// An element type of engine buffers. `POISON` fills the host emulator's uninitialised
 /// buffers, so an output a kernel forgot to write shows up as NaN (or an impossible id).
 pub trait Elem:
@@ -774,6 +809,8 @@ pub struct CudaEngine {
     /// The flash kernels' block size, and what timing chose where it is `Fastest`.
     flash_blocks: FlashBlocks,
     flash_choices: std::sync::Mutex<Vec<FlashChoice>>,
+    /// How many of `flash_choices` `tuning_notes` has returned.
+    flash_noted: usize,
 }
 
 impl CudaEngine {
@@ -830,6 +867,7 @@ impl CudaEngine {
             flash: false,
             flash_blocks: FlashBlocks::from_env()?,
             flash_choices: Default::default(),
+            flash_noted: 0,
             max_seq,
             gpu,
         };
@@ -1737,6 +1775,16 @@ impl Backend for CudaEngine {
 
     fn peak_flops(&self) -> Option<f64> {
         peak_bf16_flops(&self.gpu.name)
+    }
+
+    fn tuning_notes(&mut self) -> Vec<String> {
+        let (heads, hd) = (self.cfg.n_heads, self.cfg.head_dim());
+        let lines: Vec<String> = self.flash_choices()[self.flash_noted..]
+            .iter()
+            .map(|c| c.line(heads, hd))
+            .collect();
+        self.flash_noted += lines.len();
+        lines
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<Scores> {

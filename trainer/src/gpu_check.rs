@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::backend::{Backend, Cpu, Update};
-use crate::cuda::{CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
+use crate::cuda::{flash_flops, CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
 use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
@@ -297,8 +297,7 @@ fn time_training(
 
 /// Model FLOPs of one call of a profiled launch, where they are known: a GEMM (label
 /// `GEMM MxNxK[ xBATCH] ...`) or a flash-attention kernel over `b` sequences of `t` positions
-/// with `heads` heads of `hd`. The flash kernels count the causal half only (as
-/// FlashAttention reports), and recompute: 2 products for the forward, 3 for dQ, 4 for dK, dV.
+/// with `heads` heads of `hd` (`flash_flops`).
 fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Option<f64> {
     if let Some(rest) = label.strip_prefix("GEMM ") {
         let mut words = rest.split(' ');
@@ -316,41 +315,15 @@ fn call_flops(label: &str, b: usize, t: usize, heads: usize, hd: usize) -> Optio
             _ => None,
         };
     }
-    let products = match label.split('_').take(2).collect::<Vec<_>>()[..] {
-        ["flash", "fwd"] => 2.0,
-        ["flash", "dq"] => 3.0,
-        ["flash", "dkdv"] => 4.0,
-        _ => return None,
-    };
-    let pairs = (b * heads) as f64 * (t * (t + 1) / 2) as f64;
-    Some(products * 2.0 * pairs * hd as f64)
+    let kind = label.strip_prefix("flash_")?.split('_').next()?;
+    flash_flops(kind, b, t, heads, hd)
 }
 
 /// The block size each flash kernel runs in, as timed on its first launch (the same bits
 /// either way), with the TFLOP/s of both sizes.
 fn print_flash_choices(engine: &CudaEngine, cfg: &ModelConfig) {
     for c in engine.flash_choices() {
-        let flops = call_flops(
-            &format!("flash_{}", c.kind),
-            c.b,
-            c.t,
-            cfg.n_heads,
-            cfg.head_dim(),
-        )
-        .unwrap_or(0.0);
-        let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
-        println!(
-            "flash_{} ({}x{}): {} blocks ({:.3} ms; narrow {:.3} ms, {:.0} TFLOP/s; wide {:.3} ms, {:.0} TFLOP/s)",
-            c.kind,
-            c.b,
-            c.t,
-            if c.wide { "wide" } else { "narrow" },
-            c.ms[c.wide as usize],
-            c.ms[0],
-            tf(c.ms[0]),
-            c.ms[1],
-            tf(c.ms[1])
-        );
+        println!("{}", c.line(cfg.n_heads, cfg.head_dim()));
     }
 }
 

@@ -625,6 +625,11 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             }))
             .collect::<Vec<_>>(),
         )?;
+        if lead {
+            for note in engine.tuning_notes() {
+                eprintln!("olmo-train: {note}");
+            }
+        }
         if lead && (step % cfg.console_log_interval.max(1) == 0 || step == stop) {
             let done = (step - start_step) as f64;
             let eta = start.elapsed().as_secs_f64() / done * (stop - step) as f64;

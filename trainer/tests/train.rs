@@ -390,6 +390,53 @@ fn flash_attention_trains_on_the_cuda_engine_and_falls_back_where_it_cannot_run(
     );
 }
 
+/// On a GPU (here the stand-ins) the first step times each flash kernel in both block sizes
+/// and keeps the faster; the log says what it chose, once per kernel (sequences of 15 inputs:
+/// windows of 16 tokens).
+#[test]
+fn a_cuda_run_logs_the_flash_block_sizes_timing_chose() {
+    let Some(libs) = standin::build() else { return };
+    let r = Run::new();
+    let cfg = r.config("flash.yaml", "flash", "max_duration: 2\n");
+    edit(
+        &cfg,
+        &[
+            (
+                "d_model: 16\n  n_heads: 2\n",
+                "d_model: 64\n  n_heads: 2\n  flash_attention: true\n",
+            ),
+            ("global_train_batch_size: 8", "global_train_batch_size: 2"),
+        ],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
+        .env("LD_LIBRARY_PATH", standin::library_path(libs.path()))
+        .env("TMPDIR", r.path(""))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("nvrtc library could not be loaded") {
+        eprintln!("skipped: no NVRTC on the library path");
+        return;
+    }
+    let err = ok(&out);
+    assert!(
+        err.contains("CUDA stand-in") && err.contains("flash attention"),
+        "{err}"
+    );
+    for kind in ["fwd", "dq", "dkdv"] {
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("olmo-train: flash_{kind} (2x15): ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].contains(" blocks (") && lines[0].contains("; wide "),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
     // the CUDA engine on its host emulator, in fp32, through train, eval and checkpoints
