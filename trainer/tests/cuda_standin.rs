@@ -218,8 +218,7 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
     const NAME: &str = "cuda_training_steps_do_not_depend_on_the_order_blocks_run_in";
     if !standin::is_child() {
         // blocks in grid order with each flash kernel's block size chosen by timing; last to
-        // first with the narrow blocks; in grid order with the wide ones (dK/dV's in dynamic
-        // shared memory, through the driver's function attribute)
+        // first with the narrow blocks; in grid order with the wide ones
         let envs: [&[(&str, &str)]; 3] = [
             &[],
             &[
