@@ -13,7 +13,18 @@
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
 # rerun; TRAIN_STEPS, OLMO_1B_STEPS and GEMM_REPS (0: no GEMM table) shorten it further.
+# GPU_CHECK_LOG=FILE also writes the whole output to FILE, for a remote runner that returns
+# only the end of the output (the device tool here: GPU_CHECK_LOG=$OUT/gpu-check.log): the
+# kernel table of the first process comes first, far from that end.
 set -uo pipefail
+if [ -n "${GPU_CHECK_LOG:-}" ]; then
+  : >"$GPU_CHECK_LOG" || { echo "cannot write GPU_CHECK_LOG=$GPU_CHECK_LOG" >&2; exit 1; }
+  exec > >(tee -a "$GPU_CHECK_LOG") 2>&1
+  TEE_PID=$!
+fi
+LOG=""
+# On exit, let tee write the last lines before this script's caller reads the file.
+trap '[ -n "$LOG" ] && rm -f "$LOG"; if [ -n "${TEE_PID:-}" ]; then exec >&- 2>&-; wait "$TEE_PID"; fi' EXIT
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release/olmo-train}
 [ -x "$BIN" ] || { echo "no $BIN: build it on a CPU machine and copy it over" >&2; exit 1; }
@@ -45,7 +56,6 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 echo
 status=0
 LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
 # One process per attention path: a fault in the flash kernels (which poisons the CUDA
 # context) cannot take the materialised path's results with it.
 # The GEMM table (cuBLASLt vs cuBLAS) once, with the first.
@@ -70,6 +80,7 @@ fi
 echo
 echo "== Summary"
 echo "checks failed: $(grep -c '| NO |' "$LOG")"
+grep -E '\| NO \|$' "$LOG" | head -20
 grep -E '^(materialised|flash) attention: .*micro-batch' "$LOG" || echo "(no OLMo-1B timing)"
 grep -E '^flash_(fwd|dq|dkdv) \([0-9]+x2048\)' "$LOG" || true
 grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
