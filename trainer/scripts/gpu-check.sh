@@ -80,7 +80,7 @@ fi
 echo
 echo "== Summary"
 echo "checks failed: $(grep -c '| NO |' "$LOG")"
-grep -E '\| NO \|$' "$LOG" | head -20
+grep -F '| NO |' "$LOG" | head -20
 grep -E '^(materialised|flash) attention: .*micro-batch' "$LOG" || echo "(no OLMo-1B timing)"
 grep -E '^flash_(fwd|dq|dkdv) \([0-9]+x2048\)' "$LOG" || true
 grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
