@@ -81,8 +81,38 @@ pub struct TrainConfig {
     /// CPU engine always computes in f32.
     #[serde(default)]
     pub precision: Option<String>,
+    #[serde(default)]
+    pub speed_monitor: SpeedMonitorSection,
     #[serde(flatten)]
     pub other: BTreeMap<String, IgnoredAny>,
+}
+
+/// OLMo's `speed_monitor:` section.
+#[derive(Debug, Deserialize)]
+pub struct SpeedMonitorSection {
+    /// Batches in the throughput window.
+    #[serde(default = "default_speed_window")]
+    pub window_size: usize,
+    /// The device's peak FLOP/s for MFU, in place of the known bf16 peak of the GPU (OLMo
+    /// reads this field but never uses it); it also gives MFU on a CPU or an unlisted GPU.
+    #[serde(default)]
+    pub gpu_flops_available: Option<f64>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, IgnoredAny>,
+}
+
+impl Default for SpeedMonitorSection {
+    fn default() -> Self {
+        SpeedMonitorSection {
+            window_size: default_speed_window(),
+            gpu_flops_available: None,
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_speed_window() -> usize {
+    100
 }
 
 fn default_eval_interval() -> u64 {
@@ -446,6 +476,23 @@ impl TrainConfig {
         }
     }
 
+    /// `speed_monitor:` checked: the window size and the peak FLOP/s for MFU (`None`: the
+    /// engine's own).
+    pub fn speed_monitor(&self) -> Result<(usize, Option<f64>)> {
+        let s = &self.speed_monitor;
+        if s.window_size == 0 {
+            bail!(
+                "speed_monitor.window_size must be at least 1 (batches in the throughput window)"
+            );
+        }
+        if let Some(f) = s.gpu_flops_available {
+            if !(f.is_finite() && f > 0.0) {
+                bail!("speed_monitor.gpu_flops_available ({f}) must be a positive FLOP/s figure, e.g. 989e12");
+            }
+        }
+        Ok((s.window_size, s.gpu_flops_available))
+    }
+
     /// Config fields accepted without effect, for a warning.
     pub fn ignored_fields(&self) -> Vec<String> {
         let mut out: Vec<String> = self.other.keys().cloned().collect();
@@ -456,6 +503,7 @@ impl TrainConfig {
         sect("optimizer", &self.optimizer.other);
         sect("scheduler", &self.scheduler.other);
         sect("data", &self.data.other);
+        sect("speed_monitor", &self.speed_monitor.other);
         if let Some(t) = &self.tokenizer {
             sect("tokenizer", &t.other);
         }
@@ -597,5 +645,31 @@ mod tests {
         let err = cfg.model_config().unwrap_err().to_string();
         assert!(err.contains("include_bias"), "{err}");
         assert_eq!(cfg.ignored_fields(), vec!["wandb".to_string()]);
+    }
+
+    #[test]
+    fn speed_monitor_reads_olmo_fields_and_refuses_nonsense() {
+        let base = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8}\n\
+                    data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\n";
+        let parse = |extra: &str| -> TrainConfig {
+            serde_saphyr::from_str(&format!("{base}{extra}")).unwrap()
+        };
+        assert_eq!(parse("").speed_monitor().unwrap(), (100, None));
+        for peak in ["989e12", "989.0e+12", "989000000000000"] {
+            let cfg = parse(&format!(
+                "speed_monitor: {{window_size: 20, gpu_flops_available: {peak}}}\n"
+            ));
+            assert_eq!(cfg.speed_monitor().unwrap(), (20, Some(989e12)), "{peak}");
+            assert!(cfg.ignored_fields().is_empty());
+        }
+        let cfg = parse("speed_monitor: {window_size: 20, stride: 3}\n");
+        assert_eq!(
+            cfg.ignored_fields(),
+            vec!["speed_monitor.stride".to_string()]
+        );
+        let err = parse("speed_monitor: {window_size: 0}\n").speed_monitor();
+        assert!(err.unwrap_err().to_string().contains("window_size"));
+        let err = parse("speed_monitor: {gpu_flops_available: 0}\n").speed_monitor();
+        assert!(err.unwrap_err().to_string().contains("gpu_flops_available"));
     }
 }

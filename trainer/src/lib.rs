@@ -21,5 +21,6 @@ pub mod optim;
 pub mod permutation;
 pub mod plot;
 pub mod schedule;
+pub mod speed;
 pub mod train;
 pub mod xorshift;

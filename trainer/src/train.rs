@@ -21,6 +21,7 @@ use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::model::{init_params, Batch, Layout, Model};
 use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
+use crate::speed::SpeedMonitor;
 
 /// Tokens read for the unigram baseline (enough for a stable estimate, cheap on huge data).
 const UNIGRAM_TOKENS: u64 = 50_000_000;
@@ -513,6 +514,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             state.step
         );
     }
+    let (window, flops_available) = cfg.speed_monitor()?;
+    let peak = flops_available.or(engine.peak_flops());
+    let mut speed = SpeedMonitor::new(window);
+    let device_tokens = tokens_per_step / ranks;
     let start = Instant::now();
     let start_step = state.step;
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
@@ -521,6 +526,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let mut last_loss = f64::NAN;
     while state.step < stop {
         let t0 = Instant::now();
+        speed.batch_start(t0, device_tokens, state.step > start_step);
         if state.global_train_examples_seen_this_epoch + batch > order.len() as u64 {
             state.epoch += 1;
             state.global_train_examples_seen_this_epoch = 0;
@@ -593,38 +599,43 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         state.step = step;
         state.global_train_examples_seen_this_epoch += batch;
         state.global_train_tokens_seen += tokens_per_step;
-        let dt = t0.elapsed().as_secs_f64();
-        train_secs += dt;
-        let tps = tokens_per_step as f64 / dt;
+        let now = Instant::now();
+        train_secs += now.duration_since(t0).as_secs_f64();
+        let rate = speed.check(now);
+        let mfu = |device_tps: f64| {
+            peak.map(|peak| 100.0 * mcfg.flops_per_token(seq) * device_tps / peak)
+        };
         last_loss = ce;
-        metrics.write(
-            step,
-            &[
-                ("epoch".into(), state.epoch as f64),
-                ("train/CrossEntropyLoss".into(), ce),
-                ("train/Perplexity".into(), ce.exp()),
-                ("train/ZLoss".into(), z),
-                ("optim/total_grad_norm".into(), norm as f64),
-                ("optim/learning_rate_group0".into(), lr as f64),
-                (
-                    "throughput/total_tokens".into(),
-                    state.global_train_tokens_seen as f64,
-                ),
-                ("throughput/device/tokens_per_second".into(), tps),
-                (
-                    "throughput/device/model_flops_per_token".into(),
-                    mcfg.flops_per_token(seq),
-                ),
-            ]
-            .into_iter()
-            .chain(engine.peak_flops().map(|peak| {
-                (
-                    "throughput/device/MFU".into(),
-                    100.0 * mcfg.flops_per_token(seq) * tps / ranks as f64 / peak,
-                )
-            }))
-            .collect::<Vec<_>>(),
-        )?;
+        let mut logged = vec![
+            ("epoch".into(), state.epoch as f64),
+            ("train/CrossEntropyLoss".into(), ce),
+            ("train/Perplexity".into(), ce.exp()),
+            ("train/ZLoss".into(), z),
+            ("optim/total_grad_norm".into(), norm as f64),
+            ("optim/learning_rate_group0".into(), lr as f64),
+            (
+                "throughput/total_tokens".into(),
+                state.global_train_tokens_seen as f64,
+            ),
+            (
+                "throughput/device/model_flops_per_token".into(),
+                mcfg.flops_per_token(seq),
+            ),
+        ];
+        if let Some(r) = rate {
+            logged.push((
+                "throughput/device/tokens_per_second".into(),
+                r.tokens_per_second,
+            ));
+            logged.push((
+                "throughput/device/batches_per_second".into(),
+                r.batches_per_second,
+            ));
+            if let Some(m) = mfu(r.tokens_per_second) {
+                logged.push(("throughput/device/MFU".into(), m));
+            }
+        }
+        metrics.write(step, &logged)?;
         if lead {
             for note in engine.tuning_notes() {
                 eprintln!("olmo-train: {note}");
@@ -633,15 +644,17 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         if lead && (step % cfg.console_log_interval.max(1) == 0 || step == stop) {
             let done = (step - start_step) as f64;
             let eta = start.elapsed().as_secs_f64() / done * (stop - step) as f64;
-            let avg = (step - start_step) as f64 * tokens_per_step as f64 / train_secs;
-            let mfu = engine.peak_flops().map_or(String::new(), |peak| {
+            // every rank trains in step with the others: the run's rate is this device's
+            // times the world size
+            let rate = rate.map_or(String::new(), |r| {
                 format!(
-                    "  MFU {:.1}%",
-                    100.0 * mcfg.flops_per_token(seq) * avg / ranks as f64 / peak
+                    "  {:.0} tokens/s{}",
+                    r.tokens_per_second * ranks as f64,
+                    mfu(r.tokens_per_second).map_or(String::new(), |m| format!("  MFU {m:.1}%"))
                 )
             });
             eprintln!(
-                "step {step:>6}/{stop}  loss {ce:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}  {avg:.0} tokens/s{mfu}  ETA {}",
+                "step {step:>6}/{stop}  loss {ce:.4}  z {z:.5}  lr {lr:.2e}  grad norm {norm:.3}{rate}  ETA {}",
                 fmt_secs(eta)
             );
         }
@@ -655,9 +668,11 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 &r.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>(),
             )?;
             last_eval = r;
+            speed.reset();
         }
         if step % cfg.save_interval.max(1) == 0 || step == stop {
             save(engine.as_mut(), &state)?;
+            speed.reset();
         }
     }
     drop(metrics);

@@ -101,14 +101,40 @@ fn training_lowers_the_loss_and_writes_metrics_checkpoints_and_a_plot() {
         "c.yaml",
         "run",
         "max_duration: 80\nsave_interval: 10\nsave_num_checkpoints_to_keep: 2\n\
-         evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 40\n",
+         evaluators:\n  - label: held\n    data: {paths: ['HELD']}\neval_interval: 40\n\
+         speed_monitor: {window_size: 5, gpu_flops_available: 1.0e+12}\n",
     );
     edit(&cfg, &[("HELD", r.path("b.npy").to_str().unwrap())]);
     let err = ok(&r.train(&cfg, &[]));
     assert!(err.contains("done: 80 steps"), "{err}");
+    assert!(!err.contains("ignoring config fields"), "{err}");
     let m = r.metrics("run");
     let l = losses(&m);
     assert_eq!(l.len(), 80);
+    // throughput as OLMo's SpeedMonitor: none for the first batch (warm-up), then over the
+    // window, per device (8 windows of 16 tokens a batch), with MFU against the given peak
+    let train: Vec<&serde_json::Value> = m
+        .iter()
+        .filter(|m| m.get("train/CrossEntropyLoss").is_some())
+        .collect();
+    assert!(train[0]
+        .get("throughput/device/tokens_per_second")
+        .is_none());
+    assert!(train[0].get("throughput/device/MFU").is_none());
+    for t in &train[1..] {
+        let tps = t["throughput/device/tokens_per_second"].as_f64().unwrap();
+        let bps = t["throughput/device/batches_per_second"].as_f64().unwrap();
+        assert!((tps / bps - 128.0).abs() < 1e-6, "{t}");
+        let flops = t["throughput/device/model_flops_per_token"]
+            .as_f64()
+            .unwrap();
+        let mfu = t["throughput/device/MFU"].as_f64().unwrap();
+        assert!(
+            (mfu - 100.0 * flops * tps / 1e12).abs() <= 1e-9 * mfu,
+            "{t}"
+        );
+    }
+    assert!(err.contains("tokens/s  MFU"), "{err}");
     // starts near ln(128) (uniform over the padded vocabulary), ends far below
     assert!((l[0].1 - 128f64.ln()).abs() < 0.2, "{}", l[0].1);
     assert!(
@@ -269,6 +295,12 @@ fn two_ranks_train_like_one_process() {
     assert!(String::from_utf8_lossy(&b.stderr).trim().is_empty());
     let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics("two")));
     assert_eq!(x.len(), 12);
+    // the device throughput counts this rank's half of each batch of 8 windows of 16
+    for t in r.metrics("two").iter().skip(1) {
+        let tps = t["throughput/device/tokens_per_second"].as_f64().unwrap();
+        let bps = t["throughput/device/batches_per_second"].as_f64().unwrap();
+        assert!((tps / bps - 64.0).abs() < 1e-6, "{t}");
+    }
     for (p, q) in x.iter().zip(&y) {
         assert!((p.1 - q.1).abs() < 1e-4, "{x:?} vs {y:?}");
     }
@@ -573,6 +605,14 @@ fn bad_data_and_configs_are_explained() {
             "requested, but",
         );
     }
+    fails(
+        &(text.clone() + "speed_monitor: {window_size: 0}\n"),
+        "speed_monitor.window_size must be at least 1",
+    );
+    fails(
+        &(text.clone() + "speed_monitor: {gpu_flops_available: -1}\n"),
+        "speed_monitor.gpu_flops_available (-1)",
+    );
     fails(
         &text.replace(
             "global_train_batch_size: 8",
