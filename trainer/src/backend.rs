@@ -31,6 +31,10 @@ pub trait Backend {
     fn peak_flops(&self) -> Option<f64> {
         None
     }
+    /// The most device memory in use at once so far, in bytes (`None` on the CPU).
+    fn peak_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// What the engine chose by timing since the last call (a kernel's block size), one line
     /// each, for the log: a run's speed depends on it, its bits do not.
     fn tuning_notes(&mut self) -> Vec<String> {

@@ -1777,6 +1777,10 @@ impl Backend for CudaEngine {
         peak_bf16_flops(&self.gpu.name)
     }
 
+    fn peak_memory(&self) -> Result<Option<u64>> {
+        self.gpu.peak_memory()
+    }
+
     fn tuning_notes(&mut self) -> Vec<String> {
         let (heads, hd) = (self.cfg.n_heads, self.cfg.head_dim());
         let lines: Vec<String> = self.flash_choices()[self.flash_noted..]

@@ -635,6 +635,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 logged.push(("throughput/device/MFU".into(), m));
             }
         }
+        // OLMo's name and unit (10^6 bytes); this rank's peak (the ranks hold the same shapes)
+        if let Some(bytes) = engine.peak_memory()? {
+            logged.push(("System/Peak GPU Memory (MB)".into(), bytes as f64 / 1e6));
+        }
         metrics.write(step, &logged)?;
         if lead {
             for note in engine.tuning_notes() {
@@ -692,6 +696,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         fmt_secs(train_secs),
         (trained * tokens_per_step) as f64 / train_secs.max(1e-9),
     );
+    if let Some(bytes) = engine.peak_memory()? {
+        summary += &format!(
+            ", peak GPU memory {:.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     for (label, uni) in &evals.unigram {
         if let Some(ce) = last_eval.get(&format!("eval/{label}/CrossEntropyLoss")) {
             summary += &format!(

@@ -470,6 +470,18 @@ fn a_cuda_run_logs_the_flash_block_sizes_timing_chose() {
             "{err}"
         );
     }
+    // the device memory peak as OLMo logs it, never falling (it is never reset), and in the
+    // summary: at least the weights, gradients and AdamW state (4 f32 copies of the block's
+    // 10·64² weights; 7·64² leaves room)
+    let peaks: Vec<f64> = r
+        .metrics("flash")
+        .iter()
+        .filter_map(|m| m["System/Peak GPU Memory (MB)"].as_f64())
+        .collect();
+    assert_eq!(peaks.len(), 2, "{err}");
+    assert!(peaks[0] > 16.0 * 7.0 * 64.0 * 64.0 / 1e6, "{peaks:?}");
+    assert!(peaks[1] >= peaks[0], "{peaks:?}");
+    assert!(err.contains(", peak GPU memory "), "{err}");
 }
 
 #[test]
