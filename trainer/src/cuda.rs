@@ -348,9 +348,13 @@ impl Gpu {
         }
     }
 
-    /// The default memory pool (where the engine's stream-ordered allocations come from).
+    /// The default memory pool (where the engine's stream-ordered allocations come from);
+    /// `None` where allocations bypass it (a device without memory pools).
     fn pool(&self) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
         let Some(c) = &self.cuda else { return Ok(None) };
+        if !c.ctx.has_async_alloc() {
+            return Ok(None);
+        }
         let mut pool = std::ptr::null_mut();
         // Safety: a query of the context's own device.
         let r =

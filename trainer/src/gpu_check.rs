@@ -679,10 +679,15 @@ pub fn run(opts: &Options) -> Result<()> {
                 &decay,
                 4e-4,
             )?;
-            let peak = gpu.gpu.peak_memory()?.unwrap_or(0) as f64 / (1u64 << 30) as f64;
+            let peak = gpu
+                .gpu
+                .peak_memory()?
+                .map_or("unknown (no memory pool)".into(), |b| {
+                    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+                });
             let flops = cfg.flops_per_token(seq);
             println!(
-                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s, peak GPU memory {peak:.1} GiB (loss {first:.3} -> {last:.3})",
+                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s, peak GPU memory {peak} (loss {first:.3} -> {last:.3})",
                 attention_name(flash),
                 flops / 1e9,
                 flops * tps / 1e12,

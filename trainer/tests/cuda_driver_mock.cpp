@@ -28,6 +28,7 @@ enum : int {
     NO_BINARY_FOR_GPU = 209,
     UNSUPPORTED_PTX_VERSION = 222,
     LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
 };
 
 int fail(int code, const char* what, const char* detail = "") {
@@ -143,6 +144,9 @@ int cuDeviceGetName(char* name, int len, int) {
     snprintf(name, len, "CUDA stand-in (host emulation)");
     return SUCCESS;
 }
+// CUDA_STANDIN_NO_POOLS: a device without stream-ordered allocation (memory pools), as some
+// virtualised GPUs are; allocations must then take cuMemAlloc.
+bool no_pools() { return std::getenv("CUDA_STANDIN_NO_POOLS") != nullptr; }
 // CUDA_STANDIN_ARCH (e.g. 75) sets the compute capability; sm_90 otherwise.
 int standin_arch() {
     const char* a = std::getenv("CUDA_STANDIN_ARCH");
@@ -152,7 +156,7 @@ int cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
         case 75: *v = standin_arch() / 10; break;  // compute capability major
         case 76: *v = standin_arch() % 10; break;  // minor
-        case 115: *v = 1; break;   // memory pools supported
+        case 115: *v = !no_pools(); break;  // memory pools supported
         case 16: *v = 132; break;  // multiprocessors
         default: *v = 0;
     }
@@ -192,6 +196,7 @@ int cuGetErrorName(int code, const char** s) {
 }
 
 int cuDeviceGetDefaultMemPool(void** pool, int) {
+    if (no_pools()) return fail(NOT_SUPPORTED, "no memory pools on this device");
     *pool = &g_ctx_token;
     return SUCCESS;
 }
@@ -236,7 +241,10 @@ int cuMemAlloc_v2(uintptr_t* p, size_t bytes) {
     *p = (uintptr_t)m;
     return SUCCESS;
 }
-int cuMemAllocAsync(uintptr_t* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
+int cuMemAllocAsync(uintptr_t* p, size_t bytes, void*) {
+    if (no_pools()) return fail(NOT_SUPPORTED, "stream-ordered allocation without memory pools");
+    return cuMemAlloc_v2(p, bytes);
+}
 int cuMemFree_v2(uintptr_t p) {
     std::lock_guard<std::mutex> l(g_mem);
     auto it = g_allocs.find(p);

@@ -484,6 +484,40 @@ fn a_cuda_run_logs_the_flash_block_sizes_timing_chose() {
     assert!(err.contains(", peak GPU memory "), "{err}");
 }
 
+/// A GPU without memory pools (stream-ordered allocation, absent on some virtualised GPUs):
+/// allocations take `cuMemAlloc` (the stand-in refuses `cuMemAllocAsync` there), the run
+/// trains, and the memory peak, which only a pool keeps, is left out rather than an error.
+#[test]
+fn a_gpu_without_memory_pools_trains_without_a_memory_peak() {
+    let Some(libs) = standin::build() else { return };
+    let r = Run::new();
+    let cfg = r.config(
+        "nopool.yaml",
+        "nopool",
+        "max_duration: 2\nprecision: fp32\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
+        .env("LD_LIBRARY_PATH", standin::library_path(libs.path()))
+        .env("CUDA_STANDIN_NO_POOLS", "1")
+        .env("TMPDIR", r.path(""))
+        .output()
+        .unwrap();
+    let Some(err) = ok_on_standins(&out) else {
+        return;
+    };
+    assert!(
+        err.contains("CUDA stand-in") && err.contains("done: 2 steps"),
+        "{err}"
+    );
+    assert!(!err.contains("peak GPU memory"), "{err}");
+    let m = r.metrics("nopool");
+    assert_eq!(losses(&m).len(), 2);
+    assert!(m
+        .iter()
+        .all(|l| l.get("System/Peak GPU Memory (MB)").is_none()));
+}
+
 #[test]
 fn the_training_loop_runs_the_cuda_engine_like_the_cpu_engine() {
     // the CUDA engine on its host emulator, in fp32, through train, eval and checkpoints
