@@ -1882,21 +1882,37 @@ impl Backend for CudaEngine {
     }
 }
 
-/// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote).
+/// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote), per GPU.
+/// The name is matched by whole words, as the driver spells them ("NVIDIA H100 PCIe",
+/// "NVIDIA A100-SXM4-80GB"), so an L40 is not taken for an L40S nor an A10G for an A10; the
+/// PCIe and NVL forms of a part run at lower clocks than its SXM form. Unlisted parts give
+/// `None` (no MFU unless `speed_monitor.gpu_flops_available` says).
 pub fn peak_bf16_flops(name: &str) -> Option<f64> {
-    let n = name.to_ascii_uppercase();
-    [
-        ("H200", 989.4e12),
-        ("H100", 989.4e12),
-        ("GH200", 989.4e12),
-        ("B200", 2250e12),
-        ("A100", 312e12),
-        ("L40S", 362e12),
-        ("A10", 125e12),
-    ]
-    .iter()
-    .find(|(k, _)| n.contains(k))
-    .map(|(_, f)| *f)
+    let words: Vec<String> = name
+        .split(|c: char| c.is_whitespace() || c == '-' || c == '_')
+        .map(|w| w.to_ascii_uppercase())
+        .collect();
+    let has = |w: &str| words.iter().any(|x| x == w);
+    let (pcie, nvl) = (has("PCIE"), has("NVL"));
+    let tflops = words.iter().find_map(|w| {
+        Some(match w.as_str() {
+            "H100" | "H800" if pcie => 756.0,
+            "H100" | "H200" if nvl => 835.0,
+            "H100" | "H200" | "H800" | "GH200" => 989.4,
+            "H20" => 148.0,
+            "B200" => 2250.0,
+            "B100" => 1750.0,
+            "GB200" => 2500.0,
+            "A100" | "A800" => 312.0,
+            "A30" => 165.0,
+            "A10" => 125.0,
+            "L40S" => 362.0,
+            "L40" => 181.0,
+            "L4" => 121.0,
+            _ => return None,
+        })
+    })?;
+    Some(tflops * 1e12)
 }
 
 /// A batch's positions grouped by input token, for the embedding gradient (`embed_bwd`):
@@ -2066,6 +2082,32 @@ mod tests {
             (one.tokens, one.starts, one.positions),
             (vec![5], vec![0, 1], vec![0])
         );
+    }
+
+    #[test]
+    fn bf16_peaks_follow_the_part_and_its_form() {
+        let tf = |name: &str| super::peak_bf16_flops(name).map(|f| (f / 1e12).round());
+        for (name, want) in [
+            ("NVIDIA H200", Some(989.0)),
+            ("NVIDIA H100 80GB HBM3", Some(989.0)),
+            ("NVIDIA H100 PCIe", Some(756.0)),
+            ("NVIDIA H100 NVL", Some(835.0)),
+            ("NVIDIA H200 NVL", Some(835.0)),
+            ("NVIDIA GH200 480GB", Some(989.0)),
+            ("NVIDIA A100-SXM4-80GB", Some(312.0)),
+            ("NVIDIA A100 80GB PCIe", Some(312.0)),
+            ("NVIDIA A10", Some(125.0)),
+            ("NVIDIA A10G", None),
+            ("NVIDIA L40S", Some(362.0)),
+            ("NVIDIA L40", Some(181.0)),
+            ("NVIDIA L4", Some(121.0)),
+            ("NVIDIA B200", Some(2250.0)),
+            ("Tesla T4", None),
+            ("NVIDIA GeForce RTX 4090", None),
+            ("CUDA stand-in (host emulation)", None),
+        ] {
+            assert_eq!(tf(name), want, "{name}");
+        }
     }
 
     /// Runs where libnvrtc is loadable (CI installs it from PyPI; a GPU is not needed).
