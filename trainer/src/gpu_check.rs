@@ -24,8 +24,18 @@ use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
 use crate::xorshift::XorShift;
 
-/// H100/H200 SXM dense bf16 peak, FLOP/s (half the sparse figure).
+/// H100/H200 SXM dense bf16 peak, FLOP/s (half the sparse figure): MFU's denominator where the
+/// GPU's own is not known.
 const H200_BF16_PEAK: f64 = 989.4e12;
+
+/// The peak MFU is measured against: the GPU's (`cuda::peak_bf16_flops`), else the H200's,
+/// with a word saying which.
+fn mfu_peak(e: &CudaEngine) -> (f64, &'static str) {
+    match e.peak_flops() {
+        Some(p) => (p, ""),
+        None => (H200_BF16_PEAK, " (an H200's: this GPU's peak is not known)"),
+    }
+}
 
 pub struct Options {
     pub ordinal: usize,
@@ -616,7 +626,7 @@ pub fn run(opts: &Options) -> Result<()> {
             windows.len(),
             opts.train_steps + 2,
             if fell { "falls" } else { "DOES NOT FALL" },
-            100.0 * cfg.flops_per_token(seq) * tps / H200_BF16_PEAK
+            100.0 * cfg.flops_per_token(seq) * tps / mfu_peak(&gpu).0
         );
     }
 
@@ -686,13 +696,14 @@ pub fn run(opts: &Options) -> Result<()> {
                     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
                 });
             let flops = cfg.flops_per_token(seq);
+            let (bf16_peak, whose) = mfu_peak(&gpu);
             println!(
-                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s, peak GPU memory {peak} (loss {first:.3} -> {last:.3})",
+                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s{whose}, peak GPU memory {peak} (loss {first:.3} -> {last:.3})",
                 attention_name(flash),
                 flops / 1e9,
                 flops * tps / 1e12,
-                100.0 * flops * tps / H200_BF16_PEAK,
-                H200_BF16_PEAK / 1e12
+                100.0 * flops * tps / bf16_peak,
+                bf16_peak / 1e12
             );
             print_flash_choices(&gpu, &cfg);
             profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
