@@ -516,6 +516,8 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     }
     let (window, flops_available) = cfg.speed_monitor()?;
     let peak = flops_available.or(engine.peak_flops());
+    let flops_per_token = mcfg.flops_per_token(seq);
+    let mfu = |device_tps: f64| peak.map(|peak| 100.0 * flops_per_token * device_tps / peak);
     let mut speed = SpeedMonitor::new(window);
     let device_tokens = tokens_per_step / ranks;
     let start = Instant::now();
@@ -602,9 +604,6 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         let now = Instant::now();
         train_secs += now.duration_since(t0).as_secs_f64();
         let rate = speed.check(now);
-        let mfu = |device_tps: f64| {
-            peak.map(|peak| 100.0 * mcfg.flops_per_token(seq) * device_tps / peak)
-        };
         last_loss = ce;
         let mut logged = vec![
             ("epoch".into(), state.epoch as f64),
@@ -619,7 +618,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ),
             (
                 "throughput/device/model_flops_per_token".into(),
-                mcfg.flops_per_token(seq),
+                flops_per_token,
             ),
         ];
         if let Some(r) = rate {

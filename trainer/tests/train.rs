@@ -54,6 +54,16 @@ impl Run {
             .unwrap()
     }
 
+    /// `train -c cfg --device cuda` on the stand-in libraries in `libs`, its temporary files
+    /// (NVRTC's) in this run's folder.
+    fn train_on_standins(&self, cfg: &Path, libs: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_olmo-train"));
+        c.args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
+            .env("LD_LIBRARY_PATH", standin::library_path(libs))
+            .env("TMPDIR", self.path(""));
+        c
+    }
+
     fn metrics(&self, out: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path(out).join("metrics.jsonl"))
             .unwrap()
@@ -333,13 +343,9 @@ precision: fp32
         );
         cfg
     };
-    let tmp = r.path("");
     let command = |cfg: &Path| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_olmo-train"));
-        c.args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
-            .env("LD_LIBRARY_PATH", &path)
-            .env("CUDA_STANDIN_DEVICES", "2")
-            .env("TMPDIR", &tmp);
+        let mut c = r.train_on_standins(cfg, libs.path());
+        c.env("CUDA_STANDIN_DEVICES", "2");
         c
     };
     let Some(err) = ok_on_standins(&command(&config("one")).output().unwrap()) else {
@@ -446,12 +452,7 @@ fn a_cuda_run_logs_the_flash_block_sizes_timing_chose() {
             ("global_train_batch_size: 8", "global_train_batch_size: 2"),
         ],
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
-        .env("LD_LIBRARY_PATH", standin::library_path(libs.path()))
-        .env("TMPDIR", r.path(""))
-        .output()
-        .unwrap();
+    let out = r.train_on_standins(&cfg, libs.path()).output().unwrap();
     let Some(err) = ok_on_standins(&out) else {
         return;
     };
@@ -496,11 +497,9 @@ fn a_gpu_without_memory_pools_trains_without_a_memory_peak() {
         "nopool",
         "max_duration: 2\nprecision: fp32\n",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .args(["train", "-c", cfg.to_str().unwrap(), "--device", "cuda"])
-        .env("LD_LIBRARY_PATH", standin::library_path(libs.path()))
+    let out = r
+        .train_on_standins(&cfg, libs.path())
         .env("CUDA_STANDIN_NO_POOLS", "1")
-        .env("TMPDIR", r.path(""))
         .output()
         .unwrap();
     let Some(err) = ok_on_standins(&out) else {
