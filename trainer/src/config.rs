@@ -450,13 +450,125 @@ fn default_eval_type() -> String {
     "lm".into()
 }
 
+/// A config field set on the command line as OLMo's scripts take them: `--model.d_model=64`,
+/// the value read as YAML (`--data.paths=[a.npy,b.npy]`); a bare `--save_overwrite` is `true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub key: String,
+    pub value: String,
+}
+
+impl Override {
+    /// `--key=value` or a bare `--key`, dashes in the key read as underscores (OLMo's
+    /// `clean_opt`); None for anything not starting with `--`.
+    pub fn parse(arg: &str) -> Option<Override> {
+        let rest = arg.strip_prefix("--")?;
+        let (key, value) = rest.split_once('=').unwrap_or((rest, "true"));
+        Some(Override {
+            key: key.replace('-', "_"),
+            value: value.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--{}={}", self.key, self.value)
+    }
+}
+
+/// `model.d_model` → [model, d_model]; `evaluators[0].label` is `evaluators.0.label`.
+fn key_path(key: &str) -> Result<Vec<String>> {
+    let parts: Vec<String> = key
+        .replace('[', ".")
+        .replace(']', "")
+        .split('.')
+        .map(str::to_string)
+        .collect();
+    if parts.iter().any(|s| s.is_empty()) {
+        bail!("`{key}` has an empty part");
+    }
+    Ok(parts)
+}
+
+/// The place `path` names in a YAML tree, making the sections that are missing; list items
+/// by index.
+fn slot<'a>(
+    mut node: &'a mut serde_json::Value,
+    path: &[String],
+) -> Result<&'a mut serde_json::Value> {
+    use serde_json::Value;
+    for (i, part) in path.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Object(Default::default());
+        }
+        node = match node {
+            Value::Object(map) => map.entry(part.clone()).or_insert(Value::Null),
+            Value::Array(items) => {
+                let n = items.len();
+                let index = part.parse::<usize>().ok().filter(|&k| k < n);
+                let index = index.ok_or_else(|| {
+                    anyhow!(
+                        "`{}` is a list of {n}: `{part}` is not an index in it",
+                        path[..i].join(".")
+                    )
+                })?;
+                &mut items[index]
+            }
+            other => bail!(
+                "`{}` is `{other}`, not a section with fields",
+                path[..i].join(".")
+            ),
+        };
+    }
+    Ok(node)
+}
+
+/// A config's text with the command-line overrides applied: the text itself when there are
+/// none, else the merged config as YAML, which is what checkpoints save (so `config.yaml` in a
+/// checkpoint describes the run that wrote it, as OLMo's does).
+pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
+    if overrides.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut root: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| anyhow!("{e}"))?;
+    for o in overrides {
+        // A value YAML cannot read (`--run_name=a: b: c`) is taken as the string it is.
+        let value = serde_saphyr::from_str(&o.value)
+            .unwrap_or_else(|_| serde_json::Value::String(o.value.clone()));
+        let place = slot(&mut root, &key_path(&o.key)?).with_context(|| o.to_string())?;
+        // Where the config has a string, a number or a boolean stays the text it was
+        // (`--run_name=007`); `null` still unsets (`--save_folder=null`).
+        let keep_text = place.is_string() && (value.is_number() || value.is_boolean());
+        *place = if keep_text {
+            serde_json::Value::String(o.value.clone())
+        } else {
+            value
+        };
+    }
+    serde_saphyr::to_string(&root).map_err(|e| anyhow!("{e}"))
+}
+
 impl TrainConfig {
     pub fn load(path: &Path) -> Result<(TrainConfig, String)> {
+        Self::load_with(path, &[])
+    }
+
+    /// The config at `path` with command-line overrides applied; also the merged text.
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<(TrainConfig, String)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: TrainConfig =
-            serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        Ok((cfg, text))
+        let merged = apply_overrides(&text, overrides)
+            .with_context(|| format!("{}: cannot apply the overrides", path.display()))?;
+        match serde_saphyr::from_str::<TrainConfig>(&merged) {
+            Ok(cfg) => Ok((cfg, merged)),
+            Err(e) if overrides.is_empty() => bail!("{}: {e}", path.display()),
+            // Lines and columns are then the merged config's, not the file's.
+            Err(e) => {
+                let with: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+                bail!("{} with {}: {e}", path.display(), with.join(" "))
+            }
+        }
     }
 
     /// The device asked for: `overridden` (the command line), else `device:`, else auto.
@@ -511,6 +623,24 @@ impl TrainConfig {
             sect(&format!("evaluators[{}]", e.label), &e.other);
         }
         out
+    }
+
+    /// The overrides that set a field this engine does not read: the command line says what
+    /// to change for this run, so one that changes nothing is a mistake, not a warning.
+    pub fn unread_overrides<'a>(&self, overrides: &'a [Override]) -> Vec<&'a Override> {
+        let ignored = self.ignored_fields();
+        overrides
+            .iter()
+            .filter(|o| {
+                let key = key_path(&o.key).map_or(o.key.clone(), |p| p.join("."));
+                ignored.iter().any(|f| {
+                    key == *f
+                        || key
+                            .strip_prefix(f.as_str())
+                            .is_some_and(|r| r.starts_with('.'))
+                })
+            })
+            .collect()
     }
 
     /// The model's shape, after checking every option against what this engine implements.
@@ -671,5 +801,81 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("window_size"));
         let err = parse("speed_monitor: {gpu_flops_available: 0}\n").speed_monitor();
         assert!(err.unwrap_err().to_string().contains("gpu_flops_available"));
+    }
+
+    #[test]
+    fn command_line_overrides_read_like_olmo_and_merge_into_the_config() {
+        let o = |arg: &str| Override::parse(arg).unwrap();
+        assert_eq!(
+            o("--device-train-microbatch-size=4"),
+            Override {
+                key: "device_train_microbatch_size".into(),
+                value: "4".into()
+            }
+        );
+        assert_eq!(o("--save_overwrite").value, "true");
+        assert_eq!(o("--run_name=a=b").value, "a=b");
+        assert!(Override::parse("-c").is_none() && Override::parse("x=1").is_none());
+
+        let base = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8}\n\
+                    data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\n\
+                    run_name: r\nevaluators:\n- {label: a, data: {paths: [y]}}\n";
+        assert_eq!(apply_overrides(base, &[]).unwrap(), base);
+        let merged = apply_overrides(
+            base,
+            &[
+                o("--model.n_layers=3"),
+                o("--data.paths=[p.npy, q.npy]"),
+                o("--optimizer.learning_rate=4e-4"),
+                o("--scheduler.t_warmup=7"),
+                o("--evaluators[0].label=held-out"),
+                o("--evaluators.0.data.paths=[z]"),
+                o("--run_name=007"),
+            ],
+        )
+        .unwrap();
+        let cfg: TrainConfig = serde_saphyr::from_str(&merged).unwrap();
+        assert_eq!(cfg.model.n_layers, 3);
+        assert_eq!(cfg.model.d_model, 8, "untouched fields stay");
+        assert_eq!(cfg.data.paths, vec!["p.npy".to_string(), "q.npy".into()]);
+        assert_eq!(cfg.optimizer.learning_rate, 4e-4);
+        assert_eq!(cfg.scheduler.t_warmup, 7.0, "a missing section is made");
+        assert_eq!(cfg.evaluators[0].label, "held-out");
+        assert_eq!(cfg.evaluators[0].data.paths, vec!["z".to_string()]);
+        assert_eq!(
+            cfg.run_name.as_deref(),
+            Some("007"),
+            "a string field keeps the text"
+        );
+        let merged = apply_overrides(base, &[o("--run_name=null")]).unwrap();
+        let cfg: TrainConfig = serde_saphyr::from_str(&merged).unwrap();
+        assert_eq!(cfg.run_name, None, "null unsets a string field");
+
+        for (bad, why) in [
+            ("--model.d_model.x=1", "not a section"),
+            ("--evaluators.3.label=x", "list of 1"),
+            ("--model..x=1", "empty part"),
+        ] {
+            let err = apply_overrides(base, &[o(bad)]).unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{bad}: {err:#}");
+        }
+
+        let cfg: TrainConfig = serde_saphyr::from_str(
+            &apply_overrides(
+                base,
+                &[o("--model.n_layer=2"), o("--wandb.name=r"), o("--seed=3")],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let unread: Vec<String> = cfg
+            .unread_overrides(&[o("--model.n_layer=2"), o("--wandb.name=r"), o("--seed=3")])
+            .iter()
+            .map(|o| o.key.clone())
+            .collect();
+        assert_eq!(
+            unread,
+            vec!["model.n_layer".to_string(), "wandb.name".into()]
+        );
     }
 }

@@ -2,20 +2,21 @@
 //! step's batch without training (`batch-at`), and export a checkpoint to Hugging Face format
 //! (`export-hf`).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use olmo_train::config::TrainConfig;
+use olmo_train::config::{apply_overrides, Override, TrainConfig};
 use olmo_train::data::{batch_instances, global_order};
 use olmo_train::train::open_shards;
 
 const USAGE: &str = "\
-usage: olmo-train train -c CONFIG [--device auto|cpu|cuda[:N]] [--threads N]
-       olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W]
+usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [--KEY=VALUE ...]
+       olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--KEY=VALUE ...]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
-       olmo-train eval -c CONFIG [--checkpoint DIR] [--device D]
-       olmo-train info -c CONFIG
+       olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
+       olmo-train info [-c] CONFIG [--KEY=VALUE ...]
        olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
@@ -26,7 +27,12 @@ export-hf  writes config.json + model.safetensors loadable by transformers (Olmo
            or LlamaForCausalLM for RMSNorm models).
 eval       scores a checkpoint (default: the newest in save_folder) with the config's evaluators.
 info       prints the model's size and FLOPs per token.
-gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.";
+gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.
+
+--KEY=VALUE sets a config field for this run, as OLMo's scripts take them: --save_folder=/ckpt,
+           --model.n_layers=4, --data.paths=[a.npy,b.npy], --evaluators.0.label=x (the value
+           read as YAML; a bare --KEY is true; dashes in KEY are underscores). A field the
+           trainer does not read is an error. Checkpoints save the merged config.";
 
 /// The part of a training config `batch-at` needs (any training config parses as one).
 #[derive(serde::Deserialize)]
@@ -54,6 +60,12 @@ fn default_seed() -> u64 {
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -83,34 +95,84 @@ fn run(args: Vec<String>) -> Result<()> {
     }
 }
 
-fn load(path: &str) -> Result<(TrainConfig, String)> {
-    TrainConfig::load(Path::new(path))
+/// A command's arguments: `-c CONFIG` (or the config as the first plain argument, as OLMo's
+/// `train.py CONFIG`), the command's own `--flag value` pairs, other plain arguments, and every
+/// other `--key=value` or bare `--key` as a config override, as OLMo's scripts take them.
+struct CommandLine {
+    config: Option<String>,
+    flags: Vec<(String, String)>,
+    plain: Vec<String>,
+    overrides: Vec<Override>,
 }
 
-fn config_arg(args: &[String]) -> Result<(String, Vec<(String, String)>)> {
-    let mut config = None;
-    let mut rest = Vec::new();
+fn command_line(args: &[String], own: &[&str]) -> Result<CommandLine> {
+    let mut cl = CommandLine {
+        config: None,
+        flags: Vec::new(),
+        plain: Vec::new(),
+        overrides: Vec::new(),
+    };
     let mut i = 0;
     while i < args.len() {
-        let flag = args[i].as_str();
-        let v = value(args, i, flag)?.to_string();
-        match flag {
-            "-c" | "--config" => config = Some(v),
-            f if f.starts_with("--") => rest.push((f.to_string(), v)),
-            other => bail!("unexpected argument `{other}`\n\n{USAGE}"),
+        let arg = args[i].as_str();
+        let (name, inline) = arg
+            .split_once('=')
+            .map_or((arg, None), |(n, v)| (n, Some(v)));
+        let mut take = || -> Result<String> {
+            match inline {
+                Some(v) => Ok(v.to_string()),
+                None => {
+                    i += 1;
+                    Ok(value(args, i - 1, name)?.to_string())
+                }
+            }
+        };
+        if name == "-c" || name == "--config" {
+            cl.config = Some(take()?);
+        } else if own.contains(&name) {
+            let v = take()?;
+            cl.flags.push((name.to_string(), v));
+        } else if let Some(o) = Override::parse(arg) {
+            cl.overrides.push(o);
+        } else if arg.starts_with('-') {
+            bail!("unexpected argument `{arg}`\n\n{USAGE}");
+        } else {
+            cl.plain.push(arg.to_string());
         }
-        i += 2;
+        i += 1;
     }
-    Ok((
-        config.ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?,
-        rest,
-    ))
+    Ok(cl)
+}
+
+impl CommandLine {
+    /// The training config with the overrides applied (and its merged text); the config may
+    /// be the one plain argument instead of `-c`.
+    fn load(&mut self) -> Result<(TrainConfig, String)> {
+        if self.config.is_none() && !self.plain.is_empty() {
+            self.config = Some(self.plain.remove(0));
+        }
+        if let Some(extra) = self.plain.first() {
+            bail!("unexpected argument `{extra}`\n\n{USAGE}");
+        }
+        let path = self
+            .config
+            .as_deref()
+            .ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?;
+        let (cfg, text) = TrainConfig::load_with(Path::new(path), &self.overrides)?;
+        if let Some(o) = cfg.unread_overrides(&self.overrides).first() {
+            bail!(
+                "{o}: olmo-train does not read `{}` (a misspelling, or an OLMo field with no effect here)",
+                o.key
+            );
+        }
+        Ok((cfg, text))
+    }
 }
 
 fn train(args: &[String]) -> Result<()> {
-    let (config, rest) = config_arg(args)?;
+    let mut cl = command_line(args, &["--device", "--threads"])?;
     let mut device = None;
-    for (flag, v) in &rest {
+    for (flag, v) in &cl.flags {
         match flag.as_str() {
             "--device" => device = Some(olmo_train::device::Request::parse(v)?),
             "--threads" => {
@@ -120,30 +182,31 @@ fn train(args: &[String]) -> Result<()> {
                     .build_global()
                     .map_err(|e| anyhow!("{e}"))?;
             }
-            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+            _ => unreachable!("command_line keeps only the flags asked for"),
         }
     }
-    let (cfg, text) = load(&config)?;
+    let (cfg, text) = cl.load()?;
     olmo_train::train::run_on(cfg, &text, device)
 }
 
 fn evaluate(args: &[String]) -> Result<()> {
-    let (config, rest) = config_arg(args)?;
+    let mut cl = command_line(args, &["--device", "--checkpoint"])?;
     let (mut device, mut checkpoint) = (None, None);
-    for (flag, v) in &rest {
+    for (flag, v) in &cl.flags {
         match flag.as_str() {
             "--device" => device = Some(olmo_train::device::Request::parse(v)?),
             "--checkpoint" => checkpoint = Some(PathBuf::from(v)),
-            other => bail!("unknown flag `{other}`\n\n{USAGE}"),
+            _ => unreachable!("command_line keeps only the flags asked for"),
         }
     }
-    let (cfg, _) = load(&config)?;
+    let (cfg, _) = cl.load()?;
     olmo_train::train::evaluate(cfg, device, checkpoint).map(|_| ())
 }
 
 fn info(args: &[String]) -> Result<()> {
-    let (config, _) = config_arg(args)?;
-    let (cfg, _) = load(&config)?;
+    let mut cl = command_line(args, &[])?;
+    let (cfg, _) = cl.load()?;
+    let config = cl.config.unwrap_or_default();
     let (m, init) = cfg.model_config()?;
     let seq = cfg.model.max_sequence_length;
     println!(
@@ -212,35 +275,35 @@ fn export(args: &[String]) -> Result<()> {
 }
 
 fn batch_at(args: &[String]) -> Result<()> {
-    let mut step: Option<u64> = None;
-    let mut config: Option<PathBuf> = None;
+    let cl = command_line(args, &["--epoch", "--rank", "--world-size"])?;
     let (mut epoch, mut rank, mut world) = (None, 0u64, 1u64);
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "-c" | "--config" => config = Some(PathBuf::from(value(args, i, "-c")?)),
-            "--epoch" => epoch = Some(value(args, i, "--epoch")?.parse()?),
-            "--rank" => rank = value(args, i, "--rank")?.parse()?,
-            "--world-size" => world = value(args, i, "--world-size")?.parse()?,
-            a if step.is_none() && !a.starts_with('-') => {
-                step = Some(
-                    a.parse()
-                        .with_context(|| format!("STEP must be a number, got `{a}`"))?,
-                );
-                i += 1;
-                continue;
-            }
-            other => bail!("unexpected argument `{other}`\n\n{USAGE}"),
+    for (flag, v) in &cl.flags {
+        let num = || v.parse::<u64>().with_context(|| format!("{flag} `{v}`"));
+        match flag.as_str() {
+            "--epoch" => epoch = Some(num()?),
+            "--rank" => rank = num()?,
+            "--world-size" => world = num()?,
+            _ => unreachable!("command_line keeps only the flags asked for"),
         }
-        i += 2;
     }
-    let step = step.ok_or_else(|| anyhow!("missing STEP\n\n{USAGE}"))?;
-    let config = config.ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?;
+    let step: u64 = match cl.plain.as_slice() {
+        [s] => s
+            .parse()
+            .with_context(|| format!("STEP must be a number, got `{s}`"))?,
+        [] => bail!("missing STEP\n\n{USAGE}"),
+        [_, extra, ..] => bail!("unexpected argument `{extra}`\n\n{USAGE}"),
+    };
+    let config = PathBuf::from(
+        cl.config
+            .ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?,
+    );
     if world == 0 || rank >= world {
         bail!("--rank must be below --world-size");
     }
     let text = std::fs::read_to_string(&config)
         .with_context(|| format!("cannot read {}", config.display()))?;
+    let text = apply_overrides(&text, &cl.overrides)
+        .with_context(|| format!("{}: cannot apply the overrides", config.display()))?;
     let cfg: BatchAtConfig =
         serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
     let patterns = cfg.data.all_patterns();
@@ -262,21 +325,25 @@ fn batch_at(args: &[String]) -> Result<()> {
     let epoch = epoch.or(cfg.epoch).unwrap_or(0);
     let order = global_order(shards.len(), seed, epoch, world, cfg.data.drop_last);
     let batch = batch_instances(&order, step, cfg.global_train_batch_size, rank, world)?;
-    println!(
+    // `batch-at ... | head` closes the pipe early: that ends the listing, not in a panic.
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "step {step} (epoch {epoch}, seed {seed}, rank {rank}/{world}): {} instances of {} tokens; {} instances in all",
         batch.len(),
         shards.seq_len,
         shards.len()
-    );
+    )?;
     for inst in batch {
         let (file, offset) = shards.locate(inst as u64)?;
         let tokens = shards.read(inst as u64, Some(vocab as u64))?;
         let head: Vec<String> = tokens.iter().take(12).map(|t| t.to_string()).collect();
-        println!(
+        writeln!(
+            out,
             "{inst:>10}  {}  @{offset:<10}  [{} ...]",
             file.path.display(),
             head.join(" ")
-        );
+        )?;
     }
     Ok(())
 }

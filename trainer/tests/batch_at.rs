@@ -50,6 +50,23 @@ fn batch_at_prints_the_steps_instances() {
             "{line}"
         );
     }
+    // the overrides `train` takes pick the same batch here: a batch of 3 and another seed
+    let out = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["batch-at", "1", "-c", cfg.to_str().unwrap()])
+        .args(["--global_train_batch_size=3", "--seed=7"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let firsts: Vec<String> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = permutation(8, 7)[3..6]
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(firsts, want, "{text}");
     // a vocabulary too small for the data is caught
     std::fs::write(
         &cfg,

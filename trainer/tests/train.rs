@@ -726,3 +726,70 @@ fn export_hf_writes_olmo_and_llama_layouts() {
         }
     }
 }
+
+#[test]
+fn command_line_overrides_change_the_run_and_its_saved_config() {
+    let r = Run::new();
+    // `max_duration: 50` and one layer in the file; the command line asks for 3 steps of a
+    // two-layer model saved elsewhere, in OLMo's `--key=value` form (the config positional).
+    let cfg = r.config("c.yaml", "file", "max_duration: 50\n");
+    let out = r.path("cli");
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("train")
+        .arg(&cfg)
+        .arg("--max_duration=3")
+        .arg("--model.n_layers=2")
+        .arg(format!("--save-folder={}", out.display()))
+        .arg("--optimizer.learning_rate=2e-3")
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(
+        !r.path("file").exists(),
+        "the file's save_folder is not used"
+    );
+    let saved = std::fs::read_to_string(out.join("step3").join("config.yaml")).unwrap();
+    let saved: serde_json::Value = serde_saphyr::from_str(&saved).unwrap();
+    assert_eq!(saved["model"]["n_layers"], 2);
+    assert_eq!(saved["model"]["d_model"], 16);
+    assert_eq!(saved["max_duration"], 3);
+    assert_eq!(saved["optimizer"]["learning_rate"], 2e-3);
+    let m = r.metrics("cli");
+    let lr_at = |step: u64| {
+        m.iter()
+            .find(|x| x["step"] == step)
+            .map(|x| x["optim/learning_rate_group0"].as_f64().unwrap())
+            .unwrap()
+    };
+    // the cosine ends at step 3 (the new max_duration) at alpha_f (0.1) x the new rate: the
+    // file's 50 steps would still be near the peak, and its rate would end at 1e-3
+    assert!((lr_at(3) - 2e-4).abs() < 1e-9, "{}", lr_at(3));
+
+    // the checkpoint's config is what export-hf reads: the second layer is there
+    let hf = r.path("cli-hf");
+    ok(&Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("export-hf")
+        .arg(out.join("step3"))
+        .arg(&hf)
+        .output()
+        .unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 2);
+
+    // a misspelt field is refused before training, naming it
+    for (arg, want) in [
+        ("--model.n_layer=2", "does not read `model.n_layer`"),
+        ("--model.d_model=many", "with --model.d_model=many"),
+        (
+            "--global_train_batch_size.x=1",
+            "`global_train_batch_size` is `8`",
+        ),
+        ("--data.paths.x=1", "`data.paths` is a list of 2"),
+    ] {
+        let o = r.train(&cfg, &[arg]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{arg}: {err}");
+    }
+    assert!(!r.path("file").exists());
+}
