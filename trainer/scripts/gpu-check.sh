@@ -9,10 +9,14 @@
 # prints, for the materialised attention and then the flash attention (one process each): the
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
 # bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits? and with the flash kernels' wide blocks), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, the block size timing chose for each flash kernel, and a profiled step with TFLOP/s per GEMM shape and flash kernel); then
-# the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison.
+# the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison; then
+# `olmo-train train` itself: the tiny config for 30 steps in fp32 on the GPU and on the CPU
+# (the final train and eval losses must agree to 1e-3; metrics.jsonl must have the GPU's peak
+# memory), and OLMo-1B for a few steps with the command's own tokens/s, MFU and peak memory.
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
-# rerun; TRAIN_STEPS, OLMO_1B_STEPS and GEMM_REPS (0: no GEMM table) shorten it further.
+# rerun; TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
+# TRAIN_CMD=0 (no `train` runs) shorten it further.
 # GPU_CHECK_LOG=FILE also writes the whole output to FILE, for a remote runner that returns
 # only the end of the output (the device tool here: GPU_CHECK_LOG=$OUT/gpu-check.log): the
 # kernel table of the first process comes first, far from that end.
@@ -48,7 +52,9 @@ if [ -n "$PY" ]; then
     LIBS="$LIBS:$d"
   done
 fi
-export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+LIBS="${LIBS#:}"
+# (no empty entry: one would search the current folder)
+export LD_LIBRARY_PATH="$LIBS${LIBS:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}"
 
 echo "== GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
@@ -76,13 +82,59 @@ else
   echo "(no Python with torch found: set TORCH_PYTHON)"
 fi
 
+# `olmo-train train` itself on the GPU: its data order, schedule, AdamW, clipping, evals,
+# metrics and checkpoints, which gpu-check's own loop does not go through. The tiny model in
+# fp32 on the GPU and on this machine's CPU from the same init must end at the same loss; then
+# OLMo-1B in bf16 shows the command's windowed tokens/s, MFU and peak memory. TRAIN_CMD=0 skips.
+if [ "${TRAIN_CMD:-1}" != 0 ]; then
+  TOK=tests/data/golden/tokens/part-0-00000.npy
+  RUNS=$(mktemp -d)
+  tiny() {  # device, then more overrides
+    local dev=$1; shift
+    timeout "${TRAIN_CMD_TIMEOUT:-60}" "$BIN" train trainer/configs/tiny.yaml --device "$dev" \
+      --model.vocab_size=50280 "--data.paths=[$TOK]" --global_train_batch_size=16 \
+      --device_train_microbatch_size=8 --max_duration=30 --scheduler.t_warmup=5 \
+      "--evaluators=[{label: held, data: {paths: [$TOK]}}]" --eval_interval=30 \
+      --eval_subset_num_batches=4 --console_log_interval=10 --save_folder="$RUNS/tiny-$dev" "$@" 2>&1
+  }
+  echo "== olmo-train train: the tiny config, 30 steps in fp32, on the GPU and on the CPU"
+  tiny cuda --precision=fp32 | tee -a "$LOG" || status=$?
+  tiny cpu | tee -a "$LOG" || status=$?
+  last() { grep -o "\"$2\":[-0-9.e+]*" "$RUNS/tiny-$1/metrics.jsonl" 2>/dev/null | tail -1 | cut -d: -f2; }
+  for what in train/CrossEntropyLoss eval/held/CrossEntropyLoss; do
+    g=$(last cuda "$what"); c=$(last cpu "$what")
+    row=$(awk -v g="$g" -v c="$c" -v w="$what" 'BEGIN {
+      if (g == "" || c == "") { printf "| train command, tiny | fp32 | %s at step 30: missing | - | 1e-03 | NO |\n", w; exit }
+      r = (g > c ? g - c : c - g) / (c > 0 ? c : 1)
+      printf "| train command, tiny | fp32 | %s at step 30: %.6f vs CPU %.6f | %.1e | 1e-03 | %s |\n", w, g, c, r, (r <= 1e-3 ? "yes" : "NO") }')
+    echo "$row" | tee -a "$LOG"
+    case $row in *"| NO |") status=1 ;; esac
+  done
+  if grep -q '"System/Peak GPU Memory (MB)"' "$RUNS/tiny-cuda/metrics.jsonl" 2>/dev/null; then
+    echo "| train command, tiny | fp32 | System/Peak GPU Memory (MB) in metrics.jsonl | - | - | yes |" | tee -a "$LOG"
+  else
+    echo "| train command, tiny | fp32 | System/Peak GPU Memory (MB) in metrics.jsonl | - | - | NO |" | tee -a "$LOG"
+    status=1
+  fi
+  echo
+  echo "== olmo-train train: OLMo-1B, ${TRAIN_CMD_STEPS:-25} steps of micro-batch ${MICRO:-8} x 2048, bf16, no checkpoint"
+  timeout "${TRAIN_CMD_TIMEOUT:-90}" "$BIN" train trainer/configs/OLMo-1B.yaml --device cuda \
+    "--data.paths=[$TOK]" --global_train_batch_size="${MICRO:-8}" --device_train_microbatch_size="${MICRO:-8}" \
+    --max_duration="${TRAIN_CMD_STEPS:-25}" --scheduler.t_warmup=5 "--evaluators=[]" --save_folder=null \
+    --speed_monitor.window_size=10 --console_log_interval=5 2>&1 | sed -u 's/^/OLMo-1B train: /' | tee -a "$LOG" || status=$?
+  rm -rf "$RUNS"
+  echo
+fi
+
 # The issue's must-show in a few lines.
 echo
 echo "== Summary"
 echo "checks failed: $(grep -c '| NO |' "$LOG")"
-grep -F '| NO |' "$LOG" | head -20
+grep -F '| NO |' "$LOG" | grep -v '^| train command' | head -20
 grep -E '^(materialised|flash) attention: .*micro-batch' "$LOG" || echo "(no OLMo-1B timing)"
 grep -E '^flash_(fwd|dq|dkdv) \([0-9]+x2048\)' "$LOG" || true
 grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
+grep -E '^\| train command' "$LOG"
+grep -E '^OLMo-1B train: (step .*tokens/s|olmo-train: done)' "$LOG" | tail -2
 echo "exit status: $status"
 exit $status

@@ -9,15 +9,34 @@ use std::process::Command;
 fn the_script_keeps_its_whole_output_and_sums_up_the_failures() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("olmo-train");
-    // one failing and one passing row per process, an OLMo-1B timing line, then the
-    // attention path in an exit status, so the last process's status is the script's
+    // gpu-check: one failing and one passing row per process, an OLMo-1B timing line, then
+    // the attention path in an exit status, so the last process's status is the script's.
+    // train: the metrics a run would write in its --save_folder (on `cuda` the train loss
+    // $CUDA_LOSS and a peak memory), or progress lines for OLMo-1B.
     std::fs::write(
         &bin,
-        "#!/bin/sh\n\
-         echo \"| tiny | bf16 | grad $3 | 5.0e-02 | 3e-02 | NO |\"\n\
-         echo \"| tiny | bf16 | loss | 1.0e-03 | 3e-02 | yes |\"\n\
-         echo \"$3 attention: OLMo-1B, micro-batch 8 x 2048: 1 tokens/s\"\n\
-         [ \"$3\" = materialised ]\n",
+        r#"#!/bin/bash
+if [ "$1" = train ]; then
+  for a in "$@"; do case $a in --save_folder=*) out=${a#*=};; esac; done
+  if [[ $2 == *OLMo-1B* ]]; then
+    echo 'step     25/25  loss 7.0  12345 tokens/s  MFU 41.0%  ETA 0s'
+    echo 'olmo-train: done: 25 steps this run'
+    exit 0
+  fi
+  case " $* " in
+    *' --device cpu '*) loss=5.0; peak='';;
+    *) loss=${CUDA_LOSS:-5.0}; peak=',"System/Peak GPU Memory (MB)":12.5';;
+  esac
+  mkdir -p "$out"
+  echo "{\"step\":30,\"train/CrossEntropyLoss\":$loss$peak}" > "$out/metrics.jsonl"
+  echo '{"step":30,"eval/held/CrossEntropyLoss":4.25}' >> "$out/metrics.jsonl"
+  exit 0
+fi
+echo "| tiny | bf16 | grad $3 | 5.0e-02 | 3e-02 | NO |"
+echo "| tiny | bf16 | loss | 1.0e-03 | 3e-02 | yes |"
+echo "$3 attention: OLMo-1B, micro-batch 8 x 2048: 1 tokens/s"
+[ "$3" = materialised ]
+"#,
     )
     .unwrap();
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -49,8 +68,48 @@ fn the_script_keeps_its_whole_output_and_sums_up_the_failures() {
             "{summary}"
         );
     }
-    assert!(!summary.contains("| yes |"), "{summary}");
+    // the train command's rows, passing ones too; no passing kernel row
+    assert!(
+        !summary.contains("| loss | 1.0e-03 | 3e-02 | yes |"),
+        "{summary}"
+    );
+    for row in [
+        "| train command, tiny | fp32 | train/CrossEntropyLoss at step 30: 5.000000 vs CPU 5.000000 | 0.0e+00 | 1e-03 | yes |",
+        "| train command, tiny | fp32 | eval/held/CrossEntropyLoss at step 30: 4.250000 vs CPU 4.250000 | 0.0e+00 | 1e-03 | yes |",
+    ] {
+        assert!(summary.contains(row), "{row} in {summary}");
+    }
+    assert!(
+        summary.contains("System/Peak GPU Memory (MB) in metrics.jsonl | - | - | yes |"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("OLMo-1B train: step     25/25  loss 7.0  12345 tokens/s  MFU 41.0%"),
+        "{summary}"
+    );
     assert!(summary.ends_with("exit status: 1\n"), "{summary}");
+
+    // a GPU loss off the CPU's by more than the tolerance fails the script, though every
+    // process exited well (the materialised stand-in does)
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("BIN", &bin)
+        .env("TORCH_PYTHON", "/bin/true")
+        .env("ATTENTIONS", "materialised")
+        .env("CUDA_LOSS", "5.01")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let summary = stdout.split("== Summary\n").nth(1).expect(&stdout);
+    assert!(summary.starts_with("checks failed: 2\n"), "{summary}");
+    assert!(
+        summary.contains(
+            "train/CrossEntropyLoss at step 30: 5.010000 vs CPU 5.000000 | 2.0e-03 | 1e-03 | NO |"
+        ),
+        "{summary}"
+    );
+    assert!(summary.contains("eval/held/CrossEntropyLoss at step 30: 4.250000 vs CPU 4.250000 | 0.0e+00 | 1e-03 | yes |"), "{summary}");
 
     // a log that cannot be written stops the script before anything runs
     let out = Command::new("bash")
