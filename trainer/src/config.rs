@@ -621,6 +621,7 @@ impl TrainConfig {
         }
         for e in &self.evaluators {
             sect(&format!("evaluators[{}]", e.label), &e.other);
+            sect(&format!("evaluators[{}].data", e.label), &e.data.other);
         }
         out
     }
@@ -628,7 +629,13 @@ impl TrainConfig {
     /// The overrides that set a field this engine does not read: the command line says what
     /// to change for this run, so one that changes nothing is a mistake, not a warning.
     pub fn unread_overrides<'a>(&self, overrides: &'a [Override]) -> Vec<&'a Override> {
-        let ignored = self.ignored_fields();
+        let mut ignored = self.ignored_fields();
+        // the warning names evaluators by label; an override names them by index
+        for (i, e) in self.evaluators.iter().enumerate() {
+            ignored.extend(e.other.keys().map(|k| format!("evaluators.{i}.{k}")));
+            let data = e.data.other.keys();
+            ignored.extend(data.map(|k| format!("evaluators.{i}.data.{k}")));
+        }
         overrides
             .iter()
             .filter(|o| {
@@ -860,22 +867,33 @@ mod tests {
             assert!(format!("{err:#}").contains(why), "{bad}: {err:#}");
         }
 
-        let cfg: TrainConfig = serde_saphyr::from_str(
-            &apply_overrides(
-                base,
-                &[o("--model.n_layer=2"), o("--wandb.name=r"), o("--seed=3")],
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        let unread: Vec<String> = cfg
-            .unread_overrides(&[o("--model.n_layer=2"), o("--wandb.name=r"), o("--seed=3")])
+        let set = [
+            o("--model.n_layer=2"),
+            o("--wandb.name=r"),
+            o("--seed=3"),
+            o("--evaluators.0.foo=1"),
+            o("--evaluators[0].data.num_workers=2"),
+            o("--evaluators.0.data.drop_last=false"),
+        ];
+        let cfg: TrainConfig =
+            serde_saphyr::from_str(&apply_overrides(base, &set).unwrap()).unwrap();
+        let unread: Vec<&str> = cfg
+            .unread_overrides(&set)
             .iter()
-            .map(|o| o.key.clone())
+            .map(|o| o.key.as_str())
             .collect();
         assert_eq!(
             unread,
-            vec!["model.n_layer".to_string(), "wandb.name".into()]
+            [
+                "model.n_layer",
+                "wandb.name",
+                "evaluators.0.foo",
+                "evaluators[0].data.num_workers"
+            ]
         );
+        // the file's own unknown fields under an evaluator's data are warned about too
+        assert!(cfg
+            .ignored_fields()
+            .contains(&"evaluators[a].data.num_workers".to_string()));
     }
 }
