@@ -549,6 +549,14 @@ pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
     serde_saphyr::to_string(&root).map_err(|e| anyhow!("{e}"))
 }
 
+/// The text of the config file at `path` with the overrides applied (`apply_overrides`).
+pub fn read_with_overrides(path: &Path, overrides: &[Override]) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    apply_overrides(&text, overrides)
+        .with_context(|| format!("{}: cannot apply the overrides", path.display()))
+}
+
 impl TrainConfig {
     pub fn load(path: &Path) -> Result<(TrainConfig, String)> {
         Self::load_with(path, &[])
@@ -556,10 +564,7 @@ impl TrainConfig {
 
     /// The config at `path` with command-line overrides applied; also the merged text.
     pub fn load_with(path: &Path, overrides: &[Override]) -> Result<(TrainConfig, String)> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let merged = apply_overrides(&text, overrides)
-            .with_context(|| format!("{}: cannot apply the overrides", path.display()))?;
+        let merged = read_with_overrides(path, overrides)?;
         match serde_saphyr::from_str::<TrainConfig>(&merged) {
             Ok(cfg) => Ok((cfg, merged)),
             Err(e) if overrides.is_empty() => bail!("{}: {e}", path.display()),
@@ -605,8 +610,13 @@ impl TrainConfig {
         Ok((s.window_size, s.gpu_flops_available))
     }
 
-    /// Config fields accepted without effect, for a warning.
+    /// Config fields accepted without effect, for a warning (evaluators named by label).
     pub fn ignored_fields(&self) -> Vec<String> {
+        self.ignored_paths(|_, e| format!("evaluators[{}]", e.label))
+    }
+
+    /// The fields without effect, each evaluator named by `evaluator(index, section)`.
+    fn ignored_paths(&self, evaluator: impl Fn(usize, &EvaluatorSection) -> String) -> Vec<String> {
         let mut out: Vec<String> = self.other.keys().cloned().collect();
         let mut sect = |s: &str, m: &BTreeMap<String, IgnoredAny>| {
             out.extend(m.keys().map(|k| format!("{s}.{k}")))
@@ -619,9 +629,10 @@ impl TrainConfig {
         if let Some(t) = &self.tokenizer {
             sect("tokenizer", &t.other);
         }
-        for e in &self.evaluators {
-            sect(&format!("evaluators[{}]", e.label), &e.other);
-            sect(&format!("evaluators[{}].data", e.label), &e.data.other);
+        for (i, e) in self.evaluators.iter().enumerate() {
+            let name = evaluator(i, e);
+            sect(&name, &e.other);
+            sect(&format!("{name}.data"), &e.data.other);
         }
         out
     }
@@ -629,13 +640,8 @@ impl TrainConfig {
     /// The overrides that set a field this engine does not read: the command line says what
     /// to change for this run, so one that changes nothing is a mistake, not a warning.
     pub fn unread_overrides<'a>(&self, overrides: &'a [Override]) -> Vec<&'a Override> {
-        let mut ignored = self.ignored_fields();
-        // the warning names evaluators by label; an override names them by index
-        for (i, e) in self.evaluators.iter().enumerate() {
-            ignored.extend(e.other.keys().map(|k| format!("evaluators.{i}.{k}")));
-            let data = e.data.other.keys();
-            ignored.extend(data.map(|k| format!("evaluators.{i}.data.{k}")));
-        }
+        // an override names evaluators by index, as `key_path` spells it
+        let ignored = self.ignored_paths(|i, _| format!("evaluators.{i}"));
         overrides
             .iter()
             .filter(|o| {

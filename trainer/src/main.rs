@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use olmo_train::config::{apply_overrides, Override, TrainConfig};
+use olmo_train::config::{read_with_overrides, Override, TrainConfig};
 use olmo_train::data::{batch_instances, global_order};
 use olmo_train::train::open_shards;
 
@@ -300,10 +300,7 @@ fn batch_at(args: &[String]) -> Result<()> {
     if world == 0 || rank >= world {
         bail!("--rank must be below --world-size");
     }
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let text = apply_overrides(&text, &cl.overrides)
-        .with_context(|| format!("{}: cannot apply the overrides", config.display()))?;
+    let text = read_with_overrides(&config, &cl.overrides)?;
     let cfg: BatchAtConfig =
         serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", config.display()))?;
     let patterns = cfg.data.all_patterns();
