@@ -14,7 +14,7 @@ pub type StateFn<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> Result<()> + 'a;
 
 /// One optimizer update.
 pub struct Update<'a> {
-    /// 1-based step (AdamW's bias correction).
+    /// AdamW's 1-based update count (its bias correction).
     pub step: u64,
     pub lr: f32,
     /// Global-norm clipping threshold, if any.

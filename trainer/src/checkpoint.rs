@@ -28,9 +28,20 @@ pub struct TrainerState {
     /// means the data changed under the run).
     pub instances: u64,
     pub seq_len: u64,
-    /// Adaptive clipping and other optimizer scalars have no state here: AdamW's step count is
-    /// `step`.
     pub num_params: u64,
+    /// AdamW's own update count (its bias correction), which `reset_optimizer_state` restarts
+    /// while the step goes on. Checkpoints written before the field existed read it as `step`.
+    #[serde(default = "count_unknown")]
+    pub optimizer_steps: u64,
+    /// The step where fresh AdamW moments joined a running schedule (`reset_optimizer_state`
+    /// without `reset_trainer_state`): from there the LR warms up again over `t_warmup` steps,
+    /// OLMo's bolt-on warmup. Kept so that a resumed run follows the same LR.
+    #[serde(default)]
+    pub lr_warmup_from: Option<u64>,
+}
+
+fn count_unknown() -> u64 {
+    u64::MAX
 }
 
 fn as_bytes(v: &[f32]) -> &[u8] {
@@ -199,39 +210,73 @@ pub fn latest(folder: &Path) -> Result<Option<PathBuf>> {
         .map(|s| step_dir(folder, s)))
 }
 
-pub struct Loaded {
-    pub params: Vec<f32>,
-    pub exp_avg: Vec<f32>,
-    pub exp_avg_sq: Vec<f32>,
-    pub state: TrainerState,
+/// What a run takes from a checkpoint besides the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    /// AdamW's moments (`optim.safetensors`).
+    pub optimizer: bool,
+    /// Step, data position and the rest of `train.json`.
+    pub trainer: bool,
 }
 
-/// Loads a checkpoint folder for this layout.
-pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("train.json"))
-            .with_context(|| format!("cannot read {}/train.json", dir.display()))?,
-    )
-    .with_context(|| format!("{}/train.json", dir.display()))?;
-    if state.num_params != layout.total as u64 {
-        bail!(
-            "{}: checkpoint has {} parameters, the configured model {}",
-            dir.display(),
-            state.num_params,
-            layout.total
-        );
-    }
+pub struct Loaded {
+    pub params: Vec<f32>,
+    /// `exp_avg` and `exp_avg_sq`, when asked for.
+    pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// When asked for.
+    pub state: Option<TrainerState>,
+}
+
+/// Loads the weights of a checkpoint folder for this layout, and the parts asked for: the files
+/// not asked for may be missing (a folder of weights alone starts a fine-tuning run).
+pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
+    let state = if parts.trainer {
+        let path = dir.join("train.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (set reset_trainer_state to start from the weights alone)",
+                path.display()
+            )
+        })?;
+        let mut state: TrainerState =
+            serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+        if state.num_params != layout.total as u64 {
+            bail!(
+                "{}: checkpoint has {} parameters, the configured model {}",
+                dir.display(),
+                state.num_params,
+                layout.total
+            );
+        }
+        if state.optimizer_steps == count_unknown() {
+            state.optimizer_steps = state.step;
+        }
+        Some(state)
+    } else {
+        None
+    };
     let params = read_model(&dir.join("model.safetensors"), layout)?;
-    let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
-    read_f32(
-        &dir.join("optim.safetensors"),
-        layout,
-        &mut [(".exp_avg", &mut m), (".exp_avg_sq", &mut v)],
-    )?;
+    let moments = if parts.optimizer {
+        let path = dir.join("optim.safetensors");
+        if !path.exists() {
+            bail!(
+                "{} is missing (set reset_optimizer_state to start from the weights with fresh AdamW moments)",
+                path.display()
+            );
+        }
+        let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
+        read_f32(
+            &path,
+            layout,
+            &mut [(".exp_avg", &mut m), (".exp_avg_sq", &mut v)],
+        )?;
+        Some((m, v))
+    } else {
+        None
+    };
     Ok(Loaded {
         params,
-        exp_avg: m,
-        exp_avg_sq: v,
+        moments,
         state,
     })
 }

@@ -72,6 +72,22 @@ pub struct TrainConfig {
     /// (unlike OLMo), so a killed run rerun with the same command continues.
     #[serde(default = "yes")]
     pub try_load_latest_save: bool,
+    /// Starting from `load_path`: take its weights with fresh AdamW moments (an LR warmup of
+    /// `t_warmup` steps is bolted on at the checkpoint's step unless the trainer state is reset
+    /// too, as OLMo). The checkpoint may then lack `optim.safetensors`.
+    #[serde(default)]
+    pub reset_optimizer_state: bool,
+    /// Starting from `load_path`: start at step 0 of epoch `epoch` (or 0) with the config's data
+    /// (fine-tuning); the optimizer state is kept unless `reset_optimizer_state`.
+    #[serde(default)]
+    pub reset_trainer_state: bool,
+    /// Starting from `load_path`: `false` restarts the data order at the beginning of epoch
+    /// `epoch` (or 0), keeping the step and the LR schedule.
+    #[serde(default = "yes")]
+    pub restore_dataloader: bool,
+    /// Starting from `load_path`: skip this many global batches of the data (past a loss spike).
+    #[serde(default)]
+    pub fast_forward_batches: Option<u64>,
     #[serde(default = "one")]
     pub console_log_interval: u64,
     /// `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.

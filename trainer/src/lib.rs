@@ -22,5 +22,6 @@ pub mod permutation;
 pub mod plot;
 pub mod schedule;
 pub mod speed;
+pub mod start;
 pub mod train;
 pub mod xorshift;

@@ -20,7 +20,9 @@ usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [
        olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
-           the newest checkpoint in save_folder if there is one.
+           the newest checkpoint in save_folder if there is one, else starts from load_path
+           (reset_trainer_state, reset_optimizer_state, restore_dataloader,
+           fast_forward_batches as OLMo) if given.
 batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,

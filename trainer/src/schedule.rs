@@ -46,6 +46,20 @@ impl Schedule {
         min + (self.lr - min) * step.min(self.t_warmup) as f64 / self.t_warmup.max(1) as f64
     }
 
+    /// The LR at `step` with OLMo's bolt-on warmup (`BoltOnWarmupScheduler`) from `from` when
+    /// fresh AdamW moments joined the run there: linear from 0 to the schedule's value at
+    /// `from + t_warmup`, then the schedule.
+    pub fn lr_warming_from(&self, step: u64, from: Option<u64>) -> f64 {
+        match from {
+            Some(from) if step < from => 0.0,
+            Some(from) if step < from + self.t_warmup => {
+                let end = from + self.t_warmup;
+                self.lr(end) * (step - from) as f64 / self.t_warmup as f64
+            }
+            _ => self.lr(step),
+        }
+    }
+
     pub fn lr(&self, step: u64) -> f64 {
         let eta_min = self.lr * self.alpha_f;
         match self.kind {
@@ -114,6 +128,23 @@ mod tests {
             ..s
         };
         assert!(close(z.lr(500), 1e-4));
+    }
+
+    #[test]
+    fn a_bolted_on_warmup_rises_from_zero_to_the_schedule() {
+        let s = olmo_1b(Kind::CosineWithWarmup);
+        assert_eq!(s.lr_warming_from(5000, None), s.lr(5000));
+        assert_eq!(s.lr_warming_from(5000, Some(5000)), 0.0);
+        // OLMo's first step after the reset is global step from + 1
+        assert!(close(
+            s.lr_warming_from(5001, Some(5000)),
+            s.lr(7000) / 2000.0
+        ));
+        assert!(close(s.lr_warming_from(6000, Some(5000)), s.lr(7000) / 2.0));
+        assert_eq!(s.lr_warming_from(7000, Some(5000)), s.lr(7000));
+        assert_eq!(s.lr_warming_from(9000, Some(5000)), s.lr(9000));
+        let none = Schedule { t_warmup: 0, ..s };
+        assert_eq!(none.lr_warming_from(5001, Some(5000)), none.lr(5001));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! across epochs, micro-batches accumulated into the global batch's mean gradient, global-norm
 //! clipping (with OLMo's clip warmup), the LR schedule, AdamW in OLMo's decay groups,
 //! evaluation every `eval_interval` steps, checkpoints every `save_interval` steps, JSON-lines
-//! metrics and a loss plot. A run whose `save_folder` holds a checkpoint continues from it and
-//! gives the same bits as a run that never stopped.
+//! metrics and a loss plot. Where the run starts (fresh, its own checkpoint, `load_path`) is
+//! `start`'s business.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,10 +18,11 @@ use crate::data::{epoch_len, expand_paths, global_order, write_global_indices, D
 use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
-use crate::model::{init_params, Batch, Layout, Model};
+use crate::model::{Batch, Layout, Model};
 use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
+use crate::start::{self, DataFacts};
 
 /// Tokens read for the unigram baseline (enough for a stable estimate, cheap on huge data).
 const UNIGRAM_TOKENS: u64 = 50_000_000;
@@ -365,56 +366,27 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         std::fs::create_dir_all(f).with_context(|| format!("cannot create {}", f.display()))?;
     }
 
-    // Start fresh, or continue from a checkpoint.
-    let resume_from = match (&cfg.load_path, &save_folder) {
-        (Some(p), _) => Some(PathBuf::from(p)),
-        (None, Some(f)) if cfg.try_load_latest_save => checkpoint::latest(f)?,
-        _ => None,
-    };
-    let (mut params, mut exp_avg, mut exp_avg_sq, mut state) = match &resume_from {
-        Some(dir) => {
-            let l = checkpoint::load(dir, layout)?;
-            if l.state.instances != shards.len() || l.state.seq_len != seq as u64 {
-                bail!(
-                    "{}: the checkpoint was trained on {} windows of {} tokens, the configured data has {} of {seq}: the data order would not continue",
-                    dir.display(),
-                    l.state.instances,
-                    l.state.seq_len,
-                    shards.len()
-                );
-            }
-            if lead {
-                eprintln!(
-                    "olmo-train: resuming from {} (step {})",
-                    dir.display(),
-                    l.state.step
-                );
-            }
-            (l.params, l.exp_avg, l.exp_avg_sq, l.state)
+    let start = start::start(
+        &cfg,
+        (&mcfg, init_fn),
+        layout,
+        &DataFacts {
+            instances: shards.len(),
+            seq_len: seq as u64,
+            seed: data_seed,
+            world_size: ranks,
+            global_batch: batch,
+        },
+        save_folder.as_deref(),
+        schedule.t_warmup,
+    )?;
+    if lead {
+        for note in &start.notes {
+            eprintln!("olmo-train: {note}");
         }
-        None => (
-            init_params(
-                &mcfg,
-                init_fn,
-                cfg.model.init_std,
-                cfg.model.init_cutoff_factor,
-                cfg.seed,
-            ),
-            vec![0.0; layout.total],
-            vec![0.0; layout.total],
-            TrainerState {
-                step: 0,
-                epoch: cfg.epoch.unwrap_or(0),
-                global_train_examples_seen_this_epoch: 0,
-                global_train_tokens_seen: 0,
-                seed: data_seed,
-                world_size: ranks,
-                instances: shards.len(),
-                seq_len: seq as u64,
-                num_params: layout.total as u64,
-            },
-        ),
-    };
+    }
+    let (mut params, mut exp_avg, mut exp_avg_sq, mut state) =
+        (start.params, start.exp_avg, start.exp_avg_sq, start.state);
     let evals = if lead {
         setup_evals(&cfg, Some(&shards), vocab)?
     } else {
@@ -586,19 +558,21 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 cfg.scheduler.grad_clip_warmup_steps,
                 cfg.scheduler.grad_clip_warmup_factor,
             ) {
-                (Some(w), Some(f)) if step <= w => m * f,
+                // OLMo's bolt-on warmup scheduler has no clip warmup
+                (Some(w), Some(f)) if step <= w && state.lr_warmup_from.is_none() => m * f,
                 _ => m,
             }
         });
-        let lr = schedule.lr(step) as f32;
+        let lr = schedule.lr_warming_from(step, state.lr_warmup_from) as f32;
         let norm = engine.step(&Update {
-            step,
+            step: state.optimizer_steps + 1,
             lr,
             max_norm,
             adamw: opt,
             decay: &decay,
         })?;
         state.step = step;
+        state.optimizer_steps += 1;
         state.global_train_examples_seen_this_epoch += batch;
         state.global_train_tokens_seen += tokens_per_step;
         let now = Instant::now();

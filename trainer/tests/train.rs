@@ -665,6 +665,15 @@ fn bad_data_and_configs_are_explained() {
         ),
         "cannot fill one global batch",
     );
+    fails(
+        &(text.clone() + "load_path: /no/such/run/step9\n"),
+        "load_path /no/such/run/step9: no such checkpoint folder",
+    );
+    std::fs::create_dir_all(r.path("empty-run")).unwrap();
+    fails(
+        &format!("{text}load_path: {}\n", r.path("empty-run").display()),
+        "no model.safetensors and no step folders in it",
+    );
 }
 
 #[test]
@@ -792,4 +801,218 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
         assert!(!o.status.success() && err.contains(want), "{arg}: {err}");
     }
     assert!(!r.path("file").exists());
+}
+
+fn train_state(r: &Run, dir: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(r.path(dir).join("train.json")).unwrap()).unwrap()
+}
+
+/// The largest change of a weight between two model files.
+fn max_change(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    let mut most = 0.0f64;
+    for (name, t) in a.tensors() {
+        let u = b.tensor(&name).unwrap();
+        for (x, y) in t.data().chunks_exact(4).zip(u.data().chunks_exact(4)) {
+            let x = f32::from_le_bytes(x.try_into().unwrap());
+            let y = f32::from_le_bytes(y.try_into().unwrap());
+            most = most.max((x - y).abs() as f64);
+        }
+    }
+    most
+}
+
+fn learning_rates(m: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    m.iter()
+        .filter_map(|m| {
+            Some((
+                m["step"].as_u64()?,
+                m["optim/learning_rate_group0"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
+    let r = Run::new();
+    let base = r.config("base.yaml", "base", "max_duration: 20\nsave_interval: 10\n");
+    ok(&r.train(&base, &[]));
+    let base_first = losses(&r.metrics("base"))[0].1;
+    // other data (b.npy alone: the fingerprint differs), step 0, the moments kept
+    let load = format!(
+        "load_path: {}\nreset_trainer_state: true\nmax_duration: 12\nsave_interval: 6\n",
+        // a run's folder: its newest checkpoint
+        r.path("base").display()
+    );
+    let ft = r.config("ft.yaml", "ft", &load);
+    edit(&ft, &[(&format!("'{}', ", r.path("a.npy").display()), "")]);
+    let err = ok(&r.train(&ft, &[]));
+    assert!(err.contains("step20: weights, AdamW's moments"), "{err}");
+    let l = losses(&r.metrics("ft"));
+    assert_eq!(l[0].0, 1);
+    // the weights were trained: the first loss is far below a fresh model's
+    assert!(l[0].1 < base_first - 1.0, "{} vs {base_first}", l[0].1);
+    let s = train_state(&r, "ft/step12");
+    assert_eq!(s["step"], 12);
+    assert_eq!(s["instances"], 128);
+    // AdamW's count goes on with its moments
+    assert_eq!(s["optimizer_steps"], 32);
+
+    // killed after step 6 and rerun with the same config: it resumes its own checkpoint whole
+    // (the reset applies to the first start only) and ends with the same bytes
+    let ft2 = r.path("ft2.yaml");
+    std::fs::write(
+        &ft2,
+        std::fs::read_to_string(&ft)
+            .unwrap()
+            .replace("/ft\n", "/ft2\n"),
+    )
+    .unwrap();
+    ok(&r.train(&ft2, &["--stop_at=6"]));
+    let err = ok(&r.train(&ft2, &[]));
+    assert!(err.contains("done: 6 steps this run"), "{err}");
+    assert!(
+        err.contains("is this run's own checkpoint: resuming it whole (load_path, reset_trainer_state only shape the run's first start)"),
+        "{err}"
+    );
+    for f in ["model.safetensors", "optim.safetensors", "train.json"] {
+        assert!(
+            std::fs::read(r.path("ft/step12").join(f)).unwrap()
+                == std::fs::read(r.path("ft2/step12").join(f)).unwrap(),
+            "{f} differs after the restart"
+        );
+    }
+    assert_eq!(losses(&r.metrics("ft")), losses(&r.metrics("ft2")));
+}
+
+#[test]
+fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() {
+    let r = Run::new();
+    // 40 steps scheduled (cosine, 3 warmup steps, lr 1e-2, alpha_f 0.1), stopped at 20
+    let base = r.config(
+        "base.yaml",
+        "base",
+        "max_duration: 40\nstop_at: 20\nsave_interval: 10\n",
+    );
+    ok(&r.train(&base, &[]));
+    let from = |name: &str, extra: &str| {
+        r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!(
+                "load_path: {}\nmax_duration: 40\nstop_at: 24\n{extra}",
+                r.path("base/step20").display()
+            ),
+        )
+    };
+
+    // fresh moments under the running schedule: OLMo's bolt-on warmup from step 20
+    let err = ok(&r.train(&from("bolt", "reset_optimizer_state: true\n"), &[]));
+    assert!(
+        err.contains("fresh AdamW moments with the LR warming up again from step 20 over 3 steps"),
+        "{err}"
+    );
+    let cosine = |step: f64| {
+        let (lr, min) = (1e-2, 1e-3);
+        min + (lr - min) * (1.0 + (std::f64::consts::PI * (step - 3.0) / 37.0).cos()) / 2.0
+    };
+    let lrs = learning_rates(&r.metrics("bolt"));
+    let want = [
+        (21, cosine(23.0) / 3.0),
+        (22, cosine(23.0) * 2.0 / 3.0),
+        (23, cosine(23.0)),
+        (24, cosine(24.0)),
+    ];
+    assert_eq!(lrs.len(), 4);
+    for ((step, got), (s, w)) in lrs.iter().zip(want) {
+        assert_eq!(*step, s);
+        assert!((got - w).abs() <= 1e-6 * w, "step {s}: lr {got}, want {w}");
+    }
+    // AdamW's bias correction counts from the reset: its first update moves each weight by
+    // the LR (g / sqrt(g²)), where a count from step 21 would move it by 0.41 LR
+    let first = from("first", "reset_optimizer_state: true\n");
+    ok(&r.train(&first, &["--stop_at=21"]));
+    let moved = max_change(
+        &r.path("base/step20/model.safetensors"),
+        &r.path("first/step21/model.safetensors"),
+    );
+    assert!(
+        (moved / lrs[0].1 - 1.0).abs() < 0.05,
+        "moved {moved}, lr {}",
+        lrs[0].1
+    );
+    let s = train_state(&r, "bolt/step24");
+    assert_eq!(s["optimizer_steps"], 4);
+    assert_eq!(s["lr_warmup_from"], 20);
+    assert_eq!(s["global_train_examples_seen_this_epoch"], 24 * 8);
+
+    // weights alone (no optim.safetensors): refused unless the moments are reset
+    let weights = r.path("weights");
+    std::fs::create_dir_all(&weights).unwrap();
+    for f in ["model.safetensors", "train.json"] {
+        std::fs::copy(r.path("base/step20").join(f), weights.join(f)).unwrap();
+    }
+    let cfg = from("w", "");
+    edit(&cfg, &[("base/step20", "weights")]);
+    let o = r.train(&cfg, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("weights/optim.safetensors is missing")
+            && e.contains("set reset_optimizer_state"),
+        "{e}"
+    );
+    edit(
+        &cfg,
+        &[("stop_at: 24", "stop_at: 24\nreset_optimizer_state: true")],
+    );
+    ok(&r.train(&cfg, &[]));
+    assert!(
+        std::fs::read(r.path("w/step24/model.safetensors")).unwrap()
+            == std::fs::read(r.path("bolt/step24/model.safetensors")).unwrap()
+    );
+
+    // the data order again from the start of the epoch; the step and the LR go on
+    let err = ok(&r.train(&from("again", "restore_dataloader: false\n"), &[]));
+    assert!(err.contains("the data from the start of epoch 0"), "{err}");
+    let s = train_state(&r, "again/step24");
+    assert_eq!(s["global_train_examples_seen_this_epoch"], 4 * 8);
+    assert_eq!(s["global_train_tokens_seen"], 4 * 8 * 16);
+    let (step, lr) = learning_rates(&r.metrics("again"))[0];
+    assert_eq!(step, 21);
+    assert!((lr - cosine(21.0)).abs() <= 1e-6 * lr, "{lr}");
+
+    // past a loss spike: 5 batches skipped, counted in the position, not in the tokens
+    let err = ok(&r.train(&from("skip", "fast_forward_batches: 5\n"), &[]));
+    assert!(err.contains("5 batches skipped (40 instances)"), "{err}");
+    let s = train_state(&r, "skip/step24");
+    assert_eq!(s["global_train_examples_seen_this_epoch"], (20 + 5 + 4) * 8);
+    assert_eq!(s["global_train_tokens_seen"], 24 * 8 * 16);
+
+    // a later epoch asked for begins at its start; an earlier one is refused
+    let err = ok(&r.train(&from("later", "epoch: 2\n"), &[]));
+    assert!(err.contains("the data from the start of epoch 2"), "{err}");
+    assert_eq!(train_state(&r, "later/step24")["epoch"], 2);
+    let cfg = from("earlier", "epoch: 1\n");
+    edit(&cfg, &[("base/step20", "later/step24")]);
+    let o = r.train(&cfg, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("the checkpoint is in epoch 2, the config asks for epoch 1"),
+        "{e}"
+    );
+
+    // the run's own checkpoint with another data seed: the order would not continue
+    let o = r.train(&base, &["--stop_at=30", "--seed=7"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("shuffled with seed 6198, the config gives 7"),
+        "{e}"
+    );
 }

@@ -1,0 +1,308 @@
+//! Where a run starts: from scratch, from its own latest checkpoint (a restart, which must
+//! continue exactly), or from another checkpoint, `load_path`, taken whole or in part with
+//! OLMo's options (`reset_optimizer_state`, `reset_trainer_state`, `restore_dataloader`,
+//! `fast_forward_batches`).
+//!
+//! Unlike OLMo, those options describe only the first start from `load_path`: once the run has
+//! saved a checkpoint of its own, a restart resumes that one whole, so a fine-tuning or
+//! spike-skipping run that is killed and rerun with the same config ends with the same bytes
+//! as one that never stopped (OLMo resets or skips again on every restart).
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::checkpoint::{self, Parts, TrainerState};
+use crate::config::TrainConfig;
+use crate::model::{init_params, InitFn, Layout, ModelConfig};
+
+/// What the data order looks like now, to check a checkpoint's position against.
+pub struct DataFacts {
+    pub instances: u64,
+    pub seq_len: u64,
+    pub seed: u64,
+    pub world_size: u64,
+    pub global_batch: u64,
+}
+
+/// The weights, AdamW moments and trainer state the run starts with.
+pub struct Start {
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub state: TrainerState,
+    /// What happened, for the log.
+    pub notes: Vec<String>,
+}
+
+/// Chooses the checkpoint to start from and builds the starting point.
+pub fn start(
+    cfg: &TrainConfig,
+    model: (&ModelConfig, InitFn),
+    layout: &Layout,
+    data: &DataFacts,
+    save_folder: Option<&Path>,
+    t_warmup: u64,
+) -> Result<Start> {
+    let own = match save_folder {
+        Some(f) if cfg.try_load_latest_save => checkpoint::latest(f)?,
+        _ => None,
+    };
+    let options = start_options(cfg);
+    let fresh = |epoch: u64| TrainerState {
+        step: 0,
+        epoch,
+        global_train_examples_seen_this_epoch: 0,
+        global_train_tokens_seen: 0,
+        seed: data.seed,
+        world_size: data.world_size,
+        instances: data.instances,
+        seq_len: data.seq_len,
+        num_params: layout.total as u64,
+        optimizer_steps: 0,
+        lr_warmup_from: None,
+    };
+    let mut notes = Vec::new();
+    let mut start = match (own, &cfg.load_path) {
+        (Some(dir), load_path) => {
+            if load_path.is_some() || !options.is_empty() {
+                let given: Vec<String> = load_path
+                    .iter()
+                    .map(|_| "load_path".to_string())
+                    .chain(options)
+                    .collect();
+                notes.push(format!(
+                    "{} is this run's own checkpoint: resuming it whole ({} only shape the run's first start)",
+                    dir.display(),
+                    given.join(", ")
+                ));
+            }
+            resume(&dir, layout, data)?
+        }
+        (None, Some(p)) => from_load_path(
+            cfg,
+            Path::new(p),
+            (layout, t_warmup),
+            data,
+            &fresh,
+            &mut notes,
+        )?,
+        (None, None) => {
+            if !options.is_empty() {
+                notes.push(format!(
+                    "{} have no effect without load_path",
+                    options.join(", ")
+                ));
+            }
+            let (mcfg, init_fn) = model;
+            Start {
+                params: init_params(
+                    mcfg,
+                    init_fn,
+                    cfg.model.init_std,
+                    cfg.model.init_cutoff_factor,
+                    cfg.seed,
+                ),
+                exp_avg: vec![0.0; layout.total],
+                exp_avg_sq: vec![0.0; layout.total],
+                state: fresh(cfg.epoch.unwrap_or(0)),
+                notes: Vec::new(),
+            }
+        }
+    };
+    // The world size may change between segments of a run (the order is the same: each rank
+    // takes every world-th instance of the same global batch); record the present one.
+    start.state.world_size = data.world_size;
+    notes.append(&mut start.notes);
+    start.notes = notes;
+    Ok(start)
+}
+
+/// The `load_path` options set away from their defaults, by name.
+fn start_options(cfg: &TrainConfig) -> Vec<String> {
+    let mut set = Vec::new();
+    if cfg.reset_optimizer_state {
+        set.push("reset_optimizer_state".to_string());
+    }
+    if cfg.reset_trainer_state {
+        set.push("reset_trainer_state".to_string());
+    }
+    if !cfg.restore_dataloader {
+        set.push("restore_dataloader: false".to_string());
+    }
+    if let Some(n) = cfg.fast_forward_batches {
+        set.push(format!("fast_forward_batches: {n}"));
+    }
+    set
+}
+
+/// A restart from the run's own checkpoint: everything as it was, on the same data.
+fn resume(dir: &Path, layout: &Layout, data: &DataFacts) -> Result<Start> {
+    let parts = Parts {
+        optimizer: true,
+        trainer: true,
+    };
+    let l = checkpoint::load(dir, layout, parts)?;
+    let state = l.state.expect("asked for");
+    check_same_data(dir, &state, data)?;
+    let (exp_avg, exp_avg_sq) = l.moments.expect("asked for");
+    Ok(Start {
+        params: l.params,
+        exp_avg,
+        exp_avg_sq,
+        notes: vec![format!(
+            "resuming from {} (step {})",
+            dir.display(),
+            state.step
+        )],
+        state,
+    })
+}
+
+/// The checkpoint's data position means something only over the same windows in the same
+/// order: say so when the data or its seed changed under the run.
+fn check_same_data(dir: &Path, state: &TrainerState, data: &DataFacts) -> Result<()> {
+    let hint = "to train it on other data, start a new save_folder from it with load_path and restore_dataloader: false (or reset_trainer_state: true)";
+    if state.instances != data.instances || state.seq_len != data.seq_len {
+        bail!(
+            "{}: the checkpoint was trained on {} windows of {} tokens, the configured data has {} of {}: the data order would not continue; {hint}",
+            dir.display(),
+            state.instances,
+            state.seq_len,
+            data.instances,
+            data.seq_len
+        );
+    }
+    if state.seed != data.seed {
+        bail!(
+            "{}: the checkpoint's data order was shuffled with seed {}, the config gives {} (data.seed, else seed): the order would not continue; put the seed back, or {hint}",
+            dir.display(),
+            state.seed,
+            data.seed
+        );
+    }
+    Ok(())
+}
+
+/// The first start from another checkpoint, with OLMo's reset and data options.
+fn from_load_path(
+    cfg: &TrainConfig,
+    dir: &Path,
+    (layout, t_warmup): (&Layout, u64),
+    data: &DataFacts,
+    fresh: &dyn Fn(u64) -> TrainerState,
+    notes: &mut Vec<String>,
+) -> Result<Start> {
+    if !dir.is_dir() {
+        bail!("load_path {}: no such checkpoint folder", dir.display());
+    }
+    // A run's folder stands for its newest checkpoint.
+    let newest;
+    let dir = if dir.join("model.safetensors").exists() {
+        dir
+    } else if let Some(d) = checkpoint::latest(dir)? {
+        newest = d;
+        &newest
+    } else {
+        bail!(
+            "load_path {}: no model.safetensors and no step folders in it (a checkpoint such as run/step1000 is expected)",
+            dir.display()
+        );
+    };
+    let keep_moments = !cfg.reset_optimizer_state;
+    // train.json holds AdamW's update count too, needed to keep its moments.
+    let parts = Parts {
+        optimizer: keep_moments,
+        trainer: !cfg.reset_trainer_state || keep_moments,
+    };
+    let l = checkpoint::load(dir, layout, parts)?;
+    let loaded = l.state;
+    let mut what = vec!["weights".to_string()];
+    let mut state = if cfg.reset_trainer_state {
+        let mut s = fresh(cfg.epoch.unwrap_or(0));
+        if let Some(ck) = &loaded {
+            s.optimizer_steps = ck.optimizer_steps;
+        }
+        s
+    } else {
+        let mut s = loaded.expect("asked for");
+        what.push(format!("step {}", s.step));
+        if cfg.restore_dataloader {
+            check_same_data(dir, &s, data)?;
+            match cfg.epoch {
+                Some(e) if e > s.epoch => {
+                    what.push(format!("the data from the start of epoch {e}"));
+                    s.epoch = e;
+                    s.global_train_examples_seen_this_epoch = 0;
+                }
+                Some(e) if e < s.epoch => bail!(
+                    "{}: the checkpoint is in epoch {}, the config asks for epoch {e}: remove `epoch` to continue the data, or set restore_dataloader: false to start it again",
+                    dir.display(),
+                    s.epoch
+                ),
+                _ => what.push(format!(
+                    "the data position (epoch {}, {} instances in)",
+                    s.epoch, s.global_train_examples_seen_this_epoch
+                )),
+            }
+        } else {
+            // OLMo's restore_dataloader: false: the data order starts again, the step and the
+            // LR schedule go on.
+            s.epoch = cfg.epoch.unwrap_or(0);
+            s.global_train_examples_seen_this_epoch = 0;
+            s.global_train_tokens_seen = 0;
+            s.seed = data.seed;
+            s.instances = data.instances;
+            s.seq_len = data.seq_len;
+            what.push(format!("the data from the start of epoch {}", s.epoch));
+        }
+        s
+    };
+    let (exp_avg, exp_avg_sq) = match l.moments {
+        Some(m) => {
+            what.push("AdamW's moments".to_string());
+            m
+        }
+        None => {
+            state.optimizer_steps = 0;
+            if !cfg.reset_trainer_state {
+                // OLMo's BoltOnWarmupScheduler: fresh moments under a running schedule.
+                state.lr_warmup_from = Some(state.step);
+                what.push(format!(
+                    "fresh AdamW moments with the LR warming up again from step {} over {} steps",
+                    state.step, t_warmup
+                ));
+            } else {
+                what.push("fresh AdamW moments".to_string());
+            }
+            (vec![0.0; layout.total], vec![0.0; layout.total])
+        }
+    };
+    if cfg.reset_trainer_state {
+        what.push(format!(
+            "a new trainer state at step 0 of epoch {} on the configured data",
+            state.epoch
+        ));
+    }
+    if let Some(n) = cfg.fast_forward_batches.filter(|&n| n > 0) {
+        // OLMo counts skipped batches as seen examples (the data position) but not as tokens
+        // trained on.
+        state.global_train_examples_seen_this_epoch += n * data.global_batch;
+        what.push(format!(
+            "{n} batches skipped ({} instances)",
+            n * data.global_batch
+        ));
+    }
+    notes.push(format!(
+        "starting from {}: {}",
+        dir.display(),
+        what.join(", ")
+    ));
+    Ok(Start {
+        params: l.params,
+        exp_avg,
+        exp_avg_sq,
+        state,
+        notes: Vec::new(),
+    })
+}
