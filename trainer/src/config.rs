@@ -88,6 +88,9 @@ pub struct TrainConfig {
     /// Starting from `load_path`: skip this many global batches of the data (past a loss spike).
     #[serde(default)]
     pub fast_forward_batches: Option<u64>,
+    /// Write `data-indices/rank{R}.tsv.gz`: the instances each step trained on (OLMo's).
+    #[serde(default = "yes")]
+    pub save_data_indices: bool,
     #[serde(default = "one")]
     pub console_log_interval: u64,
     /// `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.

@@ -9,6 +9,7 @@ pub mod cublaslt;
 pub mod cuda;
 pub mod cuda_host;
 pub mod data;
+pub mod data_indices;
 pub mod device;
 pub mod dist;
 pub mod eval;

@@ -15,6 +15,7 @@ use crate::backend::{Backend, Cpu, Update};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{Duration, TrainConfig};
 use crate::data::{epoch_len, expand_paths, global_order, write_global_indices, Dtype, Shards};
+use crate::data_indices::DataIndices;
 use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
@@ -415,6 +416,11 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     // Only rank 0 writes: metrics, checkpoints, indices, plot.
     let out_folder = if lead { save_folder.clone() } else { None };
     let mut metrics = Metrics::open(out_folder.as_deref(), state.step)?;
+    // every rank records its own share, as OLMo
+    let mut data_indices = match &save_folder {
+        Some(f) if cfg.save_data_indices => Some(DataIndices::open(f, world.rank, state.step)?),
+        _ => None,
+    };
     let mut order = global_order(
         shards.len(),
         data_seed,
@@ -573,6 +579,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         })?;
         state.step = step;
         state.optimizer_steps += 1;
+        if let Some(d) = data_indices.as_mut() {
+            d.write(step, &ids)?;
+        }
         state.global_train_examples_seen_this_epoch += batch;
         state.global_train_tokens_seen += tokens_per_step;
         let now = Instant::now();

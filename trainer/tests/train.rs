@@ -233,6 +233,42 @@ fn a_stopped_run_resumes_to_the_same_bits_with_any_thread_count() {
     let b = std::fs::read(r.path("parts/step60/optim.safetensors")).unwrap();
     assert!(a == b, "resumed optimizer state differs");
     assert_eq!(losses(&r.metrics("whole")), losses(&r.metrics("parts")));
+    // the record of what each step trained on: the same bytes, and epoch 0's steps are
+    // consecutive runs of the global order
+    let indices = |run: &str| r.path(run).join("data-indices/rank0.tsv.gz");
+    assert!(std::fs::read(indices("whole")).unwrap() == std::fs::read(indices("parts")).unwrap());
+    let lines = data_index_lines(&indices("parts"));
+    assert_eq!(lines.len(), 60);
+    let order = global_indices(&r.path("whole/train_data/global_indices.npy"));
+    for (k, (step, ids)) in lines.iter().take(48).enumerate() {
+        assert_eq!(*step, k as u64 + 1);
+        assert_eq!(ids, &order[k * 8..k * 8 + 8]);
+    }
+}
+
+/// `data-indices/rank{R}.tsv.gz` as (step, indices) lines.
+fn data_index_lines(path: &Path) -> Vec<(u64, Vec<u32>)> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .map(|l| {
+            let mut f = l.split('\t').map(|x| x.parse::<u64>().unwrap());
+            let step = f.next().unwrap();
+            (step, f.map(|x| x as u32).collect())
+        })
+        .collect()
+}
+
+/// `train_data/global_indices.npy`: raw little-endian uint32.
+fn global_indices(path: &Path) -> Vec<u32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn cuda_present() -> bool {
@@ -301,8 +337,19 @@ fn two_ranks_train_like_one_process() {
     let err = ok(&a);
     ok(&b);
     assert!(err.contains("2 ranks joined"), "{err}");
-    // rank 1 trains silently and writes nothing
+    // rank 1 trains silently and writes only its data indices: every other instance of each
+    // batch, rank 0 the others (OLMo's `[rank::world]`)
     assert!(String::from_utf8_lossy(&b.stderr).trim().is_empty());
+    let whole = data_index_lines(&r.path("one/data-indices/rank0.tsv.gz"));
+    let rank0 = data_index_lines(&r.path("two/data-indices/rank0.tsv.gz"));
+    let rank1 = data_index_lines(&r.path("two/data-indices/rank1.tsv.gz"));
+    assert_eq!(whole.len(), 12);
+    for ((w, a), b) in whole.iter().zip(&rank0).zip(&rank1) {
+        assert_eq!((w.0, w.0), (a.0, b.0));
+        let even: Vec<u32> = w.1.iter().step_by(2).copied().collect();
+        let odd: Vec<u32> = w.1.iter().skip(1).step_by(2).copied().collect();
+        assert_eq!((&even, &odd), (&a.1, &b.1));
+    }
     let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics("two")));
     assert_eq!(x.len(), 12);
     // the device throughput counts this rank's half of each batch of 8 windows of 16
@@ -993,6 +1040,15 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
     let s = train_state(&r, "skip/step24");
     assert_eq!(s["global_train_examples_seen_this_epoch"], (20 + 5 + 4) * 8);
     assert_eq!(s["global_train_tokens_seen"], 24 * 8 * 16);
+    // the steps after the skip trained on the instances after it
+    let order = global_indices(&r.path("base/train_data/global_indices.npy"));
+    let lines = data_index_lines(&r.path("skip/data-indices/rank0.tsv.gz"));
+    assert_eq!(lines.len(), 4);
+    for (k, (step, ids)) in lines.iter().enumerate() {
+        assert_eq!(*step, 21 + k as u64);
+        let at = (25 + k) * 8;
+        assert_eq!(ids, &order[at..at + 8]);
+    }
 
     // a later epoch asked for begins at its start; an earlier one is refused
     let err = ok(&r.train(&from("later", "epoch: 2\n"), &[]));
