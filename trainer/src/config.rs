@@ -47,6 +47,12 @@ pub struct TrainConfig {
     /// Stop after this step (the schedule still runs to `max_duration`).
     #[serde(default)]
     pub stop_at: Option<u64>,
+    /// Stop after this many steps of this run (a job's share of a long run).
+    #[serde(default)]
+    pub stop_after: Option<u64>,
+    /// Seconds after which the run saves and stops (OLMo's; for a job's wall-clock limit).
+    #[serde(default)]
+    pub time_limit: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// First epoch (OLMo counts from 0).

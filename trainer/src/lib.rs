@@ -24,5 +24,6 @@ pub mod plot;
 pub mod schedule;
 pub mod speed;
 pub mod start;
+pub mod stop;
 pub mod train;
 pub mod xorshift;

@@ -68,10 +68,16 @@ fn main() -> ExitCode {
         {
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => match e.downcast_ref::<olmo_train::stop::Stopped>() {
+            Some(s) => {
+                eprintln!("olmo-train: {s}");
+                ExitCode::from((128 + s.signal) as u8)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -24,6 +24,7 @@ use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
 use crate::start::{self, DataFacts};
+use crate::stop::{self, Reason, Stopped};
 
 /// Tokens read for the unigram baseline (enough for a stable estimate, cheap on huge data).
 const UNIGRAM_TOKENS: u64 = 50_000_000;
@@ -272,6 +273,8 @@ pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
 }
 
 pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> Result<()> {
+    let began = Instant::now();
+    stop::catch_signals();
     let world = World::from_env()?;
     // Rank 0 logs, evaluates and writes; every rank trains on its slice of each batch.
     let lead = world.rank == 0;
@@ -486,6 +489,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         }
         Ok(())
     };
+    let stop = cfg.stop_after.map_or(stop, |n| stop.min(state.step + n));
     if lead && state.step >= stop {
         eprintln!(
             "olmo-train: the checkpoint is already at step {} (stop at {stop}): nothing to train",
@@ -504,6 +508,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let mut train_secs = 0.0f64;
     let mut last_eval = eval::Results::new();
     let mut last_loss = f64::NAN;
+    let mut stopped = None;
     while state.step < stop {
         let t0 = Instant::now();
         speed.batch_start(t0, device_tokens, state.step > start_step);
@@ -544,12 +549,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ce += s.ce_sum;
             z += s.z_sum;
         }
+        let mut votes = Reason::votes(cfg.time_limit, began);
         if let Some(t) = tcp.as_mut() {
             engine.all_reduce_grads(t)?;
-            let mut sums = [ce, z];
+            let mut sums = [ce, z, votes[0], votes[1], votes[2]];
             t.all_reduce_f64(&mut sums)?;
             (ce, z) = (sums[0], sums[1]);
+            votes = [sums[2], sums[3], sums[4]];
         }
+        let early = Reason::decide(votes, cfg.time_limit);
         let (ce, z) = (ce / scored, z / scored);
         let step = state.step + 1;
         if !(ce + z).is_finite() {
@@ -644,7 +652,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 fmt_secs(eta)
             );
         }
+        // stopping early is short of time: no evals then
         let evaluate = !(evals.lm.is_empty() && evals.mc.is_empty())
+            && early.is_none()
             && (step % cfg.eval_interval.max(1) == 0 || step == stop);
         if evaluate {
             let r = run_evals(engine.as_mut(), &evals, &cfg)?;
@@ -656,9 +666,24 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             last_eval = r;
             speed.reset();
         }
-        if step % cfg.save_interval.max(1) == 0 || step == stop {
+        if step % cfg.save_interval.max(1) == 0 || step == stop || early.is_some() {
             save(engine.as_mut(), &state)?;
             speed.reset();
+        }
+        if let Some(reason) = early {
+            if lead {
+                eprintln!(
+                    "olmo-train: {}: stopping after step {step}{}",
+                    reason.describe(),
+                    if out_folder.is_some() {
+                        ""
+                    } else {
+                        " (no save_folder: nothing was saved)"
+                    }
+                );
+            }
+            stopped = Some(reason);
+            break;
         }
     }
     drop(metrics);
@@ -692,6 +717,22 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 uni.exp()
             );
         }
+    }
+    match stopped {
+        Some(Reason::TimeLimit(_)) => {
+            summary += "; stopped early by time_limit: rerun the same command to continue"
+        }
+        Some(Reason::Signal(signal)) => {
+            if lead {
+                eprintln!("{summary}");
+            }
+            return Err(Stopped {
+                signal,
+                step: state.step,
+            }
+            .into());
+        }
+        None => {}
     }
     if lead {
         eprintln!("{summary}");

@@ -300,6 +300,11 @@ fn device_auto_falls_back_to_the_cpu_without_a_gpu() {
 /// `MASTER_ADDR`, `MASTER_PORT` at a free local port), each `command()` with its rank's
 /// environment; their outputs.
 fn two_ranks(command: impl Fn() -> Command) -> (Output, Output) {
+    let (a, b) = spawn_two_ranks(command);
+    (a.wait_with_output().unwrap(), b.wait_with_output().unwrap())
+}
+
+fn spawn_two_ranks(command: impl Fn() -> Command) -> (std::process::Child, std::process::Child) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -319,8 +324,7 @@ fn two_ranks(command: impl Fn() -> Command) -> (Output, Output) {
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn("0"), spawn("1"));
-    (a.wait_with_output().unwrap(), b.wait_with_output().unwrap())
+    (spawn("0"), spawn("1"))
 }
 
 #[test]
@@ -1071,4 +1075,124 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
         !o.status.success() && e.contains("shuffled with seed 6198, the config gives 7"),
         "{e}"
     );
+}
+
+#[test]
+fn stop_after_time_limit_and_sigterm_stop_with_a_checkpoint_and_a_rerun_continues() {
+    let r = Run::new();
+    let whole = r.config(
+        "whole.yaml",
+        "whole",
+        "max_duration: 20\nsave_interval: 100\n",
+    );
+    ok(&r.train(&whole, &[]));
+    // a job's share of the run at a time: 7, 7, then the last 6
+    let jobs = r.config(
+        "jobs.yaml",
+        "jobs",
+        "max_duration: 20\nsave_interval: 100\nstop_after: 7\n",
+    );
+    for (done, at) in [(7, 7), (7, 14), (6, 20)] {
+        let err = ok(&r.train(&jobs, &[]));
+        assert!(
+            err.contains(&format!("done: {done} steps this run (step {at},")),
+            "{err}"
+        );
+    }
+    assert!(
+        std::fs::read(r.path("whole/step20/model.safetensors")).unwrap()
+            == std::fs::read(r.path("jobs/step20/model.safetensors")).unwrap()
+    );
+
+    // out of time after the first step: saved there, success, the rest on the next run
+    let timed = r.config(
+        "timed.yaml",
+        "timed",
+        "max_duration: 20\nsave_interval: 100\n",
+    );
+    let err = ok(&r.train(&timed, &["--time_limit=1e-9"]));
+    assert!(
+        err.contains("time_limit (0.000000001 s) reached: stopping after step 1")
+            && err.contains("stopped early by time_limit"),
+        "{err}"
+    );
+    assert_eq!(train_state(&r, "timed/step1")["step"], 1);
+
+    // SIGTERM (a scheduler's notice): the step in flight ends, a checkpoint, exit 128 + 15
+    let long = r.config(
+        "long.yaml",
+        "long",
+        "max_duration: 100000\nsave_interval: 100000\n",
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["train", "-c", long.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&r.path("long/metrics.jsonl"), 3);
+    terminate(&child);
+    let o = child.wait_with_output().unwrap();
+    let at = stopped_by_sigterm(&o);
+    assert!(at >= 3);
+    assert_eq!(train_state(&r, &format!("long/step{at}"))["step"], at);
+    assert_eq!(
+        std::fs::read_link(r.path("long/latest")).unwrap(),
+        Path::new(&format!("step{at}"))
+    );
+    assert_eq!(
+        data_index_lines(&r.path("long/data-indices/rank0.tsv.gz")).len() as u64,
+        at
+    );
+    let err = ok(&r.train(&long, &[&format!("--stop_at={}", at + 2)]));
+    assert!(err.contains(&format!("step{at} (step {at})")), "{err}");
+    assert!(err.contains("done: 2 steps this run"), "{err}");
+
+    // two ranks, the notice to rank 1 only: both stop after the same step
+    let pair = r.config(
+        "pair.yaml",
+        "pair",
+        "max_duration: 100000\nsave_interval: 100000\n",
+    );
+    let (a, b) = spawn_two_ranks(|| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_olmo-train"));
+        c.args(["train", "-c", pair.to_str().unwrap(), "--device", "cpu"]);
+        c
+    });
+    wait_for_steps(&r.path("pair/metrics.jsonl"), 3);
+    terminate(&b);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let at = stopped_by_sigterm(&a);
+    assert_eq!(stopped_by_sigterm(&b), at);
+    assert_eq!(train_state(&r, &format!("pair/step{at}"))["step"], at);
+    for rank in ["rank0", "rank1"] {
+        let path = r.path(&format!("pair/data-indices/{rank}.tsv.gz"));
+        assert_eq!(data_index_lines(&path).len() as u64, at);
+    }
+}
+
+/// Waits until a run's metrics hold `n` lines.
+fn wait_for_steps(metrics: &Path, n: usize) {
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(metrics).map_or(0, |m| m.lines().count()) < n {
+        assert!(t0.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn terminate(child: &std::process::Child) {
+    // Safety: a plain kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+/// The step a run stopped by SIGTERM says it stopped after; it exited with 128 + 15.
+fn stopped_by_sigterm(o: &Output) -> u64 {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    err.split("stopped by SIGTERM after step ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"))
 }
