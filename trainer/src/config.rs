@@ -531,13 +531,17 @@ fn slot<'a>(
             Value::Object(map) => map.entry(part.clone()).or_insert(Value::Null),
             Value::Array(items) => {
                 let n = items.len();
-                let index = part.parse::<usize>().ok().filter(|&k| k < n);
+                // one past the end appends (`--evaluators.1.label=x` to a list of 1)
+                let index = part.parse::<usize>().ok().filter(|&k| k <= n);
                 let index = index.ok_or_else(|| {
                     anyhow!(
-                        "`{}` is a list of {n}: `{part}` is not an index in it",
+                        "`{}` is a list of {n}: `{part}` is not an index in it (0 to {n}, {n} appends)",
                         path[..i].join(".")
                     )
                 })?;
+                if index == n {
+                    items.push(Value::Null);
+                }
                 &mut items[index]
             }
             other => bail!(
@@ -885,13 +889,31 @@ mod tests {
             Some("007"),
             "a string field keeps the text"
         );
+        // one past the end appends an entry, built field by field
+        let merged = apply_overrides(
+            base,
+            &[
+                o("--evaluators[1].label=more"),
+                o("--evaluators.1.data.paths=[w]"),
+                o("--data.paths.1=r.npy"),
+            ],
+        )
+        .unwrap();
+        let cfg: TrainConfig = serde_saphyr::from_str(&merged).unwrap();
+        assert_eq!(cfg.evaluators.len(), 2);
+        assert_eq!(cfg.evaluators[1].label, "more");
+        assert_eq!(cfg.evaluators[1].data.paths, vec!["w".to_string()]);
+        assert_eq!(cfg.data.paths, vec!["x".to_string(), "r.npy".into()]);
         let merged = apply_overrides(base, &[o("--run_name=null")]).unwrap();
         let cfg: TrainConfig = serde_saphyr::from_str(&merged).unwrap();
         assert_eq!(cfg.run_name, None, "null unsets a string field");
 
         for (bad, why) in [
             ("--model.d_model.x=1", "not a section"),
-            ("--evaluators.3.label=x", "list of 1"),
+            (
+                "--evaluators.3.label=x",
+                "list of 1: `3` is not an index in it (0 to 1, 1 appends)",
+            ),
             ("--model..x=1", "empty part"),
         ] {
             let err = apply_overrides(base, &[o(bad)]).unwrap_err();
