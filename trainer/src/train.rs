@@ -535,9 +535,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             .copied()
             .collect();
         engine.zero_grad()?;
-        // OLMo divides each micro-batch's summed loss by the whole batch's token count, so the
-        // accumulated gradient is the batch mean whatever the micro-batch size.
-        let scored = (batch * (seq as u64 - 1)) as f64;
+        // OLMo divides each micro-batch's summed loss by the whole batch's token count
+        // (`input_ids.numel()`, B × S, though each window scores S - 1 targets), so the
+        // accumulated gradient is the same whatever the micro-batch size, and the reported
+        // loss and the gradient's scale (which clipping sees) are OLMo's: (S - 1) / S of the
+        // per-target mean. Evaluation losses are true means, as OLMo's evaluators.
+        let scored = (batch * seq as u64) as f64;
         let (mut ce, mut z) = (0.0f64, 0.0f64);
         for chunk in ids.chunks(micro as usize) {
             let windows: Vec<Vec<u32>> = chunk
