@@ -408,6 +408,10 @@ pub struct DataSection {
     pub paths: Vec<String>,
     #[serde(default)]
     pub datasets: BTreeMap<String, Vec<String>>,
+    /// OLMo's label masks (NumPy bool memmaps), one per file of `paths` in the same order:
+    /// targets whose mask is false are not trained on (a fine-tuning set's prompts).
+    #[serde(default)]
+    pub label_mask_paths: Vec<String>,
     #[serde(default = "default_dtype")]
     pub memmap_dtype: String,
     #[serde(default)]
@@ -658,11 +662,17 @@ impl TrainConfig {
         if let Some(t) = &self.tokenizer {
             sect("tokenizer", &t.other);
         }
+        // evaluation scores every target
+        let mut masks = Vec::new();
         for (i, e) in self.evaluators.iter().enumerate() {
             let name = evaluator(i, e);
             sect(&name, &e.other);
             sect(&format!("{name}.data"), &e.data.other);
+            if !e.data.label_mask_paths.is_empty() {
+                masks.push(format!("{name}.data.label_mask_paths"));
+            }
         }
+        out.extend(masks);
         out
     }
 
@@ -927,6 +937,7 @@ mod tests {
             o("--evaluators.0.foo=1"),
             o("--evaluators[0].data.num_workers=2"),
             o("--evaluators.0.data.drop_last=false"),
+            o("--evaluators.0.data.label_mask_paths=[m.npy]"),
         ];
         let cfg: TrainConfig =
             serde_saphyr::from_str(&apply_overrides(base, &set).unwrap()).unwrap();
@@ -941,7 +952,8 @@ mod tests {
                 "model.n_layer",
                 "wandb.name",
                 "evaluators.0.foo",
-                "evaluators[0].data.num_workers"
+                "evaluators[0].data.num_workers",
+                "evaluators.0.data.label_mask_paths"
             ]
         );
         // the file's own unknown fields under an evaluator's data are warned about too

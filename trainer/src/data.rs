@@ -44,6 +44,8 @@ pub struct ShardFile {
     /// Index of this file's first window among all instances.
     pub first_instance: u64,
     pub instances: u64,
+    /// OLMo's label mask: a NumPy bool memmap, one byte per token (`data.label_mask_paths`).
+    pub label_mask: Option<PathBuf>,
 }
 
 /// Expands `data.paths` entries (globs allowed), each sorted; an entry matching nothing is an
@@ -107,6 +109,7 @@ impl Shards {
                 tokens,
                 first_instance: next,
                 instances,
+                label_mask: None,
             });
             next += instances;
         }
@@ -118,6 +121,58 @@ impl Shards {
             dtype,
             seq_len,
         })
+    }
+
+    /// Pairs each token file with its label mask, in order, checking the mask covers the file.
+    pub fn with_label_masks(mut self, masks: Vec<PathBuf>) -> Result<Shards> {
+        if masks.len() != self.files.len() {
+            bail!(
+                "data.label_mask_paths: {} files for {} token files (one mask per token file, in the same order)",
+                masks.len(),
+                self.files.len()
+            );
+        }
+        for (f, m) in self.files.iter_mut().zip(masks) {
+            let bytes = std::fs::metadata(&m)
+                .with_context(|| format!("cannot open label mask {}", m.display()))?
+                .len();
+            if bytes != f.tokens {
+                bail!(
+                    "{}: {bytes} bytes for the {} tokens of {} (a label mask holds one byte, a NumPy bool, per token)",
+                    m.display(),
+                    f.tokens,
+                    f.path.display()
+                );
+            }
+            f.label_mask = Some(m);
+        }
+        Ok(self)
+    }
+
+    pub fn has_label_masks(&self) -> bool {
+        self.files.iter().any(|f| f.label_mask.is_some())
+    }
+
+    /// One instance's label mask, when its file has one.
+    pub fn read_label_mask(&self, instance: u64) -> Result<Option<Vec<bool>>> {
+        let (f, offset) = self.locate(instance)?;
+        let Some(path) = &f.label_mask else {
+            return Ok(None);
+        };
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; self.seq_len as usize];
+        file.read_exact(&mut buf)
+            .with_context(|| format!("{}: short read", path.display()))?;
+        if let Some((k, bad)) = buf.iter().enumerate().find(|(_, &b)| b > 1) {
+            bail!(
+                "{}: byte {bad} at position {} is not a bool (0 or 1)",
+                path.display(),
+                offset + k as u64
+            );
+        }
+        Ok(Some(buf.into_iter().map(|b| b == 1).collect()))
     }
 
     pub fn len(&self) -> u64 {

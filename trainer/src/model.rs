@@ -288,12 +288,33 @@ impl<'a> Batch<'a> {
         inputs: &'a mut Vec<u32>,
         targets: &'a mut Vec<u32>,
     ) -> Batch<'a> {
+        Self::from_masked_windows(windows, None, inputs, targets)
+    }
+
+    /// The same with OLMo's label masks, one flag per window token: a target whose token's
+    /// flag is false is not scored (OLMo masks the labels, then shifts them).
+    pub fn from_masked_windows(
+        windows: &[Vec<u32>],
+        masks: Option<&[Vec<bool>]>,
+        inputs: &'a mut Vec<u32>,
+        targets: &'a mut Vec<u32>,
+    ) -> Batch<'a> {
         let t = windows[0].len() - 1;
         inputs.clear();
         targets.clear();
-        for w in windows {
+        for (k, w) in windows.iter().enumerate() {
             inputs.extend_from_slice(&w[..t]);
-            targets.extend_from_slice(&w[1..]);
+            match masks {
+                Some(m) => {
+                    targets.extend(
+                        w[1..]
+                            .iter()
+                            .zip(&m[k][1..])
+                            .map(|(&x, &keep)| if keep { x } else { IGNORE }),
+                    )
+                }
+                None => targets.extend_from_slice(&w[1..]),
+            }
         }
         Batch {
             inputs,

@@ -321,6 +321,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         bail!("data.paths (or data.datasets) is required");
     }
     let shards = open_shards(&patterns, &cfg.data.memmap_dtype, seq as u64, vocab)?;
+    let shards = if cfg.data.label_mask_paths.is_empty() {
+        shards
+    } else {
+        if !cfg.data.datasets.is_empty() {
+            bail!("data.label_mask_paths goes with data.paths (one mask per token file), not data.datasets");
+        }
+        let masks = expand_paths(&cfg.data.label_mask_paths).context("data.label_mask_paths")?;
+        shards.with_label_masks(masks)?
+    };
     let data_seed = cfg.data.seed.unwrap_or(cfg.seed);
     let batch = cfg.global_train_batch_size;
     let ranks = world.size as u64;
@@ -547,7 +556,22 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 .iter()
                 .map(|&i| shards.read(i as u64, Some(vocab as u64)))
                 .collect::<Result<_>>()?;
-            let b = Batch::from_windows(&windows, &mut inputs, &mut targets);
+            let masks: Option<Vec<Vec<bool>>> = if shards.has_label_masks() {
+                Some(
+                    chunk
+                        .iter()
+                        .map(|&i| {
+                            Ok(shards
+                                .read_label_mask(i as u64)?
+                                .expect("every file has one"))
+                        })
+                        .collect::<Result<_>>()?,
+                )
+            } else {
+                None
+            };
+            let b =
+                Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
             ce += s.ce_sum;
             z += s.z_sum;

@@ -1198,3 +1198,76 @@ fn stopped_by_sigterm(o: &Output) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{err}"))
 }
+
+#[test]
+fn label_masks_leave_the_masked_targets_out_of_the_loss() {
+    let r = Run::new();
+    // one mask per token file, NumPy bools: `keep(position in the window of 16)`
+    let masks = |name: &str, keep: &dyn Fn(usize) -> bool| {
+        for (file, n) in [("a", 4096), ("b", 2048)] {
+            let bytes: Vec<u8> = (0..n).map(|i| keep(i % 16) as u8).collect();
+            std::fs::write(r.path(&format!("{name}-{file}.mask")), bytes).unwrap();
+        }
+        format!(
+            "data:\n  label_mask_paths: ['{d}/{name}-a.mask', '{d}/{name}-b.mask']\n",
+            d = r.dir.path().display()
+        )
+    };
+    let config = |run: &str, extra: &str| {
+        let cfg = r.config(&format!("{run}.yaml"), run, "max_duration: 6\n");
+        // the mask list joins the data section
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let extra = extra.replace("data:\n", "");
+        std::fs::write(&cfg, text.replace("data:\n", &format!("data:\n{extra}"))).unwrap();
+        cfg
+    };
+    ok(&r.train(&config("plain", ""), &[]));
+    // all ones: the same run, byte for byte
+    ok(&r.train(&config("ones", &masks("ones", &|_| true)), &[]));
+    assert!(
+        std::fs::read(r.path("plain/step6/model.safetensors")).unwrap()
+            == std::fs::read(r.path("ones/step6/model.safetensors")).unwrap()
+    );
+    // a label is masked before the shift: a window's first token is never a target, so a mask
+    // keeping only it scores nothing; one keeping only the last token scores one target of 16
+    ok(&r.train(&config("first", &masks("first", &|p| p == 0)), &[]));
+    assert!(losses(&r.metrics("first")).iter().all(|l| l.1 == 0.0));
+    ok(&r.train(&config("last", &masks("last", &|p| p == 15)), &[]));
+    let first = losses(&r.metrics("last"))[0].1;
+    let want = 128f64.ln() / 16.0;
+    assert!((first - want).abs() < 0.01, "{first} vs {want}");
+
+    // mistakes are named
+    let fails = |cfg: &Path, want: &str| {
+        let o = r.train(cfg, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "want `{want}` in: {err}"
+        );
+    };
+    let one = format!(
+        "data:\n  label_mask_paths: ['{}']\n",
+        r.path("ones-a.mask").display()
+    );
+    fails(&config("bad1", &one), "1 files for 2 token files");
+    let swapped = format!(
+        "data:\n  label_mask_paths: ['{d}/ones-b.mask', '{d}/ones-a.mask']\n",
+        d = r.dir.path().display()
+    );
+    fails(
+        &config("bad2", &swapped),
+        "ones-b.mask: 2048 bytes for the 4096 tokens of",
+    );
+    let sevens = masks("sevens", &|p| p != 3);
+    for file in ["a", "b"] {
+        let path = r.path(&format!("sevens-{file}.mask"));
+        let bytes: Vec<u8> = std::fs::read(&path)
+            .unwrap()
+            .into_iter()
+            .map(|b| if b == 0 { 7 } else { b })
+            .collect();
+        std::fs::write(path, bytes).unwrap();
+    }
+    fails(&config("bad3", &sevens), "is not a bool (0 or 1)");
+}
