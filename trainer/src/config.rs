@@ -60,6 +60,9 @@ pub struct TrainConfig {
     pub epoch: Option<u64>,
     #[serde(default)]
     pub max_grad_norm: Option<f32>,
+    /// OLMo's adaptive clipping: not implemented, an error when set.
+    #[serde(default)]
+    pub max_grad_norm_ratio: Option<f64>,
     #[serde(default)]
     pub softmax_auxiliary_loss: bool,
     #[serde(default = "default_aux")]
@@ -412,6 +415,12 @@ pub struct DataSection {
     /// targets whose mask is false are not trained on (a fine-tuning set's prompts).
     #[serde(default)]
     pub label_mask_paths: Vec<String>,
+    /// OLMo-2's repetition filter: not implemented, an error when set.
+    #[serde(default)]
+    pub instance_filter: Option<IgnoredAny>,
+    /// Attention within documents only: not implemented, an error when true.
+    #[serde(default)]
+    pub generate_doc_lengths: bool,
     #[serde(default = "default_dtype")]
     pub memmap_dtype: String,
     #[serde(default)]
@@ -662,7 +671,7 @@ impl TrainConfig {
         if let Some(t) = &self.tokenizer {
             sect("tokenizer", &t.other);
         }
-        // evaluation scores every target
+        // evaluation scores every target of every window, attending across the whole window
         let mut masks = Vec::new();
         for (i, e) in self.evaluators.iter().enumerate() {
             let name = evaluator(i, e);
@@ -670,6 +679,12 @@ impl TrainConfig {
             sect(&format!("{name}.data"), &e.data.other);
             if !e.data.label_mask_paths.is_empty() {
                 masks.push(format!("{name}.data.label_mask_paths"));
+            }
+            if e.data.instance_filter.is_some() {
+                masks.push(format!("{name}.data.instance_filter"));
+            }
+            if e.data.generate_doc_lengths {
+                masks.push(format!("{name}.data.generate_doc_lengths"));
             }
         }
         out.extend(masks);
@@ -693,6 +708,21 @@ impl TrainConfig {
                 })
             })
             .collect()
+    }
+
+    /// OLMo options that would change what is trained and that this engine does not implement:
+    /// errors, where options without effect (wandb, FSDP, ...) are only listed in a warning.
+    pub fn check_training_options(&self) -> Result<()> {
+        if self.max_grad_norm_ratio.is_some() {
+            bail!("max_grad_norm_ratio (OLMo's adaptive clipping) is not implemented: remove it, max_grad_norm clips by the global norm");
+        }
+        if self.data.instance_filter.is_some() {
+            bail!("data.instance_filter (OLMo-2's repetition filter) is not implemented: remove it, every instance is trained on");
+        }
+        if self.data.generate_doc_lengths {
+            bail!("data.generate_doc_lengths (attention within documents) is not implemented: remove it, attention spans the whole window as OLMo-1's does");
+        }
+        Ok(())
     }
 
     /// The model's shape, after checking every option against what this engine implements.

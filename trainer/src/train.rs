@@ -314,6 +314,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         );
     }
     let (mcfg, init_fn) = cfg.model_config()?;
+    cfg.check_training_options()?;
     let seq = cfg.model.max_sequence_length;
     let vocab = mcfg.vocab_size;
     let patterns = cfg.data.all_patterns();

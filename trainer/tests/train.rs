@@ -718,6 +718,22 @@ fn bad_data_and_configs_are_explained() {
         ),
         "cannot fill one global batch",
     );
+    // options that would change the training math are refused, not ignored
+    fails(
+        &(text.clone() + "max_grad_norm_ratio: 0.5\n"),
+        "max_grad_norm_ratio (OLMo's adaptive clipping) is not implemented",
+    );
+    fails(
+        &text.replace(
+            "paths:",
+            "instance_filter: {repetition_max_period: 13}\n  paths:",
+        ),
+        "data.instance_filter (OLMo-2's repetition filter) is not implemented",
+    );
+    fails(
+        &text.replace("paths:", "generate_doc_lengths: true\n  paths:"),
+        "data.generate_doc_lengths (attention within documents) is not implemented",
+    );
     fails(
         &(text.clone() + "load_path: /no/such/run/step9\n"),
         "load_path /no/such/run/step9: no such checkpoint folder",
