@@ -1015,6 +1015,25 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
         "moved {moved}, lr {}",
         lrs[0].1
     );
+    // and the CUDA engine's AdamW (on its host emulator) counts the same way
+    let emu = from("first-emu", "reset_optimizer_state: true\n");
+    ok(&r.train(
+        &emu,
+        &[
+            "--stop_at=21",
+            "--device",
+            "cuda-emulator",
+            "--precision=fp32",
+        ],
+    ));
+    let moved_emu = max_change(
+        &r.path("base/step20/model.safetensors"),
+        &r.path("first-emu/step21/model.safetensors"),
+    );
+    assert!(
+        (moved_emu / moved - 1.0).abs() < 1e-3,
+        "{moved_emu} vs {moved}"
+    );
     let s = train_state(&r, "bolt/step24");
     assert_eq!(s["optimizer_steps"], 4);
     assert_eq!(s["lr_warmup_from"], 20);
@@ -1248,10 +1267,19 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
     // keeping only it scores nothing; one keeping only the last token scores one target of 16
     ok(&r.train(&config("first", &masks("first", &|p| p == 0)), &[]));
     assert!(losses(&r.metrics("first")).iter().all(|l| l.1 == 0.0));
-    ok(&r.train(&config("last", &masks("last", &|p| p == 15)), &[]));
+    let last = masks("last", &|p| p == 15);
+    ok(&r.train(&config("last", &last), &[]));
     let first = losses(&r.metrics("last"))[0].1;
     let want = 128f64.ln() / 16.0;
     assert!((first - want).abs() < 0.01, "{first} vs {want}");
+    // the CUDA engine (on its host emulator) leaves out the same targets
+    let emu = config("last-emu", &last);
+    ok(&r.train(&emu, &["--device", "cuda-emulator", "--precision=fp32"]));
+    let (a, b) = (losses(&r.metrics("last")), losses(&r.metrics("last-emu")));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
 
     // mistakes are named
     let fails = |cfg: &Path, want: &str| {
