@@ -126,6 +126,15 @@ pub struct Checkpoint<'a> {
     pub exp_avg_sq: &'a [f32],
     pub state: &'a TrainerState,
     pub config_text: &'a str,
+    /// OLMo's ephemeral checkpoint (`save_interval_ephemeral`): kept only until the next save.
+    pub ephemeral: bool,
+}
+
+/// The file that marks an ephemeral checkpoint, so a restarted run still knows to remove it.
+const EPHEMERAL: &str = "ephemeral";
+
+fn is_ephemeral(folder: &Path, step: u64) -> bool {
+    step_dir(folder, step).join(EPHEMERAL).exists()
 }
 
 pub fn step_dir(folder: &Path, step: u64) -> PathBuf {
@@ -161,6 +170,9 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
         serde_json::to_string_pretty(ck.state)? + "\n",
     )?;
     std::fs::write(tmp.join("config.yaml"), ck.config_text)?;
+    if ck.ephemeral {
+        std::fs::write(tmp.join(EPHEMERAL), "")?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -170,8 +182,19 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&link_tmp);
     std::os::unix::fs::symlink(dir.file_name().unwrap(), &link_tmp)?;
     std::fs::rename(&link_tmp, folder.join("latest"))?;
+    // Any save supersedes the ephemeral ones before it; the regular ones are kept `keep` deep.
+    let (ephemeral, regular): (Vec<u64>, Vec<u64>) = list_steps(folder)?
+        .into_iter()
+        .filter(|&s| s != ck.state.step)
+        .partition(|&s| is_ephemeral(folder, s));
+    for s in ephemeral {
+        std::fs::remove_dir_all(step_dir(folder, s))?;
+    }
     if keep > 0 {
-        let mut steps = list_steps(folder)?;
+        let mut steps = regular;
+        if !ck.ephemeral {
+            steps.push(ck.state.step);
+        }
         steps.sort();
         let excess = steps.len().saturating_sub(keep as usize);
         for s in &steps[..excess] {
@@ -279,4 +302,64 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
         moments,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use crate::ops::NormKind;
+
+    #[test]
+    fn ephemeral_checkpoints_go_at_the_next_save_and_do_not_count_against_keep() {
+        let layout = Layout::new(&ModelConfig {
+            d_model: 4,
+            n_heads: 1,
+            n_layers: 1,
+            mlp_hidden: 4,
+            vocab_size: 8,
+            embedding_size: 8,
+            rope_theta: 10_000.0,
+            eps: 1e-5,
+            z_loss: 0.0,
+            norm: NormKind::LayerNorm,
+            norm_affine: false,
+            weight_tying: true,
+        });
+        let zeros = vec![0.0; layout.total];
+        let dir = tempfile::tempdir().unwrap();
+        let save_at = |step: u64, ephemeral: bool| {
+            let state = TrainerState {
+                step,
+                epoch: 0,
+                global_train_examples_seen_this_epoch: 0,
+                global_train_tokens_seen: 0,
+                seed: 0,
+                world_size: 1,
+                instances: 1,
+                seq_len: 1,
+                num_params: layout.total as u64,
+                optimizer_steps: step,
+                lr_warmup_from: None,
+            };
+            let ck = Checkpoint {
+                layout: &layout,
+                params: &zeros,
+                exp_avg: &zeros,
+                exp_avg_sq: &zeros,
+                state: &state,
+                config_text: "",
+                ephemeral,
+            };
+            save(dir.path(), &ck, 1).unwrap();
+            let mut steps = list_steps(dir.path()).unwrap();
+            steps.sort();
+            steps
+        };
+        assert_eq!(save_at(10, false), [10]);
+        // keep 1: the ephemeral one stands beside the regular one, not in its place
+        assert_eq!(save_at(12, true), [10, 12]);
+        assert_eq!(save_at(14, true), [10, 14]);
+        assert_eq!(save_at(20, false), [20]);
+    }
 }

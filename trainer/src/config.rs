@@ -71,6 +71,10 @@ pub struct TrainConfig {
     pub save_folder: Option<String>,
     #[serde(default = "default_save_interval")]
     pub save_interval: u64,
+    /// Steps between OLMo's ephemeral checkpoints: each is removed by the next save, for
+    /// frequent restart points without keeping them all.
+    #[serde(default)]
+    pub save_interval_ephemeral: Option<u64>,
     /// Step folders to keep (-1: all).
     #[serde(default = "minus_one")]
     pub save_num_checkpoints_to_keep: i64,

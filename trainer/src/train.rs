@@ -478,7 +478,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         eps: cfg.optimizer.eps,
         weight_decay: cfg.optimizer.weight_decay,
     };
-    let save = |engine: &mut dyn Backend, state: &TrainerState| -> Result<()> {
+    let save = |engine: &mut dyn Backend, state: &TrainerState, ephemeral: bool| -> Result<()> {
         if let Some(f) = &out_folder {
             engine.with_state(&mut |params, m, v| {
                 let dir = checkpoint::save(
@@ -490,10 +490,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                         exp_avg_sq: v,
                         state,
                         config_text,
+                        ephemeral,
                     },
                     cfg.save_num_checkpoints_to_keep,
                 )?;
-                eprintln!("olmo-train: saved {}", dir.display());
+                let kind = if ephemeral { " (ephemeral)" } else { "" };
+                eprintln!("olmo-train: saved {}{kind}", dir.display());
                 Ok(())
             })?;
         }
@@ -694,8 +696,13 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             last_eval = r;
             speed.reset();
         }
-        if step % cfg.save_interval.max(1) == 0 || step == stop || early.is_some() {
-            save(engine.as_mut(), &state)?;
+        let regular = step % cfg.save_interval.max(1) == 0 || step == stop || early.is_some();
+        let ephemeral = !regular
+            && cfg
+                .save_interval_ephemeral
+                .is_some_and(|e| step % e.max(1) == 0);
+        if regular || ephemeral {
+            save(engine.as_mut(), &state, ephemeral)?;
             speed.reset();
         }
         if let Some(reason) = early {

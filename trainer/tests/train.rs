@@ -1315,3 +1315,38 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
     }
     fails(&config("bad3", &sevens), "is not a bool (0 or 1)");
 }
+
+#[test]
+fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
+    let r = Run::new();
+    let steps = |run: &str| {
+        let mut s: Vec<String> = std::fs::read_dir(r.path(run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step"))
+            .collect();
+        s.sort();
+        s
+    };
+    let extra = "max_duration: 14\nsave_interval: 10\nsave_interval_ephemeral: 3\n\
+                 save_num_checkpoints_to_keep: 2\n";
+    let whole = r.config("whole.yaml", "whole", extra);
+    let err = ok(&r.train(&whole, &[]));
+    for s in [3, 6, 9, 12] {
+        assert!(err.contains(&format!("step{s} (ephemeral)")), "{err}");
+    }
+    // each ephemeral one was removed by the next save
+    assert_eq!(steps("whole"), ["step10", "step14"]);
+    // a run killed just after an ephemeral save restarts from it, then drops it
+    let parts = r.config("parts.yaml", "parts", extra);
+    ok(&r.train(&parts, &["--stop_at=13"]));
+    assert_eq!(steps("parts"), ["step10", "step13"]);
+    std::fs::write(r.path("parts/step13/ephemeral"), "").unwrap();
+    let err = ok(&r.train(&parts, &[]));
+    assert!(err.contains("step13 (step 13)"), "{err}");
+    assert_eq!(steps("parts"), ["step10", "step14"]);
+    assert!(
+        std::fs::read(r.path("whole/step14/model.safetensors")).unwrap()
+            == std::fs::read(r.path("parts/step14/model.safetensors")).unwrap()
+    );
+}
