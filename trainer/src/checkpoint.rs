@@ -225,6 +225,25 @@ pub fn list_steps(folder: &Path) -> Result<Vec<u64>> {
     Ok(steps)
 }
 
+/// Removes every checkpoint of `folder` (complete or not) and the `latest` link.
+pub fn remove_all(folder: &Path) -> Result<()> {
+    for s in list_steps(folder)? {
+        std::fs::remove_dir_all(step_dir(folder, s))?;
+    }
+    let Ok(rd) = std::fs::read_dir(folder) else {
+        return Ok(());
+    };
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step") && name.ends_with(".tmp") {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    let _ = std::fs::remove_file(folder.join("latest"));
+    Ok(())
+}
+
 /// The newest complete checkpoint folder under `folder`, if any.
 pub fn latest(folder: &Path) -> Result<Option<PathBuf>> {
     Ok(list_steps(folder)?

@@ -85,6 +85,10 @@ pub struct TrainConfig {
     /// (unlike OLMo), so a killed run rerun with the same command continues.
     #[serde(default = "yes")]
     pub try_load_latest_save: bool,
+    /// A run that does not resume (`try_load_latest_save: false`) replaces the checkpoints
+    /// already in `save_folder`; without it, it refuses to mix its checkpoints with them.
+    #[serde(default)]
+    pub save_overwrite: bool,
     /// Starting from `load_path`: take its weights with fresh AdamW moments (an LR warmup of
     /// `t_warmup` steps is bolted on at the checkpoint's step unless the trainer state is reset
     /// too, as OLMo). The checkpoint may then lack `optim.safetensors`.

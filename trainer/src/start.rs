@@ -41,13 +41,47 @@ pub fn start(
     model: (&ModelConfig, InitFn),
     layout: &Layout,
     data: &DataFacts,
-    save_folder: Option<&Path>,
+    (save_folder, lead): (Option<&Path>, bool),
     t_warmup: u64,
 ) -> Result<Start> {
     let own = match save_folder {
         Some(f) if cfg.try_load_latest_save => checkpoint::latest(f)?,
         _ => None,
     };
+    let mut notes = Vec::new();
+    if let Some(f) = save_folder.filter(|_| !cfg.try_load_latest_save) {
+        // A run that does not resume must not leave an earlier run's later checkpoints
+        // beside its own: a restart would take the newest, which is not this run's.
+        if let Some(newest) = checkpoint::list_steps(f)?.into_iter().max() {
+            if !cfg.save_overwrite {
+                bail!(
+                    "{} holds checkpoints of an earlier run (up to step {newest}): resume it (try_load_latest_save: true), choose another save_folder, or set save_overwrite: true to replace them",
+                    f.display()
+                );
+            }
+            if let Some(p) = &cfg.load_path {
+                let inside = |p: &Path| {
+                    std::fs::canonicalize(p)
+                        .ok()
+                        .zip(std::fs::canonicalize(f).ok())
+                        .is_some_and(|(p, f)| p.starts_with(f))
+                };
+                if inside(Path::new(p)) {
+                    bail!(
+                        "load_path {p} is inside save_folder {}, which save_overwrite would clear: branch into another save_folder",
+                        f.display()
+                    );
+                }
+            }
+            if lead {
+                checkpoint::remove_all(f)?;
+                notes.push(format!(
+                    "save_overwrite: removed the earlier checkpoints in {} (up to step {newest})",
+                    f.display()
+                ));
+            }
+        }
+    }
     let options = start_options(cfg);
     let fresh = |epoch: u64| TrainerState {
         step: 0,
@@ -62,7 +96,6 @@ pub fn start(
         optimizer_steps: 0,
         lr_warmup_from: None,
     };
-    let mut notes = Vec::new();
     let mut start = match (own, &cfg.load_path) {
         (Some(dir), load_path) => {
             if load_path.is_some() || !options.is_empty() {

@@ -391,7 +391,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             world_size: ranks,
             global_batch: batch,
         },
-        save_folder.as_deref(),
+        (save_folder.as_deref(), lead),
         schedule.t_warmup,
     )?;
     if lead {

@@ -1350,3 +1350,49 @@ fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
             == std::fs::read(r.path("parts/step14/model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
+    let r = Run::new();
+    let cfg = r.config("c.yaml", "run", "max_duration: 4\nsave_interval: 2\n");
+    ok(&r.train(&cfg, &[]));
+    let o = r.train(&cfg, &["--try_load_latest_save=false", "--max_duration=3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("holds checkpoints of an earlier run (up to step 4)"),
+        "{err}"
+    );
+    let o = r.train(
+        &cfg,
+        &[
+            "--try_load_latest_save=false",
+            "--save_overwrite",
+            &format!("--load_path={}", r.path("run/step2").display()),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is inside save_folder"),
+        "{err}"
+    );
+    assert!(
+        r.path("run/step4").exists(),
+        "a refused run removes nothing"
+    );
+    let err = ok(&r.train(
+        &cfg,
+        &[
+            "--try_load_latest_save=false",
+            "--save_overwrite",
+            "--max_duration=3",
+        ],
+    ));
+    assert!(err.contains("removed the earlier checkpoints"), "{err}");
+    assert!(!r.path("run/step4").exists());
+    assert_eq!(train_state(&r, "run/step3")["step"], 3);
+    assert_eq!(
+        std::fs::read_link(r.path("run/latest")).unwrap(),
+        Path::new("step3")
+    );
+    assert_eq!(losses(&r.metrics("run")).len(), 3);
+}
