@@ -50,37 +50,7 @@ pub fn start(
     };
     let mut notes = Vec::new();
     if let Some(f) = save_folder.filter(|_| !cfg.try_load_latest_save) {
-        // A run that does not resume must not leave an earlier run's later checkpoints
-        // beside its own: a restart would take the newest, which is not this run's.
-        if let Some(newest) = checkpoint::list_steps(f)?.into_iter().max() {
-            if !cfg.save_overwrite {
-                bail!(
-                    "{} holds checkpoints of an earlier run (up to step {newest}): resume it (try_load_latest_save: true), choose another save_folder, or set save_overwrite: true to replace them",
-                    f.display()
-                );
-            }
-            if let Some(p) = &cfg.load_path {
-                let inside = |p: &Path| {
-                    std::fs::canonicalize(p)
-                        .ok()
-                        .zip(std::fs::canonicalize(f).ok())
-                        .is_some_and(|(p, f)| p.starts_with(f))
-                };
-                if inside(Path::new(p)) {
-                    bail!(
-                        "load_path {p} is inside save_folder {}, which save_overwrite would clear: branch into another save_folder",
-                        f.display()
-                    );
-                }
-            }
-            if lead {
-                checkpoint::remove_all(f)?;
-                notes.push(format!(
-                    "save_overwrite: removed the earlier checkpoints in {} (up to step {newest})",
-                    f.display()
-                ));
-            }
-        }
+        refuse_or_clear_earlier(cfg, f, lead, &mut notes)?;
     }
     let options = start_options(cfg);
     let fresh = |epoch: u64| TrainerState {
@@ -149,6 +119,46 @@ pub fn start(
     notes.append(&mut start.notes);
     start.notes = notes;
     Ok(start)
+}
+
+/// A run that does not resume must not leave an earlier run's later checkpoints beside its
+/// own: a restart would take the newest, which is not this run's. `save_overwrite` removes
+/// them (on rank 0, which alone writes checkpoints).
+fn refuse_or_clear_earlier(
+    cfg: &TrainConfig,
+    folder: &Path,
+    lead: bool,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let Some(newest) = checkpoint::list_steps(folder)?.into_iter().max() else {
+        return Ok(());
+    };
+    if !cfg.save_overwrite {
+        bail!(
+            "{} holds checkpoints of an earlier run (up to step {newest}): resume it (try_load_latest_save: true), choose another save_folder, or set save_overwrite: true to replace them",
+            folder.display()
+        );
+    }
+    if let Some(p) = &cfg.load_path {
+        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+        if let (Some(p), Some(f)) = (canonical(Path::new(p)), canonical(folder)) {
+            if p.starts_with(&f) {
+                bail!(
+                    "load_path {} is inside save_folder {}, which save_overwrite would clear: branch into another save_folder",
+                    p.display(),
+                    f.display()
+                );
+            }
+        }
+    }
+    if lead {
+        checkpoint::remove_all(folder)?;
+        notes.push(format!(
+            "save_overwrite: removed the earlier checkpoints in {} (up to step {newest})",
+            folder.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The `load_path` options set away from their defaults, by name.
