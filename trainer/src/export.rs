@@ -12,8 +12,96 @@ use serde_json::json;
 
 use crate::checkpoint::{read_model, write_tensors};
 use crate::config::TrainConfig;
-use crate::model::Layout;
+use crate::model::{Layout, ModelConfig};
 use crate::ops::NormKind;
+
+/// One tensor of the transformers layout and where it lives in the flat parameters: `d × …`
+/// rows from `at`, or, for a norm this model has no weight for, `None` (all ones).
+pub(crate) struct HfTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub at: Option<usize>,
+}
+
+impl HfTensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Whether the model is exported as Llama (RMSNorm) rather than OLMo (non-parametric LayerNorm).
+pub(crate) fn is_llama(m: &ModelConfig) -> Result<bool> {
+    match (m.norm, m.norm_affine) {
+        (NormKind::LayerNorm, false) => Ok(false),
+        (NormKind::Rms, _) => Ok(true),
+        (NormKind::LayerNorm, true) => bail!(
+            "a LayerNorm with a weight but no bias has no transformers model class: export needs non-parametric LayerNorm (OLMo) or RMSNorm (Llama)"
+        ),
+    }
+}
+
+/// The transformers tensors of a model, in file order, mapped onto its layout: the one table
+/// both `export-hf` and `import-hf` read, so the two cannot disagree.
+pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTensor>> {
+    let llama = is_llama(m)?;
+    let (d, h, emb) = (m.d_model, m.mlp_hidden, m.embedding_size);
+    let t = |name: String, shape: Vec<usize>, at: Option<usize>| HfTensor { name, shape, at };
+    let mut out = vec![t(
+        "model.embed_tokens.weight".into(),
+        vec![emb, d],
+        Some(layout.wte),
+    )];
+    for (i, l) in layout.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            out.push(t(
+                format!("{p}.self_attn.{name}.weight"),
+                vec![d, d],
+                Some(l.att_proj + j * d * d),
+            ));
+        }
+        out.push(t(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, d],
+            Some(l.attn_out),
+        ));
+        out.push(t(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![h, d],
+            Some(l.ff_proj),
+        ));
+        out.push(t(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![h, d],
+            Some(l.ff_proj + h * d),
+        ));
+        out.push(t(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![d, h],
+            Some(l.ff_out),
+        ));
+        if llama {
+            out.push(t(
+                format!("{p}.input_layernorm.weight"),
+                vec![d],
+                l.attn_norm,
+            ));
+            out.push(t(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![d],
+                l.ff_norm,
+            ));
+        }
+    }
+    if llama {
+        out.push(t("model.norm.weight".into(), vec![d], layout.ln_f));
+    }
+    // tied: transformers re-ties lm_head to the embedding, so it is not stored
+    if !m.weight_tying {
+        out.push(t("lm_head.weight".into(), vec![emb, d], layout.head));
+    }
+    Ok(out)
+}
 
 pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
     let (cfg, _) = TrainConfig::load(&checkpoint.join("config.yaml"))?;
@@ -21,79 +109,19 @@ pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
     let layout = Layout::new(&m);
     let params = read_model(&checkpoint.join("model.safetensors"), &layout)?;
     let (d, h) = (m.d_model, m.mlp_hidden);
-    let llama = match (m.norm, m.norm_affine) {
-        (NormKind::LayerNorm, false) => false,
-        (NormKind::Rms, _) => true,
-        (NormKind::LayerNorm, true) => bail!(
-            "a LayerNorm with a weight but no bias has no transformers model class: export needs non-parametric LayerNorm (OLMo) or RMSNorm (Llama)"
-        ),
-    };
+    let llama = is_llama(&m)?;
     let ones = vec![1.0f32; d];
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    let emb = m.embedding_size;
-    tensors.push((
-        "model.embed_tokens.weight".into(),
-        vec![emb, d],
-        &params[layout.wte..layout.wte + emb * d],
-    ));
-    for (i, l) in layout.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-            let at = l.att_proj + j * d * d;
-            tensors.push((
-                format!("{p}.self_attn.{name}.weight"),
-                vec![d, d],
-                &params[at..at + d * d],
-            ));
-        }
-        tensors.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![d, d],
-            &params[l.attn_out..l.attn_out + d * d],
-        ));
-        tensors.push((
-            format!("{p}.mlp.up_proj.weight"),
-            vec![h, d],
-            &params[l.ff_proj..l.ff_proj + h * d],
-        ));
-        tensors.push((
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![h, d],
-            &params[l.ff_proj + h * d..l.ff_proj + 2 * h * d],
-        ));
-        tensors.push((
-            format!("{p}.mlp.down_proj.weight"),
-            vec![d, h],
-            &params[l.ff_out..l.ff_out + d * h],
-        ));
-        if llama {
-            let w = |at: Option<usize>| at.map_or(&ones[..], |o| &params[o..o + d]);
-            tensors.push((
-                format!("{p}.input_layernorm.weight"),
-                vec![d],
-                w(l.attn_norm),
-            ));
-            tensors.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![d],
-                w(l.ff_norm),
-            ));
-        }
-    }
-    if llama {
-        let w = layout.ln_f.map_or(&ones[..], |o| &params[o..o + d]);
-        tensors.push(("model.norm.weight".into(), vec![d], w));
-    }
-    let head = layout.head.unwrap_or(layout.wte);
-    tensors.push((
-        "lm_head.weight".into(),
-        vec![emb, d],
-        &params[head..head + emb * d],
-    ));
-    if m.weight_tying {
-        // tied: transformers re-ties lm_head to the embedding; storing it too is harmless
-        tensors.pop();
-    }
+    let table = hf_tensors(&m, &layout)?;
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = table
+        .iter()
+        .map(|t| {
+            let data = match t.at {
+                Some(at) => &params[at..at + t.len()],
+                None => &ones[..t.len()],
+            };
+            (t.name.clone(), t.shape.clone(), data)
+        })
+        .collect();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     write_tensors(&out.join("model.safetensors"), tensors)?;
     let mut config = json!({
@@ -106,7 +134,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
         "num_hidden_layers": m.n_layers,
         "max_position_embeddings": cfg.model.max_sequence_length,
         "rope_theta": m.rope_theta,
-        "vocab_size": emb,
+        "vocab_size": m.embedding_size,
         "hidden_act": "silu",
         "attention_bias": false,
         "attention_dropout": 0.0,

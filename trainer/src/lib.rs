@@ -16,6 +16,7 @@ pub mod eval;
 pub mod export;
 pub mod gemm_plan;
 pub mod gpu_check;
+pub mod import;
 pub mod model;
 pub mod ops;
 pub mod optim;

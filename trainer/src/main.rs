@@ -1,6 +1,6 @@
 //! `olmo-train`: train an OLMo-architecture model on dolma token shards (`train`), print a
-//! step's batch without training (`batch-at`), and export a checkpoint to Hugging Face format
-//! (`export-hf`).
+//! step's batch without training (`batch-at`), and move weights to and from Hugging Face
+//! format (`export-hf`, `import-hf`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ const USAGE: &str = "\
 usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [--KEY=VALUE ...]
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--KEY=VALUE ...]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
+       olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]
        olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
        olmo-train info [-c] CONFIG [--KEY=VALUE ...]
        olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
@@ -27,6 +28,9 @@ batch-at   prints the instances (file, token offset, first tokens) of global ste
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
            or LlamaForCausalLM for RMSNorm models).
+import-hf  reads a transformers OLMo or Llama-layout folder (sharded, F32/BF16/F16) for CONFIG's
+           model into a weights-only checkpoint: start from it with load_path and
+           reset_trainer_state + reset_optimizer_state (fine-tuning).
 eval       scores a checkpoint (default: the newest in save_folder) with the config's evaluators.
 info       prints the model's size and FLOPs per token.
 gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.
@@ -92,6 +96,7 @@ fn run(args: Vec<String>) -> Result<()> {
         Some("batch-at") => batch_at(&args[1..]),
         Some("train") => train(&args[1..]),
         Some("export-hf") => export(&args[1..]),
+        Some("import-hf") => import(&args[1..]),
         Some("info") => info(&args[1..]),
         Some("eval") => evaluate(&args[1..]),
         Some("gpu-check") => gpu_check(&args[1..]),
@@ -280,6 +285,22 @@ fn export(args: &[String]) -> Result<()> {
         }
         _ => bail!("usage: olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR"),
     }
+}
+
+fn import(args: &[String]) -> Result<()> {
+    let mut cl = command_line(args, &[])?;
+    if cl.config.is_none() || cl.plain.len() != 2 {
+        bail!("usage: olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]");
+    }
+    let (hf, out) = (PathBuf::from(&cl.plain[0]), PathBuf::from(&cl.plain[1]));
+    cl.plain.clear();
+    let (cfg, text) = cl.load()?;
+    olmo_train::import::import_hf(&hf, &cfg, &text, &out)?;
+    println!(
+        "wrote {o}/model.safetensors and {o}/config.yaml; start from them with load_path: {o}, reset_trainer_state: true, reset_optimizer_state: true",
+        o = out.display()
+    );
+    Ok(())
 }
 
 fn batch_at(args: &[String]) -> Result<()> {

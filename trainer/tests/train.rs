@@ -746,7 +746,7 @@ fn bad_data_and_configs_are_explained() {
 }
 
 #[test]
-fn export_hf_writes_olmo_and_llama_layouts() {
+fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
     let r = Run::new();
     for (name, extra, arch) in [
         ("olmo", "", "OlmoForCausalLM"),
@@ -802,7 +802,115 @@ fn export_hf_writes_olmo_and_llama_layouts() {
             assert!(header.get("model.norm.weight").is_none());
             assert_eq!(config["tie_word_embeddings"], true);
         }
+
+        // import-hf reads it back to the same weights
+        let back = r.path(&format!("{name}-back"));
+        ok(&import_hf(&hf, &back, &cfg, &[]));
+        let step2 = r.path(name).join("step2/model.safetensors");
+        assert_eq!(max_change(&step2, &back.join("model.safetensors")), 0.0);
+        if name == "llama" {
+            // as transformers often ships it: BF16, in two shards with an index
+            let shards = r.path("llama-bf16");
+            bf16_shards(&hf, &shards);
+            let back16 = r.path("llama-back16");
+            ok(&import_hf(&shards, &back16, &cfg, &[]));
+            let moved = max_change(&step2, &back16.join("model.safetensors"));
+            // bf16 rounding: half a unit in the last place, 2^-8 for weights below 2
+            assert!(moved > 0.0 && moved <= 1.0 / 256.0, "{moved}");
+        }
+        // a model that is not the config's is refused, naming the difference
+        let o = import_hf(&hf, &r.path("wrong"), &cfg, &["--model.n_layers=2"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && err.contains("num_hidden_layers is 1, the training config's model has 2"),
+            "{err}"
+        );
+        // and a fine-tuning run starts from the imported weights
+        let ft = r.config(
+            &format!("{name}-ft.yaml"),
+            &format!("{name}-ft"),
+            &format!(
+                "max_duration: 2\nload_path: {}\nreset_trainer_state: true\nreset_optimizer_state: true\n",
+                back.display()
+            ),
+        );
+        if name == "llama" {
+            edit(
+                &ft,
+                &[(
+                    "n_layers: 1",
+                    "n_layers: 1\n  layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
+                )],
+            );
+        }
+        let err = ok(&r.train(&ft, &[]));
+        assert!(
+            err.contains("-back: weights, fresh AdamW moments, a new trainer state at step 0"),
+            "{err}"
+        );
     }
+}
+
+fn import_hf(hf: &Path, out: &Path, cfg: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("import-hf")
+        .args([hf, out])
+        .arg("-c")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A transformers folder rewritten in BF16 and split into two shards with an index.
+fn bf16_shards(hf: &Path, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(hf.join("config.json"), out.join("config.json")).unwrap();
+    let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+                })
+                .collect();
+            (name, t.shape().to_vec(), data)
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let half_way = tensors.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (k, part) in [&tensors[..half_way], &tensors[half_way..]]
+        .iter()
+        .enumerate()
+    {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|(n, shape, data)| {
+                map.insert(n.clone(), serde_json::json!(file));
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    shape.clone(),
+                    data,
+                )
+                .unwrap();
+                (n.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &out.join(&file)).unwrap();
+    }
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
 }
 
 #[test]
