@@ -153,12 +153,13 @@ impl Shards {
         self.files.iter().any(|f| f.label_mask.is_some())
     }
 
-    /// One instance's label mask, when its file has one.
-    pub fn read_label_mask(&self, instance: u64) -> Result<Option<Vec<bool>>> {
+    /// One instance's label mask (every file has one once [`Shards::with_label_masks`] paired them).
+    pub fn read_label_mask(&self, instance: u64) -> Result<Vec<bool>> {
         let (f, offset) = self.locate(instance)?;
-        let Some(path) = &f.label_mask else {
-            return Ok(None);
-        };
+        let path = f
+            .label_mask
+            .as_ref()
+            .with_context(|| format!("{}: no label mask", f.path.display()))?;
         let mut file =
             File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         file.seek(SeekFrom::Start(offset))?;
@@ -172,7 +173,7 @@ impl Shards {
                 offset + k as u64
             );
         }
-        Ok(Some(buf.into_iter().map(|b| b == 1).collect()))
+        Ok(buf.into_iter().map(|b| b == 1).collect())
     }
 
     pub fn len(&self) -> u64 {

@@ -559,20 +559,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 .iter()
                 .map(|&i| shards.read(i as u64, Some(vocab as u64)))
                 .collect::<Result<_>>()?;
-            let masks: Option<Vec<Vec<bool>>> = if shards.has_label_masks() {
-                Some(
+            let masks = shards
+                .has_label_masks()
+                .then(|| {
                     chunk
                         .iter()
-                        .map(|&i| {
-                            Ok(shards
-                                .read_label_mask(i as u64)?
-                                .expect("every file has one"))
-                        })
-                        .collect::<Result<_>>()?,
-                )
-            } else {
-                None
-            };
+                        .map(|&i| shards.read_label_mask(i as u64))
+                        .collect::<Result<Vec<_>>>()
+                })
+                .transpose()?;
             let b =
                 Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
