@@ -52,6 +52,47 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// The instances step `step` (counted from 1) trained on, as the run's files recorded them:
+/// rank `rank`'s share, or with `None` the global batch, the ranks' shares interleaved back
+/// (rank r took every world-th instance from the r-th).
+pub fn recorded_batch(folder: &Path, step: u64, rank: Option<usize>) -> Result<Vec<u32>> {
+    let mut ranks = 0;
+    while path(folder, ranks).exists() {
+        ranks += 1;
+    }
+    if ranks == 0 {
+        anyhow::bail!("{}: no rank0.tsv.gz", folder.join("data-indices").display());
+    }
+    let share = |r: usize| -> Result<Vec<u32>> {
+        let p = path(folder, r);
+        let prefix = format!("{step}\t");
+        let line = read_lines(&p)?
+            .into_iter()
+            .find(|l| l.starts_with(&prefix))
+            .with_context(|| format!("{}: no line for step {step}", p.display()))?;
+        line.trim_end()
+            .split('\t')
+            .skip(1)
+            .map(|x| {
+                x.parse::<u32>()
+                    .with_context(|| format!("{}: `{x}`", p.display()))
+            })
+            .collect()
+    };
+    match rank {
+        Some(r) if r >= ranks => anyhow::bail!(
+            "{}: rank {r} has no file ({ranks} ranks recorded)",
+            folder.join("data-indices").display()
+        ),
+        Some(r) => share(r),
+        None => {
+            let shares: Vec<Vec<u32>> = (0..ranks).map(share).collect::<Result<_>>()?;
+            let n = shares.iter().map(Vec::len).sum();
+            Ok((0..n).map(|k| shares[k % ranks][k / ranks]).collect())
+        }
+    }
+}
+
 impl DataIndices {
     /// Opens this rank's file for a run at `resume_step`, keeping the earlier steps' lines.
     pub fn open(folder: &Path, rank: usize, resume_step: u64) -> Result<DataIndices> {

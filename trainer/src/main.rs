@@ -13,7 +13,7 @@ use olmo_train::train::open_shards;
 
 const USAGE: &str = "\
 usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [--KEY=VALUE ...]
-       olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--KEY=VALUE ...]
+       olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--from-run SAVE_FOLDER] [--KEY=VALUE ...]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]
        olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
@@ -26,6 +26,8 @@ train      trains (on a GPU when one is usable, else on the CPU: --device auto);
            fast_forward_batches as OLMo) if given.
 batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
+           --from-run: the instances a run recorded in its data-indices (after a fast-forward
+           or an epoch jump the record, not the order, says what was trained on).
 export-hf  writes config.json + model.safetensors loadable by transformers (OlmoForCausalLM,
            or LlamaForCausalLM for RMSNorm models).
 import-hf  reads a transformers OLMo or Llama-layout folder (sharded, F32/BF16/F16) for CONFIG's
@@ -304,14 +306,19 @@ fn import(args: &[String]) -> Result<()> {
 }
 
 fn batch_at(args: &[String]) -> Result<()> {
-    let cl = command_line(args, &["--epoch", "--rank", "--world-size"])?;
-    let (mut epoch, mut rank, mut world) = (None, 0u64, 1u64);
+    let cl = command_line(args, &["--epoch", "--rank", "--world-size", "--from-run"])?;
+    let (mut epoch, mut rank, mut world, mut from_run) = (None, 0u64, 1u64, None);
+    let mut rank_given = false;
     for (flag, v) in &cl.flags {
         let num = || v.parse::<u64>().with_context(|| format!("{flag} `{v}`"));
         match flag.as_str() {
             "--epoch" => epoch = Some(num()?),
-            "--rank" => rank = num()?,
+            "--rank" => {
+                rank = num()?;
+                rank_given = true;
+            }
             "--world-size" => world = num()?,
+            "--from-run" => from_run = Some(PathBuf::from(v)),
             _ => unreachable!("command_line keeps only the flags asked for"),
         }
     }
@@ -326,7 +333,8 @@ fn batch_at(args: &[String]) -> Result<()> {
         cl.config
             .ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?,
     );
-    if world == 0 || rank >= world {
+    // a run's record says how many ranks it had
+    if from_run.is_none() && (world == 0 || rank >= world) {
         bail!("--rank must be below --world-size");
     }
     let text = read_with_overrides(&config, &cl.overrides)?;
@@ -347,19 +355,39 @@ fn batch_at(args: &[String]) -> Result<()> {
         cfg.model.max_sequence_length,
         vocab,
     )?;
-    let seed = cfg.data.seed.unwrap_or(cfg.seed);
-    let epoch = epoch.or(cfg.epoch).unwrap_or(0);
-    let order = global_order(shards.len(), seed, epoch, world, cfg.data.drop_last);
-    let batch = batch_instances(&order, step, cfg.global_train_batch_size, rank, world)?;
     // `batch-at ... | head` closes the pipe early: that ends the listing, not in a panic.
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "step {step} (epoch {epoch}, seed {seed}, rank {rank}/{world}): {} instances of {} tokens; {} instances in all",
-        batch.len(),
-        shards.seq_len,
-        shards.len()
-    )?;
+    let batch = match &from_run {
+        // what the run recorded (data-indices counts steps from 1)
+        Some(run) => {
+            let r = rank_given.then_some(rank as usize);
+            let batch = olmo_train::data_indices::recorded_batch(run, step + 1, r)?;
+            writeln!(
+                out,
+                "step {step} as {} recorded it ({}): {} instances of {} tokens; {} instances in all",
+                run.display(),
+                r.map_or("every rank".to_string(), |r| format!("rank {r}")),
+                batch.len(),
+                shards.seq_len,
+                shards.len()
+            )?;
+            batch
+        }
+        None => {
+            let seed = cfg.data.seed.unwrap_or(cfg.seed);
+            let epoch = epoch.or(cfg.epoch).unwrap_or(0);
+            let order = global_order(shards.len(), seed, epoch, world, cfg.data.drop_last);
+            let batch = batch_instances(&order, step, cfg.global_train_batch_size, rank, world)?;
+            writeln!(
+                out,
+                "step {step} (epoch {epoch}, seed {seed}, rank {rank}/{world}): {} instances of {} tokens; {} instances in all",
+                batch.len(),
+                shards.seq_len,
+                shards.len()
+            )?;
+            batch
+        }
+    };
     for inst in batch {
         let (file, offset) = shards.locate(inst as u64)?;
         let tokens = shards.read(inst as u64, Some(vocab as u64))?;

@@ -264,6 +264,24 @@ fn data_index_lines(path: &Path) -> Vec<(u64, Vec<u32>)> {
         .collect()
 }
 
+/// The instances `batch-at STEP --from-run RUN` lists.
+fn batch_at_run(cfg: &Path, step: u64, run: &Path, args: &[&str]) -> Vec<u32> {
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["batch-at", &step.to_string(), "-c"])
+        .arg(cfg)
+        .arg("--from-run")
+        .arg(run)
+        .args(args)
+        .output()
+        .unwrap();
+    ok(&o);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect()
+}
+
 /// `train_data/global_indices.npy`: raw little-endian uint32.
 fn global_indices(path: &Path) -> Vec<u32> {
     std::fs::read(path)
@@ -350,6 +368,12 @@ fn two_ranks_train_like_one_process() {
     let rank0 = data_index_lines(&r.path("two/data-indices/rank0.tsv.gz"));
     let rank1 = data_index_lines(&r.path("two/data-indices/rank1.tsv.gz"));
     assert_eq!(whole.len(), 12);
+    // batch-at puts the ranks' shares back together, or shows one
+    assert_eq!(batch_at_run(&two, 4, &r.path("two"), &[]), whole[4].1);
+    assert_eq!(
+        batch_at_run(&two, 4, &r.path("two"), &["--rank", "1"]),
+        rank1[4].1
+    );
     for ((w, a), b) in whole.iter().zip(&rank0).zip(&rank1) {
         assert_eq!((w.0, w.0), (a.0, b.0));
         let even: Vec<u32> = w.1.iter().step_by(2).copied().collect();
@@ -1198,6 +1222,13 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
         let at = (25 + k) * 8;
         assert_eq!(ids, &order[at..at + 8]);
     }
+
+    // batch-at reads the record: step 20 (0-based) is the 21st, after the skip
+    let cfg = r.path("skip.yaml");
+    assert_eq!(
+        batch_at_run(&cfg, 20, &r.path("skip"), &[]),
+        &order[200..208]
+    );
 
     // a later epoch asked for begins at its start; an earlier one is refused
     let err = ok(&r.train(&from("later", "epoch: 2\n"), &[]));
