@@ -87,6 +87,12 @@ pub fn recorded_batch(folder: &Path, step: u64, rank: Option<usize>) -> Result<V
         Some(r) => share(r),
         None => {
             let shares: Vec<Vec<u32>> = (0..ranks).map(share).collect::<Result<_>>()?;
+            if shares.iter().any(|s| s.len() != shares[0].len()) {
+                anyhow::bail!(
+                    "{}: the ranks' records of step {step} differ in size (files left from a run with another world size?): ask for one with --rank",
+                    folder.join("data-indices").display()
+                );
+            }
             let n = shares.iter().map(Vec::len).sum();
             Ok((0..n).map(|k| shares[k % ranks][k / ranks]).collect())
         }
@@ -173,5 +179,29 @@ mod tests {
         let lines = read_lines(&p).unwrap();
         assert_eq!(lines.len(), 6);
         assert_eq!(lines[3], "4\t4\t14\n");
+    }
+
+    #[test]
+    fn the_global_batch_is_the_ranks_shares_interleaved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r0 = DataIndices::open(dir.path(), 0, 0).unwrap();
+        let mut r1 = DataIndices::open(dir.path(), 1, 0).unwrap();
+        r0.write(1, &[10, 12, 14]).unwrap();
+        r1.write(1, &[11, 13, 15]).unwrap();
+        r0.write(2, &[20, 22]).unwrap();
+        r1.write(2, &[21]).unwrap();
+        assert_eq!(
+            recorded_batch(dir.path(), 1, None).unwrap(),
+            [10, 11, 12, 13, 14, 15]
+        );
+        assert_eq!(
+            recorded_batch(dir.path(), 1, Some(1)).unwrap(),
+            [11, 13, 15]
+        );
+        let err = recorded_batch(dir.path(), 2, None).unwrap_err();
+        assert!(format!("{err}").contains("differ in size"), "{err}");
+        let err = recorded_batch(dir.path(), 3, None).unwrap_err();
+        assert!(format!("{err:#}").contains("no line for step 3"), "{err:#}");
+        assert!(recorded_batch(dir.path(), 1, Some(2)).is_err());
     }
 }
