@@ -267,11 +267,14 @@ fn flash_attention(e: &mut crate::cuda::CudaEngine, on: bool) {
     }
 }
 
-/// Trains as the config says; `device` overrides the config's `device:`.
+/// Trains as the config says.
 pub fn run(cfg: TrainConfig, config_text: &str) -> Result<()> {
     run_on(cfg, config_text, None)
 }
 
+/// Trains as the config says; `device` overrides the config's `device:`. Installs the process's
+/// SIGTERM and SIGINT handlers (see [`crate::stop`]): a signal ends the run after its step with
+/// a checkpoint and the [`Stopped`] error.
 pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> Result<()> {
     let began = Instant::now();
     stop::catch_signals();
