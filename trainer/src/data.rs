@@ -160,12 +160,7 @@ impl Shards {
             .label_mask
             .as_ref()
             .with_context(|| format!("{}: no label mask", f.path.display()))?;
-        let mut file =
-            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; self.seq_len as usize];
-        file.read_exact(&mut buf)
-            .with_context(|| format!("{}: short read", path.display()))?;
+        let buf = read_at(path, offset, self.seq_len)?;
         if let Some((k, bad)) = buf.iter().enumerate().find(|(_, &b)| b > 1) {
             bail!(
                 "{}: byte {bad} at position {} is not a bool (0 or 1)",
@@ -206,12 +201,7 @@ impl Shards {
     pub fn read(&self, instance: u64, vocab_size: Option<u64>) -> Result<Vec<u32>> {
         let (f, offset) = self.locate(instance)?;
         let w = self.dtype.width();
-        let mut file =
-            File::open(&f.path).with_context(|| format!("cannot open {}", f.path.display()))?;
-        file.seek(SeekFrom::Start(offset * w))?;
-        let mut buf = vec![0u8; (self.seq_len * w) as usize];
-        file.read_exact(&mut buf)
-            .with_context(|| format!("{}: short read", f.path.display()))?;
+        let buf = read_at(&f.path, offset * w, self.seq_len * w)?;
         let ids: Vec<u32> = buf
             .chunks_exact(w as usize)
             .map(|c| {
@@ -233,6 +223,16 @@ impl Shards {
         }
         Ok(ids)
     }
+}
+
+/// `len` bytes of `path` from byte `offset`: one window of a token file or of its label mask.
+fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact(&mut buf)
+        .with_context(|| format!("{}: short read", path.display()))?;
+    Ok(buf)
 }
 
 fn tracing_warn(msg: &str) {
