@@ -227,16 +227,17 @@ pub fn list_steps(folder: &Path) -> Result<Vec<u64>> {
 
 /// Removes every checkpoint of `folder` (complete or not) and the `latest` link.
 pub fn remove_all(folder: &Path) -> Result<()> {
-    for s in list_steps(folder)? {
-        std::fs::remove_dir_all(step_dir(folder, s))?;
-    }
     let Ok(rd) = std::fs::read_dir(folder) else {
         return Ok(());
     };
     for e in rd {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("step") && name.ends_with(".tmp") {
+        // `step{N}` and the `step{N}.tmp` a killed save left
+        let step = name
+            .strip_prefix("step")
+            .map(|n| n.trim_end_matches(".tmp"));
+        if step.is_some_and(|n| n.parse::<u64>().is_ok()) {
             std::fs::remove_dir_all(e.path())?;
         }
     }
