@@ -1518,6 +1518,8 @@ fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
         r.path("run/step4").exists(),
         "a refused run removes nothing"
     );
+    // a half-written save of the earlier run goes too
+    std::fs::create_dir_all(r.path("run/step6.tmp")).unwrap();
     let err = ok(&r.train(
         &cfg,
         &[
@@ -1527,7 +1529,7 @@ fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
         ],
     ));
     assert!(err.contains("removed the earlier checkpoints"), "{err}");
-    assert!(!r.path("run/step4").exists());
+    assert!(!r.path("run/step4").exists() && !r.path("run/step6.tmp").exists());
     assert_eq!(train_state(&r, "run/step3")["step"], 3);
     assert_eq!(
         std::fs::read_link(r.path("run/latest")).unwrap(),
