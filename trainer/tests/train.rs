@@ -88,6 +88,16 @@ fn ok(o: &Output) -> String {
     err
 }
 
+/// The log of a command that failed saying `want`.
+fn refused(o: &Output, want: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains(want),
+        "want `{want}` in: {err}"
+    );
+    err
+}
+
 /// The log of a run on the CUDA stand-ins that succeeded, or None (saying so) where NVRTC,
 /// which the stand-ins do not replace, is not on the library path.
 fn ok_on_standins(o: &Output) -> Option<String> {
@@ -693,12 +703,7 @@ fn bad_data_and_configs_are_explained() {
     let fails = |edit: &str, want: &str| {
         let cfg = r.path("bad.yaml");
         std::fs::write(&cfg, edit).unwrap();
-        let o = r.train(&cfg, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(want),
-            "want `{want}` in: {err}"
-        );
+        refused(&r.train(&cfg, &[]), want);
     };
     // ids beyond the vocabulary (a tokenizer/vocab mismatch), named with file and position
     fails(
@@ -843,12 +848,9 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
             assert!(moved > 0.0 && moved <= 1.0 / 256.0, "{moved}");
         }
         // a model that is not the config's is refused, naming the difference
-        let o = import_hf(&hf, &r.path("wrong"), &cfg, &["--model.n_layers=2"]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success()
-                && err.contains("num_hidden_layers is 1, the training config's model has 2"),
-            "{err}"
+        refused(
+            &import_hf(&hf, &r.path("wrong"), &cfg, &["--model.n_layers=2"]),
+            "num_hidden_layers is 1, the training config's model has 2",
         );
         // and a fine-tuning run starts from the imported weights
         let ft = r.config(
@@ -997,9 +999,7 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
         ),
         ("--data.paths.x=1", "`data.paths` is a list of 2"),
     ] {
-        let o = r.train(&cfg, &[arg]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{arg}: {err}");
+        refused(&r.train(&cfg, &[arg]), want);
     }
     assert!(!r.path("file").exists());
 }
@@ -1067,13 +1067,8 @@ fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
     // killed after step 6 and rerun with the same config: it resumes its own checkpoint whole
     // (the reset applies to the first start only) and ends with the same bytes
     let ft2 = r.path("ft2.yaml");
-    std::fs::write(
-        &ft2,
-        std::fs::read_to_string(&ft)
-            .unwrap()
-            .replace("/ft\n", "/ft2\n"),
-    )
-    .unwrap();
+    std::fs::copy(&ft, &ft2).unwrap();
+    edit(&ft2, &[("/ft\n", "/ft2\n")]);
     ok(&r.train(&ft2, &["--stop_at=6"]));
     let err = ok(&r.train(&ft2, &[]));
     assert!(err.contains("done: 6 steps this run"), "{err}");
@@ -1179,14 +1174,8 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
     }
     let cfg = from("w", "");
     edit(&cfg, &[("base/step20", "weights")]);
-    let o = r.train(&cfg, &[]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && e.contains("weights/optim.safetensors is missing")
-            && e.contains("set reset_optimizer_state"),
-        "{e}"
-    );
+    let e = refused(&r.train(&cfg, &[]), "weights/optim.safetensors is missing");
+    assert!(e.contains("set reset_optimizer_state"), "{e}");
     edit(
         &cfg,
         &[("stop_at: 24", "stop_at: 24\nreset_optimizer_state: true")],
@@ -1236,20 +1225,15 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
     assert_eq!(train_state(&r, "later/step24")["epoch"], 2);
     let cfg = from("earlier", "epoch: 1\n");
     edit(&cfg, &[("base/step20", "later/step24")]);
-    let o = r.train(&cfg, &[]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && e.contains("the checkpoint is in epoch 2, the config asks for epoch 1"),
-        "{e}"
+    refused(
+        &r.train(&cfg, &[]),
+        "the checkpoint is in epoch 2, the config asks for epoch 1",
     );
 
     // the run's own checkpoint with another data seed: the order would not continue
-    let o = r.train(&base, &["--stop_at=30", "--seed=7"]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("shuffled with seed 6198, the config gives 7"),
-        "{e}"
+    refused(
+        &r.train(&base, &["--stop_at=30", "--seed=7"]),
+        "shuffled with seed 6198, the config gives 7",
     );
 }
 
@@ -1390,9 +1374,9 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
     let config = |run: &str, extra: &str| {
         let cfg = r.config(&format!("{run}.yaml"), run, "max_duration: 6\n");
         // the mask list joins the data section
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        let extra = extra.replace("data:\n", "");
-        std::fs::write(&cfg, text.replace("data:\n", &format!("data:\n{extra}"))).unwrap();
+        if !extra.is_empty() {
+            edit(&cfg, &[("data:\n", extra)]);
+        }
         cfg
     };
     ok(&r.train(&config("plain", ""), &[]));
@@ -1421,14 +1405,7 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
     }
 
     // mistakes are named
-    let fails = |cfg: &Path, want: &str| {
-        let o = r.train(cfg, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(want),
-            "want `{want}` in: {err}"
-        );
-    };
+    let fails = |cfg: &Path, want: &str| refused(&r.train(cfg, &[]), want);
     let one = format!(
         "data:\n  label_mask_paths: ['{}']\n",
         r.path("ones-a.mask").display()
@@ -1495,11 +1472,9 @@ fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
     let r = Run::new();
     let cfg = r.config("c.yaml", "run", "max_duration: 4\nsave_interval: 2\n");
     ok(&r.train(&cfg, &[]));
-    let o = r.train(&cfg, &["--try_load_latest_save=false", "--max_duration=3"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("holds checkpoints of an earlier run (up to step 4)"),
-        "{err}"
+    refused(
+        &r.train(&cfg, &["--try_load_latest_save=false", "--max_duration=3"]),
+        "holds checkpoints of an earlier run (up to step 4)",
     );
     let o = r.train(
         &cfg,
@@ -1509,11 +1484,7 @@ fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
             &format!("--load_path={}", r.path("run/step2").display()),
         ],
     );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("is inside save_folder"),
-        "{err}"
-    );
+    refused(&o, "is inside save_folder");
     assert!(
         r.path("run/step4").exists(),
         "a refused run removes nothing"
