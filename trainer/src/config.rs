@@ -680,22 +680,22 @@ impl TrainConfig {
             sect("tokenizer", &t.other);
         }
         // evaluation scores every target of every window, attending across the whole window
-        let mut masks = Vec::new();
+        let mut training_only = Vec::new();
         for (i, e) in self.evaluators.iter().enumerate() {
             let name = evaluator(i, e);
             sect(&name, &e.other);
             sect(&format!("{name}.data"), &e.data.other);
             if !e.data.label_mask_paths.is_empty() {
-                masks.push(format!("{name}.data.label_mask_paths"));
+                training_only.push(format!("{name}.data.label_mask_paths"));
             }
             if e.data.instance_filter.is_some() {
-                masks.push(format!("{name}.data.instance_filter"));
+                training_only.push(format!("{name}.data.instance_filter"));
             }
             if e.data.generate_doc_lengths {
-                masks.push(format!("{name}.data.generate_doc_lengths"));
+                training_only.push(format!("{name}.data.generate_doc_lengths"));
             }
         }
-        out.extend(masks);
+        out.extend(training_only);
         out
     }
 
