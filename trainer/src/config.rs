@@ -12,6 +12,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::device::Request;
+use crate::instance_filter::InstanceFilter;
 use crate::model::{InitFn, ModelConfig};
 use crate::ops::NormKind;
 
@@ -423,9 +424,9 @@ pub struct DataSection {
     /// targets whose mask is false are not trained on (a fine-tuning set's prompts).
     #[serde(default)]
     pub label_mask_paths: Vec<String>,
-    /// OLMo-2's repetition filter: not implemented, an error when set.
+    /// OLMo-2's repetition filter: instances with a long periodic run are not trained on.
     #[serde(default)]
-    pub instance_filter: Option<IgnoredAny>,
+    pub instance_filter: Option<InstanceFilter>,
     /// Attention within documents only: not implemented, an error when true.
     #[serde(default)]
     pub generate_doc_lengths: bool,
@@ -724,8 +725,8 @@ impl TrainConfig {
         if self.max_grad_norm_ratio.is_some() {
             bail!("max_grad_norm_ratio (OLMo's adaptive clipping) is not implemented: remove it, max_grad_norm clips by the global norm");
         }
-        if self.data.instance_filter.is_some() {
-            bail!("data.instance_filter (OLMo-2's repetition filter) is not implemented: remove it, every instance is trained on");
+        if let Some(f) = &self.data.instance_filter {
+            f.check()?;
         }
         if self.data.generate_doc_lengths {
             bail!("data.generate_doc_lengths (attention within documents) is not implemented: remove it, attention spans the whole window as OLMo-1's does");

@@ -17,6 +17,7 @@ pub mod export;
 pub mod gemm_plan;
 pub mod gpu_check;
 pub mod import;
+pub mod instance_filter;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -19,6 +19,7 @@ use crate::data_indices::DataIndices;
 use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
+use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
 use crate::optim::AdamW;
 use crate::schedule::{Kind, Schedule};
@@ -524,6 +525,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let mut last_eval = eval::Results::new();
     let mut last_loss = f64::NAN;
     let mut stopped = None;
+    let mut filtered_in_run = 0u64;
     while state.step < stop {
         let t0 = Instant::now();
         speed.batch_start(t0, device_tokens, state.step > start_step);
@@ -557,20 +559,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         // per-target mean. Evaluation losses are true means, as OLMo's evaluators.
         let scored = (batch * seq as u64) as f64;
         let (mut ce, mut z) = (0.0f64, 0.0f64);
+        let mut filtered = 0u64;
         for chunk in ids.chunks(micro as usize) {
             let windows: Vec<Vec<u32>> = chunk
                 .iter()
                 .map(|&i| shards.read(i as u64, Some(vocab as u64)))
                 .collect::<Result<_>>()?;
-            let masks = shards
-                .has_label_masks()
-                .then(|| {
-                    chunk
-                        .iter()
-                        .map(|&i| shards.read_label_mask(i as u64))
-                        .collect::<Result<Vec<_>>>()
-                })
-                .transpose()?;
+            let (masks, dropped) =
+                micro_batch_masks(&shards, chunk, &windows, cfg.data.instance_filter.as_ref())?;
+            filtered += dropped;
             let b =
                 Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
@@ -580,10 +577,13 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         let mut votes = Reason::votes(cfg.time_limit, began);
         if let Some(t) = tcp.as_mut() {
             engine.all_reduce_grads(t)?;
-            let mut sums = [ce, z, votes[0], votes[1], votes[2]];
+            let mut sums = [ce, z, votes[0], votes[1], votes[2], filtered as f64];
             t.all_reduce_f64(&mut sums)?;
             (ce, z) = (sums[0], sums[1]);
             votes = [sums[2], sums[3], sums[4]];
+            filtered_in_run += sums[5] as u64;
+        } else {
+            filtered_in_run += filtered;
         }
         let early = Reason::decide(votes, cfg.time_limit);
         let (ce, z) = (ce / scored, z / scored);
@@ -640,6 +640,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 flops_per_token,
             ),
         ];
+        if cfg.data.instance_filter.is_some() {
+            // OLMo's metric: this rank's count
+            logged.push(("train/masked_instances_local_rank".into(), filtered as f64));
+        }
         if let Some(r) = rate {
             logged.push((
                 "throughput/device/tokens_per_second".into(),
@@ -742,6 +746,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             bytes as f64 / (1u64 << 30) as f64
         );
     }
+    if cfg.data.instance_filter.is_some() {
+        summary += &format!(
+            "; the instance filter masked {filtered_in_run} of {} instances",
+            trained * batch
+        );
+    }
     for (label, uni) in &evals.unigram {
         if let Some(ce) = last_eval.get(&format!("eval/{label}/CrossEntropyLoss")) {
             summary += &format!(
@@ -837,4 +847,34 @@ pub fn evaluate(
         println!("{k} {v:.6}");
     }
     Ok(r)
+}
+
+/// A micro-batch's label masks: OLMo's label masks where the data has them, and every target
+/// of an instance the instance filter drops (OLMo's `instance_mask`); with how many it dropped.
+fn micro_batch_masks(
+    shards: &Shards,
+    ids: &[u32],
+    windows: &[Vec<u32>],
+    filter: Option<&InstanceFilter>,
+) -> Result<(Option<Vec<Vec<bool>>>, u64)> {
+    let mut masks = shards
+        .has_label_masks()
+        .then(|| {
+            ids.iter()
+                .map(|&i| shards.read_label_mask(i as u64))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    let Some(filter) = filter else {
+        return Ok((masks, 0));
+    };
+    let mut dropped = 0;
+    for (k, w) in windows.iter().enumerate() {
+        if !filter.keeps(w) {
+            dropped += 1;
+            masks.get_or_insert_with(|| windows.iter().map(|w| vec![true; w.len()]).collect())[k]
+                .fill(false);
+        }
+    }
+    Ok((masks, dropped))
 }

@@ -755,9 +755,16 @@ fn bad_data_and_configs_are_explained() {
     fails(
         &text.replace(
             "paths:",
-            "instance_filter: {repetition_max_period: 13}\n  paths:",
+            "instance_filter: {repetition_min_period: 5, repetition_max_period: 4}\n  paths:",
         ),
-        "data.instance_filter (OLMo-2's repetition filter) is not implemented",
+        "repetition_min_period (5) is above repetition_max_period (4)",
+    );
+    fails(
+        &text.replace(
+            "paths:",
+            "instance_filter: {repetition_max_cout: 8}\n  paths:",
+        ),
+        "unknown field `repetition_max_cout`",
     );
     fails(
         &text.replace("paths:", "generate_doc_lengths: true\n  paths:"),
@@ -1430,6 +1437,81 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
         std::fs::write(path, bytes).unwrap();
     }
     fails(&config("bad3", &sevens), "is not a bool (0 or 1)");
+}
+
+#[test]
+fn the_instance_filter_leaves_out_the_instances_olmo_drops() {
+    let r = Run::new();
+    // b.npy becomes "7 8" over and over: each of its windows repeats period 2 eight times,
+    // while a.npy's period of 11 is too long to count in a window of 16
+    let tokens: Vec<u8> = (0..2048)
+        .map(|i| [7u16, 8][i % 2])
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    std::fs::write(r.path("b.npy"), tokens).unwrap();
+    let config = |run: &str, extra: &str| {
+        let cfg = r.config(&format!("{run}.yaml"), run, "max_duration: 6\n");
+        if !extra.is_empty() {
+            edit(&cfg, &[("data:\n", extra)]);
+        }
+        cfg
+    };
+    let model =
+        |run: &str| std::fs::read(r.path(&format!("{run}/step6/model.safetensors"))).unwrap();
+    let dropped = |run: &str| -> Vec<f64> {
+        r.metrics(run)
+            .iter()
+            .filter_map(|m| m["train/masked_instances_local_rank"].as_f64())
+            .collect()
+    };
+
+    // eight repeats reach a count of 8: b's instances are dropped, which is training with
+    // label masks that mask all of b
+    let log = ok(&r.train(
+        &config(
+            "filter",
+            "data:\n  instance_filter: {repetition_max_count: 8}\n",
+        ),
+        &[],
+    ));
+    for (file, n, keep) in [("a", 4096, 1u8), ("b", 2048, 0)] {
+        std::fs::write(r.path(&format!("{file}.mask")), vec![keep; n]).unwrap();
+    }
+    let masks = format!(
+        "data:\n  label_mask_paths: ['{d}/a.mask', '{d}/b.mask']\n",
+        d = r.dir.path().display()
+    );
+    ok(&r.train(&config("masked", &masks), &[]));
+    assert!(model("filter") == model("masked"));
+    assert_eq!(losses(&r.metrics("filter")), losses(&r.metrics("masked")));
+    // each step's count is the batch's instances from b (b's follow a's 256 in the order)
+    let lines = data_index_lines(&r.path("filter/data-indices/rank0.tsv.gz"));
+    let from_b: Vec<f64> = lines
+        .iter()
+        .map(|(_, ids)| ids.iter().filter(|&&i| i >= 256).count() as f64)
+        .collect();
+    assert_eq!(dropped("filter"), from_b);
+    let total: f64 = from_b.iter().sum();
+    assert!(total > 0.0 && total < 48.0, "{from_b:?}");
+    assert!(
+        log.contains(&format!(
+            "the instance filter masked {total} of 48 instances"
+        )),
+        "{log}"
+    );
+
+    // a count of 9 is one repeat more than any window holds: nothing is dropped
+    ok(&r.train(
+        &config(
+            "nine",
+            "data:\n  instance_filter: {repetition_max_count: 9}\n",
+        ),
+        &[],
+    ));
+    ok(&r.train(&config("plain", ""), &[]));
+    assert!(model("nine") == model("plain"));
+    assert_eq!(dropped("nine"), vec![0.0; 6]);
+    assert!(dropped("plain").is_empty());
 }
 
 #[test]
