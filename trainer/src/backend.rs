@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::dist::Tcp;
 use crate::model::{Batch, Model, Scores};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_grad_norm, sum_of_squares, AdamW};
 
 /// Receives host copies of (params, exp_avg, exp_avg_sq).
 pub type StateFn<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> Result<()> + 'a;
@@ -19,6 +19,8 @@ pub struct Update<'a> {
     pub lr: f32,
     /// Global-norm clipping threshold, if any.
     pub max_norm: Option<f32>,
+    /// Adaptive clipping instead: each tensor's clipping coefficient, in layout order.
+    pub coefs: Option<&'a [f32]>,
     pub adamw: AdamW,
     /// Weight decay on or off per tensor, in layout order.
     pub decay: &'a [bool],
@@ -47,6 +49,8 @@ pub trait Backend {
     fn zero_grad(&mut self) -> Result<()>;
     /// Sums the gradient accumulators of all ranks (data parallelism).
     fn all_reduce_grads(&mut self, tcp: &mut Tcp) -> Result<()>;
+    /// Each tensor's gradient norm, in layout order (for adaptive clipping).
+    fn grad_norms(&mut self) -> Result<Vec<f32>>;
     /// Clips the accumulated gradient and applies AdamW; returns the norm before clipping.
     fn step(&mut self, u: &Update) -> Result<f32>;
     /// Calls `f(params, exp_avg, exp_avg_sq)` with host copies of the state.
@@ -99,10 +103,27 @@ impl Backend for Cpu {
         tcp.all_reduce_f32(&mut self.grads)
     }
 
+    fn grad_norms(&mut self) -> Result<Vec<f32>> {
+        Ok(self
+            .model
+            .layout
+            .tensors
+            .iter()
+            .map(|t| sum_of_squares(&self.grads[t.range()]).sqrt() as f32)
+            .collect())
+    }
+
     fn step(&mut self, u: &Update) -> Result<f32> {
-        let norm = clip_grad_norm(&mut [&mut self.grads], u.max_norm.unwrap_or(f32::INFINITY));
-        for (t, &decay) in self.model.layout.tensors.iter().zip(u.decay) {
+        let max_norm = match u.coefs {
+            Some(_) => f32::INFINITY,
+            None => u.max_norm.unwrap_or(f32::INFINITY),
+        };
+        let norm = clip_grad_norm(&mut [&mut self.grads], max_norm);
+        for (k, (t, &decay)) in self.model.layout.tensors.iter().zip(u.decay).enumerate() {
             let r = t.range();
+            if let Some(&coef) = u.coefs.map(|c| &c[k]).filter(|&&c| c < 1.0) {
+                self.grads[r.clone()].iter_mut().for_each(|g| *g *= coef);
+            }
             u.adamw.step_slices(
                 u.step,
                 u.lr,

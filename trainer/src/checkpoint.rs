@@ -1,6 +1,7 @@
 //! Checkpoints: one self-describing folder per step, `{save_folder}/step{N}/` with
 //! `model.safetensors` (tensors under OLMo's state-dict names), `optim.safetensors` (AdamW's
-//! `exp_avg`/`exp_avg_sq` per tensor), `train.json` (step, epoch, data position, tokens seen)
+//! `exp_avg`/`exp_avg_sq` per tensor, and under adaptive clipping OLMo's scalar
+//! `grad_norm_exp_avg` per tensor), `train.json` (step, epoch, data position, tokens seen)
 //! and `config.yaml`. A folder is written as `step{N}.tmp` and renamed when complete, then the
 //! `latest` link moves to it, so a killed run never leaves a half checkpoint that looks whole.
 
@@ -124,6 +125,8 @@ pub struct Checkpoint<'a> {
     pub params: &'a [f32],
     pub exp_avg: &'a [f32],
     pub exp_avg_sq: &'a [f32],
+    /// Adaptive clipping's average gradient norm per tensor, where it has one.
+    pub grad_norm_exp_avg: &'a [Option<f32>],
     pub state: &'a TrainerState,
     pub config_text: &'a str,
     /// OLMo's ephemeral checkpoint (`save_interval_ephemeral`): kept only until the next save.
@@ -151,8 +154,18 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_model(&tmp.join("model.safetensors"), ck.layout, ck.params)?;
+    let averages: Vec<f32> = ck.grad_norm_exp_avg.iter().flatten().copied().collect();
     let mut optim = Vec::new();
-    for t in &ck.layout.tensors {
+    let mut next_average = averages.iter();
+    for (t, avg) in ck.layout.tensors.iter().zip(ck.grad_norm_exp_avg) {
+        if avg.is_some() {
+            let a = next_average.next().expect("one per Some");
+            optim.push((
+                format!("{}.grad_norm_exp_avg", t.name),
+                vec![],
+                std::slice::from_ref(a),
+            ));
+        }
         optim.push((
             format!("{}.exp_avg", t.name),
             t.shape.clone(),
@@ -266,6 +279,8 @@ pub struct Loaded {
     pub params: Vec<f32>,
     /// `exp_avg` and `exp_avg_sq`, when asked for.
     pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// Adaptive clipping's averages, one per tensor (`None` where the file has none).
+    pub grad_norm_exp_avg: Vec<Option<f32>>,
     /// When asked for.
     pub state: Option<TrainerState>,
 }
@@ -299,6 +314,7 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
         None
     };
     let params = read_model(&dir.join("model.safetensors"), layout)?;
+    let mut grad_norm_exp_avg = vec![None; layout.tensors.len()];
     let moments = if parts.optimizer {
         let path = dir.join("optim.safetensors");
         if !path.exists() {
@@ -313,6 +329,7 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
             layout,
             &mut [(".exp_avg", &mut m), (".exp_avg_sq", &mut v)],
         )?;
+        grad_norm_exp_avg = read_scalars(&path, layout, ".grad_norm_exp_avg")?;
         Some((m, v))
     } else {
         None
@@ -321,7 +338,35 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
         params,
         moments,
         state,
+        grad_norm_exp_avg,
     })
+}
+
+/// The F32 scalars `{tensor}{suffix}` of a safetensors file, one per layout tensor where present.
+fn read_scalars(path: &Path, layout: &Layout, suffix: &str) -> Result<Vec<Option<f32>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    layout
+        .tensors
+        .iter()
+        .map(|tensor| {
+            let name = format!("{}{suffix}", tensor.name);
+            let Ok(t) = st.tensor(&name) else {
+                return Ok(None);
+            };
+            match (t.dtype(), t.data()) {
+                (StDtype::F32, &[a, b, c, d]) if t.shape().is_empty() => {
+                    Ok(Some(f32::from_le_bytes([a, b, c, d])))
+                }
+                _ => bail!(
+                    "{}: `{name}` is {:?} {:?}, expected an F32 scalar",
+                    path.display(),
+                    t.dtype(),
+                    t.shape()
+                ),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -367,6 +412,7 @@ mod tests {
                 params: &zeros,
                 exp_avg: &zeros,
                 exp_avg_sq: &zeros,
+                grad_norm_exp_avg: &[],
                 state: &state,
                 config_text: "",
                 ephemeral,

@@ -61,7 +61,7 @@ pub struct TrainConfig {
     pub epoch: Option<u64>,
     #[serde(default)]
     pub max_grad_norm: Option<f32>,
-    /// OLMo's adaptive clipping: not implemented, an error when set.
+    /// OLMo's adaptive clipping, per tensor: in place of `max_grad_norm` when set.
     #[serde(default)]
     pub max_grad_norm_ratio: Option<f64>,
     #[serde(default)]
@@ -722,8 +722,11 @@ impl TrainConfig {
     /// OLMo options that would change what is trained and that this engine does not implement:
     /// errors, where options without effect (wandb, FSDP, ...) are only listed in a warning.
     pub fn check_training_options(&self) -> Result<()> {
-        if self.max_grad_norm_ratio.is_some() {
-            bail!("max_grad_norm_ratio (OLMo's adaptive clipping) is not implemented: remove it, max_grad_norm clips by the global norm");
+        if let Some(r) = self
+            .max_grad_norm_ratio
+            .filter(|r| !(*r > 0.0 && r.is_finite()))
+        {
+            bail!("max_grad_norm_ratio ({r}) must be a positive number: each tensor's gradient is clipped to that many times its average norm");
         }
         if let Some(f) = &self.data.instance_filter {
             f.check()?;

@@ -1824,6 +1824,26 @@ impl Backend for CudaEngine {
         Ok(())
     }
 
+    fn grad_norms(&mut self) -> Result<Vec<f32>> {
+        let mut norms = Vec::with_capacity(self.layout.tensors.len());
+        for t in &self.layout.tensors {
+            let blocks = t.len().div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+            self.gpu.launch(
+                "sumsq",
+                blocks as u32,
+                BLOCK,
+                &[
+                    Arg::P(self.gpu.ptr(&self.grads, t.offset)),
+                    Arg::L(t.len() as i64),
+                    Arg::P(self.gpu.ptr(&self.norm_acc, 0)),
+                ],
+            )?;
+            let parts = self.gpu.download(&self.norm_acc)?;
+            norms.push(parts[..blocks].iter().sum::<f64>().sqrt() as f32);
+        }
+        Ok(norms)
+    }
+
     fn step(&mut self, u: &Update) -> Result<f32> {
         let n = self.layout.total;
         let blocks = n.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
@@ -1840,12 +1860,13 @@ impl Backend for CudaEngine {
         // the blocks' parts added in block order: the same bits on every run
         let parts = self.gpu.download(&self.norm_acc)?;
         let norm = parts[..blocks].iter().sum::<f64>().sqrt() as f32;
-        let coef = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
+        let global = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
         let a = u.adamw;
         let bc1 = 1.0 - a.beta1.powi(u.step as i32);
         let bc2_sqrt = (1.0 - a.beta2.powi(u.step as i32)).sqrt();
-        for (t, &decay) in self.layout.tensors.iter().zip(u.decay) {
+        for (k, (t, &decay)) in self.layout.tensors.iter().zip(u.decay).enumerate() {
             let len = t.len();
+            let coef = u.coefs.map_or(global, |c| c[k]);
             self.gpu.launch_n(
                 "adamw",
                 len,

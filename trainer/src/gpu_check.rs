@@ -137,6 +137,7 @@ pub fn compare_engines(
             step: 1,
             lr: 1e-3,
             max_norm: Some(1.0),
+            coefs: None,
             adamw: AdamW {
                 beta1: 0.9,
                 beta2: 0.95,
@@ -287,6 +288,7 @@ fn time_training(
             step: s + 1,
             lr,
             max_norm: Some(1.0),
+            coefs: None,
             adamw: AdamW {
                 beta1: 0.9,
                 beta2: 0.95,

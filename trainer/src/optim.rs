@@ -1,5 +1,6 @@
 //! AdamW as `torch.optim.AdamW` computes it (decoupled weight decay, bias-corrected moments),
-//! and OLMo's global-norm gradient clipping.
+//! and OLMo's gradient clipping: by the global norm (`max_grad_norm`), or adaptive, per tensor
+//! (`max_grad_norm_ratio`).
 //!
 //! OLMo puts Linear weights in the decay group and norms, biases and (unless
 //! `decay_embeddings`) embeddings in a group with weight decay 0: callers pass `decay` per
@@ -84,20 +85,20 @@ impl AdamW {
     }
 }
 
+/// Σ x² of a gradient, from per-chunk partial sums combined in chunk order: the same bits
+/// whatever the threads.
+pub fn sum_of_squares(g: &[f32]) -> f64 {
+    g.par_chunks(1 << 15)
+        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum::<f64>()
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`, as OLMo does
 /// (`coef = max_norm / (norm + 1e-6)`, clamped at 1). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
-    // Per-chunk partial sums combined in chunk order: the same bits whatever the threads.
-    let total: f64 = grads
-        .iter()
-        .map(|g| {
-            g.par_chunks(1 << 15)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .collect::<Vec<f64>>()
-                .iter()
-                .sum::<f64>()
-        })
-        .sum();
+    let total: f64 = grads.iter().map(|g| sum_of_squares(g)).sum();
     let norm = total.sqrt() as f32;
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
@@ -106,6 +107,52 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
         }
     }
     norm
+}
+
+/// OLMo's adaptive clipping (`max_grad_norm_ratio`, its `_do_adaptive_clipping`): each
+/// tensor's gradient is clipped to `ratio` times an exponential average of that tensor's own
+/// clipped gradient norms, the average moving by `1 - max(β1, β2)` a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveClip {
+    pub ratio: f32,
+    pub beta: f32,
+}
+
+impl AdaptiveClip {
+    pub fn new(ratio: f64, opt: &AdamW) -> AdaptiveClip {
+        AdaptiveClip {
+            ratio: ratio as f32,
+            beta: opt.beta1.max(opt.beta2),
+        }
+    }
+
+    /// The clipping coefficient of each tensor for its gradient norm in `norms`, moving the
+    /// averages in `avg` (one per tensor, `None` before the first). As OLMo, in f32: a tensor
+    /// without an average takes its norm as one, and keeps it only after the run's first step
+    /// (`global_step > 1`: OLMo adds no optimizer state before the optimizer has made it), so
+    /// the average starts over at step 2.
+    pub fn coefficients(
+        &self,
+        norms: &[f32],
+        avg: &mut [Option<f32>],
+        global_step: u64,
+    ) -> Vec<f32> {
+        let weight = (1.0 - self.beta as f64) as f32;
+        norms
+            .iter()
+            .zip(avg.iter_mut())
+            .map(|(&norm, kept)| {
+                let mut a = kept.unwrap_or(norm);
+                let coef = (self.ratio * a / (norm + 1e-6)).min(1.0);
+                // torch's lerp for a weight under one half
+                a += weight * (norm * coef - a);
+                if kept.is_some() || global_step > 1 {
+                    *kept = Some(a);
+                }
+                coef
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -155,5 +202,30 @@ mod tests {
         let mut c = vec![0.1f32];
         clip_grad_norm(&mut [&mut c], 1.0);
         assert_eq!(c[0], 0.1);
+    }
+
+    #[test]
+    fn adaptive_clipping_follows_each_tensors_own_average() {
+        let clip = AdaptiveClip::new(1.5, &OPT);
+        assert_eq!(clip.beta, 0.95);
+        let mut avg = vec![None, None];
+        // step 1: each norm is its own average, so nothing is clipped, and nothing is kept
+        assert_eq!(clip.coefficients(&[2.0, 0.5], &mut avg, 1), [1.0, 1.0]);
+        assert_eq!(avg, [None, None]);
+        // step 2 starts the averages over: 4 and 1, then moved 5% toward the (unclipped) norms
+        assert_eq!(clip.coefficients(&[4.0, 1.0], &mut avg, 2), [1.0, 1.0]);
+        assert_eq!(avg, [Some(4.0), Some(1.0)]);
+        // step 3: the first tensor jumps to 10 > 1.5 x 4 and is clipped to 6; the average moves
+        // toward the clipped norm; the second tensor, under its bound, is left alone
+        let coefs = clip.coefficients(&[10.0, 1.2], &mut avg, 3);
+        assert!((coefs[0] - 6.0 / (10.0 + 1e-6)).abs() < 1e-6, "{coefs:?}");
+        assert_eq!(coefs[1], 1.0);
+        let (a, b) = (avg[0].unwrap(), avg[1].unwrap());
+        assert!((a - (4.0 + 0.05 * (6.0 - 4.0))).abs() < 1e-5, "{a}");
+        assert!((b - (1.0 + 0.05 * 0.2)).abs() < 1e-6, "{b}");
+        // a ratio under 1 clips from the first step on
+        let tight = AdaptiveClip::new(0.5, &OPT);
+        let c = tight.coefficients(&[2.0], &mut [None], 1);
+        assert!((c[0] - 0.5).abs() < 1e-6, "{c:?}");
     }
 }

@@ -30,6 +30,8 @@ pub struct Start {
     pub params: Vec<f32>,
     pub exp_avg: Vec<f32>,
     pub exp_avg_sq: Vec<f32>,
+    /// Adaptive clipping's average gradient norm per tensor, where one was saved.
+    pub grad_norm_exp_avg: Vec<Option<f32>>,
     pub state: TrainerState,
     /// What happened, for the log.
     pub notes: Vec<String>,
@@ -108,6 +110,7 @@ pub fn start(
                 ),
                 exp_avg: vec![0.0; layout.total],
                 exp_avg_sq: vec![0.0; layout.total],
+                grad_norm_exp_avg: vec![None; layout.tensors.len()],
                 state: fresh(cfg.epoch.unwrap_or(0)),
                 notes: Vec::new(),
             }
@@ -193,6 +196,7 @@ fn resume(dir: &Path, layout: &Layout, data: &DataFacts) -> Result<Start> {
         params: l.params,
         exp_avg,
         exp_avg_sq,
+        grad_norm_exp_avg: l.grad_norm_exp_avg,
         notes: vec![format!(
             "resuming from {} (step {})",
             dir.display(),
@@ -345,6 +349,7 @@ fn from_load_path(
         params: l.params,
         exp_avg,
         exp_avg_sq,
+        grad_norm_exp_avg: l.grad_norm_exp_avg,
         state,
         notes: Vec::new(),
     })

@@ -21,7 +21,7 @@ use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, AdaptiveClip};
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
 use crate::start::{self, DataFacts};
@@ -405,6 +405,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     }
     let (mut params, mut exp_avg, mut exp_avg_sq, mut state) =
         (start.params, start.exp_avg, start.exp_avg_sq, start.state);
+    let mut grad_norm_exp_avg = start.grad_norm_exp_avg;
     let evals = if lead {
         setup_evals(&cfg, Some(&shards), vocab)?
     } else {
@@ -482,7 +483,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         eps: cfg.optimizer.eps,
         weight_decay: cfg.optimizer.weight_decay,
     };
-    let save = |engine: &mut dyn Backend, state: &TrainerState, ephemeral: bool| -> Result<()> {
+    let adaptive = cfg.max_grad_norm_ratio.map(|r| AdaptiveClip::new(r, &opt));
+    let save = |engine: &mut dyn Backend,
+                state: &TrainerState,
+                grad_norm_exp_avg: &[Option<f32>],
+                ephemeral: bool|
+     -> Result<()> {
         if let Some(f) = &out_folder {
             engine.with_state(&mut |params, m, v| {
                 let dir = checkpoint::save(
@@ -492,6 +498,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                         params,
                         exp_avg: m,
                         exp_avg_sq: v,
+                        grad_norm_exp_avg,
                         state,
                         config_text,
                         ephemeral,
@@ -595,24 +602,43 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 .map_or("none was saved".to_string(), |p| p.display().to_string());
             bail!("loss is {} at step {step}: stopping. The last good checkpoint: {last}. A rerun resumes from it; consider a lower learning rate or clipping.", ce + z);
         }
-        let max_norm = cfg.max_grad_norm.map(|m| {
-            match (
-                cfg.scheduler.grad_clip_warmup_steps,
-                cfg.scheduler.grad_clip_warmup_factor,
-            ) {
-                // OLMo's bolt-on warmup scheduler has no clip warmup
-                (Some(w), Some(f)) if step <= w && state.lr_warmup_from.is_none() => m * f,
-                _ => m,
+        // the bound and the ratio warm up alike
+        let clip_warmup = match (
+            cfg.scheduler.grad_clip_warmup_steps,
+            cfg.scheduler.grad_clip_warmup_factor,
+        ) {
+            // OLMo's bolt-on warmup scheduler has no clip warmup
+            (Some(w), Some(f)) if step <= w && state.lr_warmup_from.is_none() => f,
+            _ => 1.0,
+        };
+        let max_norm = cfg.max_grad_norm.map(|m| m * clip_warmup);
+        // OLMo's adaptive clipping, when set, takes the place of the global bound
+        let coefs = match adaptive {
+            Some(a) => {
+                let a = AdaptiveClip {
+                    ratio: a.ratio * clip_warmup,
+                    ..a
+                };
+                let norms = engine.grad_norms()?;
+                Some(a.coefficients(&norms, &mut grad_norm_exp_avg, step))
             }
-        });
+            None => None,
+        };
         let lr = schedule.lr_warming_from(step, state.lr_warmup_from) as f32;
         let norm = engine.step(&Update {
             step: state.optimizer_steps + 1,
             lr,
             max_norm,
+            coefs: coefs.as_deref(),
             adamw: opt,
             decay: &decay,
         })?;
+        // OLMo's share of the gradients clipped: every tensor or none under the global bound
+        let clipping_rate = match (&coefs, max_norm) {
+            (Some(c), _) => c.iter().filter(|&&c| c < 1.0).count() as f64 / c.len() as f64,
+            (None, Some(m)) => f64::from(u8::from(m / (norm + 1e-6) < 1.0)),
+            (None, None) => 0.0,
+        };
         state.step = step;
         state.optimizer_steps += 1;
         if let Some(d) = data_indices.as_mut() {
@@ -630,6 +656,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ("train/Perplexity".into(), ce.exp()),
             ("train/ZLoss".into(), z),
             ("optim/total_grad_norm".into(), norm as f64),
+            ("optim/clipping_rate".into(), clipping_rate),
             ("optim/learning_rate_group0".into(), lr as f64),
             (
                 "throughput/total_tokens".into(),
@@ -704,7 +731,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 .save_interval_ephemeral
                 .is_some_and(|e| step % e.max(1) == 0);
         if regular || ephemeral {
-            save(engine.as_mut(), &state, ephemeral)?;
+            save(engine.as_mut(), &state, &grad_norm_exp_avg, ephemeral)?;
             speed.reset();
         }
         if let Some(reason) = early {

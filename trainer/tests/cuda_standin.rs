@@ -284,6 +284,7 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
                     step,
                     lr: 1e-3,
                     max_norm: Some(1.0),
+                    coefs: None,
                     adamw: olmo_train::optim::AdamW {
                         beta1: 0.9,
                         beta2: 0.95,

@@ -749,8 +749,8 @@ fn bad_data_and_configs_are_explained() {
     );
     // options that would change the training math are refused, not ignored
     fails(
-        &(text.clone() + "max_grad_norm_ratio: 0.5\n"),
-        "max_grad_norm_ratio (OLMo's adaptive clipping) is not implemented",
+        &(text.clone() + "max_grad_norm_ratio: -1\n"),
+        "max_grad_norm_ratio (-1) must be a positive number",
     );
     fails(
         &text.replace(
@@ -1512,6 +1512,74 @@ fn the_instance_filter_leaves_out_the_instances_olmo_drops() {
     assert!(model("nine") == model("plain"));
     assert_eq!(dropped("nine"), vec![0.0; 6]);
     assert!(dropped("plain").is_empty());
+}
+
+#[test]
+fn adaptive_clipping_clips_tensors_by_their_own_average_and_resumes_to_the_same_bits() {
+    let r = Run::new();
+    let run = |name: &str, extra: &str, args: &[&str]| {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 8\nsave_interval: 100\n{extra}"),
+        );
+        if name == "none" {
+            edit(&cfg, &[("max_grad_norm: 1.0\n", "")]);
+        }
+        ok(&r.train(&cfg, args));
+        cfg
+    };
+    let model =
+        |run: &str| std::fs::read(r.path(&format!("{run}/step8/model.safetensors"))).unwrap();
+    let rates = |run: &str| -> Vec<f64> {
+        r.metrics(run)
+            .iter()
+            .filter_map(|m| m["optim/clipping_rate"].as_f64())
+            .collect()
+    };
+    // a ratio no gradient reaches clips nothing: the run without clipping, bit for bit
+    run("huge", "max_grad_norm_ratio: 1.0e6\n", &[]);
+    run("none", "", &[]);
+    assert!(model("huge") == model("none"));
+    assert_eq!(rates("huge"), vec![0.0; 8]);
+    assert_eq!(rates("none"), vec![0.0; 8]);
+
+    // a ratio of 1: any tensor whose gradient outgrows its average is clipped (at step 1, its
+    // norm over norm + 1e-6 clips every tensor a hair, as in OLMo), and the result differs
+    run("adaptive", "max_grad_norm_ratio: 1.0\n", &[]);
+    let rate = rates("adaptive");
+    assert_eq!(rate.len(), 8);
+    assert_eq!(rate[0], 1.0, "{rate:?}");
+    assert!(rate[1..].iter().any(|&x| x > 0.0 && x < 1.0), "{rate:?}");
+    assert!(model("adaptive") != model("none"));
+    // the averages are saved with AdamW's moments, under OLMo's state name
+    let optim = std::fs::read(r.path("adaptive/step8/optim.safetensors")).unwrap();
+    let names = String::from_utf8_lossy(&optim[..4096.min(optim.len())]).into_owned();
+    assert!(
+        names.contains("transformer.wte.weight.grad_norm_exp_avg"),
+        "{names}"
+    );
+
+    // killed after step 5 and rerun: the same bits as the run in one go
+    let jobs = run("jobs", "max_grad_norm_ratio: 1.0\nstop_after: 5\n", &[]);
+    ok(&r.train(&jobs, &[]));
+    assert!(model("jobs") == model("adaptive"));
+
+    // the CUDA engine (on its host emulator) clips the same tensors by the same factors
+    run(
+        "adaptive-emu",
+        "max_grad_norm_ratio: 1.0\n",
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
+    let (a, b) = (
+        losses(&r.metrics("adaptive")),
+        losses(&r.metrics("adaptive-emu")),
+    );
+    assert_eq!(a.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    assert_eq!(rates("adaptive-emu"), rate);
 }
 
 #[test]
