@@ -427,7 +427,8 @@ pub struct DataSection {
     /// OLMo-2's repetition filter: instances with a long periodic run are not trained on.
     #[serde(default)]
     pub instance_filter: Option<InstanceFilter>,
-    /// Attention within documents only: not implemented, an error when true.
+    /// Attention within documents (OLMo's name): a position attends only to the positions of
+    /// its own document, documents ending with `model.eos_token_id`.
     #[serde(default)]
     pub generate_doc_lengths: bool,
     #[serde(default = "default_dtype")]
@@ -732,7 +733,14 @@ impl TrainConfig {
             f.check()?;
         }
         if self.data.generate_doc_lengths {
-            bail!("data.generate_doc_lengths (attention within documents) is not implemented: remove it, attention spans the whole window as OLMo-1's does");
+            match self.model.eos_token_id {
+                None => bail!("data.generate_doc_lengths cuts documents at model.eos_token_id, which is not set (OLMo would take GPT-2's 50256): set it to the tokenizer's EOS id"),
+                Some(e) if e as usize >= self.model.vocab_size => bail!(
+                    "model.eos_token_id ({e}) is outside the vocabulary ({}), so data.generate_doc_lengths would find no document ends",
+                    self.model.vocab_size
+                ),
+                Some(_) => {}
+            }
         }
         Ok(())
     }

@@ -1347,8 +1347,15 @@ impl CudaEngine {
     }
 
     /// Attention over materialised scores: `S = Q Kᵀ` and `O = P V` as batched GEMMs around a
-    /// causal softmax kernel. Returns the probabilities for the backward pass.
-    fn materialised_forward(&self, qkv: Buf, att: &Act, b: usize, t: usize) -> Result<Probs> {
+    /// causal softmax kernel (within documents where `starts`, the device's document starts,
+    /// is not 0). Returns the probabilities for the backward pass.
+    fn materialised_forward(
+        &self,
+        qkv: Buf,
+        att: &Act,
+        (b, t): (usize, usize),
+        starts: u64,
+    ) -> Result<Probs> {
         let (hh, hd, scale) = self.attn_shape();
         let scores = self.gpu.scratch::<f32>(b * hh * t * t)?;
         let at = Attn { t, heads: hh, hd };
@@ -1366,7 +1373,9 @@ impl CudaEngine {
                 &[
                     self.p(&scores),
                     Arg::P(self.gpu.ptr(&p, 0)),
+                    Arg::P(starts),
                     Arg::I(t as i32),
+                    Arg::I(hh as i32),
                 ],
             )?;
             Probs::Bf16(p)
@@ -1375,7 +1384,12 @@ impl CudaEngine {
                 "softmax_fwd",
                 rows,
                 BLOCK,
-                &[self.p(&scores), Arg::I(t as i32)],
+                &[
+                    self.p(&scores),
+                    Arg::P(starts),
+                    Arg::I(t as i32),
+                    Arg::I(hh as i32),
+                ],
             )?;
             Probs::F32(scores)
         };
@@ -1450,7 +1464,13 @@ impl CudaEngine {
 
     /// Flash attention: `att` from the bf16 qkv at `qkv` without T×T buffers. Returns each
     /// row's log-sum-exp for the backward pass.
-    fn flash_forward(&self, qkv: u64, att: &Act, b: usize, t: usize) -> Result<Probs> {
+    fn flash_forward(
+        &self,
+        qkv: u64,
+        att: &Act,
+        (b, t): (usize, usize),
+        starts: u64,
+    ) -> Result<Probs> {
         let Act::Bf16(att) = att else {
             bail!("flash attention writes a bf16 output");
         };
@@ -1463,6 +1483,7 @@ impl CudaEngine {
             Arg::I(t as i32),
             Arg::I(hh as i32),
             Arg::F(scale),
+            Arg::P(starts),
         ];
         self.flash_launch("fwd", b, t, &args)?;
         Ok(Probs::Lse(lse))
@@ -1478,8 +1499,8 @@ impl CudaEngine {
         dout: &Prepared,
         (att, lse): (&Act, &Mem<f32>),
         dqkv: &Act,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
+        starts: u64,
     ) -> Result<()> {
         let (hh, hd, scale) = self.attn_shape();
         if !matches!(dqkv, Act::Bf16(_)) {
@@ -1510,6 +1531,7 @@ impl CudaEngine {
             Arg::I(t as i32),
             Arg::I(hh as i32),
             Arg::F(scale),
+            Arg::P(starts),
         ];
         self.flash_launch("dq", b, t, &args)?;
         self.flash_launch("dkdv", b, t, &args)
@@ -1530,6 +1552,8 @@ impl CudaEngine {
         let gpu = &self.gpu;
         let ids = gpu.upload(batch.inputs)?;
         let tgts = gpu.upload(batch.targets)?;
+        let doc_starts = batch.doc_starts.map(|s| gpu.upload(s)).transpose()?;
+        let starts = doc_starts.as_ref().map_or(0, |s| gpu.ptr(s, 0));
         // the embedding gradient's positions grouped by token, uploaded with the inputs
         let by_token = match backward {
             Some(_) => {
@@ -1564,9 +1588,9 @@ impl CudaEngine {
             let att = self.operand_out(n * d)?;
             let qp = self.operand(qkv.src())?;
             let probs = if self.flash {
-                self.flash_forward(qp.buf.ptr, &att, b, t)?
+                self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
             } else {
-                self.materialised_forward(qp.buf, &att, b, t)?
+                self.materialised_forward(qp.buf, &att, (b, t), starts)?
             };
             drop(qp);
             let x_mid = self.linear_residual(att.src(), o.attn_out, (n, d, d), &x)?;
@@ -1669,7 +1693,7 @@ impl CudaEngine {
             let qp = self.operand(a.qkv.src())?;
             match &a.probs {
                 Probs::Lse(lse) => {
-                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dqkv, b, t)?
+                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dqkv, (b, t), starts)?
                 }
                 probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
             }

@@ -23,9 +23,9 @@ fn signature(name: &str) -> Option<&'static str> {
         "norm_dw_partial" => "PPPPPLII",
         "norm_dw_sum" => "PPII",
         "rope" => "PPPLIIIIII",
-        "softmax_fwd" => "PI",
+        "softmax_fwd" => "PPII",
         "softmax_bwd" => "PPIF",
-        "softmax_fwd_bf16" => "PPI",
+        "softmax_fwd_bf16" => "PPPII",
         "softmax_bwd_bf16" => "PPPIF",
         "swiglu_fwd" | "swiglu_fwd_bf16" => "PPLI",
         "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
@@ -37,8 +37,8 @@ fn signature(name: &str) -> Option<&'static str> {
         "flash_bwd_pre" => "PPPLIII",
         _ => {
             return flash_kernel(name).map(|(kind, _, _)| match kind {
-                "fwd" => "PPPIIF",
-                _ => "PPPPPIIF",
+                "fwd" => "PPPIIFP",
+                _ => "PPPPPIIFP",
             })
         }
     })
@@ -243,9 +243,10 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "softmax_fwd" => {
-                let t = int(a, 1);
+                let (t, heads) = (int(a, 2), int(a, 3));
+                let from = doc_start(p(a, 1), t, heads);
                 for (r, row) in at::<f32>(p(a, 0), rows * t).chunks_exact_mut(t).enumerate() {
-                    softmax_causal_row(row, r % t);
+                    softmax_causal_row(row, from(r), r % t);
                 }
             }
             "softmax_bwd" => {
@@ -257,7 +258,8 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 }
             }
             "softmax_fwd_bf16" => {
-                let t = int(a, 2);
+                let (t, heads) = (int(a, 3), int(a, 4));
+                let from = doc_start(p(a, 2), t, heads);
                 let s = at::<f32>(p(a, 0), rows * t);
                 let out = at::<u16>(p(a, 1), rows * t);
                 for (r, (row, out)) in s
@@ -266,7 +268,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     .enumerate()
                 {
                     // the kernel also uses its scores as scratch
-                    softmax_causal_row(row, r % t);
+                    softmax_causal_row(row, from(r), r % t);
                     for (o, v) in out.iter_mut().zip(row.iter()) {
                         *o = half::bf16::from_f32(*v).to_bits();
                     }
@@ -424,6 +426,21 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
     Ok(())
 }
 
+/// The document start of softmax row `r` (position `r % t` of sequence `r / (heads·t)`) from
+/// the kernels' `starts` argument, 0 where it is null (attention over the whole sequence).
+///
+/// Safety: `ptr` is null or holds the starts of every sequence the rows cover.
+unsafe fn doc_start(ptr: u64, t: usize, heads: usize) -> impl Fn(usize) -> usize {
+    move |r: usize| {
+        if ptr == 0 {
+            return 0;
+        }
+        let (bi, pos) = (r / (heads * t), r % t);
+        // Safety: as the function's.
+        unsafe { *(ptr as *const u32).add(bi * t + pos) as usize }
+    }
+}
+
 /// A flash-attention kernel's name read as (kind, head size, wide): `flash_fwd_128`,
 /// `flash_dkdv_64_wide`, ... for the head sizes the `.cu` file instantiates.
 fn flash_kernel(name: &str) -> Option<(&'static str, usize, bool)> {
@@ -451,9 +468,9 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     let Some((kind, hd, wide)) = flash_kernel(name) else {
         bail!("host emulator: unknown kernel {name}");
     };
-    let (t, heads, scale) = match kind {
-        "fwd" => (int(a, 3), int(a, 4), f(a, 5)),
-        _ => (int(a, 5), int(a, 6), f(a, 7)),
+    let (t, heads, scale, starts) = match kind {
+        "fwd" => (int(a, 3), int(a, 4), f(a, 5), p(a, 6)),
+        _ => (int(a, 5), int(a, 6), f(a, 7), p(a, 8)),
     };
     let warps = crate::cuda::flash_warps(kind, wide);
     let (rows_per_block, threads) = (16 * warps, 32 * warps as u32);
@@ -476,6 +493,14 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     };
     // scaled score of query row i and key row j (rows of the same sequence)
     let score = |i: usize, j: usize, h: usize| dot(&|c| q(i, h, c), &|c| k(j, h, c)) * scale;
+    // where the document of position i of sequence bi starts (0: attention over the sequence)
+    let from = |bi: usize, i: usize| {
+        if starts == 0 {
+            0
+        } else {
+            at::<u32>(starts, n)[bi * t + i] as usize
+        }
+    };
     if kind == "fwd" {
         let out = at::<u16>(p(a, 1), n * d);
         let lse = at::<f32>(p(a, 2), b * heads * t);
@@ -483,12 +508,17 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
             for h in 0..heads {
                 for i in 0..t {
                     let r = bi * t + i;
-                    let s: Vec<f32> = (0..=i).map(|j| score(r, bi * t + j, h)).collect();
+                    let lo = from(bi, i);
+                    let s: Vec<f32> = (lo..=i).map(|j| score(r, bi * t + j, h)).collect();
                     let mx = s.iter().copied().fold(f32::MIN, f32::max);
                     let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
                     let sum: f32 = e.iter().sum();
                     for c in 0..hd {
-                        let o = (0..=i).map(|j| e[j] * v(bi * t + j, h, c)).sum::<f32>() / sum;
+                        let o = (lo..=i)
+                            .zip(&e)
+                            .map(|(j, e)| e * v(bi * t + j, h, c))
+                            .sum::<f32>()
+                            / sum;
                         out[r * d + h * hd + c] = half::bf16::from_f32(o).to_bits();
                     }
                     lse[(bi * heads + h) * t + i] = mx + sum.ln();
@@ -517,13 +547,26 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                 let rx = bi * t + x;
                 let row = &mut dqkv[rx * 3 * d..][..3 * d];
                 if kind == "dq" {
-                    let ds: Vec<f32> = (0..=x).map(|j| pds(x, j).1).collect();
+                    let keys = from(bi, x)..=x;
+                    let ds: Vec<f32> = keys.clone().map(|j| pds(x, j).1).collect();
                     for c in 0..hd {
-                        row[h * hd + c] =
-                            bits(scale * (0..=x).map(|j| ds[j] * k(bi * t + j, h, c)).sum::<f32>());
+                        let sum = keys
+                            .clone()
+                            .zip(&ds)
+                            .map(|(j, ds)| ds * k(bi * t + j, h, c));
+                        row[h * hd + c] = bits(scale * sum.sum::<f32>());
                     }
                 } else {
-                    let pd: Vec<(f32, f32)> = (x..t).map(|i| pds(i, x)).collect();
+                    // the queries of key x's document see it; later ones get P = dS = 0
+                    let pd: Vec<(f32, f32)> = (x..t)
+                        .map(|i| {
+                            if from(bi, i) > x {
+                                (0.0, 0.0)
+                            } else {
+                                pds(i, x)
+                            }
+                        })
+                        .collect();
                     for c in 0..hd {
                         let (mut dk, mut dv) = (0.0, 0.0);
                         for (o, &(pr, ds)) in pd.iter().enumerate() {

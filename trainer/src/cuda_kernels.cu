@@ -198,34 +198,41 @@ extern "C" __global__ void rope_bf16(bf16_t* x, const float* cosb, const float* 
     rope_impl(x, cosb, sinb, rows, T, heads, half, stride, 2, inverse);
 }
 
-// Causal softmax of f32 scores (rows of length T, row r is position r % T, used as scratch)
-// into P: in place, or under mixed precision into bf16 probabilities, the PV GEMM's operand, so
-// no f32 copy of P is kept or re-cast.
+// Causal softmax of f32 scores (rows of length T, row r is position r % T of sequence
+// r / (H·T), used as scratch) into P: in place, or under mixed precision into bf16
+// probabilities, the PV GEMM's operand, so no f32 copy of P is kept or re-cast. With `starts`
+// (each position's document start, [b·T]) a row attends only within its document.
 template <typename P>
-__device__ void softmax_fwd_impl(float* s, P* p, int T) {
+__device__ void softmax_fwd_impl(float* s, P* p, const unsigned* starts, int T, int H) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     int t = r % T;
+    int lo = starts ? (int)starts[r / ((long)H * T) * T + t] : 0;
     float* row = s + r * T;
     P* out = p + r * T;
     float mx = NEG_INF;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    for (int i = lo + threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, row[i]);
     mx = block_max(mx, sh);
     float sum = 0.f;
-    for (int i = threadIdx.x; i <= t; i += blockDim.x) {
+    for (int i = lo + threadIdx.x; i <= t; i += blockDim.x) {
         float e = expf(row[i] - mx);
         row[i] = e;
         sum += e;
     }
     float inv = 1.f / block_sum(sum, sh);
-    for (int i = threadIdx.x; i < T; i += blockDim.x) st(out, i, i <= t ? row[i] * inv : 0.f);
+    for (int i = threadIdx.x; i < T; i += blockDim.x) st(out, i, lo <= i && i <= t ? row[i] * inv : 0.f);
 }
 
-extern "C" __global__ void softmax_fwd(float* s, int T) { softmax_fwd_impl(s, s, T); }
-extern "C" __global__ void softmax_fwd_bf16(float* s, bf16_t* p, int T) { softmax_fwd_impl(s, p, T); }
+extern "C" __global__ void softmax_fwd(float* s, const unsigned* starts, int T, int H) {
+    softmax_fwd_impl(s, s, starts, T, H);
+}
+extern "C" __global__ void softmax_fwd_bf16(float* s, bf16_t* p, const unsigned* starts, int T, int H) {
+    softmax_fwd_impl(s, p, starts, T, H);
+}
 
 // dS = P * (dP - rowsum(P * dP)) * scale from f32 dP: in place on dP with f32 P, or under mixed
-// precision from bf16 P into bf16 dS.
+// precision from bf16 P into bf16 dS. A row within a document needs nothing more: its P is 0
+// before the document, and so is its dS.
 template <typename P>
 __device__ void softmax_bwd_impl(const P* p, const float* dp, P* ds, int T, float scale) {
     __shared__ float sh[33];
@@ -596,8 +603,13 @@ __device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)
 // WARPS: a key tile past all of a warp's rows (the block's later rows reach it) leaves its m,
 // l and o unchanged, bit for bit (a correction of exp2(0) = 1 and probabilities of 0), so both
 // block sizes give the same bits and the engine may run whichever is faster.
+// With `starts` (each position's document start, [b·T]) a row attends only within its
+// document: the key tiles before the block's first row's document are skipped (starts rise
+// along a sequence, so that is the block's earliest), and a tile wholly before a row's
+// document leaves its m, l and o unchanged too (m = −∞ then takes 0 as the exponent's base).
 template <int HD, int WARPS>
-__device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale) {
+__device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale,
+                               const unsigned* starts) {
     constexpr int BR = 16 * WARPS, BC = 64, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BC * W];
     __shared__ __align__(16) unsigned vs[BC * W];
@@ -613,7 +625,15 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     int r0 = qb * BR + warp * 16;
     int kend = min(T, qb * BR + BR), tiles = (kend + BC - 1) / BC;
     const float sl2 = scale * LOG2E;
-    tile_load_async<HD>(ks, k, ld, 0, BC, T);
+    const unsigned* sb = starts ? starts + (long)b * T : nullptr;
+    int lo[2] = {0, 0};
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        int row = r0 + g + 8 * rr;
+        if (sb && row < T) lo[rr] = sb[row];
+    }
+    int j0 = sb ? (int)sb[qb * BR] / BC : 0;
+    tile_load_async<HD>(ks, k, ld, j0 * BC, BC, T);
     cp_async_commit();
     unsigned qf[HD / 16][4];
     global_a_frags<HD>(qf, q, ld, r0, T);
@@ -621,7 +641,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    for (int j = 0; j < tiles; ++j) {
+    for (int j = j0; j < tiles; ++j) {
         int k0 = j * BC;
         // K(j) has landed and every warp is done with V(j − 1).
         cp_async_wait<0>();
@@ -636,6 +656,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
         #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             int row = r0 + g + 8 * rr;
+            bool before = k0 < lo[rr];  // keys before the row's document in this tile
             float mx = m[rr];
             #pragma unroll
             for (int nt = 0; nt < BC / 8; ++nt)
@@ -643,13 +664,15 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
                 for (int e = 0; e < 2; ++e) {
                     int key = k0 + nt * 8 + 2 * c + e;
                     float x = s[nt][2 * rr + e] * sl2;
-                    if (masked && key > row) x = NEG_INF;
+                    if ((masked && key > row) || (before && key < lo[rr])) x = NEG_INF;
                     s[nt][2 * rr + e] = x;
                     mx = fmaxf(mx, x);
                 }
             mx = quad_max(mx);
-            // Every row of a block sees key k0 <= row, so mx is finite here.
-            float corr = exp2f(m[rr] - mx);
+            // Without documents every row of a block sees key k0 <= row and mx is finite; a
+            // row whose document starts past this tile has seen no key yet.
+            float base = mx == NEG_INF ? 0.f : mx;
+            float corr = exp2f(m[rr] - base);
             l[rr] *= corr;
             #pragma unroll
             for (int nt = 0; nt < HD / 8; ++nt) o[nt][2 * rr] *= corr, o[nt][2 * rr + 1] *= corr;
@@ -657,7 +680,7 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
             for (int nt = 0; nt < BC / 8; ++nt)
                 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float p = exp2f(s[nt][2 * rr + e] - mx);
+                    float p = exp2f(s[nt][2 * rr + e] - base);
                     s[nt][2 * rr + e] = p;
                     l[rr] += p;
                 }
@@ -709,10 +732,11 @@ extern "C" __global__ void flash_bwd_pre(const bf16_t* dout, const bf16_t* out, 
 
 // dQ: blocks of 16·WARPS query rows (16 per warp), key tiles of 32 (two buffers each of K and
 // V: tile j + 1 loads while tile j is in use); writes the q part of dqkv. As in the forward,
-// the bits do not depend on WARPS (a tile past a warp's rows adds dS = ±0 to its dQ).
+// the bits do not depend on WARPS (a tile past a warp's rows adds dS = ±0 to its dQ). Within
+// documents (`starts`), the key tiles before the block's first row's document are skipped.
 template <int HD, int WARPS>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                              bf16_t* dqkv, int T, int H, float scale) {
+                              bf16_t* dqkv, int T, int H, float scale, const unsigned* starts) {
     constexpr int BR = 16 * WARPS, BC = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[2][BC * W];
     __shared__ __align__(16) unsigned vs[2][BC * W];
@@ -728,25 +752,29 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     int r0 = qb * BR + warp * 16;
     int kend = min(T, qb * BR + BR), tiles = (kend + BC - 1) / BC;
     const float sl2 = scale * LOG2E;
-    tile_load_async<HD>(ks[0], k, ld, 0, BC, T);
-    tile_load_async<HD>(vs[0], v, ld, 0, BC, T);
+    const unsigned* sb = starts ? starts + (long)b * T : nullptr;
+    int j0 = sb ? (int)sb[qb * BR] / BC : 0;
+    tile_load_async<HD>(ks[0], k, ld, j0 * BC, BC, T);
+    tile_load_async<HD>(vs[0], v, ld, j0 * BC, BC, T);
     cp_async_commit();
     unsigned qf[HD / 16][4], df[HD / 16][4];
     global_a_frags<HD>(qf, q, ld, r0, T);
     global_a_frags<HD>(df, dob, d, r0, T);
     // Rows past T read q = dO = 0 and lse = D = 0, so their dS is 0 (and they are not written).
     float lr[2], dr[2];
+    int lo[2];
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         int row = r0 + g + 8 * rr;
         lr[rr] = row < T ? lse[(long)bh * T + row] * LOG2E : 0.f;
         dr[rr] = row < T ? dsum[(long)bh * T + row] : 0.f;
+        lo[rr] = sb && row < T ? (int)sb[row] : 0;
     }
     float dq[HD / 8][4];
     #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
-    for (int j = 0; j < tiles; ++j) {
-        int k0 = j * BC, buf = j & 1;
+    for (int j = j0; j < tiles; ++j) {
+        int k0 = j * BC, buf = (j - j0) & 1;
         // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
         cp_async_wait<0>();
         __syncthreads();
@@ -765,7 +793,8 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int rr = i >> 1, row = r0 + g + 8 * rr, key = k0 + nt * 8 + 2 * c + (i & 1);
-                float p = (masked && key > row) ? 0.f : exp2f(s[nt][i] * sl2 - lr[rr]);
+                bool out = (masked && key > row) || key < lo[rr];
+                float p = out ? 0.f : exp2f(s[nt][i] * sl2 - lr[rr]);
                 s[nt][i] = p * (dp[nt][i] - dr[rr]);
             }
         acc_times_tile<HD, BC / 16>(dq, s, ks[buf]);
@@ -788,15 +817,17 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
 // bytes of spill). Q, dO and the queries' statistics have two buffers each, as K and V in
 // dQ: tile j + 1 loads while tile j is in use, with one barrier a tile. Each warp sees the
 // same query tiles in the same order whatever WARPS (a block's first tile, before a later
-// warp's keys, adds ±0), so both block sizes give the same bits.
+// warp's keys, adds ±0), so both block sizes give the same bits. Within documents (`starts`),
+// a query whose document starts after a key gives it P = 0 (every query tile is still seen).
 template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                                bf16_t* dqkv, int T, int H, float scale) {
+                                bf16_t* dqkv, int T, int H, float scale, const unsigned* starts) {
     constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned qs[2][BQ * W];
     __shared__ __align__(16) unsigned dos[2][BQ * W];
     __shared__ float ls[2][BQ];
     __shared__ float dd[2][BQ];
+    __shared__ int qs0[2][BQ];
     int nkb = (T + BK - 1) / BK;
     // The first keys (seen by the most queries) of every head first.
     int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
@@ -809,6 +840,7 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int kr = warp * 16;  // this warp's first key row in the tile
     const float sl2 = scale * LOG2E;
+    const unsigned* sb = starts ? starts + (long)b * T : nullptr;
     // Starts loading query tile q0 into buffer buf: Q and dO by cp.async, the log-sum-exp (base
     // 2) and D by plain stores. Queries past T read q = dO = 0 and lse = D = 0: P = 1 but dS = 0,
     // and both products with their (zero) rows vanish.
@@ -819,6 +851,7 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
             ls[buf][i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
             dd[buf][i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
+            qs0[buf][i] = sb && q0 + i < T ? (int)sb[q0 + i] : 0;
         }
     };
     load_tile(kb * BK, 0);
@@ -844,7 +877,8 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
-                float p = (masked && q0 + qi < key) ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
+                bool out = (masked && q0 + qi < key) || key < qs0[buf][qi];
+                float p = out ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
                 s[nt][i] = p;
                 dp[nt][i] = p * (dp[nt][i] - dd[buf][qi]);
             }
@@ -868,30 +902,32 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
 // launch for a shape and keeps the faster.
 #define FLASH_KERNELS(HD)                                                                                   \
     extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H,    \
-                                              float scale) {                                               \
-        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, scale);                                                 \
+                                              float scale, const unsigned* starts) {                       \
+        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, scale, starts);                                         \
     }                                                                                                       \
     extern "C" __global__ void flash_fwd_##HD##_wide(const bf16_t* qkv, bf16_t* out, float* lse, int T,    \
-                                                     int H, float scale) {                                 \
-        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, scale);                                                 \
+                                                     int H, float scale, const unsigned* starts) {         \
+        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, scale, starts);                                         \
     }                                                                                                       \
     extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,      \
-                                             const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
-        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                     \
+                                             const float* dsum, bf16_t* dqkv, int T, int H, float scale,   \
+                                             const unsigned* starts) {                                     \
+        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                             \
     }                                                                                                       \
     extern "C" __global__ void flash_dq_##HD##_wide(const bf16_t* qkv, const bf16_t* dout, const float* lse, \
                                                     const float* dsum, bf16_t* dqkv, int T, int H,         \
-                                                    float scale) {                                         \
-        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                     \
+                                                    float scale, const unsigned* starts) {                 \
+        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                             \
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
-                                               const float* dsum, bf16_t* dqkv, int T, int H, float scale) { \
-        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                   \
+                                               const float* dsum, bf16_t* dqkv, int T, int H, float scale, \
+                                               const unsigned* starts) {                                   \
+        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                           \
     }                                                                                                       \
     extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,               \
                                                       const float* lse, const float* dsum, bf16_t* dqkv,   \
-                                                      int T, int H, float scale) {                         \
-        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale);                                   \
+                                                      int T, int H, float scale, const unsigned* starts) { \
+        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                           \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

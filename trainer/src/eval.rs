@@ -447,6 +447,7 @@ pub fn mc_accuracy(
             targets: &targets,
             b: chunk.len(),
             t,
+            doc_starts: None,
         })?;
         for q in s.logprobs.chunks(t) {
             loglik.push(q.iter().map(|&x| x as f64).sum::<f64>());

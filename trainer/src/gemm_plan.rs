@@ -686,7 +686,7 @@ mod tests {
         }
         let mut out = vec![0.0; b * t * d];
         let mut probs = vec![0.0; b * heads * t * t];
-        ops::attention_forward(&qkv, b, t, heads, hd, &mut out, &mut probs);
+        ops::attention_forward(&qkv, b, t, heads, hd, None, &mut out, &mut probs);
         close(mem.data(pp), &probs);
         close(mem.data(po), &out);
 

@@ -279,6 +279,9 @@ pub struct Batch<'a> {
     pub targets: &'a [u32],
     pub b: usize,
     pub t: usize,
+    /// Attention within documents: where each input position's document starts in its
+    /// sequence ([`crate::ops::document_starts`]); `None`, the whole sequence.
+    pub doc_starts: Option<&'a [u32]>,
 }
 
 impl<'a> Batch<'a> {
@@ -321,6 +324,7 @@ impl<'a> Batch<'a> {
             targets,
             b: windows.len(),
             t,
+            doc_starts: None,
         }
     }
 }
@@ -432,7 +436,7 @@ impl Model {
             rope(&mut qkv, 3 * d, 2, t, hh, &self.rope, false);
             let mut att = vec![0.0; n * d];
             let mut probs = vec![0.0; b * hh * t * t];
-            attention_forward(&qkv, b, t, hh, hd, &mut att, &mut probs);
+            attention_forward(&qkv, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
             let mut x_mid = vec![0.0; n * d];
             matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut x_mid);
             x_mid.iter_mut().zip(&x).for_each(|(m, xi)| *m += xi);
@@ -739,6 +743,42 @@ mod tests {
         let both = loss_of(&model, &params, &seqs);
         let one = loss_of(&model, &params, &seqs[..1]) + loss_of(&model, &params, &seqs[1..]);
         assert!((both - one).abs() < 1e-5, "{both} vs {one}");
+    }
+
+    #[test]
+    fn a_document_scores_alike_wherever_it_sits_in_the_window() {
+        // Within documents, a document's positions see only it, and RoPE makes the scores
+        // depend on relative positions only: document B after A and its EOS (0) scores as B
+        // alone at the window's start, up to rounding.
+        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let model = Model::new(cfg, 16);
+        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+        let doc_b = [5u32, 9, 3, 3, 7, 1, 8];
+        let after_a: Vec<u32> = [4, 11, 6, 0].iter().chain(&doc_b).copied().collect();
+        let alone: Vec<u32> = doc_b.iter().chain(&[2, 2, 2, 2]).copied().collect();
+        let scores = |seq: &Vec<u32>, docs: bool| {
+            let (mut i, mut t) = (Vec::new(), Vec::new());
+            let batch = Batch::from_windows(std::slice::from_ref(seq), &mut i, &mut t);
+            let starts = crate::ops::document_starts(batch.inputs, batch.t, 0);
+            let batch = Batch {
+                doc_starts: docs.then_some(&starts[..]),
+                ..batch
+            };
+            model.forward(&params, &batch).logprobs
+        };
+        // B's six targets after its first token: positions 4..10 of one window, 0..6 of the other
+        let (within, alone) = (scores(&after_a, true), scores(&alone, false));
+        for k in 0..6 {
+            assert!(
+                (within[4 + k] - alone[k]).abs() < 1e-5,
+                "target {k}: {} vs {}",
+                within[4 + k],
+                alone[k]
+            );
+        }
+        // without documents, A shows through
+        let across = scores(&after_a, false);
+        assert!((0..6).any(|k| (across[4 + k] - alone[k]).abs() > 1e-3));
     }
 
     #[test]

@@ -351,21 +351,40 @@ pub fn rope(
     });
 }
 
-/// Causal softmax in place over one row of scaled scores at position `pos`: entries `..=pos`
-/// become probabilities, later ones 0. Shared by the CPU attention and the CUDA emulator.
-pub fn softmax_causal_row(row: &mut [f32], pos: usize) {
-    let max = row[..=pos]
+/// Causal softmax in place over one row of scaled scores at position `pos` of a document
+/// that starts at `from`: entries `from..=pos` become probabilities, the others 0. Shared by
+/// the CPU attention and the CUDA emulator.
+pub fn softmax_causal_row(row: &mut [f32], from: usize, pos: usize) {
+    let max = row[from..=pos]
         .iter()
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
-    for x in &mut row[..=pos] {
+    for x in &mut row[from..=pos] {
         *x = (*x - max).exp();
         sum += *x;
     }
     let inv = 1.0 / sum;
-    row[..=pos].iter_mut().for_each(|x| *x *= inv);
+    row[from..=pos].iter_mut().for_each(|x| *x *= inv);
+    row[..from].fill(0.0);
     row[pos + 1..].fill(0.0);
+}
+
+/// Where each position's document starts within its sequence, for attention within documents
+/// (OLMo's `generate_doc_lengths`): a document ends with its EOS token, so a position starts
+/// one after the last EOS before it. `tokens` holds sequences of `seq` positions.
+pub fn document_starts(tokens: &[u32], seq: usize, eos: u32) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(tokens.len());
+    for s in tokens.chunks(seq) {
+        let mut from = 0;
+        for (i, &tok) in s.iter().enumerate() {
+            starts.push(from);
+            if tok == eos {
+                from = i as u32 + 1;
+            }
+        }
+    }
+    starts
 }
 
 /// The softmax backward over one row, in place on `dp`: `dS = P ⊙ (dP − Σ P·dP) · scale` for
@@ -399,13 +418,17 @@ impl SharedMut {
 
 /// Causal softmax attention for `b` sequences of `seq` positions, reading q, k, v from the
 /// fused `[b·seq, 3d]` rows (`d = heads · hd`, scale 1/sqrt(hd)); writes `[b·seq, d]` into
-/// `out` and keeps the probabilities `[b, heads, seq, seq]` for the backward pass.
+/// `out` and keeps the probabilities `[b, heads, seq, seq]` for the backward pass. With
+/// `starts` (see [`document_starts`]) a position attends only within its document; the
+/// backward pass needs nothing more, as the probabilities outside are 0.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     qkv: &[f32],
     b: usize,
     seq: usize,
     heads: usize,
     hd: usize,
+    starts: Option<&[u32]>,
     out: &mut [f32],
     probs: &mut [f32],
 ) {
@@ -440,7 +463,8 @@ pub fn attention_forward(
                 false,
             );
             for (t, row) in p.chunks_exact_mut(seq).enumerate() {
-                softmax_causal_row(row, t);
+                let from = starts.map_or(0, |s| s[bi * seq + t] as usize);
+                softmax_causal_row(row, from, t);
             }
             assert!(seq * seq <= p.len() && (seq - 1) * 3 * d + hd <= v.len());
             // Safety: task (bi, h) writes rows bi·seq.. and columns h·hd.. only.
@@ -774,7 +798,7 @@ mod tests {
         let fwd = |qkv: &[f32]| {
             let mut out = vec![0.0; b * seq * d];
             let mut probs = vec![0.0; b * heads * seq * seq];
-            attention_forward(qkv, b, seq, heads, hd, &mut out, &mut probs);
+            attention_forward(qkv, b, seq, heads, hd, None, &mut out, &mut probs);
             (out, probs)
         };
         let (out, probs) = fwd(&qkv);
@@ -784,6 +808,56 @@ mod tests {
                 assert!((out[h * hd + i] - qkv[2 * d + h * hd + i]).abs() < 1e-6);
             }
         }
+        let mut dqkv = vec![0.0; qkv.len()];
+        attention_backward(&r, &qkv, &probs, b, seq, heads, hd, &mut dqkv);
+        check(&qkv, &dqkv, |x| dot(&fwd(x).0, &r));
+    }
+
+    #[test]
+    fn attention_within_documents_sees_only_its_document() {
+        let mut rng = XorShift::new(7);
+        let (b, seq, heads, hd) = (2, 5, 2, 3);
+        let d = heads * hd;
+        // sequence 0: a document of 2 (its EOS, 9, included), then one of 3; sequence 1 ends
+        // with an EOS and so is one document
+        let tokens = [4, 9, 5, 6, 7, 1, 2, 3, 4, 9];
+        let starts = document_starts(&tokens, seq, 9);
+        assert_eq!(starts, [0, 0, 2, 2, 2, 0, 0, 0, 0, 0]);
+        let qkv = rng.vec(b * seq * 3 * d, 1.0);
+        let r = rng.vec(b * seq * d, 1.0);
+        let fwd = |qkv: &[f32]| {
+            let mut out = vec![0.0; b * seq * d];
+            let mut probs = vec![0.0; b * heads * seq * seq];
+            attention_forward(qkv, b, seq, heads, hd, Some(&starts), &mut out, &mut probs);
+            (out, probs)
+        };
+        let (out, probs) = fwd(&qkv);
+        // the second document's first position attends only to itself
+        for h in 0..heads {
+            for i in 0..hd {
+                let at = 2 * 3 * d + 2 * d + h * hd + i;
+                assert!((out[2 * d + h * hd + i] - qkv[at]).abs() < 1e-6);
+            }
+        }
+        // the first document changes nothing in the second
+        let mut other = qkv.clone();
+        other[..2 * 3 * d].iter_mut().for_each(|x| *x += 1.0);
+        assert_eq!(fwd(&other).0[2 * d..5 * d], out[2 * d..5 * d]);
+        // sequence 1 is one document: plain causal attention
+        let mut plain_out = vec![0.0; b * seq * d];
+        let mut plain_probs = vec![0.0; b * heads * seq * seq];
+        attention_forward(
+            &qkv,
+            b,
+            seq,
+            heads,
+            hd,
+            None,
+            &mut plain_out,
+            &mut plain_probs,
+        );
+        assert_eq!(out[seq * d..], plain_out[seq * d..]);
+        // the backward pass, unchanged, is the masked attention's gradient
         let mut dqkv = vec![0.0; qkv.len()];
         attention_backward(&r, &qkv, &probs, b, seq, heads, hd, &mut dqkv);
         check(&qkv, &dqkv, |x| dot(&fwd(x).0, &r));

@@ -21,6 +21,7 @@ use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
+use crate::ops::document_starts;
 use crate::optim::{AdamW, AdaptiveClip};
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
@@ -533,6 +534,13 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let mut last_loss = f64::NAN;
     let mut stopped = None;
     let mut filtered_in_run = 0u64;
+    // attention within documents: the EOS token that ends one
+    let doc_eos = cfg
+        .data
+        .generate_doc_lengths
+        .then_some(cfg.model.eos_token_id)
+        .flatten();
+    let mut first_step_docs = 0u64;
     while state.step < stop {
         let t0 = Instant::now();
         speed.batch_start(t0, device_tokens, state.step > start_step);
@@ -577,9 +585,33 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             filtered += dropped;
             let b =
                 Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
+            let starts = doc_eos.map(|eos| document_starts(b.inputs, b.t, eos));
+            if let (Some(s), true) = (&starts, state.step == start_step) {
+                // a window holds one document more than it has boundaries
+                first_step_docs += s
+                    .chunks(b.t)
+                    .map(|w| w.windows(2).filter(|p| p[0] != p[1]).count() as u64 + 1)
+                    .sum::<u64>();
+            }
+            let b = Batch {
+                doc_starts: starts.as_deref(),
+                ..b
+            };
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
             ce += s.ce_sum;
             z += s.z_sum;
+        }
+        if let (Some(eos), true) = (doc_eos, lead && state.step == start_step) {
+            let windows = ids.len() as u64;
+            eprintln!(
+                "olmo-train: attention within documents (EOS id {eos}): {first_step_docs} documents in this rank's {windows} windows of step {}{}",
+                state.step + 1,
+                if first_step_docs == windows {
+                    "; no window holds an EOS, so attention spans each whole window: is model.eos_token_id the tokenizer's?"
+                } else {
+                    ""
+                }
+            );
         }
         let mut votes = Reason::votes(cfg.time_limit, began);
         if let Some(t) = tcp.as_mut() {

@@ -19,6 +19,16 @@ static std::vector<T> load(const char* name) {
     f.read(reinterpret_cast<char*>(v.data()), v.size() * sizeof(T));
     return v;
 }
+// A buffer the test may leave out (the document starts of attention within documents): empty then.
+template <class T>
+static std::vector<T> load_optional(const char* name) {
+    std::ifstream f(dir + "/" + name);
+    return f ? load<T>(name) : std::vector<T>();
+}
+template <class T>
+static const T* or_null(const std::vector<T>& v) {
+    return v.empty() ? nullptr : v.data();
+}
 template <class T>
 static void store(const std::string& name, const std::vector<T>& v) {
     std::ofstream f(dir + "/" + name, std::ios::binary);
@@ -80,11 +90,12 @@ int main(int argc, char** argv) {
         launch(grid_n(rows * 2 * heads * half), B,
                [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
         store("x", x), store("x_bf16", xb);
-    } else if (k == "softmax_fwd") {  // rows T
+    } else if (k == "softmax_fwd") {  // rows T H (and the optional "starts")
         long rows = I(4);
-        int T = I(5);
+        int T = I(5), H = I(6);
         auto s = load<float>("s");
-        launch(rows, B, [&] { softmax_fwd(s.data(), T); });
+        auto starts = load_optional<unsigned>("starts");
+        launch(rows, B, [&] { softmax_fwd(s.data(), or_null(starts), T, H); });
         store("s", s);
     } else if (k == "softmax_bwd") {  // rows T scale
         long rows = I(4);
@@ -99,7 +110,7 @@ int main(int argc, char** argv) {
         float scale = F(6);
         auto s = load<float>("s"), dp = load<float>("dp");
         std::vector<uint16_t> p(rows * T), ds(rows * T);
-        launch(rows, B, [&] { softmax_fwd_bf16(s.data(), p.data(), T); });
+        launch(rows, B, [&] { softmax_fwd_bf16(s.data(), p.data(), nullptr, T, 1); });
         launch(rows, B, [&] { softmax_bwd_bf16(p.data(), dp.data(), ds.data(), T, scale); });
         store("p", p), store("ds", ds);
     } else if (k == "swiglu") {  // rows h
@@ -150,24 +161,27 @@ int main(int argc, char** argv) {
         launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
         launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
         store("bf16", bf), store("sumsq", ss);
-    } else if (k == "flash") {  // b T H hd scale: forward, then the three backward kernels; both block sizes
+    } else if (k == "flash") {  // b T H hd scale (and the optional "starts"): forward, then the three
+                                // backward kernels; both block sizes
         int b = I(4), T = I(5), H = I(6), hd = I(7);
         float scale = F(8);
         long rows = (long)b * T, d = (long)H * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
+        auto starts = load_optional<unsigned>("starts");
+        const unsigned* st = or_null(starts);
         // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp
         auto flash = [&](const char* suffix, int wq, int wk, auto fwd, auto dq, auto dkdv) {
             std::vector<uint16_t> out(rows * d);
             std::vector<float> lse(b * H * T), dsum(b * H * T);
             std::vector<uint16_t> dqkv(rows * 3 * d);
             unsigned nqb = (T + 16 * wq - 1) / (16 * wq), nkb = (T + 16 * wk - 1) / (16 * wk);
-            launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale); });
+            launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale, st); });
             launch((unsigned)((rows * H * 32 + 255) / 256), 256,
                    [&] { flash_bwd_pre(dout.data(), out.data(), dsum.data(), rows, T, H, hd); });
             launch(b * H * nqb, 32 * wq,
-                   [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
+                   [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale, st); });
             launch(b * H * nkb, 32 * wk,
-                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale); });
+                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale, st); });
             std::string s(suffix);
             store("out" + s, out), store("lse" + s, lse), store("dsum" + s, dsum), store("dqkv" + s, dqkv);
         };

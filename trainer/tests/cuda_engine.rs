@@ -70,6 +70,7 @@ fn padded_multiple_choice_batches_score_alike() {
         targets: &targets,
         b: 2,
         t: 10,
+        doc_starts: None,
     };
     let (a, b) = (gpu.forward(&batch).unwrap(), cpu.forward(&batch).unwrap());
     assert_eq!(a.count, b.count);

@@ -182,44 +182,70 @@ fn rope_kernel_matches_the_cpu_both_ways() {
 fn softmax_kernels_match_the_cpu_attention() {
     let Some(bin) = emulator() else { return };
     // The attention's probabilities and score gradients, through the CPU attention itself:
-    // rows of length t, position = row % t (causal), as the engine launches them.
+    // rows of length t, position = row % t (causal), as the engine launches them; over the
+    // whole sequence, and within documents (sequence 0 holds three, sequence 1 one).
     let (bsz, t, heads, hd) = (2, 37, 2, 4);
     let d = heads * hd;
     let qkv = rnd(bsz * t * 3 * d, 7, 1.0);
-    let mut out = vec![0.0; bsz * t * d];
-    let mut probs = vec![0.0; bsz * heads * t * t];
-    ops::attention_forward(&qkv, bsz, t, heads, hd, &mut out, &mut probs);
-    // scaled scores, as the GEMM writes them
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0.0f32; probs.len()];
-    for bi in 0..bsz {
-        for h in 0..heads {
-            for i in 0..t {
-                for j in 0..t {
-                    let q = &qkv[(bi * t + i) * 3 * d + h * hd..][..hd];
-                    let k = &qkv[(bi * t + j) * 3 * d + d + h * hd..][..hd];
-                    scores[((bi * heads + h) * t + i) * t + j] =
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+    let mut tokens = vec![1u32; bsz * t];
+    tokens[4] = 0;
+    tokens[20] = 0;
+    let doc_starts = ops::document_starts(&tokens, t, 0);
+    for starts in [None, Some(&doc_starts[..])] {
+        let mut out = vec![0.0; bsz * t * d];
+        let mut probs = vec![0.0; bsz * heads * t * t];
+        ops::attention_forward(&qkv, bsz, t, heads, hd, starts, &mut out, &mut probs);
+        // scaled scores, as the GEMM writes them
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = vec![0.0f32; probs.len()];
+        for bi in 0..bsz {
+            for h in 0..heads {
+                for i in 0..t {
+                    for j in 0..t {
+                        let q = &qkv[(bi * t + i) * 3 * d + h * hd..][..hd];
+                        let k = &qkv[(bi * t + j) * 3 * d + d + h * hd..][..hd];
+                        scores[((bi * heads + h) * t + i) * t + j] =
+                            q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    }
                 }
             }
         }
-    }
-    let rows = bsz * heads * t;
-    for block in [32, 64] {
-        let b = Bufs::new();
-        b.put("s", &scores);
-        b.run(bin, "softmax_fwd", block, &s![rows, t]);
-        close("softmax_fwd", &b.get("s"), &probs, 1e-5);
-        let dp = rnd(probs.len(), 8, 1.0);
-        b.put("p", &probs);
-        b.put("dp", &dp);
-        b.run(bin, "softmax_bwd", block, &s![rows, t, scale]);
-        let mut want = dp.clone();
-        for (r, g) in want.chunks_exact_mut(t).enumerate() {
-            ops::softmax_causal_row_backward(&probs[r * t..][..t], g, r % t, scale);
+        let rows = bsz * heads * t;
+        for block in [32, 64] {
+            let b = Bufs::new();
+            b.put("s", &scores);
+            if let Some(s) = starts {
+                b.put_u32("starts", s);
+            }
+            b.run(bin, "softmax_fwd", block, &s![rows, t, heads]);
+            let what = format!("softmax_fwd (documents: {})", starts.is_some());
+            close(&what, &b.get("s"), &probs, 1e-5);
+            let dp = rnd(probs.len(), 8, 1.0);
+            b.put("p", &probs);
+            b.put("dp", &dp);
+            b.run(bin, "softmax_bwd", block, &s![rows, t, scale]);
+            let mut want = dp.clone();
+            for (r, g) in want.chunks_exact_mut(t).enumerate() {
+                ops::softmax_causal_row_backward(&probs[r * t..][..t], g, r % t, scale);
+            }
+            close("softmax_bwd", &b.get("dp"), &want, 1e-5);
         }
-        close("softmax_bwd", &b.get("dp"), &want, 1e-5);
     }
+    // the backward of probabilities that are 0 before the document is 0 there too
+    let mut out = vec![0.0; bsz * t * d];
+    let mut probs = vec![0.0; bsz * heads * t * t];
+    ops::attention_forward(
+        &qkv,
+        bsz,
+        t,
+        heads,
+        hd,
+        Some(&doc_starts),
+        &mut out,
+        &mut probs,
+    );
+    let row = &probs[30 * t..][..t];
+    assert!(row[..21].iter().all(|&p| p == 0.0) && row[21..=30].iter().all(|&p| p > 0.0));
 }
 
 /// A buffer of bf16 values, as f32.
@@ -262,12 +288,21 @@ fn flash_attention_kernels_match_the_cpu_attention() {
     // size the engine instantiates, more than one batch row and head; at T 150, blocks that
     // stream several key (and query) tiles through their buffers, with the causal mask on
     // some tiles and not on others.
-    for (bsz, t, heads, hd) in [
-        (1, 70, 2, 32),
-        (2, 64, 1, 64),
-        (1, 40, 1, 128),
-        (1, 150, 1, 128),
+    // Then within documents: boundaries inside tiles and on their edges, documents shorter
+    // than a tile, one spanning several, so that blocks skip leading key tiles (forward, dQ)
+    // and rows meet tiles wholly before their document.
+    for (bsz, t, heads, hd, eos_at) in [
+        (1, 70, 2, 32, &[][..]),
+        (2, 64, 1, 64, &[]),
+        (1, 40, 1, 128, &[]),
+        (1, 150, 1, 128, &[]),
+        (2, 150, 1, 64, &[3, 31, 32, 63, 64, 65, 129, 170, 250]),
+        (1, 100, 2, 32, &[0, 1, 2, 47, 95]),
     ] {
+        let mut tokens = vec![1u32; bsz * t];
+        eos_at.iter().for_each(|&i| tokens[i] = 0);
+        let doc_starts = ops::document_starts(&tokens, t, 0);
+        let starts = (!eos_at.is_empty()).then_some(&doc_starts[..]);
         let d = heads * hd;
         let bf = |v: Vec<f32>| -> Vec<f32> {
             v.iter()
@@ -279,10 +314,11 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         let dout = bf(rnd(bsz * t * d, 31 + hd as u64, 1.0));
         let mut out = vec![0.0; bsz * t * d];
         let mut probs = vec![0.0; bsz * heads * t * t];
-        ops::attention_forward(&qkv, bsz, t, heads, hd, &mut out, &mut probs);
+        ops::attention_forward(&qkv, bsz, t, heads, hd, starts, &mut out, &mut probs);
         let mut dqkv = vec![0.0; qkv.len()];
         ops::attention_backward(&dout, &qkv, &probs, bsz, t, heads, hd, &mut dqkv);
         let scale = 1.0 / (hd as f32).sqrt();
+        let doc_start = |bi: usize, i: usize| starts.map_or(0, |s| s[bi * t + i] as usize);
 
         let b = Bufs::new();
         let to_bf16 = |v: &[f32]| -> Vec<u8> {
@@ -292,9 +328,12 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         };
         std::fs::write(b.0.path().join("qkv"), to_bf16(&qkv)).unwrap();
         std::fs::write(b.0.path().join("dout"), to_bf16(&dout)).unwrap();
+        if let Some(s) = starts {
+            b.put_u32("starts", s);
+        }
         b.run(bin, "flash", 128, &s![bsz, t, heads, hd, scale]);
 
-        let what = format!("b {bsz}, T {t}, {heads} heads of {hd}");
+        let what = format!("b {bsz}, T {t}, {heads} heads of {hd}, EOS at {eos_at:?}");
         let got_out = bf16_file(&b, "out");
         let e = rel_l2(&got_out, &out);
         assert!(e < 1e-2, "{what}: output relative error {e:.2e}");
@@ -304,7 +343,7 @@ fn flash_attention_kernels_match_the_cpu_attention() {
             for h in 0..heads {
                 for i in 0..t {
                     let q = &qkv[(bi * t + i) * 3 * d + h * hd..][..hd];
-                    let s: Vec<f64> = (0..=i)
+                    let s: Vec<f64> = (doc_start(bi, i)..=i)
                         .map(|j| {
                             let k = &qkv[(bi * t + j) * 3 * d + d + h * hd..][..hd];
                             q.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64

@@ -84,6 +84,7 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
         targets: &tokens,
         b: 2,
         t: 16,
+        doc_starts: None,
     };
     engine.gpu.reset_peak_memory().unwrap();
     engine.gpu.profile_start().unwrap();
@@ -200,6 +201,7 @@ fn a_turing_gpu_runs_the_fp32_engine_and_refuses_bf16() {
         targets: &tokens,
         b: 2,
         t: 16,
+        doc_starts: None,
     };
     let (g, c) = (
         gpu.forward_backward(&batch, 1.0 / 32.0).unwrap(),
@@ -273,6 +275,7 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
         targets: &targets,
         b: 2,
         t: 24,
+        doc_starts: None,
     };
     let mut norms = Vec::new();
     for step in 1..=2 {

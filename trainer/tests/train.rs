@@ -768,7 +768,13 @@ fn bad_data_and_configs_are_explained() {
     );
     fails(
         &text.replace("paths:", "generate_doc_lengths: true\n  paths:"),
-        "data.generate_doc_lengths (attention within documents) is not implemented",
+        "data.generate_doc_lengths cuts documents at model.eos_token_id, which is not set",
+    );
+    fails(
+        &text
+            .replace("paths:", "generate_doc_lengths: true\n  paths:")
+            .replace("vocab_size: 16", "vocab_size: 16\n  eos_token_id: 16"),
+        "model.eos_token_id (16) is outside the vocabulary (16)",
     );
     fails(
         &(text.clone() + "load_path: /no/such/run/step9\n"),
@@ -1580,6 +1586,67 @@ fn adaptive_clipping_clips_tensors_by_their_own_average_and_resumes_to_the_same_
         assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
     }
     assert_eq!(rates("adaptive-emu"), rate);
+}
+
+#[test]
+fn attention_within_documents_trains_alike_on_both_engines() {
+    let r = Run::new();
+    // the token stream 3 1 4 1 5 9 2 6 5 3 5 ...: with EOS 1, documents of 2, 2 and 7 tokens
+    let run = |name: &str, eos: Option<u32>, d_model: u32, args: &[&str]| {
+        let cfg = r.config(&format!("{name}.yaml"), name, "max_duration: 5\n");
+        let model = format!("d_model: {d_model}\n  n_heads: 2\n  flash_attention: true\n");
+        edit(&cfg, &[("d_model: 16\n  n_heads: 2\n", &model)]);
+        if let Some(e) = eos {
+            let eos = format!("vocab_size: 16\n  eos_token_id: {e}");
+            edit(
+                &cfg,
+                &[
+                    ("data:\n", "data:\n  generate_doc_lengths: true\n"),
+                    ("vocab_size: 16", &eos),
+                ],
+            );
+        }
+        ok(&r.train(&cfg, args))
+    };
+    let model =
+        |run: &str| std::fs::read(r.path(&format!("{run}/step5/model.safetensors"))).unwrap();
+    let log = run("docs", Some(1), 16, &[]);
+    // each window of 15 inputs holds 3 to 5 documents (the first a continuation)
+    let n: u64 = log
+        .split("(EOS id 1): ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!((24..=40).contains(&n), "{log}");
+    assert!(log.contains("in this rank's 8 windows of step 1"), "{log}");
+    run("plain", None, 16, &[]);
+    assert!(model("docs") != model("plain"));
+    // an EOS the data never holds: the plain run, bit for bit, and a warning
+    let log = run("no-eos", Some(12), 16, &[]);
+    assert!(log.contains("no window holds an EOS"), "{log}");
+    assert!(model("no-eos") == model("plain"));
+
+    // the CUDA engine on its host emulator: the materialised attention in fp32, and (head
+    // size 32) the flash kernels under bf16, against the CPU engine
+    run(
+        "emu",
+        Some(1),
+        16,
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
+    let (a, b) = (losses(&r.metrics("docs")), losses(&r.metrics("emu")));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    run("cpu64", Some(1), 64, &[]);
+    let flash = run("flash", Some(1), 64, &["--device", "cuda-emulator"]);
+    assert!(flash.contains("flash attention"), "{flash}");
+    let (a, b) = (losses(&r.metrics("cpu64")), losses(&r.metrics("flash")));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 2e-2 * x.1, "{a:?} vs {b:?}");
+    }
 }
 
 #[test]
