@@ -693,9 +693,6 @@ impl TrainConfig {
             if e.data.instance_filter.is_some() {
                 training_only.push(format!("{name}.data.instance_filter"));
             }
-            if e.data.generate_doc_lengths {
-                training_only.push(format!("{name}.data.generate_doc_lengths"));
-            }
         }
         out.extend(training_only);
         out
@@ -732,7 +729,12 @@ impl TrainConfig {
         if let Some(f) = &self.data.instance_filter {
             f.check()?;
         }
-        if self.data.generate_doc_lengths {
+        let within_documents = self.data.generate_doc_lengths
+            || self
+                .evaluators
+                .iter()
+                .any(|e| e.kind == "lm" && e.data.generate_doc_lengths);
+        if within_documents {
             match self.model.eos_token_id {
                 None => bail!("data.generate_doc_lengths cuts documents at model.eos_token_id, which is not set (OLMo would take GPT-2's 50256): set it to the tokenizer's EOS id"),
                 Some(e) if e as usize >= self.model.vocab_size => bail!(

@@ -20,6 +20,9 @@ pub struct LmSet {
     pub shards: Shards,
     /// Windows to score (all, or the first `eval_subset_num_batches` batches).
     pub limit: u64,
+    /// Attention within documents ending with this token (the evaluator's own
+    /// `data.generate_doc_lengths`).
+    pub doc_eos: Option<u32>,
 }
 
 /// Mean cross-entropy (nats per token) of the model over a set's windows.
@@ -47,6 +50,13 @@ pub fn lm_loss(
             .map(|i| set.shards.read(i, Some(vocab)))
             .collect::<Result<_>>()?;
         let batch = Batch::from_windows(&windows, &mut inputs, &mut targets);
+        let starts = set
+            .doc_eos
+            .map(|eos| crate::ops::document_starts(batch.inputs, batch.t, eos));
+        let batch = Batch {
+            doc_starts: starts.as_deref(),
+            ..batch
+        };
         let s = engine.forward(&batch)?;
         sum += s.ce_sum;
         count += s.count;

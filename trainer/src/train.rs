@@ -75,6 +75,14 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                         e.label
                     );
                 }
+                let doc_eos = match (e.data.generate_doc_lengths, cfg.model.eos_token_id) {
+                    (false, _) => None,
+                    (true, Some(eos)) => Some(eos),
+                    (true, None) => bail!(
+                        "evaluator `{}`: data.generate_doc_lengths cuts documents at model.eos_token_id, which is not set",
+                        e.label
+                    ),
+                };
                 for (label, patterns) in groups {
                     let shards = open_shards(&patterns, &e.data.memmap_dtype, seq, vocab)
                         .with_context(|| format!("evaluator `{label}`"))?;
@@ -87,6 +95,7 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                         label,
                         shards,
                         limit,
+                        doc_eos,
                     });
                 }
             }

@@ -1592,8 +1592,19 @@ fn adaptive_clipping_clips_tensors_by_their_own_average_and_resumes_to_the_same_
 fn attention_within_documents_trains_alike_on_both_engines() {
     let r = Run::new();
     // the token stream 3 1 4 1 5 9 2 6 5 3 5 ...: with EOS 1, documents of 2, 2 and 7 tokens
+    // evaluated over whole windows and within documents
+    let evals = format!(
+        "max_duration: 5\neval_interval: 5\nevaluators:\n  - label: whole\n    data: {{paths: ['{d}/b.npy']}}\n  \
+         - label: docs\n    data: {{paths: ['{d}/b.npy'], generate_doc_lengths: true}}\n",
+        d = r.dir.path().display()
+    );
     let run = |name: &str, eos: Option<u32>, d_model: u32, args: &[&str]| {
-        let cfg = r.config(&format!("{name}.yaml"), name, "max_duration: 5\n");
+        let extra = if eos.is_some() {
+            evals.as_str()
+        } else {
+            "max_duration: 5\n"
+        };
+        let cfg = r.config(&format!("{name}.yaml"), name, extra);
         let model = format!("d_model: {d_model}\n  n_heads: 2\n  flash_attention: true\n");
         edit(&cfg, &[("d_model: 16\n  n_heads: 2\n", &model)]);
         if let Some(e) = eos {
@@ -1622,6 +1633,14 @@ fn attention_within_documents_trains_alike_on_both_engines() {
     assert!(log.contains("in this rank's 8 windows of step 1"), "{log}");
     run("plain", None, 16, &[]);
     assert!(model("docs") != model("plain"));
+    let eval = |run: &str, set: &str| -> f64 {
+        r.metrics(run)
+            .iter()
+            .rev()
+            .find_map(|m| m[format!("eval/{set}/CrossEntropyLoss")].as_f64())
+            .unwrap()
+    };
+    assert!((eval("docs", "whole") - eval("docs", "docs")).abs() > 1e-4);
     // an EOS the data never holds: the plain run, bit for bit, and a warning
     let log = run("no-eos", Some(12), 16, &[]);
     assert!(log.contains("no window holds an EOS"), "{log}");
@@ -1640,6 +1659,7 @@ fn attention_within_documents_trains_alike_on_both_engines() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
     }
+    assert!((eval("docs", "docs") - eval("emu", "docs")).abs() < 1e-5);
     run("cpu64", Some(1), 64, &[]);
     let flash = run("flash", Some(1), 64, &["--device", "cuda-emulator"]);
     assert!(flash.contains("flash attention"), "{flash}");
