@@ -818,7 +818,10 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
 // dQ: tile j + 1 loads while tile j is in use, with one barrier a tile. Each warp sees the
 // same query tiles in the same order whatever WARPS (a block's first tile, before a later
 // warp's keys, adds ±0), so both block sizes give the same bits. Within documents (`starts`),
-// a query whose document starts after a key gives it P = 0 (every query tile is still seen).
+// a query whose document starts after a key gives it P = 0, and the query tiles past the
+// block's documents are not visited (starts rise along a sequence). A warp whose keys' documents
+// end sooner than its block's sees trailing tiles of P = dS = 0, which leave its sums' bits as
+// they are (sums begun at +0 never reach −0), so both block sizes still give the same bits.
 template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
                                 bf16_t* dqkv, int T, int H, float scale, const unsigned* starts) {
@@ -863,11 +866,14 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     for (int nt = 0; nt < HD / 8; ++nt)
         #pragma unroll
         for (int i = 0; i < 4; ++i) dk[nt][i] = dv[nt][i] = 0.f;
-    for (int q0 = kb * BK, buf = 0; q0 < T; q0 += BQ, buf ^= 1) {
+    // whether query tile q holds a query that sees one of the block's keys
+    const int last_key = kb * BK + BK - 1;
+    auto sees = [&](int q) { return q < T && !(sb && (int)sb[q] > last_key); };
+    for (int q0 = kb * BK, buf = 0; sees(q0); q0 += BQ, buf ^= 1) {
         // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
         cp_async_wait<0>();
         __syncthreads();
-        if (q0 + BQ < T) load_tile(q0 + BQ, buf ^ 1);
+        if (sees(q0 + BQ)) load_tile(q0 + BQ, buf ^ 1);
         float s[BQ / 8][4], dp[BQ / 8][4];
         frags_times_tile<HD, BQ / 8>(dp, vf, dos[buf]);  // dPᵀ = V dOᵀ
         frags_times_tile<HD, BQ / 8>(s, kf, qs[buf]);    // Sᵀ = K Qᵀ

@@ -370,6 +370,15 @@ pub fn softmax_causal_row(row: &mut [f32], from: usize, pos: usize) {
     row[pos + 1..].fill(0.0);
 }
 
+/// How many documents the sequences of `seq` positions hold, by their [`document_starts`]:
+/// one more than each sequence's boundaries (its first may continue from before it).
+pub fn document_count(starts: &[u32], seq: usize) -> u64 {
+    starts
+        .chunks(seq)
+        .map(|w| w.windows(2).filter(|p| p[0] != p[1]).count() as u64 + 1)
+        .sum()
+}
+
 /// Where each position's document starts within its sequence, for attention within documents
 /// (OLMo's `generate_doc_lengths`): a document ends with its EOS token, so a position starts
 /// one after the last EOS before it. `tokens` holds sequences of `seq` positions.
@@ -823,6 +832,7 @@ mod tests {
         let tokens = [4, 9, 5, 6, 7, 1, 2, 3, 4, 9];
         let starts = document_starts(&tokens, seq, 9);
         assert_eq!(starts, [0, 0, 2, 2, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(document_count(&starts, seq), 3);
         let qkv = rng.vec(b * seq * 3 * d, 1.0);
         let r = rng.vec(b * seq * d, 1.0);
         let fwd = |qkv: &[f32]| {

@@ -21,7 +21,7 @@ use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
-use crate::ops::document_starts;
+use crate::ops::{document_count, document_starts};
 use crate::optim::{AdamW, AdaptiveClip};
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
@@ -596,11 +596,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
             let starts = doc_eos.map(|eos| document_starts(b.inputs, b.t, eos));
             if let (Some(s), true) = (&starts, state.step == start_step) {
-                // a window holds one document more than it has boundaries
-                first_step_docs += s
-                    .chunks(b.t)
-                    .map(|w| w.windows(2).filter(|p| p[0] != p[1]).count() as u64 + 1)
-                    .sum::<u64>();
+                first_step_docs += document_count(s, b.t);
             }
             let b = Batch {
                 doc_starts: starts.as_deref(),
