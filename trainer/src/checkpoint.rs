@@ -390,6 +390,7 @@ mod tests {
             norm: NormKind::LayerNorm,
             norm_affine: false,
             weight_tying: true,
+            clip_qkv: None,
         });
         let zeros = vec![0.0; layout.total];
         let dir = tempfile::tempdir().unwrap();

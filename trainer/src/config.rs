@@ -777,8 +777,8 @@ impl TrainConfig {
         if m.norm_after {
             unsupported("norm_after (OLMo 2 blocks)")?;
         }
-        if m.clip_qkv.is_some() {
-            unsupported("clip_qkv")?;
+        if let Some(c) = m.clip_qkv.filter(|c| !(*c > 0.0 && c.is_finite())) {
+            bail!("model.clip_qkv ({c}) must be a positive number: q, k and v are clamped to [-clip_qkv, clip_qkv]");
         }
         if m.scale_logits {
             unsupported("scale_logits")?;
@@ -834,6 +834,7 @@ impl TrainConfig {
                 norm,
                 norm_affine: m.layer_norm_with_affine,
                 weight_tying: m.weight_tying,
+                clip_qkv: m.clip_qkv,
             },
             init,
         ))

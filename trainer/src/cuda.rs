@@ -47,6 +47,10 @@ const KERNELS: &[&str] = &[
     "softmax_bwd",
     "softmax_fwd_bf16",
     "softmax_bwd_bf16",
+    "clip_qkv",
+    "clip_qkv_bf16",
+    "clip_qkv_bwd",
+    "clip_qkv_bwd_bf16",
     "swiglu_fwd",
     "swiglu_bwd",
     "swiglu_fwd_bf16",
@@ -780,6 +784,8 @@ struct Acts {
     ln1_mean: Mem<f32>,
     ln1_rstd: Mem<f32>,
     qkv: Act,
+    /// The entries `clip_qkv` clipped, one bit each.
+    clipped: Option<Mem<u32>>,
     probs: Probs,
     att: Act,
     x_mid: Mem<f32>,
@@ -1296,6 +1302,44 @@ impl CudaEngine {
         self.gpu.launch_n(name, rows * 2 * c.n_heads * half, &args)
     }
 
+    /// OLMo's `clip_qkv` in place on the fused projection, in its type; returns the entries it
+    /// clipped, one bit each, for the backward pass.
+    fn clip_qkv(&self, qkv: &Act, n: usize, c: f32) -> Result<Mem<u32>> {
+        let bits = self.gpu.scratch::<u32>(n.div_ceil(32))?;
+        let name = match qkv {
+            Act::F32(_) => "clip_qkv",
+            Act::Bf16(_) => "clip_qkv_bf16",
+        };
+        self.gpu.launch_n(
+            name,
+            n.div_ceil(32),
+            &[
+                Arg::P(self.out_buf(qkv).ptr),
+                Arg::P(self.gpu.ptr(&bits, 0)),
+                Arg::L(n as i64),
+                Arg::F(c),
+            ],
+        )?;
+        Ok(bits)
+    }
+
+    /// The clamp's backward in place: the clipped entries' gradient is 0.
+    fn clip_qkv_back(&self, dqkv: &Act, n: usize, bits: &Mem<u32>) -> Result<()> {
+        let name = match dqkv {
+            Act::F32(_) => "clip_qkv_bwd",
+            Act::Bf16(_) => "clip_qkv_bwd_bf16",
+        };
+        self.gpu.launch_n(
+            name,
+            n.div_ceil(32),
+            &[
+                Arg::P(self.out_buf(dqkv).ptr),
+                Arg::P(self.gpu.ptr(bits, 0)),
+                Arg::L(n as i64),
+            ],
+        )
+    }
+
     /// SwiGLU of `[rows, 2h]` into `[rows, h]`, in the input's type.
     fn swiglu(&self, x: &Act, rows: usize) -> Result<Act> {
         let h = self.cfg.mlp_hidden;
@@ -1583,6 +1627,10 @@ impl CudaEngine {
         for o in &lay.layers {
             let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
             let qkv = self.linear(ln1.src(), o.att_proj, (n, d, 3 * d), true)?;
+            let clipped = c
+                .clip_qkv
+                .map(|c| self.clip_qkv(&qkv, n * 3 * d, c))
+                .transpose()?;
             self.rope(&qkv, n, t, false)?;
             // only a GEMM operand: bf16 under mixed precision
             let att = self.operand_out(n * d)?;
@@ -1606,6 +1654,7 @@ impl CudaEngine {
                     ln1_mean,
                     ln1_rstd,
                     qkv,
+                    clipped,
                     probs,
                     att,
                     x_mid,
@@ -1699,6 +1748,9 @@ impl CudaEngine {
             }
             drop((dop, qp, datt));
             self.rope(&dqkv, n, t, true)?;
+            if let Some(bits) = &a.clipped {
+                self.clip_qkv_back(&dqkv, n * 3 * d, bits)?;
+            }
             let dln1 = self.linear_back_f32(dqkv.src(), a.ln1.src(), o.att_proj, (n, d, 3 * d))?;
             let dx_in = dx_mid;
             self.norm_back(

@@ -27,6 +27,8 @@ fn signature(name: &str) -> Option<&'static str> {
         "softmax_bwd" => "PPIF",
         "softmax_fwd_bf16" => "PPPII",
         "softmax_bwd_bf16" => "PPPIF",
+        "clip_qkv" | "clip_qkv_bf16" => "PPLF",
+        "clip_qkv_bwd" | "clip_qkv_bwd_bf16" => "PPL",
         "swiglu_fwd" | "swiglu_fwd_bf16" => "PPLI",
         "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
         "rope_bf16" => "PPPLIIIII",
@@ -287,6 +289,23 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                         *o = half::bf16::from_f32(*v).to_bits();
                     }
                 }
+            }
+            "clip_qkv" | "clip_qkv_bf16" => {
+                let (n, c) = (int(a, 2), f(a, 3));
+                covers(n.div_ceil(32))?;
+                let bf = name.ends_with("_bf16");
+                let mut x = read_f32_or_bf16(p(a, 0), n, bf);
+                let bits = crate::ops::clip_qkv(&mut x, c);
+                write_f32_or_bf16(&x, p(a, 0), bf);
+                at::<u32>(p(a, 1), bits.len()).copy_from_slice(&bits);
+            }
+            "clip_qkv_bwd" | "clip_qkv_bwd_bf16" => {
+                let n = int(a, 2);
+                covers(n.div_ceil(32))?;
+                let bf = name.ends_with("_bf16");
+                let mut dx = read_f32_or_bf16(p(a, 0), n, bf);
+                crate::ops::clip_qkv_backward(&mut dx, at::<u32>(p(a, 1), n.div_ceil(32)));
+                write_f32_or_bf16(&dx, p(a, 0), bf);
             }
             "swiglu_fwd" | "swiglu_fwd_bf16" => {
                 let (n, h) = (int(a, 2), int(a, 3));

@@ -254,6 +254,47 @@ extern "C" __global__ void softmax_bwd_bf16(const bf16_t* p, const float* dp, bf
     softmax_bwd_impl(p, dp, ds, T, scale);
 }
 
+// OLMo's clip_qkv: x clamped to [−c, c] in place, one thread per 32 entries, which records the
+// entries it clipped as the bits of one word (entry 32w + i, bit i of word w): torch's clamp
+// passes the gradient of the entries within the bounds, ends included. Then the backward, which
+// zeroes the gradient of the clipped entries. In f32, or on bf16 GEMM outputs.
+template <typename T>
+__device__ void clip_qkv_impl(T* x, unsigned* bits, long n, float c) {
+    long w = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (w * 32 >= n) return;
+    unsigned m = 0;
+    for (int i = 0; i < 32 && w * 32 + i < n; ++i) {
+        long j = w * 32 + i;
+        float v = ld(x, j);
+        if (v > c) {
+            st(x, j, c);
+            m |= 1u << i;
+        } else if (v < -c) {
+            st(x, j, -c);
+            m |= 1u << i;
+        }
+    }
+    bits[w] = m;
+}
+
+template <typename T>
+__device__ void clip_qkv_bwd_impl(T* dx, const unsigned* bits, long n) {
+    long w = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (w * 32 >= n) return;
+    unsigned m = bits[w];
+    for (int i = 0; i < 32 && w * 32 + i < n; ++i)
+        if (m >> i & 1u) st(dx, w * 32 + i, 0.f);
+}
+
+extern "C" __global__ void clip_qkv(float* x, unsigned* bits, long n, float c) { clip_qkv_impl(x, bits, n, c); }
+extern "C" __global__ void clip_qkv_bf16(bf16_t* x, unsigned* bits, long n, float c) {
+    clip_qkv_impl(x, bits, n, c);
+}
+extern "C" __global__ void clip_qkv_bwd(float* dx, const unsigned* bits, long n) { clip_qkv_bwd_impl(dx, bits, n); }
+extern "C" __global__ void clip_qkv_bwd_bf16(bf16_t* dx, const unsigned* bits, long n) {
+    clip_qkv_bwd_impl(dx, bits, n);
+}
+
 // SwiGLU over [rows, 2h] (value | gate) into [rows, h], and its backward; in f32, or under mixed
 // precision on bf16 GEMM outputs into bf16 GEMM operands (arithmetic in f32 either way).
 template <typename T>

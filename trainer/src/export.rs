@@ -33,6 +33,9 @@ impl HfTensor {
 pub(crate) fn is_llama(m: &ModelConfig) -> Result<bool> {
     match (m.norm, m.norm_affine) {
         (NormKind::LayerNorm, false) => Ok(false),
+        (NormKind::Rms, _) if m.clip_qkv.is_some() => bail!(
+            "transformers' Llama has no clip_qkv: an RMSNorm model with clip_qkv has no transformers model class"
+        ),
         (NormKind::Rms, _) => Ok(true),
         (NormKind::LayerNorm, true) => bail!(
             "a LayerNorm with a weight but no bias has no transformers model class: export needs non-parametric LayerNorm (OLMo) or RMSNorm (Llama)"
@@ -151,7 +154,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
         config["mlp_bias"] = json!(false);
         config["head_dim"] = json!(m.head_dim());
     } else {
-        config["clip_qkv"] = json!(null);
+        config["clip_qkv"] = json!(m.clip_qkv);
     }
     std::fs::write(
         out.join("config.json"),

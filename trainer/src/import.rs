@@ -102,8 +102,15 @@ fn check_config(dir: &Path, m: &ModelConfig, llama: bool) -> Result<()> {
     if c["attention_bias"].as_bool() == Some(true) || c["mlp_bias"].as_bool() == Some(true) {
         bail!("{}: biases are not implemented", path.display());
     }
-    if !c["clip_qkv"].is_null() {
-        bail!("{}: clip_qkv is not implemented", path.display());
+    let clip = c["clip_qkv"].as_f64().map(|x| x as f32);
+    if clip != m.clip_qkv {
+        let show = |c: Option<f32>| c.map_or("none".to_string(), |c| c.to_string());
+        bail!(
+            "{}: clip_qkv is {}, the training config's model.clip_qkv {}",
+            path.display(),
+            show(clip),
+            show(m.clip_qkv)
+        );
     }
     Ok(())
 }

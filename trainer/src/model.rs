@@ -35,6 +35,8 @@ pub struct ModelConfig {
     /// `layer_norm_with_affine`: norms carry a weight (no bias).
     pub norm_affine: bool,
     pub weight_tying: bool,
+    /// OLMo's `clip_qkv`: q, k and v clamped to [−c, c] after their projection.
+    pub clip_qkv: Option<f32>,
 }
 
 impl ModelConfig {
@@ -347,6 +349,8 @@ struct LayerActs {
     ln1_mean: Vec<f32>,
     ln1_rstd: Vec<f32>,
     qkv: Vec<f32>,
+    /// The entries `clip_qkv` clipped, one bit each.
+    clipped: Option<Vec<u32>>,
     probs: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
@@ -433,6 +437,7 @@ impl Model {
             );
             let mut qkv = vec![0.0; n * 3 * d];
             matmul_forward(&ln1, &params[o.att_proj..], n, d, 3 * d, &mut qkv);
+            let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
             rope(&mut qkv, 3 * d, 2, t, hh, &self.rope, false);
             let mut att = vec![0.0; n * d];
             let mut probs = vec![0.0; b * hh * t * t];
@@ -467,6 +472,7 @@ impl Model {
                     ln1_mean,
                     ln1_rstd,
                     qkv,
+                    clipped,
                     probs,
                     att,
                     x_mid,
@@ -589,6 +595,9 @@ impl Model {
             let mut dqkv = vec![0.0; n * 3 * d];
             attention_backward(&datt, &a.qkv, &a.probs, b, t, hh, hd, &mut dqkv);
             rope(&mut dqkv, 3 * d, 2, t, hh, &self.rope, true);
+            if let Some(bits) = &a.clipped {
+                clip_qkv_backward(&mut dqkv, bits);
+            }
             let mut dln1 = vec![0.0; n * d];
             matmul_backward(
                 &dqkv,
@@ -657,6 +666,7 @@ mod tests {
             norm,
             norm_affine: affine,
             weight_tying: tying,
+            clip_qkv: None,
         }
     }
 
@@ -796,6 +806,7 @@ mod tests {
             norm: NormKind::LayerNorm,
             norm_affine: false,
             weight_tying: tying,
+            clip_qkv: None,
         };
         // the published sizes: OLMo-1B 1,176,764,416; OLMo-7B 6,888,095,744
         assert_eq!(olmo(2048, 16, 16, 8192, true).num_params(), 1_176_764_416);

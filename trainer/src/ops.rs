@@ -370,6 +370,39 @@ pub fn softmax_causal_row(row: &mut [f32], from: usize, pos: usize) {
     row[pos + 1..].fill(0.0);
 }
 
+/// OLMo's `clip_qkv`: clamps the fused q, k, v to [−c, c] in place. Returns which entries it
+/// clipped, one bit each (entry `32w + i` is bit `i` of word `w`), for the backward pass:
+/// torch's clamp passes the gradient of the entries within the bounds, ends included.
+pub fn clip_qkv(x: &mut [f32], c: f32) -> Vec<u32> {
+    x.chunks_mut(32)
+        .map(|chunk| {
+            let mut bits = 0u32;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                if *v > c {
+                    *v = c;
+                } else if *v < -c {
+                    *v = -c;
+                } else {
+                    continue;
+                }
+                bits |= 1 << i;
+            }
+            bits
+        })
+        .collect()
+}
+
+/// The clamp's backward: the gradient of each entry [`clip_qkv`] clipped is 0.
+pub fn clip_qkv_backward(dx: &mut [f32], clipped: &[u32]) {
+    for (chunk, &bits) in dx.chunks_mut(32).zip(clipped) {
+        for (i, g) in chunk.iter_mut().enumerate() {
+            if bits >> i & 1 == 1 {
+                *g = 0.0;
+            }
+        }
+    }
+}
+
 /// How many documents the sequences of `seq` positions hold, by their [`document_starts`]:
 /// one more than each sequence's boundaries (its first may continue from before it).
 pub fn document_count(starts: &[u32], seq: usize) -> u64 {
@@ -871,6 +904,23 @@ mod tests {
         let mut dqkv = vec![0.0; qkv.len()];
         attention_backward(&r, &qkv, &probs, b, seq, heads, hd, &mut dqkv);
         check(&qkv, &dqkv, |x| dot(&fwd(x).0, &r));
+    }
+
+    #[test]
+    fn clip_qkv_clamps_and_stops_the_gradient_of_what_it_clipped() {
+        let mut x: Vec<f32> = (0..40).map(|i| (i as f32 - 20.0) * 0.5).collect();
+        let before = x.clone();
+        let bits = clip_qkv(&mut x, 8.0);
+        assert_eq!(bits.len(), 2);
+        for (i, (&a, &b)) in before.iter().zip(&x).enumerate() {
+            assert_eq!(b, a.clamp(-8.0, 8.0));
+            // the ends themselves pass their gradient, as torch's clamp
+            assert_eq!(bits[i / 32] >> (i % 32) & 1 == 1, a.abs() > 8.0, "{i}: {a}");
+        }
+        let mut g = vec![1.0f32; 40];
+        clip_qkv_backward(&mut g, &bits);
+        assert_eq!(g.iter().filter(|&&v| v == 0.0).count(), 7);
+        assert_eq!(g[4], 1.0); // -8 exactly
     }
 
     #[test]

@@ -76,6 +76,7 @@ const std::map<std::string, Binder> g_kernels = {
     K(flash_fwd_32_wide),  K(flash_dq_32_wide),  K(flash_dkdv_32_wide),  K(flash_fwd_64_wide),
     K(flash_dq_64_wide),   K(flash_dkdv_64_wide), K(flash_fwd_128_wide), K(flash_dq_128_wide),
     K(flash_dkdv_128_wide),
+    K(clip_qkv),         K(clip_qkv_bf16),    K(clip_qkv_bwd),    K(clip_qkv_bwd_bf16),
 };
 #undef K
 
@@ -83,7 +84,8 @@ const std::map<std::string, Binder> g_kernels = {
 // (the emulation aborts if one does use them).
 const std::set<std::string> g_serial_kernels = {
     "embed_fwd", "embed_bwd", "norm_dw_sum", "rope",       "rope_bf16",       "swiglu_fwd", "swiglu_bwd",
-    "swiglu_fwd_bf16", "swiglu_bwd_bf16", "cast_bf16", "adamw",
+    "swiglu_fwd_bf16", "swiglu_bwd_bf16", "cast_bf16", "adamw", "clip_qkv", "clip_qkv_bf16",
+    "clip_qkv_bwd", "clip_qkv_bwd_bf16",
 };
 
 struct Module {

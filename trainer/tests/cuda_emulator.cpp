@@ -90,6 +90,20 @@ int main(int argc, char** argv) {
         launch(grid_n(rows * 2 * heads * half), B,
                [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
         store("x", x), store("x_bf16", xb);
+    } else if (k == "clip_qkv") {  // n c: in f32 and on bf16 (the input rounded), then each backward on "dy"
+        long n = I(4);
+        float c = F(5);
+        long words = (n + 31) / 32;
+        auto x = load<float>("x"), dy = load<float>("dy");
+        std::vector<uint16_t> xb(n), dyb(n);
+        for (long i = 0; i < n; ++i) xb[i] = f2bf(x[i]), dyb[i] = f2bf(dy[i]);
+        std::vector<unsigned> bits(words), bits_b(words);
+        launch(grid_n(words), B, [&] { clip_qkv(x.data(), bits.data(), n, c); });
+        launch(grid_n(words), B, [&] { clip_qkv_bwd(dy.data(), bits.data(), n); });
+        launch(grid_n(words), B, [&] { clip_qkv_bf16(xb.data(), bits_b.data(), n, c); });
+        launch(grid_n(words), B, [&] { clip_qkv_bwd_bf16(dyb.data(), bits_b.data(), n); });
+        store("x", x), store("bits", bits), store("dy", dy);
+        store("x_bf16", xb), store("bits_bf16", bits_b), store("dy_bf16", dyb);
     } else if (k == "softmax_fwd") {  // rows T H (and the optional "starts")
         long rows = I(4);
         int T = I(5), H = I(6);

@@ -179,6 +179,44 @@ fn rope_kernel_matches_the_cpu_both_ways() {
 }
 
 #[test]
+fn clip_qkv_kernels_match_the_cpu() {
+    let Some(bin) = emulator() else { return };
+    // 1000 entries: a last word of 8; a bound that clips about a third of them
+    let n = 1000;
+    let x = rnd(n, 40, 2.0);
+    let dy = rnd(n, 41, 1.0);
+    let b = Bufs::new();
+    b.put("x", &x);
+    b.put("dy", &dy);
+    b.run(bin, "clip_qkv", 64, &s![n, 1.25f32]);
+    let words = |name: &str| -> Vec<u32> {
+        b.raw(name)
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (mut want_x, mut want_dy) = (x.clone(), dy.clone());
+    let bits = ops::clip_qkv(&mut want_x, 1.25);
+    ops::clip_qkv_backward(&mut want_dy, &bits);
+    assert!(bits.iter().map(|w| w.count_ones()).sum::<u32>() > 200);
+    assert_eq!(words("bits"), bits);
+    assert_eq!(b.get("x"), want_x);
+    assert_eq!(b.get("dy"), want_dy);
+    // on bf16: the same of the rounded values, bit for bit
+    let round = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (mut want_x, mut want_dy) = (round(&x), round(&dy));
+    let bits = ops::clip_qkv(&mut want_x, 1.25);
+    ops::clip_qkv_backward(&mut want_dy, &bits);
+    assert_eq!(words("bits_bf16"), bits);
+    assert_eq!(bf16_file(&b, "x_bf16"), want_x);
+    assert_eq!(bf16_file(&b, "dy_bf16"), want_dy);
+}
+
+#[test]
 fn softmax_kernels_match_the_cpu_attention() {
     let Some(bin) = emulator() else { return };
     // The attention's probabilities and score gradients, through the CPU attention itself:

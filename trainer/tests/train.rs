@@ -1670,6 +1670,68 @@ fn attention_within_documents_trains_alike_on_both_engines() {
 }
 
 #[test]
+fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_files() {
+    let r = Run::new();
+    let run = |name: &str, clip: Option<f32>, args: &[&str]| {
+        let cfg = r.config(&format!("{name}.yaml"), name, "max_duration: 5\n");
+        if let Some(c) = clip {
+            edit(
+                &cfg,
+                &[("n_layers: 1", &format!("n_layers: 1\n  clip_qkv: {c}"))],
+            );
+        }
+        ok(&r.train(&cfg, args));
+        cfg
+    };
+    let model =
+        |run: &str| std::fs::read(r.path(&format!("{run}/step5/model.safetensors"))).unwrap();
+    // a bound no projection reaches changes nothing; a tight one changes the run
+    run("plain", None, &[]);
+    run("loose", Some(1.0e4), &[]);
+    assert!(model("loose") == model("plain"));
+    let tight = run("tight", Some(0.05), &[]);
+    assert!(model("tight") != model("plain"));
+    // the CUDA engine (host emulator, fp32) clips and stops the same gradients
+    run(
+        "tight-emu",
+        Some(0.05),
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
+    let (a, b) = (losses(&r.metrics("tight")), losses(&r.metrics("tight-emu")));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    // transformers' OLMo config carries the bound, and import-hf checks it
+    let hf = r.path("tight-hf");
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("export-hf")
+        .arg(r.path("tight/step5"))
+        .arg(&hf)
+        .output()
+        .unwrap();
+    ok(&o);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["clip_qkv"], 0.05f32 as f64);
+    ok(&import_hf(&hf, &r.path("tight-back"), &tight, &[]));
+    assert!(
+        std::fs::read(r.path("tight-back/model.safetensors")).unwrap() == model("tight"),
+        "import-hf reads the weights back"
+    );
+    refused(
+        &import_hf(&hf, &r.path("plain-back"), &r.path("plain.yaml"), &[]),
+        "clip_qkv is 0.05, the training config's model.clip_qkv none",
+    );
+    let bad = r.config("bad.yaml", "bad", "max_duration: 5\n");
+    edit(&bad, &[("n_layers: 1", "n_layers: 1\n  clip_qkv: 0")]);
+    refused(
+        &r.train(&bad, &[]),
+        "model.clip_qkv (0) must be a positive number",
+    );
+}
+
+#[test]
 fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
     let r = Run::new();
     let steps = |run: &str| {
