@@ -834,7 +834,7 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int rr = i >> 1, row = r0 + g + 8 * rr, key = k0 + nt * 8 + 2 * c + (i & 1);
-                bool out = (masked && key > row) || key < lo[rr];
+                bool out = (masked && key > row) || (sb && key < lo[rr]);
                 float p = out ? 0.f : exp2f(s[nt][i] * sl2 - lr[rr]);
                 s[nt][i] = p * (dp[nt][i] - dr[rr]);
             }
@@ -924,7 +924,7 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
-                bool out = (masked && q0 + qi < key) || key < qs0[buf][qi];
+                bool out = (masked && q0 + qi < key) || (sb && key < qs0[buf][qi]);
                 float p = out ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
                 s[nt][i] = p;
                 dp[nt][i] = p * (dp[nt][i] - dd[buf][qi]);
