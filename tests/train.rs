@@ -53,8 +53,10 @@ fn tiny_model_beats_the_unigram_baseline_on_held_out_sample_tokens() {
     };
     let run = d.join("run");
     let text = format!(
-        "model: {{d_model: 64, n_heads: 4, n_layers: 2, mlp_ratio: 4, vocab_size: 2048, max_sequence_length: 64}}\n\
-         optimizer: {{learning_rate: 3.0e-3, eps: 1.0e-8}}\n\
+        "model: {{d_model: 64, n_heads: 4, n_layers: 2, mlp_ratio: 4, vocab_size: 2048, max_sequence_length: 64,\
+         \x20 rope: true, include_bias: false, layer_norm_with_affine: false,\
+         \x20 attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0}}\n\
+         optimizer: {{name: adamw, learning_rate: 3.0e-3, weight_decay: 0.1, eps: 1.0e-8}}\n\
          scheduler: {{name: cosine_with_warmup, t_warmup: 10}}\n\
          data: {{paths: [{}]}}\n\
          evaluators:\n  - label: held-out\n    data: {{paths: ['{}']}}\n\

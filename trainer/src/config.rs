@@ -235,17 +235,21 @@ pub struct ModelSection {
     #[serde(default)]
     pub embedding_size: Option<usize>,
     pub max_sequence_length: usize,
-    #[serde(default = "yes")]
+    // The defaults below are OLMo's (`olmo/config.py`), so that a config means the same model
+    // here as there: where OLMo's default is something this engine does not implement (no RoPE,
+    // biases, dropout, LionW), leaving the key out is an error that says so, never a quietly
+    // different model.
+    #[serde(default)]
     pub rope: bool,
     #[serde(default = "default_theta")]
     pub rope_theta: f32,
     #[serde(default = "default_norm")]
     pub layer_norm_type: String,
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub layer_norm_with_affine: bool,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f32,
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub include_bias: bool,
     #[serde(default)]
     pub bias_for_layer_norm: Option<bool>,
@@ -275,11 +279,11 @@ pub struct ModelSection {
     /// only). The CPU engine computes the same exact attention either way.
     #[serde(default)]
     pub flash_attention: bool,
-    #[serde(default)]
+    #[serde(default = "default_dropout")]
     pub attention_dropout: f32,
-    #[serde(default)]
+    #[serde(default = "default_dropout")]
     pub residual_dropout: f32,
-    #[serde(default)]
+    #[serde(default = "default_dropout")]
     pub embedding_dropout: f32,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
@@ -291,6 +295,9 @@ pub struct ModelSection {
 
 fn default_ratio() -> usize {
     4
+}
+fn default_dropout() -> f32 {
+    0.1
 }
 fn default_theta() -> f32 {
     10_000.0
@@ -349,14 +356,15 @@ impl Default for OptimizerSection {
     }
 }
 
+// OLMo's optimizer defaults: LionW (not implemented: an error), lr 1e-4, weight decay 0.01
 fn default_opt() -> String {
-    "adamw".into()
+    "lionw".into()
 }
 fn default_lr() -> f32 {
-    4e-4
+    1e-4
 }
 fn default_wd() -> f32 {
-    0.1
+    0.01
 }
 fn default_betas() -> (f32, f32) {
     (0.9, 0.95)
@@ -371,7 +379,7 @@ pub struct SchedulerSection {
     pub name: String,
     #[serde(default = "default_units")]
     pub units: String,
-    #[serde(default)]
+    #[serde(default = "default_warmup")]
     pub t_warmup: f64,
     #[serde(default)]
     pub t_max: Option<f64>,
@@ -392,7 +400,7 @@ impl Default for SchedulerSection {
         SchedulerSection {
             name: default_sched(),
             units: default_units(),
-            t_warmup: 0.0,
+            t_warmup: default_warmup(),
             t_max: None,
             alpha_f: default_alpha(),
             warmup_min_lr: None,
@@ -403,6 +411,9 @@ impl Default for SchedulerSection {
     }
 }
 
+fn default_warmup() -> f64 {
+    100.0
+}
 fn default_sched() -> String {
     "cosine_with_warmup".into()
 }
@@ -763,13 +774,13 @@ impl TrainConfig {
             unsupported("n_kv_heads (grouped-query attention)")?;
         }
         if !m.rope {
-            unsupported("rope: false (RoPE is the only position encoding here)")?;
+            unsupported("rope: false (learned position embeddings; OLMo's default where the key is absent: set rope: true)")?;
         }
         if m.alibi {
             unsupported("alibi")?;
         }
         if m.include_bias || m.bias_for_layer_norm == Some(true) {
-            unsupported("include_bias / bias_for_layer_norm")?;
+            unsupported("include_bias / bias_for_layer_norm (OLMo's default include_bias is true: set include_bias: false)")?;
         }
         if m.attention_layer_norm {
             unsupported("attention_layer_norm (QK-norm)")?;
@@ -790,7 +801,7 @@ impl TrainConfig {
             unsupported(&format!("block_type: {}", m.block_type))?;
         }
         if m.attention_dropout > 0.0 || m.residual_dropout > 0.0 || m.embedding_dropout > 0.0 {
-            unsupported("*_dropout > 0")?;
+            unsupported("*_dropout > 0 (OLMo's default is 0.1: set attention_dropout, residual_dropout and embedding_dropout to 0)")?;
         }
         let norm = match m.layer_norm_type.as_str() {
             "default" | "low_precision" => NormKind::LayerNorm,
@@ -874,7 +885,7 @@ mod tests {
 
     #[test]
     fn unimplemented_options_are_errors() {
-        let text = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8, include_bias: true}\n\
+        let text = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: true}\n\
                     data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\nwandb: {project: p}\n";
         let cfg: TrainConfig = serde_saphyr::from_str(text).unwrap();
         let err = cfg.model_config().unwrap_err().to_string();

@@ -323,7 +323,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     };
     if cfg.optimizer.name != "adamw" {
         bail!(
-            "optimizer.name `{}`: only adamw is implemented",
+            "optimizer.name `{}`: only adamw is implemented (OLMo's default where the key is absent is lionw: set optimizer.name: adamw)",
             cfg.optimizer.name
         );
     }

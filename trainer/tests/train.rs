@@ -36,7 +36,9 @@ impl Run {
             &cfg,
             format!(
                 "model:\n  d_model: 16\n  n_heads: 2\n  n_layers: 1\n  vocab_size: 16\n  max_sequence_length: 16\n\
-                 optimizer:\n  learning_rate: 1.0e-2\nscheduler:\n  name: cosine_with_warmup\n  t_warmup: 3\n\
+                 \x20 rope: true\n  include_bias: false\n  layer_norm_with_affine: false\n\
+                 \x20 attention_dropout: 0\n  residual_dropout: 0\n  embedding_dropout: 0\n\
+                 optimizer:\n  name: adamw\n  learning_rate: 1.0e-2\n  weight_decay: 0.1\nscheduler:\n  name: cosine_with_warmup\n  t_warmup: 3\n\
                  data:\n  paths: ['{d}/a.npy', '{d}/b.npy']\n\
                  global_train_batch_size: 8\nmax_grad_norm: 1.0\nsave_folder: {d}/{out}\n{extra}\ndevice: cpu\n",
                 d = self.dir.path().display(),
@@ -719,8 +721,26 @@ fn bad_data_and_configs_are_explained() {
     fails(&text.replace("a.npy", "empty.npy"), "empty token file");
     fails(&text.replace("a.npy", "missing.npy"), "matched no file");
     fails(
-        &text.replace("n_layers: 1", "n_layers: 1\n  include_bias: true"),
+        &text.replace("include_bias: false", "include_bias: true"),
         "include_bias",
+    );
+    // OLMo's defaults where a key is absent, so a config means the same model in both: where
+    // this engine does not implement the default, leaving the key out is an error saying so
+    fails(
+        &text.replace("  rope: true\n", ""),
+        "rope: false (learned position embeddings; OLMo's default where the key is absent: set rope: true)",
+    );
+    fails(
+        &text.replace("  include_bias: false\n", ""),
+        "set include_bias: false",
+    );
+    fails(
+        &text.replace("  residual_dropout: 0\n", ""),
+        "OLMo's default is 0.1",
+    );
+    fails(
+        &text.replace("  name: adamw\n", ""),
+        "optimizer.name `lionw`: only adamw is implemented (OLMo's default",
     );
     fails(
         &(text.clone() + "evaluators:\n  - label: mmlu\n    type: downstream\n    path: x.jsonl\n"),
@@ -803,8 +823,8 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
             edit(
                 &cfg,
                 &[(
-                    "n_layers: 1",
-                    "n_layers: 1\n  layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
+                    "layer_norm_with_affine: false",
+                    "layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
                 )],
             );
         }
@@ -878,8 +898,8 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
             edit(
                 &ft,
                 &[(
-                    "n_layers: 1",
-                    "n_layers: 1\n  layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
+                    "layer_norm_with_affine: false",
+                    "layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false",
                 )],
             );
         }
