@@ -150,7 +150,8 @@ def load_config(path):
         theta=float(m.get("rope_theta", 10000)),
         eps=float(m.get("layer_norm_eps", 1e-5)),
         norm="rms" if m.get("layer_norm_type") == "rms" else "default",
-        affine=bool(m.get("layer_norm_with_affine", False)),
+        # absent keys take OLMo's defaults, as olmo-train reads them
+        affine=bool(m.get("layer_norm_with_affine", True)),
         tying=bool(m.get("weight_tying", True)),
     )
     return c, y
@@ -200,10 +201,10 @@ def bench(args):
     rest = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "wte" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=float(opt_cfg.get("learning_rate", 4e-4)),
+        lr=float(opt_cfg.get("learning_rate", 1e-4)),
         betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
         eps=float(opt_cfg.get("eps", 1e-5)),
-        weight_decay=float(opt_cfg.get("weight_decay", 0.1)),
+        weight_decay=float(opt_cfg.get("weight_decay", 0.01)),
         foreach=True,
     )
     batch = args.batch or y["global_train_batch_size"]
