@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::dist::Tcp;
 use crate::model::{Batch, Model, Scores};
-use crate::optim::{clip_grad_norm, sum_of_squares, AdamW};
+use crate::optim::{clip_grad_norm, sum_of_squares, Optimizer};
 
 /// Receives host copies of (params, exp_avg, exp_avg_sq).
 pub type StateFn<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> Result<()> + 'a;
@@ -21,7 +21,7 @@ pub struct Update<'a> {
     pub max_norm: Option<f32>,
     /// Adaptive clipping instead: each tensor's clipping coefficient, in layout order.
     pub coefs: Option<&'a [f32]>,
-    pub adamw: AdamW,
+    pub optimizer: Optimizer,
     /// Weight decay on or off per tensor, in layout order.
     pub decay: &'a [bool],
 }
@@ -51,7 +51,8 @@ pub trait Backend {
     fn all_reduce_grads(&mut self, tcp: &mut Tcp) -> Result<()>;
     /// Each tensor's gradient norm, in layout order (for adaptive clipping).
     fn grad_norms(&mut self) -> Result<Vec<f32>>;
-    /// Clips the accumulated gradient and applies AdamW; returns the norm before clipping.
+    /// Clips the accumulated gradient and applies the optimizer; returns the norm before
+    /// clipping.
     fn step(&mut self, u: &Update) -> Result<f32>;
     /// Calls `f(params, exp_avg, exp_avg_sq)` with host copies of the state.
     fn with_state(&mut self, f: &mut StateFn) -> Result<()>;
@@ -124,15 +125,24 @@ impl Backend for Cpu {
             if let Some(&coef) = u.coefs.map(|c| &c[k]).filter(|&&c| c < 1.0) {
                 self.grads[r.clone()].iter_mut().for_each(|g| *g *= coef);
             }
-            u.adamw.step_slices(
-                u.step,
-                u.lr,
-                &mut self.params[r.clone()],
-                &self.grads[r.clone()],
-                &mut self.exp_avg[r.clone()],
-                &mut self.exp_avg_sq[r],
-                decay,
-            );
+            match &u.optimizer {
+                Optimizer::AdamW(a) => a.step_slices(
+                    u.step,
+                    u.lr,
+                    &mut self.params[r.clone()],
+                    &self.grads[r.clone()],
+                    &mut self.exp_avg[r.clone()],
+                    &mut self.exp_avg_sq[r],
+                    decay,
+                ),
+                Optimizer::LionW(l) => l.step_slices(
+                    u.lr,
+                    &mut self.params[r.clone()],
+                    &self.grads[r.clone()],
+                    &mut self.exp_avg[r],
+                    decay,
+                ),
+            }
         }
         Ok(norm)
     }

@@ -39,6 +39,14 @@ pub struct TrainerState {
     /// OLMo's bolt-on warmup. Kept so that a resumed run follows the same LR.
     #[serde(default)]
     pub lr_warmup_from: Option<u64>,
+    /// The optimizer whose moments `optim.safetensors` holds (`adamw`, or `lionw`, which keeps
+    /// no `exp_avg_sq`). Checkpoints written before the field existed are AdamW's.
+    #[serde(default = "adamw")]
+    pub optimizer: String,
+}
+
+fn adamw() -> String {
+    "adamw".into()
 }
 
 fn count_unknown() -> u64 {
@@ -171,11 +179,13 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
             t.shape.clone(),
             &ck.exp_avg[t.range()],
         ));
-        optim.push((
-            format!("{}.exp_avg_sq", t.name),
-            t.shape.clone(),
-            &ck.exp_avg_sq[t.range()],
-        ));
+        if ck.state.optimizer != "lionw" {
+            optim.push((
+                format!("{}.exp_avg_sq", t.name),
+                t.shape.clone(),
+                &ck.exp_avg_sq[t.range()],
+            ));
+        }
     }
     write_tensors(&tmp.join("optim.safetensors"), optim)?;
     std::fs::write(
@@ -324,11 +334,13 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
             );
         }
         let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
-        read_f32(
-            &path,
-            layout,
-            &mut [(".exp_avg", &mut m), (".exp_avg_sq", &mut v)],
-        )?;
+        // LionW keeps no second moment
+        let lion = state.as_ref().is_some_and(|s| s.optimizer == "lionw");
+        let mut outs: Vec<(&str, &mut [f32])> = vec![(".exp_avg", &mut m)];
+        if !lion {
+            outs.push((".exp_avg_sq", &mut v));
+        }
+        read_f32(&path, layout, &mut outs)?;
         grad_norm_exp_avg = read_scalars(&path, layout, ".grad_norm_exp_avg")?;
         Some((m, v))
     } else {
@@ -407,6 +419,7 @@ mod tests {
                 num_params: layout.total as u64,
                 optimizer_steps: step,
                 lr_warmup_from: None,
+                optimizer: "adamw".into(),
             };
             let ck = Checkpoint {
                 layout: &layout,

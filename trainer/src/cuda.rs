@@ -27,6 +27,7 @@ use crate::cublaslt::Lt;
 use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
 use crate::model::{Batch, Layout, Model, ModelConfig, Scores};
 use crate::ops::{NormKind, RopeTable, IGNORE};
+use crate::optim::Optimizer;
 
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 const BLOCK: u32 = 256;
@@ -60,6 +61,7 @@ const KERNELS: &[&str] = &[
     "cast_bf16",
     "sumsq",
     "adamw",
+    "lionw",
     "flash_bwd_pre",
     "flash_fwd_32",
     "flash_dq_32",
@@ -713,6 +715,7 @@ impl Gpu {
 }
 
 /// A kernel argument.
+#[derive(Clone, Copy)]
 pub enum Arg {
     P(u64),
     I(i32),
@@ -1937,36 +1940,51 @@ impl Backend for CudaEngine {
         let parts = self.gpu.download(&self.norm_acc)?;
         let norm = parts[..blocks].iter().sum::<f64>().sqrt() as f32;
         let global = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
-        let a = u.adamw;
-        let bc1 = 1.0 - a.beta1.powi(u.step as i32);
-        let bc2_sqrt = (1.0 - a.beta2.powi(u.step as i32)).sqrt();
         for (k, (t, &decay)) in self.layout.tensors.iter().zip(u.decay).enumerate() {
             let len = t.len();
             let coef = u.coefs.map_or(global, |c| c[k]);
-            self.gpu.launch_n(
-                "adamw",
-                len,
-                &[
-                    Arg::P(self.gpu.ptr(&self.params, t.offset)),
-                    Arg::P(if self.bf16 {
-                        self.gpu.ptr(&self.params_bf, t.offset)
-                    } else {
-                        0
-                    }),
-                    Arg::P(self.gpu.ptr(&self.grads, t.offset)),
-                    Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
-                    Arg::P(self.gpu.ptr(&self.exp_avg_sq, t.offset)),
-                    Arg::L(len as i64),
-                    Arg::F(u.lr),
-                    Arg::F(a.beta1),
-                    Arg::F(a.beta2),
-                    Arg::F(a.eps),
-                    Arg::F(if decay { a.weight_decay } else { 0.0 }),
-                    Arg::F(bc1),
-                    Arg::F(bc2_sqrt),
-                    Arg::F(coef),
-                ],
-            )?;
+            let weights = [
+                Arg::P(self.gpu.ptr(&self.params, t.offset)),
+                Arg::P(if self.bf16 {
+                    self.gpu.ptr(&self.params_bf, t.offset)
+                } else {
+                    0
+                }),
+                Arg::P(self.gpu.ptr(&self.grads, t.offset)),
+                Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
+            ];
+            match &u.optimizer {
+                Optimizer::AdamW(a) => {
+                    let bc1 = 1.0 - a.beta1.powi(u.step as i32);
+                    let bc2_sqrt = (1.0 - a.beta2.powi(u.step as i32)).sqrt();
+                    let mut args = weights.to_vec();
+                    args.extend([
+                        Arg::P(self.gpu.ptr(&self.exp_avg_sq, t.offset)),
+                        Arg::L(len as i64),
+                        Arg::F(u.lr),
+                        Arg::F(a.beta1),
+                        Arg::F(a.beta2),
+                        Arg::F(a.eps),
+                        Arg::F(if decay { a.weight_decay } else { 0.0 }),
+                        Arg::F(bc1),
+                        Arg::F(bc2_sqrt),
+                        Arg::F(coef),
+                    ]);
+                    self.gpu.launch_n("adamw", len, &args)?;
+                }
+                Optimizer::LionW(l) => {
+                    let mut args = weights.to_vec();
+                    args.extend([
+                        Arg::L(len as i64),
+                        Arg::F(u.lr),
+                        Arg::F(l.beta1),
+                        Arg::F(l.beta2),
+                        Arg::F(if decay { l.weight_decay } else { 0.0 }),
+                        Arg::F(coef),
+                    ]);
+                    self.gpu.launch_n("lionw", len, &args)?;
+                }
+            }
         }
         Ok(norm)
     }

@@ -36,6 +36,7 @@ fn signature(name: &str) -> Option<&'static str> {
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
         "adamw" => "PPPPPLFFFFFFFF",
+        "lionw" => "PPPPLFFFFF",
         "flash_bwd_pre" => "PPPLIII",
         _ => {
             return flash_kernel(name).map(|(kind, _, _)| match kind {
@@ -419,6 +420,29 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     pp[i] = pi - (lr / bc1) * m[i] / (v[i].sqrt() / bc2s + eps);
                     if let Some(pb) = pb.as_mut() {
                         pb[i] = half::bf16::from_f32(pp[i]).to_bits();
+                    }
+                }
+            }
+            "lionw" => {
+                let n = int(a, 4);
+                covers(n)?;
+                let (lr, b1, b2, wd, coef) = (f(a, 5), f(a, 6), f(a, 7), f(a, 8), f(a, 9));
+                let (pp, g, m) = (
+                    at::<f32>(p(a, 0), n),
+                    at::<f32>(p(a, 2), n),
+                    at::<f32>(p(a, 3), n),
+                );
+                let scaled: Vec<f32> = g.iter().map(|&x| x * coef).collect();
+                let lion = crate::optim::LionW {
+                    beta1: b1,
+                    beta2: b2,
+                    weight_decay: wd,
+                };
+                lion.step_slices(lr, pp, &scaled, m, true);
+                if p(a, 1) != 0 {
+                    let pb = at::<u16>(p(a, 1), n);
+                    for (b, &v) in pb.iter_mut().zip(pp.iter()) {
+                        *b = half::bf16::from_f32(v).to_bits();
                     }
                 }
             }

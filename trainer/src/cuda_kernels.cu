@@ -425,6 +425,23 @@ extern "C" __global__ void adamw(float* p, bf16_t* pb, const float* g, float* m,
     if (pb) pb[i] = f2bf(np);
 }
 
+// OLMo's LionW on gradients scaled by the clipping coefficient: decoupled weight decay, a step
+// of lr along the sign of b1·m + (1 − b1)·g (torch.sign: 0 at 0), then m ← b2·m + (1 − b2)·g;
+// with `pb` not null, the bf16 copy of the new weights too, as adamw.
+extern "C" __global__ void lionw(float* p, bf16_t* pb, const float* g, float* m, long n, float lr, float b1,
+                                 float b2, float wd, float coef) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i] * coef;
+    float pi = p[i] * (1.f - lr * wd);
+    float u = m[i] * b1 + gi * (1.f - b1);
+    float s = u > 0.f ? 1.f : (u < 0.f ? -1.f : u * 0.f);
+    float np = pi - lr * s;
+    m[i] = m[i] * b2 + gi * (1.f - b2);
+    p[i] = np;
+    if (pb) pb[i] = f2bf(np);
+}
+
 // ---- Flash attention: causal attention on bf16 tensor cores without the T×T matrices ----
 //
 // FlashAttention-2's schedule with one warp per 16 rows and mma.sync m16n8k16 (bf16 in, f32

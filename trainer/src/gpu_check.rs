@@ -157,12 +157,12 @@ pub fn compare_engines(
             lr: 1e-3,
             max_norm: Some(1.0),
             coefs: None,
-            adamw: AdamW {
+            optimizer: crate::optim::Optimizer::AdamW(AdamW {
                 beta1: 0.9,
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.1,
-            },
+            }),
             decay: &decay,
         };
         // the CPU engine's scores, gradients, norm and updated weights for each batch
@@ -325,12 +325,12 @@ fn time_training(
             lr,
             max_norm: Some(1.0),
             coefs: None,
-            adamw: AdamW {
+            optimizer: crate::optim::Optimizer::AdamW(AdamW {
                 beta1: 0.9,
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.1,
-            },
+            }),
             decay,
         })?;
         let loss = sc.ce_sum / sc.count as f64;

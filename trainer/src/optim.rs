@@ -95,6 +95,86 @@ pub fn sum_of_squares(g: &[f32]) -> f64 {
         .sum::<f64>()
 }
 
+/// OLMo's LionW (`olmo/optim.py`): decoupled weight decay, a step of `lr` along the sign of
+/// `β1·m + (1 − β1)·g`, then `m ← β2·m + (1 − β2)·g`. Its one moment is kept where AdamW keeps
+/// `exp_avg`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LionW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub weight_decay: f32,
+}
+
+impl LionW {
+    /// One update of `param` with learning rate `lr` on a moment slice.
+    pub fn step_slices(
+        &self,
+        lr: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        decay: bool,
+    ) {
+        assert_eq!(param.len(), grad.len());
+        assert_eq!(param.len(), m.len());
+        let wd = if decay { self.weight_decay } else { 0.0 };
+        const CHUNK: usize = 1 << 15;
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .for_each(|((param, grad), m)| {
+                for i in 0..param.len() {
+                    let g = grad[i];
+                    param[i] *= 1.0 - lr * wd;
+                    let update = m[i] * self.beta1 + g * (1.0 - self.beta1);
+                    param[i] -= lr * sign(update);
+                    m[i] = m[i] * self.beta2 + g * (1.0 - self.beta2);
+                }
+            });
+    }
+}
+
+/// `torch.sign`: 0 at ±0 (Rust's `signum` gives ±1 there), NaN at NaN.
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+/// The optimizer a run steps with (`optimizer.name`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    AdamW(AdamW),
+    LionW(LionW),
+}
+
+impl Optimizer {
+    pub fn betas(&self) -> (f32, f32) {
+        match self {
+            Optimizer::AdamW(a) => (a.beta1, a.beta2),
+            Optimizer::LionW(l) => (l.beta1, l.beta2),
+        }
+    }
+
+    /// Whether it keeps a second moment (`exp_avg_sq`).
+    pub fn second_moment(&self) -> bool {
+        matches!(self, Optimizer::AdamW(_))
+    }
+
+    /// OLMo's name for it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::AdamW(_) => "adamw",
+            Optimizer::LionW(_) => "lionw",
+        }
+    }
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`, as OLMo does
 /// (`coef = max_norm / (norm + 1e-6)`, clamped at 1). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
@@ -119,10 +199,11 @@ pub struct AdaptiveClip {
 }
 
 impl AdaptiveClip {
-    pub fn new(ratio: f64, opt: &AdamW) -> AdaptiveClip {
+    pub fn new(ratio: f64, opt: &Optimizer) -> AdaptiveClip {
+        let (beta1, beta2) = opt.betas();
         AdaptiveClip {
             ratio: ratio as f32,
-            beta: opt.beta1.max(opt.beta2),
+            beta: beta1.max(beta2),
         }
     }
 
@@ -205,8 +286,28 @@ mod tests {
     }
 
     #[test]
+    fn lionw_steps_by_the_sign_of_the_interpolated_moment() {
+        let lion = LionW {
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: 0.1,
+        };
+        // m = 0: the update is g's sign; m then moves 1% toward g
+        let (mut p, mut m) = (vec![1.0f32, 1.0, 1.0], vec![0.0f32; 3]);
+        lion.step_slices(0.01, &mut p, &[0.5, -2.0, 0.0], &mut m, true);
+        let decayed = 1.0 * (1.0 - 0.01 * 0.1);
+        assert_eq!(p, [decayed - 0.01, decayed + 0.01, decayed]);
+        assert!((m[0] - 0.005).abs() < 1e-7 && (m[1] + 0.02).abs() < 1e-7 && m[2] == 0.0);
+        // a moment against a small gradient wins: 0.9·(−1) + 0.1·0.5 < 0, so the weight rises
+        let (mut p, mut m) = (vec![0.0f32], vec![-1.0f32]);
+        lion.step_slices(0.01, &mut p, &[0.5], &mut m, false);
+        assert_eq!(p, [0.01]);
+        assert!((m[0] - (-0.99 + 0.005)).abs() < 1e-6, "{m:?}");
+    }
+
+    #[test]
     fn adaptive_clipping_follows_each_tensors_own_average() {
-        let clip = AdaptiveClip::new(1.5, &OPT);
+        let clip = AdaptiveClip::new(1.5, &Optimizer::AdamW(OPT));
         assert_eq!(clip.beta, 0.95);
         let mut avg = vec![None, None];
         // step 1: each norm is its own average, so nothing is clipped, and nothing is kept
@@ -224,7 +325,7 @@ mod tests {
         assert!((a - (4.0 + 0.05 * (6.0 - 4.0))).abs() < 1e-5, "{a}");
         assert!((b - (1.0 + 0.05 * 0.2)).abs() < 1e-6, "{b}");
         // a ratio under 1 clips from the first step on
-        let tight = AdaptiveClip::new(0.5, &OPT);
+        let tight = AdaptiveClip::new(0.5, &Optimizer::AdamW(OPT));
         let c = tight.coefficients(&[2.0], &mut [None], 1);
         assert!((c[0] - 0.5).abs() < 1e-6, "{c:?}");
     }

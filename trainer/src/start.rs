@@ -67,6 +67,7 @@ pub fn start(
         num_params: layout.total as u64,
         optimizer_steps: 0,
         lr_warmup_from: None,
+        optimizer: cfg.optimizer.name.clone(),
     };
     let mut start = match (own, &cfg.load_path) {
         (Some(dir), load_path) => {
@@ -82,7 +83,7 @@ pub fn start(
                     given.join(", ")
                 ));
             }
-            resume(&dir, layout, data)?
+            resume(&dir, layout, data, &cfg.optimizer.name)?
         }
         (None, Some(p)) => from_load_path(
             cfg,
@@ -183,7 +184,7 @@ fn start_options(cfg: &TrainConfig) -> Vec<String> {
 }
 
 /// A restart from the run's own checkpoint: everything as it was, on the same data.
-fn resume(dir: &Path, layout: &Layout, data: &DataFacts) -> Result<Start> {
+fn resume(dir: &Path, layout: &Layout, data: &DataFacts, optimizer: &str) -> Result<Start> {
     let parts = Parts {
         optimizer: true,
         trainer: true,
@@ -191,6 +192,7 @@ fn resume(dir: &Path, layout: &Layout, data: &DataFacts) -> Result<Start> {
     let l = checkpoint::load(dir, layout, parts)?;
     let state = l.state.expect("asked for");
     check_same_data(dir, &state, data)?;
+    check_same_optimizer(dir, &state, optimizer)?;
     let (exp_avg, exp_avg_sq) = l.moments.expect("asked for");
     Ok(Start {
         params: l.params,
@@ -204,6 +206,18 @@ fn resume(dir: &Path, layout: &Layout, data: &DataFacts) -> Result<Start> {
         )],
         state,
     })
+}
+
+/// Moments carry over only to the optimizer that made them.
+fn check_same_optimizer(dir: &Path, state: &TrainerState, optimizer: &str) -> Result<()> {
+    if state.optimizer != optimizer {
+        bail!(
+            "{}: the checkpoint holds {}'s moments, the config asks for optimizer.name `{optimizer}`: set reset_optimizer_state: true to start {optimizer} with fresh moments",
+            dir.display(),
+            state.optimizer
+        );
+    }
+    Ok(())
 }
 
 /// The checkpoint's data position means something only over the same windows in the same
@@ -264,6 +278,7 @@ fn from_load_path(
     };
     let l = checkpoint::load(dir, layout, parts)?;
     let loaded = l.state;
+    let loaded_state = loaded.clone();
     let mut what = vec!["weights".to_string()];
     let mut state = if cfg.reset_trainer_state {
         let mut s = fresh(cfg.epoch.unwrap_or(0));
@@ -305,22 +320,30 @@ fn from_load_path(
         }
         s
     };
+    let name = match cfg.optimizer.name.as_str() {
+        "lionw" => "LionW",
+        _ => "AdamW",
+    };
     let (exp_avg, exp_avg_sq) = match l.moments {
         Some(m) => {
-            what.push("AdamW's moments".to_string());
+            if let Some(ck) = &loaded_state {
+                check_same_optimizer(dir, ck, &cfg.optimizer.name)?;
+            }
+            what.push(format!("{name}'s moments"));
             m
         }
         None => {
+            state.optimizer = cfg.optimizer.name.clone();
             state.optimizer_steps = 0;
             if !cfg.reset_trainer_state {
                 // OLMo's BoltOnWarmupScheduler: fresh moments under a running schedule.
                 state.lr_warmup_from = Some(state.step);
                 what.push(format!(
-                    "fresh AdamW moments with the LR warming up again from step {} over {} steps",
+                    "fresh {name} moments with the LR warming up again from step {} over {} steps",
                     state.step, t_warmup
                 ));
             } else {
-                what.push("fresh AdamW moments".to_string());
+                what.push(format!("fresh {name} moments"));
             }
             (vec![0.0; layout.total], vec![0.0; layout.total])
         }

@@ -22,7 +22,7 @@ use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
 use crate::ops::{document_count, document_starts};
-use crate::optim::{AdamW, AdaptiveClip};
+use crate::optim::{AdamW, AdaptiveClip, LionW, Optimizer};
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
 use crate::start::{self, DataFacts};
@@ -321,9 +321,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     } else {
         None
     };
-    if cfg.optimizer.name != "adamw" {
+    if !matches!(cfg.optimizer.name.as_str(), "adamw" | "lionw") {
         bail!(
-            "optimizer.name `{}`: only adamw is implemented (OLMo's default where the key is absent is lionw: set optimizer.name: adamw)",
+            "optimizer.name `{}`: adamw and lionw are implemented",
             cfg.optimizer.name
         );
     }
@@ -487,11 +487,20 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         metrics.write(0, &fields)?;
     }
 
-    let opt = AdamW {
-        beta1: cfg.optimizer.betas.0,
-        beta2: cfg.optimizer.betas.1,
-        eps: cfg.optimizer.eps,
-        weight_decay: cfg.optimizer.weight_decay,
+    let (beta1, beta2) = cfg.optimizer.betas;
+    let weight_decay = cfg.optimizer.weight_decay;
+    let opt = match cfg.optimizer.name.as_str() {
+        "lionw" => Optimizer::LionW(LionW {
+            beta1,
+            beta2,
+            weight_decay,
+        }),
+        _ => Optimizer::AdamW(AdamW {
+            beta1,
+            beta2,
+            eps: cfg.optimizer.eps,
+            weight_decay,
+        }),
     };
     let adaptive = cfg.max_grad_norm_ratio.map(|r| AdaptiveClip::new(r, &opt));
     let save = |engine: &mut dyn Backend,
@@ -667,7 +676,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             lr,
             max_norm,
             coefs: coefs.as_deref(),
-            adamw: opt,
+            optimizer: opt,
             decay: &decay,
         })?;
         // OLMo's share of the gradients clipped: every tensor or none under the global bound

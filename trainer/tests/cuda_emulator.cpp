@@ -222,6 +222,14 @@ int main(int argc, char** argv) {
                   F(11), F(12));
         });
         store("p", p), store("m", m), store("v", v), store("p2", p2), store("pb", pb);
+    } else if (k == "lionw") {  // n lr b1 b2 wd coef: without, then with the bf16 copy
+        long n = I(4);
+        auto p = load<float>("p"), g = load<float>("g"), m = load<float>("m");
+        auto p2 = p, m2 = m;
+        std::vector<uint16_t> pb(n);
+        launch(grid_n(n), B, [&] { lionw(p.data(), nullptr, g.data(), m.data(), n, F(5), F(6), F(7), F(8), F(9)); });
+        launch(grid_n(n), B, [&] { lionw(p2.data(), pb.data(), g.data(), m2.data(), n, F(5), F(6), F(7), F(8), F(9)); });
+        store("p", p), store("m", m), store("p2", p2), store("pb", pb);
     } else {
         fprintf(stderr, "unknown kernel %s\n", k.c_str());
         return 2;

@@ -662,3 +662,48 @@ fn adamw_kernel_matches_the_cpu_optimizer() {
         .collect();
     assert_eq!(pb, want);
 }
+
+#[test]
+fn lionw_kernel_matches_the_cpu_optimizer() {
+    let Some(bin) = emulator() else { return };
+    let n = 500;
+    let (p, mut g, m) = (rnd(n, 26, 1.0), rnd(n, 27, 0.1), rnd(n, 28, 0.01));
+    // zero gradients and moments: torch.sign(0) = 0, so those weights only decay
+    g[..10].fill(0.0);
+    let mut m = m;
+    m[..10].fill(0.0);
+    let lion = olmo_train::optim::LionW {
+        beta1: 0.9,
+        beta2: 0.99,
+        weight_decay: 0.1,
+    };
+    let (lr, coef) = (1e-3f32, 0.5f32);
+    let b = Bufs::new();
+    b.put("p", &p);
+    b.put("g", &g);
+    b.put("m", &m);
+    b.run(
+        bin,
+        "lionw",
+        64,
+        &s![n, lr, lion.beta1, lion.beta2, lion.weight_decay, coef],
+    );
+    let clipped: Vec<f32> = g.iter().map(|x| x * coef).collect();
+    let (mut wp, mut wm) = (p.clone(), m.clone());
+    lion.step_slices(lr, &mut wp, &clipped, &mut wm, true);
+    assert_eq!(b.get("p"), wp);
+    assert_eq!(b.get("m"), wm);
+    assert_eq!(wp[0], p[0] * (1.0 - lr * 0.1));
+    // with the bf16 copy: the same update, and the copy is its rounding
+    assert_eq!(b.get("p2"), wp);
+    let pb: Vec<u16> = b
+        .raw("pb")
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let want: Vec<u16> = wp
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(pb, want);
+}

@@ -288,12 +288,12 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
                     lr: 1e-3,
                     max_norm: Some(1.0),
                     coefs: None,
-                    adamw: olmo_train::optim::AdamW {
+                    optimizer: olmo_train::optim::Optimizer::AdamW(olmo_train::optim::AdamW {
                         beta1: 0.9,
                         beta2: 0.95,
                         eps: 1e-8,
                         weight_decay: 0.1,
-                    },
+                    }),
                     decay: &decay,
                 })
                 .unwrap()

@@ -739,8 +739,8 @@ fn bad_data_and_configs_are_explained() {
         "OLMo's default is 0.1",
     );
     fails(
-        &text.replace("  name: adamw\n", ""),
-        "optimizer.name `lionw`: only adamw is implemented (OLMo's default",
+        &text.replace("  name: adamw\n", "  name: sgd\n"),
+        "optimizer.name `sgd`: adamw and lionw are implemented",
     );
     fails(
         &(text.clone() + "evaluators:\n  - label: mmlu\n    type: downstream\n    path: x.jsonl\n"),
@@ -1749,6 +1749,77 @@ fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_fi
         &r.train(&bad, &[]),
         "model.clip_qkv (0) must be a positive number",
     );
+}
+
+#[test]
+fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
+    let r = Run::new();
+    let run = |name: &str, opt: &str, extra: &str, args: &[&str]| {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 6\nsave_interval: 100\n{extra}"),
+        );
+        // OLMo's default optimizer where the key is absent
+        let named = if opt.is_empty() {
+            String::new()
+        } else {
+            format!("  name: {opt}\n")
+        };
+        edit(&cfg, &[("  name: adamw\n", &named)]);
+        (cfg.clone(), r.train(&cfg, args))
+    };
+    let model =
+        |run: &str| std::fs::read(r.path(&format!("{run}/step6/model.safetensors"))).unwrap();
+    let (_, o) = run("lion", "", "", &[]);
+    let log = ok(&o);
+    assert!(log.contains("done: 6 steps"), "{log}");
+    let (_, o) = run("adam", "adamw", "", &[]);
+    ok(&o);
+    assert!(model("lion") != model("adam"));
+    let first = losses(&r.metrics("lion"));
+    assert!(first.last().unwrap().1 < first[0].1, "{first:?}");
+    // LionW keeps one moment: no exp_avg_sq in its checkpoint
+    let optim = std::fs::read(r.path("lion/step6/optim.safetensors")).unwrap();
+    let names = String::from_utf8_lossy(&optim[..4096.min(optim.len())]).into_owned();
+    assert!(
+        names.contains(".exp_avg\"") && !names.contains("exp_avg_sq"),
+        "{names}"
+    );
+    assert_eq!(train_state(&r, "lion/step6")["optimizer"], "lionw");
+    // stopped after 3 steps and rerun: the run in one go, bit for bit
+    let (jobs, o) = run("jobs", "lionw", "stop_after: 3\n", &[]);
+    ok(&o);
+    ok(&r.train(&jobs, &[]));
+    assert!(model("jobs") == model("lion"));
+    // the CUDA engine (host emulator, fp32) takes the same steps
+    let (_, o) = run(
+        "emu",
+        "lionw",
+        "",
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
+    ok(&o);
+    let (a, b) = (losses(&r.metrics("lion")), losses(&r.metrics("emu")));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    // moments belong to the optimizer that made them
+    let adam_from_lion = r.config(
+        "switch.yaml",
+        "switch",
+        &format!(
+            "max_duration: 8\nload_path: {}\n",
+            r.path("lion/step6").display()
+        ),
+    );
+    refused(
+        &r.train(&adam_from_lion, &[]),
+        "the checkpoint holds lionw's moments, the config asks for optimizer.name `adamw`",
+    );
+    let log = ok(&r.train(&adam_from_lion, &["--reset_optimizer_state"]));
+    assert!(log.contains("fresh AdamW moments"), "{log}");
 }
 
 #[test]
