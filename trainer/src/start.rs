@@ -278,7 +278,9 @@ fn from_load_path(
     };
     let l = checkpoint::load(dir, layout, parts)?;
     let loaded = l.state;
-    let loaded_state = loaded.clone();
+    if let (Some(ck), true) = (&loaded, keep_moments) {
+        check_same_optimizer(dir, ck, &cfg.optimizer.name)?;
+    }
     let mut what = vec!["weights".to_string()];
     let mut state = if cfg.reset_trainer_state {
         let mut s = fresh(cfg.epoch.unwrap_or(0));
@@ -326,9 +328,6 @@ fn from_load_path(
     };
     let (exp_avg, exp_avg_sq) = match l.moments {
         Some(m) => {
-            if let Some(ck) = &loaded_state {
-                check_same_optimizer(dir, ck, &cfg.optimizer.name)?;
-            }
             what.push(format!("{name}'s moments"));
             m
         }
