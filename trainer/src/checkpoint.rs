@@ -94,10 +94,40 @@ pub fn write_model(path: &Path, layout: &Layout, params: &[f32]) -> Result<()> {
 }
 
 /// Reads F32 tensors of a safetensors file into flat buffers, the file read once: for each
-/// buffer, the layout's tensors under their names plus `suffix` (`""`, `".exp_avg"`, ...).
-fn read_f32(path: &Path, layout: &Layout, outs: &mut [(&str, &mut [f32])]) -> Result<()> {
+/// buffer, the layout's tensors under their names plus `suffix` (`""`, `".exp_avg"`, ...); and
+/// for each of `scalars`, the F32 scalar `{tensor}{suffix}` of each tensor where the file has
+/// one (adaptive clipping's averages).
+fn read_f32(
+    path: &Path,
+    layout: &Layout,
+    outs: &mut [(&str, &mut [f32])],
+    scalars: &mut [(&str, &mut Vec<Option<f32>>)],
+) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    for (suffix, out) in scalars.iter_mut() {
+        **out = layout
+            .tensors
+            .iter()
+            .map(|tensor| {
+                let name = format!("{}{suffix}", tensor.name);
+                let Ok(t) = st.tensor(&name) else {
+                    return Ok(None);
+                };
+                match (t.dtype(), t.data()) {
+                    (StDtype::F32, &[a, b, c, d]) if t.shape().is_empty() => {
+                        Ok(Some(f32::from_le_bytes([a, b, c, d])))
+                    }
+                    _ => bail!(
+                        "{}: `{name}` is {:?} {:?}, expected an F32 scalar",
+                        path.display(),
+                        t.dtype(),
+                        t.shape()
+                    ),
+                }
+            })
+            .collect::<Result<_>>()?;
+    }
     for (suffix, out) in outs.iter_mut() {
         for tensor in &layout.tensors {
             let name = format!("{}{suffix}", tensor.name);
@@ -124,7 +154,7 @@ fn read_f32(path: &Path, layout: &Layout, outs: &mut [(&str, &mut [f32])]) -> Re
 /// Reads model weights written by [`write_model`] for this layout.
 pub fn read_model(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
     let mut params = vec![0.0; layout.total];
-    read_f32(path, layout, &mut [("", &mut params)])?;
+    read_f32(path, layout, &mut [("", &mut params)], &mut [])?;
     Ok(params)
 }
 
@@ -133,7 +163,7 @@ pub struct Checkpoint<'a> {
     pub params: &'a [f32],
     pub exp_avg: &'a [f32],
     pub exp_avg_sq: &'a [f32],
-    /// Adaptive clipping's average gradient norm per tensor, where it has one.
+    /// Adaptive clipping's average gradient norm per tensor, where it has one (empty: none).
     pub grad_norm_exp_avg: &'a [Option<f32>],
     pub state: &'a TrainerState,
     pub config_text: &'a str,
@@ -162,12 +192,10 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_model(&tmp.join("model.safetensors"), ck.layout, ck.params)?;
-    let averages: Vec<f32> = ck.grad_norm_exp_avg.iter().flatten().copied().collect();
     let mut optim = Vec::new();
-    let mut next_average = averages.iter();
-    for (t, avg) in ck.layout.tensors.iter().zip(ck.grad_norm_exp_avg) {
-        if avg.is_some() {
-            let a = next_average.next().expect("one per Some");
+    for (k, t) in ck.layout.tensors.iter().enumerate() {
+        // a zip would stop at an empty list of averages, and write no moment at all
+        if let Some(Some(a)) = ck.grad_norm_exp_avg.get(k) {
             optim.push((
                 format!("{}.grad_norm_exp_avg", t.name),
                 vec![],
@@ -340,8 +368,12 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
         if !lion {
             outs.push((".exp_avg_sq", &mut v));
         }
-        read_f32(&path, layout, &mut outs)?;
-        grad_norm_exp_avg = read_scalars(&path, layout, ".grad_norm_exp_avg")?;
+        read_f32(
+            &path,
+            layout,
+            &mut outs,
+            &mut [(".grad_norm_exp_avg", &mut grad_norm_exp_avg)],
+        )?;
         Some((m, v))
     } else {
         None
@@ -352,33 +384,6 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
         state,
         grad_norm_exp_avg,
     })
-}
-
-/// The F32 scalars `{tensor}{suffix}` of a safetensors file, one per layout tensor where present.
-fn read_scalars(path: &Path, layout: &Layout, suffix: &str) -> Result<Vec<Option<f32>>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    layout
-        .tensors
-        .iter()
-        .map(|tensor| {
-            let name = format!("{}{suffix}", tensor.name);
-            let Ok(t) = st.tensor(&name) else {
-                return Ok(None);
-            };
-            match (t.dtype(), t.data()) {
-                (StDtype::F32, &[a, b, c, d]) if t.shape().is_empty() => {
-                    Ok(Some(f32::from_le_bytes([a, b, c, d])))
-                }
-                _ => bail!(
-                    "{}: `{name}` is {:?} {:?}, expected an F32 scalar",
-                    path.display(),
-                    t.dtype(),
-                    t.shape()
-                ),
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -431,7 +436,15 @@ mod tests {
                 config_text: "",
                 ephemeral,
             };
-            save(dir.path(), &ck, 1).unwrap();
+            let saved = save(dir.path(), &ck, 1).unwrap();
+            // a run without adaptive clipping's averages still saves every moment
+            let parts = Parts {
+                optimizer: true,
+                trainer: true,
+            };
+            let back = load(&saved, &layout, parts).unwrap();
+            assert_eq!(back.moments.unwrap().0.len(), layout.total);
+            assert!(back.grad_norm_exp_avg.iter().all(Option::is_none));
             let mut steps = list_steps(dir.path()).unwrap();
             steps.sort();
             steps
