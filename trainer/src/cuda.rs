@@ -1904,23 +1904,28 @@ impl Backend for CudaEngine {
     }
 
     fn grad_norms(&mut self) -> Result<Vec<f32>> {
-        let mut norms = Vec::with_capacity(self.layout.tensors.len());
-        for t in &self.layout.tensors {
-            let blocks = t.len().div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+        // each tensor's partial sums in a segment of their own, read back in one download
+        let tensors = &self.layout.tensors;
+        let acc = self.gpu.zeros::<f64>(tensors.len() * SUMSQ_BLOCKS)?;
+        let blocks = |len: usize| len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+        for (k, t) in tensors.iter().enumerate() {
             self.gpu.launch(
                 "sumsq",
-                blocks as u32,
+                blocks(t.len()) as u32,
                 BLOCK,
                 &[
                     Arg::P(self.gpu.ptr(&self.grads, t.offset)),
                     Arg::L(t.len() as i64),
-                    Arg::P(self.gpu.ptr(&self.norm_acc, 0)),
+                    Arg::P(self.gpu.ptr(&acc, k * SUMSQ_BLOCKS)),
                 ],
             )?;
-            let parts = self.gpu.download(&self.norm_acc)?;
-            norms.push(parts[..blocks].iter().sum::<f64>().sqrt() as f32);
         }
-        Ok(norms)
+        let parts = self.gpu.download(&acc)?;
+        Ok(tensors
+            .iter()
+            .zip(parts.chunks(SUMSQ_BLOCKS))
+            .map(|(t, p)| p[..blocks(t.len())].iter().sum::<f64>().sqrt() as f32)
+            .collect())
     }
 
     fn step(&mut self, u: &Update) -> Result<f32> {
