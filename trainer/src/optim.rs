@@ -160,19 +160,6 @@ impl Optimizer {
             Optimizer::LionW(l) => (l.beta1, l.beta2),
         }
     }
-
-    /// Whether it keeps a second moment (`exp_avg_sq`).
-    pub fn second_moment(&self) -> bool {
-        matches!(self, Optimizer::AdamW(_))
-    }
-
-    /// OLMo's name for it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Optimizer::AdamW(_) => "adamw",
-            Optimizer::LionW(_) => "lionw",
-        }
-    }
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`, as OLMo does
