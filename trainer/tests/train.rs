@@ -66,6 +66,11 @@ impl Run {
         c
     }
 
+    /// The bytes of `{dir}/model.safetensors` (a checkpoint's weights).
+    fn weights(&self, dir: &str) -> Vec<u8> {
+        std::fs::read(self.path(dir).join("model.safetensors")).unwrap()
+    }
+
     fn metrics(&self, out: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path(out).join("metrics.jsonl"))
             .unwrap()
@@ -240,8 +245,8 @@ fn a_stopped_run_resumes_to_the_same_bits_with_any_thread_count() {
         "{err}"
     );
     assert!(err.contains("epoch 1 begins"), "{err}");
-    let a = std::fs::read(r.path("whole/step60/model.safetensors")).unwrap();
-    let b = std::fs::read(r.path("parts/step60/model.safetensors")).unwrap();
+    let a = r.weights("whole/step60");
+    let b = r.weights("parts/step60");
     assert!(a == b, "resumed weights differ");
     let a = std::fs::read(r.path("whole/step60/optim.safetensors")).unwrap();
     let b = std::fs::read(r.path("parts/step60/optim.safetensors")).unwrap();
@@ -1219,10 +1224,7 @@ fn a_reset_optimizer_bolts_on_a_warmup_and_the_data_options_move_the_position() 
         &[("stop_at: 24", "stop_at: 24\nreset_optimizer_state: true")],
     );
     ok(&r.train(&cfg, &[]));
-    assert!(
-        std::fs::read(r.path("w/step24/model.safetensors")).unwrap()
-            == std::fs::read(r.path("bolt/step24/model.safetensors")).unwrap()
-    );
+    assert!(r.weights("w/step24") == r.weights("bolt/step24"));
 
     // the data order again from the start of the epoch; the step and the LR go on
     let err = ok(&r.train(&from("again", "restore_dataloader: false\n"), &[]));
@@ -1297,10 +1299,7 @@ fn stop_after_time_limit_and_sigterm_stop_with_a_checkpoint_and_a_rerun_continue
             "{err}"
         );
     }
-    assert!(
-        std::fs::read(r.path("whole/step20/model.safetensors")).unwrap()
-            == std::fs::read(r.path("jobs/step20/model.safetensors")).unwrap()
-    );
+    assert!(r.weights("whole/step20") == r.weights("jobs/step20"));
 
     // out of time after the first step: saved there, success, the rest on the next run
     let timed = r.config(
@@ -1420,10 +1419,7 @@ fn label_masks_leave_the_masked_targets_out_of_the_loss() {
     ok(&r.train(&config("plain", ""), &[]));
     // all ones: the same run, byte for byte
     ok(&r.train(&config("ones", &masks("ones", &|_| true)), &[]));
-    assert!(
-        std::fs::read(r.path("plain/step6/model.safetensors")).unwrap()
-            == std::fs::read(r.path("ones/step6/model.safetensors")).unwrap()
-    );
+    assert!(r.weights("plain/step6") == r.weights("ones/step6"));
     // a label is masked before the shift: a window's first token is never a target, so a mask
     // keeping only it scores nothing; one keeping only the last token scores one target of 16
     ok(&r.train(&config("first", &masks("first", &|p| p == 0)), &[]));
@@ -1487,8 +1483,7 @@ fn the_instance_filter_leaves_out_the_instances_olmo_drops() {
         }
         cfg
     };
-    let model =
-        |run: &str| std::fs::read(r.path(&format!("{run}/step6/model.safetensors"))).unwrap();
+    let model = |run: &str| r.weights(&format!("{run}/step6"));
     let dropped = |run: &str| -> Vec<f64> {
         r.metrics(run)
             .iter()
@@ -1560,8 +1555,7 @@ fn adaptive_clipping_clips_tensors_by_their_own_average_and_resumes_to_the_same_
         ok(&r.train(&cfg, args));
         cfg
     };
-    let model =
-        |run: &str| std::fs::read(r.path(&format!("{run}/step8/model.safetensors"))).unwrap();
+    let model = |run: &str| r.weights(&format!("{run}/step8"));
     let rates = |run: &str| -> Vec<f64> {
         r.metrics(run)
             .iter()
@@ -1644,8 +1638,7 @@ fn attention_within_documents_trains_alike_on_both_engines() {
         }
         ok(&r.train(&cfg, args))
     };
-    let model =
-        |run: &str| std::fs::read(r.path(&format!("{run}/step5/model.safetensors"))).unwrap();
+    let model = |run: &str| r.weights(&format!("{run}/step5"));
     let log = run("docs", Some(1), 16, &[]);
     // each window of 15 inputs holds 3 to 5 documents (the first a continuation)
     let n: u64 = log
@@ -1708,8 +1701,7 @@ fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_fi
         ok(&r.train(&cfg, args));
         cfg
     };
-    let model =
-        |run: &str| std::fs::read(r.path(&format!("{run}/step5/model.safetensors"))).unwrap();
+    let model = |run: &str| r.weights(&format!("{run}/step5"));
     // a bound no projection reaches changes nothing; a tight one changes the run
     run("plain", None, &[]);
     run("loose", Some(1.0e4), &[]);
@@ -1741,7 +1733,7 @@ fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_fi
     assert_eq!(config["clip_qkv"], 0.05f32 as f64);
     ok(&import_hf(&hf, &r.path("tight-back"), &tight, &[]));
     assert!(
-        std::fs::read(r.path("tight-back/model.safetensors")).unwrap() == model("tight"),
+        r.weights("tight-back") == model("tight"),
         "import-hf reads the weights back"
     );
     refused(
@@ -1774,8 +1766,7 @@ fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
         edit(&cfg, &[("  name: adamw\n", &named)]);
         (cfg.clone(), r.train(&cfg, args))
     };
-    let model =
-        |run: &str| std::fs::read(r.path(&format!("{run}/step6/model.safetensors"))).unwrap();
+    let model = |run: &str| r.weights(&format!("{run}/step6"));
     let (_, o) = run("lion", "", "", &[]);
     let log = ok(&o);
     assert!(log.contains("done: 6 steps"), "{log}");
@@ -1857,10 +1848,7 @@ fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
     let err = ok(&r.train(&parts, &[]));
     assert!(err.contains("step13 (step 13)"), "{err}");
     assert_eq!(steps("parts"), ["step10", "step14"]);
-    assert!(
-        std::fs::read(r.path("whole/step14/model.safetensors")).unwrap()
-            == std::fs::read(r.path("parts/step14/model.safetensors")).unwrap()
-    );
+    assert!(r.weights("whole/step14") == r.weights("parts/step14"));
 }
 
 #[test]
