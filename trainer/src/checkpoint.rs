@@ -408,6 +408,9 @@ mod tests {
             norm_affine: false,
             weight_tying: true,
             clip_qkv: None,
+            norm_after: false,
+            qk_norm: false,
+            qk_norm_affine: false,
         });
         let zeros = vec![0.0; layout.total];
         let dir = tempfile::tempdir().unwrap();

@@ -267,8 +267,13 @@ pub struct ModelSection {
     pub block_type: String,
     #[serde(default)]
     pub alibi: bool,
+    /// QK-norm (OLMo 2): a norm of the layer_norm_type over the whole q and the whole k
+    /// after their projection (and clip_qkv), before the head split and RoPE.
     #[serde(default)]
     pub attention_layer_norm: bool,
+    #[serde(default = "yes")]
+    pub attention_layer_norm_with_affine: bool,
+    /// OLMo 2's reordered norms: `x + norm(attn(x))`, `x + norm(mlp(x))`.
     #[serde(default)]
     pub norm_after: bool,
     #[serde(default)]
@@ -761,9 +766,8 @@ impl TrainConfig {
     /// The model's shape, after checking every option against what this engine implements.
     pub fn model_config(&self) -> Result<(ModelConfig, InitFn)> {
         let m = &self.model;
-        let unsupported = |what: &str| -> Result<()> {
-            bail!("model.{what} is not implemented by olmo-train (OLMo-1 style blocks only)")
-        };
+        let unsupported =
+            |what: &str| -> Result<()> { bail!("model.{what} is not implemented by olmo-train") };
         if m.n_heads == 0
             || !m.d_model.is_multiple_of(m.n_heads)
             || !(m.d_model / m.n_heads).is_multiple_of(2)
@@ -781,12 +785,6 @@ impl TrainConfig {
         }
         if m.include_bias || m.bias_for_layer_norm == Some(true) {
             unsupported("include_bias / bias_for_layer_norm (OLMo's default include_bias is true: set include_bias: false)")?;
-        }
-        if m.attention_layer_norm {
-            unsupported("attention_layer_norm (QK-norm)")?;
-        }
-        if m.norm_after {
-            unsupported("norm_after (OLMo 2 blocks)")?;
         }
         if let Some(c) = m.clip_qkv.filter(|c| !(*c > 0.0 && c.is_finite())) {
             bail!("model.clip_qkv ({c}) must be a positive number: q, k and v are clamped to [-clip_qkv, clip_qkv]");
@@ -846,6 +844,9 @@ impl TrainConfig {
                 norm_affine: m.layer_norm_with_affine,
                 weight_tying: m.weight_tying,
                 clip_qkv: m.clip_qkv,
+                norm_after: m.norm_after,
+                qk_norm: m.attention_layer_norm,
+                qk_norm_affine: m.attention_layer_norm_with_affine,
             },
             init,
         ))
@@ -873,6 +874,8 @@ mod tests {
         for (file, params) in [
             ("OLMo-1B.yaml", 1_176_764_416usize),
             ("OLMo-7B.yaml", 6_888_095_744),
+            // untied 100,352-row embedding and head, 16 layers of 67,117,056 (norms included)
+            ("OLMo2-1B.yaml", 1_484_916_736),
             ("tiny.yaml", 0),
         ] {
             let (cfg, _) = TrainConfig::load(&dir.join(file)).unwrap();

@@ -25,7 +25,7 @@ use cudarc::driver::{
 use crate::backend::{Backend, StateFn, Update};
 use crate::cublaslt::Lt;
 use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
-use crate::model::{Batch, Layout, Model, ModelConfig, Scores};
+use crate::model::{Batch, LayerOffsets, Layout, Model, ModelConfig, Scores};
 use crate::ops::{NormKind, RopeTable, IGNORE};
 use crate::optim::Optimizer;
 
@@ -40,6 +40,8 @@ const KERNELS: &[&str] = &[
     "embed_fwd",
     "embed_bwd",
     "norm_fwd",
+    "norm_add_fwd",
+    "cols_copy",
     "norm_bwd",
     "norm_dw_partial",
     "norm_dw_sum",
@@ -783,20 +785,28 @@ impl Probs {
 /// Device activations of one layer kept for the backward pass.
 struct Acts {
     x_in: Mem<f32>,
-    ln1: Act,
-    ln1_mean: Mem<f32>,
-    ln1_rstd: Mem<f32>,
+    /// Pre-norm blocks: attn_norm's output (att_proj's input) and its statistics.
+    ln1: Option<(Act, Stats)>,
     qkv: Act,
     /// The entries `clip_qkv` clipped, one bit each.
     clipped: Option<Mem<u32>>,
+    /// QK-norm's inputs (q, k before their norms, in f32) and statistics.
+    qk: Option<[(Mem<f32>, Stats); 2]>,
     probs: Probs,
     att: Act,
+    /// `norm_after` blocks: attn_out's output (attn_norm's input) and its statistics.
+    attn_post: Option<(Mem<f32>, Stats)>,
     x_mid: Mem<f32>,
-    ln2: Act,
-    ln2_mean: Mem<f32>,
-    ln2_rstd: Mem<f32>,
+    ln2: Option<(Act, Stats)>,
     ff_in: Act,
     ff_act: Act,
+    ff_post: Option<(Mem<f32>, Stats)>,
+}
+
+/// A norm's per-row mean and reciprocal deviation, for its backward pass.
+struct Stats {
+    mean: Mem<f32>,
+    rstd: Mem<f32>,
 }
 
 pub struct CudaEngine {
@@ -1152,15 +1162,39 @@ impl CudaEngine {
         to_operand: bool,
     ) -> Result<Act> {
         let dx = self.gemm_out(rows * inp, to_operand)?;
+        self.linear_back_to(dy, x, w, (rows, inp, outp), self.out_buf(&dx), 0.0)?;
+        Ok(dx)
+    }
+
+    /// `linear_back` adding dx into the f32 `acc` (the residual stream's gradient) in the
+    /// GEMM itself.
+    fn linear_back_add(
+        &self,
+        dy: Src,
+        x: Src,
+        w: usize,
+        shape: (usize, usize, usize),
+        acc: &Mem<f32>,
+    ) -> Result<()> {
+        let acc = Buf::f32(self.gpu.ptr(acc, 0));
+        self.linear_back_to(dy, x, w, shape, acc, 1.0)
+    }
+
+    /// dx = dy W + beta·dx, dW += dyᵀ x.
+    fn linear_back_to(
+        &self,
+        dy: Src,
+        x: Src,
+        w: usize,
+        (rows, inp, outp): (usize, usize, usize),
+        dx: Buf,
+        beta: f32,
+    ) -> Result<()> {
         let dyp = self.operand(dy)?;
-        self.gpu.gemm(&gemm_plan::linear_dx(
-            dyp.buf,
-            self.weight(w),
-            self.out_buf(&dx),
-            rows,
-            inp,
-            outp,
-        ))?;
+        self.gpu.gemm(&GemmSpec {
+            beta,
+            ..gemm_plan::linear_dx(dyp.buf, self.weight(w), dx, rows, inp, outp)
+        })?;
         let xp = self.operand(x)?;
         self.gpu.gemm(&gemm_plan::linear_dw(
             dyp.buf,
@@ -1169,8 +1203,7 @@ impl CudaEngine {
             rows,
             inp,
             outp,
-        ))?;
-        Ok(dx)
+        ))
     }
 
     /// `linear_back` with dx in f32.
@@ -1187,45 +1220,82 @@ impl CudaEngine {
         }
     }
 
+    fn stats(&self, rows: usize) -> Result<Stats> {
+        Ok(Stats {
+            mean: self.gpu.scratch(rows)?,
+            rstd: self.gpu.scratch(rows)?,
+        })
+    }
+
+    fn norm_weight(&self, w: Option<usize>) -> Arg {
+        Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o)))
+    }
+
+    fn norm_rms(&self) -> Arg {
+        Arg::I((self.cfg.norm == NormKind::Rms) as i32)
+    }
+
     /// The normalised rows, only ever a GEMM operand (bf16 under mixed precision), with the
     /// rows' means and reciprocal deviations for the backward pass.
-    fn norm(
-        &self,
-        x: &Mem<f32>,
-        w: Option<usize>,
-        rows: usize,
-    ) -> Result<(Act, Mem<f32>, Mem<f32>)> {
+    fn norm(&self, x: &Mem<f32>, w: Option<usize>, rows: usize) -> Result<(Act, Stats)> {
         let d = self.cfg.d_model;
         let y = self.operand_out(rows * d)?;
         let [yf, yb] = self.out_args(&y);
-        let mean = self.gpu.scratch::<f32>(rows)?;
-        let rstd = self.gpu.scratch::<f32>(rows)?;
+        let st = self.stats(rows)?;
         self.gpu.launch(
             "norm_fwd",
             rows as u32,
             BLOCK,
             &[
                 self.p(x),
-                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
+                self.norm_weight(w),
                 yf,
                 yb,
-                self.p(&mean),
-                self.p(&rstd),
+                self.p(&st.mean),
+                self.p(&st.rstd),
                 Arg::I(d as i32),
                 Arg::F(self.cfg.eps),
-                Arg::I((self.cfg.norm == NormKind::Rms) as i32),
+                self.norm_rms(),
             ],
         )?;
-        Ok((y, mean, rstd))
+        Ok((y, st))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `res + norm(x)` into a fresh f32 buffer: a `norm_after` branch joining the residual.
+    fn norm_add(
+        &self,
+        x: &Mem<f32>,
+        w: Option<usize>,
+        res: &Mem<f32>,
+        rows: usize,
+    ) -> Result<(Mem<f32>, Stats)> {
+        let d = self.cfg.d_model;
+        let y = self.gpu.scratch::<f32>(rows * d)?;
+        let st = self.stats(rows)?;
+        self.gpu.launch(
+            "norm_add_fwd",
+            rows as u32,
+            BLOCK,
+            &[
+                self.p(x),
+                self.norm_weight(w),
+                self.p(res),
+                self.p(&y),
+                self.p(&st.mean),
+                self.p(&st.rstd),
+                Arg::I(d as i32),
+                Arg::F(self.cfg.eps),
+                self.norm_rms(),
+            ],
+        )?;
+        Ok((y, st))
+    }
+
+    /// Adds the norm's dL/dx into `dx` (and dL/dw into the gradients) given dL/dy.
     fn norm_back(
         &self,
         dy: &Mem<f32>,
-        x: &Mem<f32>,
-        mean: &Mem<f32>,
-        rstd: &Mem<f32>,
+        (x, st): (&Mem<f32>, &Stats),
         w: Option<usize>,
         rows: usize,
         dx: &Mem<f32>,
@@ -1238,12 +1308,12 @@ impl CudaEngine {
             &[
                 self.p(dy),
                 self.p(x),
-                self.p(mean),
-                self.p(rstd),
-                Arg::P(w.map_or(0, |o| self.gpu.ptr(&self.params, o))),
+                self.p(&st.mean),
+                self.p(&st.rstd),
+                self.norm_weight(w),
                 self.p(dx),
                 Arg::I(d as i32),
-                Arg::I((self.cfg.norm == NormKind::Rms) as i32),
+                self.norm_rms(),
             ],
         )?;
         let Some(w) = w else { return Ok(()) };
@@ -1257,8 +1327,8 @@ impl CudaEngine {
             &[
                 self.p(dy),
                 self.p(x),
-                self.p(mean),
-                self.p(rstd),
+                self.p(&st.mean),
+                self.p(&st.rstd),
                 self.p(&partial),
                 Arg::L(rows as i64),
                 Arg::I(d as i32),
@@ -1276,6 +1346,84 @@ impl CudaEngine {
                 Arg::I(d as i32),
             ],
         )
+    }
+
+    /// An activation's address `offset` elements in, and whether it is bf16.
+    fn act_at(&self, a: &Act, offset: usize) -> (u64, bool) {
+        match a {
+            Act::F32(m) => (self.gpu.ptr(m, offset), false),
+            Act::Bf16(m) => (self.gpu.ptr(m, offset), true),
+        }
+    }
+
+    /// `cols` columns of `rows` rows from `src` (leading dimension `lds`) to `dst` (`ldd`).
+    fn cols_copy(
+        &self,
+        (src, src_bf16): (u64, bool),
+        lds: usize,
+        (dst, dst_bf16): (u64, bool),
+        ldd: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        self.gpu.launch_n(
+            "cols_copy",
+            rows * cols,
+            &[
+                Arg::P(src),
+                Arg::I(src_bf16 as i32),
+                Arg::L(lds as i64),
+                Arg::P(dst),
+                Arg::I(dst_bf16 as i32),
+                Arg::L(ldd as i64),
+                Arg::L(rows as i64),
+                Arg::I(cols as i32),
+            ],
+        )
+    }
+
+    /// QK-norm in place on the q and k columns of the fused qkv rows (in their type), through
+    /// the row-norm kernels: q and k are copied out in f32, normalised, and copied back. Returns
+    /// those f32 inputs and their statistics for the backward pass.
+    fn qk_norm(&self, qkv: &Act, o: &LayerOffsets, n: usize) -> Result<[(Mem<f32>, Stats); 2]> {
+        let d = self.cfg.d_model;
+        let mut saved = Vec::with_capacity(2);
+        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
+            let raw = self.gpu.scratch::<f32>(n * d)?;
+            let raw_at = (self.gpu.ptr(&raw, 0), false);
+            self.cols_copy(self.act_at(qkv, part * d), 3 * d, raw_at, d, (n, d))?;
+            let (y, st) = self.norm(&raw, w, n)?;
+            self.cols_copy(
+                self.act_at(&y, 0),
+                d,
+                self.act_at(qkv, part * d),
+                3 * d,
+                (n, d),
+            )?;
+            saved.push((raw, st));
+        }
+        Ok(saved.try_into().unwrap_or_else(|_| unreachable!("q and k")))
+    }
+
+    /// QK-norm's backward in place on the q and k columns of the qkv gradient.
+    fn qk_norm_back(
+        &self,
+        dqkv: &Act,
+        saved: &[(Mem<f32>, Stats); 2],
+        o: &LayerOffsets,
+        n: usize,
+    ) -> Result<()> {
+        let d = self.cfg.d_model;
+        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
+            let dy = self.gpu.scratch::<f32>(n * d)?;
+            let dy_at = (self.gpu.ptr(&dy, 0), false);
+            self.cols_copy(self.act_at(dqkv, part * d), 3 * d, dy_at, d, (n, d))?;
+            let dx = self.gpu.zeros::<f32>(n * d)?;
+            let (raw, st) = &saved[part];
+            self.norm_back(&dy, (raw, st), w, n, &dx)?;
+            let dx_at = (self.gpu.ptr(&dx, 0), false);
+            self.cols_copy(dx_at, d, self.act_at(dqkv, part * d), 3 * d, (n, d))?;
+        }
+        Ok(())
     }
 
     /// RoPE on q and k of fused qkv rows, or (`inverse`) its transpose on their gradients; in
@@ -1628,12 +1776,21 @@ impl CudaEngine {
         )?;
         let mut acts = Vec::new();
         for o in &lay.layers {
-            let (ln1, ln1_mean, ln1_rstd) = self.norm(&x, o.attn_norm, n)?;
-            let qkv = self.linear(ln1.src(), o.att_proj, (n, d, 3 * d), true)?;
+            // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
+            let ln1 = match c.norm_after {
+                false => Some(self.norm(&x, o.attn_norm, n)?),
+                true => None,
+            };
+            let h1 = ln1.as_ref().map_or(Src::F32(&x), |(y, _)| y.src());
+            let qkv = self.linear(h1, o.att_proj, (n, d, 3 * d), true)?;
             let clipped = c
                 .clip_qkv
                 .map(|c| self.clip_qkv(&qkv, n * 3 * d, c))
                 .transpose()?;
+            let qk = match c.qk_norm {
+                true => Some(self.qk_norm(&qkv, o, n)?),
+                false => None,
+            };
             self.rope(&qkv, n, t, false)?;
             // only a GEMM operand: bf16 under mixed precision
             let att = self.operand_out(n * d)?;
@@ -1644,32 +1801,50 @@ impl CudaEngine {
                 self.materialised_forward(qp.buf, &att, (b, t), starts)?
             };
             drop(qp);
-            let x_mid = self.linear_residual(att.src(), o.attn_out, (n, d, d), &x)?;
-            let (ln2, ln2_mean, ln2_rstd) = self.norm(&x_mid, o.ff_norm, n)?;
-            let ff_in = self.linear(ln2.src(), o.ff_proj, (n, d, 2 * h), true)?;
+            let (x_mid, attn_post) = if c.norm_after {
+                let a = self.linear_f32(att.src(), o.attn_out, (n, d, d))?;
+                let (x_mid, st) = self.norm_add(&a, o.attn_norm, &x, n)?;
+                (x_mid, Some((a, st)))
+            } else {
+                let x_mid = self.linear_residual(att.src(), o.attn_out, (n, d, d), &x)?;
+                (x_mid, None)
+            };
+            // MLP branch, alike.
+            let ln2 = match c.norm_after {
+                false => Some(self.norm(&x_mid, o.ff_norm, n)?),
+                true => None,
+            };
+            let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
+            let ff_in = self.linear(h2, o.ff_proj, (n, d, 2 * h), true)?;
             let ff_act = self.swiglu(&ff_in, n)?;
-            let x_out = self.linear_residual(ff_act.src(), o.ff_out, (n, h, d), &x_mid)?;
+            let (x_out, ff_post) = if c.norm_after {
+                let f = self.linear_f32(ff_act.src(), o.ff_out, (n, h, d))?;
+                let (x_out, st) = self.norm_add(&f, o.ff_norm, &x_mid, n)?;
+                (x_out, Some((f, st)))
+            } else {
+                let x_out = self.linear_residual(ff_act.src(), o.ff_out, (n, h, d), &x_mid)?;
+                (x_out, None)
+            };
             let x_in = std::mem::replace(&mut x, x_out);
             if backward.is_some() {
                 acts.push(Acts {
                     x_in,
                     ln1,
-                    ln1_mean,
-                    ln1_rstd,
                     qkv,
                     clipped,
+                    qk,
                     probs,
                     att,
+                    attn_post,
                     x_mid,
                     ln2,
-                    ln2_mean,
-                    ln2_rstd,
                     ff_in,
                     ff_act,
+                    ff_post,
                 });
             }
         }
-        let (lnf, lnf_mean, lnf_rstd) = self.norm(&x, lay.ln_f, n)?;
+        let (lnf, lnf_st) = self.norm(&x, lay.ln_f, n)?;
         let head = lay.head.unwrap_or(lay.wte);
         let logits = self.linear_f32(lnf.src(), head, (n, d, emb))?;
         let logp = self.gpu.scratch::<f32>(n)?;
@@ -1717,28 +1892,49 @@ impl CudaEngine {
         let dlogits = dlogits.unwrap_or(Act::F32(logits));
         let dlnf = self.linear_back_f32(dlogits.src(), lnf.src(), head, (n, d, emb))?;
         drop(dlogits);
-        let mut dx = self.gpu.zeros::<f32>(n * d)?;
-        self.norm_back(&dlnf, &x, &lnf_mean, &lnf_rstd, lay.ln_f, n, &dx)?;
+        let dx = self.gpu.zeros::<f32>(n * d)?;
+        self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
+            // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
+            let df = match &a.ff_post {
+                Some((f, st)) => {
+                    let df = self.gpu.zeros::<f32>(n * d)?;
+                    self.norm_back(&dx, (f, st), o.ff_norm, n, &df)?;
+                    Some(df)
+                }
+                None => None,
+            };
+            let dout = df.as_ref().unwrap_or(&dx);
             let dff_act =
-                self.linear_back((&dx).into(), a.ff_act.src(), o.ff_out, (n, h, d), true)?;
+                self.linear_back(dout.into(), a.ff_act.src(), o.ff_out, (n, h, d), true)?;
+            drop(df);
             let dff_in = self.swiglu_back(&dff_act, &a.ff_in, n)?;
             drop(dff_act);
-            let dln2 = self.linear_back_f32(dff_in.src(), a.ln2.src(), o.ff_proj, (n, d, 2 * h))?;
-            let dx_mid = dx;
-            self.norm_back(
-                &dln2,
-                &a.x_mid,
-                &a.ln2_mean,
-                &a.ln2_rstd,
-                o.ff_norm,
-                n,
-                &dx_mid,
-            )?;
+            let shape = (n, d, 2 * h);
+            match &a.ln2 {
+                Some((ln2, st)) => {
+                    let dln2 = self.linear_back_f32(dff_in.src(), ln2.src(), o.ff_proj, shape)?;
+                    self.norm_back(&dln2, (&a.x_mid, st), o.ff_norm, n, &dx)?;
+                }
+                None => {
+                    self.linear_back_add(dff_in.src(), (&a.x_mid).into(), o.ff_proj, shape, &dx)?
+                }
+            }
+            drop(dff_in);
+            // Attention branch, alike; `dx` is now dL/dx_mid.
+            let da = match &a.attn_post {
+                Some((y, st)) => {
+                    let da = self.gpu.zeros::<f32>(n * d)?;
+                    self.norm_back(&dx, (y, st), o.attn_norm, n, &da)?;
+                    Some(da)
+                }
+                None => None,
+            };
             // dO: only an operand (of attention's GEMMs or flash kernels), so bf16 under mixed
             // precision, written so by its GEMM
-            let datt =
-                self.linear_back((&dx_mid).into(), a.att.src(), o.attn_out, (n, d, d), true)?;
+            let dout = da.as_ref().unwrap_or(&dx);
+            let datt = self.linear_back(dout.into(), a.att.src(), o.attn_out, (n, d, d), true)?;
+            drop(da);
             // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
             let dqkv = self.operand_out(n * 3 * d)?;
             let dop = self.operand(datt.src())?;
@@ -1751,21 +1947,22 @@ impl CudaEngine {
             }
             drop((dop, qp, datt));
             self.rope(&dqkv, n, t, true)?;
+            if let Some(saved) = &a.qk {
+                self.qk_norm_back(&dqkv, saved, o, n)?;
+            }
             if let Some(bits) = &a.clipped {
                 self.clip_qkv_back(&dqkv, n * 3 * d, bits)?;
             }
-            let dln1 = self.linear_back_f32(dqkv.src(), a.ln1.src(), o.att_proj, (n, d, 3 * d))?;
-            let dx_in = dx_mid;
-            self.norm_back(
-                &dln1,
-                &a.x_in,
-                &a.ln1_mean,
-                &a.ln1_rstd,
-                o.attn_norm,
-                n,
-                &dx_in,
-            )?;
-            dx = dx_in;
+            let shape = (n, d, 3 * d);
+            match &a.ln1 {
+                Some((ln1, st)) => {
+                    let dln1 = self.linear_back_f32(dqkv.src(), ln1.src(), o.att_proj, shape)?;
+                    self.norm_back(&dln1, (&a.x_in, st), o.attn_norm, n, &dx)?;
+                }
+                None => {
+                    self.linear_back_add(dqkv.src(), (&a.x_in).into(), o.att_proj, shape, &dx)?
+                }
+            }
         }
         let (tokens, starts, positions) = by_token.expect("uploaded for the backward pass");
         self.gpu.launch(

@@ -18,7 +18,8 @@ fn signature(name: &str) -> Option<&'static str> {
     Some(match name {
         "embed_fwd" => "PPPLI",
         "embed_bwd" => "PPPPPI",
-        "norm_fwd" => "PPPPPPIFI",
+        "norm_fwd" | "norm_add_fwd" => "PPPPPPIFI",
+        "cols_copy" => "PILPILLI",
         "norm_bwd" => "PPPPPPII",
         "norm_dw_partial" => "PPPPPLII",
         "norm_dw_sum" => "PPII",
@@ -64,6 +65,15 @@ fn f(a: &[Arg], i: usize) -> f32 {
     match a[i] {
         Arg::F(v) => v,
         _ => unreachable!(),
+    }
+}
+
+/// The norm kernels' `rms` flag.
+fn norm_kind(rms: usize) -> crate::ops::NormKind {
+    if rms == 1 {
+        crate::ops::NormKind::Rms
+    } else {
+        crate::ops::NormKind::LayerNorm
     }
 }
 
@@ -175,11 +185,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 let d = int(a, 6);
                 let x = at::<f32>(p(a, 0), rows * d);
                 let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
-                let kind = if int(a, 8) == 1 {
-                    crate::ops::NormKind::Rms
-                } else {
-                    crate::ops::NormKind::LayerNorm
-                };
+                let kind = norm_kind(int(a, 8));
                 let mut y = vec![0.0; rows * d];
                 crate::ops::norm_forward(
                     kind,
@@ -198,13 +204,43 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     write_f32_or_bf16(&y, p(a, 2), false);
                 }
             }
+            "norm_add_fwd" => {
+                let d = int(a, 6);
+                let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
+                let mut y = vec![0.0; rows * d];
+                crate::ops::norm_forward(
+                    norm_kind(int(a, 8)),
+                    at(p(a, 0), rows * d),
+                    d,
+                    f(a, 7),
+                    w,
+                    &mut y,
+                    at(p(a, 4), rows),
+                    at(p(a, 5), rows),
+                );
+                let res = at::<f32>(p(a, 2), rows * d);
+                let out = at::<f32>(p(a, 3), rows * d);
+                for ((o, y), r) in out.iter_mut().zip(&y).zip(res.iter()) {
+                    *o = y + r;
+                }
+            }
+            "cols_copy" => {
+                let (lds, ldd, n, cols) = (int(a, 2), int(a, 5), int(a, 6), int(a, 7));
+                covers(n * cols)?;
+                let (sb, db) = (int(a, 1) == 1, int(a, 4) == 1);
+                if n > 0 {
+                    let span = |ld: usize| (n - 1) * ld + cols;
+                    let v = read_f32_or_bf16(p(a, 0), span(lds), sb);
+                    let mut out = read_f32_or_bf16(p(a, 3), span(ldd), db);
+                    for r in 0..n {
+                        out[r * ldd..][..cols].copy_from_slice(&v[r * lds..][..cols]);
+                    }
+                    write_f32_or_bf16(&out, p(a, 3), db);
+                }
+            }
             "norm_bwd" => {
                 let d = int(a, 6);
-                let kind = if int(a, 7) == 1 {
-                    crate::ops::NormKind::Rms
-                } else {
-                    crate::ops::NormKind::LayerNorm
-                };
+                let kind = norm_kind(int(a, 7));
                 let w = (p(a, 4) != 0).then(|| &*at::<f32>(p(a, 4), d));
                 crate::ops::norm_backward(
                     kind,

@@ -76,10 +76,10 @@ extern "C" __global__ void embed_bwd(const unsigned* tokens, const unsigned* sta
     }
 }
 
-// One block per row. w may be null (no affine weight). The output goes to y (f32), or, when yb
-// is not null, to yb only, rounded to bf16: under mixed precision it is only a GEMM operand.
-extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf16_t* yb, float* mean,
-                                    float* rstd, int d, float eps, int rms) {
+// One block per row; w may be null (no affine weight). `res`, when not null, is added to the
+// normalised row (OLMo 2's `x + norm(branch)`).
+__device__ void norm_fwd_impl(const float* x, const float* w, const float* res, float* y, bf16_t* yb,
+                              float* mean, float* rstd, int d, float eps, int rms) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     const float* xr = x + r * d;
@@ -99,6 +99,7 @@ extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = (xr[i] - m) * rs;
         o = w ? o * w[i] : o;
+        if (res) o += res[r * d + i];
         if (yb)
             yb[r * d + i] = f2bf(o);
         else
@@ -108,6 +109,33 @@ extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf
         mean[r] = m;
         rstd[r] = rs;
     }
+}
+
+// The output goes to y (f32), or, when yb is not null, to yb only, rounded to bf16: under mixed
+// precision a pre-norm's output is only a GEMM operand.
+extern "C" __global__ void norm_fwd(const float* x, const float* w, float* y, bf16_t* yb, float* mean,
+                                    float* rstd, int d, float eps, int rms) {
+    norm_fwd_impl(x, w, 0, y, yb, mean, rstd, d, eps, rms);
+}
+
+// y = res + norm(x): a norm_after branch joining the (f32) residual stream.
+extern "C" __global__ void norm_add_fwd(const float* x, const float* w, const float* res, float* y,
+                                        float* mean, float* rstd, int d, float eps, int rms) {
+    norm_fwd_impl(x, w, res, y, 0, mean, rstd, d, eps, rms);
+}
+
+// Copies `cols` columns of `rows` rows between row-major buffers with leading dimensions lds
+// and ldd, each f32 or (flag set) bf16: QK-norm's q and k in and out of the fused qkv rows.
+extern "C" __global__ void cols_copy(const void* src, int src_bf16, long lds, void* dst, int dst_bf16, long ldd,
+                                     long rows, int cols) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    long r = i / cols, c = i % cols;
+    float v = src_bf16 ? ld((const bf16_t*)src, r * lds + c) : ld((const float*)src, r * lds + c);
+    if (dst_bf16)
+        st((bf16_t*)dst, r * ldd + c, v);
+    else
+        st((float*)dst, r * ldd + c, v);
 }
 
 // Adds dL/dx into dx (w, the affine weight, may be null). dL/dw is norm_dw_partial's.

@@ -56,13 +56,13 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// Two model variants (LayerNorm/tied, RMSNorm+weight/untied with `clip_qkv`), 4 heads, 2
-/// layers, at a given width and vocabulary. The clip bound is 3 standard deviations of the
-/// projections under `compare_engines`' init: it clips a few entries in a thousand, and few lie
-/// within bf16 rounding of it (each such entry may clip in bf16 and not in f32, or the reverse,
-/// which drops or keeps its whole gradient: the relative error grows as the square root of
-/// their share).
-pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
+/// Three model variants, 4 heads, 2 layers, at a given width and vocabulary: LayerNorm/tied,
+/// RMSNorm+weight/untied with `clip_qkv`, and OLMo 2's block (RMSNorm+weight/untied, norms
+/// after each branch, QK-norm). The clip bound is 3 standard deviations of the projections
+/// under `compare_engines`' init: it clips a few entries in a thousand, and few lie within bf16
+/// rounding of it (each such entry may clip in bf16 and not in f32, or the reverse, which drops
+/// or keeps its whole gradient: the relative error grows as the square root of their share).
+pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 3] {
     let model = |norm, affine, tying| ModelConfig {
         d_model: d,
         n_heads: 4,
@@ -77,14 +77,24 @@ pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 2] {
         norm_affine: affine,
         weight_tying: tying,
         clip_qkv: None,
+        norm_after: false,
+        qk_norm: false,
+        qk_norm_affine: false,
     };
     let clipped = ModelConfig {
         clip_qkv: Some(3.0 * 0.05 * (d as f32).sqrt()),
         ..model(NormKind::Rms, true, false)
     };
+    let olmo2 = ModelConfig {
+        norm_after: true,
+        qk_norm: true,
+        qk_norm_affine: true,
+        ..model(NormKind::Rms, true, false)
+    };
     [
         ("layernorm, tied", model(NormKind::LayerNorm, false, true)),
         ("rmsnorm+weight, untied, clip_qkv", clipped),
+        ("OLMo 2 block: norm_after, QK-norm", olmo2),
     ]
 }
 
@@ -604,7 +614,11 @@ pub fn run(opts: &Options) -> Result<()> {
     let ordinal = opts.ordinal;
     let ok = compare_engines(
         &|m, [p, e, v], bf16| CudaEngine::with_precision(ordinal, m, p, e, v, bf16),
-        &[variants(256, 1000)[0], variants(512, 1000)[1]],
+        &[
+            variants(256, 1000)[0],
+            variants(512, 1000)[1],
+            variants(512, 1000)[2],
+        ],
         (3, 100),
         &opts.attention,
     )?;
@@ -646,6 +660,9 @@ pub fn run(opts: &Options) -> Result<()> {
         norm_affine: false,
         weight_tying: true,
         clip_qkv: None,
+        norm_after: false,
+        qk_norm: false,
+        qk_norm_affine: false,
     };
     let seq = 512;
     let windows = token_windows(opts.tokens.as_deref(), seq, cfg.vocab_size)?;

@@ -1,5 +1,5 @@
-//! `import-hf`: a Hugging Face transformers OLMo (`OlmoForCausalLM`) or Llama-layout
-//! (`LlamaForCausalLM`) model folder as weights this trainer starts from: the inverse of
+//! `import-hf`: a Hugging Face transformers OLMo (`OlmoForCausalLM`), OLMo 2
+//! (`Olmo2ForCausalLM`) or Llama-layout (`LlamaForCausalLM`) model folder as weights this trainer starts from: the inverse of
 //! `export-hf`, through the same name table. The folder's `config.json` must describe the
 //! training config's model; `model.safetensors` may be sharded (`model.safetensors.index.json`)
 //! and in F32, BF16 or F16 (read into F32 master weights). The output is a weights-only
@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::checkpoint::write_model;
 use crate::config::TrainConfig;
-use crate::export::{hf_tensors, is_llama};
+use crate::export::{hf_tensors, HfArch};
 use crate::model::{Layout, ModelConfig};
 
 /// The safetensors files of a transformers folder: one, or the shards its index names.
@@ -46,23 +46,19 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Checks the folder's `config.json` against the model the training config describes.
-fn check_config(dir: &Path, m: &ModelConfig, llama: bool) -> Result<()> {
+fn check_config(dir: &Path, m: &ModelConfig, arch: HfArch) -> Result<()> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let c: serde_json::Value =
         serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-    let want_type = if llama { "llama" } else { "olmo" };
+    let want_type = arch.model_type();
     let got_type = c["model_type"].as_str().unwrap_or("?");
     if got_type != want_type {
         bail!(
             "{}: model_type `{got_type}`, the training config's model is `{want_type}` ({})",
             path.display(),
-            if llama {
-                "RMSNorm blocks"
-            } else {
-                "OLMo-1 blocks, non-parametric LayerNorm"
-            }
+            arch.describe()
         );
     }
     let heads = m.n_heads;
@@ -102,6 +98,20 @@ fn check_config(dir: &Path, m: &ModelConfig, llama: bool) -> Result<()> {
     if c["attention_bias"].as_bool() == Some(true) || c["mlp_bias"].as_bool() == Some(true) {
         bail!("{}: biases are not implemented", path.display());
     }
+    // numbers that change the model without changing a shape
+    for (key, want, field) in [
+        ("rope_theta", m.rope_theta, "rope_theta"),
+        ("rms_norm_eps", m.eps, "layer_norm_eps"),
+    ] {
+        if let Some(got) = c[key].as_f64() {
+            if (got as f32 - want).abs() > 1e-6 * want.abs() {
+                bail!(
+                    "{}: {key} is {got}, the training config's model.{field} {want}",
+                    path.display()
+                );
+            }
+        }
+    }
     let clip = c["clip_qkv"].as_f64().map(|x| x as f32);
     if clip != m.clip_qkv {
         let show = |c: Option<f32>| c.map_or("none".to_string(), |c| c.to_string());
@@ -137,8 +147,7 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 /// overrides applied) into the checkpoint folder `out`.
 pub fn import_hf(hf_dir: &Path, cfg: &TrainConfig, config_text: &str, out: &Path) -> Result<()> {
     let (m, _) = cfg.model_config()?;
-    let llama = is_llama(&m)?;
-    check_config(hf_dir, &m, llama)?;
+    check_config(hf_dir, &m, HfArch::of(&m)?)?;
     let layout = Layout::new(&m);
     let table = hf_tensors(&m, &layout)?;
     let mut wanted: BTreeMap<&str, &crate::export::HfTensor> =

@@ -4,7 +4,9 @@
 //! Block (pre-norm, no biases): `x += attn_out(attn(rope(q), rope(k), v))` with
 //! `q, k, v = split(att_proj(norm(x)))`, then `x += ff_out(swiglu(ff_proj(norm(x))))`; a final
 //! norm and logits against the embedding (tied) or a separate head (untied). Norms are
-//! LayerNorm or RMSNorm, with or without a weight.
+//! LayerNorm or RMSNorm, with or without a weight. OLMo 2's blocks move the norms to the
+//! branch outputs (`x += norm(attn_out(…))` with `att_proj(x)`, alike for the MLP) and
+//! normalise q and k (each over its whole width, before RoPE).
 
 use crate::ops::*;
 use rayon::prelude::*;
@@ -37,6 +39,13 @@ pub struct ModelConfig {
     pub weight_tying: bool,
     /// OLMo's `clip_qkv`: q, k and v clamped to [−c, c] after their projection.
     pub clip_qkv: Option<f32>,
+    /// OLMo 2's reordered norms (`norm_after`): each branch's output is normalised before it
+    /// is added to the residual, and the branch reads the residual stream as it is.
+    pub norm_after: bool,
+    /// QK-norm (`attention_layer_norm`): q and k each normalised over their whole width after
+    /// the projection (and clip), before RoPE; `qk_norm_affine`: those norms carry a weight.
+    pub qk_norm: bool,
+    pub qk_norm_affine: bool,
 }
 
 impl ModelConfig {
@@ -103,6 +112,9 @@ impl Tensor {
 pub struct LayerOffsets {
     pub attn_norm: Option<usize>,
     pub att_proj: usize,
+    /// QK-norm weights, when the model has weighted QK-norms.
+    pub q_norm: Option<usize>,
+    pub k_norm: Option<usize>,
     pub attn_out: usize,
     pub ff_norm: Option<usize>,
     pub ff_proj: usize,
@@ -144,18 +156,21 @@ impl Layout {
         let mut layers = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("transformer.blocks.{l}");
-            let norm = |add: &mut dyn FnMut(String, Vec<usize>, Role) -> usize, n: &str| {
-                cfg.norm_affine
-                    .then(|| add(format!("{p}.{n}.weight"), vec![d], Role::Norm))
-            };
-            let attn_norm = norm(&mut add, "attn_norm");
+            let norm =
+                |add: &mut dyn FnMut(String, Vec<usize>, Role) -> usize, n: &str, affine: bool| {
+                    affine.then(|| add(format!("{p}.{n}.weight"), vec![d], Role::Norm))
+                };
+            let attn_norm = norm(&mut add, "attn_norm", cfg.norm_affine);
             let att_proj = add(
                 format!("{p}.att_proj.weight"),
                 vec![3 * d, d],
                 Role::InProj(l),
             );
+            let qk_affine = cfg.qk_norm && cfg.qk_norm_affine;
+            let q_norm = norm(&mut add, "q_norm", qk_affine);
+            let k_norm = norm(&mut add, "k_norm", qk_affine);
             let attn_out = add(format!("{p}.attn_out.weight"), vec![d, d], Role::AttnOut(l));
-            let ff_norm = norm(&mut add, "ff_norm");
+            let ff_norm = norm(&mut add, "ff_norm", cfg.norm_affine);
             let ff_proj = add(
                 format!("{p}.ff_proj.weight"),
                 vec![2 * h, d],
@@ -165,6 +180,8 @@ impl Layout {
             layers.push(LayerOffsets {
                 attn_norm,
                 att_proj,
+                q_norm,
+                k_norm,
                 attn_out,
                 ff_norm,
                 ff_proj,
@@ -342,23 +359,30 @@ pub struct Scores {
     pub count: usize,
 }
 
-/// Activations one layer's backward pass needs.
+/// A norm's per-row statistics, for its backward pass.
+struct Stats {
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+/// Activations one layer's backward pass needs. Pre-norm blocks keep each norm's output (the
+/// next GEMM's input); `norm_after` blocks keep each branch's output before its norm instead.
 struct LayerActs {
     x_in: Vec<f32>,
-    ln1: Vec<f32>,
-    ln1_mean: Vec<f32>,
-    ln1_rstd: Vec<f32>,
+    ln1: Option<(Vec<f32>, Stats)>,
     qkv: Vec<f32>,
     /// The entries `clip_qkv` clipped, one bit each.
     clipped: Option<Vec<u32>>,
+    /// QK-norm's inputs (q, k before the norm) and statistics.
+    qk: Option<[(Vec<f32>, Stats); 2]>,
     probs: Vec<f32>,
     att: Vec<f32>,
+    attn_post: Option<(Vec<f32>, Stats)>,
     x_mid: Vec<f32>,
-    ln2: Vec<f32>,
-    ln2_mean: Vec<f32>,
-    ln2_rstd: Vec<f32>,
+    ln2: Option<(Vec<f32>, Stats)>,
     ff_in: Vec<f32>,
     ff_act: Vec<f32>,
+    ff_post: Option<(Vec<f32>, Stats)>,
 }
 
 /// The model: its shape, where its tensors are, and the RoPE table.
@@ -385,6 +409,73 @@ impl Model {
 
     fn norm_weight<'p>(&self, params: &'p [f32], at: Option<usize>) -> Option<&'p [f32]> {
         at.map(|o| &params[o..o + self.cfg.d_model])
+    }
+
+    /// `d`-wide rows of `x` normalised (times the weight at `w`, if any).
+    fn norm(&self, params: &[f32], x: &[f32], w: Option<usize>) -> (Vec<f32>, Stats) {
+        let (d, rows) = (self.cfg.d_model, x.len() / self.cfg.d_model);
+        let mut y = vec![0.0; x.len()];
+        let mut st = Stats {
+            mean: vec![0.0; rows],
+            rstd: vec![0.0; rows],
+        };
+        let w = self.norm_weight(params, w);
+        norm_forward(
+            self.cfg.norm,
+            x,
+            d,
+            self.cfg.eps,
+            w,
+            &mut y,
+            &mut st.mean,
+            &mut st.rstd,
+        );
+        (y, st)
+    }
+
+    /// Adds the norm's dL/dx into `dx` (and dL/dw into `grads`) given dL/dy.
+    fn norm_back(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        dy: &[f32],
+        (x, st): (&[f32], &Stats),
+        w: Option<usize>,
+        dx: &mut [f32],
+    ) {
+        let d = self.cfg.d_model;
+        let (w, g) = split_norm(params, grads, w, d);
+        norm_backward(self.cfg.norm, dy, x, &st.mean, &st.rstd, d, w, dx, g);
+    }
+
+    /// QK-norm in place on the q and k columns of fused qkv rows; returns their inputs.
+    fn qk_norm(&self, params: &[f32], qkv: &mut [f32], o: &LayerOffsets) -> [(Vec<f32>, Stats); 2] {
+        let d = self.cfg.d_model;
+        [(0, o.q_norm), (1, o.k_norm)].map(|(part, w)| {
+            let raw = columns(qkv, 3 * d, part * d, d);
+            let (y, st) = self.norm(params, &raw, w);
+            set_columns(qkv, 3 * d, part * d, &y);
+            (raw, st)
+        })
+    }
+
+    /// QK-norm's backward in place on the q and k columns of the qkv gradient.
+    fn qk_norm_back(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        dqkv: &mut [f32],
+        saved: &[(Vec<f32>, Stats); 2],
+        o: &LayerOffsets,
+    ) {
+        let d = self.cfg.d_model;
+        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
+            let dy = columns(dqkv, 3 * d, part * d, d);
+            let mut dx = vec![0.0; dy.len()];
+            let (raw, st) = &saved[part];
+            self.norm_back(params, grads, &dy, (raw, st), w, &mut dx);
+            set_columns(dqkv, 3 * d, part * d, &dx);
+        }
     }
 
     /// Scores a batch without keeping activations for a backward pass.
@@ -422,80 +513,66 @@ impl Model {
             row.copy_from_slice(&wte[tok as usize * d..(tok as usize + 1) * d]);
         }
         let mut acts: Vec<LayerActs> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
+        let add = |y: &mut [f32], r: &[f32]| y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
         for o in &lay.layers {
-            let mut ln1 = vec![0.0; n * d];
-            let (mut ln1_mean, mut ln1_rstd) = (vec![0.0; n], vec![0.0; n]);
-            norm_forward(
-                cfg.norm,
-                &x,
-                d,
-                cfg.eps,
-                self.norm_weight(params, o.attn_norm),
-                &mut ln1,
-                &mut ln1_mean,
-                &mut ln1_rstd,
-            );
+            // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
+            let ln1 = (!cfg.norm_after).then(|| self.norm(params, &x, o.attn_norm));
             let mut qkv = vec![0.0; n * 3 * d];
-            matmul_forward(&ln1, &params[o.att_proj..], n, d, 3 * d, &mut qkv);
+            let h1 = ln1.as_ref().map_or(&x, |(y, _)| y);
+            matmul_forward(h1, &params[o.att_proj..], n, d, 3 * d, &mut qkv);
             let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
+            let qk = cfg.qk_norm.then(|| self.qk_norm(params, &mut qkv, o));
             rope(&mut qkv, 3 * d, 2, t, hh, &self.rope, false);
             let mut att = vec![0.0; n * d];
             let mut probs = vec![0.0; b * hh * t * t];
             attention_forward(&qkv, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
-            let mut x_mid = vec![0.0; n * d];
-            matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut x_mid);
-            x_mid.iter_mut().zip(&x).for_each(|(m, xi)| *m += xi);
-            let mut ln2 = vec![0.0; n * d];
-            let (mut ln2_mean, mut ln2_rstd) = (vec![0.0; n], vec![0.0; n]);
-            norm_forward(
-                cfg.norm,
-                &x_mid,
-                d,
-                cfg.eps,
-                self.norm_weight(params, o.ff_norm),
-                &mut ln2,
-                &mut ln2_mean,
-                &mut ln2_rstd,
-            );
+            let mut a = vec![0.0; n * d];
+            matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
+            let (x_mid, attn_post) = if cfg.norm_after {
+                let (mut y, st) = self.norm(params, &a, o.attn_norm);
+                add(&mut y, &x);
+                (y, Some((a, st)))
+            } else {
+                add(&mut a, &x);
+                (a, None)
+            };
+            // MLP branch, alike.
+            let ln2 = (!cfg.norm_after).then(|| self.norm(params, &x_mid, o.ff_norm));
+            let h2 = ln2.as_ref().map_or(&x_mid, |(y, _)| y);
             let mut ff_in = vec![0.0; n * 2 * h];
-            matmul_forward(&ln2, &params[o.ff_proj..], n, d, 2 * h, &mut ff_in);
+            matmul_forward(h2, &params[o.ff_proj..], n, d, 2 * h, &mut ff_in);
             let mut ff_act = vec![0.0; n * h];
             swiglu_forward(&ff_in, h, &mut ff_act);
-            let mut x_out = vec![0.0; n * d];
-            matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut x_out);
-            x_out.iter_mut().zip(&x_mid).for_each(|(o, m)| *o += m);
+            let mut f = vec![0.0; n * d];
+            matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut f);
+            let (x_out, ff_post) = if cfg.norm_after {
+                let (mut y, st) = self.norm(params, &f, o.ff_norm);
+                add(&mut y, &x_mid);
+                (y, Some((f, st)))
+            } else {
+                add(&mut f, &x_mid);
+                (f, None)
+            };
             let x_in = std::mem::replace(&mut x, x_out);
             if keep {
                 acts.push(LayerActs {
                     x_in,
                     ln1,
-                    ln1_mean,
-                    ln1_rstd,
                     qkv,
                     clipped,
+                    qk,
                     probs,
                     att,
+                    attn_post,
                     x_mid,
                     ln2,
-                    ln2_mean,
-                    ln2_rstd,
                     ff_in,
                     ff_act,
+                    ff_post,
                 });
             }
         }
-        let mut lnf = vec![0.0; n * d];
-        let (mut lnf_mean, mut lnf_rstd) = (vec![0.0; n], vec![0.0; n]);
-        norm_forward(
-            cfg.norm,
-            &x,
-            d,
-            cfg.eps,
-            self.norm_weight(params, lay.ln_f),
-            &mut lnf,
-            &mut lnf_mean,
-            &mut lnf_rstd,
-        );
+        let (lnf, lnf_st) = self.norm(params, &x, lay.ln_f);
         let head_at = lay.head.unwrap_or(lay.wte);
         let head = &params[head_at..head_at + emb * d];
         let mut logits = vec![0.0; n * emb];
@@ -537,15 +614,17 @@ impl Model {
         );
         drop(dlogits);
         let mut dx = vec![0.0; n * d];
-        let (norm_w, norm_g) = split_norm(params, grads, lay.ln_f, d);
-        norm_backward(
-            cfg.norm, &dlnf, &x, &lnf_mean, &lnf_rstd, d, norm_w, &mut dx, norm_g,
-        );
+        self.norm_back(params, grads, &dlnf, (&x, &lnf_st), lay.ln_f, &mut dx);
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
-            // MLP branch: x_out = x_mid + ff_out(swiglu(ff_proj(norm(x_mid))))
+            // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
+            let df_post = a.ff_post.as_ref().map(|(f, st)| {
+                let mut df = vec![0.0; n * d];
+                self.norm_back(params, grads, &dx, (f, st), o.ff_norm, &mut df);
+                df
+            });
             let mut dff_act = vec![0.0; n * h];
             matmul_backward(
-                &dx,
+                df_post.as_ref().unwrap_or(&dx),
                 &a.ff_act,
                 &params[o.ff_out..],
                 n,
@@ -556,34 +635,33 @@ impl Model {
             );
             let mut dff_in = vec![0.0; n * 2 * h];
             swiglu_backward(&dff_act, &a.ff_in, h, &mut dff_in);
-            let mut dln2 = vec![0.0; n * d];
+            let mut dh2 = vec![0.0; n * d];
             matmul_backward(
                 &dff_in,
-                &a.ln2,
+                a.ln2.as_ref().map_or(&a.x_mid, |(y, _)| y),
                 &params[o.ff_proj..],
                 n,
                 d,
                 2 * h,
-                &mut dln2,
+                &mut dh2,
                 &mut grads[o.ff_proj..o.ff_proj + 2 * h * d],
             );
             let mut dx_mid = dx;
-            let (norm_w, norm_g) = split_norm(params, grads, o.ff_norm, d);
-            norm_backward(
-                cfg.norm,
-                &dln2,
-                &a.x_mid,
-                &a.ln2_mean,
-                &a.ln2_rstd,
-                d,
-                norm_w,
-                &mut dx_mid,
-                norm_g,
-            );
-            // Attention branch: x_mid = x_in + attn_out(attn(...))
+            match &a.ln2 {
+                Some((_, st)) => {
+                    self.norm_back(params, grads, &dh2, (&a.x_mid, st), o.ff_norm, &mut dx_mid)
+                }
+                None => add(&mut dx_mid, &dh2),
+            }
+            // Attention branch, alike.
+            let da_post = a.attn_post.as_ref().map(|(y, st)| {
+                let mut da = vec![0.0; n * d];
+                self.norm_back(params, grads, &dx_mid, (y, st), o.attn_norm, &mut da);
+                da
+            });
             let mut datt = vec![0.0; n * d];
             matmul_backward(
-                &dx_mid,
+                da_post.as_ref().unwrap_or(&dx_mid),
                 &a.att,
                 &params[o.attn_out..],
                 n,
@@ -595,33 +673,30 @@ impl Model {
             let mut dqkv = vec![0.0; n * 3 * d];
             attention_backward(&datt, &a.qkv, &a.probs, b, t, hh, hd, &mut dqkv);
             rope(&mut dqkv, 3 * d, 2, t, hh, &self.rope, true);
+            if let Some(saved) = &a.qk {
+                self.qk_norm_back(params, grads, &mut dqkv, saved, o);
+            }
             if let Some(bits) = &a.clipped {
                 clip_qkv_backward(&mut dqkv, bits);
             }
-            let mut dln1 = vec![0.0; n * d];
+            let mut dh1 = vec![0.0; n * d];
             matmul_backward(
                 &dqkv,
-                &a.ln1,
+                a.ln1.as_ref().map_or(&a.x_in, |(y, _)| y),
                 &params[o.att_proj..],
                 n,
                 d,
                 3 * d,
-                &mut dln1,
+                &mut dh1,
                 &mut grads[o.att_proj..o.att_proj + 3 * d * d],
             );
             let mut dx_in = dx_mid;
-            let (norm_w, norm_g) = split_norm(params, grads, o.attn_norm, d);
-            norm_backward(
-                cfg.norm,
-                &dln1,
-                &a.x_in,
-                &a.ln1_mean,
-                &a.ln1_rstd,
-                d,
-                norm_w,
-                &mut dx_in,
-                norm_g,
-            );
+            match &a.ln1 {
+                Some((_, st)) => {
+                    self.norm_back(params, grads, &dh1, (&a.x_in, st), o.attn_norm, &mut dx_in)
+                }
+                None => add(&mut dx_in, &dh1),
+            }
             dx = dx_in;
         }
         // Embedding lookup: rows in order, so the sum does not depend on threads.
@@ -631,6 +706,22 @@ impl Model {
             g.iter_mut().zip(row).for_each(|(g, r)| *g += r);
         }
         scores
+    }
+}
+
+/// Columns `from..from + width` of rows `stride` wide, gathered into `[rows, width]`.
+fn columns(x: &[f32], stride: usize, from: usize, width: usize) -> Vec<f32> {
+    x.chunks_exact(stride)
+        .flat_map(|r| &r[from..from + width])
+        .copied()
+        .collect()
+}
+
+/// The inverse of [`columns`]: writes `[rows, width]` back at column `from`.
+fn set_columns(x: &mut [f32], stride: usize, from: usize, cols: &[f32]) {
+    let width = cols.len() / (x.len() / stride);
+    for (r, c) in x.chunks_exact_mut(stride).zip(cols.chunks_exact(width)) {
+        r[from..from + width].copy_from_slice(c);
     }
 }
 
@@ -667,6 +758,9 @@ mod tests {
             norm_affine: affine,
             weight_tying: tying,
             clip_qkv: None,
+            norm_after: false,
+            qk_norm: false,
+            qk_norm_affine: false,
         }
     }
 
@@ -679,11 +773,20 @@ mod tests {
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        for (norm, affine, tying) in [
-            (NormKind::LayerNorm, false, true),
-            (NormKind::Rms, true, false),
+        // OLMo-1 blocks, then OLMo-2 blocks (norm_after, QK-norm) with weighted RMSNorms, and
+        // with weightless LayerNorms
+        for (norm, affine, tying, olmo2) in [
+            (NormKind::LayerNorm, false, true, false),
+            (NormKind::Rms, true, false, false),
+            (NormKind::Rms, true, false, true),
+            (NormKind::LayerNorm, false, true, true),
         ] {
-            let cfg = tiny(norm, affine, tying);
+            let cfg = ModelConfig {
+                norm_after: olmo2,
+                qk_norm: olmo2,
+                qk_norm_affine: affine,
+                ..tiny(norm, affine, tying)
+            };
             let model = Model::new(cfg, 16);
             let mut params = init_params(&cfg, InitFn::Normal, 0.3, None, 1);
             // perturb norm weights away from 1 so their gradients are exercised
@@ -722,6 +825,14 @@ mod tests {
                     lay.ln_f.unwrap() + 1,
                 ]);
             }
+            if affine && olmo2 {
+                probes.extend([
+                    l0.q_norm.unwrap() + 2,
+                    l0.k_norm.unwrap() + 5,
+                    l1.q_norm.unwrap() + 7,
+                    l1.k_norm.unwrap(),
+                ]);
+            }
             if let Some(head) = lay.head {
                 probes.extend([head + 9 * d + 3, head + 100 * d]);
             }
@@ -737,7 +848,7 @@ mod tests {
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                 assert!(
                     (fd - grads[p] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-                    "{norm:?} affine {affine} tying {tying}: param {p}: finite difference {fd}, backward {}",
+                    "{norm:?} affine {affine} tying {tying} olmo2 {olmo2}: param {p}: finite difference {fd}, backward {}",
                     grads[p]
                 );
             }
@@ -807,6 +918,9 @@ mod tests {
             norm_affine: false,
             weight_tying: tying,
             clip_qkv: None,
+            norm_after: false,
+            qk_norm: false,
+            qk_norm_affine: false,
         };
         // the published sizes: OLMo-1B 1,176,764,416; OLMo-7B 6,888,095,744
         assert_eq!(olmo(2048, 16, 16, 8192, true).num_params(), 1_176_764_416);

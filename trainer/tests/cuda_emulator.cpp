@@ -58,6 +58,31 @@ int main(int argc, char** argv) {
             norm_fwd(x.data(), affine ? w.data() : nullptr, nullptr, yb.data(), mean.data(), rstd.data(), d, eps, rms);
         });
         store("y", y), store("y_bf16", yb), store("mean", mean), store("rstd", rstd);
+        // and added to a residual (norm_after), when the test gives one
+        auto res = load_optional<float>("res");
+        if (!res.empty()) {
+            std::vector<float> ya(rows * d);
+            launch(rows, B, [&] {
+                norm_add_fwd(x.data(), affine ? w.data() : nullptr, res.data(), ya.data(), mean.data(), rstd.data(), d,
+                             eps, rms);
+            });
+            store("y_add", ya);
+        }
+    } else if (k == "cols_copy") {  // rows cols lds ldd: "src" into "dst" in each f32/bf16 pairing
+        long rows = I(4), lds = I(6), ldd = I(7);
+        int cols = I(5);
+        auto src = load<float>("src"), dst = load<float>("dst");
+        std::vector<uint16_t> srcb(src.size()), dstb(dst.size());
+        for (size_t i = 0; i < src.size(); ++i) srcb[i] = f2bf(src[i]);
+        for (size_t i = 0; i < dst.size(); ++i) dstb[i] = f2bf(dst[i]);
+        auto ff = dst, bf = dst;
+        auto fb = dstb, bb = dstb;
+        auto run = [&](const void* s, int sb, void* d, int db) {
+            launch(grid_n(rows * cols), B, [&] { cols_copy(s, sb, lds, d, db, ldd, rows, cols); });
+        };
+        run(src.data(), 0, ff.data(), 0), run(srcb.data(), 1, bf.data(), 0);
+        run(src.data(), 0, fb.data(), 1), run(srcb.data(), 1, bb.data(), 1);
+        store("f32_f32", ff), store("bf16_f32", bf), store("f32_bf16", fb), store("bf16_bf16", bb);
     } else if (k == "norm_bwd") {  // rows d rms affine chunk: dx, then dw over chunks of rows
         long rows = I(4);
         int d = I(5), rms = I(6), affine = I(7), chunk = I(8);

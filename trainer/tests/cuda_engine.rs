@@ -43,7 +43,7 @@ fn wide_flash_blocks_on_the_host_emulator_match_the_cpu_engine() {
 #[test]
 fn padded_multiple_choice_batches_score_alike() {
     // right padding and ignored targets, as the downstream evaluator sends them
-    let [(_, cfg), _] = variants(32, 100);
+    let [(_, cfg), ..] = variants(32, 100);
     let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
     let n = params.len();
     let zeros = vec![0.0; n];

@@ -103,6 +103,8 @@ fn norm_kernels_match_the_cpu() {
         let wt = affine.then_some(&w[..]);
         b.put("x", &x);
         b.put("w", &w);
+        let res = rnd(rows * d, 9, 3.0);
+        b.put("res", &res);
         let rms = (kind == NormKind::Rms) as i32;
         b.run(
             bin,
@@ -115,6 +117,8 @@ fn norm_kernels_match_the_cpu() {
         close("norm_fwd y", &b.get("y"), &y, 1e-5);
         same_bf16("norm_fwd into bf16", &b, "y_bf16", &b.get("y"));
         close("norm_fwd rstd", &b.get("rstd"), &r, 1e-5);
+        let added: Vec<f32> = y.iter().zip(&res).map(|(y, r)| y + r).collect();
+        close("norm_add_fwd y", &b.get("y_add"), &added, 1e-5);
         let dy = rnd(rows * d, 3, 1.0);
         let dx0 = rnd(rows * d, 4, 1.0);
         let dw0 = rnd(d, 5, 1.0);
@@ -141,6 +145,63 @@ fn norm_kernels_match_the_cpu() {
         if affine {
             close("norm_bwd dw", &b.get("dw"), &dw, 1e-4);
         }
+    }
+}
+
+#[test]
+fn cols_copy_moves_a_column_block_between_types_and_strides() {
+    let Some(bin) = emulator() else { return };
+    // QK-norm's traffic: k (columns d..2d of [rows, 3d]) out to [rows, d] and back in
+    let (rows, d) = (5, 24);
+    let bf = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    for (lds, ldd, src_len, dst_len, src_at, dst_at) in [
+        (3 * d, d, rows * 3 * d, rows * d, d, 0),
+        (d, 3 * d, rows * d, rows * 3 * d, 0, d),
+    ] {
+        let b = Bufs::new();
+        let src = rnd(src_len, 11, 2.0);
+        let dst = rnd(dst_len, 12, 2.0);
+        // the kernel sees the buffers from the block's first column on
+        let (src_view, dst_view) = (&src[src_at..], &dst[dst_at..]);
+        b.put("src", src_view);
+        b.put("dst", dst_view);
+        b.run(bin, "cols_copy", 64, &s![rows, d, lds, ldd]);
+        let want = |s: &[f32], dst: &[f32]| {
+            let mut w = dst.to_vec();
+            for r in 0..rows {
+                w[r * ldd..][..d].copy_from_slice(&s[r * lds..][..d]);
+            }
+            w
+        };
+        // untouched columns keep their values (rounded where the buffer is bf16)
+        close(
+            "f32 -> f32",
+            &b.get("f32_f32"),
+            &want(src_view, dst_view),
+            0.0,
+        );
+        close(
+            "bf16 -> f32",
+            &b.get("bf16_f32"),
+            &want(&bf(src_view), dst_view),
+            0.0,
+        );
+        close(
+            "f32 -> bf16",
+            &bf16_file(&b, "f32_bf16"),
+            &bf(&want(src_view, dst_view)),
+            0.0,
+        );
+        close(
+            "bf16 -> bf16",
+            &bf16_file(&b, "bf16_bf16"),
+            &want(&bf(src_view), &bf(dst_view)),
+            0.0,
+        );
     }
 }
 

@@ -46,7 +46,7 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
     if !usable() {
         return;
     }
-    // gpu-check's two variants, small (every CUDA thread is a host thread here): two heads of
+    // gpu-check's three variants, small (every CUDA thread is a host thread here): two heads of
     // 32, the smallest the flash kernels are built for; 20 positions: partial blocks
     let models = variants(64, 64).map(|(name, mut cfg)| {
         cfg.n_heads = 2;

@@ -1749,6 +1749,91 @@ fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_fi
 }
 
 #[test]
+fn olmo2_blocks_train_alike_on_both_engines_and_round_trip_through_transformers_files() {
+    let r = Run::new();
+    const RMS: &str = "layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false";
+    let run = |name: &str, olmo2: bool, args: &[&str]| {
+        let cfg = r.config(&format!("{name}.yaml"), name, "max_duration: 5\n");
+        let block = if olmo2 {
+            format!("{RMS}\n  norm_after: true\n  attention_layer_norm: true")
+        } else {
+            RMS.to_string()
+        };
+        edit(&cfg, &[("layer_norm_with_affine: false", &block)]);
+        ok(&r.train(&cfg, args));
+        cfg
+    };
+    let olmo2 = run("olmo2", true, &[]);
+    let llama = run("llama", false, &[]);
+    // the checkpoint holds the QK-norm weights under OLMo's names; the runs differ
+    let header = safetensors_header(&r.path("olmo2/step5/model.safetensors"));
+    for name in ["q_norm", "k_norm"] {
+        assert_eq!(
+            header[format!("transformer.blocks.0.{name}.weight")]["shape"],
+            serde_json::json!([16])
+        );
+    }
+    let (a, b) = (losses(&r.metrics("olmo2")), losses(&r.metrics("llama")));
+    assert_eq!(a.len(), 5);
+    assert!(a[4].1 != b[4].1, "{a:?} vs {b:?}");
+    // the CUDA engine (host emulator, fp32) computes the same block
+    run(
+        "olmo2-emu",
+        true,
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
+    let c = losses(&r.metrics("olmo2-emu"));
+    for (x, y) in a.iter().zip(&c) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {c:?}");
+    }
+    // transformers' Olmo2 layout, and back
+    let hf = r.path("olmo2-hf");
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("export-hf")
+        .arg(r.path("olmo2/step5"))
+        .arg(&hf)
+        .output()
+        .unwrap();
+    ok(&o);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "Olmo2ForCausalLM");
+    assert_eq!(config["model_type"], "olmo2");
+    let header = safetensors_header(&hf.join("model.safetensors"));
+    for name in [
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+    ] {
+        assert_eq!(
+            header[format!("model.layers.0.{name}.weight")]["shape"],
+            serde_json::json!([16]),
+            "{name}"
+        );
+    }
+    assert!(header
+        .get("model.layers.0.input_layernorm.weight")
+        .is_none());
+    ok(&import_hf(&hf, &r.path("olmo2-back"), &olmo2, &[]));
+    assert!(r.weights("olmo2-back") == r.weights("olmo2/step5"));
+    // a pre-norm model, or another RoPE base, is not this one
+    refused(
+        &import_hf(&hf, &r.path("wrong"), &llama, &[]),
+        "model_type `olmo2`, the training config's model is `llama`",
+    );
+    refused(
+        &import_hf(
+            &hf,
+            &r.path("wrong"),
+            &olmo2,
+            &["--model.rope_theta=500000"],
+        ),
+        "rope_theta is 10000, the training config's model.rope_theta 500000",
+    );
+}
+
+#[test]
 fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
     let r = Run::new();
     let run = |name: &str, opt: &str, extra: &str, args: &[&str]| {
