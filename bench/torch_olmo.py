@@ -88,11 +88,20 @@ class Block(nn.Module):
         self.ff_norm = Norm(d, c["norm"], c["affine"], c["eps"])
         self.ff_proj = nn.Linear(d, 2 * h, bias=False)
         self.ff_out = nn.Linear(h, d, bias=False)
+        if c["qk_norm"]:
+            self.q_norm = Norm(d, c["norm"], c["qk_affine"], c["eps"])
+            self.k_norm = Norm(d, c["norm"], c["qk_affine"], c["eps"])
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
         nh = self.c["heads"]
-        q, k, v = self.att_proj(self.attn_norm(x)).split(d, dim=-1)
+        after = self.c["norm_after"]
+        qkv = self.att_proj(x if after else self.attn_norm(x))
+        if self.c["clip_qkv"] is not None:
+            qkv = qkv.clamp(-self.c["clip_qkv"], self.c["clip_qkv"])
+        q, k, v = qkv.split(d, dim=-1)
+        if self.c["qk_norm"]:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.view(b, t, nh, d // nh).transpose(1, 2) for z in (q, k, v))
 
         def rope(z):
@@ -100,9 +109,11 @@ class Block(nn.Module):
             return z * cos + torch.cat((-z2, z1), dim=-1) * sin
 
         a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
-        x = x + self.attn_out(a.transpose(1, 2).reshape(b, t, d))
-        val, gate = self.ff_proj(self.ff_norm(x)).chunk(2, dim=-1)
-        return x + self.ff_out(F.silu(gate) * val)
+        a = self.attn_out(a.transpose(1, 2).reshape(b, t, d))
+        x = x + (self.attn_norm(a) if after else a)
+        val, gate = self.ff_proj(x if after else self.ff_norm(x)).chunk(2, dim=-1)
+        f = self.ff_out(F.silu(gate) * val)
+        return x + (self.ff_norm(f) if after else f)
 
 
 class Olmo(nn.Module):
@@ -153,6 +164,11 @@ def load_config(path):
         # absent keys take OLMo's defaults, as olmo-train reads them
         affine=bool(m.get("layer_norm_with_affine", True)),
         tying=bool(m.get("weight_tying", True)),
+        clip_qkv=m.get("clip_qkv"),
+        # OLMo 2 blocks: norms after each branch, QK-norm
+        norm_after=bool(m.get("norm_after", False)),
+        qk_norm=bool(m.get("attention_layer_norm", False)),
+        qk_affine=bool(m.get("attention_layer_norm_with_affine", True)),
     )
     return c, y
 

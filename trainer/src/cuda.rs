@@ -1238,26 +1238,8 @@ impl CudaEngine {
     /// The normalised rows, only ever a GEMM operand (bf16 under mixed precision), with the
     /// rows' means and reciprocal deviations for the backward pass.
     fn norm(&self, x: &Mem<f32>, w: Option<usize>, rows: usize) -> Result<(Act, Stats)> {
-        let d = self.cfg.d_model;
-        let y = self.operand_out(rows * d)?;
-        let [yf, yb] = self.out_args(&y);
-        let st = self.stats(rows)?;
-        self.gpu.launch(
-            "norm_fwd",
-            rows as u32,
-            BLOCK,
-            &[
-                self.p(x),
-                self.norm_weight(w),
-                yf,
-                yb,
-                self.p(&st.mean),
-                self.p(&st.rstd),
-                Arg::I(d as i32),
-                Arg::F(self.cfg.eps),
-                self.norm_rms(),
-            ],
-        )?;
+        let y = self.operand_out(rows * self.cfg.d_model)?;
+        let st = self.norm_launch("norm_fwd", x, w, self.out_args(&y), rows)?;
         Ok((y, st))
     }
 
@@ -1269,26 +1251,39 @@ impl CudaEngine {
         res: &Mem<f32>,
         rows: usize,
     ) -> Result<(Mem<f32>, Stats)> {
-        let d = self.cfg.d_model;
-        let y = self.gpu.scratch::<f32>(rows * d)?;
+        let y = self.gpu.scratch::<f32>(rows * self.cfg.d_model)?;
+        let st = self.norm_launch("norm_add_fwd", x, w, [self.p(res), self.p(&y)], rows)?;
+        Ok((y, st))
+    }
+
+    /// Launches `norm_fwd` (`outputs`: its f32 and bf16 outputs) or `norm_add_fwd` (the
+    /// residual and the output); returns the rows' statistics.
+    fn norm_launch(
+        &self,
+        name: &str,
+        x: &Mem<f32>,
+        w: Option<usize>,
+        [a, b]: [Arg; 2],
+        rows: usize,
+    ) -> Result<Stats> {
         let st = self.stats(rows)?;
         self.gpu.launch(
-            "norm_add_fwd",
+            name,
             rows as u32,
             BLOCK,
             &[
                 self.p(x),
                 self.norm_weight(w),
-                self.p(res),
-                self.p(&y),
+                a,
+                b,
                 self.p(&st.mean),
                 self.p(&st.rstd),
-                Arg::I(d as i32),
+                Arg::I(self.cfg.d_model as i32),
                 Arg::F(self.cfg.eps),
                 self.norm_rms(),
             ],
         )?;
-        Ok((y, st))
+        Ok(st)
     }
 
     /// Adds the norm's dL/dx into `dx` (and dL/dw into the gradients) given dL/dy.
@@ -1346,6 +1341,63 @@ impl CudaEngine {
                 Arg::I(d as i32),
             ],
         )
+    }
+
+    /// A branch's output projection `proj(h)` (its offset and GEMM shape) joining the residual
+    /// stream `r`: `r + proj(h)`, the residual added by the GEMM, or under `norm_after`
+    /// `r + norm(proj(h))`, keeping `proj(h)` and the norm's statistics.
+    #[allow(clippy::type_complexity)]
+    fn join(
+        &self,
+        h: Src,
+        (proj, shape): (usize, (usize, usize, usize)),
+        norm: Option<usize>,
+        r: &Mem<f32>,
+    ) -> Result<(Mem<f32>, Option<(Mem<f32>, Stats)>)> {
+        if !self.cfg.norm_after {
+            return Ok((self.linear_residual(h, proj, shape, r)?, None));
+        }
+        let out = self.linear_f32(h, proj, shape)?;
+        let (joined, st) = self.norm_add(&out, norm, r, shape.0)?;
+        Ok((joined, Some((out, st))))
+    }
+
+    /// dL/d(branch output) given dL/d(joined) `dy`, when `norm_after` put a norm between them
+    /// (`post`: the branch output and the norm's statistics); else the branch's gradient is
+    /// `dy` itself.
+    fn post_norm_back(
+        &self,
+        dy: &Mem<f32>,
+        post: &Option<(Mem<f32>, Stats)>,
+        w: Option<usize>,
+        rows: usize,
+    ) -> Result<Option<Mem<f32>>> {
+        let Some((out, st)) = post else {
+            return Ok(None);
+        };
+        let dout = self.gpu.zeros::<f32>(rows * self.cfg.d_model)?;
+        self.norm_back(dy, (out, st), w, rows, &dout)?;
+        Ok(Some(dout))
+    }
+
+    /// The backward of a branch's input projection `proj(h)` (its offset and GEMM shape),
+    /// adding dL/dx into `dx`: `h` is `norm(x)` in pre-norm blocks (`pre`: that output and
+    /// statistics), or `x` itself under `norm_after`, whose gradient the GEMM then adds.
+    fn input_back(
+        &self,
+        dy: Src,
+        (x, pre): (&Mem<f32>, &Option<(Act, Stats)>),
+        (proj, shape): (usize, (usize, usize, usize)),
+        norm: Option<usize>,
+        dx: &Mem<f32>,
+    ) -> Result<()> {
+        match pre {
+            Some((h, st)) => {
+                let dh = self.linear_back_f32(dy, h.src(), proj, shape)?;
+                self.norm_back(&dh, (x, st), norm, shape.0, dx)
+            }
+            None => self.linear_back_add(dy, x.into(), proj, shape, dx),
+        }
     }
 
     /// An activation's address `offset` elements in, and whether it is bf16.
@@ -1801,14 +1853,8 @@ impl CudaEngine {
                 self.materialised_forward(qp.buf, &att, (b, t), starts)?
             };
             drop(qp);
-            let (x_mid, attn_post) = if c.norm_after {
-                let a = self.linear_f32(att.src(), o.attn_out, (n, d, d))?;
-                let (x_mid, st) = self.norm_add(&a, o.attn_norm, &x, n)?;
-                (x_mid, Some((a, st)))
-            } else {
-                let x_mid = self.linear_residual(att.src(), o.attn_out, (n, d, d), &x)?;
-                (x_mid, None)
-            };
+            let (x_mid, attn_post) =
+                self.join(att.src(), (o.attn_out, (n, d, d)), o.attn_norm, &x)?;
             // MLP branch, alike.
             let ln2 = match c.norm_after {
                 false => Some(self.norm(&x_mid, o.ff_norm, n)?),
@@ -1817,14 +1863,8 @@ impl CudaEngine {
             let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
             let ff_in = self.linear(h2, o.ff_proj, (n, d, 2 * h), true)?;
             let ff_act = self.swiglu(&ff_in, n)?;
-            let (x_out, ff_post) = if c.norm_after {
-                let f = self.linear_f32(ff_act.src(), o.ff_out, (n, h, d))?;
-                let (x_out, st) = self.norm_add(&f, o.ff_norm, &x_mid, n)?;
-                (x_out, Some((f, st)))
-            } else {
-                let x_out = self.linear_residual(ff_act.src(), o.ff_out, (n, h, d), &x_mid)?;
-                (x_out, None)
-            };
+            let (x_out, ff_post) =
+                self.join(ff_act.src(), (o.ff_out, (n, h, d)), o.ff_norm, &x_mid)?;
             let x_in = std::mem::replace(&mut x, x_out);
             if backward.is_some() {
                 acts.push(Acts {
@@ -1896,40 +1936,18 @@ impl CudaEngine {
         self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, n, &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
             // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
-            let df = match &a.ff_post {
-                Some((f, st)) => {
-                    let df = self.gpu.zeros::<f32>(n * d)?;
-                    self.norm_back(&dx, (f, st), o.ff_norm, n, &df)?;
-                    Some(df)
-                }
-                None => None,
-            };
+            let df = self.post_norm_back(&dx, &a.ff_post, o.ff_norm, n)?;
             let dout = df.as_ref().unwrap_or(&dx);
             let dff_act =
                 self.linear_back(dout.into(), a.ff_act.src(), o.ff_out, (n, h, d), true)?;
             drop(df);
             let dff_in = self.swiglu_back(&dff_act, &a.ff_in, n)?;
             drop(dff_act);
-            let shape = (n, d, 2 * h);
-            match &a.ln2 {
-                Some((ln2, st)) => {
-                    let dln2 = self.linear_back_f32(dff_in.src(), ln2.src(), o.ff_proj, shape)?;
-                    self.norm_back(&dln2, (&a.x_mid, st), o.ff_norm, n, &dx)?;
-                }
-                None => {
-                    self.linear_back_add(dff_in.src(), (&a.x_mid).into(), o.ff_proj, shape, &dx)?
-                }
-            }
+            let proj = (o.ff_proj, (n, d, 2 * h));
+            self.input_back(dff_in.src(), (&a.x_mid, &a.ln2), proj, o.ff_norm, &dx)?;
             drop(dff_in);
             // Attention branch, alike; `dx` is now dL/dx_mid.
-            let da = match &a.attn_post {
-                Some((y, st)) => {
-                    let da = self.gpu.zeros::<f32>(n * d)?;
-                    self.norm_back(&dx, (y, st), o.attn_norm, n, &da)?;
-                    Some(da)
-                }
-                None => None,
-            };
+            let da = self.post_norm_back(&dx, &a.attn_post, o.attn_norm, n)?;
             // dO: only an operand (of attention's GEMMs or flash kernels), so bf16 under mixed
             // precision, written so by its GEMM
             let dout = da.as_ref().unwrap_or(&dx);
@@ -1953,16 +1971,8 @@ impl CudaEngine {
             if let Some(bits) = &a.clipped {
                 self.clip_qkv_back(&dqkv, n * 3 * d, bits)?;
             }
-            let shape = (n, d, 3 * d);
-            match &a.ln1 {
-                Some((ln1, st)) => {
-                    let dln1 = self.linear_back_f32(dqkv.src(), ln1.src(), o.att_proj, shape)?;
-                    self.norm_back(&dln1, (&a.x_in, st), o.attn_norm, n, &dx)?;
-                }
-                None => {
-                    self.linear_back_add(dqkv.src(), (&a.x_in).into(), o.att_proj, shape, &dx)?
-                }
-            }
+            let proj = (o.att_proj, (n, d, 3 * d));
+            self.input_back(dqkv.src(), (&a.x_in, &a.ln1), proj, o.attn_norm, &dx)?;
         }
         let (tokens, starts, positions) = by_token.expect("uploaded for the backward pass");
         self.gpu.launch(

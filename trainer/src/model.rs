@@ -478,6 +478,60 @@ impl Model {
         }
     }
 
+    /// A branch's output `out` joining the residual stream `r`: `r + out`, or under
+    /// `norm_after` `r + norm(out)`, keeping `out` and the norm's statistics.
+    #[allow(clippy::type_complexity)]
+    fn join(
+        &self,
+        params: &[f32],
+        mut out: Vec<f32>,
+        w: Option<usize>,
+        r: &[f32],
+    ) -> (Vec<f32>, Option<(Vec<f32>, Stats)>) {
+        let add = |y: &mut [f32], r: &[f32]| y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
+        if self.cfg.norm_after {
+            let (mut y, st) = self.norm(params, &out, w);
+            add(&mut y, r);
+            (y, Some((out, st)))
+        } else {
+            add(&mut out, r);
+            (out, None)
+        }
+    }
+
+    /// [`Model::join`]'s backward: dL/d(branch output) given dL/d(joined), when a norm sits
+    /// between them (else the branch's gradient is `dy` itself).
+    fn post_norm_back(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        dy: &[f32],
+        post: &Option<(Vec<f32>, Stats)>,
+        w: Option<usize>,
+    ) -> Option<Vec<f32>> {
+        let (out, st) = post.as_ref()?;
+        let mut dout = vec![0.0; dy.len()];
+        self.norm_back(params, grads, dy, (out, st), w, &mut dout);
+        Some(dout)
+    }
+
+    /// Adds dL/dx into `dx` given dL/dh for a branch input `h`: `norm(x)` in pre-norm blocks
+    /// (`pre` holds its output and statistics), `x` itself under `norm_after`.
+    fn pre_norm_back(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        dh: &[f32],
+        (x, pre): (&[f32], &Option<(Vec<f32>, Stats)>),
+        w: Option<usize>,
+        dx: &mut [f32],
+    ) {
+        match pre {
+            Some((_, st)) => self.norm_back(params, grads, dh, (x, st), w, dx),
+            None => dx.iter_mut().zip(dh).for_each(|(d, h)| *d += h),
+        }
+    }
+
     /// Scores a batch without keeping activations for a backward pass.
     pub fn forward(&self, params: &[f32], batch: &Batch) -> Scores {
         self.run(params, batch, None)
@@ -513,7 +567,6 @@ impl Model {
             row.copy_from_slice(&wte[tok as usize * d..(tok as usize + 1) * d]);
         }
         let mut acts: Vec<LayerActs> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
-        let add = |y: &mut [f32], r: &[f32]| y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
         for o in &lay.layers {
             // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
             let ln1 = (!cfg.norm_after).then(|| self.norm(params, &x, o.attn_norm));
@@ -528,14 +581,7 @@ impl Model {
             attention_forward(&qkv, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
             let mut a = vec![0.0; n * d];
             matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
-            let (x_mid, attn_post) = if cfg.norm_after {
-                let (mut y, st) = self.norm(params, &a, o.attn_norm);
-                add(&mut y, &x);
-                (y, Some((a, st)))
-            } else {
-                add(&mut a, &x);
-                (a, None)
-            };
+            let (x_mid, attn_post) = self.join(params, a, o.attn_norm, &x);
             // MLP branch, alike.
             let ln2 = (!cfg.norm_after).then(|| self.norm(params, &x_mid, o.ff_norm));
             let h2 = ln2.as_ref().map_or(&x_mid, |(y, _)| y);
@@ -545,14 +591,7 @@ impl Model {
             swiglu_forward(&ff_in, h, &mut ff_act);
             let mut f = vec![0.0; n * d];
             matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut f);
-            let (x_out, ff_post) = if cfg.norm_after {
-                let (mut y, st) = self.norm(params, &f, o.ff_norm);
-                add(&mut y, &x_mid);
-                (y, Some((f, st)))
-            } else {
-                add(&mut f, &x_mid);
-                (f, None)
-            };
+            let (x_out, ff_post) = self.join(params, f, o.ff_norm, &x_mid);
             let x_in = std::mem::replace(&mut x, x_out);
             if keep {
                 acts.push(LayerActs {
@@ -617,11 +656,7 @@ impl Model {
         self.norm_back(params, grads, &dlnf, (&x, &lnf_st), lay.ln_f, &mut dx);
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
             // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
-            let df_post = a.ff_post.as_ref().map(|(f, st)| {
-                let mut df = vec![0.0; n * d];
-                self.norm_back(params, grads, &dx, (f, st), o.ff_norm, &mut df);
-                df
-            });
+            let df_post = self.post_norm_back(params, grads, &dx, &a.ff_post, o.ff_norm);
             let mut dff_act = vec![0.0; n * h];
             matmul_backward(
                 df_post.as_ref().unwrap_or(&dx),
@@ -647,18 +682,16 @@ impl Model {
                 &mut grads[o.ff_proj..o.ff_proj + 2 * h * d],
             );
             let mut dx_mid = dx;
-            match &a.ln2 {
-                Some((_, st)) => {
-                    self.norm_back(params, grads, &dh2, (&a.x_mid, st), o.ff_norm, &mut dx_mid)
-                }
-                None => add(&mut dx_mid, &dh2),
-            }
+            self.pre_norm_back(
+                params,
+                grads,
+                &dh2,
+                (&a.x_mid, &a.ln2),
+                o.ff_norm,
+                &mut dx_mid,
+            );
             // Attention branch, alike.
-            let da_post = a.attn_post.as_ref().map(|(y, st)| {
-                let mut da = vec![0.0; n * d];
-                self.norm_back(params, grads, &dx_mid, (y, st), o.attn_norm, &mut da);
-                da
-            });
+            let da_post = self.post_norm_back(params, grads, &dx_mid, &a.attn_post, o.attn_norm);
             let mut datt = vec![0.0; n * d];
             matmul_backward(
                 da_post.as_ref().unwrap_or(&dx_mid),
@@ -691,12 +724,14 @@ impl Model {
                 &mut grads[o.att_proj..o.att_proj + 3 * d * d],
             );
             let mut dx_in = dx_mid;
-            match &a.ln1 {
-                Some((_, st)) => {
-                    self.norm_back(params, grads, &dh1, (&a.x_in, st), o.attn_norm, &mut dx_in)
-                }
-                None => add(&mut dx_in, &dh1),
-            }
+            self.pre_norm_back(
+                params,
+                grads,
+                &dh1,
+                (&a.x_in, &a.ln1),
+                o.attn_norm,
+                &mut dx_in,
+            );
             dx = dx_in;
         }
         // Embedding lookup: rows in order, so the sum does not depend on threads.
