@@ -44,3 +44,14 @@ for variant in olmo llama olmo2; do
   "$VENV/bin/python" bench/torch_olmo.py check "$WORK/$variant.yaml" "$WORK/$variant/step$STEPS" "$HELD" \
     --hf "$WORK/$variant-hf" 2>/dev/null
 done
+# The other way: a model transformers made and saved (random weights, norms included), read by
+# `import-hf`, scored by olmo-train and by transformers.
+for variant in olmo llama olmo2; do
+  echo "== $variant: made by transformers, imported"
+  "$VENV/bin/python" bench/hf_make.py "$WORK/$variant.yaml" "$variant" "$WORK/$variant-made" 2>&1 | grep -v Warning
+  ./target/release/olmo-train import-hf "$WORK/$variant-made" "$WORK/$variant-imported" -c "$WORK/$variant.yaml" 2>&1 | tail -1
+  ./target/release/olmo-train eval -c "$WORK/$variant.yaml" --checkpoint "$WORK/$variant-imported" 2>/dev/null \
+    | grep 'sample-heldout/CrossEntropyLoss'
+  "$VENV/bin/python" bench/torch_olmo.py check "$WORK/$variant.yaml" "$WORK/$variant-imported" "$HELD" \
+    --hf "$WORK/$variant-made" 2>&1 | grep -v Warning
+done

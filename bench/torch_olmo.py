@@ -293,7 +293,11 @@ def check(args):
     if args.hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
+        try:  # `dtype` since transformers 4.56, `torch_dtype` before
+            hf = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32)
+        except TypeError:
+            hf = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32)
+        hf.eval()
         ce = mean_ce(lambda ids: hf(input_ids=ids).logits, windows)
         print(f"transformers {type(hf).__name__}: mean cross-entropy {ce:.6f}")
 
