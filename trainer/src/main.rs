@@ -225,13 +225,14 @@ fn info(args: &[String]) -> Result<()> {
     let (m, init) = cfg.model_config()?;
     let seq = cfg.model.max_sequence_length;
     println!(
-        "{}: {} parameters ({} non-embedding), embedding {}x{}, {} layers, init {init:?}, {:.3} GFLOPs per training token at seq {seq}",
+        "{}: {} parameters ({} non-embedding), embedding {}x{}, {} layers of {}, init {init:?}, {:.3} GFLOPs per training token at seq {seq}",
         config,
         m.num_params(),
         m.non_embedding_params(),
         m.embedding_size,
         m.d_model,
         m.n_layers,
+        m.block(),
         m.flops_per_token(seq) / 1e9
     );
     Ok(())

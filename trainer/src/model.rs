@@ -63,6 +63,36 @@ impl ModelConfig {
         Layout::new(self).total
     }
 
+    /// The block in words, for `info` and a run's first line.
+    pub fn block(&self) -> String {
+        let norm = match (self.norm, self.norm_affine) {
+            (NormKind::LayerNorm, false) => "non-parametric LayerNorm",
+            (NormKind::LayerNorm, true) => "LayerNorm+weight",
+            (NormKind::Rms, false) => "RMSNorm",
+            (NormKind::Rms, true) => "RMSNorm+weight",
+        };
+        let mut s = match self.norm_after {
+            true => format!("OLMo 2 blocks ({norm} after each branch"),
+            false => format!("pre-norm blocks ({norm}"),
+        };
+        if self.qk_norm {
+            s += if self.qk_norm_affine {
+                ", QK-norm+weight"
+            } else {
+                ", QK-norm"
+            };
+        }
+        if let Some(c) = self.clip_qkv {
+            s += &format!(", clip_qkv {c}");
+        }
+        s += if self.weight_tying {
+            ", tied head)"
+        } else {
+            ", untied head)"
+        };
+        s
+    }
+
     /// Training FLOPs per token (forward + backward) as OLMo counts them.
     pub fn flops_per_token(&self, seq: usize) -> f64 {
         let attn = (self.n_layers * self.d_model * seq) as f64;
@@ -888,6 +918,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn blocks_are_named_by_their_norms() {
+        let olmo1 = tiny(NormKind::LayerNorm, false, true);
+        assert_eq!(
+            olmo1.block(),
+            "pre-norm blocks (non-parametric LayerNorm, tied head)"
+        );
+        let olmo2 = ModelConfig {
+            norm_after: true,
+            qk_norm: true,
+            qk_norm_affine: true,
+            ..tiny(NormKind::Rms, true, false)
+        };
+        assert_eq!(
+            olmo2.block(),
+            "OLMo 2 blocks (RMSNorm+weight after each branch, QK-norm+weight, untied head)"
+        );
     }
 
     #[test]

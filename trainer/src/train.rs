@@ -461,9 +461,11 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     }
     if lead {
         eprintln!(
-        "olmo-train: {} parameters ({} non-embedding), {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}",
+        "olmo-train: {} parameters ({} non-embedding) in {} layers of {}, {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}",
         layout.total,
         mcfg.non_embedding_params(),
+        mcfg.n_layers,
+        mcfg.block(),
         mcfg.flops_per_token(seq) / 1e6,
         shards.len(),
         engine.describe()
