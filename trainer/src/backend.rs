@@ -3,7 +3,7 @@
 //! AdamW's moments; the loop hands it batches and optimizer settings, and reads the state back
 //! only for checkpoints.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::dist::Tcp;
 use crate::model::{Batch, Model, Scores};
@@ -119,6 +119,13 @@ impl Backend for Cpu {
             Some(_) => f32::INFINITY,
             None => u.max_norm.unwrap_or(f32::INFINITY),
         };
+        if self.exp_avg.len() != self.params.len() {
+            bail!("this engine was built to evaluate, without optimizer moments");
+        }
+        if matches!(u.optimizer, Optimizer::AdamW(_)) && self.exp_avg_sq.len() != self.params.len()
+        {
+            bail!("AdamW needs a second moment, and this engine was built without one (for LionW)");
+        }
         let norm = clip_grad_norm(&mut [&mut self.grads], max_norm);
         for (k, (t, &decay)) in self.model.layout.tensors.iter().zip(u.decay).enumerate() {
             let r = t.range();

@@ -818,10 +818,12 @@ pub struct CudaEngine {
     /// scores and probabilities.
     flash: bool,
     params: Mem<f32>,
-    params_bf: Mem<u16>,
+    /// The bf16 copy of the weights, under mixed precision only.
+    params_bf: Option<Mem<u16>>,
     grads: Mem<f32>,
     exp_avg: Mem<f32>,
-    exp_avg_sq: Mem<f32>,
+    /// AdamW's second moment; none for LionW (given an empty slice), which keeps one moment.
+    exp_avg_sq: Option<Mem<f32>>,
     cos: Mem<f32>,
     sin: Mem<f32>,
     max_seq: usize,
@@ -876,10 +878,17 @@ impl CudaEngine {
         let n = params.len();
         let e = CudaEngine {
             params: gpu.upload(params)?,
-            params_bf: gpu.zeros(n)?,
+            params_bf: bf16.then(|| gpu.zeros(n)).transpose()?,
             grads: gpu.zeros(n)?,
-            exp_avg: gpu.upload(exp_avg)?,
-            exp_avg_sq: gpu.upload(exp_avg_sq)?,
+            // empty for an engine that only evaluates
+            exp_avg: match exp_avg.is_empty() {
+                true => gpu.zeros(0)?,
+                false => gpu.upload(exp_avg)?,
+            },
+            exp_avg_sq: match exp_avg_sq.is_empty() {
+                true => None,
+                false => Some(gpu.upload(exp_avg_sq)?),
+            },
             cos: gpu.upload(&table.cos)?,
             sin: gpu.upload(&table.sin)?,
             norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
@@ -987,14 +996,14 @@ impl CudaEngine {
 
     /// Recasts the bf16 weight copy from the f32 master weights.
     fn refresh_bf16(&self) -> Result<()> {
-        if self.bf16 {
+        if let Some(bf) = &self.params_bf {
             let n = self.layout.total;
             self.gpu.launch_n(
                 "cast_bf16",
                 n,
                 &[
                     Arg::P(self.gpu.ptr(&self.params, 0)),
-                    Arg::P(self.gpu.ptr(&self.params_bf, 0)),
+                    Arg::P(self.gpu.ptr(bf, 0)),
                     Arg::L(n as i64),
                 ],
             )?;
@@ -1005,13 +1014,12 @@ impl CudaEngine {
     /// The weights starting at `offset` as a GEMM operand buffer (the bf16 copy under mixed
     /// precision).
     fn weight(&self, offset: usize) -> Buf {
-        if self.bf16 {
-            Buf {
-                ptr: self.gpu.ptr(&self.params_bf, offset),
+        match &self.params_bf {
+            Some(bf) => Buf {
+                ptr: self.gpu.ptr(bf, offset),
                 bf16: true,
-            }
-        } else {
-            Buf::f32(self.gpu.ptr(&self.params, offset))
+            },
+            None => Buf::f32(self.gpu.ptr(&self.params, offset)),
         }
     }
 
@@ -2152,26 +2160,32 @@ impl Backend for CudaEngine {
         let parts = self.gpu.download(&self.norm_acc)?;
         let norm = parts[..blocks].iter().sum::<f64>().sqrt() as f32;
         let global = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
+        if self.exp_avg.len() != self.layout.total {
+            bail!("this engine was built to evaluate, without optimizer moments");
+        }
         for (k, (t, &decay)) in self.layout.tensors.iter().zip(u.decay).enumerate() {
             let len = t.len();
             let coef = u.coefs.map_or(global, |c| c[k]);
             let weights = [
                 Arg::P(self.gpu.ptr(&self.params, t.offset)),
-                Arg::P(if self.bf16 {
-                    self.gpu.ptr(&self.params_bf, t.offset)
-                } else {
-                    0
-                }),
+                Arg::P(
+                    self.params_bf
+                        .as_ref()
+                        .map_or(0, |bf| self.gpu.ptr(bf, t.offset)),
+                ),
                 Arg::P(self.gpu.ptr(&self.grads, t.offset)),
                 Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
             ];
             match &u.optimizer {
                 Optimizer::AdamW(a) => {
+                    let Some(v) = &self.exp_avg_sq else {
+                        bail!("AdamW needs a second moment, and this engine was built without one (for LionW)");
+                    };
                     let bc1 = 1.0 - a.beta1.powi(u.step as i32);
                     let bc2_sqrt = (1.0 - a.beta2.powi(u.step as i32)).sqrt();
                     let mut args = weights.to_vec();
                     args.extend([
-                        Arg::P(self.gpu.ptr(&self.exp_avg_sq, t.offset)),
+                        Arg::P(self.gpu.ptr(v, t.offset)),
                         Arg::L(len as i64),
                         Arg::F(u.lr),
                         Arg::F(a.beta1),
@@ -2204,7 +2218,10 @@ impl Backend for CudaEngine {
     fn with_state(&mut self, f: &mut StateFn) -> Result<()> {
         let p = self.gpu.download(&self.params)?;
         let m = self.gpu.download(&self.exp_avg)?;
-        let v = self.gpu.download(&self.exp_avg_sq)?;
+        let v = match &self.exp_avg_sq {
+            Some(v) => self.gpu.download(v)?,
+            None => Vec::new(),
+        };
         f(&p, &m, &v).context("with the engine's state")
     }
 }

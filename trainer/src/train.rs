@@ -429,6 +429,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         cfg.optimizer.decay_embeddings,
         cfg.optimizer.decay_norm_and_bias,
     );
+    if cfg.optimizer.name == "lionw" {
+        // LionW keeps one moment: the engine holds no second one (4 bytes a parameter)
+        exp_avg_sq = Vec::new();
+    }
     let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
@@ -905,13 +909,13 @@ pub fn evaluate(
         .ok()
     };
     let evals = setup_evals(&cfg, train.as_ref(), mcfg.vocab_size)?;
-    let n = layout.total;
     let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
         (bf16, cfg.model.flash_attention),
         Model::new(mcfg, seq),
-        [params, vec![0.0; n], vec![0.0; n]],
+        // evaluation never steps: no optimizer moments
+        [params, Vec::new(), Vec::new()],
         None,
     )?;
     let mut r = run_evals(engine.as_mut(), &evals, &cfg)?;

@@ -78,3 +78,82 @@ fn padded_multiple_choice_batches_score_alike() {
         assert!((x - y).abs() < 1e-5, "{x} vs {y}");
     }
 }
+
+#[test]
+fn engines_hold_only_the_moments_their_optimizer_needs() {
+    use olmo_train::backend::Update;
+    use olmo_train::optim::{AdamW, LionW, Optimizer};
+    let [(_, cfg), ..] = variants(32, 100);
+    let params = init_params(&cfg, InitFn::Normal, 0.02, None, 3);
+    let n = params.len();
+    let zeros = vec![0.0; n];
+    let decay = vec![true; Model::new(cfg, 8).layout.tensors.len()];
+    let update = |optimizer| Update {
+        step: 1,
+        lr: 1e-3,
+        max_norm: Some(1.0),
+        coefs: None,
+        optimizer,
+        decay: &decay,
+    };
+    let lion = Optimizer::LionW(LionW {
+        beta1: 0.9,
+        beta2: 0.99,
+        weight_decay: 0.0,
+    });
+    let adam = Optimizer::AdamW(AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    let inputs: Vec<u32> = (0..16).map(|i| (i * 7 % 100) as u32).collect();
+    let targets: Vec<u32> = (0..16).map(|i| (i * 3 % 100) as u32).collect();
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        b: 2,
+        t: 8,
+        doc_starts: None,
+    };
+    let engines: Vec<Box<dyn Backend>> = vec![
+        Box::new(
+            CudaEngine::on(
+                Gpu::host_emulator(),
+                Model::new(cfg, 8),
+                [&params, &zeros, &[]],
+                false,
+            )
+            .unwrap(),
+        ),
+        Box::new(Cpu::new(
+            Model::new(cfg, 8),
+            params.clone(),
+            zeros.clone(),
+            Vec::new(),
+        )),
+    ];
+    for mut e in engines {
+        // LionW without a second moment steps, and saves none
+        e.forward_backward(&batch, 1.0).unwrap();
+        e.step(&update(lion)).unwrap();
+        e.with_state(&mut |p, m, v| {
+            assert!(p != params.as_slice() && m.iter().any(|&x| x != 0.0) && v.is_empty());
+            Ok(())
+        })
+        .unwrap();
+        let err = e.step(&update(adam)).unwrap_err().to_string();
+        assert!(err.contains("AdamW needs a second moment"), "{err}");
+    }
+    // an engine built to evaluate holds no moments at all, and refuses to step
+    let mut eval = CudaEngine::on(
+        Gpu::host_emulator(),
+        Model::new(cfg, 8),
+        [&params, &[], &[]],
+        true,
+    )
+    .unwrap();
+    eval.forward(&batch).unwrap();
+    let err = eval.step(&update(lion)).unwrap_err().to_string();
+    assert!(err.contains("built to evaluate"), "{err}");
+}
