@@ -15,7 +15,7 @@
 # memory), and OLMo-1B for a few steps with the command's own tokens/s, MFU and peak memory.
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
-# rerun; TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
+# rerun; OLMO2_1B_STEPS=N adds N steps of a 1B model in OLMo 2 blocks (default 0); TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
 # TRAIN_CMD=0 (no `train` runs) shorten it further.
 # GPU_CHECK_LOG=FILE also writes the whole output to FILE, for a remote runner that returns
 # only the end of the output (the device tool here: GPU_CHECK_LOG=$OUT/gpu-check.log): the
@@ -69,7 +69,7 @@ reps=${GEMM_REPS:-10}
 for attention in ${ATTENTIONS:-materialised flash}; do
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
-    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --micro "${MICRO:-8}" --gemm-reps "$reps" 2>&1 | tee -a "$LOG" || status=$?
+    --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --olmo2-1b-steps "${OLMO2_1B_STEPS:-0}" --micro "${MICRO:-8}" --gemm-reps "$reps" 2>&1 | tee -a "$LOG" || status=$?
   reps=0
   echo
 done

@@ -41,6 +41,8 @@ pub struct Options {
     pub ordinal: usize,
     pub train_steps: u64,
     pub olmo_1b_steps: u64,
+    /// Steps of a 1B model in OLMo 2 blocks (0: none).
+    pub olmo2_1b_steps: u64,
     pub olmo_1b_micro: usize,
     /// A raw uint16 token file for the training check.
     pub tokens: Option<std::path::PathBuf>,
@@ -723,52 +725,74 @@ pub fn run(opts: &Options) -> Result<()> {
 
     if opts.olmo_1b_steps > 0 {
         println!("\n## 4. OLMo-1B, sequence 2048, bf16 GEMMs\n");
-        let cfg = ModelConfig {
+        let olmo_1b = ModelConfig {
             d_model: 2048,
             n_heads: 16,
             n_layers: 16,
             mlp_hidden: 8192,
             ..cfg
         };
-        let seq = 2048;
-        let windows = token_windows(None, seq, cfg.vocab_size)?;
-        let micro = opts.olmo_1b_micro;
-        for &flash in &opts.attention {
-            let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
-            gpu.gpu.reset_peak_memory()?;
-            let (tps, first, last) = time_training(
-                &mut gpu,
-                &windows,
-                micro,
-                1,
-                opts.olmo_1b_steps,
-                &decay,
-                4e-4,
-            )?;
-            let peak = gpu
-                .gpu
-                .peak_memory()?
-                .map_or("unknown (no memory pool)".into(), |b| {
-                    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-                });
-            let flops = cfg.flops_per_token(seq);
-            let (bf16_peak, whose) = mfu_peak(&gpu);
-            println!(
-                "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s{whose}, peak GPU memory {peak} (loss {first:.3} -> {last:.3})",
-                attention_name(flash),
-                flops / 1e9,
-                flops * tps / 1e12,
-                100.0 * flops * tps / bf16_peak,
-                bf16_peak / 1e12
-            );
-            print_flash_choices(&gpu, &cfg);
-            profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
-        }
+        time_large(opts, olmo_1b, opts.olmo_1b_steps, true)?;
+    }
+    if opts.olmo2_1b_steps > 0 {
+        println!("\n## 4b. OLMo 2 1B blocks (norm_after, QK-norm, untied 100,352-row head), sequence 2048, bf16 GEMMs\n");
+        let olmo2_1b = ModelConfig {
+            d_model: 2048,
+            n_heads: 16,
+            n_layers: 16,
+            mlp_hidden: 8192,
+            vocab_size: 100278,
+            embedding_size: 100352,
+            norm: NormKind::Rms,
+            norm_affine: true,
+            weight_tying: false,
+            norm_after: true,
+            qk_norm: true,
+            qk_norm_affine: true,
+            eps: 1e-6,
+            rope_theta: 500_000.0,
+            ..cfg
+        };
+        time_large(opts, olmo2_1b, opts.olmo2_1b_steps, false)?;
     }
     if !ok || !falls || !gemms_ok || !repeats {
         bail!("gpu-check: some checks failed (see the table)");
     }
     println!("\ngpu-check: all checks passed");
+    Ok(())
+}
+
+/// Part 4: a 1B model at sequence 2048 for `steps` steps per attention path: tokens/s, MFU and
+/// peak memory, the flash block sizes chosen, and (`profile`) one step timed kernel by kernel.
+fn time_large(opts: &Options, cfg: ModelConfig, steps: u64, profile: bool) -> Result<()> {
+    let seq = 2048;
+    let windows = token_windows(None, seq, cfg.vocab_size)?;
+    let micro = opts.olmo_1b_micro;
+    for &flash in &opts.attention {
+        let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
+        gpu.gpu.reset_peak_memory()?;
+        let (tps, first, last) = time_training(&mut gpu, &windows, micro, 1, steps, &decay, 4e-4)?;
+        let peak = gpu
+            .gpu
+            .peak_memory()?
+            .map_or("unknown (no memory pool)".into(), |b| {
+                format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+            });
+        let flops = cfg.flops_per_token(seq);
+        let (bf16_peak, whose) = mfu_peak(&gpu);
+        println!(
+            "{}: {n} parameters, micro-batch {micro}x{seq}: {tps:.0} tokens/s, {:.2} GFLOPs/token, {:.1} TFLOP/s, MFU {:.1}% of {:.0} TFLOP/s{whose}, peak GPU memory {peak} (loss {first:.3} -> {last:.3})",
+            attention_name(flash),
+            flops / 1e9,
+            flops * tps / 1e12,
+            100.0 * flops * tps / bf16_peak,
+            bf16_peak / 1e12
+        );
+        print_flash_choices(&gpu, &cfg);
+        if profile {
+            profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
+        }
+    }
     Ok(())
 }
 

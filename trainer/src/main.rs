@@ -18,7 +18,7 @@ usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [
        olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]
        olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
        olmo-train info [-c] CONFIG [--KEY=VALUE ...]
-       olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
+       olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--olmo2-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
            the newest checkpoint in save_folder if there is one, else starts from load_path
@@ -244,6 +244,7 @@ fn gpu_check(args: &[String]) -> Result<()> {
         ordinal: 0,
         train_steps: 300,
         olmo_1b_steps: 5,
+        olmo2_1b_steps: 0,
         olmo_1b_micro: 8,
         tokens: default_tokens.exists().then_some(default_tokens),
         attention: vec![false, true],
@@ -261,6 +262,7 @@ fn gpu_check(args: &[String]) -> Result<()> {
             },
             "--train-steps" => opts.train_steps = num()?,
             "--olmo-1b-steps" => opts.olmo_1b_steps = num()?,
+            "--olmo2-1b-steps" => opts.olmo2_1b_steps = num()?,
             "--micro" => opts.olmo_1b_micro = num()? as usize,
             "--gemm-reps" => opts.gemm_reps = num()? as usize,
             "--tokens" => opts.tokens = Some(PathBuf::from(v)),
