@@ -876,6 +876,8 @@ mod tests {
             ("OLMo-7B.yaml", 6_888_095_744),
             // untied 100,352-row embedding and head, 16 layers of 67,117,056 (norms included)
             ("OLMo2-1B.yaml", 1_484_916_736),
+            // 822,083,584 in embedding and head, 32 layers of 202,391,552, ln_f 4,096
+            ("OLMo2-7B.yaml", 7_298_617_344),
             ("tiny.yaml", 0),
         ] {
             let (cfg, _) = TrainConfig::load(&dir.join(file)).unwrap();
