@@ -42,21 +42,15 @@ pub fn lm_loss(
     }
     let vocab = vocab as u64;
     let (mut sum, mut count) = (0.0f64, 0usize);
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let (mut inputs, mut targets, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {
         let end = (start + batch_size as u64).min(n);
         let windows: Vec<Vec<u32>> = (start..end)
             .map(|i| set.shards.read(i, Some(vocab)))
             .collect::<Result<_>>()?;
-        let batch = Batch::from_windows(&windows, &mut inputs, &mut targets);
-        let starts = set
-            .doc_eos
-            .map(|eos| crate::ops::document_starts(batch.inputs, batch.t, eos));
-        let batch = Batch {
-            doc_starts: starts.as_deref(),
-            ..batch
-        };
+        let batch = Batch::from_windows(&windows, &mut inputs, &mut targets)
+            .within_documents(set.doc_eos, &mut starts);
         let s = engine.forward(&batch)?;
         sum += s.ce_sum;
         count += s.count;

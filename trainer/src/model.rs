@@ -378,6 +378,19 @@ impl<'a> Batch<'a> {
     }
 }
 
+impl<'a> Batch<'a> {
+    /// The batch attending within documents that end with `eos` (when given; else as it is),
+    /// their starts computed into `starts`.
+    pub fn within_documents(self, eos: Option<u32>, starts: &'a mut Vec<u32>) -> Batch<'a> {
+        let Some(eos) = eos else { return self };
+        *starts = crate::ops::document_starts(self.inputs, self.t, eos);
+        Batch {
+            doc_starts: Some(starts),
+            ..self
+        }
+    }
+}
+
 /// What a forward pass scored.
 #[derive(Debug, Default, Clone)]
 pub struct Scores {

@@ -21,7 +21,7 @@ use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
 use crate::model::{Batch, Layout, Model};
-use crate::ops::{document_count, document_starts};
+use crate::ops::document_count;
 use crate::optim::{AdamW, AdaptiveClip, LionW, Optimizer};
 use crate::schedule::{Kind, Schedule};
 use crate::speed::SpeedMonitor;
@@ -552,7 +552,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let device_tokens = tokens_per_step / ranks;
     let start = Instant::now();
     let start_step = state.step;
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let (mut inputs, mut targets, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     let mut train_secs = 0.0f64;
     let mut last_eval = eval::Results::new();
     let mut last_loss = f64::NAN;
@@ -608,15 +608,11 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 micro_batch_masks(&shards, chunk, &windows, cfg.data.instance_filter.as_ref())?;
             filtered += dropped;
             let b =
-                Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets);
-            let starts = doc_eos.map(|eos| document_starts(b.inputs, b.t, eos));
-            if let (Some(s), true) = (&starts, state.step == start_step) {
+                Batch::from_masked_windows(&windows, masks.as_deref(), &mut inputs, &mut targets)
+                    .within_documents(doc_eos, &mut starts);
+            if let (Some(s), true) = (b.doc_starts, state.step == start_step) {
                 first_step_docs += document_count(s, b.t);
             }
-            let b = Batch {
-                doc_starts: starts.as_deref(),
-                ..b
-            };
             let s = engine.forward_backward(&b, (1.0 / scored) as f32)?;
             ce += s.ce_sum;
             z += s.z_sum;
