@@ -842,16 +842,7 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
         }
         ok(&r.train(&cfg, &[]));
         let hf = r.path(&format!("{name}-hf"));
-        let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-            .args(["export-hf"])
-            .arg(r.path(name).join("step2"))
-            .arg(&hf)
-            .output()
-            .unwrap();
-        ok(&o);
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap())
-                .unwrap();
+        let config = export_hf(&r.path(name).join("step2"), &hf);
         assert_eq!(config["architectures"][0], arch);
         assert_eq!(config["vocab_size"], 128);
         assert_eq!(config["intermediate_size"], 32);
@@ -919,6 +910,17 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
             "{err}"
         );
     }
+}
+
+/// `export-hf CHECKPOINT OUT`, which must succeed; returns the written `config.json`.
+fn export_hf(checkpoint: &Path, out: &Path) -> serde_json::Value {
+    ok(&Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("export-hf")
+        .arg(checkpoint)
+        .arg(out)
+        .output()
+        .unwrap());
+    serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
 }
 
 fn import_hf(hf: &Path, out: &Path, cfg: &Path, args: &[&str]) -> Output {
@@ -1022,14 +1024,7 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
 
     // the checkpoint's config is what export-hf reads: the second layer is there
     let hf = r.path("cli-hf");
-    ok(&Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .arg("export-hf")
-        .arg(out.join("step3"))
-        .arg(&hf)
-        .output()
-        .unwrap());
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let config = export_hf(&out.join("step3"), &hf);
     assert_eq!(config["num_hidden_layers"], 2);
 
     // a misspelt field is refused before training, naming it
@@ -1721,15 +1716,7 @@ fn clip_qkv_trains_alike_on_both_engines_and_round_trips_through_transformers_fi
     }
     // transformers' OLMo config carries the bound, and import-hf checks it
     let hf = r.path("tight-hf");
-    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .arg("export-hf")
-        .arg(r.path("tight/step5"))
-        .arg(&hf)
-        .output()
-        .unwrap();
-    ok(&o);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let config = export_hf(&r.path("tight/step5"), &hf);
     assert_eq!(config["clip_qkv"], 0.05f32 as f64);
     ok(&import_hf(&hf, &r.path("tight-back"), &tight, &[]));
     assert!(
@@ -1788,15 +1775,7 @@ fn olmo2_blocks_train_alike_on_both_engines_and_round_trip_through_transformers_
     }
     // transformers' Olmo2 layout, and back
     let hf = r.path("olmo2-hf");
-    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
-        .arg("export-hf")
-        .arg(r.path("olmo2/step5"))
-        .arg(&hf)
-        .output()
-        .unwrap();
-    ok(&o);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let config = export_hf(&r.path("olmo2/step5"), &hf);
     assert_eq!(config["architectures"][0], "Olmo2ForCausalLM");
     assert_eq!(config["model_type"], "olmo2");
     let header = safetensors_header(&hf.join("model.safetensors"));
