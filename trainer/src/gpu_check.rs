@@ -723,24 +723,21 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
 
+    // OLMo-1B's shape; OLMo 2 1B has it too, with its own blocks, vocabulary and head
+    let olmo_1b = ModelConfig {
+        d_model: 2048,
+        n_heads: 16,
+        n_layers: 16,
+        mlp_hidden: 8192,
+        ..cfg
+    };
     if opts.olmo_1b_steps > 0 {
         println!("\n## 4. OLMo-1B, sequence 2048, bf16 GEMMs\n");
-        let olmo_1b = ModelConfig {
-            d_model: 2048,
-            n_heads: 16,
-            n_layers: 16,
-            mlp_hidden: 8192,
-            ..cfg
-        };
         time_large(opts, olmo_1b, opts.olmo_1b_steps, true)?;
     }
     if opts.olmo2_1b_steps > 0 {
         println!("\n## 4b. OLMo 2 1B blocks (norm_after, QK-norm, untied 100,352-row head), sequence 2048, bf16 GEMMs\n");
         let olmo2_1b = ModelConfig {
-            d_model: 2048,
-            n_heads: 16,
-            n_layers: 16,
-            mlp_hidden: 8192,
             vocab_size: 100278,
             embedding_size: 100352,
             norm: NormKind::Rms,
@@ -751,7 +748,7 @@ pub fn run(opts: &Options) -> Result<()> {
             qk_norm_affine: true,
             eps: 1e-6,
             rope_theta: 500_000.0,
-            ..cfg
+            ..olmo_1b
         };
         time_large(opts, olmo2_1b, opts.olmo2_1b_steps, false)?;
     }
