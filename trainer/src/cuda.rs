@@ -8,8 +8,9 @@
 //! and f32 outputs; norms, softmax, RoPE and the loss in f32. `precision: fp32` keeps every
 //! GEMM in f32.
 //!
-//! Not deterministic bit for bit (atomics in the embedding and norm-weight gradients, cuBLAS
-//! algorithm choice); checked against the CPU engine within bf16 tolerance instead.
+//! The same bits run to run on one GPU: sums that cross blocks (the embedding and norm-weight
+//! gradients, the gradient norm) run in a fixed order, without atomics, and gpu-check runs the
+//! same steps twice to check it. Against the CPU engine, results agree within bf16 tolerance.
 
 use std::sync::Arc;
 
@@ -1264,7 +1265,7 @@ impl CudaEngine {
         Ok((y, st))
     }
 
-    /// Launches `norm_fwd` (`outputs`: its f32 and bf16 outputs) or `norm_add_fwd` (the
+    /// Launches `norm_fwd` (`[a, b]`: its f32 and bf16 outputs) or `norm_add_fwd` (the
     /// residual and the output); returns the rows' statistics.
     fn norm_launch(
         &self,
