@@ -41,6 +41,7 @@ def main():
     )
     import transformers as tf
 
+    torch.manual_seed(0)  # transformers' init and the noise below: the same model every run
     if a.arch == "olmo":
         cfg = tf.OlmoConfig(**common, clip_qkv=m.get("clip_qkv"))
         model = tf.OlmoForCausalLM(cfg)
@@ -50,7 +51,6 @@ def main():
     else:
         cfg = tf.Olmo2Config(**common, rms_norm_eps=float(m.get("layer_norm_eps", 1e-5)))
         model = tf.Olmo2ForCausalLM(cfg)
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, t in model.named_parameters():
             t.add_(0.05 * torch.randn_like(t))
