@@ -15,7 +15,7 @@
 # memory), and OLMo-1B for a few steps with the command's own tokens/s, MFU and peak memory.
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
-# rerun; OLMO2_1B_STEPS=N adds N steps of a 1B model in OLMo 2 blocks (default 0); TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
+# rerun; OLMO2_1B_STEPS=N adds N steps of a 1B model in OLMo 2 blocks, in olmo-train and PyTorch (default 0); TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
 # TRAIN_CMD=0 (no `train` runs) shorten it further.
 # GPU_CHECK_LOG=FILE also writes the whole output to FILE, for a remote runner that returns
 # only the end of the output (the device tool here: GPU_CHECK_LOG=$OUT/gpu-check.log): the
@@ -78,6 +78,11 @@ echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-8} x 2048, bf16 
 if [ -n "$PY" ]; then
   timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
     --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" 2>&1 | tee -a "$LOG" || status=$?
+  if [ "${OLMO2_1B_STEPS:-0}" != 0 ]; then
+    echo "== PyTorch on the same GPU: OLMo 2 1B blocks, micro-batch ${MICRO:-8} x 2048, bf16 autocast"
+    timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo2-1B.yaml --device cuda --amp-bf16 \
+      --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "$OLMO2_1B_STEPS" 2>&1 | tee -a "$LOG" || status=$?
+  fi
 else
   echo "(no Python with torch found: set TORCH_PYTHON)"
 fi
