@@ -361,9 +361,10 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
                 path.display()
             );
         }
-        let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; layout.total]);
-        // LionW keeps no second moment
+        // LionW keeps no second moment: none is read, and none held
         let lion = state.as_ref().is_some_and(|s| s.optimizer == "lionw");
+        let second = if lion { 0 } else { layout.total };
+        let (mut m, mut v) = (vec![0.0; layout.total], vec![0.0; second]);
         let mut outs: Vec<(&str, &mut [f32])> = vec![(".exp_avg", &mut m)];
         if !lion {
             outs.push((".exp_avg_sq", &mut v));
@@ -414,7 +415,7 @@ mod tests {
         });
         let zeros = vec![0.0; layout.total];
         let dir = tempfile::tempdir().unwrap();
-        let save_at = |step: u64, ephemeral: bool| {
+        let save_at = |step: u64, ephemeral: bool, optimizer: &str| {
             let state = TrainerState {
                 step,
                 epoch: 0,
@@ -427,7 +428,7 @@ mod tests {
                 num_params: layout.total as u64,
                 optimizer_steps: step,
                 lr_warmup_from: None,
-                optimizer: "adamw".into(),
+                optimizer: optimizer.into(),
             };
             let ck = Checkpoint {
                 layout: &layout,
@@ -446,16 +447,24 @@ mod tests {
                 trainer: true,
             };
             let back = load(&saved, &layout, parts).unwrap();
-            assert_eq!(back.moments.unwrap().0.len(), layout.total);
+            let (m, v) = back.moments.unwrap();
+            assert_eq!(m.len(), layout.total);
+            // a LionW checkpoint holds no second moment, nor does what loading it gives
+            let second = if optimizer == "lionw" {
+                0
+            } else {
+                layout.total
+            };
+            assert_eq!(v.len(), second);
             assert!(back.grad_norm_exp_avg.iter().all(Option::is_none));
             let mut steps = list_steps(dir.path()).unwrap();
             steps.sort();
             steps
         };
-        assert_eq!(save_at(10, false), [10]);
+        assert_eq!(save_at(10, false, "adamw"), [10]);
         // keep 1: the ephemeral one stands beside the regular one, not in its place
-        assert_eq!(save_at(12, true), [10, 12]);
-        assert_eq!(save_at(14, true), [10, 14]);
-        assert_eq!(save_at(20, false), [20]);
+        assert_eq!(save_at(12, true, "lionw"), [10, 12]);
+        assert_eq!(save_at(14, true, "adamw"), [10, 14]);
+        assert_eq!(save_at(20, false, "lionw"), [20]);
     }
 }

@@ -822,7 +822,9 @@ pub struct CudaEngine {
     /// The bf16 copy of the weights, under mixed precision only.
     params_bf: Option<Mem<u16>>,
     grads: Mem<f32>,
-    exp_avg: Mem<f32>,
+    /// The optimizer's first moment; none for an engine that only evaluates (given an empty
+    /// slice).
+    exp_avg: Option<Mem<f32>>,
     /// AdamW's second moment; none for LionW (given an empty slice), which keeps one moment.
     exp_avg_sq: Option<Mem<f32>>,
     cos: Mem<f32>,
@@ -877,19 +879,17 @@ impl CudaEngine {
         let max_seq = model.max_seq();
         let table = RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta);
         let n = params.len();
+        // an optimizer moment the engine does not need comes as an empty slice
+        let upload_unless_empty = |v: &[f32]| match v.is_empty() {
+            true => Ok(None),
+            false => gpu.upload(v).map(Some),
+        };
         let e = CudaEngine {
             params: gpu.upload(params)?,
             params_bf: bf16.then(|| gpu.zeros(n)).transpose()?,
             grads: gpu.zeros(n)?,
-            // empty for an engine that only evaluates
-            exp_avg: match exp_avg.is_empty() {
-                true => gpu.zeros(0)?,
-                false => gpu.upload(exp_avg)?,
-            },
-            exp_avg_sq: match exp_avg_sq.is_empty() {
-                true => None,
-                false => Some(gpu.upload(exp_avg_sq)?),
-            },
+            exp_avg: upload_unless_empty(exp_avg)?,
+            exp_avg_sq: upload_unless_empty(exp_avg_sq)?,
             cos: gpu.upload(&table.cos)?,
             sin: gpu.upload(&table.sin)?,
             norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
@@ -2161,9 +2161,9 @@ impl Backend for CudaEngine {
         let parts = self.gpu.download(&self.norm_acc)?;
         let norm = parts[..blocks].iter().sum::<f64>().sqrt() as f32;
         let global = u.max_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
-        if self.exp_avg.len() != self.layout.total {
+        let Some(exp_avg) = &self.exp_avg else {
             bail!("this engine was built to evaluate, without optimizer moments");
-        }
+        };
         for (k, (t, &decay)) in self.layout.tensors.iter().zip(u.decay).enumerate() {
             let len = t.len();
             let coef = u.coefs.map_or(global, |c| c[k]);
@@ -2175,7 +2175,7 @@ impl Backend for CudaEngine {
                         .map_or(0, |bf| self.gpu.ptr(bf, t.offset)),
                 ),
                 Arg::P(self.gpu.ptr(&self.grads, t.offset)),
-                Arg::P(self.gpu.ptr(&self.exp_avg, t.offset)),
+                Arg::P(self.gpu.ptr(exp_avg, t.offset)),
             ];
             match &u.optimizer {
                 Optimizer::AdamW(a) => {
@@ -2218,11 +2218,11 @@ impl Backend for CudaEngine {
 
     fn with_state(&mut self, f: &mut StateFn) -> Result<()> {
         let p = self.gpu.download(&self.params)?;
-        let m = self.gpu.download(&self.exp_avg)?;
-        let v = match &self.exp_avg_sq {
-            Some(v) => self.gpu.download(v)?,
-            None => Vec::new(),
+        let download = |m: &Option<Mem<f32>>| match m {
+            Some(m) => self.gpu.download(m),
+            None => Ok(Vec::new()),
         };
+        let (m, v) = (download(&self.exp_avg)?, download(&self.exp_avg_sq)?);
         f(&p, &m, &v).context("with the engine's state")
     }
 }

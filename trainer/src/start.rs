@@ -101,6 +101,7 @@ pub fn start(
                 ));
             }
             let (mcfg, init_fn) = model;
+            let (exp_avg, exp_avg_sq) = fresh_moments(layout.total, &cfg.optimizer.name);
             Start {
                 params: init_params(
                     mcfg,
@@ -109,8 +110,8 @@ pub fn start(
                     cfg.model.init_cutoff_factor,
                     cfg.seed,
                 ),
-                exp_avg: vec![0.0; layout.total],
-                exp_avg_sq: vec![0.0; layout.total],
+                exp_avg,
+                exp_avg_sq,
                 grad_norm_exp_avg: vec![None; layout.tensors.len()],
                 state: fresh(cfg.epoch.unwrap_or(0)),
                 notes: Vec::new(),
@@ -181,6 +182,13 @@ fn start_options(cfg: &TrainConfig) -> Vec<String> {
         set.push(format!("fast_forward_batches: {n}"));
     }
     set
+}
+
+/// Zeroed optimizer moments for `total` parameters: `exp_avg`, and `exp_avg_sq` for AdamW only
+/// (LionW keeps one moment, and its engines hold no second: 4 bytes a parameter).
+fn fresh_moments(total: usize, optimizer: &str) -> (Vec<f32>, Vec<f32>) {
+    let second = if optimizer == "lionw" { 0 } else { total };
+    (vec![0.0; total], vec![0.0; second])
 }
 
 /// A restart from the run's own checkpoint: everything as it was, on the same data.
@@ -344,7 +352,7 @@ fn from_load_path(
             } else {
                 what.push(format!("fresh {name} moments"));
             }
-            (vec![0.0; layout.total], vec![0.0; layout.total])
+            fresh_moments(layout.total, &cfg.optimizer.name)
         }
     };
     if cfg.reset_trainer_state {

@@ -429,10 +429,6 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         cfg.optimizer.decay_embeddings,
         cfg.optimizer.decay_norm_and_bias,
     );
-    if cfg.optimizer.name == "lionw" {
-        // LionW keeps one moment: the engine holds no second one (4 bytes a parameter)
-        exp_avg_sq = Vec::new();
-    }
     let bf16 = cfg.bf16()?;
     let mut engine = engine(
         device,
