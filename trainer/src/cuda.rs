@@ -1352,6 +1352,19 @@ impl CudaEngine {
         )
     }
 
+    /// A pre-norm block's norm of a branch input, with its statistics; none under `norm_after`,
+    /// where the branch reads the residual stream as it is.
+    fn pre_norm(
+        &self,
+        x: &Mem<f32>,
+        w: Option<usize>,
+        rows: usize,
+    ) -> Result<Option<(Act, Stats)>> {
+        (!self.cfg.norm_after)
+            .then(|| self.norm(x, w, rows))
+            .transpose()
+    }
+
     /// A branch's output projection `proj(h)` (its offset and GEMM shape) joining the residual
     /// stream `r`: `r + proj(h)`, the residual added by the GEMM, or under `norm_after`
     /// `r + norm(proj(h))`, keeping `proj(h)` and the norm's statistics.
@@ -1838,20 +1851,14 @@ impl CudaEngine {
         let mut acts = Vec::new();
         for o in &lay.layers {
             // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
-            let ln1 = match c.norm_after {
-                false => Some(self.norm(&x, o.attn_norm, n)?),
-                true => None,
-            };
+            let ln1 = self.pre_norm(&x, o.attn_norm, n)?;
             let h1 = ln1.as_ref().map_or(Src::F32(&x), |(y, _)| y.src());
             let qkv = self.linear(h1, o.att_proj, (n, d, 3 * d), true)?;
             let clipped = c
                 .clip_qkv
                 .map(|c| self.clip_qkv(&qkv, n * 3 * d, c))
                 .transpose()?;
-            let qk = match c.qk_norm {
-                true => Some(self.qk_norm(&qkv, o, n)?),
-                false => None,
-            };
+            let qk = c.qk_norm.then(|| self.qk_norm(&qkv, o, n)).transpose()?;
             self.rope(&qkv, n, t, false)?;
             // only a GEMM operand: bf16 under mixed precision
             let att = self.operand_out(n * d)?;
@@ -1865,10 +1872,7 @@ impl CudaEngine {
             let (x_mid, attn_post) =
                 self.join(att.src(), (o.attn_out, (n, d, d)), o.attn_norm, &x)?;
             // MLP branch, alike.
-            let ln2 = match c.norm_after {
-                false => Some(self.norm(&x_mid, o.ff_norm, n)?),
-                true => None,
-            };
+            let ln2 = self.pre_norm(&x_mid, o.ff_norm, n)?;
             let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
             let ff_in = self.linear(h2, o.ff_proj, (n, d, 2 * h), true)?;
             let ff_act = self.swiglu(&ff_in, n)?;

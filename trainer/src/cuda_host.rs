@@ -181,14 +181,13 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     out.iter_mut().zip(&acc).for_each(|(o, s)| *o += s);
                 }
             }
-            "norm_fwd" => {
+            "norm_fwd" | "norm_add_fwd" => {
                 let d = int(a, 6);
                 let x = at::<f32>(p(a, 0), rows * d);
                 let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
-                let kind = norm_kind(int(a, 8));
                 let mut y = vec![0.0; rows * d];
                 crate::ops::norm_forward(
-                    kind,
+                    norm_kind(int(a, 8)),
                     x,
                     d,
                     f(a, 7),
@@ -197,31 +196,16 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     at(p(a, 4), rows),
                     at(p(a, 5), rows),
                 );
-                // the f32 output, or the bf16 one when that pointer is set
-                if p(a, 3) != 0 {
+                if name == "norm_add_fwd" {
+                    // the residual (argument 2) added, into the f32 output (argument 3)
+                    let res = at::<f32>(p(a, 2), rows * d);
+                    y.iter_mut().zip(res.iter()).for_each(|(y, r)| *y += r);
+                    write_f32_or_bf16(&y, p(a, 3), false);
+                } else if p(a, 3) != 0 {
+                    // the f32 output, or the bf16 one when that pointer is set
                     write_f32_or_bf16(&y, p(a, 3), true);
                 } else {
                     write_f32_or_bf16(&y, p(a, 2), false);
-                }
-            }
-            "norm_add_fwd" => {
-                let d = int(a, 6);
-                let w = (p(a, 1) != 0).then(|| &*at::<f32>(p(a, 1), d));
-                let mut y = vec![0.0; rows * d];
-                crate::ops::norm_forward(
-                    norm_kind(int(a, 8)),
-                    at(p(a, 0), rows * d),
-                    d,
-                    f(a, 7),
-                    w,
-                    &mut y,
-                    at(p(a, 4), rows),
-                    at(p(a, 5), rows),
-                );
-                let res = at::<f32>(p(a, 2), rows * d);
-                let out = at::<f32>(p(a, 3), rows * d);
-                for ((o, y), r) in out.iter_mut().zip(&y).zip(res.iter()) {
-                    *o = y + r;
                 }
             }
             "cols_copy" => {

@@ -1,10 +1,11 @@
 //! `import-hf`: a Hugging Face transformers OLMo (`OlmoForCausalLM`), OLMo 2
-//! (`Olmo2ForCausalLM`) or Llama-layout (`LlamaForCausalLM`) model folder as weights this trainer starts from: the inverse of
-//! `export-hf`, through the same name table. The folder's `config.json` must describe the
-//! training config's model; `model.safetensors` may be sharded (`model.safetensors.index.json`)
-//! and in F32, BF16 or F16 (read into F32 master weights). The output is a weights-only
-//! checkpoint folder (`model.safetensors` under OLMo's names, and the training config as
-//! `config.yaml`) for `load_path` with `reset_trainer_state` and `reset_optimizer_state`.
+//! (`Olmo2ForCausalLM`) or Llama-layout (`LlamaForCausalLM`) model folder as weights this
+//! trainer starts from: the inverse of `export-hf`, through the same name table. The folder's
+//! `config.json` must describe the training config's model; `model.safetensors` may be sharded
+//! (`model.safetensors.index.json`) and in F32, BF16 or F16 (read into F32 master weights). The
+//! output is a weights-only checkpoint folder (`model.safetensors` under OLMo's names, and the
+//! training config as `config.yaml`) for `load_path` with `reset_trainer_state` and
+//! `reset_optimizer_state`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
