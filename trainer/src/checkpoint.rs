@@ -398,6 +398,7 @@ mod tests {
         let layout = Layout::new(&ModelConfig {
             d_model: 4,
             n_heads: 1,
+            n_kv_heads: 1,
             n_layers: 1,
             mlp_hidden: 4,
             vocab_size: 8,

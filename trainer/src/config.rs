@@ -226,6 +226,9 @@ pub struct ModelSection {
     pub n_heads: usize,
     #[serde(default)]
     pub n_kv_heads: Option<usize>,
+    /// OLMo's older switch for one k and v head; with `n_kv_heads` both must agree.
+    #[serde(default)]
+    pub multi_query_attention: Option<bool>,
     pub n_layers: usize,
     #[serde(default)]
     pub mlp_hidden_size: Option<usize>,
@@ -774,8 +777,25 @@ impl TrainConfig {
         {
             bail!("model.d_model ({}) must split into n_heads ({}) heads of even size (RoPE rotates pairs)", m.d_model, m.n_heads);
         }
-        if m.n_kv_heads.is_some_and(|k| k != m.n_heads) {
-            unsupported("n_kv_heads (grouped-query attention)")?;
+        let n_kv_heads = match (m.n_kv_heads, m.multi_query_attention) {
+            (None, mqa) => {
+                if mqa == Some(true) {
+                    1
+                } else {
+                    m.n_heads
+                }
+            }
+            (Some(k), None) => k,
+            (Some(k), Some(mqa)) => {
+                let implied = if mqa { 1 } else { m.n_heads };
+                if k != implied {
+                    bail!("model.n_kv_heads ({k}) and multi_query_attention ({mqa}, meaning {implied} kv heads) disagree: set one of them");
+                }
+                k
+            }
+        };
+        if n_kv_heads == 0 || !m.n_heads.is_multiple_of(n_kv_heads) {
+            bail!("model.n_kv_heads ({n_kv_heads}) must divide n_heads ({}): each k and v head serves an equal group of q heads", m.n_heads);
         }
         if !m.rope {
             unsupported("rope: false (learned position embeddings; OLMo's default where the key is absent: set rope: true)")?;
@@ -829,6 +849,7 @@ impl TrainConfig {
             ModelConfig {
                 d_model: m.d_model,
                 n_heads: m.n_heads,
+                n_kv_heads,
                 n_layers: m.n_layers,
                 mlp_hidden: mlp_hidden / 2,
                 vocab_size: m.vocab_size,
@@ -886,6 +907,41 @@ mod tests {
                 assert_eq!(m.num_params(), params, "{file}");
             }
         }
+    }
+
+    #[test]
+    fn kv_heads_read_like_olmo() {
+        let model = |extra: &str| {
+            let text = format!("model: {{d_model: 16, n_heads: 4, n_layers: 1, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0{extra}}}\n\
+                                data: {{paths: [x]}}\nglobal_train_batch_size: 1\nmax_duration: 1\n");
+            let cfg: TrainConfig = serde_saphyr::from_str(&text).unwrap();
+            cfg.model_config().map(|(m, _)| m)
+        };
+        assert_eq!(model("").unwrap().n_kv_heads, 4);
+        assert_eq!(model(", n_kv_heads: 2").unwrap().n_kv_heads, 2);
+        assert_eq!(
+            model(", multi_query_attention: true").unwrap().n_kv_heads,
+            1
+        );
+        assert_eq!(
+            model(", multi_query_attention: false").unwrap().n_kv_heads,
+            4
+        );
+        let m = model(", n_kv_heads: 1, multi_query_attention: true").unwrap();
+        assert_eq!((m.n_kv_heads, m.kv_dim(), m.qkv_width()), (1, 4, 24));
+        let err = model(", n_kv_heads: 2, multi_query_attention: true").unwrap_err();
+        assert!(err.to_string().contains("disagree"), "{err}");
+        for k in [0, 3, 8] {
+            let err = model(&format!(", n_kv_heads: {k}")).unwrap_err();
+            assert!(err.to_string().contains("must divide n_heads (4)"), "{err}");
+        }
+        // OLMo 2 32B's shape (allenai/OLMo-2-0325-32B: 40 q heads, 8 kv heads, 64 layers):
+        // 1,027,604,480 in embedding and head, 64 layers of 487,604,224 (q, o 5120²; k, v
+        // 1024 × 5120; MLP 3 × 5120 × 27648; norms, k_norm 1024 wide), ln_f 5,120
+        let text = "model: {d_model: 5120, n_heads: 40, n_kv_heads: 8, n_layers: 64, mlp_hidden_size: 55296, vocab_size: 100278, embedding_size: 100352, max_sequence_length: 4096, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0, weight_tying: false, layer_norm_type: rms, attention_layer_norm: true, norm_after: true}\n\
+                    data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\n";
+        let cfg: TrainConfig = serde_saphyr::from_str(text).unwrap();
+        assert_eq!(cfg.model_config().unwrap().0.num_params(), 32_234_279_936);
     }
 
     #[test]

@@ -47,6 +47,8 @@ const KERNELS: &[&str] = &[
     "norm_dw_partial",
     "norm_dw_sum",
     "rope",
+    "kv_repeat",
+    "kv_sum",
     "softmax_fwd",
     "softmax_bwd",
     "softmax_fwd_bf16",
@@ -729,7 +731,7 @@ pub enum Arg {
 /// An activation prepared as a GEMM operand: the f32 buffer itself, or its bf16 copy.
 struct Prepared {
     buf: Buf,
-    _copy: Option<Mem<u16>>,
+    _copy: Option<Act>,
 }
 
 /// An activation: f32, or (under mixed precision) bf16 only where it is never more than a
@@ -1047,7 +1049,7 @@ impl CudaEngine {
                 ptr: self.gpu.ptr(&copy, 0),
                 bf16: true,
             },
-            _copy: Some(copy),
+            _copy: Some(Act::Bf16(copy)),
         })
     }
 
@@ -1247,8 +1249,18 @@ impl CudaEngine {
     /// The normalised rows, only ever a GEMM operand (bf16 under mixed precision), with the
     /// rows' means and reciprocal deviations for the backward pass.
     fn norm(&self, x: &Mem<f32>, w: Option<usize>, rows: usize) -> Result<(Act, Stats)> {
-        let y = self.operand_out(rows * self.cfg.d_model)?;
-        let st = self.norm_launch("norm_fwd", x, w, self.out_args(&y), rows)?;
+        self.norm_of(x, w, (rows, self.cfg.d_model))
+    }
+
+    /// `norm` of rows `d` wide (QK-norm's k is `kvd` wide).
+    fn norm_of(
+        &self,
+        x: &Mem<f32>,
+        w: Option<usize>,
+        (rows, d): (usize, usize),
+    ) -> Result<(Act, Stats)> {
+        let y = self.operand_out(rows * d)?;
+        let st = self.norm_launch("norm_fwd", x, w, self.out_args(&y), (rows, d))?;
         Ok((y, st))
     }
 
@@ -1261,7 +1273,8 @@ impl CudaEngine {
         rows: usize,
     ) -> Result<(Mem<f32>, Stats)> {
         let y = self.gpu.scratch::<f32>(rows * self.cfg.d_model)?;
-        let st = self.norm_launch("norm_add_fwd", x, w, [self.p(res), self.p(&y)], rows)?;
+        let shape = (rows, self.cfg.d_model);
+        let st = self.norm_launch("norm_add_fwd", x, w, [self.p(res), self.p(&y)], shape)?;
         Ok((y, st))
     }
 
@@ -1273,7 +1286,7 @@ impl CudaEngine {
         x: &Mem<f32>,
         w: Option<usize>,
         [a, b]: [Arg; 2],
-        rows: usize,
+        (rows, d): (usize, usize),
     ) -> Result<Stats> {
         let st = self.stats(rows)?;
         self.gpu.launch(
@@ -1287,7 +1300,7 @@ impl CudaEngine {
                 b,
                 self.p(&st.mean),
                 self.p(&st.rstd),
-                Arg::I(self.cfg.d_model as i32),
+                Arg::I(d as i32),
                 Arg::F(self.cfg.eps),
                 self.norm_rms(),
             ],
@@ -1301,10 +1314,9 @@ impl CudaEngine {
         dy: &Mem<f32>,
         (x, st): (&Mem<f32>, &Stats),
         w: Option<usize>,
-        rows: usize,
+        (rows, d): (usize, usize),
         dx: &Mem<f32>,
     ) -> Result<()> {
-        let d = self.cfg.d_model;
         self.gpu.launch(
             "norm_bwd",
             rows as u32,
@@ -1397,8 +1409,9 @@ impl CudaEngine {
         let Some((out, st)) = post else {
             return Ok(None);
         };
-        let dout = self.gpu.zeros::<f32>(rows * self.cfg.d_model)?;
-        self.norm_back(dy, (out, st), w, rows, &dout)?;
+        let d = self.cfg.d_model;
+        let dout = self.gpu.zeros::<f32>(rows * d)?;
+        self.norm_back(dy, (out, st), w, (rows, d), &dout)?;
         Ok(Some(dout))
     }
 
@@ -1416,7 +1429,7 @@ impl CudaEngine {
         match pre {
             Some((h, st)) => {
                 let dh = self.linear_back_f32(dy, h.src(), proj, shape)?;
-                self.norm_back(&dh, (x, st), norm, shape.0, dx)
+                self.norm_back(&dh, (x, st), norm, (shape.0, shape.1), dx)
             }
             None => self.linear_back_add(dy, x.into(), proj, shape, dx),
         }
@@ -1459,18 +1472,19 @@ impl CudaEngine {
     /// the row-norm kernels: q and k are copied out in f32, normalised, and copied back. Returns
     /// those f32 inputs and their statistics for the backward pass.
     fn qk_norm(&self, qkv: &Act, o: &LayerOffsets, n: usize) -> Result<[(Mem<f32>, Stats); 2]> {
-        let d = self.cfg.d_model;
+        let stride = self.cfg.qkv_width();
+        let [q, k] = self.q_and_k();
         let mut saved = Vec::with_capacity(2);
-        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
+        for ((from, d), w) in [(q, o.q_norm), (k, o.k_norm)] {
             let raw = self.gpu.scratch::<f32>(n * d)?;
             let raw_at = (self.gpu.ptr(&raw, 0), false);
-            self.cols_copy(self.act_at(qkv, part * d), 3 * d, raw_at, d, (n, d))?;
-            let (y, st) = self.norm(&raw, w, n)?;
+            self.cols_copy(self.act_at(qkv, from), stride, raw_at, d, (n, d))?;
+            let (y, st) = self.norm_of(&raw, w, (n, d))?;
             self.cols_copy(
                 self.act_at(&y, 0),
                 d,
-                self.act_at(qkv, part * d),
-                3 * d,
+                self.act_at(qkv, from),
+                stride,
                 (n, d),
             )?;
             saved.push((raw, st));
@@ -1486,45 +1500,92 @@ impl CudaEngine {
         o: &LayerOffsets,
         n: usize,
     ) -> Result<()> {
-        let d = self.cfg.d_model;
-        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
+        let stride = self.cfg.qkv_width();
+        let [q, k] = self.q_and_k();
+        for (((from, d), w), (raw, st)) in [(q, o.q_norm), (k, o.k_norm)].into_iter().zip(saved) {
             let dy = self.gpu.scratch::<f32>(n * d)?;
             let dy_at = (self.gpu.ptr(&dy, 0), false);
-            self.cols_copy(self.act_at(dqkv, part * d), 3 * d, dy_at, d, (n, d))?;
+            self.cols_copy(self.act_at(dqkv, from), stride, dy_at, d, (n, d))?;
             let dx = self.gpu.zeros::<f32>(n * d)?;
-            let (raw, st) = &saved[part];
-            self.norm_back(&dy, (raw, st), w, n, &dx)?;
+            self.norm_back(&dy, (raw, st), w, (n, d), &dx)?;
             let dx_at = (self.gpu.ptr(&dx, 0), false);
-            self.cols_copy(dx_at, d, self.act_at(dqkv, part * d), 3 * d, (n, d))?;
+            self.cols_copy(dx_at, d, self.act_at(dqkv, from), stride, (n, d))?;
         }
         Ok(())
     }
 
     /// RoPE on q and k of fused qkv rows, or (`inverse`) its transpose on their gradients; in
-    /// place, on bf16 rows under mixed precision (the qkv projection and the attention's qkv
-    /// gradient are bf16 there), else on f32 rows.
+    /// place, on bf16 rows under mixed precision (the qkv projection and its gradient are bf16
+    /// there), else on f32 rows.
     fn rope(&self, qkv: &Act, rows: usize, t: usize, inverse: bool) -> Result<()> {
         let c = &self.cfg;
-        let half = c.head_dim() / 2;
-        let mut args = vec![
-            Arg::P(self.out_buf(qkv).ptr),
-            self.p(&self.cos),
-            self.p(&self.sin),
-            Arg::L(rows as i64),
-            Arg::I(t as i32),
-            Arg::I(c.n_heads as i32),
-            Arg::I(half as i32),
-            Arg::I(3 * c.d_model as i32),
-        ];
+        let (half, heads) = (c.head_dim() / 2, c.n_heads + c.n_kv_heads);
         let name = match qkv {
-            Act::F32(_) => {
-                args.push(Arg::I(2));
-                "rope"
-            }
+            Act::F32(_) => "rope",
             Act::Bf16(_) => "rope_bf16",
         };
-        args.push(Arg::I(inverse as i32));
-        self.gpu.launch_n(name, rows * 2 * c.n_heads * half, &args)
+        self.gpu.launch_n(
+            name,
+            rows * heads * half,
+            &[
+                Arg::P(self.out_buf(qkv).ptr),
+                self.p(&self.cos),
+                self.p(&self.sin),
+                Arg::L(rows as i64),
+                Arg::I(t as i32),
+                Arg::I(heads as i32),
+                Arg::I(half as i32),
+                Arg::I(c.qkv_width() as i32),
+                Arg::I(inverse as i32),
+            ],
+        )
+    }
+
+    /// The q and k column blocks of fused qkv rows: (first column, width).
+    fn q_and_k(&self) -> [(usize, usize); 2] {
+        [(0, self.cfg.d_model), (self.cfg.d_model, self.cfg.kv_dim())]
+    }
+
+    /// The attention's `[n, 3d]` q|k|v rows as a GEMM operand: the fused projection itself, or
+    /// under grouped-query attention a copy with each kv head repeated for its q heads (made
+    /// again for the backward pass rather than kept).
+    fn heads(&self, qkv: &Act, n: usize) -> Result<Prepared> {
+        let c = &self.cfg;
+        if c.n_kv_heads == c.n_heads {
+            return self.operand(qkv.src());
+        }
+        let out = self.operand_out(n * 3 * c.d_model)?;
+        self.kv_layout("kv_repeat", qkv, &out, n)?;
+        Ok(Prepared {
+            buf: self.out_buf(&out),
+            _copy: Some(out),
+        })
+    }
+
+    /// `kv_repeat` from fused q|k|v rows to the attention's, or `kv_sum` back, between
+    /// buffers of either type.
+    fn kv_layout(&self, name: &str, from: &Act, to: &Act, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let (src, src_bf16) = self.act_at(from, 0);
+        let (dst, dst_bf16) = self.act_at(to, 0);
+        let width = match name {
+            "kv_repeat" => 3 * c.d_model,
+            _ => c.qkv_width(),
+        };
+        self.gpu.launch_n(
+            name,
+            n * width,
+            &[
+                Arg::P(src),
+                Arg::I(src_bf16 as i32),
+                Arg::P(dst),
+                Arg::I(dst_bf16 as i32),
+                Arg::L(n as i64),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim() as i32),
+            ],
+        )
     }
 
     /// OLMo's `clip_qkv` in place on the fused projection, in its type; returns the entries it
@@ -1710,7 +1771,7 @@ impl CudaEngine {
                         ptr: self.gpu.ptr(&ds, 0),
                         bf16: true,
                     },
-                    _copy: Some(ds),
+                    _copy: Some(Act::Bf16(ds)),
                 }
             }
             Probs::F32(p) => {
@@ -1808,7 +1869,7 @@ impl CudaEngine {
 
     fn run(&mut self, batch: &Batch, backward: Option<f32>) -> Result<Scores> {
         let c = self.cfg;
-        let (d, h) = (c.d_model, c.mlp_hidden);
+        let (d, h, w) = (c.d_model, c.mlp_hidden, c.qkv_width());
         let (b, t) = (batch.b, batch.t);
         let n = b * t;
         let emb = c.embedding_size;
@@ -1853,16 +1914,16 @@ impl CudaEngine {
             // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
             let ln1 = self.pre_norm(&x, o.attn_norm, n)?;
             let h1 = ln1.as_ref().map_or(Src::F32(&x), |(y, _)| y.src());
-            let qkv = self.linear(h1, o.att_proj, (n, d, 3 * d), true)?;
+            let qkv = self.linear(h1, o.att_proj, (n, d, w), true)?;
             let clipped = c
                 .clip_qkv
-                .map(|c| self.clip_qkv(&qkv, n * 3 * d, c))
+                .map(|c| self.clip_qkv(&qkv, n * w, c))
                 .transpose()?;
             let qk = c.qk_norm.then(|| self.qk_norm(&qkv, o, n)).transpose()?;
             self.rope(&qkv, n, t, false)?;
             // only a GEMM operand: bf16 under mixed precision
             let att = self.operand_out(n * d)?;
-            let qp = self.operand(qkv.src())?;
+            let qp = self.heads(&qkv, n)?;
             let probs = if self.flash {
                 self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
             } else {
@@ -1946,7 +2007,7 @@ impl CudaEngine {
         let dlnf = self.linear_back_f32(dlogits.src(), lnf.src(), head, (n, d, emb))?;
         drop(dlogits);
         let dx = self.gpu.zeros::<f32>(n * d)?;
-        self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, n, &dx)?;
+        self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, (n, d), &dx)?;
         for (o, a) in lay.layers.iter().zip(&acts).rev() {
             // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
             let df = self.post_norm_back(&dx, &a.ff_post, o.ff_norm, n)?;
@@ -1967,24 +2028,32 @@ impl CudaEngine {
             let datt = self.linear_back(dout.into(), a.att.src(), o.attn_out, (n, d, d), true)?;
             drop(da);
             // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
-            let dqkv = self.operand_out(n * 3 * d)?;
+            let dheads = self.operand_out(n * 3 * d)?;
             let dop = self.operand(datt.src())?;
-            let qp = self.operand(a.qkv.src())?;
+            let qp = self.heads(&a.qkv, n)?;
             match &a.probs {
                 Probs::Lse(lse) => {
-                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dqkv, (b, t), starts)?
+                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dheads, (b, t), starts)?
                 }
-                probs => self.materialised_backward(probs, &qp, &dop, &dqkv, b, t)?,
+                probs => self.materialised_backward(probs, &qp, &dop, &dheads, b, t)?,
             }
             drop((dop, qp, datt));
+            let dqkv = match c.n_kv_heads == c.n_heads {
+                true => dheads,
+                false => {
+                    let sum = self.operand_out(n * w)?;
+                    self.kv_layout("kv_sum", &dheads, &sum, n)?;
+                    sum
+                }
+            };
             self.rope(&dqkv, n, t, true)?;
             if let Some(saved) = &a.qk {
                 self.qk_norm_back(&dqkv, saved, o, n)?;
             }
             if let Some(bits) = &a.clipped {
-                self.clip_qkv_back(&dqkv, n * 3 * d, bits)?;
+                self.clip_qkv_back(&dqkv, n * w, bits)?;
             }
-            let proj = (o.att_proj, (n, d, 3 * d));
+            let proj = (o.att_proj, (n, d, w));
             self.input_back(dqkv.src(), (&a.x_in, &a.ln1), proj, o.attn_norm, &dx)?;
         }
         let (tokens, starts, positions) = by_token.expect("uploaded for the backward pass");

@@ -23,7 +23,8 @@ fn signature(name: &str) -> Option<&'static str> {
         "norm_bwd" => "PPPPPPII",
         "norm_dw_partial" => "PPPPPLII",
         "norm_dw_sum" => "PPII",
-        "rope" => "PPPLIIIIII",
+        "rope" | "rope_bf16" => "PPPLIIIII",
+        "kv_repeat" | "kv_sum" => "PIPILIII",
         "softmax_fwd" => "PPII",
         "softmax_bwd" => "PPIF",
         "softmax_fwd_bf16" => "PPPII",
@@ -32,7 +33,6 @@ fn signature(name: &str) -> Option<&'static str> {
         "clip_qkv_bwd" | "clip_qkv_bwd_bf16" => "PPL",
         "swiglu_fwd" | "swiglu_fwd_bf16" => "PPLI",
         "swiglu_bwd" | "swiglu_bwd_bf16" => "PPPLI",
-        "rope_bf16" => "PPPLIIIII",
         "cross_entropy" => "PPPPPIFFI",
         "cast_bf16" => "PPL",
         "sumsq" => "PLP",
@@ -222,6 +222,23 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     write_f32_or_bf16(&out, p(a, 3), db);
                 }
             }
+            "kv_repeat" | "kv_sum" => {
+                let (n, heads, kv_heads, hd) = (int(a, 4), int(a, 5), int(a, 6), int(a, 7));
+                let (d, w) = (heads * hd, (heads + 2 * kv_heads) * hd);
+                let (from, to) = if name == "kv_repeat" {
+                    (w, 3 * d)
+                } else {
+                    (3 * d, w)
+                };
+                covers(n * to)?;
+                let (sb, db) = (int(a, 1) == 1, int(a, 3) == 1);
+                let x = read_f32_or_bf16(p(a, 0), n * from, sb);
+                let y = match name {
+                    "kv_repeat" => crate::ops::repeat_kv(&x, heads, kv_heads, hd),
+                    _ => crate::ops::sum_kv(&x, heads, kv_heads, hd),
+                };
+                write_f32_or_bf16(&y, p(a, 2), db);
+            }
             "norm_bwd" => {
                 let d = int(a, 6);
                 let kind = norm_kind(int(a, 7));
@@ -347,24 +364,25 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                 crate::ops::swiglu_backward(&dy, &x, h, &mut dx);
                 write_f32_or_bf16(&dx, p(a, 2), bf);
             }
-            // rope: f32 rows, `parts` column blocks; rope_bf16: bf16 rows, q and k. In place.
+            // rope: f32 rows; rope_bf16: bf16 rows. In place.
             "rope" | "rope_bf16" => {
                 let bf = name == "rope_bf16";
-                let (n, t, heads, half, stride) =
-                    (int(a, 3), int(a, 4), int(a, 5), int(a, 6), int(a, 7));
-                let (parts, inv) = if bf {
-                    (2, int(a, 8))
-                } else {
-                    (int(a, 8), int(a, 9))
-                };
-                covers(n * parts * heads * half)?;
+                let (n, t, heads, half, stride, inv) = (
+                    int(a, 3),
+                    int(a, 4),
+                    int(a, 5),
+                    int(a, 6),
+                    int(a, 7),
+                    int(a, 8),
+                );
+                covers(n * heads * half)?;
                 let mut x = read_f32_or_bf16(p(a, 0), n * stride, bf);
                 let table = crate::ops::RopeTable {
                     cos: at::<f32>(p(a, 1), t * half).to_vec(),
                     sin: at::<f32>(p(a, 2), t * half).to_vec(),
                     half,
                 };
-                crate::ops::rope(&mut x, stride, parts, t, heads, &table, inv == 1);
+                crate::ops::rope(&mut x, stride, heads, t, &table, inv == 1);
                 write_f32_or_bf16(&x, p(a, 0), bf);
             }
             "cross_entropy" => {

@@ -195,19 +195,19 @@ extern "C" __global__ void norm_dw_sum(const float* partial, float* dw, int chun
     dw[col] += sum;
 }
 
-// NeoX rotate-half RoPE in place over the first `parts` column blocks of `heads` heads of each
-// row (q and k of a fused qkv row: parts = 2, stride = 3d), in f32 arithmetic; `inverse`
-// rotates back (the backward pass). On f32 rows, or under mixed precision on the bf16 qkv
-// projection and the attention's qkv gradient.
+// NeoX rotate-half RoPE in place over the first `heads` heads of each row `stride` wide (q's
+// and then k's heads of a fused qkv row), in f32 arithmetic; `inverse` rotates back (the
+// backward pass). On f32 rows, or under mixed precision on the bf16 qkv projection and the
+// attention's qkv gradient.
 template <typename X>
 __device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
-                          int stride, int parts, int inverse) {
+                          int stride, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= rows * parts * heads * half) return;
+    if (idx >= rows * heads * half) return;
     int j = idx % half;
     long q = idx / half;
-    int h = q % (parts * heads);
-    long r = q / (parts * heads);
+    int h = q % heads;
+    long r = q / heads;
     int t = r % T;
     float c = cosb[t * half + j], s = sinb[t * half + j];
     if (inverse) s = -s;
@@ -218,12 +218,59 @@ __device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows,
 }
 
 extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
-                                int half, int stride, int parts, int inverse) {
-    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, parts, inverse);
+                                int half, int stride, int inverse) {
+    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, inverse);
 }
 extern "C" __global__ void rope_bf16(bf16_t* x, const float* cosb, const float* sinb, long rows, int T, int heads,
                                      int half, int stride, int inverse) {
-    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, 2, inverse);
+    rope_impl(x, cosb, sinb, rows, T, heads, half, stride, inverse);
+}
+
+// Grouped-query attention: fused [rows, d + 2·kvd] q|k|v rows to the [rows, 3d] rows the
+// attention reads, each k and v head repeated for the heads / kv_heads consecutive q heads
+// sharing it (OLMo's repeat_interleave), between f32 or (flag set) bf16 buffers.
+extern "C" __global__ void kv_repeat(const void* src, int src_bf16, void* dst, int dst_bf16, long rows, int heads,
+                                     int kv_heads, int hd) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long d = (long)heads * hd, kvd = (long)kv_heads * hd;
+    if (i >= rows * 3 * d) return;
+    long r = i / (3 * d), c = i % (3 * d);
+    long from = c;
+    if (c >= d) {
+        long part = c / d - 1, head = c % d / hd, j = c % hd;
+        from = d + part * kvd + head / (heads / kv_heads) * hd + j;
+    }
+    long s = r * (d + 2 * kvd) + from;
+    float v = src_bf16 ? ld((const bf16_t*)src, s) : ld((const float*)src, s);
+    if (dst_bf16)
+        st((bf16_t*)dst, i, v);
+    else
+        st((float*)dst, i, v);
+}
+
+// kv_repeat's transpose, its backward pass: each k and v head's gradient the f32 sum, in head
+// order, over the q heads sharing it; q's columns copied.
+extern "C" __global__ void kv_sum(const void* src, int src_bf16, void* dst, int dst_bf16, long rows, int heads,
+                                  int kv_heads, int hd) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long d = (long)heads * hd, kvd = (long)kv_heads * hd, w = d + 2 * kvd;
+    if (i >= rows * w) return;
+    long r = i / w, c = i % w;
+    int group = c < d ? 1 : heads / kv_heads;
+    long from = c;
+    if (c >= d) {
+        long part = (c - d) / kvd, head = (c - d) % kvd / hd, j = c % hd;
+        from = d + part * d + head * group * hd + j;
+    }
+    float sum = 0.f;
+    for (int g = 0; g < group; ++g) {
+        long s = r * 3 * d + from + (long)g * hd;
+        sum += src_bf16 ? ld((const bf16_t*)src, s) : ld((const float*)src, s);
+    }
+    if (dst_bf16)
+        st((bf16_t*)dst, i, sum);
+    else
+        st((float*)dst, i, sum);
 }
 
 // Causal softmax of f32 scores (rows of length T, row r is position r % T of sequence

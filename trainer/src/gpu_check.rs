@@ -68,6 +68,7 @@ pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 3] {
     let model = |norm, affine, tying| ModelConfig {
         d_model: d,
         n_heads: 4,
+        n_kv_heads: 4,
         n_layers: 2,
         mlp_hidden: 2 * d,
         vocab_size: vocab,
@@ -85,18 +86,20 @@ pub fn variants(d: usize, vocab: usize) -> [(&'static str, ModelConfig); 3] {
     };
     let clipped = ModelConfig {
         clip_qkv: Some(3.0 * 0.05 * (d as f32).sqrt()),
+        n_kv_heads: 1,
         ..model(NormKind::Rms, true, false)
     };
     let olmo2 = ModelConfig {
         norm_after: true,
         qk_norm: true,
         qk_norm_affine: true,
+        n_kv_heads: 2,
         ..model(NormKind::Rms, true, false)
     };
     [
         ("layernorm, tied", model(NormKind::LayerNorm, false, true)),
-        ("rmsnorm+weight, untied, clip_qkv", clipped),
-        ("OLMo 2 block: norm_after, QK-norm", olmo2),
+        ("rmsnorm+weight, untied, clip_qkv, 1 kv head", clipped),
+        ("OLMo 2 block: norm_after, QK-norm, 2 kv heads", olmo2),
     ]
 }
 
@@ -651,6 +654,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let cfg = ModelConfig {
         d_model: 512,
         n_heads: 8,
+        n_kv_heads: 8,
         n_layers: 8,
         mlp_hidden: 2048,
         vocab_size: 50280,
@@ -727,6 +731,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let olmo_1b = ModelConfig {
         d_model: 2048,
         n_heads: 16,
+        n_kv_heads: 16,
         n_layers: 16,
         mlp_hidden: 8192,
         ..cfg

@@ -24,6 +24,9 @@ pub enum InitFn {
 pub struct ModelConfig {
     pub d_model: usize,
     pub n_heads: usize,
+    /// k and v heads (OLMo's `effective_n_kv_heads`): `n_heads` for multi-head attention, fewer
+    /// for grouped-query attention, where each serves `n_heads / n_kv_heads` q heads.
+    pub n_kv_heads: usize,
     pub n_layers: usize,
     /// SwiGLU hidden size `h` (ff_proj is `2h × d`, ff_out `d × h`).
     pub mlp_hidden: usize,
@@ -51,6 +54,16 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
+    }
+
+    /// The width of k (and of v): `n_kv_heads` heads.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim()
+    }
+
+    /// The width of att_proj's fused q|k|v output.
+    pub fn qkv_width(&self) -> usize {
+        self.d_model + 2 * self.kv_dim()
     }
 
     /// Non-embedding parameters (the `N` of the FLOPs formula).
@@ -84,6 +97,11 @@ impl ModelConfig {
         }
         if let Some(c) = self.clip_qkv {
             s += &format!(", clip_qkv {c}");
+        }
+        match self.n_kv_heads {
+            1 if self.n_heads > 1 => s += ", multi-query attention",
+            k if k < self.n_heads => s += &format!(", {k} kv heads"),
+            _ => {}
         }
         s += if self.weight_tying {
             ", tied head)"
@@ -164,7 +182,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(cfg: &ModelConfig) -> Layout {
-        let (d, h) = (cfg.d_model, cfg.mlp_hidden);
+        let (d, h, kvd) = (cfg.d_model, cfg.mlp_hidden, cfg.kv_dim());
         let mut tensors = Vec::new();
         let mut total = 0;
         let mut add = |name: String, shape: Vec<usize>, role: Role| {
@@ -186,21 +204,23 @@ impl Layout {
         let mut layers = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("transformer.blocks.{l}");
-            let norm =
-                |add: &mut dyn FnMut(String, Vec<usize>, Role) -> usize, n: &str, affine: bool| {
-                    affine.then(|| add(format!("{p}.{n}.weight"), vec![d], Role::Norm))
-                };
-            let attn_norm = norm(&mut add, "attn_norm", cfg.norm_affine);
+            let norm = |add: &mut dyn FnMut(String, Vec<usize>, Role) -> usize,
+                        n: &str,
+                        width: usize,
+                        affine: bool| {
+                affine.then(|| add(format!("{p}.{n}.weight"), vec![width], Role::Norm))
+            };
+            let attn_norm = norm(&mut add, "attn_norm", d, cfg.norm_affine);
             let att_proj = add(
                 format!("{p}.att_proj.weight"),
-                vec![3 * d, d],
+                vec![cfg.qkv_width(), d],
                 Role::InProj(l),
             );
             let qk_affine = cfg.qk_norm && cfg.qk_norm_affine;
-            let q_norm = norm(&mut add, "q_norm", qk_affine);
-            let k_norm = norm(&mut add, "k_norm", qk_affine);
+            let q_norm = norm(&mut add, "q_norm", d, qk_affine);
+            let k_norm = norm(&mut add, "k_norm", kvd, qk_affine);
             let attn_out = add(format!("{p}.attn_out.weight"), vec![d, d], Role::AttnOut(l));
-            let ff_norm = norm(&mut add, "ff_norm", cfg.norm_affine);
+            let ff_norm = norm(&mut add, "ff_norm", d, cfg.norm_affine);
             let ff_proj = add(
                 format!("{p}.ff_proj.weight"),
                 vec![2 * h, d],
@@ -450,19 +470,20 @@ impl Model {
         self.rope.sin.len() / self.rope.half.max(1)
     }
 
-    fn norm_weight<'p>(&self, params: &'p [f32], at: Option<usize>) -> Option<&'p [f32]> {
-        at.map(|o| &params[o..o + self.cfg.d_model])
-    }
-
     /// `d`-wide rows of `x` normalised (times the weight at `w`, if any).
     fn norm(&self, params: &[f32], x: &[f32], w: Option<usize>) -> (Vec<f32>, Stats) {
-        let (d, rows) = (self.cfg.d_model, x.len() / self.cfg.d_model);
+        self.norm_of(params, x, self.cfg.d_model, w)
+    }
+
+    /// Rows `d` wide normalised: `norm` at any width (QK-norm's k is `kvd` wide).
+    fn norm_of(&self, params: &[f32], x: &[f32], d: usize, w: Option<usize>) -> (Vec<f32>, Stats) {
+        let rows = x.len() / d;
         let mut y = vec![0.0; x.len()];
         let mut st = Stats {
             mean: vec![0.0; rows],
             rstd: vec![0.0; rows],
         };
-        let w = self.norm_weight(params, w);
+        let w = w.map(|o| &params[o..o + d]);
         norm_forward(
             self.cfg.norm,
             x,
@@ -486,18 +507,24 @@ impl Model {
         w: Option<usize>,
         dx: &mut [f32],
     ) {
-        let d = self.cfg.d_model;
+        let d = x.len() / st.mean.len();
         let (w, g) = split_norm(params, grads, w, d);
         norm_backward(self.cfg.norm, dy, x, &st.mean, &st.rstd, d, w, dx, g);
     }
 
+    /// The q and k column blocks of fused qkv rows: (first column, width).
+    fn q_and_k(&self) -> [(usize, usize); 2] {
+        [(0, self.cfg.d_model), (self.cfg.d_model, self.cfg.kv_dim())]
+    }
+
     /// QK-norm in place on the q and k columns of fused qkv rows; returns their inputs.
     fn qk_norm(&self, params: &[f32], qkv: &mut [f32], o: &LayerOffsets) -> [(Vec<f32>, Stats); 2] {
-        let d = self.cfg.d_model;
-        [(0, o.q_norm), (1, o.k_norm)].map(|(part, w)| {
-            let raw = columns(qkv, 3 * d, part * d, d);
-            let (y, st) = self.norm(params, &raw, w);
-            set_columns(qkv, 3 * d, part * d, &y);
+        let stride = self.cfg.qkv_width();
+        let [q, k] = self.q_and_k();
+        [(q, o.q_norm), (k, o.k_norm)].map(|((from, width), w)| {
+            let raw = columns(qkv, stride, from, width);
+            let (y, st) = self.norm_of(params, &raw, width, w);
+            set_columns(qkv, stride, from, &y);
             (raw, st)
         })
     }
@@ -511,13 +538,25 @@ impl Model {
         saved: &[(Vec<f32>, Stats); 2],
         o: &LayerOffsets,
     ) {
-        let d = self.cfg.d_model;
-        for (part, w) in [(0, o.q_norm), (1, o.k_norm)] {
-            let dy = columns(dqkv, 3 * d, part * d, d);
+        let stride = self.cfg.qkv_width();
+        let [q, k] = self.q_and_k();
+        for (((from, width), w), (raw, st)) in [(q, o.q_norm), (k, o.k_norm)].into_iter().zip(saved)
+        {
+            let dy = columns(dqkv, stride, from, width);
             let mut dx = vec![0.0; dy.len()];
-            let (raw, st) = &saved[part];
             self.norm_back(params, grads, &dy, (raw, st), w, &mut dx);
-            set_columns(dqkv, 3 * d, part * d, &dx);
+            set_columns(dqkv, stride, from, &dx);
+        }
+    }
+
+    /// The attention's `[n, 3d]` q|k|v rows: the fused projection itself, or under grouped-query
+    /// attention with each kv head repeated for its q heads (made again for the backward pass
+    /// rather than kept).
+    fn heads<'q>(&self, qkv: &'q [f32]) -> std::borrow::Cow<'q, [f32]> {
+        let c = &self.cfg;
+        match c.n_kv_heads == c.n_heads {
+            true => qkv.into(),
+            false => repeat_kv(qkv, c.n_heads, c.n_kv_heads, c.head_dim()).into(),
         }
     }
 
@@ -594,7 +633,7 @@ impl Model {
     fn run(&self, params: &[f32], batch: &Batch, backward: Option<(f32, &mut [f32])>) -> Scores {
         let cfg = &self.cfg;
         let (d, hh, h) = (cfg.d_model, cfg.n_heads, cfg.mlp_hidden);
-        let hd = cfg.head_dim();
+        let (hd, kvh, w) = (cfg.head_dim(), cfg.n_kv_heads, cfg.qkv_width());
         let (b, t) = (batch.b, batch.t);
         let n = b * t;
         let emb = cfg.embedding_size;
@@ -613,15 +652,17 @@ impl Model {
         for o in &lay.layers {
             // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
             let ln1 = (!cfg.norm_after).then(|| self.norm(params, &x, o.attn_norm));
-            let mut qkv = vec![0.0; n * 3 * d];
+            let mut qkv = vec![0.0; n * w];
             let h1 = ln1.as_ref().map_or(&x, |(y, _)| y);
-            matmul_forward(h1, &params[o.att_proj..], n, d, 3 * d, &mut qkv);
+            matmul_forward(h1, &params[o.att_proj..], n, d, w, &mut qkv);
             let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
             let qk = cfg.qk_norm.then(|| self.qk_norm(params, &mut qkv, o));
-            rope(&mut qkv, 3 * d, 2, t, hh, &self.rope, false);
+            rope(&mut qkv, w, hh + kvh, t, &self.rope, false);
             let mut att = vec![0.0; n * d];
             let mut probs = vec![0.0; b * hh * t * t];
-            attention_forward(&qkv, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
+            let heads = self.heads(&qkv);
+            attention_forward(&heads, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
+            drop(heads);
             let mut a = vec![0.0; n * d];
             matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
             let (x_mid, attn_post) = self.join(params, a, o.attn_norm, &x);
@@ -746,9 +787,15 @@ impl Model {
                 &mut datt,
                 &mut grads[o.attn_out..o.attn_out + d * d],
             );
-            let mut dqkv = vec![0.0; n * 3 * d];
-            attention_backward(&datt, &a.qkv, &a.probs, b, t, hh, hd, &mut dqkv);
-            rope(&mut dqkv, 3 * d, 2, t, hh, &self.rope, true);
+            let mut dheads = vec![0.0; n * 3 * d];
+            let heads = self.heads(&a.qkv);
+            attention_backward(&datt, &heads, &a.probs, b, t, hh, hd, &mut dheads);
+            drop(heads);
+            let mut dqkv = match kvh == hh {
+                true => dheads,
+                false => sum_kv(&dheads, hh, kvh, hd),
+            };
+            rope(&mut dqkv, w, hh + kvh, t, &self.rope, true);
             if let Some(saved) = &a.qk {
                 self.qk_norm_back(params, grads, &mut dqkv, saved, o);
             }
@@ -762,9 +809,9 @@ impl Model {
                 &params[o.att_proj..],
                 n,
                 d,
-                3 * d,
+                w,
                 &mut dh1,
-                &mut grads[o.att_proj..o.att_proj + 3 * d * d],
+                &mut grads[o.att_proj..o.att_proj + w * d],
             );
             let mut dx_in = dx_mid;
             self.pre_norm_back(
@@ -825,6 +872,7 @@ mod tests {
         ModelConfig {
             d_model: 8,
             n_heads: 2,
+            n_kv_heads: 2,
             n_layers: 2,
             mlp_hidden: 12,
             vocab_size: 20,
@@ -852,14 +900,17 @@ mod tests {
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
         // OLMo-1 blocks, then OLMo-2 blocks (norm_after, QK-norm) with weighted RMSNorms, and
-        // with weightless LayerNorms
-        for (norm, affine, tying, olmo2) in [
-            (NormKind::LayerNorm, false, true, false),
-            (NormKind::Rms, true, false, false),
-            (NormKind::Rms, true, false, true),
-            (NormKind::LayerNorm, false, true, true),
+        // with weightless LayerNorms; multi-query attention (one kv head for both q heads) in
+        // both kinds
+        for (norm, affine, tying, olmo2, kv_heads) in [
+            (NormKind::LayerNorm, false, true, false, 2),
+            (NormKind::Rms, true, false, false, 1),
+            (NormKind::Rms, true, false, true, 2),
+            (NormKind::Rms, true, false, true, 1),
+            (NormKind::LayerNorm, false, true, true, 2),
         ] {
             let cfg = ModelConfig {
+                n_kv_heads: kv_heads,
                 norm_after: olmo2,
                 qk_norm: olmo2,
                 qk_norm_affine: affine,
@@ -880,15 +931,17 @@ mod tests {
             let batch = Batch::from_windows(&seqs, &mut i, &mut t);
             let mut grads = vec![0.0; params.len()];
             model.forward_backward(&params, &batch, 1.0, &mut grads);
-            let d = cfg.d_model;
+            let (d, kvd) = (cfg.d_model, cfg.kv_dim());
             let lay = &model.layout;
             let (l0, l1) = (lay.layers[0], lay.layers[1]);
             let mut probes = vec![
                 3 * d + 1,
                 19 * d + 5,
                 10 * d + 2,
+                // att_proj's q, k and v rows
                 l0.att_proj + 5,
-                l0.att_proj + 2 * d * d + 9,
+                l0.att_proj + (d + 1) * d + 3,
+                l0.att_proj + (d + kvd) * d + 9,
                 l0.attn_out + 17,
                 l0.ff_proj + 30,
                 l0.ff_proj + cfg.mlp_hidden * d + 3,
@@ -906,7 +959,7 @@ mod tests {
             if affine && olmo2 {
                 probes.extend([
                     l0.q_norm.unwrap() + 2,
-                    l0.k_norm.unwrap() + 5,
+                    l0.k_norm.unwrap() + kvd - 1,
                     l1.q_norm.unwrap() + 7,
                     l1.k_norm.unwrap(),
                 ]);
@@ -926,7 +979,7 @@ mod tests {
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                 assert!(
                     (fd - grads[p] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-                    "{norm:?} affine {affine} tying {tying} olmo2 {olmo2}: param {p}: finite difference {fd}, backward {}",
+                    "{norm:?} affine {affine} tying {tying} olmo2 {olmo2} kv heads {kv_heads}: param {p}: finite difference {fd}, backward {}",
                     grads[p]
                 );
             }
@@ -1004,6 +1057,7 @@ mod tests {
         let olmo = |d, heads, layers, hidden, tying| ModelConfig {
             d_model: d,
             n_heads: heads,
+            n_kv_heads: heads,
             n_layers: layers,
             mlp_hidden: hidden,
             vocab_size: 50280,

@@ -316,15 +316,14 @@ impl RopeTable {
     }
 }
 
-/// RoPE, NeoX "rotate half" layout, in place on the q and k parts of fused `[b·seq, 3d]` rows
-/// (`parts` = 2) or on `[b·seq, d]` rows (`parts` = 1, `stride` = d). `inverse` applies the
+/// RoPE, NeoX "rotate half" layout, in place on the first `heads` heads of rows `stride` wide:
+/// q's and then k's heads of fused `[b·seq, d + 2·kvd]` rows. `inverse` applies the
 /// transpose, which is the backward pass (the rotation is orthogonal).
 pub fn rope(
     x: &mut [f32],
     stride: usize,
-    parts: usize,
-    seq: usize,
     heads: usize,
+    seq: usize,
     table: &RopeTable,
     inverse: bool,
 ) {
@@ -336,19 +335,56 @@ pub fn rope(
             &table.sin[t * half..(t + 1) * half],
             &table.cos[t * half..(t + 1) * half],
         );
-        for p in 0..parts {
-            for h in 0..heads {
-                let base = p * heads * hd + h * hd;
-                let (a, b) = row[base..base + hd].split_at_mut(half);
-                for j in 0..half {
-                    let s = if inverse { -sin[j] } else { sin[j] };
-                    let (x1, x2) = (a[j], b[j]);
-                    a[j] = x1 * cos[j] - x2 * s;
-                    b[j] = x2 * cos[j] + x1 * s;
-                }
+        for head in row[..heads * hd].chunks_exact_mut(hd) {
+            let (a, b) = head.split_at_mut(half);
+            for j in 0..half {
+                let s = if inverse { -sin[j] } else { sin[j] };
+                let (x1, x2) = (a[j], b[j]);
+                a[j] = x1 * cos[j] - x2 * s;
+                b[j] = x2 * cos[j] + x1 * s;
             }
         }
     });
+}
+
+/// Grouped-query attention's layout change: fused `[rows, d + 2·kvd]` q|k|v rows (`kv_heads`
+/// k and v heads of `hd`) to `[rows, 3d]` rows in which each k and v head is repeated for the
+/// `heads / kv_heads` consecutive q heads sharing it (OLMo's `repeat_interleave`), the layout
+/// the attention reads.
+pub fn repeat_kv(x: &[f32], heads: usize, kv_heads: usize, hd: usize) -> Vec<f32> {
+    let (d, kvd) = (heads * hd, kv_heads * hd);
+    let group = heads / kv_heads;
+    let mut out = Vec::with_capacity(x.len() / (d + 2 * kvd) * 3 * d);
+    for row in x.chunks_exact(d + 2 * kvd) {
+        out.extend_from_slice(&row[..d]);
+        for part in row[d..].chunks_exact(kvd) {
+            for head in part.chunks_exact(hd) {
+                (0..group).for_each(|_| out.extend_from_slice(head));
+            }
+        }
+    }
+    out
+}
+
+/// The transpose of [`repeat_kv`], its backward pass: each k and v head's gradient is the sum
+/// over the q heads sharing it, added in head order.
+pub fn sum_kv(dx: &[f32], heads: usize, kv_heads: usize, hd: usize) -> Vec<f32> {
+    let (d, kvd) = (heads * hd, kv_heads * hd);
+    let group = heads / kv_heads;
+    let mut out = Vec::with_capacity(dx.len() / (3 * d) * (d + 2 * kvd));
+    for row in dx.chunks_exact(3 * d) {
+        out.extend_from_slice(&row[..d]);
+        for part in row[d..].chunks_exact(d) {
+            for shared in part.chunks_exact(group * hd) {
+                let mut sum = shared[..hd].to_vec();
+                for head in shared[hd..].chunks_exact(hd) {
+                    sum.iter_mut().zip(head).for_each(|(s, v)| *s += v);
+                }
+                out.extend_from_slice(&sum);
+            }
+        }
+    }
+    out
 }
 
 /// Causal softmax in place over one row of scaled scores at position `pos` of a document
@@ -808,26 +844,56 @@ mod tests {
     #[test]
     fn rope_rotates_half_pairs_and_its_inverse_is_the_backward_pass() {
         let mut rng = XorShift::new(4);
-        let (seq, heads, hd) = (3, 2, 4);
-        let d = heads * hd;
+        // grouped-query rows: 2 q heads, 1 k head, 1 v head
+        let (seq, heads, kv_heads, hd) = (3, 2, 1, 4);
+        let w = (heads + 2 * kv_heads) * hd;
         let table = RopeTable::new(seq, hd, 10_000.0);
-        let x = rng.vec(seq * 3 * d, 1.0);
-        let r = rng.vec(seq * 3 * d, 1.0);
+        let x = rng.vec(seq * w, 1.0);
+        let r = rng.vec(seq * w, 1.0);
         let fwd = |x: &[f32]| {
             let mut y = x.to_vec();
-            rope(&mut y, 3 * d, 2, seq, heads, &table, false);
+            rope(&mut y, w, heads + kv_heads, seq, &table, false);
             y
         };
         let y = fwd(&x);
-        // position 0 is the identity; v (the third part) is never rotated
-        assert_eq!(&y[..3 * d], &x[..3 * d]);
-        assert_eq!(&y[3 * d + 2 * d..6 * d], &x[3 * d + 2 * d..6 * d]);
-        // position 1, head 0, pair (0, 2): angle 1 · theta^0 = 1 radian
-        let (a, b) = (x[3 * d], x[3 * d + 2]);
-        assert!((y[3 * d] - (a * 1f32.cos() - b * 1f32.sin())).abs() < 1e-6);
+        // position 0 is the identity; v (the last head) is never rotated
+        assert_eq!(&y[..w], &x[..w]);
+        assert_eq!(&y[w + 3 * hd..2 * w], &x[w + 3 * hd..2 * w]);
+        // position 1, head 0, pair (0, 2): angle 1 · theta^0 = 1 radian; k's head alike
+        for at in [w, w + 2 * hd] {
+            let (a, b) = (x[at], x[at + 2]);
+            assert!((y[at] - (a * 1f32.cos() - b * 1f32.sin())).abs() < 1e-6);
+        }
         let mut back = r.clone();
-        rope(&mut back, 3 * d, 2, seq, heads, &table, true);
+        rope(&mut back, w, heads + kv_heads, seq, &table, true);
         check(&x, &back, |x| dot(&fwd(x), &r));
+    }
+
+    #[test]
+    fn kv_heads_repeat_for_the_q_heads_sharing_them_and_sum_back() {
+        let mut rng = XorShift::new(12);
+        let (rows, heads, kv_heads, hd) = (3, 6, 2, 2);
+        let (d, kvd) = (heads * hd, kv_heads * hd);
+        let x = rng.vec(rows * (d + 2 * kvd), 1.0);
+        let y = repeat_kv(&x, heads, kv_heads, hd);
+        assert_eq!(y.len(), rows * 3 * d);
+        // row 1, q head 4 reads k head 1 (4 / 3) and v head 1
+        let (xr, yr) = (&x[d + 2 * kvd..], &y[3 * d..]);
+        assert_eq!(&yr[..d], &xr[..d]);
+        assert_eq!(&yr[d + 4 * hd..d + 5 * hd], &xr[d + hd..d + 2 * hd]);
+        assert_eq!(
+            &yr[2 * d + 4 * hd..2 * d + 5 * hd],
+            &xr[d + kvd + hd..d + kvd + 2 * hd]
+        );
+        assert_eq!(&yr[d..d + hd], &yr[d + 2 * hd..d + 3 * hd]);
+        // sum_kv is its transpose: <repeat(x), r> = <x, sum(r)>
+        let r = rng.vec(rows * 3 * d, 1.0);
+        let back = sum_kv(&r, heads, kv_heads, hd);
+        assert_eq!(back.len(), x.len());
+        assert!((dot(&y, &r) - dot(&x, &back)).abs() < 1e-4);
+        // with as many kv heads as q heads both are the identity
+        assert_eq!(repeat_kv(&r, heads, heads, hd), r);
+        assert_eq!(sum_kv(&r, heads, heads, hd), r);
     }
 
     #[test]

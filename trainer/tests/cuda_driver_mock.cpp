@@ -77,7 +77,8 @@ const std::map<std::string, Binder> g_kernels = {
     K(flash_dq_64_wide),   K(flash_dkdv_64_wide), K(flash_fwd_128_wide), K(flash_dq_128_wide),
     K(flash_dkdv_128_wide),
     K(clip_qkv),         K(clip_qkv_bf16),    K(clip_qkv_bwd),    K(clip_qkv_bwd_bf16),
-    K(lionw),            K(norm_add_fwd),     K(cols_copy),
+    K(lionw),            K(norm_add_fwd),     K(cols_copy),       K(kv_repeat),
+    K(kv_sum),
 };
 #undef K
 
@@ -86,7 +87,7 @@ const std::map<std::string, Binder> g_kernels = {
 const std::set<std::string> g_serial_kernels = {
     "embed_fwd", "embed_bwd", "norm_dw_sum", "rope",       "rope_bf16",       "swiglu_fwd", "swiglu_bwd",
     "swiglu_fwd_bf16", "swiglu_bwd_bf16", "cast_bf16", "adamw", "clip_qkv", "clip_qkv_bf16",
-    "clip_qkv_bwd", "clip_qkv_bwd_bf16", "lionw", "cols_copy",
+    "clip_qkv_bwd", "clip_qkv_bwd_bf16", "lionw", "cols_copy", "kv_repeat", "kv_sum",
 };
 
 struct Module {

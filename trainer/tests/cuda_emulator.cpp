@@ -103,18 +103,33 @@ int main(int argc, char** argv) {
             launch(grid_n(d), B, [&] { norm_dw_sum(partial.data(), dw.data(), chunks, d); });
             store("dw", dw);
         }
-    } else if (k == "rope") {  // rows T heads half stride parts inverse
+    } else if (k == "rope") {  // rows T heads half stride inverse
         long rows = I(4);
-        int T = I(5), heads = I(6), half = I(7), stride = I(8), parts = I(9), inv = I(10);
+        int T = I(5), heads = I(6), half = I(7), stride = I(8), inv = I(9);
         auto x = load<float>("x"), c = load<float>("cos"), s = load<float>("sin");
-        // in place on bf16 rows too (q and k: parts 2), from the input rounded to bf16
+        // in place on bf16 rows too, from the input rounded to bf16
         std::vector<uint16_t> xb(x.size());
         for (size_t i = 0; i < xb.size(); ++i) xb[i] = f2bf(x[i]);
-        launch(grid_n(rows * parts * heads * half), B,
-               [&] { rope(x.data(), c.data(), s.data(), rows, T, heads, half, stride, parts, inv); });
-        launch(grid_n(rows * 2 * heads * half), B,
+        launch(grid_n(rows * heads * half), B,
+               [&] { rope(x.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
+        launch(grid_n(rows * heads * half), B,
                [&] { rope_bf16(xb.data(), c.data(), s.data(), rows, T, heads, half, stride, inv); });
         store("x", x), store("x_bf16", xb);
+    } else if (k == "kv") {  // rows heads kv_heads hd: kv_repeat of "x", kv_sum of "dy", f32 and bf16
+        long rows = I(4);
+        int heads = I(5), kv_heads = I(6), hd = I(7);
+        long d = (long)heads * hd, w = (long)(heads + 2 * kv_heads) * hd;
+        auto x = load<float>("x"), dy = load<float>("dy");
+        std::vector<uint16_t> xb(x.size()), dyb(dy.size());
+        for (size_t i = 0; i < xb.size(); ++i) xb[i] = f2bf(x[i]);
+        for (size_t i = 0; i < dyb.size(); ++i) dyb[i] = f2bf(dy[i]);
+        std::vector<float> y(rows * 3 * d), dx(rows * w);
+        std::vector<uint16_t> yb(y.size()), dxb(dx.size());
+        launch(grid_n(rows * 3 * d), B, [&] { kv_repeat(x.data(), 0, y.data(), 0, rows, heads, kv_heads, hd); });
+        launch(grid_n(rows * 3 * d), B, [&] { kv_repeat(xb.data(), 1, yb.data(), 1, rows, heads, kv_heads, hd); });
+        launch(grid_n(rows * w), B, [&] { kv_sum(dy.data(), 0, dx.data(), 0, rows, heads, kv_heads, hd); });
+        launch(grid_n(rows * w), B, [&] { kv_sum(dyb.data(), 1, dxb.data(), 1, rows, heads, kv_heads, hd); });
+        store("y", y), store("y_bf16", yb), store("dx", dx), store("dx_bf16", dxb);
     } else if (k == "clip_qkv") {  // n c: in f32 and on bf16 (the input rounded), then each backward on "dy"
         long n = I(4);
         float c = F(5);

@@ -208,25 +208,27 @@ fn cols_copy_moves_a_column_block_between_types_and_strides() {
 #[test]
 fn rope_kernel_matches_the_cpu_both_ways() {
     let Some(bin) = emulator() else { return };
-    let (bsz, t, heads, hd) = (2, 5, 3, 8);
-    let d = heads * hd;
+    // grouped-query rows: 4 q heads, 2 k heads, 2 v heads
+    let (bsz, t, heads, kv_heads, hd) = (2, 5, 4, 2, 8);
+    let w = (heads + 2 * kv_heads) * hd;
     let rows = bsz * t;
     let table = RopeTable::new(16, hd, 10_000.0);
     // q and k rotated in place, in f32 and in bf16
     for inverse in [false, true] {
         let b = Bufs::new();
-        let x = rnd(rows * 3 * d, 6, 1.0);
+        let x = rnd(rows * w, 6, 1.0);
         b.put("x", &x);
         b.put("cos", &table.cos);
         b.put("sin", &table.sin);
+        let rotated = heads + kv_heads;
         b.run(
             bin,
             "rope",
             64,
-            &s![rows, t, heads, hd / 2, 3 * d, 2, inverse as i32],
+            &s![rows, t, rotated, hd / 2, w, inverse as i32],
         );
         let mut want = x.clone();
-        ops::rope(&mut want, 3 * d, 2, t, heads, &table, inverse);
+        ops::rope(&mut want, w, rotated, t, &table, inverse);
         let got = b.get("x");
         close("rope", &got, &want, 1e-6);
         // in place on bf16 rows: the CPU RoPE of the rounded input, rounded once more
@@ -234,8 +236,39 @@ fn rope_kernel_matches_the_cpu_both_ways() {
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_f32())
             .collect();
-        ops::rope(&mut want, 3 * d, 2, t, heads, &table, inverse);
+        ops::rope(&mut want, w, rotated, t, &table, inverse);
         close("rope_bf16", &bf16_file(&b, "x_bf16"), &want, 1.0 / 128.0);
+    }
+}
+
+#[test]
+fn kv_layout_kernels_match_the_cpu() {
+    let Some(bin) = emulator() else { return };
+    // 6 q heads sharing 3 kv heads, and multi-query attention
+    for kv_heads in [3, 1] {
+        let (rows, heads, hd) = (5, 6, 4);
+        let (d, w) = (heads * hd, (heads + 2 * kv_heads) * hd);
+        let x = rnd(rows * w, 50, 1.0);
+        let dy = rnd(rows * 3 * d, 51, 1.0);
+        let b = Bufs::new();
+        b.put("x", &x);
+        b.put("dy", &dy);
+        b.run(bin, "kv", 64, &s![rows, heads, kv_heads, hd]);
+        // repeating copies exactly; the sum adds in head order as the CPU does
+        let want = ops::repeat_kv(&x, heads, kv_heads, hd);
+        close("kv_repeat", &b.get("y"), &want, 0.0);
+        let want = ops::sum_kv(&dy, heads, kv_heads, hd);
+        close("kv_sum", &b.get("dx"), &want, 0.0);
+        // bf16: of the rounded inputs, rounded once more
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        };
+        let want = ops::repeat_kv(&round(&x), heads, kv_heads, hd);
+        close("kv_repeat bf16", &bf16_file(&b, "y_bf16"), &want, 0.0);
+        let want = round(&ops::sum_kv(&round(&dy), heads, kv_heads, hd));
+        close("kv_sum bf16", &bf16_file(&b, "dx_bf16"), &want, 0.0);
     }
 }
 
