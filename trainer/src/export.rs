@@ -4,8 +4,9 @@
 //! (pre-norm RMSNorm, SwiGLU, rotate-half RoPE, no biases) and become `LlamaForCausalLM`;
 //! OLMo 2 blocks (weighted RMSNorms after each branch, weighted QK-norm) become
 //! `Olmo2ForCausalLM`.
-//! Weight splits follow OLMo's own conversion script: `att_proj` rows are q, k, v; `ff_proj`
-//! rows are up (the value half) then gate.
+//! Weight splits follow OLMo's own conversion script: `att_proj` rows are q, k, v (k and v
+//! `n_kv_heads` heads each, transformers' `num_key_value_heads`); `ff_proj` rows are up (the
+//! value half) then gate.
 
 use std::path::Path;
 
@@ -93,7 +94,7 @@ impl HfArch {
 /// both `export-hf` and `import-hf` read, so the two cannot disagree.
 pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTensor>> {
     let arch = HfArch::of(m)?;
-    let (d, h, emb) = (m.d_model, m.mlp_hidden, m.embedding_size);
+    let (d, h, emb, kvd) = (m.d_model, m.mlp_hidden, m.embedding_size, m.kv_dim());
     let t = |name: String, shape: Vec<usize>, at: Option<usize>| HfTensor { name, shape, at };
     let mut out = vec![t(
         "model.embed_tokens.weight".into(),
@@ -102,11 +103,12 @@ pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTenso
     )];
     for (i, l) in layout.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+        // att_proj's rows: q (d), then k and v (kvd each)
+        for (name, rows, from) in [("q_proj", d, 0), ("k_proj", kvd, d), ("v_proj", kvd, d + kvd)] {
             out.push(t(
                 format!("{p}.self_attn.{name}.weight"),
-                vec![d, d],
-                Some(l.att_proj + j * d * d),
+                vec![rows, d],
+                Some(l.att_proj + from * d),
             ));
         }
         out.push(t(
@@ -142,7 +144,7 @@ pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTenso
         }
         if arch == HfArch::Olmo2 {
             out.push(t(format!("{p}.self_attn.q_norm.weight"), vec![d], l.q_norm));
-            out.push(t(format!("{p}.self_attn.k_norm.weight"), vec![d], l.k_norm));
+            out.push(t(format!("{p}.self_attn.k_norm.weight"), vec![kvd], l.k_norm));
         }
     }
     if arch != HfArch::Olmo {
@@ -186,7 +188,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
         "hidden_size": d,
         "intermediate_size": h,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
         "num_hidden_layers": m.n_layers,
         "max_position_embeddings": cfg.model.max_sequence_length,
         "rope_theta": m.rope_theta,

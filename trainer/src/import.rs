@@ -79,13 +79,13 @@ fn check_config(dir: &Path, m: &ModelConfig, arch: HfArch) -> Result<()> {
             );
         }
     }
-    if c["num_key_value_heads"]
-        .as_u64()
-        .is_some_and(|k| k != heads as u64)
-    {
+    // transformers reads a missing num_key_value_heads as num_attention_heads
+    let kv_heads = c["num_key_value_heads"].as_u64().unwrap_or(heads as u64);
+    if kv_heads != m.n_kv_heads as u64 {
         bail!(
-            "{}: num_key_value_heads differs from num_attention_heads (grouped-query attention is not implemented)",
-            path.display()
+            "{}: num_key_value_heads is {kv_heads}, the training config's model has {} kv heads (model.n_kv_heads)",
+            path.display(),
+            m.n_kv_heads
         );
     }
     let tied = c["tie_word_embeddings"].as_bool().unwrap_or(true);

@@ -1813,6 +1813,72 @@ fn olmo2_blocks_train_alike_on_both_engines_and_round_trip_through_transformers_
 }
 
 #[test]
+fn grouped_query_attention_trains_alike_on_both_engines_and_round_trips_through_transformers_files(
+) {
+    let r = Run::new();
+    // OLMo 2 blocks (QK-norm: k's norm is k's width) with 4 q heads sharing 2 kv heads
+    let run = |name: &str, args: &[&str]| {
+        let cfg = r.config(&format!("{name}.yaml"), name, "max_duration: 5\n");
+        edit(
+            &cfg,
+            &[
+                ("n_heads: 2", "n_heads: 4\n  n_kv_heads: 2"),
+                (
+                    "layer_norm_with_affine: false",
+                    "layer_norm_type: rms\n  layer_norm_with_affine: true\n  weight_tying: false\n  norm_after: true\n  attention_layer_norm: true",
+                ),
+            ],
+        );
+        let log = ok(&r.train(&cfg, args));
+        (cfg, log)
+    };
+    let (gqa, log) = run("gqa", &[]);
+    assert!(log.contains("QK-norm+weight, 2 kv heads"), "{log}");
+    // att_proj's rows: q (16), k and v (8 each)
+    let header = safetensors_header(&r.path("gqa/step5/model.safetensors"));
+    let shape = |name: &str| header[format!("transformer.blocks.0.{name}.weight")]["shape"].clone();
+    assert_eq!(shape("att_proj"), serde_json::json!([32, 16]));
+    assert_eq!(shape("k_norm"), serde_json::json!([8]));
+    assert_eq!(shape("q_norm"), serde_json::json!([16]));
+    // the CUDA engine (host emulator, fp32) computes the same model
+    run("gqa-emu", &["--device", "cuda-emulator", "--precision=fp32"]);
+    let (a, c) = (losses(&r.metrics("gqa")), losses(&r.metrics("gqa-emu")));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&c) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{a:?} vs {c:?}");
+    }
+    // transformers' layout: k_proj and v_proj of the kv heads, and back
+    let hf = r.path("gqa-hf");
+    let config = export_hf(&r.path("gqa/step5"), &hf);
+    assert_eq!(config["num_attention_heads"], 4);
+    assert_eq!(config["num_key_value_heads"], 2);
+    let header = safetensors_header(&hf.join("model.safetensors"));
+    for (name, shape) in [
+        ("q_proj", serde_json::json!([16, 16])),
+        ("k_proj", serde_json::json!([8, 16])),
+        ("v_proj", serde_json::json!([8, 16])),
+        ("k_norm", serde_json::json!([8])),
+    ] {
+        assert_eq!(
+            header[format!("model.layers.0.self_attn.{name}.weight")]["shape"],
+            shape,
+            "{name}"
+        );
+    }
+    ok(&import_hf(&hf, &r.path("gqa-back"), &gqa, &[]));
+    assert!(r.weights("gqa-back") == r.weights("gqa/step5"));
+    refused(
+        &import_hf(&hf, &r.path("wrong"), &gqa, &["--model.n_kv_heads=4"]),
+        "num_key_value_heads is 2, the training config's model has 4 kv heads",
+    );
+    // OLMo's two keys must agree
+    refused(
+        &r.train(&gqa, &["--model.multi_query_attention=true"]),
+        "model.n_kv_heads (2) and multi_query_attention (true, meaning 1 kv heads) disagree",
+    );
+}
+
+#[test]
 fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
     let r = Run::new();
     let run = |name: &str, opt: &str, extra: &str, args: &[&str]| {
