@@ -29,7 +29,7 @@ def main():
         hidden_size=d,
         intermediate_size=hidden,
         num_attention_heads=m["n_heads"],
-        num_key_value_heads=m["n_heads"],
+        num_key_value_heads=m.get("n_kv_heads") or (1 if m.get("multi_query_attention") else m["n_heads"]),
         num_hidden_layers=m["n_layers"],
         max_position_embeddings=m["max_sequence_length"],
         rope_theta=float(m.get("rope_theta", 10000)),

@@ -81,28 +81,35 @@ class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
         d, h = c["d"], c["hidden"]
+        kvd = d // c["heads"] * c["kv_heads"]
         self.c = c
         self.attn_norm = Norm(d, c["norm"], c["affine"], c["eps"])
-        self.att_proj = nn.Linear(d, 3 * d, bias=False)
+        self.att_proj = nn.Linear(d, d + 2 * kvd, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
         self.ff_norm = Norm(d, c["norm"], c["affine"], c["eps"])
         self.ff_proj = nn.Linear(d, 2 * h, bias=False)
         self.ff_out = nn.Linear(h, d, bias=False)
         if c["qk_norm"]:
             self.q_norm = Norm(d, c["norm"], c["qk_affine"], c["eps"])
-            self.k_norm = Norm(d, c["norm"], c["qk_affine"], c["eps"])
+            self.k_norm = Norm(kvd, c["norm"], c["qk_affine"], c["eps"])
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
-        nh = self.c["heads"]
+        nh, nkv = self.c["heads"], self.c["kv_heads"]
+        hd = d // nh
         after = self.c["norm_after"]
         qkv = self.att_proj(x if after else self.attn_norm(x))
         if self.c["clip_qkv"] is not None:
             qkv = qkv.clamp(-self.c["clip_qkv"], self.c["clip_qkv"])
-        q, k, v = qkv.split(d, dim=-1)
+        q, k, v = qkv.split((d, nkv * hd, nkv * hd), dim=-1)
         if self.c["qk_norm"]:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (z.view(b, t, nh, d // nh).transpose(1, 2) for z in (q, k, v))
+        q = q.view(b, t, nh, hd).transpose(1, 2)
+        # grouped-query attention as OLMo does it: each kv head repeated for its q heads
+        k, v = (
+            z.view(b, t, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+            for z in (k, v)
+        )
 
         def rope(z):
             z1, z2 = z.chunk(2, dim=-1)
@@ -153,6 +160,7 @@ def load_config(path):
     c = dict(
         d=d,
         heads=m["n_heads"],
+        kv_heads=m.get("n_kv_heads") or (1 if m.get("multi_query_attention") else m["n_heads"]),
         layers=m["n_layers"],
         hidden=hidden // 2,
         vocab=vocab,

@@ -2327,6 +2327,13 @@ pub fn peak_bf16_flops(name: &str) -> Option<f64> {
             "L40S" => 362.0,
             "L40" => 181.0,
             "L4" => 121.0,
+            // workstation parts accumulate bf16 products in f32 at full rate
+            "A6000" => 154.8,
+            "6000" if has("ADA") => 364.2,
+            // GeForce parts do so at half their fp16-accumulate rate; the 4090 D and 3090 Ti
+            // differ from these
+            "4090" if !has("D") => 165.2,
+            "3090" if !has("TI") => 71.0,
             _ => return None,
         })
     })?;
@@ -2521,7 +2528,13 @@ mod tests {
             ("NVIDIA L4", Some(121.0)),
             ("NVIDIA B200", Some(2250.0)),
             ("Tesla T4", None),
-            ("NVIDIA GeForce RTX 4090", None),
+            ("NVIDIA GeForce RTX 4090", Some(165.0)),
+            ("NVIDIA GeForce RTX 4090 D", None),
+            ("NVIDIA GeForce RTX 3090", Some(71.0)),
+            ("NVIDIA GeForce RTX 3090 Ti", None),
+            ("NVIDIA RTX A6000", Some(155.0)),
+            ("NVIDIA RTX 6000 Ada Generation", Some(364.0)),
+            ("Quadro RTX 6000", None),
             ("CUDA stand-in (host emulation)", None),
         ] {
             assert_eq!(tf(name), want, "{name}");
