@@ -104,7 +104,11 @@ pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTenso
     for (i, l) in layout.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         // att_proj's rows: q (d), then k and v (kvd each)
-        for (name, rows, from) in [("q_proj", d, 0), ("k_proj", kvd, d), ("v_proj", kvd, d + kvd)] {
+        for (name, rows, from) in [
+            ("q_proj", d, 0),
+            ("k_proj", kvd, d),
+            ("v_proj", kvd, d + kvd),
+        ] {
             out.push(t(
                 format!("{p}.self_attn.{name}.weight"),
                 vec![rows, d],
@@ -144,7 +148,11 @@ pub(crate) fn hf_tensors(m: &ModelConfig, layout: &Layout) -> Result<Vec<HfTenso
         }
         if arch == HfArch::Olmo2 {
             out.push(t(format!("{p}.self_attn.q_norm.weight"), vec![d], l.q_norm));
-            out.push(t(format!("{p}.self_attn.k_norm.weight"), vec![kvd], l.k_norm));
+            out.push(t(
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![kvd],
+                l.k_norm,
+            ));
         }
     }
     if arch != HfArch::Olmo {

@@ -1813,8 +1813,8 @@ fn olmo2_blocks_train_alike_on_both_engines_and_round_trip_through_transformers_
 }
 
 #[test]
-fn grouped_query_attention_trains_alike_on_both_engines_and_round_trips_through_transformers_files(
-) {
+fn grouped_query_attention_trains_alike_on_both_engines_and_round_trips_through_transformers_files()
+{
     let r = Run::new();
     // OLMo 2 blocks (QK-norm: k's norm is k's width) with 4 q heads sharing 2 kv heads
     let run = |name: &str, args: &[&str]| {
@@ -1841,7 +1841,10 @@ fn grouped_query_attention_trains_alike_on_both_engines_and_round_trips_through_
     assert_eq!(shape("k_norm"), serde_json::json!([8]));
     assert_eq!(shape("q_norm"), serde_json::json!([16]));
     // the CUDA engine (host emulator, fp32) computes the same model
-    run("gqa-emu", &["--device", "cuda-emulator", "--precision=fp32"]);
+    run(
+        "gqa-emu",
+        &["--device", "cuda-emulator", "--precision=fp32"],
+    );
     let (a, c) = (losses(&r.metrics("gqa")), losses(&r.metrics("gqa-emu")));
     assert_eq!(a.len(), 5);
     for (x, y) in a.iter().zip(&c) {
