@@ -946,12 +946,17 @@ impl CudaEngine {
     /// twice is harmless.
     fn flash_launch(&self, kind: &'static str, b: usize, t: usize, args: &[Arg]) -> Result<()> {
         let (hh, hd, _) = self.attn_shape();
+        // dK/dV's blocks are a kv head's keys (each summing its q heads' gradients)
+        let heads = match kind {
+            "dkdv" => self.cfg.n_kv_heads,
+            _ => hh,
+        };
         let shape = |wide: bool| {
             let warps = flash_warps(kind, wide);
             let name = format!("flash_{kind}_{hd}{}", if wide { "_wide" } else { "" });
             (
                 name,
-                (b * hh * t.div_ceil(16 * warps)) as u32,
+                (b * heads * t.div_ceil(16 * warps)) as u32,
                 32 * warps as u32,
             )
         };
@@ -1546,12 +1551,19 @@ impl CudaEngine {
         [(0, self.cfg.d_model), (self.cfg.d_model, self.cfg.kv_dim())]
     }
 
-    /// The attention's `[n, 3d]` q|k|v rows as a GEMM operand: the fused projection itself, or
-    /// under grouped-query attention a copy with each kv head repeated for its q heads (made
-    /// again for the backward pass rather than kept).
+    /// Whether the attention reads a copy of q|k|v with each kv head repeated for its q heads
+    /// (and writes its gradient so): grouped-query attention over materialised scores, whose
+    /// batched GEMMs take one k and v head per q head. The flash kernels read kv heads in place.
+    fn repeats_kv(&self) -> bool {
+        self.cfg.n_kv_heads != self.cfg.n_heads && !self.flash
+    }
+
+    /// The attention's q|k|v rows as an operand: the fused projection itself, or where
+    /// `repeats_kv` an `[n, 3d]` copy with each kv head repeated for its q heads (made again for
+    /// the backward pass rather than kept).
     fn heads(&self, qkv: &Act, n: usize) -> Result<Prepared> {
         let c = &self.cfg;
-        if c.n_kv_heads == c.n_heads {
+        if !self.repeats_kv() {
             return self.operand(qkv.src());
         }
         let out = self.operand_out(n * 3 * c.d_model)?;
@@ -1812,6 +1824,7 @@ impl CudaEngine {
             self.p(&lse),
             Arg::I(t as i32),
             Arg::I(hh as i32),
+            Arg::I(self.cfg.n_kv_heads as i32),
             Arg::F(scale),
             Arg::P(starts),
         ];
@@ -1822,7 +1835,8 @@ impl CudaEngine {
     /// Flash attention's backward into `dqkv` (before the inverse RoPE): `D = rowsum(dO ∘ O)`
     /// from the bf16 output and its bf16 gradient (the dO that dP = dO Vᵀ uses, as in
     /// FlashAttention-2, so that each row of dS sums to zero as it should), then dQ over
-    /// query blocks and dK, dV over key blocks, each recomputing P from the log-sum-exp.
+    /// query blocks and dK, dV over each kv head's key blocks (summing the q heads that share
+    /// it), each recomputing P from the log-sum-exp.
     fn flash_backward(
         &self,
         qkv: u64,
@@ -1860,6 +1874,7 @@ impl CudaEngine {
             Arg::P(self.out_buf(dqkv).ptr),
             Arg::I(t as i32),
             Arg::I(hh as i32),
+            Arg::I(self.cfg.n_kv_heads as i32),
             Arg::F(scale),
             Arg::P(starts),
         ];
@@ -2028,7 +2043,8 @@ impl CudaEngine {
             let datt = self.linear_back(dout.into(), a.att.src(), o.attn_out, (n, d, d), true)?;
             drop(da);
             // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
-            let dheads = self.operand_out(n * 3 * d)?;
+            let repeated = self.repeats_kv();
+            let dheads = self.operand_out(n * if repeated { 3 * d } else { w })?;
             let dop = self.operand(datt.src())?;
             let qp = self.heads(&a.qkv, n)?;
             match &a.probs {
@@ -2038,9 +2054,9 @@ impl CudaEngine {
                 probs => self.materialised_backward(probs, &qp, &dop, &dheads, b, t)?,
             }
             drop((dop, qp, datt));
-            let dqkv = match c.n_kv_heads == c.n_heads {
-                true => dheads,
-                false => {
+            let dqkv = match repeated {
+                false => dheads,
+                true => {
                     let sum = self.operand_out(n * w)?;
                     self.kv_layout("kv_sum", &dheads, &sum, n)?;
                     sum

@@ -41,8 +41,8 @@ fn signature(name: &str) -> Option<&'static str> {
         "flash_bwd_pre" => "PPPLIII",
         _ => {
             return flash_kernel(name).map(|(kind, _, _)| match kind {
-                "fwd" => "PPPIIFP",
-                _ => "PPPPPIIFP",
+                "fwd" => "PPPIIIFP",
+                _ => "PPPPPIIIFP",
             })
         }
     })
@@ -540,39 +540,46 @@ fn flash_kernel(name: &str) -> Option<(&'static str, usize, bool)> {
 }
 
 /// The flash-attention kernels by their definition: causal softmax attention of the bf16
-/// q, k, v (and bf16 dO), with f32 arithmetic; the batch size follows from the grid, whose
-/// shape is checked against the kernels' blocks (16 rows a warp: the forward and dQ 4 warps,
-/// or 8 wide; dK/dV 2, or 4 wide).
+/// q, k, v (and bf16 dO), with f32 arithmetic, each q head reading its kv head (the fused rows
+/// hold `kv_heads` k and v heads) and dK, dV summing the q heads sharing one; the batch size
+/// follows from the grid, whose shape is checked against the kernels' blocks (16 rows a warp:
+/// the forward and dQ 4 warps, or 8 wide, a block per q head; dK/dV 2, or 4 wide, a block per
+/// kv head).
 ///
 /// Safety: as `launch`.
 unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     let Some((kind, hd, wide)) = flash_kernel(name) else {
         bail!("host emulator: unknown kernel {name}");
     };
-    let (t, heads, scale, starts) = match kind {
-        "fwd" => (int(a, 3), int(a, 4), f(a, 5), p(a, 6)),
-        _ => (int(a, 5), int(a, 6), f(a, 7), p(a, 8)),
+    let (t, heads, kv_heads, scale, starts) = match kind {
+        "fwd" => (int(a, 3), int(a, 4), int(a, 5), f(a, 6), p(a, 7)),
+        _ => (int(a, 5), int(a, 6), int(a, 7), f(a, 8), p(a, 9)),
     };
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        bail!("{name}: {heads} heads cannot share {kv_heads} kv heads");
+    }
     let warps = crate::cuda::flash_warps(kind, wide);
     let (rows_per_block, threads) = (16 * warps, 32 * warps as u32);
-    let blocks = t.div_ceil(rows_per_block) * heads;
+    let block_heads = if kind == "dkdv" { kv_heads } else { heads };
+    let blocks = t.div_ceil(rows_per_block) * block_heads;
     if block != threads || !grid.is_multiple_of(blocks) || grid == 0 {
-        bail!("{name}: grid {grid} of {block} threads for T {t} and {heads} heads");
+        bail!("{name}: grid {grid} of {block} threads for T {t} and {block_heads} heads");
     }
     let b = grid / blocks;
-    let d = heads * hd;
+    let (d, kvd, group) = (heads * hd, kv_heads * hd, heads / kv_heads);
+    let w = d + 2 * kvd;
     let n = b * t;
     let bf = |v: u16| bf16_to_f32(v);
-    let qkv = at::<u16>(p(a, 0), n * 3 * d);
+    let qkv = at::<u16>(p(a, 0), n * w);
     let (q, k, v) = (
-        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + h * hd + c]),
-        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + d + h * hd + c]),
-        |r: usize, h: usize, c: usize| bf(qkv[r * 3 * d + 2 * d + h * hd + c]),
+        |r: usize, h: usize, c: usize| bf(qkv[r * w + h * hd + c]),
+        |r: usize, h: usize, c: usize| bf(qkv[r * w + d + h / group * hd + c]),
+        |r: usize, h: usize, c: usize| bf(qkv[r * w + d + kvd + h / group * hd + c]),
     );
     let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| -> f32 {
         (0..hd).map(|c| x(c) * y(c)).sum()
     };
-    // scaled score of query row i and key row j (rows of the same sequence)
+    // scaled score of query row i and key row j (rows of the same sequence) in q head h
     let score = |i: usize, j: usize, h: usize| dot(&|c| q(i, h, c), &|c| k(j, h, c)) * scale;
     // where the document of position i of sequence bi starts (0: attention over the sequence)
     let from = |bi: usize, i: usize| {
@@ -611,9 +618,11 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
     let dout = at::<u16>(p(a, 1), n * d);
     let lse = at::<f32>(p(a, 2), b * heads * t);
     let dsum = at::<f32>(p(a, 3), b * heads * t);
-    let dqkv = at::<u16>(p(a, 4), n * 3 * d);
+    let dqkv = at::<u16>(p(a, 4), n * w);
     let bits = |v: f32| half::bf16::from_f32(v).to_bits();
     let g = |r: usize, h: usize, c: usize| bf(dout[r * d + h * hd + c]);
+    // dK and dV of each position's kv heads, summed over the q heads that share them
+    let mut dkv = vec![0f32; if kind == "dkdv" { n * 2 * kvd } else { 0 }];
     for bi in 0..b {
         for h in 0..heads {
             let st = |i: usize| (bi * heads + h) * t + i;
@@ -626,7 +635,6 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
             };
             for x in 0..t {
                 let rx = bi * t + x;
-                let row = &mut dqkv[rx * 3 * d..][..3 * d];
                 if kind == "dq" {
                     let keys = from(bi, x)..=x;
                     let ds: Vec<f32> = keys.clone().map(|j| pds(x, j).1).collect();
@@ -635,7 +643,7 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                             .clone()
                             .zip(&ds)
                             .map(|(j, ds)| ds * k(bi * t + j, h, c));
-                        row[h * hd + c] = bits(scale * sum.sum::<f32>());
+                        dqkv[rx * w + h * hd + c] = bits(scale * sum.sum::<f32>());
                     }
                 } else {
                     // the queries of key x's document see it; later ones get P = dS = 0
@@ -648,6 +656,7 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                             }
                         })
                         .collect();
+                    let row = &mut dkv[rx * 2 * kvd..][..2 * kvd];
                     for c in 0..hd {
                         let (mut dk, mut dv) = (0.0, 0.0);
                         for (o, &(pr, ds)) in pd.iter().enumerate() {
@@ -655,11 +664,17 @@ unsafe fn flash(name: &str, grid: usize, block: u32, a: &[Arg]) -> Result<()> {
                             dk += ds * q(ri, h, c);
                             dv += pr * g(ri, h, c);
                         }
-                        row[d + h * hd + c] = bits(scale * dk);
-                        row[2 * d + h * hd + c] = bits(dv);
+                        row[h / group * hd + c] += dk;
+                        row[kvd + h / group * hd + c] += dv;
                     }
                 }
             }
+        }
+    }
+    for (r, sums) in dkv.chunks_exact(2 * kvd).enumerate() {
+        let row = &mut dqkv[r * w + d..][..2 * kvd];
+        for (i, (o, &s)) in row.iter_mut().zip(sums).enumerate() {
+            *o = bits(if i < kvd { scale * s } else { s });
         }
     }
     Ok(())

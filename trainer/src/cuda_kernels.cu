@@ -729,6 +729,13 @@ __device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
+// The k head that q head h of H reads in fused q|k|v rows (d = H·HD of q, then KV k heads and
+// KV v heads): under grouped-query attention q heads j·H/KV .. (j + 1)·H/KV − 1 share k and v
+// head j (KV = H is multi-head attention). The v head is KV·HD further on.
+__device__ __forceinline__ const bf16_t* kv_head(const bf16_t* row, long d, int h, int H, int KV, int HD) {
+    return row + d + (long)(h / (H / KV)) * HD;
+}
+
 // Forward: blocks of 16·WARPS query rows (16 per warp), key tiles of 64. out: bf16 [b·T, d]
 // (only a GEMM operand from here on); lse: [b·H·T], natural log. K and V have a tile buffer
 // each and load while the other is in use, as FlashAttention-2 does: V(j) during S = Q K(j)ᵀ
@@ -741,7 +748,7 @@ __device__ __forceinline__ void acc_times_tile(float (*out)[4], const float (*s)
 // along a sequence, so that is the block's earliest), and a tile wholly before a row's
 // document leaves its m, l and o unchanged too (m = −∞ then takes 0 as the exponent's base).
 template <int HD, int WARPS>
-__device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, float scale,
+__device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, int KV, float scale,
                                const unsigned* starts) {
     constexpr int BR = 16 * WARPS, BC = 64, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[BC * W];
@@ -750,10 +757,10 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     // The longest rows (last query blocks) of every head first, so the short ones fill the tail.
     int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
-    long d = (long)H * HD, ld = 3 * d;
+    long d = (long)H * HD, ld = d + 2L * KV * HD;
     const bf16_t* q = qkv + (long)b * T * ld + h * HD;
-    const bf16_t* k = q + d;
-    const bf16_t* v = q + 2 * d;
+    const bf16_t* k = kv_head(qkv + (long)b * T * ld, d, h, H, KV, HD);
+    const bf16_t* v = k + (long)KV * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int r0 = qb * BR + warp * 16;
     int kend = min(T, qb * BR + BR), tiles = (kend + BC - 1) / BC;
@@ -869,17 +876,17 @@ extern "C" __global__ void flash_bwd_pre(const bf16_t* dout, const bf16_t* out, 
 // documents (`starts`), the key tiles before the block's first row's document are skipped.
 template <int HD, int WARPS>
 __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                              bf16_t* dqkv, int T, int H, float scale, const unsigned* starts) {
+                              bf16_t* dqkv, int T, int H, int KV, float scale, const unsigned* starts) {
     constexpr int BR = 16 * WARPS, BC = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned ks[2][BC * W];
     __shared__ __align__(16) unsigned vs[2][BC * W];
     int nqb = (T + BR - 1) / BR;
     int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
-    long d = (long)H * HD, ld = 3 * d;
+    long d = (long)H * HD, ld = d + 2L * KV * HD;
     const bf16_t* q = qkv + (long)b * T * ld + h * HD;
-    const bf16_t* k = q + d;
-    const bf16_t* v = q + 2 * d;
+    const bf16_t* k = kv_head(qkv + (long)b * T * ld, d, h, H, KV, HD);
+    const bf16_t* v = k + (long)KV * HD;
     const bf16_t* dob = dout + (long)b * T * d + h * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int r0 = qb * BR + warp * 16;
@@ -948,16 +955,20 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
 // from shared memory they would cost one ldmatrix per four mma in Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
 // a fifth of the kernel's shared-memory reads; ptxas: 255 registers at HD 128, and a few
 // bytes of spill). Q, dO and the queries' statistics have two buffers each, as K and V in
-// dQ: tile j + 1 loads while tile j is in use, with one barrier a tile. Each warp sees the
-// same query tiles in the same order whatever WARPS (a block's first tile, before a later
-// warp's keys, adds ±0), so both block sizes give the same bits. Within documents (`starts`),
-// a query whose document starts after a key gives it P = 0, and the query tiles past the
-// block's documents are not visited (starts rise along a sequence). A warp whose keys' documents
-// end sooner than its block's sees trailing tiles of P = dS = 0, which leave its sums' bits as
-// they are (sums begun at +0 never reach −0), so both block sizes still give the same bits.
+// dQ: tile j + 1 loads while tile j is in use, with one barrier a tile. A block is one kv
+// head's keys: under grouped-query attention it goes through the query tiles of each of the
+// H/KV q heads that read them in turn (one pipeline across them), summing their dK and dV in
+// f32, so no per-q-head copy is made or summed afterwards. Each warp sees the same query tiles
+// in the same order whatever WARPS (a block's first tile of each head, before a later warp's
+// keys, adds ±0), so both block sizes give the same bits. Within documents (`starts`), a
+// query whose document starts after a key gives it P = 0, and the query tiles past the
+// block's documents are not visited (starts rise along a sequence). A warp whose keys'
+// documents end sooner than its block's sees trailing tiles of P = dS = 0, which leave its
+// sums' bits as they are (sums begun at +0 never reach −0), so both block sizes still give the
+// same bits.
 template <int HD, int WARPS>
 __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dsum,
-                                bf16_t* dqkv, int T, int H, float scale, const unsigned* starts) {
+                                bf16_t* dqkv, int T, int H, int KV, float scale, const unsigned* starts) {
     constexpr int BK = 16 * WARPS, BQ = 32, W = Tile<HD>::W;
     __shared__ __align__(16) unsigned qs[2][BQ * W];
     __shared__ __align__(16) unsigned dos[2][BQ * W];
@@ -965,32 +976,33 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     __shared__ float dd[2][BQ];
     __shared__ int qs0[2][BQ];
     int nkb = (T + BK - 1) / BK;
-    // The first keys (seen by the most queries) of every head first.
-    int nbh = gridDim.x / nkb, bh = blockIdx.x % nbh, kb = blockIdx.x / nbh;
-    int b = bh / H, h = bh % H;
-    long d = (long)H * HD, ld = 3 * d;
-    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
-    const bf16_t* k = q + d;
-    const bf16_t* v = q + 2 * d;
-    const bf16_t* dob = dout + (long)b * T * d + h * HD;
+    // The first keys (seen by the most queries) of every kv head first.
+    int nbh = gridDim.x / nkb, bkv = blockIdx.x % nbh, kb = blockIdx.x / nbh;
+    int b = bkv / KV, kh = bkv % KV, group = H / KV;
+    long d = (long)H * HD, kvd = (long)KV * HD, ld = d + 2 * kvd;
+    const bf16_t* row0 = qkv + (long)b * T * ld;
+    const bf16_t* k = row0 + d + kh * HD;
+    const bf16_t* v = k + kvd;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int kr = warp * 16;  // this warp's first key row in the tile
     const float sl2 = scale * LOG2E;
     const unsigned* sb = starts ? starts + (long)b * T : nullptr;
-    // Starts loading query tile q0 into buffer buf: Q and dO by cp.async, the log-sum-exp (base
-    // 2) and D by plain stores. Queries past T read q = dO = 0 and lse = D = 0: P = 1 but dS = 0,
-    // and both products with their (zero) rows vanish.
-    auto load_tile = [&](int q0, int buf) {
-        tile_load_async<HD>(qs[buf], q, ld, q0, BQ, T);
-        tile_load_async<HD>(dos[buf], dob, d, q0, BQ, T);
+    // Starts loading query tile q0 of the group's q head `hi` into buffer buf: Q and dO by
+    // cp.async, the log-sum-exp (base 2) and D by plain stores. Queries past T read q = dO = 0
+    // and lse = D = 0: P = 1 but dS = 0, and both products with their (zero) rows vanish.
+    auto load_tile = [&](int hi, int q0, int buf) {
+        int h = kh * group + hi;
+        long st = ((long)b * H + h) * T;
+        tile_load_async<HD>(qs[buf], row0 + h * HD, ld, q0, BQ, T);
+        tile_load_async<HD>(dos[buf], dout + (long)b * T * d + h * HD, d, q0, BQ, T);
         cp_async_commit();
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            ls[buf][i] = q0 + i < T ? lse[(long)bh * T + q0 + i] * LOG2E : 0.f;
-            dd[buf][i] = q0 + i < T ? dsum[(long)bh * T + q0 + i] : 0.f;
+            ls[buf][i] = q0 + i < T ? lse[st + q0 + i] * LOG2E : 0.f;
+            dd[buf][i] = q0 + i < T ? dsum[st + q0 + i] : 0.f;
             qs0[buf][i] = sb && q0 + i < T ? (int)sb[q0 + i] : 0;
         }
     };
-    load_tile(kb * BK, 0);
+    load_tile(0, kb * BK, 0);
     unsigned kf[HD / 16][4], vf[HD / 16][4];
     global_a_frags<HD>(kf, k, ld, kb * BK + kr, T);
     global_a_frags<HD>(vf, v, ld, kb * BK + kr, T);
@@ -1002,11 +1014,15 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     // whether query tile q holds a query that sees one of the block's keys
     const int last_key = kb * BK + BK - 1;
     auto sees = [&](int q) { return q < T && !(sb && (int)sb[q] > last_key); };
-    for (int q0 = kb * BK, buf = 0; sees(q0); q0 += BQ, buf ^= 1) {
-        // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
+    for (int hi = 0, q0 = kb * BK, buf = 0;;) {
+        // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1:
+        // the head's next tile, or the next head's first.
         cp_async_wait<0>();
         __syncthreads();
-        if (sees(q0 + BQ)) load_tile(q0 + BQ, buf ^ 1);
+        int next_hi = hi, next_q0 = q0 + BQ;
+        if (!sees(next_q0)) next_hi = hi + 1, next_q0 = kb * BK;
+        bool more = next_hi < group;
+        if (more) load_tile(next_hi, next_q0, buf ^ 1);
         float s[BQ / 8][4], dp[BQ / 8][4];
         frags_times_tile<HD, BQ / 8>(dp, vf, dos[buf]);  // dPᵀ = V dOᵀ
         frags_times_tile<HD, BQ / 8>(s, kf, qs[buf]);    // Sᵀ = K Qᵀ
@@ -1023,50 +1039,53 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
             }
         acc_times_tile<HD, BQ / 16>(dv, s, dos[buf]);  // dV += Pᵀ dO
         acc_times_tile<HD, BQ / 16>(dk, dp, qs[buf]);  // dK += dSᵀ Q (scaled at the end)
+        if (!more) break;
+        hi = next_hi, q0 = next_q0, buf ^= 1;
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         int key = kb * BK + kr + g + 8 * rr;
         if (key >= T) continue;
-        bf16_t* dst = dqkv + ((long)b * T + key) * ld + h * HD;
+        bf16_t* dst = dqkv + ((long)b * T + key) * ld + d + kh * HD;
         #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt) {
-            *(unsigned*)(dst + d + nt * 8 + 2 * c) = pack_bf16(dk[nt][2 * rr] * scale, dk[nt][2 * rr + 1] * scale);
-            *(unsigned*)(dst + 2 * d + nt * 8 + 2 * c) = pack_bf16(dv[nt][2 * rr], dv[nt][2 * rr + 1]);
+            *(unsigned*)(dst + nt * 8 + 2 * c) = pack_bf16(dk[nt][2 * rr] * scale, dk[nt][2 * rr + 1] * scale);
+            *(unsigned*)(dst + kvd + nt * 8 + 2 * c) = pack_bf16(dv[nt][2 * rr], dv[nt][2 * rr + 1]);
         }
     }
 }
 
 // Two block sizes of each kernel, with the same bits: the engine times both on the first
 // launch for a shape and keeps the faster.
-#define FLASH_KERNELS(HD)                                                                                   \
-    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H,    \
-                                              float scale, const unsigned* starts) {                       \
-        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, scale, starts);                                         \
-    }                                                                                                       \
-    extern "C" __global__ void flash_fwd_##HD##_wide(const bf16_t* qkv, bf16_t* out, float* lse, int T,    \
-                                                     int H, float scale, const unsigned* starts) {         \
-        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, scale, starts);                                         \
-    }                                                                                                       \
-    extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,      \
-                                             const float* dsum, bf16_t* dqkv, int T, int H, float scale,   \
-                                             const unsigned* starts) {                                     \
-        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                             \
-    }                                                                                                       \
+#define FLASH_KERNELS(HD)                                                                                    \
+    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, int KV, \
+                                              float scale, const unsigned* starts) {                        \
+        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, KV, scale, starts);                                      \
+    }                                                                                                        \
+    extern "C" __global__ void flash_fwd_##HD##_wide(const bf16_t* qkv, bf16_t* out, float* lse, int T,     \
+                                                     int H, int KV, float scale, const unsigned* starts) {  \
+        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, KV, scale, starts);                                      \
+    }                                                                                                        \
+    extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,       \
+                                             const float* dsum, bf16_t* dqkv, int T, int H, int KV,         \
+                                             float scale, const unsigned* starts) {                         \
+        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                          \
+    }                                                                                                        \
     extern "C" __global__ void flash_dq_##HD##_wide(const bf16_t* qkv, const bf16_t* dout, const float* lse, \
-                                                    const float* dsum, bf16_t* dqkv, int T, int H,         \
-                                                    float scale, const unsigned* starts) {                 \
-        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                             \
-    }                                                                                                       \
-    extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,    \
-                                               const float* dsum, bf16_t* dqkv, int T, int H, float scale, \
-                                               const unsigned* starts) {                                   \
-        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                           \
-    }                                                                                                       \
-    extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,               \
-                                                      const float* lse, const float* dsum, bf16_t* dqkv,   \
-                                                      int T, int H, float scale, const unsigned* starts) { \
-        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, scale, starts);                           \
+                                                    const float* dsum, bf16_t* dqkv, int T, int H, int KV,  \
+                                                    float scale, const unsigned* starts) {                  \
+        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                          \
+    }                                                                                                        \
+    extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,     \
+                                               const float* dsum, bf16_t* dqkv, int T, int H, int KV,       \
+                                               float scale, const unsigned* starts) {                       \
+        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                        \
+    }                                                                                                        \
+    extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,                \
+                                                      const float* lse, const float* dsum, bf16_t* dqkv,    \
+                                                      int T, int H, int KV, float scale,                    \
+                                                      const unsigned* starts) {                             \
+        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                        \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

@@ -215,27 +215,28 @@ int main(int argc, char** argv) {
         launch(grid_n(n), B, [&] { cast_bf16(a.data(), bf.data(), n); });
         launch(std::min(grid_n(n), 3u), B, [&] { sumsq(a.data(), n, ss.data()); });
         store("bf16", bf), store("sumsq", ss);
-    } else if (k == "flash") {  // b T H hd scale (and the optional "starts"): forward, then the three
-                                // backward kernels; both block sizes
-        int b = I(4), T = I(5), H = I(6), hd = I(7);
-        float scale = F(8);
-        long rows = (long)b * T, d = (long)H * hd;
+    } else if (k == "flash") {  // b T H KV hd scale (and the optional "starts"): forward, then the
+                                // three backward kernels; both block sizes
+        int b = I(4), T = I(5), H = I(6), KV = I(7), hd = I(8);
+        float scale = F(9);
+        long rows = (long)b * T, d = (long)H * hd, w = d + 2L * KV * hd;
         auto qkv = load<uint16_t>("qkv"), dout = load<uint16_t>("dout");
         auto starts = load_optional<unsigned>("starts");
         const unsigned* st = or_null(starts);
-        // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp
+        // warps: forward and dQ 4 (narrow) or 8 (wide), dK/dV 2 or 4; rows per block 16 a warp;
+        // dK/dV has a block per kv head
         auto flash = [&](const char* suffix, int wq, int wk, auto fwd, auto dq, auto dkdv) {
             std::vector<uint16_t> out(rows * d);
             std::vector<float> lse(b * H * T), dsum(b * H * T);
-            std::vector<uint16_t> dqkv(rows * 3 * d);
+            std::vector<uint16_t> dqkv(rows * w);
             unsigned nqb = (T + 16 * wq - 1) / (16 * wq), nkb = (T + 16 * wk - 1) / (16 * wk);
-            launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, scale, st); });
+            launch(b * H * nqb, 32 * wq, [&] { fwd(qkv.data(), out.data(), lse.data(), T, H, KV, scale, st); });
             launch((unsigned)((rows * H * 32 + 255) / 256), 256,
                    [&] { flash_bwd_pre(dout.data(), out.data(), dsum.data(), rows, T, H, hd); });
             launch(b * H * nqb, 32 * wq,
-                   [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale, st); });
-            launch(b * H * nkb, 32 * wk,
-                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, scale, st); });
+                   [&] { dq(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, KV, scale, st); });
+            launch(b * KV * nkb, 32 * wk,
+                   [&] { dkdv(qkv.data(), dout.data(), lse.data(), dsum.data(), dqkv.data(), T, H, KV, scale, st); });
             std::string s(suffix);
             store("out" + s, out), store("lse" + s, lse), store("dsum" + s, dsum), store("dqkv" + s, dqkv);
         };

@@ -423,32 +423,42 @@ fn flash_attention_kernels_match_the_cpu_attention() {
     // Then within documents: boundaries inside tiles and on their edges, documents shorter
     // than a tile, one spanning several, so that blocks skip leading key tiles (forward, dQ)
     // and rows meet tiles wholly before their document.
-    for (bsz, t, heads, hd, eos_at) in [
-        (1, 70, 2, 32, &[][..]),
-        (2, 64, 1, 64, &[]),
-        (1, 40, 1, 128, &[]),
-        (1, 150, 1, 128, &[]),
-        (2, 150, 1, 64, &[3, 31, 32, 63, 64, 65, 129, 170, 250]),
-        (1, 100, 2, 32, &[0, 1, 2, 47, 95]),
+    // Then grouped- and multi-query attention: q heads read their kv head in place, and dK/dV
+    // sums the gradients of the q heads sharing it (across their query tiles, within
+    // documents too).
+    for (bsz, t, heads, kv_heads, hd, eos_at) in [
+        (1, 70, 2, 2, 32, &[][..]),
+        (2, 64, 1, 1, 64, &[]),
+        (1, 40, 1, 1, 128, &[]),
+        (1, 150, 1, 1, 128, &[]),
+        (2, 150, 1, 1, 64, &[3, 31, 32, 63, 64, 65, 129, 170, 250]),
+        (1, 100, 2, 2, 32, &[0, 1, 2, 47, 95]),
+        (2, 70, 4, 2, 32, &[]),
+        (1, 100, 3, 1, 64, &[5, 40, 41, 97]),
+        (1, 40, 2, 1, 128, &[]),
     ] {
         let mut tokens = vec![1u32; bsz * t];
         eos_at.iter().for_each(|&i| tokens[i] = 0);
         let doc_starts = ops::document_starts(&tokens, t, 0);
         let starts = (!eos_at.is_empty()).then_some(&doc_starts[..]);
-        let d = heads * hd;
+        let (d, kvd) = (heads * hd, kv_heads * hd);
+        let w = d + 2 * kvd;
         let bf = |v: Vec<f32>| -> Vec<f32> {
             v.iter()
                 .map(|&x| half::bf16::from_f32(x).to_f32())
                 .collect()
         };
         // bf16-representable inputs: the kernels read bf16, the CPU attention reads f32
-        let qkv = bf(rnd(bsz * t * 3 * d, 30 + hd as u64, 1.5));
+        let qkv = bf(rnd(bsz * t * w, 30 + hd as u64, 1.5));
         let dout = bf(rnd(bsz * t * d, 31 + hd as u64, 1.0));
+        // the CPU attention reads each kv head repeated for its q heads, and sums them back
+        let heads_qkv = ops::repeat_kv(&qkv, heads, kv_heads, hd);
         let mut out = vec![0.0; bsz * t * d];
         let mut probs = vec![0.0; bsz * heads * t * t];
-        ops::attention_forward(&qkv, bsz, t, heads, hd, starts, &mut out, &mut probs);
-        let mut dqkv = vec![0.0; qkv.len()];
-        ops::attention_backward(&dout, &qkv, &probs, bsz, t, heads, hd, &mut dqkv);
+        ops::attention_forward(&heads_qkv, bsz, t, heads, hd, starts, &mut out, &mut probs);
+        let mut dheads = vec![0.0; heads_qkv.len()];
+        ops::attention_backward(&dout, &heads_qkv, &probs, bsz, t, heads, hd, &mut dheads);
+        let dqkv = ops::sum_kv(&dheads, heads, kv_heads, hd);
         let scale = 1.0 / (hd as f32).sqrt();
         let doc_start = |bi: usize, i: usize| starts.map_or(0, |s| s[bi * t + i] as usize);
 
@@ -463,9 +473,10 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         if let Some(s) = starts {
             b.put_u32("starts", s);
         }
-        b.run(bin, "flash", 128, &s![bsz, t, heads, hd, scale]);
+        b.run(bin, "flash", 128, &s![bsz, t, heads, kv_heads, hd, scale]);
 
-        let what = format!("b {bsz}, T {t}, {heads} heads of {hd}, EOS at {eos_at:?}");
+        let what =
+            format!("b {bsz}, T {t}, {heads} heads ({kv_heads} kv) of {hd}, EOS at {eos_at:?}");
         let got_out = bf16_file(&b, "out");
         let e = rel_l2(&got_out, &out);
         assert!(e < 1e-2, "{what}: output relative error {e:.2e}");
@@ -474,10 +485,11 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         for bi in 0..bsz {
             for h in 0..heads {
                 for i in 0..t {
-                    let q = &qkv[(bi * t + i) * 3 * d + h * hd..][..hd];
+                    let q = &qkv[(bi * t + i) * w + h * hd..][..hd];
+                    let kh = h / (heads / kv_heads);
                     let s: Vec<f64> = (doc_start(bi, i)..=i)
                         .map(|j| {
-                            let k = &qkv[(bi * t + j) * 3 * d + d + h * hd..][..hd];
+                            let k = &qkv[(bi * t + j) * w + d + kh * hd..][..hd];
                             q.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64
                         })
                         .collect();
@@ -497,10 +509,10 @@ fn flash_attention_kernels_match_the_cpu_attention() {
             }
         }
         let got = bf16_file(&b, "dqkv");
-        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        for (cols, name) in [(0..d, "dq"), (d..d + kvd, "dk"), (d + kvd..w, "dv")] {
             let pick = |v: &[f32]| -> Vec<f32> {
-                v.chunks_exact(3 * d)
-                    .flat_map(|r| r[part * d..(part + 1) * d].to_vec())
+                v.chunks_exact(w)
+                    .flat_map(|r| r[cols.clone()].to_vec())
                     .collect()
             };
             let e = rel_l2(&pick(&got), &pick(&dqkv));
