@@ -793,8 +793,8 @@ struct Acts {
     qkv: Act,
     /// The entries `clip_qkv` clipped, one bit each.
     clipped: Option<Mem<u32>>,
-    /// QK-norm's inputs (q, k before their norms, in f32) and statistics.
-    qk: Option<[(Mem<f32>, Stats); 2]>,
+    /// QK-norm's inputs (q, k before their norms, in the projection's type) and statistics.
+    qk: Option<[(Act, Stats); 2]>,
     probs: Probs,
     att: Act,
     /// `norm_after` blocks: attn_out's output (attn_norm's input) and its statistics.
@@ -1475,8 +1475,10 @@ impl CudaEngine {
 
     /// QK-norm in place on the q and k columns of the fused qkv rows (in their type), through
     /// the row-norm kernels: q and k are copied out in f32, normalised, and copied back. Returns
-    /// those f32 inputs and their statistics for the backward pass.
-    fn qk_norm(&self, qkv: &Act, o: &LayerOffsets, n: usize) -> Result<[(Mem<f32>, Stats); 2]> {
+    /// those inputs and their statistics for the backward pass, kept in the projection's type:
+    /// under mixed precision q and k are bf16 already, so a bf16 copy keeps every bit at half
+    /// an f32 copy's memory (OLMo 2 7B at 4 × 4096 positions: 8.6 GB instead of 17).
+    fn qk_norm(&self, qkv: &Act, o: &LayerOffsets, n: usize) -> Result<[(Act, Stats); 2]> {
         let stride = self.cfg.qkv_width();
         let [q, k] = self.q_and_k();
         let mut saved = Vec::with_capacity(2);
@@ -1492,7 +1494,16 @@ impl CudaEngine {
                 stride,
                 (n, d),
             )?;
-            saved.push((raw, st));
+            let kept = match qkv {
+                Act::F32(_) => Act::F32(raw),
+                Act::Bf16(_) => {
+                    let kept = self.gpu.scratch::<u16>(n * d)?;
+                    let at = (self.gpu.ptr(&kept, 0), true);
+                    self.cols_copy(raw_at, d, at, d, (n, d))?;
+                    Act::Bf16(kept)
+                }
+            };
+            saved.push((kept, st));
         }
         Ok(saved.try_into().unwrap_or_else(|_| unreachable!("q and k")))
     }
@@ -1501,13 +1512,24 @@ impl CudaEngine {
     fn qk_norm_back(
         &self,
         dqkv: &Act,
-        saved: &[(Mem<f32>, Stats); 2],
+        saved: &[(Act, Stats); 2],
         o: &LayerOffsets,
         n: usize,
     ) -> Result<()> {
         let stride = self.cfg.qkv_width();
         let [q, k] = self.q_and_k();
-        for (((from, d), w), (raw, st)) in [(q, o.q_norm), (k, o.k_norm)].into_iter().zip(saved) {
+        for (((from, d), w), (kept, st)) in [(q, o.q_norm), (k, o.k_norm)].into_iter().zip(saved) {
+            // the norm kernels read f32: a bf16 input widens (exactly) for this layer only
+            let widened;
+            let raw = match kept {
+                Act::F32(m) => m,
+                Act::Bf16(_) => {
+                    widened = self.gpu.scratch::<f32>(n * d)?;
+                    let at = (self.gpu.ptr(&widened, 0), false);
+                    self.cols_copy(self.act_at(kept, 0), d, at, d, (n, d))?;
+                    &widened
+                }
+            };
             let dy = self.gpu.scratch::<f32>(n * d)?;
             let dy_at = (self.gpu.ptr(&dy, 0), false);
             self.cols_copy(self.act_at(dqkv, from), stride, dy_at, d, (n, d))?;
