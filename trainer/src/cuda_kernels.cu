@@ -1014,33 +1014,34 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
     // whether query tile q holds a query that sees one of the block's keys
     const int last_key = kb * BK + BK - 1;
     auto sees = [&](int q) { return q < T && !(sb && (int)sb[q] > last_key); };
-    for (int hi = 0, q0 = kb * BK, buf = 0;;) {
-        // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1:
-        // the head's next tile, or the next head's first.
-        cp_async_wait<0>();
-        __syncthreads();
-        int next_hi = hi, next_q0 = q0 + BQ;
-        if (!sees(next_q0)) next_hi = hi + 1, next_q0 = kb * BK;
-        bool more = next_hi < group;
-        if (more) load_tile(next_hi, next_q0, buf ^ 1);
-        float s[BQ / 8][4], dp[BQ / 8][4];
-        frags_times_tile<HD, BQ / 8>(dp, vf, dos[buf]);  // dPᵀ = V dOᵀ
-        frags_times_tile<HD, BQ / 8>(s, kf, qs[buf]);    // Sᵀ = K Qᵀ
-        bool masked = q0 < kb * BK + kr + 15;
-        #pragma unroll
-        for (int nt = 0; nt < BQ / 8; ++nt)
+    // The query tiles of each q head in turn, one pipeline across them: the tile after a head's
+    // last is the next head's first.
+    int buf = 0;
+    #pragma unroll 1
+    for (int hi = 0; hi < group; ++hi) {
+        for (int q0 = kb * BK; sees(q0); q0 += BQ, buf ^= 1) {
+            // Tile j has landed and every warp is done with tile j − 1, whose buffers take j + 1.
+            cp_async_wait<0>();
+            __syncthreads();
+            if (sees(q0 + BQ)) load_tile(hi, q0 + BQ, buf ^ 1);
+            else if (hi + 1 < group) load_tile(hi + 1, kb * BK, buf ^ 1);
+            float s[BQ / 8][4], dp[BQ / 8][4];
+            frags_times_tile<HD, BQ / 8>(dp, vf, dos[buf]);  // dPᵀ = V dOᵀ
+            frags_times_tile<HD, BQ / 8>(s, kf, qs[buf]);    // Sᵀ = K Qᵀ
+            bool masked = q0 < kb * BK + kr + 15;
             #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
-                bool out = (masked && q0 + qi < key) || (sb && key < qs0[buf][qi]);
-                float p = out ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
-                s[nt][i] = p;
-                dp[nt][i] = p * (dp[nt][i] - dd[buf][qi]);
-            }
-        acc_times_tile<HD, BQ / 16>(dv, s, dos[buf]);  // dV += Pᵀ dO
-        acc_times_tile<HD, BQ / 16>(dk, dp, qs[buf]);  // dK += dSᵀ Q (scaled at the end)
-        if (!more) break;
-        hi = next_hi, q0 = next_q0, buf ^= 1;
+            for (int nt = 0; nt < BQ / 8; ++nt)
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int key = kb * BK + kr + g + 8 * (i >> 1), qi = nt * 8 + 2 * c + (i & 1);
+                    bool out = (masked && q0 + qi < key) || (sb && key < qs0[buf][qi]);
+                    float p = out ? 0.f : exp2f(s[nt][i] * sl2 - ls[buf][qi]);
+                    s[nt][i] = p;
+                    dp[nt][i] = p * (dp[nt][i] - dd[buf][qi]);
+                }
+            acc_times_tile<HD, BQ / 16>(dv, s, dos[buf]);  // dV += Pᵀ dO
+            acc_times_tile<HD, BQ / 16>(dk, dp, qs[buf]);  // dK += dSᵀ Q (scaled at the end)
+        }
     }
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
