@@ -758,8 +758,9 @@ __device__ void flash_fwd_impl(const bf16_t* qkv, bf16_t* out, float* lse, int T
     int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
     long d = (long)H * HD, ld = d + 2L * KV * HD;
-    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
-    const bf16_t* k = kv_head(qkv + (long)b * T * ld, d, h, H, KV, HD);
+    const bf16_t* row0 = qkv + (long)b * T * ld;
+    const bf16_t* q = row0 + h * HD;
+    const bf16_t* k = kv_head(row0, d, h, H, KV, HD);
     const bf16_t* v = k + (long)KV * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     int r0 = qb * BR + warp * 16;
@@ -884,8 +885,9 @@ __device__ void flash_dq_impl(const bf16_t* qkv, const bf16_t* dout, const float
     int nbh = gridDim.x / nqb, bh = blockIdx.x % nbh, qb = nqb - 1 - blockIdx.x / nbh;
     int b = bh / H, h = bh % H;
     long d = (long)H * HD, ld = d + 2L * KV * HD;
-    const bf16_t* q = qkv + (long)b * T * ld + h * HD;
-    const bf16_t* k = kv_head(qkv + (long)b * T * ld, d, h, H, KV, HD);
+    const bf16_t* row0 = qkv + (long)b * T * ld;
+    const bf16_t* q = row0 + h * HD;
+    const bf16_t* k = kv_head(row0, d, h, H, KV, HD);
     const bf16_t* v = k + (long)KV * HD;
     const bf16_t* dob = dout + (long)b * T * d + h * HD;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -1057,37 +1059,27 @@ __device__ void flash_dkdv_impl(const bf16_t* qkv, const bf16_t* dout, const flo
 }
 
 // Two block sizes of each kernel, with the same bits: the engine times both on the first
-// launch for a shape and keeps the faster.
-#define FLASH_KERNELS(HD)                                                                                    \
-    extern "C" __global__ void flash_fwd_##HD(const bf16_t* qkv, bf16_t* out, float* lse, int T, int H, int KV, \
-                                              float scale, const unsigned* starts) {                        \
-        flash_fwd_impl<HD, 4>(qkv, out, lse, T, H, KV, scale, starts);                                      \
-    }                                                                                                        \
-    extern "C" __global__ void flash_fwd_##HD##_wide(const bf16_t* qkv, bf16_t* out, float* lse, int T,     \
-                                                     int H, int KV, float scale, const unsigned* starts) {  \
-        flash_fwd_impl<HD, 8>(qkv, out, lse, T, H, KV, scale, starts);                                      \
-    }                                                                                                        \
-    extern "C" __global__ void flash_dq_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,       \
-                                             const float* dsum, bf16_t* dqkv, int T, int H, int KV,         \
-                                             float scale, const unsigned* starts) {                         \
-        flash_dq_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                          \
-    }                                                                                                        \
-    extern "C" __global__ void flash_dq_##HD##_wide(const bf16_t* qkv, const bf16_t* dout, const float* lse, \
-                                                    const float* dsum, bf16_t* dqkv, int T, int H, int KV,  \
-                                                    float scale, const unsigned* starts) {                  \
-        flash_dq_impl<HD, 8>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                          \
-    }                                                                                                        \
-    extern "C" __global__ void flash_dkdv_##HD(const bf16_t* qkv, const bf16_t* dout, const float* lse,     \
-                                               const float* dsum, bf16_t* dqkv, int T, int H, int KV,       \
-                                               float scale, const unsigned* starts) {                       \
-        flash_dkdv_impl<HD, 2>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                        \
-    }                                                                                                        \
-    extern "C" __global__ void flash_dkdv_##HD##_wide(const bf16_t* qkv, const bf16_t* dout,                \
-                                                      const float* lse, const float* dsum, bf16_t* dqkv,    \
-                                                      int T, int H, int KV, float scale,                    \
-                                                      const unsigned* starts) {                             \
-        flash_dkdv_impl<HD, 4>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                        \
+// launch for a shape and keeps the faster. flash_<kind>_<HD>[_wide] runs flash_<kind>_impl
+// with WARPS warps a block (the engine's `flash_warps`).
+#define FLASH_FWD(HD, SUFFIX, WARPS)                                                                        \
+    extern "C" __global__ void flash_fwd_##HD##SUFFIX(const bf16_t* qkv, bf16_t* out, float* lse, int T,   \
+                                                      int H, int KV, float scale, const unsigned* starts) { \
+        flash_fwd_impl<HD, WARPS>(qkv, out, lse, T, H, KV, scale, starts);                                  \
     }
+#define FLASH_BWD(KIND, HD, SUFFIX, WARPS)                                                                  \
+    extern "C" __global__ void flash_##KIND##_##HD##SUFFIX(const bf16_t* qkv, const bf16_t* dout,          \
+                                                           const float* lse, const float* dsum,             \
+                                                           bf16_t* dqkv, int T, int H, int KV, float scale, \
+                                                           const unsigned* starts) {                        \
+        flash_##KIND##_impl<HD, WARPS>(qkv, dout, lse, dsum, dqkv, T, H, KV, scale, starts);                \
+    }
+#define FLASH_KERNELS(HD)                                                                                   \
+    FLASH_FWD(HD, , 4)                                                                                      \
+    FLASH_FWD(HD, _wide, 8)                                                                                 \
+    FLASH_BWD(dq, HD, , 4)                                                                                  \
+    FLASH_BWD(dq, HD, _wide, 8)                                                                             \
+    FLASH_BWD(dkdv, HD, , 2)                                                                                \
+    FLASH_BWD(dkdv, HD, _wide, 4)
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)
 FLASH_KERNELS(128)
