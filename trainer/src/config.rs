@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::device::Request;
 use crate::instance_filter::InstanceFilter;
-use crate::model::{InitFn, ModelConfig};
+use crate::model::{Checkpointing, InitFn, ModelConfig};
 use crate::ops::NormKind;
 
 #[derive(Debug, Deserialize)]
@@ -120,8 +120,41 @@ pub struct TrainConfig {
     pub precision: Option<String>,
     #[serde(default)]
     pub speed_monitor: SpeedMonitorSection,
+    /// OLMo's `activation_checkpointing`: the blocks computed again in the backward pass
+    /// rather than kept (`whole_layer`, `one_in_two`, ...; `true` is `whole_layer`, as OLMo
+    /// reads its old configs).
+    #[serde(default, deserialize_with = "checkpointing")]
+    pub activation_checkpointing: Checkpointing,
     #[serde(flatten)]
     pub other: BTreeMap<String, IgnoredAny>,
+}
+
+fn checkpointing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Checkpointing, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Flag(bool),
+        Name(String),
+    }
+    Ok(match Option::<Raw>::deserialize(d)? {
+        None | Some(Raw::Flag(false)) => Checkpointing::Off,
+        Some(Raw::Flag(true)) => Checkpointing::WholeLayer,
+        Some(Raw::Name(n)) => match Checkpointing::from_name(&n) {
+            Some(c) => c,
+            None if n == "fine_grained" => {
+                return Err(serde::de::Error::custom(format!(
+                    "activation_checkpointing: fine_grained (OLMo's checkpointing of the functions inside each block) is not implemented here: use one of {}",
+                    Checkpointing::NAMES.join(", ")
+                )))
+            }
+            None => {
+                return Err(serde::de::Error::custom(format!(
+                    "activation_checkpointing: unknown strategy {n:?}: OLMo's are {} (or false)",
+                    Checkpointing::NAMES.join(", ")
+                )))
+            }
+        },
+    })
 }
 
 /// OLMo's `speed_monitor:` section.
@@ -952,6 +985,39 @@ mod tests {
         let err = cfg.model_config().unwrap_err().to_string();
         assert!(err.contains("include_bias"), "{err}");
         assert_eq!(cfg.ignored_fields(), vec!["wandb".to_string()]);
+    }
+
+    #[test]
+    fn activation_checkpointing_reads_olmo_strategies_and_refuses_the_rest() {
+        let base = "model: {d_model: 8, n_heads: 2, n_layers: 1, vocab_size: 10, max_sequence_length: 8}\n\
+                    data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\n";
+        let parse = |extra: &str| {
+            serde_saphyr::from_str::<TrainConfig>(&format!("{base}{extra}"))
+                .map(|c| (c.activation_checkpointing, c.ignored_fields()))
+                .map_err(|e| e.to_string())
+        };
+        let off = Ok((Checkpointing::Off, vec![]));
+        assert_eq!(parse(""), off);
+        assert_eq!(parse("activation_checkpointing: null\n"), off);
+        assert_eq!(parse("activation_checkpointing: false\n"), off);
+        // OLMo reads an old config's `true` as whole_layer
+        let whole = Ok((Checkpointing::WholeLayer, vec![]));
+        assert_eq!(parse("activation_checkpointing: true\n"), whole);
+        assert_eq!(parse("activation_checkpointing: whole_layer\n"), whole);
+        assert_eq!(
+            parse("activation_checkpointing: three_in_four\n"),
+            Ok((Checkpointing::AllButOneIn(4), vec![]))
+        );
+        let err = parse("activation_checkpointing: fine_grained\n").unwrap_err();
+        assert!(
+            err.contains("fine_grained") && err.contains("one_in_two"),
+            "{err}"
+        );
+        let err = parse("activation_checkpointing: every_layer\n").unwrap_err();
+        assert!(
+            err.contains("\"every_layer\"") && err.contains("whole_layer"),
+            "{err}"
+        );
     }
 
     #[test]

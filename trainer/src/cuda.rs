@@ -26,7 +26,7 @@ use cudarc::driver::{
 use crate::backend::{Backend, StateFn, Update};
 use crate::cublaslt::Lt;
 use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
-use crate::model::{Batch, LayerOffsets, Layout, Model, ModelConfig, Scores};
+use crate::model::{Batch, Checkpointing, LayerOffsets, Layout, Model, ModelConfig, Scores};
 use crate::ops::{NormKind, RopeTable, IGNORE};
 use crate::optim::Optimizer;
 
@@ -785,9 +785,8 @@ impl Probs {
     }
 }
 
-/// Device activations of one layer kept for the backward pass.
+/// Device activations of one layer, for its backward pass.
 struct Acts {
-    x_in: Mem<f32>,
     /// Pre-norm blocks: attn_norm's output (att_proj's input) and its statistics.
     ln1: Option<(Act, Stats)>,
     qkv: Act,
@@ -806,6 +805,13 @@ struct Acts {
     ff_post: Option<(Mem<f32>, Stats)>,
 }
 
+/// What the backward pass has of a layer: its input, and its activations unless activation
+/// checkpointing computes them again.
+struct Kept {
+    x_in: Mem<f32>,
+    acts: Option<Acts>,
+}
+
 /// A norm's per-row mean and reciprocal deviation, for its backward pass.
 struct Stats {
     mean: Mem<f32>,
@@ -816,6 +822,8 @@ pub struct CudaEngine {
     pub gpu: Gpu,
     cfg: ModelConfig,
     layout: Layout,
+    /// The layers whose activations the backward pass computes again.
+    checkpointing: Checkpointing,
     bf16: bool,
     /// Attention by the flash kernels (bf16 only) instead of GEMMs over materialised T×T
     /// scores and probabilities.
@@ -896,6 +904,7 @@ impl CudaEngine {
             sin: gpu.upload(&table.sin)?,
             norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
             nccl: None,
+            checkpointing: model.checkpointing,
             layout: model.layout.clone(),
             cfg,
             bf16,
@@ -924,6 +933,11 @@ impl CudaEngine {
         }
         self.flash = on;
         Ok(())
+    }
+
+    /// Sets which layers the backward pass computes again (the model's at construction).
+    pub fn set_checkpointing(&mut self, checkpointing: Checkpointing) {
+        self.checkpointing = checkpointing;
     }
 
     /// Sets the flash kernels' block size (`OLMO_TRAIN_FLASH_BLOCKS` otherwise); the bits do
@@ -1904,6 +1918,61 @@ impl CudaEngine {
         self.flash_launch("dkdv", b, t, &args)
     }
 
+    /// One block's forward pass from its input `x`: its output, and the activations its
+    /// backward pass reads.
+    fn layer_forward(
+        &self,
+        x: &Mem<f32>,
+        o: &LayerOffsets,
+        (b, t): (usize, usize),
+        starts: u64,
+    ) -> Result<(Mem<f32>, Acts)> {
+        let c = self.cfg;
+        let (d, h, w) = (c.d_model, c.mlp_hidden, c.qkv_width());
+        let n = b * t;
+        // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
+        let ln1 = self.pre_norm(x, o.attn_norm, n)?;
+        let h1 = ln1.as_ref().map_or(Src::F32(x), |(y, _)| y.src());
+        let qkv = self.linear(h1, o.att_proj, (n, d, w), true)?;
+        let clipped = c
+            .clip_qkv
+            .map(|c| self.clip_qkv(&qkv, n * w, c))
+            .transpose()?;
+        let qk = c.qk_norm.then(|| self.qk_norm(&qkv, o, n)).transpose()?;
+        self.rope(&qkv, n, t, false)?;
+        // only a GEMM operand: bf16 under mixed precision
+        let att = self.operand_out(n * d)?;
+        let qp = self.heads(&qkv, n)?;
+        let probs = if self.flash {
+            self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
+        } else {
+            self.materialised_forward(qp.buf, &att, (b, t), starts)?
+        };
+        drop(qp);
+        let (x_mid, attn_post) = self.join(att.src(), (o.attn_out, (n, d, d)), o.attn_norm, x)?;
+        // MLP branch, alike.
+        let ln2 = self.pre_norm(&x_mid, o.ff_norm, n)?;
+        let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
+        let ff_in = self.linear(h2, o.ff_proj, (n, d, 2 * h), true)?;
+        let ff_act = self.swiglu(&ff_in, n)?;
+        let (x_out, ff_post) = self.join(ff_act.src(), (o.ff_out, (n, h, d)), o.ff_norm, &x_mid)?;
+        let acts = Acts {
+            ln1,
+            qkv,
+            clipped,
+            qk,
+            probs,
+            att,
+            attn_post,
+            x_mid,
+            ln2,
+            ff_in,
+            ff_act,
+            ff_post,
+        };
+        Ok((x_out, acts))
+    }
+
     fn run(&mut self, batch: &Batch, backward: Option<f32>) -> Result<Scores> {
         let c = self.cfg;
         let (d, h, w) = (c.d_model, c.mlp_hidden, c.qkv_width());
@@ -1946,53 +2015,13 @@ impl CudaEngine {
                 Arg::I(d as i32),
             ],
         )?;
-        let mut acts = Vec::new();
-        for o in &lay.layers {
-            // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
-            let ln1 = self.pre_norm(&x, o.attn_norm, n)?;
-            let h1 = ln1.as_ref().map_or(Src::F32(&x), |(y, _)| y.src());
-            let qkv = self.linear(h1, o.att_proj, (n, d, w), true)?;
-            let clipped = c
-                .clip_qkv
-                .map(|c| self.clip_qkv(&qkv, n * w, c))
-                .transpose()?;
-            let qk = c.qk_norm.then(|| self.qk_norm(&qkv, o, n)).transpose()?;
-            self.rope(&qkv, n, t, false)?;
-            // only a GEMM operand: bf16 under mixed precision
-            let att = self.operand_out(n * d)?;
-            let qp = self.heads(&qkv, n)?;
-            let probs = if self.flash {
-                self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
-            } else {
-                self.materialised_forward(qp.buf, &att, (b, t), starts)?
-            };
-            drop(qp);
-            let (x_mid, attn_post) =
-                self.join(att.src(), (o.attn_out, (n, d, d)), o.attn_norm, &x)?;
-            // MLP branch, alike.
-            let ln2 = self.pre_norm(&x_mid, o.ff_norm, n)?;
-            let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
-            let ff_in = self.linear(h2, o.ff_proj, (n, d, 2 * h), true)?;
-            let ff_act = self.swiglu(&ff_in, n)?;
-            let (x_out, ff_post) =
-                self.join(ff_act.src(), (o.ff_out, (n, h, d)), o.ff_norm, &x_mid)?;
+        let mut kept = Vec::new();
+        for (i, o) in lay.layers.iter().enumerate() {
+            let (x_out, acts) = self.layer_forward(&x, o, (b, t), starts)?;
             let x_in = std::mem::replace(&mut x, x_out);
             if backward.is_some() {
-                acts.push(Acts {
-                    x_in,
-                    ln1,
-                    qkv,
-                    clipped,
-                    qk,
-                    probs,
-                    att,
-                    attn_post,
-                    x_mid,
-                    ln2,
-                    ff_in,
-                    ff_act,
-                    ff_post,
-                });
+                let acts = (!self.checkpointing.recomputes(i)).then_some(acts);
+                kept.push(Kept { x_in, acts });
             }
         }
         let (lnf, lnf_st) = self.norm(&x, lay.ln_f, n)?;
@@ -2045,7 +2074,11 @@ impl CudaEngine {
         drop(dlogits);
         let dx = self.gpu.zeros::<f32>(n * d)?;
         self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, (n, d), &dx)?;
-        for (o, a) in lay.layers.iter().zip(&acts).rev() {
+        for (o, k) in lay.layers.iter().zip(kept).rev() {
+            let a = &match k.acts {
+                Some(a) => a,
+                None => self.layer_forward(&k.x_in, o, (b, t), starts)?.1,
+            };
             // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
             let df = self.post_norm_back(&dx, &a.ff_post, o.ff_norm, n)?;
             let dout = df.as_ref().unwrap_or(&dx);
@@ -2092,7 +2125,7 @@ impl CudaEngine {
                 self.clip_qkv_back(&dqkv, n * w, bits)?;
             }
             let proj = (o.att_proj, (n, d, w));
-            self.input_back(dqkv.src(), (&a.x_in, &a.ln1), proj, o.attn_norm, &dx)?;
+            self.input_back(dqkv.src(), (&k.x_in, &a.ln1), proj, o.attn_norm, &dx)?;
         }
         let (tokens, starts, positions) = by_token.expect("uploaded for the backward pass");
         self.gpu.launch(

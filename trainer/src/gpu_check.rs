@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use crate::backend::{Backend, Cpu, Update};
 use crate::cuda::{flash_flops, CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
-use crate::model::{init_params, Batch, InitFn, Model, ModelConfig, Role};
+use crate::model::{init_params, Batch, Checkpointing, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
 use crate::xorshift::XorShift;
@@ -714,11 +714,25 @@ pub fn run(opts: &Options) -> Result<()> {
             time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
             hashes.push(state_hash(&mut gpu)?);
         }
+        // layers computed again in the backward pass must give what keeping them gave
+        let (mut gpu, decay, _) = fresh_engine(opts.ordinal, affine, seq, flash)?;
+        gpu.set_flash_blocks(FlashBlocks::Narrow);
+        gpu.set_checkpointing(Checkpointing::OneIn(2));
+        time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
+        let checkpointed = state_hash(&mut gpu)?;
+        drop(gpu);
         let mut row = |what: String, same: bool| {
             repeats &= same;
             println!("| {what} | {} |", if same { "yes" } else { "NO" });
         };
         row(attention_name(flash).to_string(), hashes[0] == hashes[1]);
+        row(
+            format!(
+                "{}: activation checkpointing one_in_two vs none",
+                attention_name(flash)
+            ),
+            hashes[0] == checkpointed,
+        );
         if flash {
             row(
                 format!("{}: wide blocks vs narrow", attention_name(flash)),
@@ -794,6 +808,19 @@ fn time_large(opts: &Options, cfg: ModelConfig, steps: u64, profile: bool) -> Re
         if profile {
             profile_step(&mut gpu, &windows, micro, &decay, &cfg)?;
         }
+        // the same engine with every layer computed again in the backward pass: the memory
+        // that saves and the time it costs
+        gpu.set_checkpointing(Checkpointing::WholeLayer);
+        gpu.gpu.reset_peak_memory()?;
+        let (ckpt_tps, ..) = time_training(&mut gpu, &windows, micro, 1, steps, &decay, 4e-4)?;
+        let ckpt_peak = gpu.gpu.peak_memory()?.map_or("unknown".into(), |b| {
+            format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+        });
+        println!(
+            "{} with activation checkpointing whole_layer: {ckpt_tps:.0} tokens/s ({:.0}% of the above), peak GPU memory {ckpt_peak}",
+            attention_name(flash),
+            100.0 * ckpt_tps / tps
+        );
     }
     Ok(())
 }

@@ -120,6 +120,86 @@ impl ModelConfig {
     }
 }
 
+/// OLMo's `activation_checkpointing`: the blocks whose activations the forward pass drops,
+/// keeping only the block's input, for the backward pass to compute them again. Memory for
+/// compute: such a block costs one more forward pass (about a third more of its FLOPs, which
+/// MFU does not count). The results are the same bits, as every kernel is deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    #[default]
+    Off,
+    WholeLayer,
+    /// Blocks 0, n, 2n, … (`one_in_two`, `one_in_three`, `one_in_four`, `one_in_eight`).
+    OneIn(usize),
+    /// The other blocks (`two_in_three`, `three_in_four`).
+    AllButOneIn(usize),
+}
+
+impl Checkpointing {
+    /// OLMo's names of the strategies this engine has (`fine_grained`, which checkpoints
+    /// functions inside a block, is not one).
+    pub const NAMES: [&'static str; 7] = [
+        "whole_layer",
+        "one_in_two",
+        "one_in_three",
+        "one_in_four",
+        "one_in_eight",
+        "two_in_three",
+        "three_in_four",
+    ];
+
+    pub fn from_name(name: &str) -> Option<Checkpointing> {
+        use Checkpointing::*;
+        Some(match name {
+            "whole_layer" => WholeLayer,
+            "one_in_two" => OneIn(2),
+            "one_in_three" => OneIn(3),
+            "one_in_four" => OneIn(4),
+            "one_in_eight" => OneIn(8),
+            "two_in_three" => AllButOneIn(3),
+            "three_in_four" => AllButOneIn(4),
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        use Checkpointing::*;
+        match self {
+            Off => "off",
+            WholeLayer => "whole_layer",
+            OneIn(2) => "one_in_two",
+            OneIn(3) => "one_in_three",
+            OneIn(4) => "one_in_four",
+            OneIn(_) => "one_in_eight",
+            AllButOneIn(3) => "two_in_three",
+            AllButOneIn(_) => "three_in_four",
+        }
+    }
+
+    /// For a run's first line: `""` when off.
+    pub fn describe(self, layers: usize) -> String {
+        match self {
+            Checkpointing::Off => String::new(),
+            c => format!(
+                "; activation checkpointing {}: {} of {layers} blocks computed again in the backward pass",
+                c.name(),
+                (0..layers).filter(|&l| c.recomputes(l)).count()
+            ),
+        }
+    }
+
+    /// Whether block `layer` (counted from 0) is computed again in the backward pass, as
+    /// OLMo's `should_checkpoint_block` decides.
+    pub fn recomputes(self, layer: usize) -> bool {
+        match self {
+            Checkpointing::Off => false,
+            Checkpointing::WholeLayer => true,
+            Checkpointing::OneIn(n) => layer.is_multiple_of(n),
+            Checkpointing::AllButOneIn(n) => !layer.is_multiple_of(n),
+        }
+    }
+}
+
 /// What a tensor is, which decides its init and its weight-decay group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -431,7 +511,6 @@ struct Stats {
 /// Activations one layer's backward pass needs. Pre-norm blocks keep each norm's output (the
 /// next GEMM's input); `norm_after` blocks keep each branch's output before its norm instead.
 struct LayerActs {
-    x_in: Vec<f32>,
     ln1: Option<(Vec<f32>, Stats)>,
     qkv: Vec<f32>,
     /// The entries `clip_qkv` clipped, one bit each.
@@ -448,10 +527,19 @@ struct LayerActs {
     ff_post: Option<(Vec<f32>, Stats)>,
 }
 
+/// What the backward pass has of a layer: its input, and its activations unless the layer is
+/// one that activation checkpointing computes again.
+struct Kept {
+    x_in: Vec<f32>,
+    acts: Option<LayerActs>,
+}
+
 /// The model: its shape, where its tensors are, and the RoPE table.
 pub struct Model {
     pub cfg: ModelConfig,
     pub layout: Layout,
+    /// The layers whose activations the backward pass computes again rather than keeps.
+    pub checkpointing: Checkpointing,
     rope: RopeTable,
 }
 
@@ -460,8 +548,17 @@ impl Model {
     pub fn new(cfg: ModelConfig, max_seq: usize) -> Model {
         Model {
             layout: Layout::new(&cfg),
+            checkpointing: Checkpointing::Off,
             rope: RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta),
             cfg,
+        }
+    }
+
+    /// The model with activation checkpointing as given (it changes memory and time, not bits).
+    pub fn with_checkpointing(self, checkpointing: Checkpointing) -> Model {
+        Model {
+            checkpointing,
+            ..self
         }
     }
 
@@ -614,6 +711,63 @@ impl Model {
         }
     }
 
+    /// One block's forward pass from its input `x`: its output, and the activations its
+    /// backward pass reads.
+    fn layer_forward(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        o: &LayerOffsets,
+        batch: &Batch,
+    ) -> (Vec<f32>, LayerActs) {
+        let cfg = &self.cfg;
+        let (d, hh, h) = (cfg.d_model, cfg.n_heads, cfg.mlp_hidden);
+        let (hd, kvh, w) = (cfg.head_dim(), cfg.n_kv_heads, cfg.qkv_width());
+        let (b, t) = (batch.b, batch.t);
+        let n = b * t;
+        // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
+        let ln1 = (!cfg.norm_after).then(|| self.norm(params, x, o.attn_norm));
+        let mut qkv = vec![0.0; n * w];
+        let h1 = ln1.as_ref().map_or(x, |(y, _)| y);
+        matmul_forward(h1, &params[o.att_proj..], n, d, w, &mut qkv);
+        let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
+        let qk = cfg.qk_norm.then(|| self.qk_norm(params, &mut qkv, o));
+        rope(&mut qkv, w, hh + kvh, t, &self.rope, false);
+        let mut att = vec![0.0; n * d];
+        let mut probs = vec![0.0; b * hh * t * t];
+        let heads = self.heads(&qkv);
+        attention_forward(&heads, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
+        drop(heads);
+        let mut a = vec![0.0; n * d];
+        matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
+        let (x_mid, attn_post) = self.join(params, a, o.attn_norm, x);
+        // MLP branch, alike.
+        let ln2 = (!cfg.norm_after).then(|| self.norm(params, &x_mid, o.ff_norm));
+        let h2 = ln2.as_ref().map_or(&x_mid, |(y, _)| y);
+        let mut ff_in = vec![0.0; n * 2 * h];
+        matmul_forward(h2, &params[o.ff_proj..], n, d, 2 * h, &mut ff_in);
+        let mut ff_act = vec![0.0; n * h];
+        swiglu_forward(&ff_in, h, &mut ff_act);
+        let mut f = vec![0.0; n * d];
+        matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut f);
+        let (x_out, ff_post) = self.join(params, f, o.ff_norm, &x_mid);
+        let acts = LayerActs {
+            ln1,
+            qkv,
+            clipped,
+            qk,
+            probs,
+            att,
+            attn_post,
+            x_mid,
+            ln2,
+            ff_in,
+            ff_act,
+            ff_post,
+        };
+        (x_out, acts)
+    }
+
     /// Scores a batch without keeping activations for a backward pass.
     pub fn forward(&self, params: &[f32], batch: &Batch) -> Scores {
         self.run(params, batch, None)
@@ -648,51 +802,13 @@ impl Model {
         for (row, &tok) in x.chunks_exact_mut(d).zip(batch.inputs) {
             row.copy_from_slice(&wte[tok as usize * d..(tok as usize + 1) * d]);
         }
-        let mut acts: Vec<LayerActs> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
-        for o in &lay.layers {
-            // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
-            let ln1 = (!cfg.norm_after).then(|| self.norm(params, &x, o.attn_norm));
-            let mut qkv = vec![0.0; n * w];
-            let h1 = ln1.as_ref().map_or(&x, |(y, _)| y);
-            matmul_forward(h1, &params[o.att_proj..], n, d, w, &mut qkv);
-            let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
-            let qk = cfg.qk_norm.then(|| self.qk_norm(params, &mut qkv, o));
-            rope(&mut qkv, w, hh + kvh, t, &self.rope, false);
-            let mut att = vec![0.0; n * d];
-            let mut probs = vec![0.0; b * hh * t * t];
-            let heads = self.heads(&qkv);
-            attention_forward(&heads, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
-            drop(heads);
-            let mut a = vec![0.0; n * d];
-            matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
-            let (x_mid, attn_post) = self.join(params, a, o.attn_norm, &x);
-            // MLP branch, alike.
-            let ln2 = (!cfg.norm_after).then(|| self.norm(params, &x_mid, o.ff_norm));
-            let h2 = ln2.as_ref().map_or(&x_mid, |(y, _)| y);
-            let mut ff_in = vec![0.0; n * 2 * h];
-            matmul_forward(h2, &params[o.ff_proj..], n, d, 2 * h, &mut ff_in);
-            let mut ff_act = vec![0.0; n * h];
-            swiglu_forward(&ff_in, h, &mut ff_act);
-            let mut f = vec![0.0; n * d];
-            matmul_forward(&ff_act, &params[o.ff_out..], n, h, d, &mut f);
-            let (x_out, ff_post) = self.join(params, f, o.ff_norm, &x_mid);
+        let mut kept: Vec<Kept> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
+        for (i, o) in lay.layers.iter().enumerate() {
+            let (x_out, acts) = self.layer_forward(params, &x, o, batch);
             let x_in = std::mem::replace(&mut x, x_out);
             if keep {
-                acts.push(LayerActs {
-                    x_in,
-                    ln1,
-                    qkv,
-                    clipped,
-                    qk,
-                    probs,
-                    att,
-                    attn_post,
-                    x_mid,
-                    ln2,
-                    ff_in,
-                    ff_act,
-                    ff_post,
-                });
+                let acts = (!self.checkpointing.recomputes(i)).then_some(acts);
+                kept.push(Kept { x_in, acts });
             }
         }
         let (lnf, lnf_st) = self.norm(params, &x, lay.ln_f);
@@ -738,7 +854,11 @@ impl Model {
         drop(dlogits);
         let mut dx = vec![0.0; n * d];
         self.norm_back(params, grads, &dlnf, (&x, &lnf_st), lay.ln_f, &mut dx);
-        for (o, a) in lay.layers.iter().zip(&acts).rev() {
+        for (o, k) in lay.layers.iter().zip(kept).rev() {
+            let a = &match k.acts {
+                Some(a) => a,
+                None => self.layer_forward(params, &k.x_in, o, batch).1,
+            };
             // MLP branch; `dx` is dL/dx_out, and the residual's share of dL/dx_mid.
             let df_post = self.post_norm_back(params, grads, &dx, &a.ff_post, o.ff_norm);
             let mut dff_act = vec![0.0; n * h];
@@ -805,7 +925,7 @@ impl Model {
             let mut dh1 = vec![0.0; n * d];
             matmul_backward(
                 &dqkv,
-                a.ln1.as_ref().map_or(&a.x_in, |(y, _)| y),
+                a.ln1.as_ref().map_or(&k.x_in, |(y, _)| y),
                 &params[o.att_proj..],
                 n,
                 d,
@@ -818,7 +938,7 @@ impl Model {
                 params,
                 grads,
                 &dh1,
-                (&a.x_in, &a.ln1),
+                (&k.x_in, &a.ln1),
                 o.attn_norm,
                 &mut dx_in,
             );
@@ -984,6 +1104,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn checkpointed_layers_give_the_same_bits() {
+        // 5 layers, so that every strategy computes some blocks again and keeps others; OLMo 1
+        // blocks with clip_qkv, and OLMo 2 blocks with grouped-query attention; documents
+        for (olmo2, kv_heads, clip) in [(false, 2, Some(0.4)), (true, 1, None)] {
+            let cfg = ModelConfig {
+                n_layers: 5,
+                n_kv_heads: kv_heads,
+                norm_after: olmo2,
+                qk_norm: olmo2,
+                qk_norm_affine: olmo2,
+                clip_qkv: clip,
+                ..tiny(NormKind::Rms, true, !olmo2)
+            };
+            let params = init_params(&cfg, InitFn::Normal, 0.3, None, 4);
+            let seqs = vec![vec![3u32, 7, 1, 19, 4, 7], vec![5u32, 5, 0, 2, 18, 9]];
+            let (mut i, mut t) = (Vec::new(), Vec::new());
+            let mut batch = Batch::from_windows(&seqs, &mut i, &mut t);
+            let starts = crate::ops::document_starts(batch.inputs, batch.t, 7);
+            batch.doc_starts = Some(&starts);
+            let run = |c: Checkpointing| {
+                let model = Model::new(cfg, 16).with_checkpointing(c);
+                let mut grads = vec![0.0; params.len()];
+                let s = model.forward_backward(&params, &batch, 0.5, &mut grads);
+                (s.ce_sum, s.z_sum, s.logprobs, grads)
+            };
+            let plain = run(Checkpointing::Off);
+            assert!(plain.3.iter().all(|g| g.is_finite()) && plain.3.iter().any(|&g| g != 0.0));
+            for name in Checkpointing::NAMES {
+                let c = Checkpointing::from_name(name).unwrap();
+                assert_eq!(c.name(), name);
+                let again = (0..5).filter(|&l| c.recomputes(l)).count();
+                assert!(again > 0, "{name}");
+                let got = run(c);
+                assert!(got == plain, "olmo2 {olmo2}: {name} changes the results");
+            }
+        }
+    }
+
+    #[test]
+    fn checkpointing_picks_the_blocks_olmo_picks() {
+        let picks = |name| {
+            let c = Checkpointing::from_name(name).unwrap();
+            (0..9).filter(|&l| c.recomputes(l)).collect::<Vec<_>>()
+        };
+        assert_eq!(picks("whole_layer"), (0..9).collect::<Vec<_>>());
+        assert_eq!(picks("one_in_two"), [0, 2, 4, 6, 8]);
+        assert_eq!(picks("one_in_three"), [0, 3, 6]);
+        assert_eq!(picks("one_in_four"), [0, 4, 8]);
+        assert_eq!(picks("one_in_eight"), [0, 8]);
+        assert_eq!(picks("two_in_three"), [1, 2, 4, 5, 7, 8]);
+        assert_eq!(picks("three_in_four"), [1, 2, 3, 5, 6, 7]);
+        assert!(!Checkpointing::Off.recomputes(0));
+        assert_eq!(Checkpointing::from_name("fine_grained"), None);
+        assert_eq!(
+            Checkpointing::from_name("one_in_three").unwrap().describe(16),
+            "; activation checkpointing one_in_three: 6 of 16 blocks computed again in the backward pass"
+        );
     }
 
     #[test]

@@ -433,7 +433,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let mut engine = engine(
         device,
         (bf16, cfg.model.flash_attention),
-        Model::new(mcfg, seq),
+        Model::new(mcfg, seq).with_checkpointing(cfg.activation_checkpointing),
         [
             std::mem::take(&mut params),
             std::mem::take(&mut exp_avg),
@@ -461,14 +461,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     }
     if lead {
         eprintln!(
-        "olmo-train: {} parameters ({} non-embedding) in {} layers of {}, {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}",
+        "olmo-train: {} parameters ({} non-embedding) in {} layers of {}, {:.1} MFLOPs/token; {} instances of {seq} tokens; {max_steps} steps of {batch} (micro-batch {micro}; {steps_per_epoch} steps per epoch); {}{}",
         layout.total,
         mcfg.non_embedding_params(),
         mcfg.n_layers,
         mcfg.block(),
         mcfg.flops_per_token(seq) / 1e6,
         shards.len(),
-        engine.describe()
+        engine.describe(),
+        cfg.activation_checkpointing.describe(mcfg.n_layers)
     );
     }
     for (label, ce) in &evals.unigram {
