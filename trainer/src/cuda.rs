@@ -195,10 +195,48 @@ impl Elem for u32 {
     const POISON: u32 = u32::MAX - 1;
 }
 
-/// A buffer in GPU memory, or in host memory when the engine runs on the host emulator.
+/// A buffer in GPU memory, or in host memory when the engine runs on the host emulator, or
+/// only its size when the engine plans memory ([`Gpu::memory_planner`]).
 pub enum Mem<T> {
     Dev(CudaSlice<T>),
     Host(Vec<T>),
+    Planned(Planned),
+}
+
+/// The bytes a memory plan holds now and has held at most at once.
+#[derive(Default)]
+pub struct Meter {
+    now: std::sync::atomic::AtomicU64,
+    high: std::sync::atomic::AtomicU64,
+}
+
+/// A buffer of a memory plan: its length, counted in its meter while it lives.
+pub struct Planned {
+    len: usize,
+    bytes: u64,
+    meter: Arc<Meter>,
+}
+
+impl Planned {
+    fn new<T>(n: usize, meter: &Arc<Meter>) -> Planned {
+        use std::sync::atomic::Ordering::SeqCst;
+        let bytes = (n.max(1) * std::mem::size_of::<T>()) as u64;
+        let now = meter.now.fetch_add(bytes, SeqCst) + bytes;
+        meter.high.fetch_max(now, SeqCst);
+        Planned {
+            len: n.max(1),
+            bytes,
+            meter: meter.clone(),
+        }
+    }
+}
+
+impl Drop for Planned {
+    fn drop(&mut self) {
+        self.meter
+            .now
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl<T> Mem<T> {
@@ -206,6 +244,7 @@ impl<T> Mem<T> {
         match self {
             Mem::Dev(s) => s.len(),
             Mem::Host(v) => v.len(),
+            Mem::Planned(p) => p.len,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -250,6 +289,8 @@ pub enum GemmLib {
 /// orchestration (buffers, offsets, argument lists, launch shapes) is tested without a GPU.
 pub struct Gpu {
     cuda: Option<Cuda>,
+    /// A memory planner's meter: buffers are sizes only, launches and GEMMs do nothing.
+    plan: Option<Arc<Meter>>,
     pub name: String,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
@@ -336,6 +377,7 @@ impl Gpu {
             }
         };
         Ok(Gpu {
+            plan: None,
             cuda: Some(Cuda {
                 lt,
                 ctx,
@@ -353,8 +395,22 @@ impl Gpu {
     pub fn host_emulator() -> Gpu {
         Gpu {
             cuda: None,
+            plan: None,
             name: "host emulator".into(),
             arch: (0, 0),
+            profile: Default::default(),
+        }
+    }
+
+    /// A GPU that only counts: the engine on it allocates and frees its buffers as it would
+    /// on a GPU, as sizes, and launches nothing, so `peak_memory` is what a step would take
+    /// of the GPU's memory pool, without a GPU and in no time. Downloads read zeros.
+    pub fn memory_planner() -> Gpu {
+        Gpu {
+            cuda: None,
+            plan: Some(Default::default()),
+            name: "memory planner".into(),
+            arch: (9, 0),
             profile: Default::default(),
         }
     }
@@ -376,6 +432,11 @@ impl Gpu {
 
     /// Restarts the peak of `peak_memory` from what is in use now.
     pub fn reset_peak_memory(&self) -> Result<()> {
+        if let Some(m) = &self.plan {
+            use std::sync::atomic::Ordering::SeqCst;
+            m.high.store(m.now.load(SeqCst), SeqCst);
+            return Ok(());
+        }
         let Some(pool) = self.pool()? else {
             return Ok(());
         };
@@ -394,6 +455,9 @@ impl Gpu {
     /// The most GPU memory in use at once (bytes) since the context began or the last reset;
     /// `None` on the host emulator.
     pub fn peak_memory(&self) -> Result<Option<u64>> {
+        if let Some(m) = &self.plan {
+            return Ok(Some(m.high.load(std::sync::atomic::Ordering::SeqCst)));
+        }
         let Some(pool) = self.pool()? else {
             return Ok(None);
         };
@@ -457,12 +521,17 @@ impl Gpu {
         let base = match (s, self.stream()) {
             (Mem::Dev(d), Some(st)) => d.device_ptr(st).0,
             (Mem::Host(v), _) => v.as_ptr() as u64,
+            // an address nothing reads, aligned as an allocation's
+            (Mem::Planned(_), _) => 1 << 40,
             (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
         };
         base + (offset * std::mem::size_of::<T>()) as u64
     }
 
     pub fn upload<T: Elem>(&self, v: &[T]) -> Result<Mem<T>> {
+        if let Some(m) = &self.plan {
+            return Ok(Mem::Planned(Planned::new::<T>(v.len(), m)));
+        }
         match self.stream() {
             Some(st) => {
                 let m = Mem::Dev(cu(st.clone_htod(v), "upload")?);
@@ -482,11 +551,15 @@ impl Gpu {
                 Ok(v)
             }
             (Mem::Host(v), _) => Ok(v.clone()),
+            (Mem::Planned(p), _) => Ok(vec![T::default(); p.len]),
             (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
         }
     }
 
     pub fn zeros<T: Elem>(&self, n: usize) -> Result<Mem<T>> {
+        if let Some(m) = &self.plan {
+            return Ok(Mem::Planned(Planned::new::<T>(n, m)));
+        }
         match self.stream() {
             Some(st) => Ok(Mem::Dev(alloc_err::<_, T>(
                 st.alloc_zeros::<T>(n.max(1)),
@@ -500,6 +573,9 @@ impl Gpu {
     /// (GEMMs with beta = 0, row kernels that write whole rows): saves a memset pass. On the
     /// host emulator it is filled with `POISON`, so an unwritten element shows.
     pub fn scratch<T: Elem>(&self, n: usize) -> Result<Mem<T>> {
+        if let Some(m) = &self.plan {
+            return Ok(Mem::Planned(Planned::new::<T>(n, m)));
+        }
         match self.stream() {
             // Safety: only used for outputs fully written by the next kernel or GEMM (the
             // emulator's poison checks that).
@@ -521,6 +597,7 @@ impl Gpu {
                 v.fill(T::default());
                 Ok(())
             }
+            (Mem::Planned(_), _) => Ok(()),
             (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
         }
     }
@@ -532,12 +609,16 @@ impl Gpu {
                 v.copy_from_slice(src);
                 Ok(())
             }
+            (Mem::Planned(_), _) => Ok(()),
             (Mem::Dev(_), None) => unreachable!("device buffer on the host emulator"),
         }
     }
 
     /// Launches `name` with `args` (device pointers as u64, scalars as their types).
     pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+        if self.plan.is_some() {
+            return Ok(());
+        }
         let Some(c) = &self.cuda else {
             return crate::cuda_host::launch(name, grid.max(1), block, args);
         };
@@ -624,6 +705,9 @@ impl Gpu {
         }
         if spec.c_bf16 && spec.beta != 0.0 {
             bail!("a bf16 GEMM output cannot accumulate (beta {})", spec.beta);
+        }
+        if self.plan.is_some() {
+            return Ok(lib);
         }
         let Some(c) = &self.cuda else {
             crate::cuda_host::gemm(spec, lib)?;
@@ -885,21 +969,52 @@ impl CudaEngine {
             );
         }
         let [params, exp_avg, exp_avg_sq] = state;
-        let cfg = model.cfg;
-        let max_seq = model.max_seq();
-        let table = RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta);
-        let n = params.len();
         // an optimizer moment the engine does not need comes as an empty slice
         let upload_unless_empty = |v: &[f32]| match v.is_empty() {
             true => Ok(None),
             false => gpu.upload(v).map(Some),
         };
+        let params = gpu.upload(params)?;
+        let moments = [
+            upload_unless_empty(exp_avg)?,
+            upload_unless_empty(exp_avg_sq)?,
+        ];
+        Self::assemble(gpu, model, params, moments, bf16)
+    }
+
+    /// The engine on a [`Gpu::memory_planner`]: its state as sizes (`moments` optimizer
+    /// moments: 2 for AdamW, 1 for LionW, 0 to evaluate), to see what its steps would take of
+    /// a GPU's memory.
+    pub fn planned(model: Model, moments: usize, bf16: bool) -> Result<CudaEngine> {
+        let gpu = Gpu::memory_planner();
+        let n = model.layout.total;
+        let moment = |k: usize| (moments > k).then(|| gpu.zeros::<f32>(n)).transpose();
+        let params = gpu.zeros(n)?;
+        let moments = [moment(0)?, moment(1)?];
+        Self::assemble(gpu, model, params, moments, bf16)
+    }
+
+    /// The engine from its state on the device: parameters and the optimizer's moments.
+    fn assemble(
+        gpu: Gpu,
+        model: Model,
+        params: Mem<f32>,
+        [exp_avg, exp_avg_sq]: [Option<Mem<f32>>; 2],
+        bf16: bool,
+    ) -> Result<CudaEngine> {
+        let cfg = model.cfg;
+        let max_seq = model.max_seq();
+        let table = RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta);
+        let n = model.layout.total;
+        if params.len() != n {
+            bail!("{} parameters for a model of {n}", params.len());
+        }
         let e = CudaEngine {
-            params: gpu.upload(params)?,
+            params,
             params_bf: bf16.then(|| gpu.zeros(n)).transpose()?,
             grads: gpu.zeros(n)?,
-            exp_avg: upload_unless_empty(exp_avg)?,
-            exp_avg_sq: upload_unless_empty(exp_avg_sq)?,
+            exp_avg,
+            exp_avg_sq,
             cos: gpu.upload(&table.cos)?,
             sin: gpu.upload(&table.sin)?,
             norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
@@ -933,6 +1048,10 @@ impl CudaEngine {
         }
         self.flash = on;
         Ok(())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
     }
 
     /// Sets which layers the backward pass computes again (the model's at construction).

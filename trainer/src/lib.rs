@@ -18,6 +18,7 @@ pub mod gemm_plan;
 pub mod gpu_check;
 pub mod import;
 pub mod instance_filter;
+pub mod memory_plan;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -12,7 +12,8 @@ mod standin;
 use olmo_train::backend::Backend;
 use olmo_train::cuda::{Arg, CudaEngine, GemmLib, Gpu};
 use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
-use olmo_train::model::{init_params, Batch, InitFn, Model};
+use olmo_train::memory_plan;
+use olmo_train::model::{init_params, Batch, Checkpointing, InitFn, Model};
 
 /// In the child: whether CUDA (the stand-ins and a real NVRTC) is usable; says why not.
 fn usable() -> bool {
@@ -129,11 +130,31 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
         (peak - resident, engine.grads().unwrap())
     };
     let (kept, grads) = step_peak(&mut engine);
-    engine.set_checkpointing(olmo_train::model::Checkpointing::WholeLayer);
+    engine.set_checkpointing(Checkpointing::WholeLayer);
     let (again, same) = step_peak(&mut engine);
     println!("step's peak above the resident state: {kept} bytes, checkpointed {again}");
     assert!(again < kept, "{again} vs {kept} bytes");
     assert!(same == grads);
+    engine.set_checkpointing(Checkpointing::Off);
+    engine.set_flash_attention(true).unwrap();
+    let (flash, _) = step_peak(&mut engine);
+    // the memory planner (no GPU, nothing computed) foresees those peaks to the byte
+    for (checkpointing, flash, measured) in [
+        (Checkpointing::Off, false, kept),
+        (Checkpointing::WholeLayer, false, again),
+        (Checkpointing::Off, true, flash),
+    ] {
+        let setup = memory_plan::Setup {
+            bf16: true,
+            flash,
+            moments: 2,
+            documents: false,
+            checkpointing,
+        };
+        let plan = memory_plan::training(cfg, 16, 2, &setup).unwrap();
+        let foreseen = plan.peak - plan.state;
+        assert_eq!(foreseen, measured, "{checkpointing:?}, flash {flash}");
+    }
 }
 
 /// A driver that refuses NVRTC's CUBIN (an older CUDA major version) gets the PTX instead,
