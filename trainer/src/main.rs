@@ -235,7 +235,116 @@ fn info(args: &[String]) -> Result<()> {
         m.block(),
         m.flops_per_token(seq) / 1e9
     );
+    print!("{}", gpu_memory_table(&cfg, m, seq)?);
     Ok(())
+}
+
+/// What a training run of `cfg` would take of each GPU's memory, by micro-batch and activation
+/// checkpointing, from the memory planner (the engine run without a GPU, counting its buffers).
+fn gpu_memory_table(
+    cfg: &olmo_train::config::TrainConfig,
+    m: olmo_train::model::ModelConfig,
+    seq: usize,
+) -> Result<String> {
+    use olmo_train::memory_plan::{self, gib, Setup};
+    use olmo_train::model::Checkpointing;
+    use std::fmt::Write;
+    let configured = cfg.activation_checkpointing;
+    let setup = Setup {
+        bf16: cfg.bf16()?,
+        flash: cfg.model.flash_attention,
+        moments: if cfg.optimizer.name == "lionw" { 1 } else { 2 },
+        documents: cfg.data.generate_doc_lengths,
+        checkpointing: configured,
+    };
+    let micro = cfg
+        .device_train_microbatch_size
+        .unwrap_or(cfg.global_train_batch_size)
+        .clamp(1, cfg.global_train_batch_size.max(1)) as usize;
+    let mut strategies = vec![Checkpointing::Off, Checkpointing::WholeLayer];
+    if !strategies.contains(&configured) {
+        strategies.push(configured);
+    }
+    let flash = memory_plan::runs_flash(m, seq, &setup)?;
+    let mut out = String::new();
+    let state = memory_plan::training(m, seq, 1, &setup)?.state;
+    writeln!(
+        out,
+        "\nCUDA memory per GPU ({}, {} attention, {}; the engine's buffers, counted without a GPU):",
+        if setup.bf16 { "amp_bf16" } else { "fp32" },
+        if flash { "flash" } else { "materialised" },
+        if setup.moments == 1 { "LionW" } else { "AdamW" },
+    )?;
+    writeln!(
+        out,
+        "  state: {} (f32 weights, gradients and {} optimizer moment{}{})",
+        gib(state),
+        setup.moments,
+        if setup.moments == 1 { "" } else { "s" },
+        if setup.bf16 { ", bf16 weight copy" } else { "" }
+    )?;
+    // a table: micro-batches down, strategies across
+    let mut header = vec![format!("micro-batch x {seq}")];
+    for &c in &strategies {
+        let name = match c {
+            Checkpointing::Off => "no checkpointing",
+            c => c.name(),
+        };
+        let mark = if c == configured { " (configured)" } else { "" };
+        header.push(format!("{name}{mark}"));
+    }
+    let mut rows = vec![header];
+    let mut sizes: Vec<usize> = (0..)
+        .map(|k| 1 << k)
+        .take_while(|&b| b <= 16.max(2 * micro))
+        .collect();
+    if !sizes.contains(&micro) {
+        sizes.push(micro);
+        sizes.sort();
+    }
+    for b in sizes {
+        let mut row = vec![format!(
+            "{b}{}",
+            if b == micro { " (configured)" } else { "" }
+        )];
+        for &c in &strategies {
+            let plan = memory_plan::training(
+                m,
+                seq,
+                b,
+                &Setup {
+                    checkpointing: c,
+                    ..setup
+                },
+            )?;
+            row.push(gib(plan.peak));
+        }
+        rows.push(row);
+    }
+    writeln!(out, "  training step peak:")?;
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:>w$}"))
+            .collect();
+        writeln!(out, "    {}", cells.join(" | "))?;
+    }
+    let eval = memory_plan::evaluation(m, seq, cfg.device_eval_batch_size.max(1), &setup)?;
+    writeln!(
+        out,
+        "  evaluation batch {} x {seq} (device_eval_batch_size) during training: {}",
+        cfg.device_eval_batch_size,
+        gib(eval.peak)
+    )?;
+    writeln!(
+        out,
+        "  not counted: the CUDA context and kernels (about 0.5 GiB), cuBLASLt's workspace (32 MiB on Hopper), NCCL's buffers with several GPUs, and the memory pool's fragmentation"
+    )?;
+    Ok(out)
 }
 
 fn gpu_check(args: &[String]) -> Result<()> {

@@ -97,9 +97,12 @@ fn peak(gpu: &Gpu) -> Result<u64> {
     Ok(gpu.peak_memory()?.unwrap_or(0))
 }
 
-/// Bytes in GiB, for tables.
+/// Bytes in GiB, or MiB below one GiB, for tables.
 pub fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    }
 }
 
 #[cfg(test)]

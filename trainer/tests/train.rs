@@ -2030,3 +2030,51 @@ fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
     );
     assert_eq!(losses(&r.metrics("run")).len(), 3);
 }
+
+#[test]
+fn info_tells_what_a_run_takes_of_each_gpu() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/OLMo-7B.yaml");
+    let o = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args([
+            "info",
+            cfg.to_str().unwrap(),
+            "--activation_checkpointing=one_in_two",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // 18 bytes a parameter: f32 weights, gradients and AdamW's moments, the bf16 copy
+    assert!(
+        out.contains("CUDA memory per GPU (amp_bf16, flash attention, AdamW")
+            && out.contains("state: 115.5 GiB"),
+        "{out}"
+    );
+    let header = out
+        .lines()
+        .find(|l| l.contains("micro-batch x 2048"))
+        .expect(&out);
+    assert!(
+        header.contains("no checkpointing | whole_layer | one_in_two (configured)"),
+        "{header}"
+    );
+    // the configured micro-batch's row: less memory the more blocks are computed again
+    let row = out
+        .lines()
+        .find(|l| l.contains("2 (configured)"))
+        .expect(&out);
+    let gib: Vec<f64> = row
+        .split('|')
+        .skip(1)
+        .map(|c| c.trim().trim_end_matches(" GiB").parse().unwrap())
+        .collect();
+    assert!(
+        gib.len() == 3 && gib[1] < gib[2] && gib[2] < gib[0],
+        "{row}"
+    );
+    assert!(gib.iter().all(|&g| g > 115.5), "{row}");
+}
