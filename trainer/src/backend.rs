@@ -37,6 +37,10 @@ pub trait Backend {
     fn peak_memory(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// The device's (free, total) memory in bytes now (`None` on the CPU).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// What the engine chose by timing since the last call (a kernel's block size), one line
     /// each, for the log: a run's speed depends on it, its bits do not.
     fn tuning_notes(&mut self) -> Vec<String> {

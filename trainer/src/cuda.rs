@@ -474,6 +474,14 @@ impl Gpu {
         Ok(Some(high))
     }
 
+    /// The device's (free, total) memory in bytes; `None` off a GPU.
+    pub fn memory_info(&self) -> Option<(u64, u64)> {
+        let c = self.cuda.as_ref()?;
+        c.ctx.bind_to_thread().ok()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+        Some((free as u64, total as u64))
+    }
+
     /// Starts timing every launch and GEMM on the stream (a no-op on the host emulator).
     pub fn profile_start(&self) -> Result<()> {
         let Some(c) = &self.cuda else { return Ok(()) };
@@ -2341,6 +2349,10 @@ impl Backend for CudaEngine {
 
     fn peak_memory(&self) -> Result<Option<u64>> {
         self.gpu.peak_memory()
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.gpu.memory_info()
     }
 
     fn tuning_notes(&mut self) -> Vec<String> {

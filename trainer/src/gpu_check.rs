@@ -19,6 +19,7 @@ use anyhow::{bail, Result};
 use crate::backend::{Backend, Cpu, Update};
 use crate::cuda::{flash_flops, CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
+use crate::memory_plan::gib;
 use crate::model::{init_params, Batch, Checkpointing, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
@@ -778,6 +779,34 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The GPU memory pool's peak, and what the memory planner foresaw for the same step (the
+/// GPU's also holds cuBLASLt's workspace).
+fn measured_and_planned(
+    e: &CudaEngine,
+    cfg: ModelConfig,
+    micro: usize,
+    flash: bool,
+    checkpointing: Checkpointing,
+) -> Result<String> {
+    let setup = crate::memory_plan::Setup {
+        bf16: true,
+        flash,
+        moments: 2,
+        documents: false,
+        checkpointing,
+    };
+    let planned = crate::memory_plan::training(cfg, 2048, micro, &setup)?.peak;
+    Ok(match e.gpu.peak_memory()? {
+        Some(b) => format!(
+            "{} (memory planner: {}, {:+.1} MiB)",
+            gib(b),
+            gib(planned),
+            (b as f64 - planned as f64) / (1u64 << 20) as f64
+        ),
+        None => format!("unknown: no memory pool (memory planner: {})", gib(planned)),
+    })
+}
+
 /// Part 4: a 1B model at sequence 2048 for `steps` steps per attention path: tokens/s, MFU and
 /// peak memory, the flash block sizes chosen, and (`profile`) one step timed kernel by kernel.
 fn time_large(opts: &Options, cfg: ModelConfig, steps: u64, profile: bool) -> Result<()> {
@@ -788,12 +817,7 @@ fn time_large(opts: &Options, cfg: ModelConfig, steps: u64, profile: bool) -> Re
         let (mut gpu, decay, n) = fresh_engine(opts.ordinal, cfg, seq, flash)?;
         gpu.gpu.reset_peak_memory()?;
         let (tps, first, last) = time_training(&mut gpu, &windows, micro, 1, steps, &decay, 4e-4)?;
-        let peak = gpu
-            .gpu
-            .peak_memory()?
-            .map_or("unknown (no memory pool)".into(), |b| {
-                format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-            });
+        let peak = measured_and_planned(&gpu, cfg, micro, flash, Checkpointing::Off)?;
         let flops = cfg.flops_per_token(seq);
         let (bf16_peak, whose) = mfu_peak(&gpu);
         println!(
@@ -813,9 +837,7 @@ fn time_large(opts: &Options, cfg: ModelConfig, steps: u64, profile: bool) -> Re
         gpu.set_checkpointing(Checkpointing::WholeLayer);
         gpu.gpu.reset_peak_memory()?;
         let (ckpt_tps, ..) = time_training(&mut gpu, &windows, micro, 1, steps, &decay, 4e-4)?;
-        let ckpt_peak = gpu.gpu.peak_memory()?.map_or("unknown".into(), |b| {
-            format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-        });
+        let ckpt_peak = measured_and_planned(&gpu, cfg, micro, flash, Checkpointing::WholeLayer)?;
         println!(
             "{} with activation checkpointing whole_layer: {ckpt_tps:.0} tokens/s ({:.0}% of the above), peak GPU memory {ckpt_peak}",
             attention_name(flash),

@@ -97,11 +97,13 @@ fn peak(gpu: &Gpu) -> Result<u64> {
     Ok(gpu.peak_memory()?.unwrap_or(0))
 }
 
-/// Bytes in GiB, or MiB below one GiB, for tables.
+/// Bytes in GiB, or MiB or KiB below one of the larger, for tables.
 pub fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
     match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 30 => format!("{:.1} GiB", b / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", b / (1u64 << 20) as f64),
+        _ => format!("{:.1} KiB", b / 1024.0),
     }
 }
 

@@ -20,7 +20,7 @@ use crate::device::{self, Device, Request};
 use crate::dist::{Tcp, World};
 use crate::eval::{self, LmSet, McSet, Task, Unigram};
 use crate::instance_filter::InstanceFilter;
-use crate::model::{Batch, Layout, Model};
+use crate::model::{Batch, Layout, Model, ModelConfig};
 use crate::ops::document_count;
 use crate::optim::{AdamW, AdaptiveClip, LionW, Optimizer};
 use crate::schedule::{Kind, Schedule};
@@ -229,6 +229,48 @@ fn fmt_secs(s: f64) -> String {
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
     }
+}
+
+/// What the memory planner foresees for a training step of `micro` windows on this GPU, in
+/// the log; more than the GPU has is an error now rather than an out-of-memory error in the
+/// first step. `free` is what the GPU had left with the state in place.
+fn gpu_memory_check(
+    cfg: &TrainConfig,
+    mcfg: ModelConfig,
+    seq: usize,
+    micro: usize,
+    (free, total): (u64, u64),
+    lead: bool,
+) -> Result<()> {
+    use crate::memory_plan::{gib, training, Setup};
+    let setup = Setup {
+        bf16: cfg.bf16()?,
+        flash: cfg.model.flash_attention,
+        moments: if cfg.optimizer.name == "lionw" { 1 } else { 2 },
+        documents: cfg.data.generate_doc_lengths,
+        checkpointing: cfg.activation_checkpointing,
+    };
+    let plan = training(mcfg, seq, micro, &setup)?;
+    let step = plan.peak - plan.state;
+    if lead {
+        eprintln!(
+            "olmo-train: GPU memory (memory planner): state {}, a training step's peak {} of the GPU's {} ({} free now)",
+            gib(plan.state),
+            gib(plan.peak),
+            gib(total),
+            gib(free)
+        );
+    }
+    if step > free {
+        bail!(
+            "a training step of {micro} x {seq} would need {} of GPU memory on top of the state's {} (the memory planner's count), and the GPU has {} free of {}: lower device_train_microbatch_size (gradient accumulation keeps the global batch) or set activation_checkpointing; `olmo-train info` shows each choice's peak",
+            gib(step),
+            gib(plan.state),
+            gib(free),
+            gib(total)
+        );
+    }
+    Ok(())
 }
 
 /// Builds the engine for the device.
@@ -441,6 +483,10 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         ],
         tcp.as_mut(),
     )?;
+    if let Some((free, total)) = engine.device_memory() {
+        let local = micro.min((batch / ranks).max(1)) as usize;
+        gpu_memory_check(&cfg, mcfg, seq, local, (free, total), lead)?;
+    }
     // Only rank 0 writes: metrics, checkpoints, indices, plot.
     let out_folder = if lead { save_folder.clone() } else { None };
     let mut metrics = Metrics::open(out_folder.as_deref(), state.step)?;

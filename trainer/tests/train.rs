@@ -115,6 +115,17 @@ fn ok_on_standins(o: &Output) -> Option<String> {
     Some(ok(o))
 }
 
+/// The log of a run on the CUDA stand-ins, whether it succeeded or not, or None (saying so)
+/// where NVRTC is not on the library path.
+fn ok_on_standins_or_refused(o: &Output) -> Option<String> {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    if err.contains("nvrtc library could not be loaded") {
+        eprintln!("skipped: no NVRTC on the library path");
+        return None;
+    }
+    Some(err)
+}
+
 fn losses(m: &[serde_json::Value]) -> Vec<(u64, f64)> {
     m.iter()
         .filter_map(|m| Some((m["step"].as_u64()?, m["train/CrossEntropyLoss"].as_f64()?)))
@@ -566,6 +577,12 @@ fn a_cuda_run_logs_the_flash_block_sizes_timing_chose() {
         err.contains("CUDA stand-in") && err.contains("flash attention"),
         "{err}"
     );
+    // what the memory planner foresees, against the stand-in GPU's 16 GiB, 8 of them free
+    assert!(
+        err.contains("GPU memory (memory planner): state ")
+            && err.contains("of the GPU's 16.0 GiB (8.0 GiB free now)"),
+        "{err}"
+    );
     for kind in ["fwd", "dq", "dkdv"] {
         let lines: Vec<&str> = err
             .lines()
@@ -621,6 +638,29 @@ fn a_gpu_without_memory_pools_trains_without_a_memory_peak() {
     assert!(m
         .iter()
         .all(|l| l.get("System/Peak GPU Memory (MB)").is_none()));
+}
+
+#[test]
+fn a_step_the_gpu_has_no_room_for_is_refused_before_it_starts() {
+    let Some(libs) = standin::build() else { return };
+    let r = Run::new();
+    // a GPU with 64 KiB left once the state is in: the step's activations do not fit
+    let cfg = r.config("nofit.yaml", "nofit", "max_duration: 1\n");
+    let out = r
+        .train_on_standins(&cfg, libs.path())
+        .env("CUDA_STANDIN_FREE", "65536")
+        .output()
+        .unwrap();
+    if ok_on_standins_or_refused(&out).is_none() {
+        return;
+    }
+    let err = refused(&out, "a training step of 8 x 16 would need");
+    assert!(
+        err.contains("the GPU has 64.0 KiB free of 16.0 GiB"),
+        "{err}"
+    );
+    assert!(err.contains("set activation_checkpointing"), "{err}");
+    assert!(!r.path("nofit/step1").exists());
 }
 
 #[test]
