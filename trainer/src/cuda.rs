@@ -916,6 +916,8 @@ pub struct CudaEngine {
     layout: Layout,
     /// The layers whose activations the backward pass computes again.
     checkpointing: Checkpointing,
+    /// Rows of logits at a time, in place of [`head_chunk_rows`] (for tests).
+    head_rows: Option<usize>,
     bf16: bool,
     /// Attention by the flash kernels (bf16 only) instead of GEMMs over materialised T×T
     /// scores and probabilities.
@@ -1028,6 +1030,7 @@ impl CudaEngine {
             norm_acc: gpu.zeros(SUMSQ_BLOCKS)?,
             nccl: None,
             checkpointing: model.checkpointing,
+            head_rows: None,
             layout: model.layout.clone(),
             cfg,
             bf16,
@@ -1065,6 +1068,11 @@ impl CudaEngine {
     /// Sets which layers the backward pass computes again (the model's at construction).
     pub fn set_checkpointing(&mut self, checkpointing: Checkpointing) {
         self.checkpointing = checkpointing;
+    }
+
+    /// Computes the logits `rows` rows at a time (`None`: as [`head_chunk_rows`] says).
+    pub fn set_head_rows(&mut self, rows: Option<usize>) {
+        self.head_rows = rows;
     }
 
     /// Sets the flash kernels' block size (`OLMO_TRAIN_FLASH_BLOCKS` otherwise); the bits do
@@ -2153,31 +2161,72 @@ impl CudaEngine {
         }
         let (lnf, lnf_st) = self.norm(&x, lay.ln_f, n)?;
         let head = lay.head.unwrap_or(lay.wte);
-        let logits = self.linear_f32(lnf.src(), head, (n, d, emb))?;
+        let lnf_op = self.operand(lnf.src())?;
         let logp = self.gpu.scratch::<f32>(n)?;
         let zt = self.gpu.scratch::<f32>(n)?;
-        // dL/dlogits: only an operand of the head's GEMMs, so in bf16 under mixed precision
-        // (written by the loss kernel), else in place over the f32 logits
-        let dlogits = match backward {
-            Some(_) if self.bf16 => Some(Act::Bf16(self.gpu.scratch(n * emb)?)),
-            _ => None,
-        };
-        self.gpu.launch(
-            "cross_entropy",
-            n as u32,
-            BLOCK,
-            &[
-                self.p(&logits),
-                Arg::P(dlogits.as_ref().map_or(0, |g| self.out_buf(g).ptr)),
-                self.p_u32(&tgts),
-                self.p(&logp),
-                self.p(&zt),
-                Arg::I(emb as i32),
-                Arg::F(c.z_loss),
-                Arg::F(backward.unwrap_or(0.0)),
-                Arg::I(backward.is_some() as i32),
-            ],
-        )?;
+        // dL/d(final norm's output), the head's dx, written chunk by chunk
+        let dlnf = backward
+            .map(|_| self.gpu.scratch::<f32>(n * d))
+            .transpose()?;
+        // The logits a chunk of rows at a time (the step's largest tensor otherwise): each
+        // chunk's loss and, in a backward pass, its share of dx and of the head's gradient.
+        let chunk = self
+            .head_rows
+            .unwrap_or_else(|| head_chunk_rows(n, emb))
+            .max(1);
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let x_rows = lnf_op.buf.offset(r0 * d);
+            let logits = self.gpu.scratch::<f32>(rows * emb)?;
+            let logits_buf = Buf::f32(self.gpu.ptr(&logits, 0));
+            self.gpu.gemm(&gemm_plan::linear_fwd(
+                x_rows,
+                self.weight(head),
+                logits_buf,
+                rows,
+                d,
+                emb,
+            ))?;
+            // dL/dlogits: only an operand of the head's GEMMs, so in bf16 under mixed
+            // precision (written by the loss kernel), else in place over the f32 logits
+            let dlogits = match backward {
+                Some(_) if self.bf16 => Some(self.gpu.scratch::<u16>(rows * emb)?),
+                _ => None,
+            };
+            self.gpu.launch(
+                "cross_entropy",
+                rows as u32,
+                BLOCK,
+                &[
+                    self.p(&logits),
+                    Arg::P(dlogits.as_ref().map_or(0, |g| self.gpu.ptr(g, 0))),
+                    Arg::P(self.gpu.ptr(&tgts, r0)),
+                    Arg::P(self.gpu.ptr(&logp, r0)),
+                    Arg::P(self.gpu.ptr(&zt, r0)),
+                    Arg::I(emb as i32),
+                    Arg::F(c.z_loss),
+                    Arg::F(backward.unwrap_or(0.0)),
+                    Arg::I(backward.is_some() as i32),
+                ],
+            )?;
+            if let Some(dlnf) = &dlnf {
+                let dy = match &dlogits {
+                    Some(g) => Buf {
+                        ptr: self.gpu.ptr(g, 0),
+                        bf16: true,
+                    },
+                    None => logits_buf,
+                };
+                let dx = Buf::f32(self.gpu.ptr(dlnf, r0 * d));
+                let w = self.weight(head);
+                self.gpu
+                    .gemm(&gemm_plan::linear_dx(dy, w, dx, rows, d, emb))?;
+                let dw = self.gpu.ptr(&self.grads, head);
+                self.gpu
+                    .gemm(&gemm_plan::linear_dw(dy, x_rows, dw, rows, d, emb))?;
+            }
+        }
+        drop(lnf_op);
         let logprobs = self.gpu.download(&logp)?;
         let z = self.gpu.download(&zt)?;
         let mut scores = Scores {
@@ -2191,14 +2240,12 @@ impl CudaEngine {
                 scores.count += 1;
             }
         }
-        if backward.is_none() {
+        let Some(dlnf) = dlnf else {
             return Ok(scores);
-        }
+        };
+        drop(lnf);
 
-        // Backward from the scaled dL/dlogits.
-        let dlogits = dlogits.unwrap_or(Act::F32(logits));
-        let dlnf = self.linear_back_f32(dlogits.src(), lnf.src(), head, (n, d, emb))?;
-        drop(dlogits);
+        // Backward from dL/d(final norm's output).
         let dx = self.gpu.zeros::<f32>(n * d)?;
         self.norm_back(&dlnf, (&x, &lnf_st), lay.ln_f, (n, d), &dx)?;
         for (o, k) in lay.layers.iter().zip(kept).rev() {
@@ -2500,6 +2547,18 @@ impl Backend for CudaEngine {
         let (m, v) = (download(&self.exp_avg)?, download(&self.exp_avg_sq)?);
         f(&p, &m, &v).context("with the engine's state")
     }
+}
+
+/// Rows of logits computed at once: all `n` where their f32 logits take at most 1 GiB, else
+/// equal chunks (multiples of 64 rows) under it. Each chunk's GEMMs stay large (a 50k
+/// vocabulary gives 5,000-row chunks), and the head's memory stops growing with the batch.
+pub fn head_chunk_rows(n: usize, emb: usize) -> usize {
+    let most = ((1usize << 30) / (4 * emb.max(1))).max(64);
+    if n <= most {
+        return n.max(1);
+    }
+    let chunks = n.div_ceil(most);
+    (n.div_ceil(chunks).div_ceil(64) * 64).min(most.max(64))
 }
 
 /// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote), per GPU.

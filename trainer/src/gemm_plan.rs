@@ -19,6 +19,13 @@ impl Buf {
     pub fn f32(ptr: u64) -> Buf {
         Buf { ptr, bf16: false }
     }
+    /// The buffer starting `offset` elements in.
+    pub fn offset(&self, offset: usize) -> Buf {
+        Buf {
+            ptr: self.ptr + (offset * if self.bf16 { 2 } else { 4 }) as u64,
+            bf16: self.bf16,
+        }
+    }
     /// The operand starting `offset` elements in, with `ld` elements per row.
     pub fn at(&self, offset: usize, ld: usize) -> Operand {
         Operand {
