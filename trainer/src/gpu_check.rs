@@ -505,11 +505,13 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
     let GemmDims { rows, d, h, v } = dims;
     let attn = dims.attention();
     let t = attn.t;
+    // the head runs on chunks of rows, as the engine runs it
+    let head_rows = crate::cuda::head_chunk_rows(rows, v);
     // one buffer of random bf16 for every operand, one f32 residual, one output
     let mut rng = XorShift::from_state(7);
     // the largest operand: the head's dlogits, the probabilities, or a weight
     let n_src = [
-        rows * v,
+        head_rows * v,
         rows * h,
         attn.heads * t * t,
         v * d,
@@ -551,7 +553,7 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
         ),
         (
             "head (logits)",
-            Box::new(|o| gemm_plan::linear_fwd(bf, bf, Buf::f32(o), rows, d, v)),
+            Box::new(|o| gemm_plan::linear_fwd(bf, bf, Buf::f32(o), head_rows, d, v)),
         ),
         (
             "ff out dx",
@@ -563,7 +565,7 @@ pub fn gemm_table(gpu: &Gpu, dims: GemmDims, reps: usize) -> Result<bool> {
         ),
         (
             "head dW",
-            Box::new(|o| gemm_plan::linear_dw(bf, bf, o, rows, d, v)),
+            Box::new(|o| gemm_plan::linear_dw(bf, bf, o, head_rows, d, v)),
         ),
         ("scores (1 seq)", Box::new(|o| attn.scores(0, bf, o, 0.088))),
         ("P V (1 seq)", Box::new(|o| attn.output(0, bf, bf, b16(o)))),
