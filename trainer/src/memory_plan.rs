@@ -110,28 +110,12 @@ pub fn gib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::NormKind;
 
+    /// The shipped OLMo-1B config's model.
     fn olmo_1b() -> ModelConfig {
-        ModelConfig {
-            d_model: 2048,
-            n_heads: 16,
-            n_kv_heads: 16,
-            n_layers: 16,
-            mlp_hidden: 8192,
-            vocab_size: 50280,
-            embedding_size: 50304,
-            rope_theta: 10_000.0,
-            eps: 1e-5,
-            z_loss: 0.0,
-            norm: NormKind::LayerNorm,
-            norm_affine: false,
-            weight_tying: true,
-            clip_qkv: None,
-            norm_after: false,
-            qk_norm: false,
-            qk_norm_affine: false,
-        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/OLMo-1B.yaml");
+        let (cfg, _) = crate::config::TrainConfig::load(&path).unwrap();
+        cfg.model_config().unwrap().0
     }
 
     const FLASH: Setup = Setup {
