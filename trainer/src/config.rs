@@ -689,6 +689,15 @@ impl TrainConfig {
     }
 
     /// Whether GEMMs take bf16 operands (`precision: amp_bf16`, the default) or not (`fp32`).
+    /// Windows per forward and backward pass: `device_train_microbatch_size`, within the
+    /// global batch (all of it when unset).
+    pub fn micro_batch_size(&self) -> u64 {
+        let batch = self.global_train_batch_size;
+        self.device_train_microbatch_size
+            .unwrap_or(batch)
+            .clamp(1, batch.max(1))
+    }
+
     pub fn bf16(&self) -> Result<bool> {
         match self.precision.as_deref() {
             None | Some("amp_bf16") => Ok(true),

@@ -2551,14 +2551,15 @@ impl Backend for CudaEngine {
 
 /// Rows of logits computed at once: all `n` where their f32 logits take at most 1 GiB, else
 /// equal chunks (multiples of 64 rows) under it. Each chunk's GEMMs stay large (a 50k
-/// vocabulary gives 5,000-row chunks), and the head's memory stops growing with the batch.
+/// vocabulary allows up to 5,336 rows; 8 x 2048 rows go in chunks of 4,096), and the head's
+/// memory stops growing with the batch.
 pub fn head_chunk_rows(n: usize, emb: usize) -> usize {
     let most = ((1usize << 30) / (4 * emb.max(1))).max(64);
     if n <= most {
         return n.max(1);
     }
     let chunks = n.div_ceil(most);
-    (n.div_ceil(chunks).div_ceil(64) * 64).min(most.max(64))
+    (n.div_ceil(chunks).div_ceil(64) * 64).min(most)
 }
 
 /// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote), per GPU.

@@ -250,17 +250,8 @@ fn gpu_memory_table(
     use olmo_train::model::Checkpointing;
     use std::fmt::Write;
     let configured = cfg.activation_checkpointing;
-    let setup = Setup {
-        bf16: cfg.bf16()?,
-        flash: cfg.model.flash_attention,
-        moments: if cfg.optimizer.name == "lionw" { 1 } else { 2 },
-        documents: cfg.data.generate_doc_lengths,
-        checkpointing: configured,
-    };
-    let micro = cfg
-        .device_train_microbatch_size
-        .unwrap_or(cfg.global_train_batch_size)
-        .clamp(1, cfg.global_train_batch_size.max(1)) as usize;
+    let setup = Setup::of_run(cfg)?;
+    let micro = cfg.micro_batch_size() as usize;
     let mut strategies = vec![Checkpointing::Off, Checkpointing::WholeLayer];
     if !strategies.contains(&configured) {
         strategies.push(configured);

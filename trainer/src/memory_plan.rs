@@ -25,6 +25,20 @@ pub struct Setup {
     pub checkpointing: Checkpointing,
 }
 
+impl Setup {
+    /// As a training run of `cfg` computes.
+    pub fn of_run(cfg: &crate::config::TrainConfig) -> Result<Setup> {
+        Ok(Setup {
+            bf16: cfg.bf16()?,
+            flash: cfg.model.flash_attention,
+            // LionW keeps one moment (no exp_avg_sq)
+            moments: if cfg.optimizer.name == "lionw" { 1 } else { 2 },
+            documents: cfg.data.generate_doc_lengths,
+            checkpointing: cfg.activation_checkpointing,
+        })
+    }
+}
+
 /// Bytes of GPU memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {

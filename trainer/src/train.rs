@@ -243,14 +243,7 @@ fn gpu_memory_check(
     lead: bool,
 ) -> Result<()> {
     use crate::memory_plan::{gib, training, Setup};
-    let setup = Setup {
-        bf16: cfg.bf16()?,
-        flash: cfg.model.flash_attention,
-        moments: if cfg.optimizer.name == "lionw" { 1 } else { 2 },
-        documents: cfg.data.generate_doc_lengths,
-        checkpointing: cfg.activation_checkpointing,
-    };
-    let plan = training(mcfg, seq, micro, &setup)?;
+    let plan = training(mcfg, seq, micro, &Setup::of_run(cfg)?)?;
     let step = plan.peak - plan.state;
     if lead {
         eprintln!(
@@ -393,10 +386,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     if !batch.is_multiple_of(ranks) {
         bail!("global_train_batch_size ({batch}) must be a multiple of the world size ({ranks})");
     }
-    let micro = cfg
-        .device_train_microbatch_size
-        .unwrap_or(batch)
-        .clamp(1, batch);
+    let micro = cfg.micro_batch_size();
     let per_epoch = epoch_len(shards.len(), ranks, cfg.data.drop_last);
     let steps_per_epoch = per_epoch / batch;
     if steps_per_epoch == 0 {
