@@ -26,7 +26,9 @@ use cudarc::driver::{
 use crate::backend::{Backend, StateFn, Update};
 use crate::cublaslt::Lt;
 use crate::gemm_plan::{self, cublas_args, Attn, Buf, GemmSpec};
-use crate::model::{Batch, Checkpointing, LayerOffsets, Layout, Model, ModelConfig, Scores};
+use crate::model::{
+    logit_chunk_rows, Batch, Checkpointing, LayerOffsets, Layout, Model, ModelConfig, Scores,
+};
 use crate::ops::{NormKind, RopeTable, IGNORE};
 use crate::optim::Optimizer;
 
@@ -2549,17 +2551,11 @@ impl Backend for CudaEngine {
     }
 }
 
-/// Rows of logits computed at once: all `n` where their f32 logits take at most 1 GiB, else
-/// equal chunks (multiples of 64 rows) under it. Each chunk's GEMMs stay large (a 50k
-/// vocabulary allows up to 5,336 rows; 8 x 2048 rows go in chunks of 4,096), and the head's
-/// memory stops growing with the batch.
+/// Rows of logits computed at once: chunks with at most 1 GiB of f32 logits (see
+/// [`logit_chunk_rows`]). A 50k vocabulary allows up to 5,336 rows; 8 x 2048 rows go in
+/// chunks of 4,096.
 pub fn head_chunk_rows(n: usize, emb: usize) -> usize {
-    let most = ((1usize << 30) / (4 * emb.max(1))).max(64);
-    if n <= most {
-        return n.max(1);
-    }
-    let chunks = n.div_ceil(most);
-    (n.div_ceil(chunks).div_ceil(64) * 64).min(most)
+    logit_chunk_rows(n, emb, 1 << 30)
 }
 
 /// Dense bf16 tensor-core peak by GPU name (half the sparse figure vendors quote), per GPU.

@@ -534,12 +534,29 @@ struct Kept {
     acts: Option<LayerActs>,
 }
 
+/// The most f32 logits the CPU engine holds at once (see [`logit_chunk_rows`]).
+pub const CPU_LOGITS_BYTES: usize = 256 << 20;
+
+/// Rows of logits computed at once: all `n` where their f32 logits fit in `budget` bytes, else
+/// equal chunks (multiples of 64 rows) under it, so each chunk's GEMMs stay large and the
+/// head's memory stops growing with the batch.
+pub fn logit_chunk_rows(n: usize, emb: usize, budget: usize) -> usize {
+    let most = (budget / (4 * emb.max(1))).max(64);
+    if n <= most {
+        return n.max(1);
+    }
+    let chunks = n.div_ceil(most);
+    (n.div_ceil(chunks).div_ceil(64) * 64).min(most)
+}
+
 /// The model: its shape, where its tensors are, and the RoPE table.
 pub struct Model {
     pub cfg: ModelConfig,
     pub layout: Layout,
     /// The layers whose activations the backward pass computes again rather than keeps.
     pub checkpointing: Checkpointing,
+    /// Rows of logits at a time, in place of [`logit_chunk_rows`] (for tests).
+    pub head_rows: Option<usize>,
     rope: RopeTable,
 }
 
@@ -549,6 +566,7 @@ impl Model {
         Model {
             layout: Layout::new(&cfg),
             checkpointing: Checkpointing::Off,
+            head_rows: None,
             rope: RopeTable::new(max_seq, cfg.head_dim(), cfg.rope_theta),
             cfg,
         }
@@ -814,44 +832,53 @@ impl Model {
         let (lnf, lnf_st) = self.norm(params, &x, lay.ln_f);
         let head_at = lay.head.unwrap_or(lay.wte);
         let head = &params[head_at..head_at + emb * d];
-        let mut logits = vec![0.0; n * emb];
-        matmul_forward(&lnf, head, n, d, emb, &mut logits);
-        let per_row = cross_entropy(
-            &mut logits,
-            batch.targets,
-            emb,
-            cfg.z_loss,
-            backward.as_ref().map(|(s, _)| *s),
-        );
+        // The head a chunk of rows at a time: each chunk's logits become its loss and, going
+        // backward, its rows of dL/dlnf and its share of the head's gradient, so the logits'
+        // memory does not grow with the batch.
+        let rows = self
+            .head_rows
+            .unwrap_or_else(|| logit_chunk_rows(n, emb, CPU_LOGITS_BYTES))
+            .clamp(1, n.max(1));
+        let mut logits = vec![0.0; rows * emb];
         let mut scores = Scores {
-            logprobs: per_row.iter().map(|r| r.0).collect(),
+            logprobs: Vec::with_capacity(n),
             ..Default::default()
         };
-        for (r, &tgt) in per_row.iter().zip(batch.targets) {
-            if tgt != IGNORE {
-                scores.ce_sum -= r.0 as f64;
-                scores.z_sum += r.1 as f64;
-                scores.count += 1;
+        let (grad_scale, mut grads) = backward.unzip();
+        let mut dlnf = vec![0.0; if grads.is_some() { n * d } else { 0 }];
+        for r0 in (0..n).step_by(rows) {
+            let m = rows.min(n - r0);
+            let (lnf_c, targets) = (&lnf[r0 * d..(r0 + m) * d], &batch.targets[r0..r0 + m]);
+            let logits = &mut logits[..m * emb];
+            matmul_forward(lnf_c, head, m, d, emb, logits);
+            let per_row = cross_entropy(logits, targets, emb, cfg.z_loss, grad_scale);
+            for (r, &tgt) in per_row.iter().zip(targets) {
+                scores.logprobs.push(r.0);
+                if tgt != IGNORE {
+                    scores.ce_sum -= r.0 as f64;
+                    scores.z_sum += r.1 as f64;
+                    scores.count += 1;
+                }
+            }
+            if let Some(grads) = grads.as_deref_mut() {
+                // `logits` now holds dL/dlogits.
+                matmul_backward(
+                    logits,
+                    lnf_c,
+                    head,
+                    m,
+                    d,
+                    emb,
+                    &mut dlnf[r0 * d..(r0 + m) * d],
+                    &mut grads[head_at..head_at + emb * d],
+                );
             }
         }
-        let Some((_, grads)) = backward else {
+        drop(logits);
+        let Some(grads) = grads else {
             return scores;
         };
 
-        // Backward; `logits` now holds dL/dlogits.
-        let dlogits = logits;
-        let mut dlnf = vec![0.0; n * d];
-        matmul_backward(
-            &dlogits,
-            &lnf,
-            head,
-            n,
-            d,
-            emb,
-            &mut dlnf,
-            &mut grads[head_at..head_at + emb * d],
-        );
-        drop(dlogits);
         let mut dx = vec![0.0; n * d];
         self.norm_back(params, grads, &dlnf, (&x, &lnf_st), lay.ln_f, &mut dx);
         for (o, k) in lay.layers.iter().zip(kept).rev() {
@@ -1141,6 +1168,56 @@ mod tests {
                 assert!(again > 0, "{name}");
                 let got = run(c);
                 assert!(got == plain, "olmo2 {olmo2}: {name} changes the results");
+            }
+        }
+    }
+
+    #[test]
+    fn logits_a_chunk_of_rows_at_a_time_score_and_train_alike() {
+        // tied and untied heads; an ignored target in the second chunk
+        for tying in [true, false] {
+            let cfg = tiny(NormKind::LayerNorm, true, tying);
+            let params = init_params(&cfg, InitFn::Normal, 0.3, None, 5);
+            let seqs = vec![
+                vec![3u32, 7, 1, 19, 4, 7, 2],
+                vec![5u32, 5, 0, 2, 18, 9, 11],
+            ];
+            let (mut i, mut t) = (Vec::new(), Vec::new());
+            let mut batch = Batch::from_windows(&seqs, &mut i, &mut t);
+            let mut targets = batch.targets.to_vec();
+            targets[5] = IGNORE;
+            batch.targets = &targets;
+            let run = |rows: Option<usize>| {
+                let mut model = Model::new(cfg, 16);
+                model.head_rows = rows;
+                let mut grads = vec![0.0; params.len()];
+                let s = model.forward_backward(&params, &batch, 0.5, &mut grads);
+                let f = model.forward(&params, &batch);
+                assert_eq!(f.logprobs, s.logprobs);
+                (s, grads)
+            };
+            let (whole, g_whole) = run(None);
+            assert_eq!(whole.count, 11);
+            for rows in [1, 4, 5, 11] {
+                let (s, g) = run(Some(rows));
+                // The same to rounding (the GEMM library picks its kernels by shape, a
+                // one-row product being a matrix-vector one); the head's gradient sums over
+                // the chunks.
+                let near = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
+                for (a, b) in s.logprobs.iter().zip(&whole.logprobs) {
+                    assert!(
+                        near(*a as f64, *b as f64),
+                        "{rows} rows at a time: {a} vs {b}"
+                    );
+                }
+                assert_eq!((s.logprobs.len(), s.count), (whole.logprobs.len(), 11));
+                assert!(near(s.ce_sum, whole.ce_sum) && near(s.z_sum, whole.z_sum));
+                for (k, (a, b)) in g.iter().zip(&g_whole).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
+                        "{rows} rows at a time, gradient {k}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
