@@ -8,9 +8,9 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::cuda::Arg;
-use crate::cuda::GemmLib;
 use crate::gemm_plan::{cublas_args, cublas_c_copy, lt_args, lt_problem, GemmSpec, LtLayout};
+use crate::gpu::Arg;
+use crate::gpu::GemmLib;
 use crate::ops::{softmax_causal_row, softmax_causal_row_backward, IGNORE};
 
 /// Argument kinds of each kernel: pointer, int, long, float.

@@ -17,8 +17,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::backend::{Backend, Cpu, Update};
-use crate::cuda::{flash_flops, CudaEngine, FlashBlocks, GemmLib, Gpu, Mem};
+use crate::cuda::{flash_flops, CudaEngine, FlashBlocks};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
+use crate::gpu::{GemmLib, Gpu, Mem};
 use crate::memory_plan::gib;
 use crate::model::{init_params, Batch, Checkpointing, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
@@ -29,7 +30,7 @@ use crate::xorshift::XorShift;
 /// GPU's own is not known.
 const H200_BF16_PEAK: f64 = 989.4e12;
 
-/// The peak MFU is measured against: the GPU's (`cuda::peak_bf16_flops`), else the H200's,
+/// The peak MFU is measured against: the GPU's (`gpu::peak_bf16_flops`), else the H200's,
 /// with a word saying which.
 fn mfu_peak(e: &CudaEngine) -> (f64, &'static str) {
     match e.peak_flops() {
@@ -612,7 +613,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Err(why) = crate::device::cuda_unavailable() {
         bail!("gpu-check needs a GPU: {why}");
     }
-    let probe = crate::cuda::Gpu::new(opts.ordinal)?;
+    let probe = crate::gpu::Gpu::new(opts.ordinal)?;
     println!(
         "# olmo-train gpu-check on {} (sm_{}{})\n",
         probe.name, probe.arch.0, probe.arch.1

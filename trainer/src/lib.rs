@@ -15,6 +15,7 @@ pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod gemm_plan;
+pub mod gpu;
 pub mod gpu_check;
 pub mod import;
 pub mod instance_filter;

@@ -7,7 +7,8 @@
 use anyhow::Result;
 
 use crate::backend::Backend;
-use crate::cuda::{CudaEngine, Gpu};
+use crate::cuda::CudaEngine;
+use crate::gpu::Gpu;
 use crate::model::{Batch, Checkpointing, Model, ModelConfig};
 
 /// How the run computes: what decides its buffers besides the model and the batch.

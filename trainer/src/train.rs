@@ -294,7 +294,7 @@ fn engine(
         }
         Device::CudaEmulator => {
             let mut e = crate::cuda::CudaEngine::on(
-                crate::cuda::Gpu::host_emulator(),
+                crate::gpu::Gpu::host_emulator(),
                 model,
                 [&params, &exp_avg, &exp_avg_sq],
                 bf16,

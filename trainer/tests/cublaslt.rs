@@ -10,8 +10,8 @@
 mod standin;
 
 use olmo_train::cublaslt::Lt;
-use olmo_train::cuda::GemmLib;
 use olmo_train::gemm_plan::{self, Attn, Buf, GemmSpec};
+use olmo_train::gpu::GemmLib;
 
 #[test]
 fn cublaslt_calls_keep_the_library_contract() {

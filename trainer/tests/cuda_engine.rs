@@ -4,7 +4,8 @@
 //! tolerances. Only the GPU itself (NVRTC-compiled code, cuBLAS, memory) is left out.
 
 use olmo_train::backend::{Backend, Cpu};
-use olmo_train::cuda::{CudaEngine, FlashBlocks, Gpu};
+use olmo_train::cuda::{CudaEngine, FlashBlocks};
+use olmo_train::gpu::Gpu;
 use olmo_train::gpu_check::{compare_engines, variants};
 use olmo_train::model::{init_params, Batch, InitFn, Model};
 use olmo_train::ops::IGNORE;

@@ -10,7 +10,8 @@
 mod standin;
 
 use olmo_train::backend::Backend;
-use olmo_train::cuda::{Arg, CudaEngine, GemmLib, Gpu};
+use olmo_train::cuda::CudaEngine;
+use olmo_train::gpu::{Arg, GemmLib, Gpu};
 use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
 use olmo_train::memory_plan;
 use olmo_train::model::{init_params, Batch, Checkpointing, InitFn, Model};
