@@ -688,7 +688,6 @@ impl TrainConfig {
         }
     }
 
-    /// Whether GEMMs take bf16 operands (`precision: amp_bf16`, the default) or not (`fp32`).
     /// Windows per forward and backward pass: `device_train_microbatch_size`, within the
     /// global batch (all of it when unset).
     pub fn micro_batch_size(&self) -> u64 {
@@ -698,6 +697,7 @@ impl TrainConfig {
             .clamp(1, batch.max(1))
     }
 
+    /// Whether GEMMs take bf16 operands (`precision: amp_bf16`, the default) or not (`fp32`).
     pub fn bf16(&self) -> Result<bool> {
         match self.precision.as_deref() {
             None | Some("amp_bf16") => Ok(true),

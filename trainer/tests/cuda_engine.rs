@@ -10,6 +10,19 @@ use olmo_train::gpu_check::{compare_engines, variants};
 use olmo_train::model::{init_params, Batch, InitFn, Model};
 use olmo_train::ops::IGNORE;
 
+/// `n` input ids and targets below a 100-token vocabulary, the targets at positions
+/// `ignored` says IGNORE.
+fn tokens(n: usize, ignored: impl Fn(usize) -> bool) -> (Vec<u32>, Vec<u32>) {
+    let inputs = (0..n).map(|i| (i * 7 % 100) as u32).collect();
+    let targets = (0..n)
+        .map(|i| match ignored(i) {
+            true => IGNORE,
+            false => (i * 3 % 100) as u32,
+        })
+        .collect();
+    (inputs, targets)
+}
+
 #[test]
 fn cuda_engine_on_the_host_emulator_matches_the_cpu_engine() {
     let ok = compare_engines(
@@ -56,16 +69,7 @@ fn padded_multiple_choice_batches_score_alike() {
     )
     .unwrap();
     let mut cpu = Cpu::new(Model::new(cfg, 16), params, zeros.clone(), zeros);
-    let inputs: Vec<u32> = (0..2 * 10).map(|i| (i * 7 % 100) as u32).collect();
-    let targets: Vec<u32> = (0..2 * 10)
-        .map(|i| {
-            if i % 10 < 6 {
-                IGNORE
-            } else {
-                (i * 3 % 100) as u32
-            }
-        })
-        .collect();
+    let (inputs, targets) = tokens(2 * 10, |i| i % 10 < 6);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -108,8 +112,7 @@ fn engines_hold_only_the_moments_their_optimizer_needs() {
         eps: 1e-8,
         weight_decay: 0.0,
     });
-    let inputs: Vec<u32> = (0..16).map(|i| (i * 7 % 100) as u32).collect();
-    let targets: Vec<u32> = (0..16).map(|i| (i * 3 % 100) as u32).collect();
+    let (inputs, targets) = tokens(16, |_| false);
     let batch = Batch {
         inputs: &inputs,
         targets: &targets,
@@ -169,8 +172,7 @@ fn checkpointed_layers_on_the_host_emulator_give_the_same_bits() {
         let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 7);
         let zeros = vec![0.0; params.len()];
         let (b, t) = (2, 24);
-        let inputs: Vec<u32> = (0..b * t).map(|i| (i * 7 % 100) as u32).collect();
-        let targets: Vec<u32> = (0..b * t).map(|i| (i * 3 % 100) as u32).collect();
+        let (inputs, targets) = tokens(b * t, |_| false);
         let starts = olmo_train::ops::document_starts(&inputs, t, 0);
         assert!(starts.iter().any(|&s| s > 0), "no document boundary");
         let batch = Batch {
@@ -209,16 +211,7 @@ fn logits_a_chunk_of_rows_at_a_time_score_and_train_alike() {
         let params = init_params(cfg, InitFn::Mitchell, 0.02, None, 11);
         let zeros = vec![0.0; params.len()];
         let (b, t) = (2, 24);
-        let inputs: Vec<u32> = (0..b * t).map(|i| (i * 7 % 100) as u32).collect();
-        let targets: Vec<u32> = (0..b * t)
-            .map(|i| {
-                if i % 9 == 4 {
-                    IGNORE
-                } else {
-                    (i * 3 % 100) as u32
-                }
-            })
-            .collect();
+        let (inputs, targets) = tokens(b * t, |i| i % 9 == 4);
         let batch = Batch {
             inputs: &inputs,
             targets: &targets,
