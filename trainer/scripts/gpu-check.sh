@@ -8,7 +8,7 @@
 #   trainer/scripts/gpu-check.sh
 # prints, for the materialised attention and then the flash attention (one process each): the
 # CUDA engine against the CPU engine (loss, log-probs, every gradient, an AdamW step; fp32 and
-# bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits? and with the flash kernels' wide blocks, and with every other layer computed again in the backward pass), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, the block size timing chose for each flash kernel, a profiled step with TFLOP/s per GEMM shape and flash kernel, and tokens/s and peak memory with whole-layer activation checkpointing); then
+# bf16), the OLMo-1B GEMMs in cuBLASLt vs cuBLAS (first process only), a 300-step training run with tokens/s, the same 3 steps run twice (same bits? and with the flash kernels' wide blocks, with every other layer computed again in the backward pass, and with each attention computed again (fine_grained)), OLMo-1B at sequence 2048 (tokens/s, MFU, peak GPU memory, the block size timing chose for each flash kernel, a profiled step with TFLOP/s per GEMM shape and flash kernel, and tokens/s and peak memory with whole-layer activation checkpointing); then
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison; then
 # `olmo-train train` itself: the tiny config for 30 steps in fp32 on the GPU and on the CPU
 # (the final train and eval losses must agree to 1e-3; metrics.jsonl must have the GPU's peak

@@ -122,7 +122,7 @@ pub struct TrainConfig {
     pub speed_monitor: SpeedMonitorSection,
     /// OLMo's `activation_checkpointing`: the blocks computed again in the backward pass
     /// rather than kept (`whole_layer`, `one_in_two`, ...; `true` is `whole_layer`, as OLMo
-    /// reads its old configs).
+    /// reads its old configs), or each block's attention (`fine_grained`).
     #[serde(default, deserialize_with = "checkpointing")]
     pub activation_checkpointing: Checkpointing,
     #[serde(flatten)]
@@ -141,12 +141,6 @@ fn checkpointing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Checkpointing
         Some(Raw::Flag(true)) => Checkpointing::WholeLayer,
         Some(Raw::Name(n)) => match Checkpointing::from_name(&n) {
             Some(c) => c,
-            None if n == "fine_grained" => {
-                return Err(serde::de::Error::custom(format!(
-                    "activation_checkpointing: fine_grained (OLMo's checkpointing of the functions inside each block) is not implemented here: use one of {}",
-                    Checkpointing::NAMES.join(", ")
-                )))
-            }
             None => {
                 return Err(serde::de::Error::custom(format!(
                     "activation_checkpointing: unknown strategy {n:?}: OLMo's are {} (or false)",
@@ -1017,10 +1011,9 @@ mod tests {
             parse("activation_checkpointing: three_in_four\n"),
             Ok((Checkpointing::AllButOneIn(4), vec![]))
         );
-        let err = parse("activation_checkpointing: fine_grained\n").unwrap_err();
-        assert!(
-            err.contains("fine_grained") && err.contains("one_in_two"),
-            "{err}"
+        assert_eq!(
+            parse("activation_checkpointing: fine_grained\n"),
+            Ok((Checkpointing::FineGrained, vec![]))
         );
         let err = parse("activation_checkpointing: every_layer\n").unwrap_err();
         assert!(

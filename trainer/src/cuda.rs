@@ -181,8 +181,8 @@ struct Acts {
     clipped: Option<Mem<u32>>,
     /// QK-norm's inputs (q, k before their norms, in the projection's type) and statistics.
     qk: Option<[(Act, Stats); 2]>,
-    probs: Probs,
-    att: Act,
+    /// None under `fine_grained` checkpointing, which computes it again from `qkv`.
+    attention: Option<Attention>,
     /// `norm_after` blocks: attn_out's output (attn_norm's input) and its statistics.
     attn_post: Option<(Mem<f32>, Stats)>,
     x_mid: Mem<f32>,
@@ -190,6 +190,12 @@ struct Acts {
     ff_in: Act,
     ff_act: Act,
     ff_post: Option<(Mem<f32>, Stats)>,
+}
+
+/// The attention's output (attn_out's input) and what its backward pass keeps of it.
+struct Attention {
+    att: Act,
+    probs: Probs,
 }
 
 /// What the backward pass has of a layer: its input, and its activations unless activation
@@ -1348,6 +1354,20 @@ impl CudaEngine {
         self.flash_launch("dkdv", b, t, &args)
     }
 
+    /// Causal attention over the (RoPE'd) q, k and v rows of `qkv`.
+    fn attention(&self, qkv: &Act, (b, t): (usize, usize), starts: u64) -> Result<Attention> {
+        let n = b * t;
+        // only a GEMM operand: bf16 under mixed precision
+        let att = self.operand_out(n * self.cfg.d_model)?;
+        let qp = self.heads(qkv, n)?;
+        let probs = if self.flash {
+            self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
+        } else {
+            self.materialised_forward(qp.buf, &att, (b, t), starts)?
+        };
+        Ok(Attention { att, probs })
+    }
+
     /// One block's forward pass from its input `x`: its output, and the activations its
     /// backward pass reads.
     fn layer_forward(
@@ -1370,16 +1390,9 @@ impl CudaEngine {
             .transpose()?;
         let qk = c.qk_norm.then(|| self.qk_norm(&qkv, o, n)).transpose()?;
         self.rope(&qkv, n, t, false)?;
-        // only a GEMM operand: bf16 under mixed precision
-        let att = self.operand_out(n * d)?;
-        let qp = self.heads(&qkv, n)?;
-        let probs = if self.flash {
-            self.flash_forward(qp.buf.ptr, &att, (b, t), starts)?
-        } else {
-            self.materialised_forward(qp.buf, &att, (b, t), starts)?
-        };
-        drop(qp);
-        let (x_mid, attn_post) = self.join(att.src(), (o.attn_out, (n, d, d)), o.attn_norm, x)?;
+        let attention = self.attention(&qkv, (b, t), starts)?;
+        let attn_out = (o.attn_out, (n, d, d));
+        let (x_mid, attn_post) = self.join(attention.att.src(), attn_out, o.attn_norm, x)?;
         // MLP branch, alike.
         let ln2 = self.pre_norm(&x_mid, o.ff_norm, n)?;
         let h2 = ln2.as_ref().map_or(Src::F32(&x_mid), |(y, _)| y.src());
@@ -1391,8 +1404,7 @@ impl CudaEngine {
             qkv,
             clipped,
             qk,
-            probs,
-            att,
+            attention: Some(attention),
             attn_post,
             x_mid,
             ln2,
@@ -1447,8 +1459,11 @@ impl CudaEngine {
         )?;
         let mut kept = Vec::new();
         for (i, o) in lay.layers.iter().enumerate() {
-            let (x_out, acts) = self.layer_forward(&x, o, (b, t), starts)?;
+            let (x_out, mut acts) = self.layer_forward(&x, o, (b, t), starts)?;
             let x_in = std::mem::replace(&mut x, x_out);
+            if self.checkpointing.recomputes_attention() {
+                acts.attention = None;
+            }
             if backward.is_some() {
                 let acts = (!self.checkpointing.recomputes(i)).then_some(acts);
                 kept.push(Kept { x_in, acts });
@@ -1560,20 +1575,29 @@ impl CudaEngine {
             self.input_back(dff_in.src(), (&a.x_mid, &a.ln2), proj, o.ff_norm, &dx)?;
             drop(dff_in);
             // Attention branch, alike; `dx` is now dL/dx_mid.
+            let again;
+            let attention = match &a.attention {
+                Some(kept) => kept,
+                None => {
+                    again = self.attention(&a.qkv, (b, t), starts)?;
+                    &again
+                }
+            };
             let da = self.post_norm_back(&dx, &a.attn_post, o.attn_norm, n)?;
             // dO: only an operand (of attention's GEMMs or flash kernels), so bf16 under mixed
             // precision, written so by its GEMM
             let dout = da.as_ref().unwrap_or(&dx);
-            let datt = self.linear_back(dout.into(), a.att.src(), o.attn_out, (n, d, d), true)?;
+            let att = &attention.att;
+            let datt = self.linear_back(dout.into(), att.src(), o.attn_out, (n, d, d), true)?;
             drop(da);
             // only a GEMM operand after the inverse RoPE: bf16 under mixed precision
             let repeated = self.repeats_kv();
             let dheads = self.operand_out(n * if repeated { 3 * d } else { w })?;
             let dop = self.operand(datt.src())?;
             let qp = self.heads(&a.qkv, n)?;
-            match &a.probs {
+            match &attention.probs {
                 Probs::Lse(lse) => {
-                    self.flash_backward(qp.buf.ptr, &dop, (&a.att, lse), &dheads, (b, t), starts)?
+                    self.flash_backward(qp.buf.ptr, &dop, (att, lse), &dheads, (b, t), starts)?
                 }
                 probs => self.materialised_backward(probs, &qp, &dop, &dheads, b, t)?,
             }

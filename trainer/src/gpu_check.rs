@@ -718,25 +718,31 @@ pub fn run(opts: &Options) -> Result<()> {
             time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
             hashes.push(state_hash(&mut gpu)?);
         }
-        // layers computed again in the backward pass must give what keeping them gave
-        let (mut gpu, decay, _) = fresh_engine(opts.ordinal, affine, seq, flash)?;
-        gpu.set_flash_blocks(FlashBlocks::Narrow);
-        gpu.set_checkpointing(Checkpointing::OneIn(2));
-        time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
-        let checkpointed = state_hash(&mut gpu)?;
-        drop(gpu);
+        // layers or attentions computed again in the backward pass must give what keeping
+        // them gave
+        let mut checkpointed = Vec::new();
+        for c in [Checkpointing::OneIn(2), Checkpointing::FineGrained] {
+            let (mut gpu, decay, _) = fresh_engine(opts.ordinal, affine, seq, flash)?;
+            gpu.set_flash_blocks(FlashBlocks::Narrow);
+            gpu.set_checkpointing(c);
+            time_training(&mut gpu, &windows, micro, 0, 3, &decay, 1e-3)?;
+            checkpointed.push((c, state_hash(&mut gpu)?));
+        }
         let mut row = |what: String, same: bool| {
             repeats &= same;
             println!("| {what} | {} |", if same { "yes" } else { "NO" });
         };
         row(attention_name(flash).to_string(), hashes[0] == hashes[1]);
-        row(
-            format!(
-                "{}: activation checkpointing one_in_two vs none",
-                attention_name(flash)
-            ),
-            hashes[0] == checkpointed,
-        );
+        for (c, hash) in checkpointed {
+            row(
+                format!(
+                    "{}: activation checkpointing {} vs none",
+                    attention_name(flash),
+                    c.name()
+                ),
+                hashes[0] == hash,
+            );
+        }
         if flash {
             row(
                 format!("{}: wide blocks vs narrow", attention_name(flash)),

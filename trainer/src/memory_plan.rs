@@ -215,5 +215,25 @@ mod tests {
         );
         let probs = 16 * 16 * tokens * 2048 * 2;
         assert!(mat > eight + probs - probs / 100, "{mat} vs {eight}");
+        // fine_grained keeps no block's attention probabilities or output: the backward pass
+        // computes them again a block at a time. Under flash that saves the output and the
+        // log-sum-exp of all 16 blocks (the peak comes before the backward pass).
+        let fine = |flash| Setup {
+            checkpointing: Checkpointing::FineGrained,
+            flash,
+            ..FLASH
+        };
+        let (fine_mat, fine_flash) = (act(8, &fine(false)), act(8, &fine(true)));
+        let att = tokens * 2048 * 2;
+        let lse = 16 * tokens * 4;
+        assert!(
+            fine_mat + 14 * (probs / 16 + att) < mat && fine_mat > eight,
+            "{fine_mat} vs {mat}"
+        );
+        assert_eq!(
+            eight - fine_flash,
+            16 * (att + lse),
+            "{fine_flash} vs {eight}"
+        );
     }
 }

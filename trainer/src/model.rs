@@ -120,10 +120,10 @@ impl ModelConfig {
     }
 }
 
-/// OLMo's `activation_checkpointing`: the blocks whose activations the forward pass drops,
-/// keeping only the block's input, for the backward pass to compute them again. Memory for
-/// compute: such a block costs one more forward pass (about a third more of its FLOPs, which
-/// MFU does not count). The results are the same bits, as every kernel is deterministic.
+/// OLMo's `activation_checkpointing`: what the forward pass drops for the backward pass to
+/// compute again. Memory for compute: a block computed again costs one more forward pass
+/// (about a third more of its FLOPs, which MFU does not count). The results are the same bits,
+/// as every kernel is deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Checkpointing {
     #[default]
@@ -133,13 +133,19 @@ pub enum Checkpointing {
     OneIn(usize),
     /// The other blocks (`two_in_three`, `three_in_four`).
     AllButOneIn(usize),
+    /// `fine_grained`: no whole block, but each block's attention, from its q, k and v (kept):
+    /// its probabilities (the materialised attention's T×T per head, or flash's log-sum-exp)
+    /// and its output. OLMo's strategy also wraps the norms and the activation function, but
+    /// what those free is kept anyway as the next GEMM's input (by PyTorch as here), apart
+    /// from the norms' per-row statistics, which are kept here.
+    FineGrained,
 }
 
 impl Checkpointing {
-    /// OLMo's names of the strategies this engine has (`fine_grained`, which checkpoints
-    /// functions inside a block, is not one).
-    pub const NAMES: [&'static str; 7] = [
+    /// OLMo's names of its strategies.
+    pub const NAMES: [&'static str; 8] = [
         "whole_layer",
+        "fine_grained",
         "one_in_two",
         "one_in_three",
         "one_in_four",
@@ -152,6 +158,7 @@ impl Checkpointing {
         use Checkpointing::*;
         Some(match name {
             "whole_layer" => WholeLayer,
+            "fine_grained" => FineGrained,
             "one_in_two" => OneIn(2),
             "one_in_three" => OneIn(3),
             "one_in_four" => OneIn(4),
@@ -167,6 +174,7 @@ impl Checkpointing {
         match self {
             Off => "off",
             WholeLayer => "whole_layer",
+            FineGrained => "fine_grained",
             OneIn(2) => "one_in_two",
             OneIn(3) => "one_in_three",
             OneIn(4) => "one_in_four",
@@ -180,6 +188,7 @@ impl Checkpointing {
     pub fn describe(self, layers: usize) -> String {
         match self {
             Checkpointing::Off => String::new(),
+            Checkpointing::FineGrained => "; activation checkpointing fine_grained: each block's attention computed again in the backward pass".into(),
             c => format!(
                 "; activation checkpointing {}: {} of {layers} blocks computed again in the backward pass",
                 c.name(),
@@ -192,11 +201,17 @@ impl Checkpointing {
     /// OLMo's `should_checkpoint_block` decides.
     pub fn recomputes(self, layer: usize) -> bool {
         match self {
-            Checkpointing::Off => false,
+            Checkpointing::Off | Checkpointing::FineGrained => false,
             Checkpointing::WholeLayer => true,
             Checkpointing::OneIn(n) => layer.is_multiple_of(n),
             Checkpointing::AllButOneIn(n) => !layer.is_multiple_of(n),
         }
+    }
+
+    /// Whether the blocks kept whole drop their attention's probabilities and output, for
+    /// the backward pass to compute them again from q, k and v.
+    pub fn recomputes_attention(self) -> bool {
+        self == Checkpointing::FineGrained
     }
 }
 
@@ -517,14 +532,20 @@ struct LayerActs {
     clipped: Option<Vec<u32>>,
     /// QK-norm's inputs (q, k before the norm) and statistics.
     qk: Option<[(Vec<f32>, Stats); 2]>,
-    probs: Vec<f32>,
-    att: Vec<f32>,
+    /// None under `fine_grained` checkpointing, which computes it again from `qkv`.
+    attention: Option<Attention>,
     attn_post: Option<(Vec<f32>, Stats)>,
     x_mid: Vec<f32>,
     ln2: Option<(Vec<f32>, Stats)>,
     ff_in: Vec<f32>,
     ff_act: Vec<f32>,
     ff_post: Option<(Vec<f32>, Stats)>,
+}
+
+/// The attention's output (attn_out's input) and its probabilities.
+struct Attention {
+    att: Vec<f32>,
+    probs: Vec<f32>,
 }
 
 /// What the backward pass has of a layer: its input, and its activations unless the layer is
@@ -740,7 +761,7 @@ impl Model {
     ) -> (Vec<f32>, LayerActs) {
         let cfg = &self.cfg;
         let (d, hh, h) = (cfg.d_model, cfg.n_heads, cfg.mlp_hidden);
-        let (hd, kvh, w) = (cfg.head_dim(), cfg.n_kv_heads, cfg.qkv_width());
+        let (kvh, w) = (cfg.n_kv_heads, cfg.qkv_width());
         let (b, t) = (batch.b, batch.t);
         let n = b * t;
         // Attention branch: pre-norm `x + attn(norm(x))`, or `x + norm(attn(x))`.
@@ -751,13 +772,9 @@ impl Model {
         let clipped = cfg.clip_qkv.map(|c| clip_qkv(&mut qkv, c));
         let qk = cfg.qk_norm.then(|| self.qk_norm(params, &mut qkv, o));
         rope(&mut qkv, w, hh + kvh, t, &self.rope, false);
-        let mut att = vec![0.0; n * d];
-        let mut probs = vec![0.0; b * hh * t * t];
-        let heads = self.heads(&qkv);
-        attention_forward(&heads, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
-        drop(heads);
+        let attention = self.attention(&qkv, batch);
         let mut a = vec![0.0; n * d];
-        matmul_forward(&att, &params[o.attn_out..], n, d, d, &mut a);
+        matmul_forward(&attention.att, &params[o.attn_out..], n, d, d, &mut a);
         let (x_mid, attn_post) = self.join(params, a, o.attn_norm, x);
         // MLP branch, alike.
         let ln2 = (!cfg.norm_after).then(|| self.norm(params, &x_mid, o.ff_norm));
@@ -774,8 +791,7 @@ impl Model {
             qkv,
             clipped,
             qk,
-            probs,
-            att,
+            attention: Some(attention),
             attn_post,
             x_mid,
             ln2,
@@ -784,6 +800,18 @@ impl Model {
             ff_post,
         };
         (x_out, acts)
+    }
+
+    /// Causal attention over the (RoPE'd) q, k and v rows of `qkv`.
+    fn attention(&self, qkv: &[f32], batch: &Batch) -> Attention {
+        let cfg = &self.cfg;
+        let (b, t, hh) = (batch.b, batch.t, cfg.n_heads);
+        let mut att = vec![0.0; b * t * cfg.d_model];
+        let mut probs = vec![0.0; b * hh * t * t];
+        let heads = self.heads(qkv);
+        let hd = cfg.head_dim();
+        attention_forward(&heads, b, t, hh, hd, batch.doc_starts, &mut att, &mut probs);
+        Attention { att, probs }
     }
 
     /// Scores a batch without keeping activations for a backward pass.
@@ -822,8 +850,11 @@ impl Model {
         }
         let mut kept: Vec<Kept> = Vec::with_capacity(if keep { cfg.n_layers } else { 0 });
         for (i, o) in lay.layers.iter().enumerate() {
-            let (x_out, acts) = self.layer_forward(params, &x, o, batch);
+            let (x_out, mut acts) = self.layer_forward(params, &x, o, batch);
             let x_in = std::mem::replace(&mut x, x_out);
+            if self.checkpointing.recomputes_attention() {
+                acts.attention = None;
+            }
             if keep {
                 let acts = (!self.checkpointing.recomputes(i)).then_some(acts);
                 kept.push(Kept { x_in, acts });
@@ -923,10 +954,18 @@ impl Model {
             );
             // Attention branch, alike.
             let da_post = self.post_norm_back(params, grads, &dx_mid, &a.attn_post, o.attn_norm);
+            let again;
+            let attention = match &a.attention {
+                Some(kept) => kept,
+                None => {
+                    again = self.attention(&a.qkv, batch);
+                    &again
+                }
+            };
             let mut datt = vec![0.0; n * d];
             matmul_backward(
                 da_post.as_ref().unwrap_or(&dx_mid),
-                &a.att,
+                &attention.att,
                 &params[o.attn_out..],
                 n,
                 d,
@@ -936,7 +975,7 @@ impl Model {
             );
             let mut dheads = vec![0.0; n * 3 * d];
             let heads = self.heads(&a.qkv);
-            attention_backward(&datt, &heads, &a.probs, b, t, hh, hd, &mut dheads);
+            attention_backward(&datt, &heads, &attention.probs, b, t, hh, hd, &mut dheads);
             drop(heads);
             let mut dqkv = match kvh == hh {
                 true => dheads,
@@ -1165,7 +1204,7 @@ mod tests {
                 let c = Checkpointing::from_name(name).unwrap();
                 assert_eq!(c.name(), name);
                 let again = (0..5).filter(|&l| c.recomputes(l)).count();
-                assert!(again > 0, "{name}");
+                assert!(again > 0 || c.recomputes_attention(), "{name}");
                 let got = run(c);
                 assert!(got == plain, "olmo2 {olmo2}: {name} changes the results");
             }
@@ -1235,8 +1274,12 @@ mod tests {
         assert_eq!(picks("one_in_eight"), [0, 8]);
         assert_eq!(picks("two_in_three"), [1, 2, 4, 5, 7, 8]);
         assert_eq!(picks("three_in_four"), [1, 2, 3, 5, 6, 7]);
+        assert!(picks("fine_grained").is_empty());
+        assert!(Checkpointing::FineGrained.recomputes_attention());
         assert!(!Checkpointing::Off.recomputes(0));
-        assert_eq!(Checkpointing::from_name("fine_grained"), None);
+        assert!(!Checkpointing::Off.recomputes_attention());
+        assert!(!Checkpointing::WholeLayer.recomputes_attention());
+        assert_eq!(Checkpointing::from_name("every_layer"), None);
         assert_eq!(
             Checkpointing::from_name("one_in_three").unwrap().describe(16),
             "; activation checkpointing one_in_three: 6 of 16 blocks computed again in the backward pass"

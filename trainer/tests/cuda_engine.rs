@@ -193,7 +193,12 @@ fn checkpointed_layers_on_the_host_emulator_give_the_same_bits() {
             };
             let plain = run(Checkpointing::Off);
             assert!(plain.2.iter().any(|&g| g != 0.0));
-            for c in [Checkpointing::WholeLayer, Checkpointing::OneIn(2)] {
+            let strategies = [
+                Checkpointing::WholeLayer,
+                Checkpointing::OneIn(2),
+                Checkpointing::FineGrained,
+            ];
+            for c in strategies {
                 assert!(
                     run(c) == plain,
                     "{name}, bf16 {bf16}, flash {flash}: {} changes the results",

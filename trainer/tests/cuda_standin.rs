@@ -133,8 +133,14 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
     let (kept, grads) = step_peak(&mut engine);
     engine.set_checkpointing(Checkpointing::WholeLayer);
     let (again, same) = step_peak(&mut engine);
-    println!("step's peak above the resident state: {kept} bytes, checkpointed {again}");
     assert!(again < kept, "{again} vs {kept} bytes");
+    assert!(same == grads);
+    engine.set_checkpointing(Checkpointing::FineGrained);
+    let (fine, same) = step_peak(&mut engine);
+    println!(
+        "step's peak above the resident state: {kept} bytes, whole_layer {again}, fine_grained {fine}"
+    );
+    assert!(fine < kept, "{fine} vs {kept} bytes");
     assert!(same == grads);
     engine.set_checkpointing(Checkpointing::Off);
     engine.set_flash_attention(true).unwrap();
@@ -143,6 +149,7 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
     for (checkpointing, flash, measured) in [
         (Checkpointing::Off, false, kept),
         (Checkpointing::WholeLayer, false, again),
+        (Checkpointing::FineGrained, false, fine),
         (Checkpointing::Off, true, flash),
     ] {
         let setup = memory_plan::Setup {
