@@ -14,9 +14,24 @@ pub enum Kind {
     InverseSqrtWithWarmup,
     Constant,
     ConstantWithWarmup,
+    /// The larger of `cosine_with_warmup` and `inverse_sqrt_with_warmup` at each step.
+    Max,
+    /// Cosine decay times a linear decay to 0 (OLMo's `cosine_linear_envelope`, for annealing).
+    CosineLinearEnvelope,
 }
 
 impl Kind {
+    /// OLMo's scheduler names, all of which this has.
+    pub const NAMES: [&'static str; 7] = [
+        "cosine_with_warmup",
+        "linear_with_warmup",
+        "inverse_sqrt_with_warmup",
+        "max_scheduler",
+        "constant",
+        "cosine_linear_envelope",
+        "constant_with_warmup",
+    ];
+
     pub fn parse(name: &str) -> Option<Kind> {
         Some(match name {
             "cosine_with_warmup" => Kind::CosineWithWarmup,
@@ -24,6 +39,8 @@ impl Kind {
             "inverse_sqrt_with_warmup" => Kind::InverseSqrtWithWarmup,
             "constant" => Kind::Constant,
             "constant_with_warmup" => Kind::ConstantWithWarmup,
+            "max_scheduler" => Kind::Max,
+            "cosine_linear_envelope" => Kind::CosineLinearEnvelope,
             _ => return None,
         })
     }
@@ -64,6 +81,10 @@ impl Schedule {
         let eta_min = self.lr * self.alpha_f;
         match self.kind {
             Kind::Constant => self.lr,
+            Kind::Max => {
+                let of = |kind| Schedule { kind, ..*self }.lr(step);
+                of(Kind::CosineWithWarmup).max(of(Kind::InverseSqrtWithWarmup))
+            }
             Kind::ConstantWithWarmup => {
                 if step < self.t_warmup {
                     self.warmup(step)
@@ -78,7 +99,7 @@ impl Schedule {
                     self.lr * (self.t_warmup as f64 / (self.t_warmup.max(step)) as f64).sqrt()
                 }
             }
-            Kind::CosineWithWarmup | Kind::LinearWithWarmup => {
+            Kind::CosineWithWarmup | Kind::LinearWithWarmup | Kind::CosineLinearEnvelope => {
                 if step < self.t_warmup {
                     return self.warmup(step);
                 }
@@ -90,6 +111,10 @@ impl Schedule {
                 match self.kind {
                     Kind::CosineWithWarmup => {
                         eta_min + (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0
+                    }
+                    Kind::CosineLinearEnvelope => {
+                        let cosine = (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0;
+                        eta_min + (1.0 - s / t) * cosine
                     }
                     _ => self.lr - (self.lr - eta_min) * (s / t),
                 }
@@ -189,5 +214,44 @@ mod tests {
             Some(Kind::CosineWithWarmup)
         );
         assert_eq!(Kind::parse("lionw"), None);
+        assert!(Kind::NAMES.iter().all(|n| Kind::parse(n).is_some()));
+    }
+
+    #[test]
+    fn max_and_cosine_linear_envelope_as_olmo() {
+        // values from OLMo's MaxScheduler and CosLinearEnvelope formulas, worked by hand
+        let m = Schedule {
+            kind: Kind::parse("max_scheduler").unwrap(),
+            t_max: 10_000,
+            ..olmo_1b(Kind::Max)
+        };
+        let cos = Schedule {
+            kind: Kind::CosineWithWarmup,
+            ..m
+        };
+        let isq = Schedule {
+            kind: Kind::InverseSqrtWithWarmup,
+            ..m
+        };
+        assert!(close(m.lr(1000), cos.lr(1000)));
+        // early the cosine is higher, late (cosine at 4e-5) the inverse sqrt
+        assert!(close(m.lr(3000), cos.lr(3000)) && cos.lr(3000) > isq.lr(3000));
+        assert!(close(m.lr(10_000), 4e-4 * (0.2f64).sqrt()));
+        let e = Schedule {
+            kind: Kind::parse("cosine_linear_envelope").unwrap(),
+            ..olmo_1b(Kind::CosineLinearEnvelope)
+        };
+        assert!(close(e.lr(1000), cos.lr(1000)));
+        assert!(close(e.lr(2000), 4e-4));
+        // halfway: cosine term (4e-4 - 4e-5)/2 times the envelope's 1/2
+        let mid = 2000 + (739_328 - 2000) / 2;
+        assert!(close(e.lr(mid), 4e-5 + 0.5 * (4e-4 - 4e-5) * 0.5));
+        assert!(close(e.lr(739_328), 4e-5));
+        assert!(
+            (2000..739_328)
+                .step_by(1000)
+                .all(|s| e.lr(s) >= e.lr(s + 1000)
+                    && e.lr(s) <= olmo_1b(Kind::CosineWithWarmup).lr(s))
+        );
     }
 }

@@ -412,8 +412,13 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         bail!("scheduler.units `{}`: steps or tokens", cfg.scheduler.units);
     }
     let schedule = Schedule {
-        kind: Kind::parse(&cfg.scheduler.name)
-            .ok_or_else(|| anyhow!("scheduler.name `{}` is not supported", cfg.scheduler.name))?,
+        kind: Kind::parse(&cfg.scheduler.name).ok_or_else(|| {
+            anyhow!(
+                "scheduler.name `{}` is not one of OLMo's: {}",
+                cfg.scheduler.name,
+                Kind::NAMES.join(", ")
+            )
+        })?,
         lr: cfg.optimizer.learning_rate as f64,
         t_warmup: to_steps(cfg.scheduler.t_warmup),
         t_max: cfg.scheduler.t_max.map_or(max_steps, to_steps),
