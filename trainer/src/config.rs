@@ -423,7 +423,7 @@ pub struct SchedulerSection {
     #[serde(default)]
     pub warmup_min_lr: Option<f64>,
     #[serde(default)]
-    pub grad_clip_warmup_steps: Option<u64>,
+    pub grad_clip_warmup_steps: Option<f64>,
     #[serde(default)]
     pub grad_clip_warmup_factor: Option<f32>,
     #[serde(flatten)]

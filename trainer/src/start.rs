@@ -346,8 +346,8 @@ fn from_load_path(
                 // OLMo's BoltOnWarmupScheduler: fresh moments under a running schedule.
                 state.lr_warmup_from = Some(state.step);
                 what.push(format!(
-                    "fresh {name} moments with the LR warming up again from step {} over {} steps",
-                    state.step, t_warmup
+                    "fresh {name} moments with the LR warming up again from step {} over {} {}",
+                    state.step, t_warmup, cfg.scheduler.units
                 ));
             } else {
                 what.push(format!("fresh {name} moments"));

@@ -398,33 +398,29 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let tokens_per_step = batch * seq as u64;
     let max_steps = match cfg.max_duration {
         Duration::Steps(s) => s,
-        Duration::Tokens(t) => t.div_ceil(tokens_per_step),
+        Duration::Tokens(t) if t < tokens_per_step => {
+            bail!("max_duration {t}T is less than one global batch ({tokens_per_step} tokens)")
+        }
+        // OLMo's whole batches within the tokens
+        Duration::Tokens(t) => t / tokens_per_step,
         Duration::Epochs(e) => (e * steps_per_epoch as f64).ceil() as u64,
     };
     let stop = cfg.stop_at.map_or(max_steps, |s| s.min(max_steps));
-    let to_steps = |v: f64| -> u64 {
-        match cfg.scheduler.units.as_str() {
-            "tokens" => (v / tokens_per_step as f64).ceil() as u64,
-            _ => v as u64,
-        }
+    // OLMo runs the schedule in its units: steps, or tokens seen (t_warmup, t_max and
+    // grad_clip_warmup_steps then count tokens, not rounded to steps)
+    let in_tokens = match cfg.scheduler.units.as_str() {
+        "steps" => false,
+        "tokens" => true,
+        other => bail!("scheduler.units `{other}`: steps or tokens"),
     };
-    if !matches!(cfg.scheduler.units.as_str(), "steps" | "tokens") {
-        bail!("scheduler.units `{}`: steps or tokens", cfg.scheduler.units);
-    }
-    let schedule = Schedule {
-        kind: Kind::parse(&cfg.scheduler.name).ok_or_else(|| {
-            anyhow!(
-                "scheduler.name `{}` is not one of OLMo's: {}",
-                cfg.scheduler.name,
-                Kind::NAMES.join(", ")
-            )
-        })?,
-        lr: cfg.optimizer.learning_rate as f64,
-        t_warmup: to_steps(cfg.scheduler.t_warmup),
-        t_max: cfg.scheduler.t_max.map_or(max_steps, to_steps),
-        alpha_f: cfg.scheduler.alpha_f,
-        warmup_min_lr: cfg.scheduler.warmup_min_lr,
-    };
+    let kind = Kind::parse(&cfg.scheduler.name).ok_or_else(|| {
+        anyhow!(
+            "scheduler.name `{}` is not one of OLMo's: {}",
+            cfg.scheduler.name,
+            Kind::NAMES.join(", ")
+        )
+    })?;
+    let t_warmup = cfg.scheduler.t_warmup as u64;
     let layout = &Layout::new(&mcfg);
     let save_folder = cfg.save_folder.as_ref().map(PathBuf::from);
     if let Some(f) = &save_folder {
@@ -443,7 +439,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             global_batch: batch,
         },
         (save_folder.as_deref(), lead),
-        schedule.t_warmup,
+        t_warmup,
     )?;
     if lead {
         for note in &start.notes {
@@ -453,6 +449,25 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let (mut params, mut exp_avg, mut exp_avg_sq, mut state) =
         (start.params, start.exp_avg, start.exp_avg_sq, start.state);
     let mut grad_norm_exp_avg = start.grad_norm_exp_avg;
+    let unit = if in_tokens { tokens_per_step } else { 1 };
+    let t_max = match (cfg.scheduler.t_max, cfg.max_duration) {
+        (Some(t), _) => t as u64,
+        (None, Duration::Tokens(t)) if in_tokens => t,
+        // OLMo's max_tokens: the tokens seen and those of the steps to go (a dataloader
+        // reset starts the count again)
+        (None, Duration::Steps(_)) if in_tokens => {
+            state.global_train_tokens_seen + max_steps.saturating_sub(state.step) * unit
+        }
+        (None, _) => max_steps * unit,
+    };
+    let schedule = Schedule {
+        kind,
+        lr: cfg.optimizer.learning_rate as f64,
+        t_warmup,
+        t_max,
+        alpha_f: cfg.scheduler.alpha_f,
+        warmup_min_lr: cfg.scheduler.warmup_min_lr,
+    };
     let evals = if lead {
         setup_evals(&cfg, Some(&shards), vocab)?
     } else {
@@ -681,6 +696,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         let early = Reason::decide(votes, cfg.time_limit);
         let (ce, z) = (ce / scored, z / scored);
         let step = state.step + 1;
+        // where the schedule is at this step, in its units (OLMo counts the step's tokens in)
+        let now = if in_tokens {
+            state.global_train_tokens_seen + tokens_per_step
+        } else {
+            step
+        };
         if !(ce + z).is_finite() {
             let last = save_folder
                 .as_deref()
@@ -694,7 +715,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             cfg.scheduler.grad_clip_warmup_factor,
         ) {
             // OLMo's bolt-on warmup scheduler has no clip warmup
-            (Some(w), Some(f)) if step <= w && state.lr_warmup_from.is_none() => f,
+            (Some(w), Some(f)) if now <= w as u64 && state.lr_warmup_from.is_none() => f,
             _ => 1.0,
         };
         let max_norm = cfg.max_grad_norm.map(|m| m * clip_warmup);
@@ -710,7 +731,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             }
             None => None,
         };
-        let lr = schedule.lr_warming_from(step, state.lr_warmup_from) as f32;
+        // OLMo starts its bolt-on warmup at a step even when the schedule counts tokens; here
+        // it starts where the schedule was then, in the schedule's units
+        let warming_from = state
+            .lr_warmup_from
+            .map(|from| now.saturating_sub((step - from) * unit));
+        let lr = schedule.lr_warming_from(now, warming_from) as f32;
         let norm = engine.step(&Update {
             step: state.optimizer_steps + 1,
             lr,

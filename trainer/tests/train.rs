@@ -1122,6 +1122,79 @@ fn learning_rates(m: &[serde_json::Value]) -> Vec<(u64, f64)> {
 }
 
 #[test]
+fn a_schedule_in_tokens_counts_tokens_as_olmo() {
+    let r = Run::new();
+    // 8 x 16 = 128 tokens a step; 2000 tokens are 15 whole steps (OLMo floors), the warmup's
+    // 300 tokens end within step 3 and the cosine's t_max is the 2000 tokens, not 15 or 16 steps
+    let cfg = r.config(
+        "tokens.yaml",
+        "tokens",
+        "max_duration: 2000T\nsave_interval: 5\n",
+    );
+    edit(
+        &cfg,
+        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
+    );
+    ok(&r.train(&cfg, &[]));
+    let (lr, min) = (1e-2, 1e-3);
+    let schedule = |seen: f64| {
+        if seen < 300.0 {
+            min + (lr - min) * seen / 300.0
+        } else {
+            let s = (seen - 300.0) / 1700.0;
+            min + (lr - min) * (1.0 + (std::f64::consts::PI * s).cos()) / 2.0
+        }
+    };
+    let check = |lrs: Vec<(u64, f64)>, want: &dyn Fn(u64) -> f64| {
+        for (step, got) in lrs {
+            let w = want(step);
+            assert!(
+                (got - w).abs() <= 1e-6 * w,
+                "step {step}: lr {got}, want {w}"
+            );
+        }
+    };
+    let lrs = learning_rates(&r.metrics("tokens"));
+    let steps: Vec<u64> = lrs.iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=15).collect::<Vec<_>>());
+    check(lrs, &|step| schedule(128.0 * step as f64));
+    assert_eq!(
+        train_state(&r, "tokens/step15")["global_train_tokens_seen"],
+        15 * 128
+    );
+
+    // fresh moments at step 5 (640 tokens): the LR warms up again over 300 tokens, to the
+    // schedule's value at 940 tokens, and rejoins it at step 8 (1024 tokens)
+    let bolt = r.config(
+        "bolt.yaml",
+        "bolt",
+        &format!(
+            "max_duration: 2000T\nstop_at: 8\nload_path: {}\nreset_optimizer_state: true\n",
+            r.path("tokens/step5").display()
+        ),
+    );
+    edit(
+        &bolt,
+        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
+    );
+    let err = ok(&r.train(&bolt, &[]));
+    assert!(err.contains("from step 5 over 300 tokens"), "{err}");
+    let lrs = learning_rates(&r.metrics("bolt"));
+    assert_eq!(lrs.len(), 3);
+    check(lrs, &|step| match step {
+        6 => schedule(940.0) * 128.0 / 300.0,
+        7 => schedule(940.0) * 256.0 / 300.0,
+        _ => schedule(1024.0),
+    });
+
+    // less than a batch of tokens trains nothing: refused, naming both
+    refused(
+        &r.train(&cfg, &["--max_duration=100T"]),
+        "max_duration 100T is less than one global batch (128 tokens)",
+    );
+}
+
+#[test]
 fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
     let r = Run::new();
     let base = r.config("base.yaml", "base", "max_duration: 20\nsave_interval: 10\n");
