@@ -100,7 +100,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub reset_trainer_state: bool,
     /// Starting from `load_path`: `false` restarts the data order at the beginning of epoch
-    /// `epoch` (or 0), keeping the step and the LR schedule.
+    /// `epoch` (or 0), keeping the step; the tokens seen count again from 0 (as OLMo's), so a
+    /// schedule in tokens and a `T` max_duration start again.
     #[serde(default = "yes")]
     pub restore_dataloader: bool,
     /// Starting from `load_path`: skip this many global batches of the data (past a loss spike).

@@ -318,8 +318,8 @@ fn from_load_path(
                 )),
             }
         } else {
-            // OLMo's restore_dataloader: false: the data order starts again, the step and the
-            // LR schedule go on.
+            // OLMo's restore_dataloader: false: the data order and the count of tokens seen
+            // start again, the step goes on.
             s.epoch = cfg.epoch.unwrap_or(0);
             s.global_train_examples_seen_this_epoch = 0;
             s.global_train_tokens_seen = 0;

@@ -405,7 +405,6 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         Duration::Tokens(t) => t / tokens_per_step,
         Duration::Epochs(e) => (e * steps_per_epoch as f64).ceil() as u64,
     };
-    let stop = cfg.stop_at.map_or(max_steps, |s| s.min(max_steps));
     // OLMo runs the schedule in its units: steps, or tokens seen (t_warmup, t_max and
     // grad_clip_warmup_steps then count tokens, not rounded to steps)
     let in_tokens = match cfg.scheduler.units.as_str() {
@@ -449,6 +448,14 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let (mut params, mut exp_avg, mut exp_avg_sq, mut state) =
         (start.params, start.exp_avg, start.exp_avg_sq, start.state);
     let mut grad_norm_exp_avg = start.grad_norm_exp_avg;
+    // OLMo's T counts the tokens still to be seen: T more after a dataloader reset
+    let max_steps = match cfg.max_duration {
+        Duration::Tokens(t) => {
+            state.step + t.saturating_sub(state.global_train_tokens_seen) / tokens_per_step
+        }
+        _ => max_steps,
+    };
+    let stop = cfg.stop_at.map_or(max_steps, |s| s.min(max_steps));
     let unit = if in_tokens { tokens_per_step } else { 1 };
     let t_max = match (cfg.scheduler.t_max, cfg.max_duration) {
         (Some(t), _) => t as u64,

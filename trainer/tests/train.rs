@@ -1187,6 +1187,26 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
         _ => schedule(1024.0),
     });
 
+    // the same data again from step 5 with the dataloader reset: OLMo counts the tokens seen
+    // from 0, so the schedule starts again and the 2000T are 15 steps more, to step 20
+    let again = r.config(
+        "again.yaml",
+        "again",
+        &format!(
+            "max_duration: 2000T\nload_path: {}\nrestore_dataloader: false\n",
+            r.path("tokens/step5").display()
+        ),
+    );
+    edit(
+        &again,
+        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
+    );
+    ok(&r.train(&again, &[]));
+    let lrs = learning_rates(&r.metrics("again"));
+    let steps: Vec<u64> = lrs.iter().map(|l| l.0).collect();
+    assert_eq!(steps, (6..=20).collect::<Vec<_>>());
+    check(lrs, &|step| schedule(128.0 * (step - 5) as f64));
+
     // less than a batch of tokens trains nothing: refused, naming both
     refused(
         &r.train(&cfg, &["--max_duration=100T"]),
