@@ -1126,16 +1126,19 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
     let r = Run::new();
     // 8 x 16 = 128 tokens a step; 2000 tokens are 15 whole steps (OLMo floors), the warmup's
     // 300 tokens end within step 3 and the cosine's t_max is the 2000 tokens, not 15 or 16 steps
-    let cfg = r.config(
-        "tokens.yaml",
-        "tokens",
-        "max_duration: 2000T\nsave_interval: 5\n",
-    );
-    edit(
-        &cfg,
-        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
-    );
-    ok(&r.train(&cfg, &[]));
+    let config = |name: &str, extra: &str| {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 2000T\n{extra}"),
+        );
+        edit(
+            &cfg,
+            &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
+        );
+        let err = ok(&r.train(&cfg, &[]));
+        (cfg, learning_rates(&r.metrics(name)), err)
+    };
     let (lr, min) = (1e-2, 1e-3);
     let schedule = |seen: f64| {
         if seen < 300.0 {
@@ -1145,43 +1148,36 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
             min + (lr - min) * (1.0 + (std::f64::consts::PI * s).cos()) / 2.0
         }
     };
-    let check = |lrs: Vec<(u64, f64)>, want: &dyn Fn(u64) -> f64| {
-        for (step, got) in lrs {
-            let w = want(step);
-            assert!(
-                (got - w).abs() <= 1e-6 * w,
-                "step {step}: lr {got}, want {w}"
+    let check =
+        |lrs: &[(u64, f64)], steps: std::ops::RangeInclusive<u64>, want: &dyn Fn(u64) -> f64| {
+            assert_eq!(
+                lrs.iter().map(|l| l.0).collect::<Vec<_>>(),
+                steps.collect::<Vec<_>>()
             );
-        }
-    };
-    let lrs = learning_rates(&r.metrics("tokens"));
-    let steps: Vec<u64> = lrs.iter().map(|l| l.0).collect();
-    assert_eq!(steps, (1..=15).collect::<Vec<_>>());
-    check(lrs, &|step| schedule(128.0 * step as f64));
+            for &(step, got) in lrs {
+                let w = want(step);
+                assert!(
+                    (got - w).abs() <= 1e-6 * w,
+                    "step {step}: lr {got}, want {w}"
+                );
+            }
+        };
+    let (cfg, lrs, _) = config("tokens", "save_interval: 5\n");
+    check(&lrs, 1..=15, &|step| schedule(128.0 * step as f64));
     assert_eq!(
         train_state(&r, "tokens/step15")["global_train_tokens_seen"],
         15 * 128
     );
+    let from = r.path("tokens/step5").display().to_string();
 
     // fresh moments at step 5 (640 tokens): the LR warms up again over 300 tokens, to the
     // schedule's value at 940 tokens, and rejoins it at step 8 (1024 tokens)
-    let bolt = r.config(
-        "bolt.yaml",
+    let (_, lrs, err) = config(
         "bolt",
-        &format!(
-            "max_duration: 2000T\nstop_at: 8\nload_path: {}\nreset_optimizer_state: true\n",
-            r.path("tokens/step5").display()
-        ),
+        &format!("stop_at: 8\nload_path: {from}\nreset_optimizer_state: true\n"),
     );
-    edit(
-        &bolt,
-        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
-    );
-    let err = ok(&r.train(&bolt, &[]));
     assert!(err.contains("from step 5 over 300 tokens"), "{err}");
-    let lrs = learning_rates(&r.metrics("bolt"));
-    assert_eq!(lrs.len(), 3);
-    check(lrs, &|step| match step {
+    check(&lrs, 6..=8, &|step| match step {
         6 => schedule(940.0) * 128.0 / 300.0,
         7 => schedule(940.0) * 256.0 / 300.0,
         _ => schedule(1024.0),
@@ -1189,23 +1185,11 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
 
     // the same data again from step 5 with the dataloader reset: OLMo counts the tokens seen
     // from 0, so the schedule starts again and the 2000T are 15 steps more, to step 20
-    let again = r.config(
-        "again.yaml",
+    let (_, lrs, _) = config(
         "again",
-        &format!(
-            "max_duration: 2000T\nload_path: {}\nrestore_dataloader: false\n",
-            r.path("tokens/step5").display()
-        ),
+        &format!("load_path: {from}\nrestore_dataloader: false\n"),
     );
-    edit(
-        &again,
-        &[("  t_warmup: 3\n", "  t_warmup: 300\n  units: tokens\n")],
-    );
-    ok(&r.train(&again, &[]));
-    let lrs = learning_rates(&r.metrics("again"));
-    let steps: Vec<u64> = lrs.iter().map(|l| l.0).collect();
-    assert_eq!(steps, (6..=20).collect::<Vec<_>>());
-    check(lrs, &|step| schedule(128.0 * (step - 5) as f64));
+    check(&lrs, 6..=20, &|step| schedule(128.0 * (step - 5) as f64));
 
     // less than a batch of tokens trains nothing: refused, naming both
     refused(
