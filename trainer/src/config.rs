@@ -852,8 +852,13 @@ impl TrainConfig {
         if m.activation_type != "swiglu" {
             unsupported(&format!("activation_type: {}", m.activation_type))?;
         }
-        if m.block_type != "sequential" {
-            unsupported(&format!("block_type: {}", m.block_type))?;
+        match (m.block_type.as_str(), m.norm_after) {
+            // OLMo's llama block projects q, k and v with three Linears where sequential has one
+            // (the same function of the same weights, stacked) and skips the document masking
+            // (which this engine keeps); OLMo's GQA there only runs with one kv head, here any
+            ("sequential", _) | ("llama", false) => {}
+            ("llama", true) => bail!("model.block_type: llama with norm_after: true: OLMo's llama block never applies norm_after (it would train a pre-norm model); use block_type: sequential for OLMo 2's blocks"),
+            (other, _) => unsupported(&format!("block_type: {other} (sequential or llama)"))?,
         }
         if m.attention_dropout > 0.0 || m.residual_dropout > 0.0 || m.embedding_dropout > 0.0 {
             unsupported("*_dropout > 0 (OLMo's default is 0.1: set attention_dropout, residual_dropout and embedding_dropout to 0)")?;
@@ -979,6 +984,30 @@ mod tests {
                     data: {paths: [x]}\nglobal_train_batch_size: 1\nmax_duration: 1\n";
         let cfg: TrainConfig = serde_saphyr::from_str(text).unwrap();
         assert_eq!(cfg.model_config().unwrap().0.num_params(), 32_234_279_936);
+    }
+
+    #[test]
+    fn the_llama_block_is_the_sequential_one_without_norm_after() {
+        let model = |extra: &str| {
+            let text = format!("model: {{d_model: 16, n_heads: 4, n_layers: 2, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0{extra}}}\n\
+                                data: {{paths: [x]}}\nglobal_train_batch_size: 1\nmax_duration: 1\n");
+            let cfg: TrainConfig = serde_saphyr::from_str(&text).unwrap();
+            cfg.model_config().map(|(m, _)| m)
+        };
+        let llama = model(", block_type: llama, n_kv_heads: 2, init_fn: mitchell").unwrap();
+        let sequential = model(", n_kv_heads: 2, init_fn: mitchell").unwrap();
+        assert_eq!(format!("{llama:?}"), format!("{sequential:?}"));
+        let err = model(", block_type: llama, norm_after: true").unwrap_err();
+        assert!(
+            err.to_string().contains("never applies norm_after"),
+            "{err}"
+        );
+        let err = model(", block_type: parallel").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("block_type: parallel (sequential or llama)"),
+            "{err}"
+        );
     }
 
     #[test]
