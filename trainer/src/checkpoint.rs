@@ -39,6 +39,11 @@ pub struct TrainerState {
     /// OLMo's bolt-on warmup. Kept so that a resumed run follows the same LR.
     #[serde(default)]
     pub lr_warmup_from: Option<u64>,
+    /// The lowest train loss of the run so far, which `early_stopping_factor` compares each
+    /// step's with. Kept (OLMo's starts again at each restart) so that a resumed run stops
+    /// where an uninterrupted one would; a start from `load_path` begins a new record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_train_loss: Option<f64>,
     /// The optimizer whose moments `optim.safetensors` holds (`adamw`, or `lionw`, which keeps
     /// no `exp_avg_sq`). Checkpoints written before the field existed are AdamW's.
     #[serde(default = "adamw")]
@@ -429,6 +434,7 @@ mod tests {
                 num_params: layout.total as u64,
                 optimizer_steps: step,
                 lr_warmup_from: None,
+                min_train_loss: None,
                 optimizer: optimizer.into(),
             };
             let ck = Checkpoint {

@@ -54,6 +54,10 @@ pub struct TrainConfig {
     /// Seconds after which the run saves and stops (OLMo's; for a job's wall-clock limit).
     #[serde(default)]
     pub time_limit: Option<f64>,
+    /// OLMo's loss-spike stop: past the warmup, a step whose train loss is above this factor
+    /// times the lowest train loss so far saves and stops the run.
+    #[serde(default)]
+    pub early_stopping_factor: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// First epoch (OLMo counts from 0).

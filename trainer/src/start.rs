@@ -67,6 +67,7 @@ pub fn start(
         num_params: layout.total as u64,
         optimizer_steps: 0,
         lr_warmup_from: None,
+        min_train_loss: None,
         optimizer: cfg.optimizer.name.clone(),
     };
     let mut start = match (own, &cfg.load_path) {
@@ -85,14 +86,19 @@ pub fn start(
             }
             resume(&dir, layout, data, &cfg.optimizer.name)?
         }
-        (None, Some(p)) => from_load_path(
-            cfg,
-            Path::new(p),
-            (layout, t_warmup),
-            data,
-            &fresh,
-            &mut notes,
-        )?,
+        (None, Some(p)) => {
+            let mut s = from_load_path(
+                cfg,
+                Path::new(p),
+                (layout, t_warmup),
+                data,
+                &fresh,
+                &mut notes,
+            )?;
+            // another run's lowest loss is no yardstick for this one's spikes
+            s.state.min_train_loss = None;
+            s
+        }
         (None, None) => {
             if !options.is_empty() {
                 notes.push(format!(

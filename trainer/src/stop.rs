@@ -1,5 +1,6 @@
 //! Stopping a run early and cleanly, with a checkpoint: `stop_after` (steps of this run),
-//! `time_limit` (seconds, as OLMo's, for a scheduler's wall-clock limit), and SIGTERM or SIGINT
+//! `time_limit` (seconds, as OLMo's, for a scheduler's wall-clock limit), OLMo's
+//! `early_stopping_factor` (a loss spike; every rank has the same all-reduced loss), and SIGTERM or SIGINT
 //! (a scheduler's notice before it kills a job, or Ctrl-C). The run finishes the step in
 //! flight, saves and exits; a rerun of the same command continues. A second signal stops at
 //! once. With several ranks the decision rides on the loss all-reduce each step, so every rank
@@ -45,6 +46,13 @@ pub fn catch_signals() {
 pub enum Reason {
     TimeLimit(f64),
     Signal(i32),
+    /// `early_stopping_factor`: the step's train loss rose above `factor` times the run's
+    /// lowest.
+    LossIncrease {
+        loss: f64,
+        lowest: f64,
+        factor: f64,
+    },
 }
 
 impl Reason {
@@ -76,6 +84,13 @@ impl Reason {
         match self {
             Reason::TimeLimit(t) => format!("time_limit ({t} s) reached"),
             Reason::Signal(s) => format!("stopped by {}", signal_name(*s)),
+            Reason::LossIncrease {
+                loss,
+                lowest,
+                factor,
+            } => format!(
+                "train loss {loss:.4} is above early_stopping_factor ({factor}) times the run's lowest, {lowest:.4}"
+            ),
         }
     }
 }

@@ -716,6 +716,18 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 .map_or("none was saved".to_string(), |p| p.display().to_string());
             bail!("loss is {} at step {step}: stopping. The last good checkpoint: {last}. A rerun resumes from it; consider a lower learning rate or clipping.", ce + z);
         }
+        let lowest = state.min_train_loss.map_or(ce, |m| m.min(ce));
+        state.min_train_loss = Some(lowest);
+        // OLMo's spike stop, past the warmup (counted in the schedule's units, where OLMo
+        // compares the step number with t_warmup even when that counts tokens)
+        let early = early.or(match cfg.early_stopping_factor {
+            Some(factor) if now > t_warmup && ce > factor * lowest => Some(Reason::LossIncrease {
+                loss: ce,
+                lowest,
+                factor,
+            }),
+            _ => None,
+        });
         // the bound and the ratio warm up alike
         let clip_warmup = match (
             cfg.scheduler.grad_clip_warmup_steps,
@@ -920,6 +932,24 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                 step: state.step,
             }
             .into());
+        }
+        // not a finished run: a job script must not go on to the next stage
+        Some(reason @ Reason::LossIncrease { .. }) => {
+            if lead {
+                eprintln!("{summary}");
+            }
+            if out_folder.is_none() {
+                bail!(
+                    "{} after step {}: stopped early (no save_folder: nothing was saved)",
+                    reason.describe(),
+                    state.step
+                );
+            }
+            bail!(
+                "{} after step {}: stopped early with a checkpoint. A rerun of the same command goes on (the lowest loss is kept, so it stops again while the loss stays that high); to pass the spike, start a new save_folder from the checkpoint with load_path and fast_forward_batches, or raise early_stopping_factor",
+                reason.describe(),
+                state.step
+            );
         }
         None => {}
     }

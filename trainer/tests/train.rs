@@ -1199,6 +1199,46 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
 }
 
 #[test]
+fn a_loss_above_early_stopping_factor_times_the_lowest_stops_with_a_checkpoint() {
+    let r = Run::new();
+    // a factor below 1 catches the first step past the 3 warmup steps (no loss is below the
+    // lowest): a stop with a checkpoint, and a failed exit, since the run did not finish
+    let cfg = r.config(
+        "spike.yaml",
+        "spike",
+        "max_duration: 12\nearly_stopping_factor: 0.99\n",
+    );
+    let err = refused(
+        &r.train(&cfg, &[]),
+        "above early_stopping_factor (0.99) times the run's lowest",
+    );
+    assert!(
+        err.contains("after step 4: stopped early with a checkpoint"),
+        "{err}"
+    );
+    assert!(r.path("spike/step4/model.safetensors").exists());
+    let first = losses(&r.metrics("spike"));
+    assert_eq!(first.len(), 4);
+    let lowest = first.iter().map(|l| l.1).fold(f64::INFINITY, f64::min);
+    let kept = train_state(&r, "spike/step4")["min_train_loss"]
+        .as_f64()
+        .unwrap();
+    assert!((kept - lowest).abs() <= 1e-6 * lowest, "{kept} vs {lowest}");
+
+    // the record is kept: a rerun trains one more step, still not below it, and stops again
+    refused(&r.train(&cfg, &[]), "after step 5: stopped early");
+    // a factor the steady fall of this loss never trips trains to the end
+    ok(&r.train(&cfg, &["--early_stopping_factor=2"]));
+    let all = losses(&r.metrics("spike"));
+    assert_eq!(all.last().unwrap().0, 12);
+    let lowest = all.iter().map(|l| l.1).fold(f64::INFINITY, f64::min);
+    let kept = train_state(&r, "spike/step12")["min_train_loss"]
+        .as_f64()
+        .unwrap();
+    assert!((kept - lowest).abs() <= 1e-6 * lowest, "{kept} vs {lowest}");
+}
+
+#[test]
 fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
     let r = Run::new();
     let base = r.config("base.yaml", "base", "max_duration: 20\nsave_interval: 10\n");
