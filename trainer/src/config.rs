@@ -955,14 +955,17 @@ mod tests {
         }
     }
 
+    /// A d_model 16, 4-head model of `layers` layers, with `extra` model keys.
+    fn small_model(layers: usize, extra: &str) -> Result<ModelConfig> {
+        let text = format!("model: {{d_model: 16, n_heads: 4, n_layers: {layers}, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0{extra}}}\n\
+                            data: {{paths: [x]}}\nglobal_train_batch_size: 1\nmax_duration: 1\n");
+        let cfg: TrainConfig = serde_saphyr::from_str(&text).unwrap();
+        cfg.model_config().map(|(m, _)| m)
+    }
+
     #[test]
     fn kv_heads_read_like_olmo() {
-        let model = |extra: &str| {
-            let text = format!("model: {{d_model: 16, n_heads: 4, n_layers: 1, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0{extra}}}\n\
-                                data: {{paths: [x]}}\nglobal_train_batch_size: 1\nmax_duration: 1\n");
-            let cfg: TrainConfig = serde_saphyr::from_str(&text).unwrap();
-            cfg.model_config().map(|(m, _)| m)
-        };
+        let model = |extra: &str| small_model(1, extra);
         assert_eq!(model("").unwrap().n_kv_heads, 4);
         assert_eq!(model(", n_kv_heads: 2").unwrap().n_kv_heads, 2);
         assert_eq!(
@@ -992,12 +995,7 @@ mod tests {
 
     #[test]
     fn the_llama_block_is_the_sequential_one_without_norm_after() {
-        let model = |extra: &str| {
-            let text = format!("model: {{d_model: 16, n_heads: 4, n_layers: 2, vocab_size: 10, max_sequence_length: 8, rope: true, include_bias: false, attention_dropout: 0, residual_dropout: 0, embedding_dropout: 0{extra}}}\n\
-                                data: {{paths: [x]}}\nglobal_train_batch_size: 1\nmax_duration: 1\n");
-            let cfg: TrainConfig = serde_saphyr::from_str(&text).unwrap();
-            cfg.model_config().map(|(m, _)| m)
-        };
+        let model = |extra: &str| small_model(2, extra);
         let llama = model(", block_type: llama, n_kv_heads: 2, init_fn: mitchell").unwrap();
         let sequential = model(", n_kv_heads: 2, init_fn: mitchell").unwrap();
         assert_eq!(format!("{llama:?}"), format!("{sequential:?}"));
