@@ -296,6 +296,15 @@ pub struct ModelSection {
     pub init_std: f32,
     #[serde(default)]
     pub init_cutoff_factor: Option<f32>,
+    /// The embedding's std in place of the init's (OLMo's; all three inits).
+    #[serde(default)]
+    pub emb_init_std: Option<f32>,
+    /// full_megatron: the embedding's std is `init_std × √d_model` (OLMo's).
+    #[serde(default)]
+    pub scale_emb_init: bool,
+    /// OLMo's norm right after the embedding: not implemented, refused when true.
+    #[serde(default)]
+    pub embedding_layer_norm: bool,
     #[serde(default = "default_act")]
     pub activation_type: String,
     #[serde(default = "default_block")]
@@ -853,6 +862,9 @@ impl TrainConfig {
         if m.scale_logits {
             unsupported("scale_logits")?;
         }
+        if m.embedding_layer_norm {
+            unsupported("embedding_layer_norm (a norm after the embedding)")?;
+        }
         if m.activation_type != "swiglu" {
             unsupported(&format!("activation_type: {}", m.activation_type))?;
         }
@@ -1004,6 +1016,8 @@ mod tests {
             err.to_string().contains("never applies norm_after"),
             "{err}"
         );
+        let err = model(", embedding_layer_norm: true").unwrap_err();
+        assert!(err.to_string().contains("embedding_layer_norm"), "{err}");
         let err = model(", block_type: parallel").unwrap_err();
         assert!(
             err.to_string()

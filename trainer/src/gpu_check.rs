@@ -21,7 +21,7 @@ use crate::cuda::{flash_flops, CudaEngine, FlashBlocks};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
 use crate::gpu::{GemmLib, Gpu, Mem};
 use crate::memory_plan::gib;
-use crate::model::{init_params, Batch, Checkpointing, InitFn, Model, ModelConfig, Role};
+use crate::model::{init_params, Batch, Checkpointing, Init, InitFn, Model, ModelConfig, Role};
 use crate::ops::{NormKind, IGNORE};
 use crate::optim::AdamW;
 use crate::xorshift::XorShift;
@@ -158,7 +158,7 @@ pub fn compare_engines(
             },
         ];
         let scored = targets.iter().filter(|&&x| x != IGNORE).count() as f32;
-        let mut params = init_params(&cfg, InitFn::Normal, 0.05, None, 7);
+        let mut params = init_params(&cfg, &Init::new(InitFn::Normal, 0.05), 7);
         let layout = crate::model::Layout::new(&cfg);
         for tns in &layout.tensors {
             if tns.role == Role::Norm {
@@ -274,7 +274,7 @@ fn fresh_engine(
     flash: bool,
 ) -> Result<(CudaEngine, Vec<bool>, usize)> {
     let decay = crate::model::Layout::new(&cfg).decay_mask(false, false);
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 1);
+    let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 1);
     let n = params.len();
     let zeros = vec![0.0; n];
     let mut engine = CudaEngine::new(ordinal, Model::new(cfg, seq), &params, &zeros, &zeros)?;

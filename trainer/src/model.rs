@@ -20,6 +20,30 @@ pub enum InitFn {
     FullMegatron,
 }
 
+/// OLMo's init options: `init_fn`, `init_std`, `init_cutoff_factor` (in stds), and the
+/// embedding's own `emb_init_std` and `scale_emb_init` (the latter full_megatron's only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Init {
+    pub kind: InitFn,
+    pub std: f32,
+    pub cutoff: Option<f32>,
+    pub emb_std: Option<f32>,
+    pub scale_emb: bool,
+}
+
+impl Init {
+    /// `kind` with `init_std` `std`, no cutoff but the init's own, and OLMo's embedding std.
+    pub fn new(kind: InitFn, std: f32) -> Init {
+        Init {
+            kind,
+            std,
+            cutoff: None,
+            emb_std: None,
+            scale_emb: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
     pub d_model: usize,
@@ -372,28 +396,32 @@ impl Layout {
 /// Initial parameters as OLMo's `init_fn` sets them (truncated normals; norm weights 1).
 /// Each tensor draws from its own generator seeded by (seed, tensor index), so the values do
 /// not depend on the order tensors are filled in.
-pub fn init_params(
-    cfg: &ModelConfig,
-    init: InitFn,
-    init_std: f32,
-    cutoff: Option<f32>,
-    seed: u64,
-) -> Vec<f32> {
+pub fn init_params(cfg: &ModelConfig, init: &Init, seed: u64) -> Vec<f32> {
     let layout = Layout::new(cfg);
     let mut params = vec![0.0f32; layout.total];
     let d = cfg.d_model as f32;
     let h = cfg.mlp_hidden as f32;
+    let (init_std, cutoff) = (init.std, init.cutoff);
+    // OLMo reads `emb_init_std or ...`: 0 counts as unset
+    let emb_std = init.emb_std.filter(|s| *s != 0.0);
     for (i, t) in layout.tensors.iter().enumerate() {
-        let (std, cut) = match (init, t.role) {
+        let (std, cut) = match (init.kind, t.role) {
             (_, Role::Norm) => {
                 params[t.range()].fill(1.0);
                 continue;
             }
-            (InitFn::Normal, _) => (init_std, cutoff),
+            (InitFn::Normal, role) => {
+                let std = match role {
+                    Role::Embedding => emb_std.unwrap_or(init_std),
+                    _ => init_std,
+                };
+                (std, cutoff)
+            }
             (InitFn::Mitchell, role) => {
                 let std = match role {
                     Role::AttnOut(l) => 1.0 / (2.0 * d * (l + 1) as f32).sqrt(),
                     Role::FfOut(l) => 1.0 / (2.0 * h * (l + 1) as f32).sqrt(),
+                    Role::Embedding => emb_std.unwrap_or(1.0 / d.sqrt()),
                     _ => 1.0 / d.sqrt(),
                 };
                 (std, Some(cutoff.unwrap_or(3.0)))
@@ -404,6 +432,11 @@ pub fn init_params(
                         init_std / (2.0 * cfg.n_layers as f32).sqrt()
                     }
                     Role::Head => 1.0 / d.sqrt(),
+                    Role::Embedding => match emb_std {
+                        Some(s) => s,
+                        None if init.scale_emb => init_std * d.sqrt(),
+                        None => init_std,
+                    },
                     _ => init_std,
                 };
                 (std, Some(cutoff.unwrap_or(3.0)))
@@ -1103,7 +1136,7 @@ mod tests {
                 ..tiny(norm, affine, tying)
             };
             let model = Model::new(cfg, 16);
-            let mut params = init_params(&cfg, InitFn::Normal, 0.3, None, 1);
+            let mut params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 1);
             // perturb norm weights away from 1 so their gradients are exercised
             for t in &model.layout.tensors {
                 if t.role == Role::Norm {
@@ -1186,7 +1219,7 @@ mod tests {
                 clip_qkv: clip,
                 ..tiny(NormKind::Rms, true, !olmo2)
             };
-            let params = init_params(&cfg, InitFn::Normal, 0.3, None, 4);
+            let params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 4);
             let seqs = vec![vec![3u32, 7, 1, 19, 4, 7], vec![5u32, 5, 0, 2, 18, 9]];
             let (mut i, mut t) = (Vec::new(), Vec::new());
             let mut batch = Batch::from_windows(&seqs, &mut i, &mut t);
@@ -1216,7 +1249,7 @@ mod tests {
         // tied and untied heads; an ignored target in the second chunk
         for tying in [true, false] {
             let cfg = tiny(NormKind::LayerNorm, true, tying);
-            let params = init_params(&cfg, InitFn::Normal, 0.3, None, 5);
+            let params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 5);
             let seqs = vec![
                 vec![3u32, 7, 1, 19, 4, 7, 2],
                 vec![5u32, 5, 0, 2, 18, 9, 11],
@@ -1309,7 +1342,7 @@ mod tests {
     fn batched_scores_equal_one_sequence_at_a_time() {
         let cfg = tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
-        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+        let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 3);
         let seqs = vec![vec![1u32, 2, 3, 4, 5], vec![9u32, 8, 7, 6, 5]];
         let both = loss_of(&model, &params, &seqs);
         let one = loss_of(&model, &params, &seqs[..1]) + loss_of(&model, &params, &seqs[1..]);
@@ -1323,7 +1356,7 @@ mod tests {
         // alone at the window's start, up to rounding.
         let cfg = tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
-        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+        let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 3);
         let doc_b = [5u32, 9, 3, 3, 7, 1, 8];
         let after_a: Vec<u32> = [4, 11, 6, 0].iter().chain(&doc_b).copied().collect();
         let alone: Vec<u32> = doc_b.iter().chain(&[2, 2, 2, 2]).copied().collect();
@@ -1384,7 +1417,7 @@ mod tests {
         cfg.d_model = 64;
         cfg.n_heads = 4;
         cfg.mlp_hidden = 128;
-        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 4);
+        let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 4);
         let lay = Layout::new(&cfg);
         let std = |r: std::ops::Range<usize>| {
             let v = &params[r];
@@ -1401,13 +1434,43 @@ mod tests {
         let wte = std(0..128 * 64);
         assert!((wte / (1.0 / 8.0) - 0.986).abs() < 0.03, "{wte}");
         assert!(params.iter().all(|p| p.abs() <= 3.0 / 8.0 + 1e-6));
+
+        // OLMo's embedding options: emb_init_std in every init (0 meaning unset, as OLMo's
+        // `or` reads it), scale_emb_init (× √d) in full_megatron's only; the rest unchanged
+        let wte_std = |init: Init| {
+            let p = init_params(&cfg, &init, 4);
+            let v = &p[0..128 * 64];
+            let s = (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt();
+            (s, p[128 * 64..] == params[128 * 64..])
+        };
+        let emb = |kind, emb_std, scale_emb| Init {
+            emb_std,
+            scale_emb,
+            ..Init::new(kind, 0.02)
+        };
+        for (init, want) in [
+            (emb(InitFn::Mitchell, Some(0.5), false), 0.5 * 0.986),
+            (emb(InitFn::Mitchell, Some(0.0), false), 0.125 * 0.986),
+            (emb(InitFn::Normal, Some(0.5), true), 0.5),
+            (emb(InitFn::Normal, None, true), 0.02),
+            (emb(InitFn::FullMegatron, None, true), 0.02 * 8.0 * 0.986),
+            (emb(InitFn::FullMegatron, Some(0.1), true), 0.1 * 0.986),
+            (emb(InitFn::FullMegatron, None, false), 0.02 * 0.986),
+        ] {
+            let (got, rest_same) = wte_std(init);
+            assert!((got / want - 1.0).abs() < 0.03, "{init:?}: {got} vs {want}");
+            // (the Mitchell init above, but for the embedding)
+            if init.kind == InitFn::Mitchell {
+                assert!(rest_same, "{init:?} changed more than the embedding");
+            }
+        }
     }
 
     #[test]
     fn adamw_steps_fit_a_fixed_sequence() {
         let cfg = tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
-        let mut params = init_params(&cfg, InitFn::Normal, 0.02, None, 2);
+        let mut params = init_params(&cfg, &Init::new(InitFn::Normal, 0.02), 2);
         let seqs = vec![vec![1u32, 2, 3, 4, 5, 6, 7, 8, 9]];
         let (mut i, mut t) = (Vec::new(), Vec::new());
         let batch = Batch::from_windows(&seqs, &mut i, &mut t);

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 
 use crate::checkpoint::{self, Parts, TrainerState};
 use crate::config::TrainConfig;
-use crate::model::{init_params, InitFn, Layout, ModelConfig};
+use crate::model::{init_params, Init, InitFn, Layout, ModelConfig};
 
 /// What the data order looks like now, to check a checkpoint's position against.
 pub struct DataFacts {
@@ -111,9 +111,13 @@ pub fn start(
             Start {
                 params: init_params(
                     mcfg,
-                    init_fn,
-                    cfg.model.init_std,
-                    cfg.model.init_cutoff_factor,
+                    &Init {
+                        kind: init_fn,
+                        std: cfg.model.init_std,
+                        cutoff: cfg.model.init_cutoff_factor,
+                        emb_std: cfg.model.emb_init_std,
+                        scale_emb: cfg.model.scale_emb_init,
+                    },
                     cfg.seed,
                 ),
                 exp_avg,

@@ -7,7 +7,7 @@ use olmo_train::backend::{Backend, Cpu};
 use olmo_train::cuda::{CudaEngine, FlashBlocks};
 use olmo_train::gpu::Gpu;
 use olmo_train::gpu_check::{compare_engines, variants};
-use olmo_train::model::{init_params, Batch, InitFn, Model};
+use olmo_train::model::{init_params, Batch, Init, InitFn, Model};
 use olmo_train::ops::IGNORE;
 
 /// `n` input ids and targets below a 100-token vocabulary, the targets at positions
@@ -58,7 +58,7 @@ fn wide_flash_blocks_on_the_host_emulator_match_the_cpu_engine() {
 fn padded_multiple_choice_batches_score_alike() {
     // right padding and ignored targets, as the downstream evaluator sends them
     let [(_, cfg), ..] = variants(32, 100);
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 3);
+    let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 3);
     let n = params.len();
     let zeros = vec![0.0; n];
     let mut gpu = CudaEngine::on(
@@ -89,7 +89,7 @@ fn engines_hold_only_the_moments_their_optimizer_needs() {
     use olmo_train::backend::Update;
     use olmo_train::optim::{AdamW, LionW, Optimizer};
     let [(_, cfg), ..] = variants(32, 100);
-    let params = init_params(&cfg, InitFn::Normal, 0.02, None, 3);
+    let params = init_params(&cfg, &Init::new(InitFn::Normal, 0.02), 3);
     let n = params.len();
     let zeros = vec![0.0; n];
     let decay = vec![true; Model::new(cfg, 8).layout.tensors.len()];
@@ -169,7 +169,7 @@ fn checkpointed_layers_on_the_host_emulator_give_the_same_bits() {
     // size 32 (the flash kernels run), grouped-query attention in two of them; documents
     for (name, cfg) in variants(128, 100) {
         let cfg = olmo_train::model::ModelConfig { n_layers: 3, ..cfg };
-        let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 7);
+        let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 7);
         let zeros = vec![0.0; params.len()];
         let (b, t) = (2, 24);
         let (inputs, targets) = tokens(b * t, |_| false);
@@ -213,7 +213,7 @@ fn checkpointed_layers_on_the_host_emulator_give_the_same_bits() {
 fn logits_a_chunk_of_rows_at_a_time_score_and_train_alike() {
     // 48 rows in chunks of 20: two whole chunks and a partial one; tied and untied heads
     for (name, cfg) in &variants(64, 100)[..2] {
-        let params = init_params(cfg, InitFn::Mitchell, 0.02, None, 11);
+        let params = init_params(cfg, &Init::new(InitFn::Mitchell, 0.02), 11);
         let zeros = vec![0.0; params.len()];
         let (b, t) = (2, 24);
         let (inputs, targets) = tokens(b * t, |i| i % 9 == 4);

@@ -14,7 +14,7 @@ use olmo_train::cuda::CudaEngine;
 use olmo_train::gpu::{Arg, GemmLib, Gpu};
 use olmo_train::gpu_check::{compare_engines, gemm_table, variants, GemmDims};
 use olmo_train::memory_plan;
-use olmo_train::model::{init_params, Batch, Checkpointing, InitFn, Model};
+use olmo_train::model::{init_params, Batch, Checkpointing, Init, InitFn, Model};
 
 /// In the child: whether CUDA (the stand-ins and a real NVRTC) is usable; says why not.
 fn usable() -> bool {
@@ -85,7 +85,7 @@ fn cuda_engine_through_the_driver_matches_the_cpu_engine() {
 
     // a profiled step: every launch and GEMM timed by events, by label
     let (_, cfg) = models[1];
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 5);
+    let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 5);
     let zeros = vec![0.0; params.len()];
     let mut engine = CudaEngine::new(0, Model::new(cfg, 16), &params, &zeros, &zeros).unwrap();
     let tokens: Vec<u32> = (0..2 * 16).map(|i| (i * 5 % 64) as u32).collect();
@@ -237,7 +237,7 @@ fn a_turing_gpu_runs_the_fp32_engine_and_refuses_bf16() {
         return;
     }
     let (_, cfg) = variants(64, 64)[0];
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 4);
+    let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 4);
     let zeros = vec![0.0; params.len()];
     let model = || Model::new(cfg, 16);
     let e = CudaEngine::with_precision(0, model(), &params, &zeros, &zeros, true)
@@ -316,7 +316,7 @@ fn cuda_training_steps_do_not_depend_on_the_order_blocks_run_in() {
     let (_, mut cfg) = variants(64, 64)[1];
     cfg.n_heads = 2;
     let decay = olmo_train::model::Layout::new(&cfg).decay_mask(false, false);
-    let params = init_params(&cfg, InitFn::Mitchell, 0.02, None, 9);
+    let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 9);
     let zeros = vec![0.0; params.len()];
     let mut engine =
         CudaEngine::with_precision(0, Model::new(cfg, 24), &params, &zeros, &zeros, true).unwrap();
