@@ -54,6 +54,9 @@ pub struct TrainConfig {
     /// Seconds after which the run saves and stops (OLMo's; for a job's wall-clock limit).
     #[serde(default)]
     pub time_limit: Option<f64>,
+    /// OLMo's `dry_run`: check the config and the data, then stop without training.
+    #[serde(default)]
+    pub dry_run: bool,
     /// OLMo's loss-spike stop: past the warmup, a step whose train loss is above this factor
     /// times the lowest train loss so far saves and stops the run.
     #[serde(default)]

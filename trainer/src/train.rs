@@ -421,6 +421,17 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     })?;
     let t_warmup = cfg.scheduler.t_warmup as u64;
     let layout = &Layout::new(&mcfg);
+    if cfg.dry_run {
+        // before anything is written: a dry run must not clear or create a save_folder
+        if lead {
+            eprintln!(
+                "olmo-train: dry_run: the config and data check out ({} parameters, {} instances of {seq} tokens, {max_steps} steps of {batch}); nothing trained or written (`olmo-train info -c` plans the memory)",
+                layout.total,
+                shards.len(),
+            );
+        }
+        return Ok(());
+    }
     let save_folder = cfg.save_folder.as_ref().map(PathBuf::from);
     if let Some(f) = &save_folder {
         std::fs::create_dir_all(f).with_context(|| format!("cannot create {}", f.display()))?;

@@ -1239,6 +1239,21 @@ fn a_loss_above_early_stopping_factor_times_the_lowest_stops_with_a_checkpoint()
 }
 
 #[test]
+fn a_dry_run_checks_and_writes_nothing() {
+    let r = Run::new();
+    let cfg = r.config("dry.yaml", "dry", "max_duration: 5\ndry_run: true\n");
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(
+        err.contains("dry_run: the config and data check out") && err.contains("5 steps of 8"),
+        "{err}"
+    );
+    assert!(!r.path("dry").exists(), "a dry run created its save_folder");
+    // it still checks: bad data is refused
+    edit(&cfg, &[("a.npy", "missing.npy")]);
+    refused(&r.train(&cfg, &[]), "missing.npy");
+}
+
+#[test]
 fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
     let r = Run::new();
     let base = r.config("base.yaml", "base", "max_duration: 20\nsave_interval: 10\n");
