@@ -172,24 +172,55 @@ pub struct Checkpoint<'a> {
     pub grad_norm_exp_avg: &'a [Option<f32>],
     pub state: &'a TrainerState,
     pub config_text: &'a str,
-    /// OLMo's ephemeral checkpoint (`save_interval_ephemeral`): kept only until the next save.
-    pub ephemeral: bool,
+    pub kind: Kind,
 }
 
-/// The file that marks an ephemeral checkpoint, so a restarted run still knows to remove it.
-const EPHEMERAL: &str = "ephemeral";
+/// Which of OLMo's checkpoint series a save belongs to: each is kept by its own rule. One
+/// format serves them all (OLMo's sharded and unsharded ones differ only in layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `save_interval` (and the last step): the newest `save_num_checkpoints_to_keep` kept.
+    Regular,
+    /// `save_interval_ephemeral`: kept only until the next save.
+    Ephemeral,
+    /// `save_interval_unsharded`: the newest `save_num_unsharded_checkpoints_to_keep` kept
+    /// (all by default), whatever the regular series keeps.
+    Unsharded,
+}
 
-fn is_ephemeral(folder: &Path, step: u64) -> bool {
-    step_dir(folder, step).join(EPHEMERAL).exists()
+impl Kind {
+    /// The file that marks a checkpoint of the kind, so a restarted run still knows it.
+    fn marker(self) -> Option<&'static str> {
+        match self {
+            Kind::Regular => None,
+            Kind::Ephemeral => Some("ephemeral"),
+            Kind::Unsharded => Some("unsharded"),
+        }
+    }
+
+    fn of(folder: &Path, step: u64) -> Kind {
+        let dir = step_dir(folder, step);
+        [Kind::Ephemeral, Kind::Unsharded]
+            .into_iter()
+            .find(|k| k.marker().is_some_and(|m| dir.join(m).exists()))
+            .unwrap_or(Kind::Regular)
+    }
+}
+
+/// How many checkpoints of each kept series to keep (negative: all).
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    pub regular: i64,
+    pub unsharded: i64,
 }
 
 pub fn step_dir(folder: &Path, step: u64) -> PathBuf {
     folder.join(format!("step{step}"))
 }
 
-/// Writes `step{N}/` atomically, points `latest` at it, and keeps the newest `keep` (all when
-/// negative) step folders. Returns the folder written.
-pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
+/// Writes `step{N}/` atomically, points `latest` at it, removes the ephemeral checkpoints
+/// before it and keeps the newest `keep` of each other series. Returns the folder written.
+pub fn save(folder: &Path, ck: &Checkpoint, keep: Keep) -> Result<PathBuf> {
     let dir = step_dir(folder, ck.state.step);
     let tmp = folder.join(format!("step{}.tmp", ck.state.step));
     if tmp.exists() {
@@ -226,8 +257,8 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
         serde_json::to_string_pretty(ck.state)? + "\n",
     )?;
     std::fs::write(tmp.join("config.yaml"), ck.config_text)?;
-    if ck.ephemeral {
-        std::fs::write(tmp.join(EPHEMERAL), "")?;
+    if let Some(m) = ck.kind.marker() {
+        std::fs::write(tmp.join(m), "")?;
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -238,24 +269,30 @@ pub fn save(folder: &Path, ck: &Checkpoint, keep: i64) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&link_tmp);
     std::os::unix::fs::symlink(dir.file_name().unwrap(), &link_tmp)?;
     std::fs::rename(&link_tmp, folder.join("latest"))?;
-    // Any save supersedes the ephemeral ones before it; the regular ones are kept `keep` deep.
-    let (ephemeral, regular): (Vec<u64>, Vec<u64>) = list_steps(folder)?
-        .into_iter()
-        .filter(|&s| s != ck.state.step)
-        .partition(|&s| is_ephemeral(folder, s));
-    for s in ephemeral {
-        std::fs::remove_dir_all(step_dir(folder, s))?;
-    }
-    if keep > 0 {
-        let mut steps = regular;
-        if !ck.ephemeral {
-            steps.push(ck.state.step);
+    // Any save supersedes the ephemeral ones before it; each other series is kept its own
+    // depth, counting this save in its own series.
+    let mut series: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    for s in list_steps(folder)? {
+        let kind = if s == ck.state.step {
+            ck.kind
+        } else {
+            Kind::of(folder, s)
+        };
+        match kind {
+            Kind::Ephemeral if s != ck.state.step => std::fs::remove_dir_all(step_dir(folder, s))?,
+            Kind::Ephemeral => {}
+            Kind::Regular => series[0].push(s),
+            Kind::Unsharded => series[1].push(s),
         }
-        steps.sort();
-        let excess = steps.len().saturating_sub(keep as usize);
-        for s in &steps[..excess] {
-            if *s != ck.state.step {
-                std::fs::remove_dir_all(step_dir(folder, *s))?;
+    }
+    for (mut steps, keep) in series.into_iter().zip([keep.regular, keep.unsharded]) {
+        if keep > 0 {
+            steps.sort();
+            let excess = steps.len().saturating_sub(keep as usize);
+            for s in &steps[..excess] {
+                if *s != ck.state.step {
+                    std::fs::remove_dir_all(step_dir(folder, *s))?;
+                }
             }
         }
     }
@@ -399,7 +436,7 @@ mod tests {
     use crate::ops::NormKind;
 
     #[test]
-    fn ephemeral_checkpoints_go_at_the_next_save_and_do_not_count_against_keep() {
+    fn each_checkpoint_series_is_kept_by_its_own_rule() {
         let layout = Layout::new(&ModelConfig {
             d_model: 4,
             n_heads: 1,
@@ -421,7 +458,7 @@ mod tests {
         });
         let zeros = vec![0.0; layout.total];
         let dir = tempfile::tempdir().unwrap();
-        let save_at = |step: u64, ephemeral: bool, optimizer: &str| {
+        let save_at = |step: u64, kind: Kind, optimizer: &str| {
             let state = TrainerState {
                 step,
                 epoch: 0,
@@ -445,9 +482,13 @@ mod tests {
                 grad_norm_exp_avg: &[],
                 state: &state,
                 config_text: "",
-                ephemeral,
+                kind,
             };
-            let saved = save(dir.path(), &ck, 1).unwrap();
+            let keep = Keep {
+                regular: 1,
+                unsharded: 2,
+            };
+            let saved = save(dir.path(), &ck, keep).unwrap();
             // a run without adaptive clipping's averages still saves every moment
             let parts = Parts {
                 optimizer: true,
@@ -468,10 +509,17 @@ mod tests {
             steps.sort();
             steps
         };
-        assert_eq!(save_at(10, false, "adamw"), [10]);
+        assert_eq!(save_at(10, Kind::Regular, "adamw"), [10]);
         // keep 1: the ephemeral one stands beside the regular one, not in its place
-        assert_eq!(save_at(12, true, "lionw"), [10, 12]);
-        assert_eq!(save_at(14, true, "adamw"), [10, 14]);
-        assert_eq!(save_at(20, false, "lionw"), [20]);
+        assert_eq!(save_at(12, Kind::Ephemeral, "lionw"), [10, 12]);
+        assert_eq!(save_at(14, Kind::Ephemeral, "adamw"), [10, 14]);
+        assert_eq!(save_at(20, Kind::Regular, "lionw"), [20]);
+        // the unsharded series is kept 2 deep beside the regular one, whatever it keeps
+        assert_eq!(save_at(25, Kind::Unsharded, "adamw"), [20, 25]);
+        assert_eq!(save_at(30, Kind::Regular, "adamw"), [25, 30]);
+        assert_eq!(save_at(35, Kind::Ephemeral, "adamw"), [25, 30, 35]);
+        assert_eq!(save_at(40, Kind::Unsharded, "adamw"), [25, 30, 40]);
+        assert_eq!(save_at(50, Kind::Unsharded, "adamw"), [30, 40, 50]);
+        assert_eq!(save_at(60, Kind::Regular, "adamw"), [40, 50, 60]);
     }
 }

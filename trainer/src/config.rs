@@ -77,8 +77,15 @@ pub struct TrainConfig {
     pub auxiliary_loss_multiplier: f32,
     #[serde(default)]
     pub save_folder: Option<String>,
+    /// Steps between checkpoints (`null`: only at the end, and OLMo's other series).
     #[serde(default = "default_save_interval")]
-    pub save_interval: u64,
+    pub save_interval: Option<u64>,
+    /// Steps between OLMo's unsharded checkpoints: here of the one format, kept apart from
+    /// `save_num_checkpoints_to_keep`, by `save_num_unsharded_checkpoints_to_keep`.
+    #[serde(default)]
+    pub save_interval_unsharded: Option<u64>,
+    #[serde(default = "minus_one")]
+    pub save_num_unsharded_checkpoints_to_keep: i64,
     /// Steps between OLMo's ephemeral checkpoints: each is removed by the next save, for
     /// frequent restart points without keeping them all.
     #[serde(default)]
@@ -202,8 +209,8 @@ fn default_seed() -> u64 {
 fn default_aux() -> f32 {
     1e-4
 }
-fn default_save_interval() -> u64 {
-    1000
+fn default_save_interval() -> Option<u64> {
+    Some(1000)
 }
 fn yes() -> bool {
     true

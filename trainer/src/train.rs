@@ -583,7 +583,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let save = |engine: &mut dyn Backend,
                 state: &TrainerState,
                 grad_norm_exp_avg: &[Option<f32>],
-                ephemeral: bool|
+                kind: checkpoint::Kind|
      -> Result<()> {
         if let Some(f) = &out_folder {
             engine.with_state(&mut |params, m, v| {
@@ -597,11 +597,18 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                         grad_norm_exp_avg,
                         state,
                         config_text,
-                        ephemeral,
+                        kind,
                     },
-                    cfg.save_num_checkpoints_to_keep,
+                    checkpoint::Keep {
+                        regular: cfg.save_num_checkpoints_to_keep,
+                        unsharded: cfg.save_num_unsharded_checkpoints_to_keep,
+                    },
                 )?;
-                let kind = if ephemeral { " (ephemeral)" } else { "" };
+                let kind = match kind {
+                    checkpoint::Kind::Regular => "",
+                    checkpoint::Kind::Ephemeral => " (ephemeral)",
+                    checkpoint::Kind::Unsharded => " (save_interval_unsharded: kept apart)",
+                };
                 eprintln!("olmo-train: saved {}{kind}", dir.display());
                 Ok(())
             })?;
@@ -867,13 +874,19 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             last_eval = r;
             speed.reset();
         }
-        let regular = step % cfg.save_interval.max(1) == 0 || step == stop || early.is_some();
-        let ephemeral = !regular
-            && cfg
-                .save_interval_ephemeral
-                .is_some_and(|e| step % e.max(1) == 0);
-        if regular || ephemeral {
-            save(engine.as_mut(), &state, &grad_norm_exp_avg, ephemeral)?;
+        let every = |interval: Option<u64>| interval.is_some_and(|i| step % i.max(1) == 0);
+        // a step of two series joins the one kept longest
+        let kind = if every(cfg.save_interval_unsharded) {
+            Some(checkpoint::Kind::Unsharded)
+        } else if every(cfg.save_interval) || step == stop || early.is_some() {
+            Some(checkpoint::Kind::Regular)
+        } else if every(cfg.save_interval_ephemeral) {
+            Some(checkpoint::Kind::Ephemeral)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            save(engine.as_mut(), &state, &grad_norm_exp_avg, kind)?;
             speed.reset();
         }
         if let Some(reason) = early {

@@ -2162,6 +2162,51 @@ fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
 }
 
 #[test]
+fn olmo_s_unsharded_series_is_kept_apart_and_save_interval_null_saves_at_the_end() {
+    let r = Run::new();
+    let steps = |run: &str| {
+        let mut s: Vec<u64> = std::fs::read_dir(r.path(run))
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("step")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    // regular every 4 kept 1 deep; unsharded every 6, all kept; step 12, in both, is kept
+    let cfg = r.config(
+        "both.yaml",
+        "both",
+        "max_duration: 14\nsave_interval: 4\nsave_num_checkpoints_to_keep: 1\nsave_interval_unsharded: 6\n",
+    );
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(
+        err.contains("step6 (save_interval_unsharded: kept apart)"),
+        "{err}"
+    );
+    assert_eq!(steps("both"), [6, 12, 14]);
+    assert!(r.path("both/step12/unsharded").exists());
+    // and kept `save_num_unsharded_checkpoints_to_keep` deep
+    let cfg = r.config(
+        "two.yaml",
+        "two",
+        "max_duration: 20\nsave_interval: 4\nsave_num_checkpoints_to_keep: 1\nsave_interval_unsharded: 6\nsave_num_unsharded_checkpoints_to_keep: 2\n",
+    );
+    ok(&r.train(&cfg, &[]));
+    assert_eq!(steps("two"), [12, 18, 20]);
+    // save_interval: null (OLMo's no-sharded-checkpoints): the end only
+    let cfg = r.config("end.yaml", "end", "max_duration: 5\nsave_interval: null\n");
+    ok(&r.train(&cfg, &[]));
+    assert_eq!(steps("end"), [5]);
+}
+
+#[test]
 fn a_run_that_does_not_resume_refuses_or_replaces_earlier_checkpoints() {
     let r = Run::new();
     let cfg = r.config("c.yaml", "run", "max_duration: 4\nsave_interval: 2\n");
