@@ -54,6 +54,9 @@ pub struct TrainConfig {
     /// Seconds after which the run saves and stops (OLMo's; for a job's wall-clock limit).
     #[serde(default)]
     pub time_limit: Option<f64>,
+    /// OLMo's `eval_on_load`: evaluate the starting weights before the first step.
+    #[serde(default)]
+    pub eval_on_load: bool,
     /// OLMo's `dry_run`: check the config and the data, then stop without training.
     #[serde(default)]
     pub dry_run: bool,

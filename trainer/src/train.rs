@@ -552,16 +552,19 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ce.exp()
         );
     }
-    if state.step == 0 && (!evals.lm.is_empty() || !evals.mc.is_empty()) {
+    // the weights the run starts from: always the initial ones, and with OLMo's eval_on_load
+    // a checkpoint's
+    let mut first_eval = eval::Results::new();
+    if (state.step == 0 || cfg.eval_on_load) && (!evals.lm.is_empty() || !evals.mc.is_empty()) {
         let mut fields: Vec<(String, f64)> = evals
             .unigram
             .iter()
             .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
             .collect();
-        let r = run_evals(engine.as_mut(), &evals, &cfg)?;
-        print_evals(0, &r);
-        fields.extend(r);
-        metrics.write(0, &fields)?;
+        first_eval = run_evals(engine.as_mut(), &evals, &cfg)?;
+        print_evals(state.step, &first_eval);
+        fields.extend(first_eval.iter().map(|(k, v)| (k.clone(), *v)));
+        metrics.write(state.step, &fields)?;
     }
 
     let (beta1, beta2) = cfg.optimizer.betas;
@@ -632,7 +635,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let start_step = state.step;
     let (mut inputs, mut targets, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     let mut train_secs = 0.0f64;
-    let mut last_eval = eval::Results::new();
+    // (the summary names the latest evaluation of a checkpoint, not of the initial weights)
+    let mut last_eval = if cfg.eval_on_load {
+        first_eval
+    } else {
+        eval::Results::new()
+    };
     let mut last_loss = f64::NAN;
     let mut stopped = None;
     let mut filtered_in_run = 0u64;

@@ -1254,6 +1254,50 @@ fn a_dry_run_checks_and_writes_nothing() {
 }
 
 #[test]
+fn eval_on_load_evaluates_the_starting_weights() {
+    let r = Run::new();
+    let evals = |extra: &str| {
+        format!(
+            "eval_on_load: true\neval_interval: 100\nevaluators:\n  - label: held\n    data: {{paths: ['{}/b.npy']}}\n{extra}",
+            r.dir.path().display()
+        )
+    };
+    let held = |run: &str| -> Vec<(u64, f64)> {
+        r.metrics(run)
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m["step"].as_u64()?,
+                    m["eval/held/CrossEntropyLoss"].as_f64()?,
+                ))
+            })
+            .collect()
+    };
+    // a fresh run: the initial weights at step 0 (evaluated with or without eval_on_load),
+    // then the end's
+    let cfg = r.config("fresh.yaml", "fresh", &evals("max_duration: 3\n"));
+    ok(&r.train(&cfg, &[]));
+    let fresh = held("fresh");
+    assert_eq!(fresh.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 3]);
+    assert!(fresh[1].1 < fresh[0].1, "{fresh:?}");
+    // evaluating a checkpoint alone (stop_after: 0) gives the loss its run logged at that step
+    let cfg = r.config(
+        "only.yaml",
+        "only",
+        &evals(&format!(
+            "max_duration: 3\nstop_after: 0\nload_path: {}\n",
+            r.path("fresh/step3").display()
+        )),
+    );
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(
+        err.contains("0 steps this run") && err.contains("; held perplexity"),
+        "{err}"
+    );
+    assert_eq!(held("only"), [fresh[1]]);
+}
+
+#[test]
 fn fine_tuning_from_a_checkpoint_on_other_data_restarts_to_the_same_bits() {
     let r = Run::new();
     let base = r.config("base.yaml", "base", "max_duration: 20\nsave_interval: 10\n");
