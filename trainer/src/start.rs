@@ -8,7 +8,7 @@
 //! spike-skipping run that is killed and rerun with the same config ends with the same bytes
 //! as one that never stopped (OLMo resets or skips again on every restart).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
@@ -263,6 +263,23 @@ fn check_same_data(dir: &Path, state: &TrainerState, data: &DataFacts) -> Result
     Ok(())
 }
 
+/// The checkpoint `load_path` names: a step folder, or a run's folder standing for its newest.
+pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
+        bail!("load_path {}: no such checkpoint folder", dir.display());
+    }
+    if dir.join("model.safetensors").exists() {
+        Ok(dir.to_path_buf())
+    } else if let Some(d) = checkpoint::latest(dir)? {
+        Ok(d)
+    } else {
+        bail!(
+            "load_path {}: no model.safetensors and no step folders in it (a checkpoint such as run/step1000 is expected)",
+            dir.display()
+        )
+    }
+}
+
 /// The first start from another checkpoint, with OLMo's reset and data options.
 fn from_load_path(
     cfg: &TrainConfig,
@@ -272,22 +289,7 @@ fn from_load_path(
     fresh: &dyn Fn(u64) -> TrainerState,
     notes: &mut Vec<String>,
 ) -> Result<Start> {
-    if !dir.is_dir() {
-        bail!("load_path {}: no such checkpoint folder", dir.display());
-    }
-    // A run's folder stands for its newest checkpoint.
-    let newest;
-    let dir = if dir.join("model.safetensors").exists() {
-        dir
-    } else if let Some(d) = checkpoint::latest(dir)? {
-        newest = d;
-        &newest
-    } else {
-        bail!(
-            "load_path {}: no model.safetensors and no step folders in it (a checkpoint such as run/step1000 is expected)",
-            dir.display()
-        );
-    };
+    let dir = &checkpoint_of(dir)?;
     let keep_moments = !cfg.reset_optimizer_state;
     // train.json holds AdamW's update count too, needed to keep its moments.
     let parts = Parts {

@@ -422,10 +422,23 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let t_warmup = cfg.scheduler.t_warmup as u64;
     let layout = &Layout::new(&mcfg);
     if cfg.dry_run {
-        // before anything is written: a dry run must not clear or create a save_folder
+        // before anything is written: a dry run must not clear or create a save_folder, and
+        // reads no weights (a big model's would fill a login node's memory)
+        let own = match &cfg.save_folder {
+            Some(f) if cfg.try_load_latest_save => checkpoint::latest(Path::new(f))?,
+            _ => None,
+        };
+        let from = match (own, &cfg.load_path) {
+            (Some(d), _) => format!("would resume {}", d.display()),
+            (None, Some(p)) => format!(
+                "would start from {}",
+                start::checkpoint_of(Path::new(p))?.display()
+            ),
+            (None, None) => "would start from a new model".to_string(),
+        };
         if lead {
             eprintln!(
-                "olmo-train: dry_run: the config and data check out ({} parameters, {} instances of {seq} tokens, {max_steps} steps of {batch}); nothing trained or written (`olmo-train info -c` plans the memory)",
+                "olmo-train: dry_run: the config and data check out ({} parameters, {} instances of {seq} tokens, {max_steps} steps of {batch}; {from}); nothing trained or written (`olmo-train info -c` plans the memory)",
                 layout.total,
                 shards.len(),
             );

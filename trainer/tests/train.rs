@@ -1248,6 +1248,25 @@ fn a_dry_run_checks_and_writes_nothing() {
         "{err}"
     );
     assert!(!r.path("dry").exists(), "a dry run created its save_folder");
+    assert!(err.contains("would start from a new model"), "{err}");
+    // it names the checkpoint it would start from, or why there is none
+    refused(
+        &r.train(&cfg, &["--load_path=/no/such/run"]),
+        "load_path /no/such/run: no such checkpoint folder",
+    );
+    let run = r.config("run.yaml", "run", "max_duration: 2\n");
+    ok(&r.train(&run, &[]));
+    let err = ok(&r.train(&run, &["--dry_run", "--max_duration=4"]));
+    assert!(
+        err.contains("would resume") && err.contains("run/step2"),
+        "{err}"
+    );
+    let load = format!("--load_path={}", r.path("run").display());
+    let err = ok(&r.train(&cfg, &[load.as_str()]));
+    assert!(
+        err.contains("would start from") && err.contains("run/step2"),
+        "{err}"
+    );
     // it still checks: bad data is refused
     edit(&cfg, &[("a.npy", "missing.npy")]);
     refused(&r.train(&cfg, &[]), "missing.npy");
