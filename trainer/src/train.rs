@@ -943,10 +943,24 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         fmt_secs(train_secs),
         (trained * tokens_per_step) as f64 / train_secs.max(1e-9),
     );
-    if let Some(bytes) = engine.peak_memory()? {
+    // the largest rank's peak (rank 0's also holds the evaluations); every rank joins, a
+    // rank without a peak sending -1
+    let mut peak = engine.peak_memory()?.map(|b| b as f64);
+    if let Some(t) = tcp.as_mut() {
+        let mut each = vec![0.0; world.size];
+        each[world.rank] = peak.unwrap_or(-1.0);
+        t.all_reduce_f64(&mut each)?;
+        peak = Some(each.iter().copied().fold(-1.0, f64::max)).filter(|p| *p >= 0.0);
+    }
+    if let Some(bytes) = peak {
+        let whose = if world.size > 1 {
+            " (the largest rank's)"
+        } else {
+            ""
+        };
         summary += &format!(
-            ", peak GPU memory {:.2} GiB",
-            bytes as f64 / (1u64 << 30) as f64
+            ", peak GPU memory {:.2} GiB{whose}",
+            bytes / (1u64 << 30) as f64
         );
     }
     if cfg.data.instance_filter.is_some() {

@@ -486,6 +486,11 @@ precision: fp32
     };
     let (ea, eb) = ranks("nccl");
     assert!(!ea.contains("libnccl not found"), "{ea}");
+    // the summary's peak is the ranks' largest (rank 0 alone says it)
+    assert!(
+        ea.contains(" GiB (the largest rank's)") && !eb.contains("olmo-train: done"),
+        "{ea}"
+    );
     // each rank on its own device, all-reducing once per step
     assert!(
         ea.contains("nccl stand-in: rank 0 of 2, 3 all-reduces"),
