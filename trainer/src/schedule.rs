@@ -21,28 +21,27 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// OLMo's scheduler names, all of which this has.
-    pub const NAMES: [&'static str; 7] = [
-        "cosine_with_warmup",
-        "linear_with_warmup",
-        "inverse_sqrt_with_warmup",
-        "max_scheduler",
-        "constant",
-        "cosine_linear_envelope",
-        "constant_with_warmup",
+    /// OLMo's scheduler names, all of which this has, in OLMo's order.
+    pub const BY_NAME: [(&'static str, Kind); 7] = [
+        ("cosine_with_warmup", Kind::CosineWithWarmup),
+        ("linear_with_warmup", Kind::LinearWithWarmup),
+        ("inverse_sqrt_with_warmup", Kind::InverseSqrtWithWarmup),
+        ("max_scheduler", Kind::Max),
+        ("constant", Kind::Constant),
+        ("cosine_linear_envelope", Kind::CosineLinearEnvelope),
+        ("constant_with_warmup", Kind::ConstantWithWarmup),
     ];
 
     pub fn parse(name: &str) -> Option<Kind> {
-        Some(match name {
-            "cosine_with_warmup" => Kind::CosineWithWarmup,
-            "linear_with_warmup" => Kind::LinearWithWarmup,
-            "inverse_sqrt_with_warmup" => Kind::InverseSqrtWithWarmup,
-            "constant" => Kind::Constant,
-            "constant_with_warmup" => Kind::ConstantWithWarmup,
-            "max_scheduler" => Kind::Max,
-            "cosine_linear_envelope" => Kind::CosineLinearEnvelope,
-            _ => return None,
-        })
+        Self::BY_NAME
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, k)| k)
+    }
+
+    /// The names, for an error that lists them.
+    pub fn names() -> Vec<&'static str> {
+        Self::BY_NAME.iter().map(|(n, _)| *n).collect()
     }
 }
 
@@ -108,14 +107,10 @@ impl Schedule {
                 }
                 let s = (step - self.t_warmup) as f64;
                 let t = (self.t_max - self.t_warmup) as f64;
+                let cosine = || (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0;
                 match self.kind {
-                    Kind::CosineWithWarmup => {
-                        eta_min + (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0
-                    }
-                    Kind::CosineLinearEnvelope => {
-                        let cosine = (self.lr - eta_min) * (1.0 + (PI * s / t).cos()) / 2.0;
-                        eta_min + (1.0 - s / t) * cosine
-                    }
+                    Kind::CosineWithWarmup => eta_min + cosine(),
+                    Kind::CosineLinearEnvelope => eta_min + (1.0 - s / t) * cosine(),
                     _ => self.lr - (self.lr - eta_min) * (s / t),
                 }
             }
@@ -214,7 +209,10 @@ mod tests {
             Some(Kind::CosineWithWarmup)
         );
         assert_eq!(Kind::parse("lionw"), None);
-        assert!(Kind::NAMES.iter().all(|n| Kind::parse(n).is_some()));
+        assert_eq!(Kind::names().len(), 7);
+        assert!(Kind::BY_NAME
+            .iter()
+            .all(|&(n, k)| Kind::parse(n) == Some(k)));
     }
 
     #[test]

@@ -46,10 +46,7 @@ pub fn start(
     (save_folder, lead): (Option<&Path>, bool),
     t_warmup: u64,
 ) -> Result<Start> {
-    let own = match save_folder {
-        Some(f) if cfg.try_load_latest_save => checkpoint::latest(f)?,
-        _ => None,
-    };
+    let own = own_checkpoint(cfg, save_folder)?;
     let mut notes = Vec::new();
     if let Some(f) = save_folder.filter(|_| !cfg.try_load_latest_save) {
         refuse_or_clear_earlier(cfg, f, lead, &mut notes)?;
@@ -261,6 +258,15 @@ fn check_same_data(dir: &Path, state: &TrainerState, data: &DataFacts) -> Result
         );
     }
     Ok(())
+}
+
+/// The run's own newest checkpoint in `save_folder`, which it resumes whole, where it has
+/// one and `try_load_latest_save` is on.
+pub fn own_checkpoint(cfg: &TrainConfig, save_folder: Option<&Path>) -> Result<Option<PathBuf>> {
+    match save_folder {
+        Some(f) if cfg.try_load_latest_save => checkpoint::latest(f),
+        _ => Ok(None),
+    }
 }
 
 /// The checkpoint `load_path` names: a step folder, or a run's folder standing for its newest.

@@ -1,7 +1,7 @@
 //! Stopping a run early and cleanly, with a checkpoint: `stop_after` (steps of this run),
 //! `time_limit` (seconds, as OLMo's, for a scheduler's wall-clock limit), OLMo's
-//! `early_stopping_factor` (a loss spike; every rank has the same all-reduced loss), and SIGTERM or SIGINT
-//! (a scheduler's notice before it kills a job, or Ctrl-C). The run finishes the step in
+//! `early_stopping_factor` (a loss spike; every rank has the same all-reduced loss), and
+//! SIGTERM or SIGINT (a scheduler's notice before it kills a job, or Ctrl-C). The run finishes the step in
 //! flight, saves and exits; a rerun of the same command continues. A second signal stops at
 //! once. With several ranks the decision rides on the loss all-reduce each step, so every rank
 //! stops after the same step.

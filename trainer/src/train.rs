@@ -416,7 +416,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         anyhow!(
             "scheduler.name `{}` is not one of OLMo's: {}",
             cfg.scheduler.name,
-            Kind::NAMES.join(", ")
+            Kind::names().join(", ")
         )
     })?;
     let t_warmup = cfg.scheduler.t_warmup as u64;
@@ -424,10 +424,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     if cfg.dry_run {
         // before anything is written: a dry run must not clear or create a save_folder, and
         // reads no weights (a big model's would fill a login node's memory)
-        let own = match &cfg.save_folder {
-            Some(f) if cfg.try_load_latest_save => checkpoint::latest(Path::new(f))?,
-            _ => None,
-        };
+        let own = start::own_checkpoint(&cfg, cfg.save_folder.as_deref().map(Path::new))?;
         let from = match (own, &cfg.load_path) {
             (Some(d), _) => format!("would resume {}", d.display()),
             (None, Some(p)) => format!(
@@ -997,15 +994,12 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             if lead {
                 eprintln!("{summary}");
             }
-            if out_folder.is_none() {
-                bail!(
-                    "{} after step {}: stopped early (no save_folder: nothing was saved)",
-                    reason.describe(),
-                    state.step
-                );
-            }
+            let next = match out_folder {
+                Some(_) => " with a checkpoint. A rerun of the same command goes on (the lowest loss is kept, so it stops again while the loss stays that high); to pass the spike, start a new save_folder from the checkpoint with load_path and fast_forward_batches, or raise early_stopping_factor",
+                None => " (no save_folder: nothing was saved)",
+            };
             bail!(
-                "{} after step {}: stopped early with a checkpoint. A rerun of the same command goes on (the lowest loss is kept, so it stops again while the loss stays that high); to pass the spike, start a new save_folder from the checkpoint with load_path and fast_forward_batches, or raise early_stopping_factor",
+                "{} after step {}: stopped early{next}",
                 reason.describe(),
                 state.step
             );
