@@ -1175,6 +1175,33 @@ fn a_schedule_in_tokens_counts_tokens_as_olmo() {
     );
     let from = r.path("tokens/step5").display().to_string();
 
+    // the clip warmup counts tokens too: the bound is 10 x max_grad_norm (1.0) through 300
+    // tokens (steps 1 and 2), then 1.0 (in steps, 300 would cover the whole run)
+    let clip = r.config("clip.yaml", "clip", "max_duration: 4\n");
+    edit(
+        &clip,
+        &[(
+            "  t_warmup: 3\n",
+            "  t_warmup: 300\n  units: tokens\n  grad_clip_warmup_steps: 300\n  grad_clip_warmup_factor: 10\n",
+        )],
+    );
+    ok(&r.train(&clip, &[]));
+    let mut checked = 0;
+    for m in r.metrics("clip") {
+        let (Some(step), Some(norm), Some(rate)) = (
+            m["step"].as_u64(),
+            m["optim/total_grad_norm"].as_f64(),
+            m["optim/clipping_rate"].as_f64(),
+        ) else {
+            continue;
+        };
+        // (norms between the two bounds, so the bound decides)
+        assert!(norm > 1.0 && norm < 10.0, "step {step}: norm {norm}");
+        assert_eq!(rate, if step <= 2 { 0.0 } else { 1.0 }, "step {step}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+
     // fresh moments at step 5 (640 tokens): the LR warms up again over 300 tokens, to the
     // schedule's value at 940 tokens, and rejoins it at step 8 (1024 tokens)
     let (_, lrs, err) = config(
