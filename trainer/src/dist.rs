@@ -7,6 +7,11 @@
 //! The transport here is a TCP star through rank 0: it carries the CPU engine's all-reduce (in
 //! rank order, so the sums are deterministic), the loss scalars, and NCCL's unique id for the
 //! CUDA engine, which then all-reduces gradients on the GPUs.
+//!
+//! Under torchrun, `MASTER_ADDR:MASTER_PORT` is taken: torchrun's agent serves its c10d
+//! TCPStore there for the workers to share (`TORCHELASTIC_USE_AGENT_STORE=True`). Rank 0 then
+//! listens on a free port and publishes it in that store, where the other ranks read it, as
+//! PyTorch's own workers meet through the same store.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,6 +27,10 @@ pub struct World {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// torchrun's agent serves a TCPStore at `MASTER_ADDR:MASTER_PORT`, for the workers to
+    /// meet through: its attempt (`TORCHELASTIC_RESTART_COUNT`, as the store outlives a restart
+    /// of the workers); `None` where the port is this job's own (Slurm, a launcher of one's own).
+    pub agent_store: Option<u64>,
 }
 
 impl World {
@@ -32,6 +41,7 @@ impl World {
             local_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
+            agent_store: None,
         }
     }
 
@@ -73,12 +83,17 @@ impl World {
             // Slurm does not set MASTER_ADDR; the usual recipe exports the first node's name.
             bail!("MASTER_ADDR is not set: export it (e.g. the first host of $SLURM_JOB_NODELIST)");
         }
+        let agent_store = match var("TORCHELASTIC_USE_AGENT_STORE").as_deref() {
+            Some("True") => Some(num("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0) as u64),
+            _ => None,
+        };
         Ok(World {
             rank,
             size,
             local_rank: local,
             master_addr,
             master_port,
+            agent_store,
         })
     }
 }
@@ -89,6 +104,132 @@ pub struct Tcp {
     pub rank: usize,
     pub size: usize,
     peers: Vec<TcpStream>,
+    /// Rank 0's address and port.
+    at: String,
+}
+
+/// Rank 0's side of the star: a stream from each other rank, in rank order.
+fn accept_ranks(listener: &TcpListener, size: usize) -> Result<Vec<TcpStream>> {
+    let mut by_rank: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+    for _ in 1..size {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut r = [0u8; 8];
+        s.read_exact(&mut r)?;
+        let r = u64::from_le_bytes(r) as usize;
+        if r == 0 || r >= size || by_rank[r].is_some() {
+            bail!("rendezvous: a peer claimed rank {r} twice or out of range");
+        }
+        by_rank[r] = Some(s);
+    }
+    Ok(by_rank.into_iter().flatten().collect())
+}
+
+/// A stream to `addr`, retried until `deadline` while the other side starts.
+fn connect_by(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    loop {
+        match TcpStream::connect(addr) {
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            r => return r.and_then(|s| s.set_nodelay(true).map(|_| s)),
+        }
+    }
+}
+
+/// Another rank's side: a stream to rank 0 at `addr`, retried while rank 0 starts.
+fn connect_to_rank0(addr: &str, rank: usize, deadline: Instant) -> Result<TcpStream> {
+    let mut s = connect_by(addr, deadline)
+        .map_err(|e| anyhow!("rank {rank} cannot reach rank 0 at {addr}: {e}"))?;
+    s.write_all(&(rank as u64).to_le_bytes())?;
+    Ok(s)
+}
+
+/// A listener on a free port of every interface (IPv6 and IPv4 where the host has both): the
+/// other ranks reach it at `MASTER_ADDR`, whatever address that names on this host.
+fn listen_anywhere() -> Result<TcpListener> {
+    TcpListener::bind("[::]:0")
+        .or_else(|_| TcpListener::bind("0.0.0.0:0"))
+        .context("rank 0 cannot listen on a free port")
+}
+
+/// A client of PyTorch's c10d TCPStore (`torch/csrc/distributed/c10d/TCPStore.cpp`), the store
+/// torchrun's agent serves: requests are a query byte then little-endian fields, strings and
+/// values as a u64 length and the bytes.
+struct Store {
+    s: TcpStream,
+    at: String,
+}
+
+impl Store {
+    const VALIDATE: u8 = 0;
+    const SET: u8 = 1;
+    const GET: u8 = 3;
+    const WAIT: u8 = 6;
+    const MAGIC: u32 = 0x3C85_F7CE;
+    const STOP_WAITING: u8 = 0;
+
+    fn connect(at: &str, deadline: Instant) -> Result<Store> {
+        let s = connect_by(at, deadline)
+            .map_err(|e| anyhow!("cannot reach torchrun's store at {at}: {e}"))?;
+        let mut store = Store { s, at: at.into() };
+        let mut m = vec![Self::VALIDATE];
+        m.extend(Self::MAGIC.to_le_bytes());
+        store.send(&m)?;
+        Ok(store)
+    }
+
+    fn send(&mut self, m: &[u8]) -> Result<()> {
+        self.s
+            .write_all(m)
+            .with_context(|| format!("torchrun's store at {}", self.at))
+    }
+
+    fn field(m: &mut Vec<u8>, bytes: &[u8]) {
+        m.extend((bytes.len() as u64).to_le_bytes());
+        m.extend(bytes);
+    }
+
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        let mut m = vec![Self::SET];
+        Self::field(&mut m, key.as_bytes());
+        Self::field(&mut m, value);
+        self.send(&m)
+    }
+
+    /// The value of `key`, once some rank has set it (until `deadline`).
+    fn get(&mut self, key: &str, deadline: Instant) -> Result<Vec<u8>> {
+        let at = self.at.clone();
+        let what = || format!("`{key}` from torchrun's store at {at}");
+        let mut m = vec![Self::WAIT];
+        m.extend(1u64.to_le_bytes());
+        Self::field(&mut m, key.as_bytes());
+        self.send(&m)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.s
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let mut r = [0u8; 1];
+        self.s.read_exact(&mut r).with_context(|| {
+            format!(
+                "waiting {}s for {} (has rank 0 started?)",
+                left.as_secs(),
+                what()
+            )
+        })?;
+        if r[0] != Self::STOP_WAITING {
+            bail!("{}: unexpected wait response {}", what(), r[0]);
+        }
+        let mut m = vec![Self::GET];
+        Self::field(&mut m, key.as_bytes());
+        self.send(&m)?;
+        let mut len = [0u8; 8];
+        self.s.read_exact(&mut len).with_context(what)?;
+        let len = u64::from_le_bytes(len);
+        if len > 1 << 20 {
+            bail!("{}: a value of {len} bytes", what());
+        }
+        let mut v = vec![0u8; len as usize];
+        self.s.read_exact(&mut v).with_context(what)?;
+        Ok(v)
+    }
 }
 
 fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<()> {
@@ -106,55 +247,63 @@ fn recv(s: &mut TcpStream) -> Result<Vec<u8>> {
 }
 
 impl Tcp {
-    /// Rank 0 listens on `MASTER_ADDR:MASTER_PORT` and waits for the others (10 minutes at
-    /// most); the others connect, retrying while rank 0 starts.
+    /// Rank 0 listens (on `MASTER_ADDR:MASTER_PORT`, or under torchrun on a free port it
+    /// publishes in the agent's store) and waits for the others (10 minutes at most); the others
+    /// connect, retrying while rank 0 starts.
     pub fn connect(world: &World) -> Result<Tcp> {
-        let addr = format!("{}:{}", world.master_addr, world.master_port);
         let deadline = Instant::now() + Duration::from_secs(600);
-        let mut peers = Vec::new();
-        if world.rank == 0 {
-            let listener = TcpListener::bind(&addr).with_context(|| {
-                format!("rank 0 cannot listen on {addr} (MASTER_ADDR/MASTER_PORT)")
-            })?;
-            let mut by_rank: Vec<Option<TcpStream>> = (0..world.size).map(|_| None).collect();
-            for _ in 1..world.size {
-                let (mut s, _) = listener.accept()?;
-                s.set_nodelay(true)?;
-                let mut r = [0u8; 8];
-                s.read_exact(&mut r)?;
-                let r = u64::from_le_bytes(r) as usize;
-                if r == 0 || r >= world.size || by_rank[r].is_some() {
-                    bail!("rendezvous: a peer claimed rank {r} twice or out of range");
-                }
-                by_rank[r] = Some(s);
+        let store_at = format!("{}:{}", world.master_addr, world.master_port);
+        let (peers, at) = match world.agent_store {
+            None => {
+                let peers = if world.rank == 0 {
+                    let listener = TcpListener::bind(&store_at).with_context(|| {
+                        format!("rank 0 cannot listen on {store_at} (MASTER_ADDR/MASTER_PORT)")
+                    })?;
+                    accept_ranks(&listener, world.size)?
+                } else {
+                    vec![connect_to_rank0(&store_at, world.rank, deadline)?]
+                };
+                (peers, store_at)
             }
-            peers = by_rank.into_iter().flatten().collect();
-        } else {
-            let s = loop {
-                match TcpStream::connect(&addr) {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    Err(e) => {
-                        return Err(anyhow!(
-                            "rank {} cannot reach rank 0 at {addr}: {e}",
-                            world.rank
-                        ))
-                    }
+            Some(attempt) => {
+                let mut store = Store::connect(&store_at, deadline)?;
+                let key = format!("olmo_train/attempt_{attempt}/rank0_port");
+                if world.rank == 0 {
+                    let listener = listen_anywhere()?;
+                    let port = listener.local_addr()?.port();
+                    store.set(&key, port.to_string().as_bytes())?;
+                    let at = format!("{}:{port}", world.master_addr);
+                    (accept_ranks(&listener, world.size)?, at)
+                } else {
+                    let port = store.get(&key, deadline)?;
+                    let port = std::str::from_utf8(&port)
+                        .ok()
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .with_context(|| {
+                            format!("torchrun's store at {store_at}: `{key}` is not a port")
+                        })?;
+                    let at = format!("{}:{port}", world.master_addr);
+                    (vec![connect_to_rank0(&at, world.rank, deadline)?], at)
                 }
-            };
-            s.set_nodelay(true)?;
-            let mut s = s;
-            s.write_all(&(world.rank as u64).to_le_bytes())?;
-            peers.push(s);
-        }
+            }
+        };
         Ok(Tcp {
             rank: world.rank,
             size: world.size,
             peers,
+            at,
         })
+    }
+
+    /// Where the ranks met: rank 0's address and port, and whether torchrun's store told it.
+    pub fn meeting_place(&self, world: &World) -> String {
+        match world.agent_store {
+            None => self.at.clone(),
+            Some(_) => format!(
+                "{} (its port from torchrun's store at {}:{})",
+                self.at, world.master_addr, world.master_port
+            ),
+        }
     }
 
     /// Sums `buf` over all ranks, adding in rank order on rank 0, and gives every rank the sum.
@@ -250,9 +399,17 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(
-            (w.rank, w.size, w.local_rank, w.master_port),
-            (3, 8, 1, 1234)
+            (w.rank, w.size, w.local_rank, w.master_port, w.agent_store),
+            (3, 8, 1, 1234, None)
         );
+        // a launcher that does not share its store with the workers
+        let w = World::from_vars(vars(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "False"),
+        ]))
+        .unwrap();
+        assert_eq!(w.agent_store, None);
         let w = World::from_vars(vars(&[
             ("SLURM_PROCID", "5"),
             ("SLURM_NTASKS", "16"),
@@ -265,24 +422,14 @@ mod tests {
         assert!(World::from_vars(vars(&[("RANK", "0")])).is_err());
     }
 
-    #[test]
-    fn tcp_all_reduce_sums_in_rank_order_on_every_rank() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// Three ranks' all-reduces and broadcast, each rank's world from `world(rank)`.
+    fn three_ranks_reduce(world: impl Fn(usize) -> World + Send + Sync + 'static) {
+        let world = std::sync::Arc::new(world);
         let handles: Vec<_> = (0..3)
             .map(|rank| {
+                let world = world.clone();
                 std::thread::spawn(move || {
-                    let w = World {
-                        rank,
-                        size: 3,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let mut t = Tcp::connect(&w).unwrap();
+                    let mut t = Tcp::connect(&world(rank)).unwrap();
                     let mut v = vec![rank as f32, 1.0, 0.5 * rank as f32];
                     t.all_reduce_f32(&mut v).unwrap();
                     let mut s = [rank as f64 + 0.25];
@@ -303,5 +450,126 @@ mod tests {
             assert_eq!(s, 3.75);
             assert_eq!(b, b"id");
         }
+    }
+
+    #[test]
+    fn tcp_all_reduce_sums_in_rank_order_on_every_rank() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        three_ranks_reduce(move |rank| World {
+            rank,
+            size: 3,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            agent_store: None,
+        });
+    }
+
+    /// A TCPStore server as PyTorch's (`TCPStoreBackend`) answers the requests the client
+    /// sends: VALIDATE (checked), SET, WAIT (answered once every key is set) and GET. Serves on
+    /// a free local port, which it returns, holding `seed`'s keys from the start.
+    fn fake_torch_store(seed: &[(&str, &str)]) -> u16 {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Condvar, Mutex};
+        type Keys = Arc<(Mutex<HashMap<Vec<u8>, Vec<u8>>>, Condvar)>;
+        let keys: Keys = Arc::default();
+        for (k, v) in seed {
+            keys.0
+                .lock()
+                .unwrap()
+                .insert(k.as_bytes().into(), v.as_bytes().into());
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        fn u64_of(s: &mut TcpStream) -> Option<u64> {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).ok()?;
+            Some(u64::from_le_bytes(b))
+        }
+        fn bytes_of(s: &mut TcpStream) -> Option<Vec<u8>> {
+            let n = u64_of(s)?;
+            let mut v = vec![0u8; n as usize];
+            s.read_exact(&mut v).ok()?;
+            Some(v)
+        }
+        fn serve(mut s: TcpStream, keys: Keys) -> Option<()> {
+            let mut validated = false;
+            loop {
+                let mut q = [0u8; 1];
+                s.read_exact(&mut q).ok()?;
+                assert!(validated || q[0] == 0, "a request before VALIDATE");
+                match q[0] {
+                    0 => {
+                        let mut m = [0u8; 4];
+                        s.read_exact(&mut m).ok()?;
+                        assert_eq!(u32::from_le_bytes(m), 0x3C85_F7CE);
+                        validated = true;
+                    }
+                    1 => {
+                        let (k, v) = (bytes_of(&mut s)?, bytes_of(&mut s)?);
+                        keys.0.lock().unwrap().insert(k, v);
+                        keys.1.notify_all();
+                    }
+                    3 => {
+                        let k = bytes_of(&mut s)?;
+                        let v = keys.0.lock().unwrap()[&k].clone();
+                        s.write_all(&(v.len() as u64).to_le_bytes()).ok()?;
+                        s.write_all(&v).ok()?;
+                    }
+                    6 => {
+                        let n = u64_of(&mut s)?;
+                        let want: Vec<Vec<u8>> =
+                            (0..n).map(|_| bytes_of(&mut s)).collect::<Option<_>>()?;
+                        let mut m = keys.0.lock().unwrap();
+                        while !want.iter().all(|k| m.contains_key(k)) {
+                            m = keys.1.wait(m).unwrap();
+                        }
+                        s.write_all(&[0]).ok()?;
+                    }
+                    q => panic!("query {q} not expected"),
+                }
+            }
+        }
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let keys = keys.clone();
+                std::thread::spawn(move || serve(s.unwrap(), keys));
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn under_torchrun_ranks_meet_through_the_agents_store() {
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // the store holds MASTER_PORT (rank 0 could not listen there), and a port from an
+        // earlier attempt of the workers that is no longer anyone's
+        let port = fake_torch_store(&[("olmo_train/attempt_0/rank0_port", &closed.to_string())]);
+        let vars = |k: &str| {
+            let v = match k {
+                "RANK" => "1",
+                "WORLD_SIZE" => "3",
+                "MASTER_PORT" => return Some(port.to_string()),
+                "TORCHELASTIC_USE_AGENT_STORE" => "True",
+                "TORCHELASTIC_RESTART_COUNT" => "1",
+                _ => return None,
+            };
+            Some(v.to_string())
+        };
+        let w = World::from_vars(vars).unwrap();
+        assert_eq!((w.rank, w.agent_store, w.master_port), (1, Some(1), port));
+        three_ranks_reduce(move |rank| World {
+            rank,
+            local_rank: rank,
+            ..w.clone()
+        });
     }
 }

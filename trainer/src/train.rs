@@ -348,8 +348,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         let t = Tcp::connect(&world)?;
         if lead {
             eprintln!(
-                "olmo-train: {} ranks joined at {}:{}",
-                world.size, world.master_addr, world.master_port
+                "olmo-train: {} ranks joined at {}",
+                world.size,
+                t.meeting_place(&world)
             );
         }
         Some(t)
