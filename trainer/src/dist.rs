@@ -108,19 +108,52 @@ pub struct Tcp {
     at: String,
 }
 
-/// Rank 0's side of the star: a stream from each other rank, in rank order.
-fn accept_ranks(listener: &TcpListener, size: usize) -> Result<Vec<TcpStream>> {
+/// Rank 0's side of the star: a stream from each other rank, in rank order, or an error naming
+/// the ranks that have not joined by `deadline` (or when a signal asks to stop).
+fn accept_ranks(
+    listener: &TcpListener,
+    size: usize,
+    deadline: Instant,
+    at: &str,
+) -> Result<Vec<TcpStream>> {
     let mut by_rank: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-    for _ in 1..size {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut r = [0u8; 8];
-        s.read_exact(&mut r)?;
-        let r = u64::from_le_bytes(r) as usize;
-        if r == 0 || r >= size || by_rank[r].is_some() {
-            bail!("rendezvous: a peer claimed rank {r} twice or out of range");
+    // polled, not blocking: a rank that never starts must not hold rank 0 forever
+    listener.set_nonblocking(true)?;
+    let missing = |by_rank: &[Option<TcpStream>]| -> Vec<usize> {
+        (1..size).filter(|r| by_rank[*r].is_none()).collect()
+    };
+    while !missing(&by_rank).is_empty() {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                let mut r = [0u8; 8];
+                s.read_exact(&mut r)
+                    .with_context(|| format!("rendezvous at {at}: a peer sent no rank"))?;
+                s.set_read_timeout(None)?;
+                let r = u64::from_le_bytes(r) as usize;
+                if r == 0 || r >= size || by_rank[r].is_some() {
+                    bail!("rendezvous: a peer claimed rank {r} twice or out of range");
+                }
+                by_rank[r] = Some(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let why = if let Some(sig) = crate::stop::signalled() {
+                    crate::stop::Reason::Signal(sig).describe()
+                } else if Instant::now() >= deadline {
+                    "timed out".to_string()
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                bail!(
+                    "{why} while rank 0 waited at {at}: rank(s) {:?} of WORLD_SIZE={size} did not join (did they start? do they reach MASTER_ADDR?)",
+                    missing(&by_rank)
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("rank 0 accepting at {at}")),
         }
-        by_rank[r] = Some(s);
     }
     Ok(by_rank.into_iter().flatten().collect())
 }
@@ -251,7 +284,12 @@ impl Tcp {
     /// publishes in the agent's store) and waits for the others (10 minutes at most); the others
     /// connect, retrying while rank 0 starts.
     pub fn connect(world: &World) -> Result<Tcp> {
-        let deadline = Instant::now() + Duration::from_secs(600);
+        Self::connect_within(world, Duration::from_secs(600))
+    }
+
+    /// `connect`, waiting `wait` at most for the others.
+    pub fn connect_within(world: &World, wait: Duration) -> Result<Tcp> {
+        let deadline = Instant::now() + wait;
         let store_at = format!("{}:{}", world.master_addr, world.master_port);
         let (peers, at) = match world.agent_store {
             None => {
@@ -259,7 +297,7 @@ impl Tcp {
                     let listener = TcpListener::bind(&store_at).with_context(|| {
                         format!("rank 0 cannot listen on {store_at} (MASTER_ADDR/MASTER_PORT)")
                     })?;
-                    accept_ranks(&listener, world.size)?
+                    accept_ranks(&listener, world.size, deadline, &store_at)?
                 } else {
                     vec![connect_to_rank0(&store_at, world.rank, deadline)?]
                 };
@@ -273,7 +311,7 @@ impl Tcp {
                     let port = listener.local_addr()?.port();
                     store.set(&key, port.to_string().as_bytes())?;
                     let at = format!("{}:{port}", world.master_addr);
-                    (accept_ranks(&listener, world.size)?, at)
+                    (accept_ranks(&listener, world.size, deadline, &at)?, at)
                 } else {
                     let port = store.get(&key, deadline)?;
                     let port = std::str::from_utf8(&port)
@@ -452,21 +490,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_all_reduce_sums_in_rank_order_on_every_rank() {
+    /// Rank `rank` of 3 on this host, meeting at a port that was free a moment ago.
+    fn three_local_ranks() -> impl Fn(usize) -> World + Send + Sync + Copy + 'static {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        three_ranks_reduce(move |rank| World {
+        move |rank| World {
             rank,
             size: 3,
             local_rank: rank,
             master_addr: "127.0.0.1".into(),
             master_port: port,
             agent_store: None,
-        });
+        }
+    }
+
+    #[test]
+    fn tcp_all_reduce_sums_in_rank_order_on_every_rank() {
+        three_ranks_reduce(three_local_ranks());
     }
 
     /// A TCPStore server as PyTorch's (`TCPStoreBackend`) answers the requests the client
@@ -571,5 +614,23 @@ mod tests {
             local_rank: rank,
             ..w.clone()
         });
+    }
+
+    #[test]
+    fn rank_0_names_the_ranks_that_never_joined() {
+        let world = three_local_ranks();
+        let rank0 = std::thread::spawn(move || {
+            Tcp::connect_within(&world(0), Duration::from_secs(2)).map(drop)
+        });
+        // rank 1 joins (it holds its stream until rank 0 gives up); rank 2 never starts
+        let rank1 =
+            std::thread::spawn(move || Tcp::connect_within(&world(1), Duration::from_secs(5)));
+        let err = format!("{:#}", rank0.join().unwrap().unwrap_err());
+        assert!(err.contains("timed out while rank 0 waited"), "{err}");
+        assert!(
+            err.contains("rank(s) [2] of WORLD_SIZE=3 did not join"),
+            "{err}"
+        );
+        assert!(rank1.join().unwrap().is_ok());
     }
 }

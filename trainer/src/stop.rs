@@ -41,6 +41,14 @@ pub fn catch_signals() {
     }
 }
 
+/// The signal received so far (SIGTERM or SIGINT), for waits outside the training loop.
+pub fn signalled() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
 /// Why a run stops before its last step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reason {
