@@ -187,18 +187,33 @@ impl CommandLine {
 fn train(args: &[String]) -> Result<()> {
     let mut cl = command_line(args, &["--device", "--threads"])?;
     let mut device = None;
+    let mut threads = None;
     for (flag, v) in &cl.flags {
         match flag.as_str() {
             "--device" => device = Some(olmo_train::device::Request::parse(v)?),
             "--threads" => {
-                let n: usize = v.parse().with_context(|| format!("--threads `{v}`"))?;
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build_global()
-                    .map_err(|e| anyhow!("{e}"))?;
+                threads = Some(v.parse().with_context(|| format!("--threads `{v}`"))?);
             }
             _ => unreachable!("command_line keeps only the flags asked for"),
         }
+    }
+    // torchrun's ranks on one host share its cores (rather than each taking them all), unless
+    // --threads or RAYON_NUM_THREADS says otherwise
+    let local_ranks = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 1);
+    if threads.is_none() && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        if let Some(n) = local_ranks {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            threads = Some((cores / n).max(1));
+        }
+    }
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow!("{e}"))?;
     }
     let (cfg, text) = cl.load()?;
     olmo_train::train::run_on(cfg, &text, device)

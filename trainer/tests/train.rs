@@ -357,7 +357,7 @@ fn device_auto_falls_back_to_the_cpu_without_a_gpu() {
 }
 
 /// Two ranks launched as torchrun launches them (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-/// `MASTER_ADDR`, `MASTER_PORT` at a free local port), each `command()` with its rank's
+/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` at a free local port), each `command()` with its rank's
 /// environment; their outputs.
 fn two_ranks(command: impl Fn() -> Command) -> (Output, Output) {
     let (a, b) = spawn_two_ranks(command);
@@ -377,9 +377,11 @@ fn spawn_two_ranks(command: impl Fn() -> Command) -> (std::process::Child, std::
                 ("RANK", rank),
                 ("WORLD_SIZE", "2"),
                 ("LOCAL_RANK", rank),
+                ("LOCAL_WORLD_SIZE", "2"),
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", port.as_str()),
             ])
+            .env_remove("RAYON_NUM_THREADS")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -401,6 +403,10 @@ fn two_ranks_train_like_one_process() {
     let err = ok(&a);
     ok(&b);
     assert!(err.contains("2 ranks joined"), "{err}");
+    // the two ranks on this host share its cores
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = format!("cpu, f32, {} threads", (cores / 2).max(1));
+    assert!(err.contains(&threads), "{threads} in {err}");
     // rank 1 trains silently and writes only its data indices: every other instance of each
     // batch, rank 0 the others (OLMo's `[rank::world]`)
     assert!(String::from_utf8_lossy(&b.stderr).trim().is_empty());
