@@ -290,40 +290,43 @@ impl Tcp {
     /// `connect`, waiting `wait` at most for the others.
     pub fn connect_within(world: &World, wait: Duration) -> Result<Tcp> {
         let deadline = Instant::now() + wait;
-        let store_at = format!("{}:{}", world.master_addr, world.master_port);
-        let (peers, at) = match world.agent_store {
-            None => {
-                let peers = if world.rank == 0 {
-                    let listener = TcpListener::bind(&store_at).with_context(|| {
-                        format!("rank 0 cannot listen on {store_at} (MASTER_ADDR/MASTER_PORT)")
-                    })?;
-                    accept_ranks(&listener, world.size, deadline, &store_at)?
-                } else {
-                    vec![connect_to_rank0(&store_at, world.rank, deadline)?]
-                };
-                (peers, store_at)
+        let master = format!("{}:{}", world.master_addr, world.master_port);
+        // under torchrun, rank 0's port goes through the agent's store, keyed by attempt
+        let mut store = match world.agent_store {
+            Some(attempt) => Some((
+                Store::connect(&master, deadline)?,
+                format!("olmo_train/attempt_{attempt}/rank0_port"),
+            )),
+            None => None,
+        };
+        let (peers, at) = if world.rank == 0 {
+            let listener = match store {
+                None => TcpListener::bind(&master).with_context(|| {
+                    format!("rank 0 cannot listen on {master} (MASTER_ADDR/MASTER_PORT)")
+                })?,
+                Some(_) => listen_anywhere()?,
+            };
+            let port = listener.local_addr()?.port();
+            if let Some((store, key)) = &mut store {
+                store.set(key, port.to_string().as_bytes())?;
             }
-            Some(attempt) => {
-                let mut store = Store::connect(&store_at, deadline)?;
-                let key = format!("olmo_train/attempt_{attempt}/rank0_port");
-                if world.rank == 0 {
-                    let listener = listen_anywhere()?;
-                    let port = listener.local_addr()?.port();
-                    store.set(&key, port.to_string().as_bytes())?;
-                    let at = format!("{}:{port}", world.master_addr);
-                    (accept_ranks(&listener, world.size, deadline, &at)?, at)
-                } else {
-                    let port = store.get(&key, deadline)?;
+            let at = format!("{}:{port}", world.master_addr);
+            (accept_ranks(&listener, world.size, deadline, &at)?, at)
+        } else {
+            let at = match &mut store {
+                None => master,
+                Some((store, key)) => {
+                    let port = store.get(key, deadline)?;
                     let port = std::str::from_utf8(&port)
                         .ok()
                         .and_then(|p| p.parse::<u16>().ok())
                         .with_context(|| {
-                            format!("torchrun's store at {store_at}: `{key}` is not a port")
+                            format!("torchrun's store at {master}: `{key}` is not a port")
                         })?;
-                    let at = format!("{}:{port}", world.master_addr);
-                    (vec![connect_to_rank0(&at, world.rank, deadline)?], at)
+                    format!("{}:{port}", world.master_addr)
                 }
-            }
+            };
+            (vec![connect_to_rank0(&at, world.rank, deadline)?], at)
         };
         Ok(Tcp {
             rank: world.rank,
@@ -490,13 +493,18 @@ mod tests {
         }
     }
 
-    /// Rank `rank` of 3 on this host, meeting at a port that was free a moment ago.
-    fn three_local_ranks() -> impl Fn(usize) -> World + Send + Sync + Copy + 'static {
-        let port = TcpListener::bind("127.0.0.1:0")
+    /// A local port that was free a moment ago.
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
-            .port();
+            .port()
+    }
+
+    /// Rank `rank` of 3 on this host, meeting at a port that was free a moment ago.
+    fn three_local_ranks() -> impl Fn(usize) -> World + Send + Sync + Copy + 'static {
+        let port = free_port();
         move |rank| World {
             rank,
             size: 3,
@@ -588,11 +596,7 @@ mod tests {
 
     #[test]
     fn under_torchrun_ranks_meet_through_the_agents_store() {
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed = free_port();
         // the store holds MASTER_PORT (rank 0 could not listen there), and a port from an
         // earlier attempt of the workers that is no longer anyone's
         let port = fake_torch_store(&[("olmo_train/attempt_0/rank0_port", &closed.to_string())]);
