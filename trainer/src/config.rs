@@ -60,6 +60,10 @@ pub struct TrainConfig {
     /// OLMo's `dry_run`: check the config and the data, then stop without training.
     #[serde(default)]
     pub dry_run: bool,
+    /// OLMo's: without it a new model (not resumed, no `load_path`) is saved as `step0` before
+    /// the first step, so an unwritable or full `save_folder` shows now, not an interval later.
+    #[serde(default)]
+    pub no_pre_train_checkpoint: bool,
     /// OLMo's loss-spike stop: past the warmup, a step whose train loss is above this factor
     /// times the lowest train loss so far saves and stops the run.
     #[serde(default)]

@@ -35,6 +35,8 @@ pub struct Start {
     pub state: TrainerState,
     /// What happened, for the log.
     pub notes: Vec<String>,
+    /// A newly initialised model: neither a checkpoint resumed nor `load_path`'s weights.
+    pub new_model: bool,
 }
 
 /// Chooses the checkpoint to start from and builds the starting point.
@@ -50,6 +52,15 @@ pub fn start(
     let mut notes = Vec::new();
     if let Some(f) = save_folder.filter(|_| !cfg.try_load_latest_save) {
         refuse_or_clear_earlier(cfg, f, lead, &mut notes)?;
+    }
+    if let Some(f) = save_folder.filter(|_| own.is_none() && cfg.try_load_latest_save) {
+        let step0 = checkpoint::step_dir(f, 0);
+        if step0.is_dir() {
+            notes.push(format!(
+                "{} is a pre-train checkpoint (initial weights, which the config makes again): starting anew, not resuming it",
+                step0.display()
+            ));
+        }
     }
     let options = start_options(cfg);
     let fresh = |epoch: u64| TrainerState {
@@ -122,6 +133,7 @@ pub fn start(
                 grad_norm_exp_avg: vec![None; layout.tensors.len()],
                 state: fresh(cfg.epoch.unwrap_or(0)),
                 notes: Vec::new(),
+                new_model: true,
             }
         }
     };
@@ -220,6 +232,7 @@ fn resume(dir: &Path, layout: &Layout, data: &DataFacts, optimizer: &str) -> Res
             state.step
         )],
         state,
+        new_model: false,
     })
 }
 
@@ -261,10 +274,17 @@ fn check_same_data(dir: &Path, state: &TrainerState, data: &DataFacts) -> Result
 }
 
 /// The run's own newest checkpoint in `save_folder`, which it resumes whole, where it has
-/// one and `try_load_latest_save` is on.
+/// one past step 0 and `try_load_latest_save` is on. `step0` is the pre-train checkpoint, the
+/// initial weights that the config makes again: a rerun after a failed or killed first step
+/// starts anew, so a config fixed in between (the data, the model, an added `load_path`)
+/// takes effect rather than being refused or overruled by an abandoned start.
 pub fn own_checkpoint(cfg: &TrainConfig, save_folder: Option<&Path>) -> Result<Option<PathBuf>> {
     match save_folder {
-        Some(f) if cfg.try_load_latest_save => checkpoint::latest(f),
+        Some(f) if cfg.try_load_latest_save => Ok(checkpoint::list_steps(f)?
+            .into_iter()
+            .filter(|&s| s > 0)
+            .max()
+            .map(|s| checkpoint::step_dir(f, s))),
         _ => Ok(None),
     }
 }
@@ -400,5 +420,6 @@ fn from_load_path(
         grad_norm_exp_avg: l.grad_norm_exp_avg,
         state,
         notes: Vec::new(),
+        new_model: false,
     })
 }

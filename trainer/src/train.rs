@@ -467,6 +467,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             eprintln!("olmo-train: {note}");
         }
     }
+    let new_model = start.new_model;
     let (mut params, mut exp_avg, mut exp_avg_sq, mut state) =
         (start.params, start.exp_avg, start.exp_avg_sq, start.state);
     let mut grad_norm_exp_avg = start.grad_norm_exp_avg;
@@ -563,37 +564,6 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ce.exp()
         );
     }
-    // the weights the run starts from: always the initial ones, and with OLMo's eval_on_load
-    // a checkpoint's
-    let mut first_eval = eval::Results::new();
-    if (state.step == 0 || cfg.eval_on_load) && (!evals.lm.is_empty() || !evals.mc.is_empty()) {
-        let mut fields: Vec<(String, f64)> = evals
-            .unigram
-            .iter()
-            .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
-            .collect();
-        first_eval = run_evals(engine.as_mut(), &evals, &cfg)?;
-        print_evals(state.step, &first_eval);
-        fields.extend(first_eval.iter().map(|(k, v)| (k.clone(), *v)));
-        metrics.write(state.step, &fields)?;
-    }
-
-    let (beta1, beta2) = cfg.optimizer.betas;
-    let weight_decay = cfg.optimizer.weight_decay;
-    let opt = match cfg.optimizer.name.as_str() {
-        "lionw" => Optimizer::LionW(LionW {
-            beta1,
-            beta2,
-            weight_decay,
-        }),
-        _ => Optimizer::AdamW(AdamW {
-            beta1,
-            beta2,
-            eps: cfg.optimizer.eps,
-            weight_decay,
-        }),
-    };
-    let adaptive = cfg.max_grad_norm_ratio.map(|r| AdaptiveClip::new(r, &opt));
     let save = |engine: &mut dyn Backend,
                 state: &TrainerState,
                 grad_norm_exp_avg: &[Option<f32>],
@@ -629,6 +599,47 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
         }
         Ok(())
     };
+    // OLMo's pre-train checkpoint: a save_folder that cannot take a checkpoint fails the run
+    // now, not after the first interval's work
+    if new_model && !cfg.no_pre_train_checkpoint {
+        save(
+            engine.as_mut(),
+            &state,
+            &grad_norm_exp_avg,
+            checkpoint::Kind::Regular,
+        )?;
+    }
+    // the weights the run starts from: always the initial ones, and with OLMo's eval_on_load
+    // a checkpoint's
+    let mut first_eval = eval::Results::new();
+    if (state.step == 0 || cfg.eval_on_load) && (!evals.lm.is_empty() || !evals.mc.is_empty()) {
+        let mut fields: Vec<(String, f64)> = evals
+            .unigram
+            .iter()
+            .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
+            .collect();
+        first_eval = run_evals(engine.as_mut(), &evals, &cfg)?;
+        print_evals(state.step, &first_eval);
+        fields.extend(first_eval.iter().map(|(k, v)| (k.clone(), *v)));
+        metrics.write(state.step, &fields)?;
+    }
+
+    let (beta1, beta2) = cfg.optimizer.betas;
+    let weight_decay = cfg.optimizer.weight_decay;
+    let opt = match cfg.optimizer.name.as_str() {
+        "lionw" => Optimizer::LionW(LionW {
+            beta1,
+            beta2,
+            weight_decay,
+        }),
+        _ => Optimizer::AdamW(AdamW {
+            beta1,
+            beta2,
+            eps: cfg.optimizer.eps,
+            weight_decay,
+        }),
+    };
+    let adaptive = cfg.max_grad_norm_ratio.map(|r| AdaptiveClip::new(r, &opt));
     let stop = cfg.stop_after.map_or(stop, |n| stop.min(state.step + n));
     if lead && state.step >= stop {
         eprintln!(

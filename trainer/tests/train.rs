@@ -66,6 +66,23 @@ impl Run {
         c
     }
 
+    /// The steps of the checkpoint folders in `run`, in order.
+    fn steps(&self, run: &str) -> Vec<u64> {
+        let mut s: Vec<u64> = std::fs::read_dir(self.path(run))
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("step")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        s.sort();
+        s
+    }
+
     /// The bytes of `{dir}/model.safetensors` (a checkpoint's weights).
     fn weights(&self, dir: &str) -> Vec<u8> {
         std::fs::read(self.path(dir).join("model.safetensors")).unwrap()
@@ -2233,15 +2250,6 @@ fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
 #[test]
 fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
     let r = Run::new();
-    let steps = |run: &str| {
-        let mut s: Vec<String> = std::fs::read_dir(r.path(run))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("step"))
-            .collect();
-        s.sort();
-        s
-    };
     let extra = "max_duration: 14\nsave_interval: 10\nsave_interval_ephemeral: 3\n\
                  save_num_checkpoints_to_keep: 2\n";
     let whole = r.config("whole.yaml", "whole", extra);
@@ -2250,36 +2258,21 @@ fn ephemeral_checkpoints_last_until_the_next_save_and_resume_like_any() {
         assert!(err.contains(&format!("step{s} (ephemeral)")), "{err}");
     }
     // each ephemeral one was removed by the next save
-    assert_eq!(steps("whole"), ["step10", "step14"]);
+    assert_eq!(r.steps("whole"), [10, 14]);
     // a run killed just after an ephemeral save restarts from it, then drops it
     let parts = r.config("parts.yaml", "parts", extra);
     ok(&r.train(&parts, &["--stop_at=13"]));
-    assert_eq!(steps("parts"), ["step10", "step13"]);
+    assert_eq!(r.steps("parts"), [10, 13]);
     std::fs::write(r.path("parts/step13/ephemeral"), "").unwrap();
     let err = ok(&r.train(&parts, &[]));
     assert!(err.contains("step13 (step 13)"), "{err}");
-    assert_eq!(steps("parts"), ["step10", "step14"]);
+    assert_eq!(r.steps("parts"), [10, 14]);
     assert!(r.weights("whole/step14") == r.weights("parts/step14"));
 }
 
 #[test]
 fn olmo_s_unsharded_series_is_kept_apart_and_save_interval_null_saves_at_the_end() {
     let r = Run::new();
-    let steps = |run: &str| {
-        let mut s: Vec<u64> = std::fs::read_dir(r.path(run))
-            .unwrap()
-            .filter_map(|e| {
-                e.unwrap()
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("step")?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        s.sort();
-        s
-    };
     // regular every 4 kept 1 deep; unsharded every 6, all kept; step 12, in both, is kept
     let cfg = r.config(
         "both.yaml",
@@ -2291,7 +2284,7 @@ fn olmo_s_unsharded_series_is_kept_apart_and_save_interval_null_saves_at_the_end
         err.contains("step6 (save_interval_unsharded: kept apart)"),
         "{err}"
     );
-    assert_eq!(steps("both"), [6, 12, 14]);
+    assert_eq!(r.steps("both"), [6, 12, 14]);
     assert!(r.path("both/step12/unsharded").exists());
     // and kept `save_num_unsharded_checkpoints_to_keep` deep
     let cfg = r.config(
@@ -2300,11 +2293,57 @@ fn olmo_s_unsharded_series_is_kept_apart_and_save_interval_null_saves_at_the_end
         "max_duration: 20\nsave_interval: 4\nsave_num_checkpoints_to_keep: 1\nsave_interval_unsharded: 6\nsave_num_unsharded_checkpoints_to_keep: 2\n",
     );
     ok(&r.train(&cfg, &[]));
-    assert_eq!(steps("two"), [12, 18, 20]);
-    // save_interval: null (OLMo's no-sharded-checkpoints): the end only
+    assert_eq!(r.steps("two"), [12, 18, 20]);
+    // save_interval: null (OLMo's no-sharded-checkpoints): the end only, after OLMo's
+    // pre-train checkpoint
     let cfg = r.config("end.yaml", "end", "max_duration: 5\nsave_interval: null\n");
     ok(&r.train(&cfg, &[]));
-    assert_eq!(steps("end"), [5]);
+    assert_eq!(r.steps("end"), [0, 5]);
+}
+
+#[test]
+fn a_new_model_is_saved_as_step0_first_and_a_rerun_over_it_starts_anew() {
+    let r = Run::new();
+    let cfg = r.config("c.yaml", "run", "max_duration: 4\nsave_interval: 2\n");
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(err.contains("run/step0\n"), "{err}");
+    assert_eq!(r.steps("run"), [0, 2, 4]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.path("run/step0/train.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 0);
+    // the initial weights: another seed's differ, the same seed's are the same bits
+    let again = r.config("again.yaml", "again", "max_duration: 4\nsave_interval: 2\n");
+    ok(&r.train(&again, &["--stop_at=0"]));
+    assert_eq!(r.steps("again"), [0]);
+    assert!(r.weights("again/step0") == r.weights("run/step0"));
+    assert!(r.weights("run/step2") != r.weights("run/step0"));
+    // a rerun over a pre-train checkpoint alone starts anew (the config makes those weights
+    // again) and ends with the bits of a run that never stopped
+    let err = ok(&r.train(&again, &[]));
+    assert!(err.contains("is a pre-train checkpoint"), "{err}");
+    assert!(!err.contains("resuming from"), "{err}");
+    assert!(r.weights("again/step4") == r.weights("run/step4"));
+    assert_eq!(losses(&r.metrics("again")), losses(&r.metrics("run")));
+    // ... so a model fixed after a failed start takes effect rather than being refused, and
+    // so does a load_path added
+    let wide = r.config("wide.yaml", "wide", "max_duration: 2\n");
+    ok(&r.train(&wide, &["--stop_at=0"]));
+    let err = ok(&r.train(&wide, &["--model.d_model=32"]));
+    assert!(err.contains("in 1 layers of"), "{err}");
+    assert!(r.weights("wide/step2").len() > r.weights("run/step2").len());
+    let late = r.config("late.yaml", "late", "max_duration: 6\n");
+    ok(&r.train(&late, &["--stop_at=0"]));
+    let err = ok(&r.train(
+        &late,
+        &[&format!("--load_path={}", r.path("run/step4").display())],
+    ));
+    assert!(err.contains("starting from"), "{err}");
+    assert!(err.contains("(step 6, epoch 0)"), "{err}");
+    // OLMo's switch, on the command line as its scripts pass it: no step0
+    let off = r.config("off.yaml", "off", "max_duration: 2\n");
+    ok(&r.train(&off, &["--no_pre_train_checkpoint"]));
+    assert_eq!(r.steps("off"), [2]);
 }
 
 #[test]
