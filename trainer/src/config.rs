@@ -602,6 +602,56 @@ impl std::fmt::Display for Override {
     }
 }
 
+/// OLMo's fields whose effect is on the machinery around training (a logging service,
+/// compilation, sharding, data-loader workers, profiling, garbage collection, checkpoint
+/// formats of its own), never on what a run computes or where it writes it: a field, or a
+/// section with everything under it. `remote_save_folder`, say, is not one: a run without
+/// the upload it asks for loses checkpoints.
+const OLMO_MACHINERY: &[&str] = &[
+    "wandb",
+    "compile",
+    "fsdp",
+    "ddp",
+    "single",
+    "distributed_strategy",
+    "fused_loss",
+    "gen1_gc_interval",
+    "canceled_check_interval",
+    "extra_steps_after_cancel",
+    "python_profiling",
+    "torch_profiling",
+    "sharded_checkpointer",
+    "new_style_checkpoints",
+    "load_path_sharded_checkpointer",
+    "hf_datasets_cache_dir",
+    "device_train_batch_size",
+    "device_train_grad_accum",
+    "model.init_device",
+    "model.precision",
+    "model.block_group_size",
+    "optimizer.metrics_log_interval",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.prefetch_factor",
+    "data.persistent_workers",
+    "data.timeout",
+];
+
+/// Whether a dotted key is in `OLMO_MACHINERY` (an evaluator's `data.` too).
+fn olmo_machinery(key: &str) -> bool {
+    let key = match key
+        .strip_prefix("evaluators.")
+        .and_then(|r| r.split_once('.'))
+    {
+        Some((index, rest)) if index.parse::<usize>().is_ok() => rest,
+        _ => key,
+    };
+    OLMO_MACHINERY.iter().any(|f| {
+        key.strip_prefix(f)
+            .is_some_and(|r| r.is_empty() || r.starts_with('.'))
+    })
+}
+
 /// `model.d_model` → [model, d_model]; `evaluators[0].label` is `evaluators.0.label`.
 fn key_path(key: &str) -> Result<Vec<String>> {
     let parts: Vec<String> = key
@@ -785,7 +835,9 @@ impl TrainConfig {
     }
 
     /// The overrides that set a field this engine does not read: the command line says what
-    /// to change for this run, so one that changes nothing is a mistake, not a warning.
+    /// to change for this run, so one that changes nothing is a mistake, not a warning;
+    /// except OLMo's machinery fields (`OLMO_MACHINERY`), which its launch scripts pass and
+    /// which change no result, warned about as the file's are.
     pub fn unread_overrides<'a>(&self, overrides: &'a [Override]) -> Vec<&'a Override> {
         // an override names evaluators by index, as `key_path` spells it
         let ignored = self.ignored_paths(|i, _| format!("evaluators.{i}"));
@@ -793,12 +845,13 @@ impl TrainConfig {
             .iter()
             .filter(|o| {
                 let key = key_path(&o.key).map_or(o.key.clone(), |p| p.join("."));
-                ignored.iter().any(|f| {
-                    key == *f
-                        || key
-                            .strip_prefix(f.as_str())
-                            .is_some_and(|r| r.starts_with('.'))
-                })
+                !olmo_machinery(&key)
+                    && ignored.iter().any(|f| {
+                        key == *f
+                            || key
+                                .strip_prefix(f.as_str())
+                                .is_some_and(|r| r.starts_with('.'))
+                    })
             })
             .collect()
     }
@@ -1194,6 +1247,11 @@ mod tests {
             o("--evaluators[0].data.num_workers=2"),
             o("--evaluators.0.data.drop_last=false"),
             o("--evaluators.0.data.label_mask_paths=[m.npy]"),
+            o("--fsdp.sharding_strategy=HYBRID_SHARD"),
+            o("--data.prefetch_factor=8"),
+            o("--remote_save_folder=s3://b/run"),
+            o("--data.num_workers_x=2"),
+            o("--wandbx=1"),
         ];
         let cfg: TrainConfig =
             serde_saphyr::from_str(&apply_overrides(base, &set).unwrap()).unwrap();
@@ -1206,12 +1264,18 @@ mod tests {
             unread,
             [
                 "model.n_layer",
-                "wandb.name",
                 "evaluators.0.foo",
-                "evaluators[0].data.num_workers",
-                "evaluators.0.data.label_mask_paths"
+                "evaluators.0.data.label_mask_paths",
+                "remote_save_folder",
+                "data.num_workers_x",
+                "wandbx"
             ]
         );
+        // OLMo's machinery, passed by its launch scripts: warned about, as in the file
+        let ignored = cfg.ignored_fields();
+        for f in ["wandb", "fsdp", "data.prefetch_factor"] {
+            assert!(ignored.contains(&f.to_string()), "{f}: {ignored:?}");
+        }
         // the file's own unknown fields under an evaluator's data are warned about too
         assert!(cfg
             .ignored_fields()

@@ -40,7 +40,8 @@ gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OL
 --KEY=VALUE sets a config field for this run, as OLMo's scripts take them: --save_folder=/ckpt,
            --model.n_layers=4, --data.paths=[a.npy,b.npy], --evaluators.0.label=x (the value
            read as YAML; a bare --KEY is true; dashes in KEY are underscores). A field the
-           trainer does not read is an error. Checkpoints save the merged config.";
+           trainer does not read is an error, but for OLMo's machinery (wandb, fsdp, compile,
+           data.num_workers, ...), which is a warning. Checkpoints save the merged config.";
 
 /// The part of a training config `batch-at` needs (any training config parses as one).
 #[derive(serde::Deserialize)]
@@ -174,10 +175,14 @@ impl CommandLine {
             .as_deref()
             .ok_or_else(|| anyhow!("missing -c CONFIG\n\n{USAGE}"))?;
         let (cfg, text) = TrainConfig::load_with(Path::new(path), &self.overrides)?;
-        if let Some(o) = cfg.unread_overrides(&self.overrides).first() {
+        let unread = cfg.unread_overrides(&self.overrides);
+        if !unread.is_empty() {
+            let keys: Vec<String> = unread.iter().map(|o| format!("`{}`", o.key)).collect();
+            let args: Vec<String> = unread.iter().map(|o| o.to_string()).collect();
             bail!(
-                "{o}: olmo-train does not read `{}` (a misspelling, or an OLMo field with no effect here)",
-                o.key
+                "{}: olmo-train does not read {} (a misspelling, or an OLMo field this engine does not implement: leave it out)",
+                args.join(" "),
+                keys.join(", ")
             );
         }
         Ok((cfg, text))

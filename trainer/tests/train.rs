@@ -1113,6 +1113,28 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
         refused(&r.train(&cfg, &[arg]), want);
     }
     assert!(!r.path("file").exists());
+    // every unread field at once; OLMo's machinery, as its launch scripts pass it, is a warning
+    refused(
+        &r.train(
+            &cfg,
+            &["--model.n_layer=2", "--remote_save_folder=s3://b/r"],
+        ),
+        "does not read `model.n_layer`, `remote_save_folder`",
+    );
+    let machinery = [
+        "--wandb.name=run1",
+        "--fsdp.sharding_strategy=HYBRID_SHARD",
+        "--compile=null",
+        "--data.num_workers=4",
+        "--dry_run",
+    ];
+    let err = ok(&r.train(&cfg, &machinery));
+    assert!(
+        err.contains(
+            "ignoring config fields with no effect here: compile, fsdp, wandb, data.num_workers"
+        ),
+        "{err}"
+    );
 }
 
 fn train_state(r: &Run, dir: &str) -> serde_json::Value {
