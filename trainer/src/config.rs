@@ -703,11 +703,13 @@ fn slot<'a>(
     Ok(node)
 }
 
-/// A config's text with the command-line overrides applied: the text itself when there are
-/// none, else the merged config as YAML, which is what checkpoints save (so `config.yaml` in a
-/// checkpoint describes the run that wrote it, as OLMo's does).
+/// A config's text with the command-line overrides applied and OmegaConf's interpolations
+/// (`${run_name}`, `${oc.env:VAR}`, ...: see [`crate::interpolation`]) resolved in the merged
+/// config, as OLMo's loader does: the text itself when there are neither, else the merged
+/// config as YAML, which is what checkpoints save (so `config.yaml` in a checkpoint describes
+/// the run that wrote it, as OLMo's does).
 pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
-    if overrides.is_empty() {
+    if overrides.is_empty() && !crate::interpolation::present(text) {
         return Ok(text.to_string());
     }
     let mut root: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| anyhow!("{e}"))?;
@@ -717,14 +719,17 @@ pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
             .unwrap_or_else(|_| serde_json::Value::String(o.value.clone()));
         let place = slot(&mut root, &key_path(&o.key)?).with_context(|| o.to_string())?;
         // Where the config has a string, a number or a boolean stays the text it was
-        // (`--run_name=007`); `null` still unsets (`--save_folder=null`).
-        let keep_text = place.is_string() && (value.is_number() || value.is_boolean());
+        // (`--run_name=007`); `null` still unsets (`--save_folder=null`). An interpolation
+        // is no such string: it stood for the value given.
+        let keep_text = place.as_str().is_some_and(|s| !s.contains("${"))
+            && (value.is_number() || value.is_boolean());
         *place = if keep_text {
             serde_json::Value::String(o.value.clone())
         } else {
             value
         };
     }
+    crate::interpolation::resolve(&mut root)?;
     serde_saphyr::to_string(&root).map_err(|e| anyhow!("{e}"))
 }
 
@@ -732,8 +737,10 @@ pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
 pub fn read_with_overrides(path: &Path, overrides: &[Override]) -> Result<String> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    apply_overrides(&text, overrides)
-        .with_context(|| format!("{}: cannot apply the overrides", path.display()))
+    apply_overrides(&text, overrides).with_context(|| match overrides.is_empty() {
+        true => format!("{}: cannot resolve its interpolations", path.display()),
+        false => format!("{}: cannot apply the overrides", path.display()),
+    })
 }
 
 impl TrainConfig {
@@ -746,7 +753,13 @@ impl TrainConfig {
         let merged = read_with_overrides(path, overrides)?;
         match serde_saphyr::from_str::<TrainConfig>(&merged) {
             Ok(cfg) => Ok((cfg, merged)),
-            Err(e) if overrides.is_empty() => bail!("{}: {e}", path.display()),
+            Err(e) if overrides.is_empty() => {
+                // resolving interpolations rewrites the text: lines and columns are then its
+                if merged != std::fs::read_to_string(path).unwrap_or_default() {
+                    bail!("{} (its interpolations resolved): {e}", path.display())
+                }
+                bail!("{}: {e}", path.display())
+            }
             // Lines and columns are then the merged config's, not the file's.
             Err(e) => {
                 let with: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();

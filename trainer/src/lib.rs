@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod gpu_check;
 pub mod import;
 pub mod instance_filter;
+pub mod interpolation;
 pub mod memory_plan;
 pub mod model;
 pub mod ops;

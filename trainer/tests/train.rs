@@ -1137,6 +1137,49 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
     );
 }
 
+#[test]
+fn olmo_s_interpolations_resolve_in_the_merged_config() {
+    let r = Run::new();
+    let d = r.path("").display().to_string();
+    let cfg = r.config(
+        "i.yaml",
+        "runs/${run_name}",
+        "run_name: first\nmax_duration: 2\ndevice_eval_batch_size: ${global_train_batch_size}\n",
+    );
+    let d = d.trim_end_matches('/');
+    edit(
+        &cfg,
+        &[(
+            &format!("paths: ['{d}/a.npy', '{d}/b.npy']"),
+            &format!("paths: ${{path.glob:{d}/[ab].npy}}"),
+        )],
+    );
+    // an override of the field an interpolation names reaches it, as in OLMo
+    ok(&r.train(&cfg, &["--run_name=second"]));
+    let saved = std::fs::read_to_string(r.path("runs/second/step2/config.yaml")).unwrap();
+    assert!(!saved.contains("${"), "{saved}");
+    assert!(saved.contains(&format!("{d}/runs/second")), "{saved}");
+    assert!(saved.contains("device_eval_batch_size: 8"), "{saved}");
+    assert!(!r.path("runs/first").exists() && !r.path("runs/${run_name}").exists());
+    // the same weights as the config written out in full
+    let plain = r.config("p.yaml", "plain", "run_name: first\nmax_duration: 2\n");
+    ok(&r.train(&plain, &[]));
+    assert!(r.weights("runs/second/step2") == r.weights("plain/step2"));
+    // a mistake names the file and the field
+    edit(
+        &cfg,
+        &[(
+            "run_name: first",
+            "run_name: ${oc.env:OLMO_TRAIN_UNSET_IN_TESTS}",
+        )],
+    );
+    let err = refused(&r.train(&cfg, &[]), "cannot resolve its interpolations");
+    assert!(
+        err.contains("i.yaml") && err.contains("field `run_name`: `${oc.env:"),
+        "{err}"
+    );
+}
+
 fn train_state(r: &Run, dir: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(r.path(dir).join("train.json")).unwrap()).unwrap()
 }
