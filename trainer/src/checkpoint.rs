@@ -207,11 +207,56 @@ impl Kind {
     }
 }
 
-/// How many checkpoints of each kept series to keep (negative: all).
+/// How many checkpoints of each kept series to keep (negative: all; 0: OLMo's "none at
+/// intervals", so nothing to prune).
 #[derive(Debug, Clone, Copy)]
 pub struct Keep {
     pub regular: i64,
     pub unsharded: i64,
+}
+
+/// When a run saves: OLMo's intervals of each series and their depths.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub interval: Option<u64>,
+    pub unsharded_interval: Option<u64>,
+    pub ephemeral_interval: Option<u64>,
+    pub keep: Keep,
+}
+
+impl Plan {
+    /// The series step `step` saves into, if any, as OLMo's trainer decides: a series whose
+    /// depth is 0 saves nothing at its interval (`save_num_checkpoints_to_keep: 0` is OLMo's
+    /// "no sharded checkpoints"), a step of two series joins the one kept longest, and an
+    /// ephemeral one only where no other is due. `last` (the end, or a stop) always saves,
+    /// unlike OLMo's, which saves no final checkpoint when both series are off: into the
+    /// unsharded series where the regular one keeps none and that one has an interval, as
+    /// OLMo's final unsharded checkpoint.
+    pub fn kind_at(&self, step: u64, last: bool) -> Option<Kind> {
+        let every = |interval: Option<u64>, keep: i64| {
+            keep != 0 && interval.is_some_and(|i| step.is_multiple_of(i.max(1)))
+        };
+        if every(self.unsharded_interval, self.keep.unsharded) {
+            Some(Kind::Unsharded)
+        } else if every(self.interval, self.keep.regular) {
+            Some(Kind::Regular)
+        } else if last {
+            Some(self.final_kind())
+        } else if every(self.ephemeral_interval, -1) {
+            Some(Kind::Ephemeral)
+        } else {
+            None
+        }
+    }
+
+    /// The series of the pre-train checkpoint (and of the last step's, off any interval):
+    /// the regular one, unless it keeps none and the unsharded one is on, as OLMo's.
+    pub fn final_kind(&self) -> Kind {
+        match self.keep.regular == 0 && self.unsharded_interval.is_some() {
+            true => Kind::Unsharded,
+            false => Kind::Regular,
+        }
+    }
 }
 
 pub fn step_dir(folder: &Path, step: u64) -> PathBuf {
@@ -431,6 +476,42 @@ pub fn load(dir: &Path, layout: &Layout, parts: Parts) -> Result<Loaded> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_plan_saves_as_olmo_s_trainer_decides() {
+        use super::{Keep, Kind, Plan};
+        use Kind::{Ephemeral as E, Regular as R, Unsharded as U};
+        let plan = |interval, unsharded_interval, regular, unsharded| Plan {
+            interval,
+            unsharded_interval,
+            ephemeral_interval: Some(3),
+            keep: Keep { regular, unsharded },
+        };
+        let saves = |p: &Plan| -> Vec<(u64, Kind)> {
+            (1..=14)
+                .filter_map(|s| p.kind_at(s, s == 14).map(|k| (s, k)))
+                .collect()
+        };
+        // two series due: the one kept longest; ephemeral only where no other is
+        let both = plan(Some(4), Some(6), 2, -1);
+        let want = [(3, E), (4, R), (6, U), (8, R), (9, E), (12, U), (14, R)];
+        assert_eq!(saves(&both), want);
+        assert_eq!(both.final_kind(), R);
+        // save_num_checkpoints_to_keep: 0 is OLMo's "no regular checkpoints": the end and
+        // the pre-train one go to the unsharded series
+        let unsharded_only = plan(Some(4), Some(6), 0, -1);
+        let want = [(3, E), (6, U), (9, E), (12, U), (14, U)];
+        assert_eq!(saves(&unsharded_only), want);
+        assert_eq!(unsharded_only.final_kind(), U);
+        // both off: the end still saves
+        let none = plan(Some(4), None, 0, -1);
+        let want = [(3, E), (6, E), (9, E), (12, E), (14, R)];
+        assert_eq!(saves(&none), want);
+        // save_num_unsharded_checkpoints_to_keep: 0, alike
+        let regular_only = plan(Some(4), Some(6), -1, 0);
+        let want = [(3, E), (4, R), (6, E), (8, R), (9, E), (12, R), (14, R)];
+        assert_eq!(saves(&regular_only), want);
+    }
+
     use super::*;
     use crate::model::ModelConfig;
     use crate::ops::NormKind;

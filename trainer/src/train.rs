@@ -564,6 +564,15 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             ce.exp()
         );
     }
+    let plan = checkpoint::Plan {
+        interval: cfg.save_interval,
+        unsharded_interval: cfg.save_interval_unsharded,
+        ephemeral_interval: cfg.save_interval_ephemeral,
+        keep: checkpoint::Keep {
+            regular: cfg.save_num_checkpoints_to_keep,
+            unsharded: cfg.save_num_unsharded_checkpoints_to_keep,
+        },
+    };
     let save = |engine: &mut dyn Backend,
                 state: &TrainerState,
                 grad_norm_exp_avg: &[Option<f32>],
@@ -583,10 +592,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
                         config_text,
                         kind,
                     },
-                    checkpoint::Keep {
-                        regular: cfg.save_num_checkpoints_to_keep,
-                        unsharded: cfg.save_num_unsharded_checkpoints_to_keep,
-                    },
+                    plan.keep,
                 )?;
                 let kind = match kind {
                     checkpoint::Kind::Regular => "",
@@ -606,7 +612,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             engine.as_mut(),
             &state,
             &grad_norm_exp_avg,
-            checkpoint::Kind::Regular,
+            plan.final_kind(),
         )?;
     }
     // the weights the run starts from: always the initial ones, and with OLMo's eval_on_load
@@ -904,18 +910,7 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             last_eval = r;
             speed.reset();
         }
-        let every = |interval: Option<u64>| interval.is_some_and(|i| step % i.max(1) == 0);
-        // a step of two series joins the one kept longest
-        let kind = if every(cfg.save_interval_unsharded) {
-            Some(checkpoint::Kind::Unsharded)
-        } else if every(cfg.save_interval) || step == stop || early.is_some() {
-            Some(checkpoint::Kind::Regular)
-        } else if every(cfg.save_interval_ephemeral) {
-            Some(checkpoint::Kind::Ephemeral)
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
+        if let Some(kind) = plan.kind_at(step, step == stop || early.is_some()) {
             save(engine.as_mut(), &state, &grad_norm_exp_avg, kind)?;
             speed.reset();
         }

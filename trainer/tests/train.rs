@@ -2364,6 +2364,18 @@ fn olmo_s_unsharded_series_is_kept_apart_and_save_interval_null_saves_at_the_end
     let cfg = r.config("end.yaml", "end", "max_duration: 5\nsave_interval: null\n");
     ok(&r.train(&cfg, &[]));
     assert_eq!(r.steps("end"), [0, 5]);
+    // save_num_checkpoints_to_keep: 0, OLMo's "no regular checkpoints": the unsharded series
+    // alone, the pre-train checkpoint and the end in it
+    let cfg = r.config(
+        "zero.yaml",
+        "zero",
+        "max_duration: 14\nsave_interval: 2\nsave_num_checkpoints_to_keep: 0\nsave_interval_unsharded: 6\n",
+    );
+    ok(&r.train(&cfg, &[]));
+    assert_eq!(r.steps("zero"), [0, 6, 12, 14]);
+    for s in [0, 6, 12, 14] {
+        assert!(r.path(&format!("zero/step{s}/unsharded")).exists(), "{s}");
+    }
 }
 
 #[test]
