@@ -53,6 +53,7 @@ pub struct ShardFile {
 pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for p in patterns {
+        remote_refused(p, "data.paths entry")?;
         let mut matched: Vec<PathBuf> = glob::glob(p)
             .map_err(|e| anyhow::anyhow!("bad path pattern `{p}`: {e}"))?
             .filter_map(|r| r.ok())
@@ -64,6 +65,17 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
         paths.extend(matched);
     }
     Ok(paths)
+}
+
+/// An error for a URL where a local path is read (OLMo's configs name `http://`, `s3://`,
+/// `gs://`, ... objects, which OLMo streams and this trainer does not).
+pub fn remote_refused(p: &str, what: &str) -> Result<()> {
+    if let Some((scheme, _)) = p.split_once("://") {
+        bail!(
+            "{what} `{p}` is a {scheme}:// URL: olmo-train reads local files only: download it and give the local path"
+        );
+    }
+    Ok(())
 }
 
 /// The windows of a list of token files.

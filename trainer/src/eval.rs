@@ -491,7 +491,9 @@ pub fn task_file(task: Task, path: Option<&str>, eval_dir: Option<&str>) -> Resu
     };
     match eval_dir {
         Some(d) => Ok(Path::new(d).join(name)),
-        None => bail!("a downstream evaluator needs `path:` (or a top-level `eval_data_dir:`)"),
+        None => bail!(
+            "a downstream evaluator needs `path:` (its HF-format JSONL), or a top-level `eval_data_dir:` holding {name} (OLMo's fetches its tasks from the Hub; this trainer reads local files)"
+        ),
     }
 }
 

@@ -110,8 +110,9 @@ pub fn start(
         (None, None) => {
             if !options.is_empty() {
                 notes.push(format!(
-                    "{} have no effect without load_path",
-                    options.join(", ")
+                    "{} {} no effect without load_path",
+                    options.join(", "),
+                    if options.len() == 1 { "has" } else { "have" }
                 ));
             }
             let (mcfg, init_fn) = model;
@@ -291,6 +292,7 @@ pub fn own_checkpoint(cfg: &TrainConfig, save_folder: Option<&Path>) -> Result<O
 
 /// The checkpoint `load_path` names: a step folder, or a run's folder standing for its newest.
 pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
+    crate::data::remote_refused(&dir.to_string_lossy(), "load_path")?;
     if !dir.is_dir() {
         bail!("load_path {}: no such checkpoint folder", dir.display());
     }

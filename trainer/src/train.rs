@@ -118,11 +118,17 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                     })?;
                     tokenizer = Some(
                         tokenizers::Tokenizer::from_file(&t.identifier).map_err(|err| {
-                            anyhow!("cannot load tokenizer {}: {err}", t.identifier)
+                            // OLMo's configs name its repository's files (tokenizers/...)
+                            let hint = match Path::new(&t.identifier).exists() {
+                                true => "",
+                                false => " (a tokenizer.json file, relative to where olmo-train runs: OLMo's configs name files in OLMo's repository)",
+                            };
+                            anyhow!("tokenizer.identifier {}: {err}{hint}", t.identifier)
                         })?,
                     );
                 }
-                let path = eval::task_file(task, e.path.as_deref(), cfg.eval_data_dir.as_deref())?;
+                let path = eval::task_file(task, e.path.as_deref(), cfg.eval_data_dir.as_deref())
+                    .with_context(|| format!("evaluator `{}`", e.label))?;
                 mc.push(eval::load_mc(
                     &e.label,
                     task,
@@ -446,6 +452,9 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
     let save_folder = cfg.save_folder.as_ref().map(PathBuf::from);
     if let Some(f) = &save_folder {
         std::fs::create_dir_all(f).with_context(|| format!("cannot create {}", f.display()))?;
+    } else if lead {
+        // OLMo's default is ./; a run that keeps nothing should say so before it starts
+        eprintln!("olmo-train: no save_folder: this run keeps no checkpoint, metrics or data indices (set save_folder to keep them)");
     }
 
     let start = start::start(

@@ -885,6 +885,15 @@ fn bad_data_and_configs_are_explained() {
         &(text.clone() + "load_path: /no/such/run/step9\n"),
         "load_path /no/such/run/step9: no such checkpoint folder",
     );
+    // OLMo's configs name remote objects, which this trainer does not stream
+    fails(
+        &text.replace("paths: [", "paths: ['s3://bucket/part-0.npy', "),
+        "data.paths entry `s3://bucket/part-0.npy` is a s3:// URL: olmo-train reads local files only",
+    );
+    fails(
+        &(text.clone() + "load_path: https://host/run/step9-unsharded\n"),
+        "load_path `https://host/run/step9-unsharded` is a https:// URL",
+    );
     std::fs::create_dir_all(r.path("empty-run")).unwrap();
     fails(
         &format!("{text}load_path: {}\n", r.path("empty-run").display()),
@@ -1133,6 +1142,12 @@ fn command_line_overrides_change_the_run_and_its_saved_config() {
         err.contains(
             "ignoring config fields with no effect here: compile, fsdp, wandb, data.num_workers"
         ),
+        "{err}"
+    );
+    // OLMo's save_folder defaults to ./; a run without one says up front that it keeps nothing
+    let err = ok(&r.train(&cfg, &["--save_folder=null", "--max_duration=1"]));
+    assert!(
+        err.contains("no save_folder: this run keeps no checkpoint"),
         "{err}"
     );
 }
