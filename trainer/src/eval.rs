@@ -25,6 +25,27 @@ pub struct LmSet {
     pub doc_eos: Option<u32>,
 }
 
+/// An evaluation cut short because the run was asked to stop (SIGTERM or Ctrl-C): its numbers
+/// would be partial, and a scheduler's grace period is better spent saving.
+#[derive(Debug)]
+pub struct Abandoned;
+
+impl std::fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "evaluation abandoned: the run was asked to stop")
+    }
+}
+
+impl std::error::Error for Abandoned {}
+
+/// Between batches: an error once the run has been asked to stop.
+fn go_on() -> Result<()> {
+    match crate::stop::signalled() {
+        Some(_) => Err(Abandoned.into()),
+        None => Ok(()),
+    }
+}
+
 /// Mean cross-entropy (nats per token) of the model over a set's windows.
 pub fn lm_loss(
     engine: &mut dyn Backend,
@@ -45,6 +66,7 @@ pub fn lm_loss(
     let (mut inputs, mut targets, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {
+        go_on()?;
         let end = (start + batch_size as u64).min(n);
         let windows: Vec<Vec<u32>> = (start..end)
             .map(|i| set.shards.read(i, Some(vocab)))
@@ -435,6 +457,7 @@ pub fn mc_accuracy(
     }
     let mut loglik = Vec::with_capacity(queries.len());
     for chunk in queries.chunks(batch_size) {
+        go_on()?;
         let t = chunk.iter().map(|q| q.0.len()).max().unwrap_or(1);
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         for (i, tg) in chunk {

@@ -41,7 +41,8 @@ pub fn catch_signals() {
     }
 }
 
-/// The signal received so far (SIGTERM or SIGINT), for waits outside the training loop.
+/// The signal received so far (SIGTERM or SIGINT), for waits outside the training loop and
+/// evaluations, which give up for it.
 pub fn signalled() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
         0 => None,

@@ -153,11 +153,23 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
     Ok(Evaluators { lm, mc, unigram })
 }
 
+/// The evaluators' results, or None (said in the log) where a stop signal cut them short.
 fn run_evals(
     engine: &mut dyn Backend,
     evals: &Evaluators,
     cfg: &TrainConfig,
-) -> Result<eval::Results> {
+) -> Result<Option<eval::Results>> {
+    match score(engine, evals, cfg) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.is::<eval::Abandoned>() => {
+            eprintln!("olmo-train: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn score(engine: &mut dyn Backend, evals: &Evaluators, cfg: &TrainConfig) -> Result<eval::Results> {
     let mut out = eval::Results::new();
     for set in &evals.lm {
         let ce = eval::lm_loss(
@@ -633,10 +645,14 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             .iter()
             .map(|(l, ce)| (format!("eval/{l}/UnigramCrossEntropy"), *ce))
             .collect();
-        first_eval = run_evals(engine.as_mut(), &evals, &cfg)?;
-        print_evals(state.step, &first_eval);
-        fields.extend(first_eval.iter().map(|(k, v)| (k.clone(), *v)));
-        metrics.write(state.step, &fields)?;
+        if let Some(r) = run_evals(engine.as_mut(), &evals, &cfg)? {
+            first_eval = r;
+            print_evals(state.step, &first_eval);
+            fields.extend(first_eval.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        if !fields.is_empty() {
+            metrics.write(state.step, &fields)?;
+        }
     }
 
     let (beta1, beta2) = cfg.optimizer.betas;
@@ -910,13 +926,14 @@ pub fn run_on(cfg: TrainConfig, config_text: &str, device: Option<Request>) -> R
             && early.is_none()
             && (step % cfg.eval_interval.max(1) == 0 || step == stop);
         if evaluate {
-            let r = run_evals(engine.as_mut(), &evals, &cfg)?;
-            print_evals(step, &r);
-            metrics.write(
-                step,
-                &r.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>(),
-            )?;
-            last_eval = r;
+            if let Some(r) = run_evals(engine.as_mut(), &evals, &cfg)? {
+                print_evals(step, &r);
+                metrics.write(
+                    step,
+                    &r.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>(),
+                )?;
+                last_eval = r;
+            }
             speed.reset();
         }
         if let Some(kind) = plan.kind_at(step, step == stop || early.is_some()) {
@@ -1084,7 +1101,7 @@ pub fn evaluate(
         [params, Vec::new(), Vec::new()],
         None,
     )?;
-    let mut r = run_evals(engine.as_mut(), &evals, &cfg)?;
+    let mut r = score(engine.as_mut(), &evals, &cfg)?;
     for (label, ce) in &evals.unigram {
         r.insert(format!("eval/{label}/UnigramCrossEntropy"), *ce);
     }

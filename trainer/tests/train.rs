@@ -1738,6 +1738,54 @@ fn stop_after_time_limit_and_sigterm_stop_with_a_checkpoint_and_a_rerun_continue
 }
 
 /// Waits until a run's metrics hold `n` lines.
+#[test]
+fn a_stop_signal_cuts_an_evaluation_short() {
+    let r = Run::new();
+    // 200,000 windows of 16 tokens, one per batch: seconds of evaluation for this model
+    let tokens: Vec<u8> = (0..200_000u32 * 16)
+        .flat_map(|i| ((i * 7 % 16) as u16).to_le_bytes())
+        .collect();
+    std::fs::write(r.path("big.npy"), tokens).unwrap();
+    let cfg = r.config(
+        "e.yaml",
+        "run",
+        &format!(
+            "max_duration: 100000\nsave_interval: 100000\ndevice_eval_batch_size: 1\n\
+             evaluators:\n  - label: big\n    data:\n      paths: ['{}']\n",
+            r.path("big.npy").display()
+        ),
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .args(["train", "-c", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the pre-train checkpoint comes just before the first evaluation
+    let t0 = std::time::Instant::now();
+    while !r.path("run/step0").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    terminate(&child);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        err.contains("evaluation abandoned: the run was asked to stop"),
+        "{err}"
+    );
+    // then the step in flight, as ever, and its checkpoint; no partial numbers
+    assert_eq!(stopped_by_sigterm(&o), 1);
+    assert_eq!(train_state(&r, "run/step1")["step"], 1);
+    let m = r.metrics("run");
+    assert!(
+        m.iter()
+            .all(|l| l.get("eval/big/CrossEntropyLoss").is_none()),
+        "{m:?}"
+    );
+    assert!(m[0].get("eval/big/UnigramCrossEntropy").is_some(), "{m:?}");
+}
+
 fn wait_for_steps(metrics: &Path, n: usize) {
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(metrics).map_or(0, |m| m.lines().count()) < n {
