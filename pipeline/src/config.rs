@@ -122,9 +122,24 @@ pub fn apply_overrides(root: &mut Value, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Resolves `${oc.env:VAR}`, `${oc.env:VAR,default}` and `${d.processes:n}` in every string.
+/// Resolves `${oc.env:VAR}`, `${oc.env:VAR,default}` and dolma's `${d.processes:n}`,
+/// `${d.glob:pattern}` (a whole value only: the sorted list of matches, at least one),
+/// `${d.unescape:text}` and `${d.cache:path}` (local paths only) in every string.
 pub fn resolve_interpolations(v: &mut Value) -> Result<()> {
     match v {
+        Value::String(s) if s.starts_with("${d.glob:") && s.ends_with('}') => {
+            let pattern = &s["${d.glob:".len()..s.len() - 1];
+            let mut matched: Vec<String> = glob::glob(pattern)
+                .map_err(|e| anyhow!("`{s}`: bad pattern: {e}"))?
+                .filter_map(|p| p.ok())
+                .map(|p| p.display().to_string())
+                .collect();
+            if matched.is_empty() {
+                bail!("`{s}`: {pattern} matches no file");
+            }
+            matched.sort();
+            *v = Value::Array(matched.into_iter().map(Value::String).collect());
+        }
         Value::String(s) if s.contains("${") => {
             let resolved = resolve_string(s)?;
             *v = if resolved.1 {
@@ -169,14 +184,57 @@ fn resolve_string(s: &str) -> Result<(String, bool)> {
                 let n = std::thread::available_parallelism().map_or(1, |n| n.get());
                 out.push_str(&n.saturating_sub(keep).max(1).to_string());
             }
-            other => {
-                bail!("`{s}`: unsupported interpolation `{other}` (supported: oc.env, d.processes)")
-            }
+            // dolma's: Python's unicode_escape (`\t`, `\n`, `\\`, ...)
+            "d.unescape" => out.push_str(&unescape(arg).with_context(|| format!("`{s}`"))?),
+            // dolma downloads a URL into a cache; a local path is its own cache
+            "d.cache" if arg.contains("://") => bail!(
+                "`{s}`: d.cache of a URL is not fetched here: download it and give the local path"
+            ),
+            "d.cache" => out.push_str(arg.trim()),
+            "d.glob" => bail!("`{s}`: d.glob gives a list, so it must be the whole value"),
+            field if !expr.contains(':') => bail!(
+                "`{s}`: `${{{field}}}` refers to another field, which is not resolved here: write its value"
+            ),
+            other => bail!(
+                "`{s}`: unsupported interpolation `{other}` (supported: oc.env, d.processes, d.glob, d.unescape, d.cache)"
+            ),
         }
         rest = &rest[i + end + 1..];
     }
     out.push_str(rest);
     Ok((out, whole))
+}
+
+/// Python's `unicode_escape` decoding of the escapes configs use.
+fn unescape(s: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('\\') => out.push('\\'),
+            Some('\'') => out.push('\''),
+            Some('"') => out.push('"'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                let code = u32::from_str_radix(&hex, 16)
+                    .ok()
+                    .filter(|_| hex.len() == 2)
+                    .ok_or_else(|| anyhow!("`\\x{hex}` needs two hex digits"))?;
+                out.push(char::from_u32(code).expect("below 256"));
+            }
+            Some(other) => bail!("unknown escape `\\{other}`"),
+            None => bail!("a lone `\\` at the end"),
+        }
+    }
+    Ok(out)
 }
 
 /// Loads the config of one command: file, then overrides, then interpolation, then typed.
@@ -298,6 +356,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("NOPE_NOT_SET"));
+    }
+
+    #[test]
+    fn dolma_resolvers() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["b.json.gz", "a.json.gz", "c.txt"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let d = dir.path().display();
+        let mut v = serde_json::json!({
+            "documents": format!("${{d.glob:{d}/*.gz}}"),
+            "sep": "${d.unescape:a\\tb\\n\\x41}",
+            "model": "${d.cache:/models/lid.bin}",
+        });
+        resolve_interpolations(&mut v).unwrap();
+        assert_eq!(
+            v["documents"],
+            serde_json::json!([format!("{d}/a.json.gz"), format!("{d}/b.json.gz")])
+        );
+        assert_eq!(v["sep"], "a\tb\nA");
+        assert_eq!(v["model"], "/models/lid.bin");
+        for (bad, want) in [
+            (format!("${{d.glob:{d}/*.zst}}"), "matches no file"),
+            (format!("x ${{d.glob:{d}/*.gz}}"), "must be the whole value"),
+            ("${d.cache:s3://b/lid.bin}".to_string(), "not fetched here"),
+            ("${d.unescape:a\\q}".to_string(), "unknown escape"),
+            (
+                "${d.nope:x}".to_string(),
+                "unsupported interpolation `d.nope`",
+            ),
+            ("${work_dir}/x".to_string(), "refers to another field"),
+        ] {
+            let err = resolve_interpolations(&mut serde_json::json!({ "a": bad })).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{bad}: {err:#}");
+        }
     }
 
     #[test]
