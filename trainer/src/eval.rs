@@ -499,6 +499,7 @@ pub fn mc_accuracy(
 /// under `eval_dir`.
 pub fn task_file(task: Task, path: Option<&str>, eval_dir: Option<&str>) -> Result<PathBuf> {
     if let Some(p) = path {
+        crate::data::remote_refused(p, "path")?;
         return Ok(PathBuf::from(p));
     }
     let name = match task {

@@ -103,7 +103,7 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                 let name = e.task.as_deref().unwrap_or(&e.label);
                 let task = Task::parse(name).ok_or_else(|| {
                     anyhow!(
-                        "evaluator `{}`: unknown task `{name}` (known: {})",
+                        "evaluator `{}`: unknown task `{name}` (known: {}); drop it from evaluators, or train without any: --evaluators=[]",
                         e.label,
                         Task::NAMES
                             .iter()
@@ -112,6 +112,8 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                             .join(", ")
                     )
                 })?;
+                let path = eval::task_file(task, e.path.as_deref(), cfg.eval_data_dir.as_deref())
+                    .with_context(|| format!("evaluator `{}`", e.label))?;
                 if tokenizer.is_none() {
                     let t = cfg.tokenizer.as_ref().ok_or_else(|| {
                         anyhow!("downstream evaluators need `tokenizer: {{identifier: path/to/tokenizer.json}}`")
@@ -127,8 +129,6 @@ fn setup_evals(cfg: &TrainConfig, train: Option<&Shards>, vocab: usize) -> Resul
                         })?,
                     );
                 }
-                let path = eval::task_file(task, e.path.as_deref(), cfg.eval_data_dir.as_deref())
-                    .with_context(|| format!("evaluator `{}`", e.label))?;
                 mc.push(eval::load_mc(
                     &e.label,
                     task,

@@ -831,6 +831,10 @@ fn bad_data_and_configs_are_explained() {
         &(text.clone() + "evaluators:\n  - label: mmlu\n    type: downstream\n    path: x.jsonl\n"),
         "unknown task `mmlu`",
     );
+    fails(
+        &(text.clone() + "evaluators:\n  - label: piqa\n    type: downstream\n    path: https://h/piqa.jsonl\n"),
+        "evaluator `piqa`: path `https://h/piqa.jsonl` is a https:// URL",
+    );
     if !cuda_present() {
         fails(
             &text.replace("device: cpu", "device: cuda"),
