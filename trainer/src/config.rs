@@ -646,10 +646,13 @@ fn olmo_machinery(key: &str) -> bool {
         Some((index, rest)) if index.parse::<usize>().is_ok() => rest,
         _ => key,
     };
-    OLMO_MACHINERY.iter().any(|f| {
-        key.strip_prefix(f)
-            .is_some_and(|r| r.is_empty() || r.starts_with('.'))
-    })
+    OLMO_MACHINERY.iter().any(|f| is_or_under(key, f))
+}
+
+/// Whether a dotted key names `field` or something inside it.
+fn is_or_under(key: &str, field: &str) -> bool {
+    key.strip_prefix(field)
+        .is_some_and(|r| r.is_empty() || r.starts_with('.'))
 }
 
 /// `model.d_model` → [model, d_model]; `evaluators[0].label` is `evaluators.0.label`.
@@ -735,12 +738,18 @@ pub fn apply_overrides(text: &str, overrides: &[Override]) -> Result<String> {
 
 /// The text of the config file at `path` with the overrides applied (`apply_overrides`).
 pub fn read_with_overrides(path: &Path, overrides: &[Override]) -> Result<String> {
+    Ok(read_and_merge(path, overrides)?.1)
+}
+
+/// The config file's text, and that text with the overrides applied.
+fn read_and_merge(path: &Path, overrides: &[Override]) -> Result<(String, String)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    apply_overrides(&text, overrides).with_context(|| match overrides.is_empty() {
+    let merged = apply_overrides(&text, overrides).with_context(|| match overrides.is_empty() {
         true => format!("{}: cannot resolve its interpolations", path.display()),
         false => format!("{}: cannot apply the overrides", path.display()),
-    })
+    })?;
+    Ok((text, merged))
 }
 
 impl TrainConfig {
@@ -750,12 +759,12 @@ impl TrainConfig {
 
     /// The config at `path` with command-line overrides applied; also the merged text.
     pub fn load_with(path: &Path, overrides: &[Override]) -> Result<(TrainConfig, String)> {
-        let merged = read_with_overrides(path, overrides)?;
+        let (text, merged) = read_and_merge(path, overrides)?;
         match serde_saphyr::from_str::<TrainConfig>(&merged) {
             Ok(cfg) => Ok((cfg, merged)),
             Err(e) if overrides.is_empty() => {
                 // resolving interpolations rewrites the text: lines and columns are then its
-                if merged != std::fs::read_to_string(path).unwrap_or_default() {
+                if merged != text {
                     bail!("{} (its interpolations resolved): {e}", path.display())
                 }
                 bail!("{}: {e}", path.display())
@@ -858,13 +867,7 @@ impl TrainConfig {
             .iter()
             .filter(|o| {
                 let key = key_path(&o.key).map_or(o.key.clone(), |p| p.join("."));
-                !olmo_machinery(&key)
-                    && ignored.iter().any(|f| {
-                        key == *f
-                            || key
-                                .strip_prefix(f.as_str())
-                                .is_some_and(|r| r.starts_with('.'))
-                    })
+                !olmo_machinery(&key) && ignored.iter().any(|f| is_or_under(&key, f))
             })
             .collect()
     }

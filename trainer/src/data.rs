@@ -51,15 +51,21 @@ pub struct ShardFile {
 /// Expands `data.paths` entries (globs allowed), each sorted; an entry matching nothing is an
 /// error.
 pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    expand_globs(patterns, "data.paths entry")
+}
+
+/// Expands glob patterns, each one's matches sorted; `what` names a pattern in errors (one
+/// that is a URL, or matches nothing).
+pub fn expand_globs(patterns: &[String], what: &str) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for p in patterns {
-        remote_refused(p, "data.paths entry")?;
+        remote_refused(p, what)?;
         let mut matched: Vec<PathBuf> = glob::glob(p)
             .map_err(|e| anyhow::anyhow!("bad path pattern `{p}`: {e}"))?
             .filter_map(|r| r.ok())
             .collect();
         if matched.is_empty() {
-            bail!("data.paths entry `{p}` matched no file");
+            bail!("{what} `{p}` matched no file");
         }
         matched.sort();
         paths.extend(matched);

@@ -240,22 +240,12 @@ fn resolver(name: &str, args: &str) -> Result<Value> {
                 (Err(e), None) => bail!("`${{oc.env:{var}}}`: {e} (and no default after a comma)"),
             }
         }
-        "path.glob" => {
-            let mut out = Vec::new();
-            for pattern in &args {
-                let mut matched: Vec<String> = glob::glob(pattern)
-                    .map_err(|e| anyhow!("`${{path.glob:...}}`: bad pattern `{pattern}`: {e}"))?
-                    .filter_map(|r| r.ok())
-                    .map(|p| p.display().to_string())
-                    .collect();
-                if matched.is_empty() {
-                    bail!("`${{path.glob:...}}`: `{pattern}` matches no file or folder");
-                }
-                matched.sort();
-                out.extend(matched.into_iter().map(Value::String));
-            }
-            Ok(Value::Array(out))
-        }
+        "path.glob" => Ok(Value::Array(
+            crate::data::expand_globs(&args, "`${path.glob:...}` pattern")?
+                .into_iter()
+                .map(|p| Value::String(p.display().to_string()))
+                .collect(),
+        )),
         "path.choose" => args
             .iter()
             .find(|p| Path::new(p).exists())
@@ -345,7 +335,7 @@ mod tests {
         );
         assert_eq!(v["choose"], p("c.txt"));
         assert_eq!(v["load_path"], p("run/step100"));
-        assert!(err(&format!("p: ${{path.glob:{d}/*.bin}}")).contains("matches no file"));
+        assert!(err(&format!("p: ${{path.glob:{d}/*.bin}}")).contains("matched no file"));
     }
 
     #[test]
