@@ -656,7 +656,7 @@ fn is_or_under(key: &str, field: &str) -> bool {
 }
 
 /// `model.d_model` → [model, d_model]; `evaluators[0].label` is `evaluators.0.label`.
-fn key_path(key: &str) -> Result<Vec<String>> {
+pub(crate) fn key_path(key: &str) -> Result<Vec<String>> {
     let parts: Vec<String> = key
         .replace('[', ".")
         .replace(']', "")

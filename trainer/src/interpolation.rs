@@ -190,12 +190,8 @@ fn reference(inner: &str, here: &[String]) -> Result<Vec<String>> {
     };
     let mut path = base.to_vec();
     if !rest.is_empty() {
-        for part in rest.replace('[', ".").replace(']', "").split('.') {
-            if part.is_empty() {
-                bail!("`${{{inner}}}` has an empty part");
-            }
-            path.push(part.to_string());
-        }
+        // spelled as a command-line override's key (`a.b[0]`)
+        path.extend(crate::config::key_path(rest).with_context(|| format!("`${{{inner}}}`"))?);
     }
     Ok(path)
 }
@@ -354,6 +350,7 @@ mod tests {
             ("a: ${now:}\n", "resolver `now` is not one of those"),
             ("a: x-${m}\nm: {k: 1}\n", "cannot be part of a text"),
             ("a: ${...b}\n", "goes up past the top"),
+            ("a: ${b..c}\nb: 1\n", "`${b..c}`: `b..c` has an empty part"),
             (
                 "a: é${b}ü\nb: ${c\n",
                 "field `a`: field `b`: `${c`: a `${` without its `}`",
