@@ -163,6 +163,15 @@ pub fn read_model(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
     Ok(params)
 }
 
+/// A checkpoint folder's weights: ours, or OLMo's unsharded `model.pt`.
+pub fn read_weights(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
+    if crate::olmo_checkpoint::is_unsharded(dir) {
+        crate::olmo_checkpoint::read_model(dir, layout)
+    } else {
+        read_model(&dir.join("model.safetensors"), layout)
+    }
+}
+
 pub struct Checkpoint<'a> {
     pub layout: &'a Layout,
     pub params: &'a [f32],

@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::checkpoint::{read_model, write_tensors};
+use crate::checkpoint::{read_weights, write_tensors};
 use crate::config::TrainConfig;
 use crate::model::{Layout, ModelConfig};
 use crate::ops::NormKind;
@@ -169,7 +169,7 @@ pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<()> {
     let (cfg, _) = TrainConfig::load(&checkpoint.join("config.yaml"))?;
     let (m, _) = cfg.model_config()?;
     let layout = Layout::new(&m);
-    let params = read_model(&checkpoint.join("model.safetensors"), &layout)?;
+    let params = read_weights(checkpoint, &layout)?;
     let (d, h) = (m.d_model, m.mlp_hidden);
     let arch = HfArch::of(&m)?;
     let ones = vec![1.0f32; d];

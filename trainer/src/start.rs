@@ -10,11 +10,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
-use crate::checkpoint::{self, Parts, TrainerState};
+use crate::checkpoint::{self, Loaded, Parts, TrainerState};
 use crate::config::TrainConfig;
 use crate::model::{init_params, Init, InitFn, Layout, ModelConfig};
+use crate::olmo_checkpoint;
 
 /// What the data order looks like now, to check a checkpoint's position against.
 pub struct DataFacts {
@@ -290,22 +291,74 @@ pub fn own_checkpoint(cfg: &TrainConfig, save_folder: Option<&Path>) -> Result<O
     }
 }
 
-/// The checkpoint `load_path` names: a step folder, or a run's folder standing for its newest.
+/// The checkpoint `load_path` names: a step folder (ours, or OLMo's `step{N}-unsharded`), or
+/// a run's folder standing for its newest.
 pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
     crate::data::remote_refused(&dir.to_string_lossy(), "load_path")?;
     if !dir.is_dir() {
         bail!("load_path {}: no such checkpoint folder", dir.display());
     }
-    if dir.join("model.safetensors").exists() {
-        Ok(dir.to_path_buf())
-    } else if let Some(d) = checkpoint::latest(dir)? {
-        Ok(d)
-    } else {
-        bail!(
-            "load_path {}: no model.safetensors and no step folders in it (a checkpoint such as run/step1000 is expected)",
-            dir.display()
+    let sharded = |d: &Path| {
+        anyhow!(
+            "load_path {}: one of OLMo's sharded checkpoints, which olmo-train does not read: unshard it with OLMo's scripts/unshard.py and load the step{{N}}-unsharded folder",
+            d.display()
         )
+    };
+    if dir.join("model.safetensors").exists() || olmo_checkpoint::is_unsharded(dir) {
+        return Ok(dir.to_path_buf());
     }
+    if olmo_checkpoint::is_sharded(dir) {
+        return Err(sharded(dir));
+    }
+    let mut newest: Option<(u64, PathBuf)> = None;
+    let mut olmo_sharded = None;
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let Some(n) = name.strip_prefix("step") else {
+            continue;
+        };
+        let (n, unsharded) = match n.strip_suffix("-unsharded") {
+            Some(n) => (n, true),
+            None => (n, false),
+        };
+        let Ok(step) = n.parse::<u64>() else {
+            continue;
+        };
+        let ours = !unsharded && path.join("model.safetensors").exists();
+        if ours || (unsharded && olmo_checkpoint::is_unsharded(&path)) {
+            if newest.as_ref().is_none_or(|(s, _)| step > *s) {
+                newest = Some((step, path));
+            }
+        } else if olmo_checkpoint::is_sharded(&path) {
+            olmo_sharded = Some(path);
+        }
+    }
+    match (newest, olmo_sharded) {
+        (Some((_, d)), _) => Ok(d),
+        (None, Some(d)) => Err(sharded(&d)),
+        (None, None) => bail!(
+            "load_path {}: no model.safetensors or model.pt, and no checkpoint folders in it (a checkpoint such as run/step1000, or OLMo's run/step1000-unsharded, is expected)",
+            dir.display()
+        ),
+    }
+}
+
+/// Loads our checkpoint or OLMo's; of OLMo's, fills in what its trainer state does not record
+/// (the data's size and seed) from the configured data, after checking the seed and window
+/// length its `config.yaml` gives against the config's.
+fn load_any(dir: &Path, layout: &Layout, parts: Parts, data: &DataFacts) -> Result<Loaded> {
+    if !olmo_checkpoint::is_unsharded(dir) {
+        return checkpoint::load(dir, layout, parts);
+    }
+    let mut l = olmo_checkpoint::load(dir, layout, parts, (data.global_batch, data.seq_len))?;
+    if let Some(s) = &mut l.state {
+        let (seed, seq_len) = olmo_checkpoint::recorded_data(dir);
+        s.seed = seed.unwrap_or(data.seed);
+        s.seq_len = seq_len.unwrap_or(data.seq_len);
+        s.instances = data.instances;
+    }
+    Ok(l)
 }
 
 /// The first start from another checkpoint, with OLMo's reset and data options.
@@ -324,7 +377,13 @@ fn from_load_path(
         optimizer: keep_moments,
         trainer: !cfg.reset_trainer_state || keep_moments,
     };
-    let l = checkpoint::load(dir, layout, parts)?;
+    let l = load_any(dir, layout, parts, data)?;
+    if olmo_checkpoint::is_unsharded(dir) && !cfg.reset_trainer_state && cfg.restore_dataloader {
+        notes.push(format!(
+            "{} is OLMo's: its train.pt does not record the data, so the data position assumes the configured data is the data it trained on",
+            dir.display()
+        ));
+    }
     let loaded = l.state;
     if let (Some(ck), true) = (&loaded, keep_moments) {
         check_same_optimizer(dir, ck, &cfg.optimizer.name)?;

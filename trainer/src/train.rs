@@ -1075,7 +1075,7 @@ pub fn evaluate(
                 .ok_or_else(|| anyhow!("no checkpoint in {folder}"))?
         }
     };
-    let params = checkpoint::read_model(&dir.join("model.safetensors"), &layout)?;
+    let params = checkpoint::read_weights(&dir, &layout)?;
     let (device, why) = device::resolve(cfg.device_request(device)?)?;
     eprintln!("olmo-train: evaluating {} on {why}", dir.display());
     // The unigram baseline needs the training files; without them it is left out.

@@ -901,7 +901,7 @@ fn bad_data_and_configs_are_explained() {
     std::fs::create_dir_all(r.path("empty-run")).unwrap();
     fails(
         &format!("{text}load_path: {}\n", r.path("empty-run").display()),
-        "no model.safetensors and no step folders in it",
+        "no model.safetensors or model.pt, and no checkpoint folders in it",
     );
 }
 
@@ -999,6 +999,117 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
 }
 
 /// `export-hf CHECKPOINT OUT`, which must succeed; returns the written `config.json`.
+/// Copies the files of folder `from` into `to` (made), renaming per `rename` and leaving out
+/// those renamed to "".
+fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let target = rename
+            .iter()
+            .find(|(f, _)| *f == name)
+            .map_or(name.as_str(), |(_, t)| t);
+        if !target.is_empty() {
+            std::fs::copy(from.join(&name), to.join(target)).unwrap();
+        }
+    }
+}
+
+/// `tests/data/olmo/step2-unsharded` is OLMo's unsharded checkpoint (`model.pt`, `optim.pt`,
+/// `train.pt`, as its FullCheckpointer saves them) of the state in `tests/data/olmo/step2`,
+/// which a 2-step run of `Run::config` wrote; `make_unsharded.py` made it with torch.
+#[test]
+fn a_run_continues_from_olmo_s_unsharded_checkpoint_as_from_ours() {
+    let r = Run::new();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmo");
+    let config = |name: &str, from: &Path| {
+        r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 4\nload_path: {}\n", from.display()),
+        )
+    };
+    let go = |name: &str, from: &Path| ok(&r.train(&config(name, from), &[]));
+    go("ours", &fixtures.join("step2"));
+    let err = go("olmo", &fixtures.join("step2-unsharded"));
+    assert!(
+        err.contains("step2-unsharded: weights, step 2, the data position (epoch 0, 16 instances in), AdamW's moments"),
+        "{err}"
+    );
+    assert!(err.contains("is OLMo's: its train.pt does not record the data"));
+    let same = |run: &str| {
+        for f in ["model.safetensors", "optim.safetensors", "train.json"] {
+            let read = |r1: &str| std::fs::read(r.path(r1).join("step4").join(f)).unwrap();
+            assert!(read("ours") == read(run), "{run}: {f} differs");
+        }
+    };
+    same("olmo");
+
+    // a plain optimizer's state dict, keyed by index, read through its param_names; and a
+    // run folder of OLMo's stands for its newest unsharded checkpoint
+    let olmo_run = r.path("olmo-run");
+    copy_folder(
+        &fixtures.join("step2-unsharded"),
+        &olmo_run.join("step2-unsharded"),
+        &[("optim.pt", ""), ("optim-by-index.pt", "optim.pt")],
+    );
+    std::fs::create_dir_all(olmo_run.join("step1/model_and_optim")).unwrap();
+    let err = go("by-index", &olmo_run);
+    assert!(
+        err.contains("olmo-run/step2-unsharded: weights, step 2"),
+        "{err}"
+    );
+    same("by-index");
+
+    // the weights go to export-hf as ours do
+    let hf = |from: &Path, to: &str| {
+        export_hf(from, &r.path(to));
+        std::fs::read(r.path(to).join("model.safetensors")).unwrap()
+    };
+    assert!(
+        hf(&fixtures.join("step2"), "hf-ours") == hf(&fixtures.join("step2-unsharded"), "hf-olmo")
+    );
+
+    // what cannot be read is said, naming the file
+    let olmo = fixtures.join("step2-unsharded");
+    refused(
+        &r.train(&config("wide", &olmo), &["--model.d_model=32"]),
+        "model.pt: `transformer.wte.weight` is [128, 16], the configured model's `transformer.wte.weight` is [128, 32]: is the config's model the checkpoint's?",
+    );
+    refused(
+        &r.train(&config("seed", &olmo), &["--seed=7"]),
+        "the checkpoint's data order was shuffled with seed 6198, the config gives 7",
+    );
+    let no_optim = r.path("no-optim");
+    copy_folder(&olmo, &no_optim, &[("optim.pt", "")]);
+    refused(
+        &r.train(&config("no-optim", &no_optim), &[]),
+        "no-optim/optim.pt is missing (set reset_optimizer_state",
+    );
+    let err = ok(&r.train(
+        &config("fresh", &no_optim),
+        &["--reset_optimizer_state=true"],
+    ));
+    assert!(
+        err.contains("fresh AdamW moments with the LR warming up again from step 2"),
+        "{err}"
+    );
+    let cut = r.path("cut");
+    copy_folder(&olmo, &cut, &[]);
+    let model = std::fs::read(cut.join("model.pt")).unwrap();
+    std::fs::write(cut.join("model.pt"), &model[..model.len() / 2]).unwrap();
+    refused(
+        &r.train(&config("cut", &cut), &[]),
+        "cut/model.pt: no zip directory at the end (a truncated file?)",
+    );
+    let sharded = r.path("sharded-run");
+    std::fs::create_dir_all(sharded.join("step3/model_and_optim")).unwrap();
+    refused(
+        &r.train(&config("sharded", &sharded), &[]),
+        "sharded-run/step3: one of OLMo's sharded checkpoints, which olmo-train does not read",
+    );
+}
+
 fn export_hf(checkpoint: &Path, out: &Path) -> serde_json::Value {
     ok(&Command::new(env!("CARGO_BIN_EXE_olmo-train"))
         .arg("export-hf")

@@ -1,0 +1,375 @@
+//! OLMo's own unsharded checkpoints, `step{N}-unsharded/` as its `FullCheckpointer` (or its
+//! `unshard.py`) writes them, as a `load_path`: `model.pt` (the model's state dict),
+//! `optim.pt` (the optimizer's, keyed by parameter name or by index), `train.pt` (step, epoch,
+//! data position, tokens seen) and `config.yaml`. A run OLMo trained can so go on here, whole
+//! or in part with the usual `load_path` options, and `export-hf` and `evaluate` read one.
+//!
+//! Names are made compatible as OLMo's `_make_state_dict_compatible` does: FSDP's
+//! `_fsdp_wrapped_module.` dropped, `block_groups.{g}.{i}` flattened to blocks, and an old
+//! shared `norm` serving as both `attn_norm` and `ff_norm`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::checkpoint::{Loaded, Parts, TrainerState};
+use crate::model::Layout;
+use crate::pickle::Value;
+use crate::torch_file::{TensorRef, TorchFile};
+
+/// Whether `dir` holds one of OLMo's unsharded checkpoints rather than one of ours.
+pub fn is_unsharded(dir: &Path) -> bool {
+    !dir.join("model.safetensors").exists() && dir.join("model.pt").exists()
+}
+
+/// Whether `dir` is one of OLMo's sharded checkpoints, which are not read.
+pub fn is_sharded(dir: &Path) -> bool {
+    !dir.join("model.safetensors").exists()
+        && (dir.join("model_and_optim").is_dir()
+            || dir.join("rank0.pt").exists()
+            || dir.join("model").is_dir())
+}
+
+/// A state-dict key under the names this trainer's layout uses.
+fn compatible(key: &str, group_size: usize) -> String {
+    let key = key.replace("_fsdp_wrapped_module.", "");
+    if let Some(rest) = key.strip_prefix("transformer.block_groups.") {
+        let mut parts = rest.splitn(3, '.');
+        if let (Some(g), Some(i), Some(tail)) = (parts.next(), parts.next(), parts.next()) {
+            if let (Ok(g), Ok(i)) = (g.parse::<usize>(), i.parse::<usize>()) {
+                return format!("transformer.blocks.{}.{tail}", g * group_size + i);
+            }
+        }
+    }
+    key
+}
+
+/// The tensors of a state dict under compatible names, each with the names it had.
+fn tensors_of(root: &Value, file: &Path) -> Result<HashMap<String, (TensorRef, String)>> {
+    let entries = match root {
+        Value::Dict(_) => root.entries(),
+        other => bail!("{}: a {}, not a state dict", file.display(), other.kind()),
+    };
+    let keys: Vec<String> = entries
+        .iter()
+        .filter_map(|(k, _)| k.as_str().map(|s| s.replace("_fsdp_wrapped_module.", "")))
+        .collect();
+    let group_size = keys
+        .iter()
+        .filter(|k| {
+            k.strip_prefix("transformer.block_groups.0.")
+                .is_some_and(|r| r.ends_with(".attn_out.weight"))
+        })
+        .count()
+        .max(1);
+    let mut out = HashMap::new();
+    for (k, v) in entries {
+        let (Some(key), Value::Tensor(t)) = (k.as_str(), &v) else {
+            bail!(
+                "{}: entry {k:?} is {}, a state dict maps names to tensors",
+                file.display(),
+                v.kind()
+            );
+        };
+        let name = compatible(key, group_size);
+        // before OLMo split it, one `norm` served both branches of a block
+        if let Some(block) = name.strip_suffix(".norm.weight") {
+            for n in ["attn_norm", "ff_norm"] {
+                out.insert(format!("{block}.{n}.weight"), (t.clone(), key.to_string()));
+            }
+            continue;
+        }
+        out.insert(name, (t.clone(), key.to_string()));
+    }
+    Ok(out)
+}
+
+/// The layout's tensors from `model.pt`, as F32 master weights (BF16 and F16 ones widened).
+pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
+    let path = dir.join("model.pt");
+    let f = TorchFile::open(&path)?;
+    let mut tensors = tensors_of(&f.root, &path)?;
+    let mut params = vec![0.0; layout.total];
+    let mut missing = Vec::new();
+    for lt in &layout.tensors {
+        let Some((t, key)) = tensors.remove(&lt.name) else {
+            missing.push(lt.name.as_str());
+            continue;
+        };
+        if t.shape != lt.shape {
+            bail!(
+                "{}: `{key}` is {:?}, the configured model's `{}` is {:?}: is the config's model the checkpoint's?",
+                path.display(),
+                t.shape,
+                lt.name,
+                lt.shape
+            );
+        }
+        let v = f
+            .f32s(&t)
+            .with_context(|| format!("{}: `{key}`", path.display()))?;
+        params[lt.range()].copy_from_slice(&v);
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{}: no {} for the configured model: is the config's model the checkpoint's?",
+            path.display(),
+            quoted(&missing)
+        );
+    }
+    // the shared `norm` leaves its second name unclaimed when the model has no norm weights
+    let mut extra: Vec<&str> = tensors
+        .values()
+        .map(|(_, key)| key.as_str())
+        .filter(|k| !k.ends_with(".norm.weight"))
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        extra.dedup();
+        bail!(
+            "{}: {} {} not in the configured model (biases, a learned position embedding, an untied output?): is the config's model the checkpoint's?",
+            path.display(),
+            quoted(&extra),
+            if extra.len() == 1 { "is" } else { "are" }
+        );
+    }
+    Ok(params)
+}
+
+fn quoted(names: &[&str]) -> String {
+    let shown: Vec<String> = names.iter().take(4).map(|n| format!("`{n}`")).collect();
+    match names.len() {
+        n if n > 4 => format!("{} and {} more", shown.join(", "), n - 4),
+        _ => shown.join(", "),
+    }
+}
+
+/// A number in a checkpoint: an int, a float, or a one-element tensor.
+fn number(f: &TorchFile, v: &Value) -> Option<f64> {
+    match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(x) => Some(*x),
+        Value::Tensor(t) => f.scalar(t).ok(),
+        _ => None,
+    }
+}
+
+/// AdamW's (or LionW's) state from `optim.pt`: moments, adaptive clipping's averages, and
+/// the update count and optimizer they imply.
+struct Optim {
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    grad_norm_exp_avg: Vec<Option<f32>>,
+    steps: Option<u64>,
+    optimizer: &'static str,
+}
+
+fn read_optim(dir: &Path, layout: &Layout) -> Result<Optim> {
+    let path = dir.join("optim.pt");
+    if !path.exists() {
+        bail!(
+            "{} is missing (set reset_optimizer_state to start from the weights with fresh moments)",
+            path.display()
+        );
+    }
+    let f = TorchFile::open(&path)?;
+    let at = |what: &str| format!("{}: {what}", path.display());
+    let state = f
+        .root
+        .get("state")
+        .ok_or_else(|| anyhow!(at("no `state`: not an optimizer's state dict")))?;
+    // FSDP's full optimizer state dict keys its state by name; a plain one by index, which
+    // the param groups' `param_names` name
+    let mut names: HashMap<i64, String> = HashMap::new();
+    for g in f
+        .root
+        .get("param_groups")
+        .and_then(|g| g.items())
+        .unwrap_or_default()
+    {
+        let (Some(ids), Some(ns)) = (
+            g.get("params").and_then(|p| p.items()),
+            g.get("param_names").and_then(|p| p.items()),
+        ) else {
+            continue;
+        };
+        for (id, n) in ids.iter().zip(&ns) {
+            if let (Some(id), Some(n)) = (id.as_int(), n.as_str()) {
+                names.insert(id, n.to_string());
+            }
+        }
+    }
+    let mut by_name: HashMap<String, Value> = HashMap::new();
+    for (k, v) in state.entries() {
+        let name = match &k {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => names.get(i).cloned().ok_or_else(|| {
+                anyhow!(at(&format!(
+                    "state of parameter {i}, which no param group's `param_names` names"
+                )))
+            })?,
+            other => bail!(at(&format!("a state keyed by {}", other.kind()))),
+        };
+        by_name.insert(compatible(&name, 1), v);
+    }
+    let lion = !by_name.values().any(|s| s.get("exp_avg_sq").is_some());
+    let second = if lion { 0 } else { layout.total };
+    let mut o = Optim {
+        exp_avg: vec![0.0; layout.total],
+        exp_avg_sq: vec![0.0; second],
+        grad_norm_exp_avg: vec![None; layout.tensors.len()],
+        steps: None,
+        optimizer: if lion { "lionw" } else { "adamw" },
+    };
+    for (k, lt) in layout.tensors.iter().enumerate() {
+        let s = by_name
+            .get(&lt.name)
+            .ok_or_else(|| anyhow!(at(&format!("no state for `{}`", lt.name))))?;
+        let mut moments = vec![("exp_avg", &mut o.exp_avg)];
+        if !lion {
+            moments.push(("exp_avg_sq", &mut o.exp_avg_sq));
+        }
+        for (m, out) in moments {
+            let t = match s.get(m) {
+                Some(Value::Tensor(t)) => t,
+                _ => bail!(at(&format!("`{}` has no `{m}` tensor", lt.name))),
+            };
+            if t.shape != lt.shape {
+                bail!(at(&format!(
+                    "`{}`'s {m} is {:?}, the parameter {:?}",
+                    lt.name, t.shape, lt.shape
+                )));
+            }
+            let v = f
+                .f32s(&t)
+                .with_context(|| at(&format!("`{}`'s {m}", lt.name)))?;
+            out[lt.range()].copy_from_slice(&v);
+        }
+        if let Some(v) = s.get("grad_norm_exp_avg") {
+            o.grad_norm_exp_avg[k] = number(&f, &v).map(|x| x as f32);
+        }
+        if o.steps.is_none() {
+            o.steps = s.get("step").and_then(|v| number(&f, &v)).map(|x| x as u64);
+        }
+    }
+    Ok(o)
+}
+
+/// The trainer state `train.pt` records (`other.pt` in OLMo's oldest checkpoints). OLMo
+/// records neither the data's size nor its seed: those are left 0 for the caller. `batch`
+/// is the run's global batch and window length, by which, as OLMo does, the counts of the
+/// oldest checkpoints (in data steps) become instances and tokens.
+fn read_train(dir: &Path, layout: &Layout, (batch, seq): (u64, u64)) -> Result<TrainerState> {
+    let path = ["train.pt", "other.pt"]
+        .map(|n| dir.join(n))
+        .into_iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "{} is missing (set reset_trainer_state to start from the weights alone)",
+                dir.join("train.pt").display()
+            )
+        })?;
+    let f = TorchFile::open(&path)?;
+    let count = |name: &str| -> Result<Option<u64>> {
+        match f.root.get(name) {
+            None | Some(Value::None) => Ok(None),
+            Some(v) => number(&f, &v)
+                .filter(|x| *x >= 0.0)
+                .map(|x| Some(x as u64))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: `{name}` is {}, a count expected",
+                        path.display(),
+                        v.kind()
+                    )
+                }),
+        }
+    };
+    let step =
+        count("global_step")?.ok_or_else(|| anyhow!("{}: no `global_step`", path.display()))?;
+    let data_steps = count("global_data_step")?.unwrap_or(step);
+    let examples = match count("global_train_examples_seen_this_epoch")? {
+        Some(n) => n,
+        None => count("global_train_examples_seen")?.unwrap_or(data_steps * batch),
+    };
+    Ok(TrainerState {
+        step,
+        epoch: count("epoch")?.unwrap_or(0),
+        global_train_examples_seen_this_epoch: examples,
+        global_train_tokens_seen: count("global_train_tokens_seen")?
+            .unwrap_or(data_steps * batch * seq),
+        seed: 0,
+        world_size: count("world_size")?.unwrap_or(1),
+        instances: 0,
+        seq_len: 0,
+        num_params: layout.total as u64,
+        optimizer_steps: step,
+        lr_warmup_from: None,
+        min_train_loss: None,
+        optimizer: "adamw".into(),
+    })
+}
+
+/// Loads an OLMo unsharded checkpoint as [`crate::checkpoint::load`] loads one of ours;
+/// `batch` as [`read_train`] takes it.
+pub fn load(dir: &Path, layout: &Layout, parts: Parts, batch: (u64, u64)) -> Result<Loaded> {
+    let mut state = match parts.trainer {
+        true => Some(read_train(dir, layout, batch)?),
+        false => None,
+    };
+    let params = read_model(dir, layout)?;
+    let mut grad_norm_exp_avg = vec![None; layout.tensors.len()];
+    let moments = if parts.optimizer {
+        let o = read_optim(dir, layout)?;
+        if let Some(s) = &mut state {
+            s.optimizer = o.optimizer.into();
+            s.optimizer_steps = o.steps.unwrap_or(s.step);
+        }
+        grad_norm_exp_avg = o.grad_norm_exp_avg;
+        Some((o.exp_avg, o.exp_avg_sq))
+    } else {
+        None
+    };
+    Ok(Loaded {
+        params,
+        moments,
+        grad_norm_exp_avg,
+        state,
+    })
+}
+
+/// What the checkpoint's `config.yaml` says of the data order: its seed (`data.seed`, else
+/// `seed`) and window length, where it says.
+pub fn recorded_data(dir: &Path) -> (Option<u64>, Option<u64>) {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.yaml")) else {
+        return (None, None);
+    };
+    let Ok(v) = serde_saphyr::from_str::<serde_json::Value>(&text) else {
+        return (None, None);
+    };
+    let seed = v["data"]["seed"].as_u64().or_else(|| v["seed"].as_u64());
+    (seed, v["model"]["max_sequence_length"].as_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compatible;
+
+    #[test]
+    fn names_are_made_compatible_as_olmo_does() {
+        assert_eq!(
+            compatible("_fsdp_wrapped_module.transformer.wte.weight", 1),
+            "transformer.wte.weight"
+        );
+        assert_eq!(
+            compatible("transformer.block_groups.1.2.att_proj.weight", 4),
+            "transformer.blocks.6.att_proj.weight"
+        );
+        assert_eq!(
+            compatible("transformer.block_groups.x.2.att_proj.weight", 4),
+            "transformer.block_groups.x.2.att_proj.weight"
+        );
+    }
+}

@@ -1,0 +1,531 @@
+//! Files `torch.save` writes (PyTorch 1.6 and later): a zip archive, stored without
+//! compression, of `{name}/data.pkl` (the pickled object) and one `{name}/data/{key}` entry per
+//! storage. Read without Python: the archive's directory (zip64 included: an OLMo-1B
+//! `model.pt` is 4.7 GB), the pickle through [`crate::pickle`], and each tensor's elements from
+//! its storage's bytes only when asked for, so a 7B checkpoint is never held twice.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::pickle::{self, Value};
+
+/// Element types of torch's storages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl Dtype {
+    /// The dtype of a legacy storage class (`torch.FloatStorage`), the name torch pickles.
+    fn of_storage(name: &str) -> Option<Dtype> {
+        Some(match name {
+            "DoubleStorage" => Dtype::F64,
+            "FloatStorage" => Dtype::F32,
+            "HalfStorage" => Dtype::F16,
+            "BFloat16Storage" => Dtype::BF16,
+            "LongStorage" => Dtype::I64,
+            "IntStorage" => Dtype::I32,
+            "ShortStorage" => Dtype::I16,
+            "CharStorage" => Dtype::I8,
+            "ByteStorage" => Dtype::U8,
+            "BoolStorage" => Dtype::Bool,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+        }
+    }
+
+    fn value(self, b: &[u8]) -> f64 {
+        match self {
+            Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
+            Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+            Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I16 => i16::from_le_bytes([b[0], b[1]]) as f64,
+            Dtype::I8 => b[0] as i8 as f64,
+            Dtype::U8 | Dtype::Bool => b[0] as f64,
+        }
+    }
+}
+
+/// A storage the pickle refers to: `{name}/data/{key}` in the archive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Storage {
+    pub dtype: Dtype,
+    pub key: String,
+}
+
+/// A tensor as torch rebuilds it: a strided view of a storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef {
+    pub storage: Storage,
+    /// In elements.
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+impl TensorRef {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The storage elements the view spans: `[offset, end)`.
+    fn span(&self) -> (usize, usize) {
+        if self.numel() == 0 {
+            return (self.offset, self.offset);
+        }
+        let last: usize = self
+            .shape
+            .iter()
+            .zip(&self.stride)
+            .map(|(&n, &s)| (n - 1) * s)
+            .sum();
+        (self.offset, self.offset + last + 1)
+    }
+
+    /// Storage indices of the elements in row-major order.
+    fn indices(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.numel());
+        let mut idx = vec![0usize; self.shape.len()];
+        for _ in 0..self.numel() {
+            out.push(idx.iter().zip(&self.stride).map(|(i, s)| i * s).sum());
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+
+    fn contiguous(&self) -> bool {
+        let mut want = 1;
+        for (&n, &s) in self.shape.iter().zip(&self.stride).rev() {
+            if n != 1 && s != want {
+                return false;
+            }
+            want *= n;
+        }
+        true
+    }
+}
+
+/// One archive entry: where its bytes start in the file, and how many.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    at: u64,
+    len: u64,
+}
+
+/// An opened `torch.save` file: its object, and the archive its tensors are read from.
+pub struct TorchFile {
+    path: PathBuf,
+    file: File,
+    /// The archive's top folder (torch names it after the file).
+    prefix: String,
+    entries: HashMap<String, Entry>,
+    pub root: Value,
+}
+
+impl TorchFile {
+    pub fn open(path: &Path) -> Result<TorchFile> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let read = || -> Result<TorchFile> {
+            let entries = zip_entries(&file)?;
+            let pkl = entries
+                .keys()
+                .find(|k| k.ends_with("/data.pkl") && k.matches('/').count() == 1)
+                .ok_or_else(|| anyhow!("no data.pkl in the archive: not a torch.save file"))?
+                .clone();
+            let prefix = pkl.trim_end_matches("data.pkl").to_string();
+            if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
+                let order = read_at(&file, *e)?;
+                if order != b"little" {
+                    bail!(
+                        "byte order {:?}: only little-endian checkpoints are read",
+                        String::from_utf8_lossy(&order)
+                    );
+                }
+            }
+            let data = read_at(&file, entries[&pkl])?;
+            let keys: Vec<String> = entries.keys().cloned().collect();
+            let root = pickle::load(&data, &mut |pid| storage_of(pid, &prefix, &keys), &rebuild)
+                .context("data.pkl")?;
+            Ok(TorchFile {
+                path: path.to_path_buf(),
+                file: file.try_clone()?,
+                prefix,
+                entries,
+                root,
+            })
+        };
+        read().with_context(|| path.display().to_string())
+    }
+
+    fn storage_bytes(&self, t: &TensorRef, (from, to): (usize, usize)) -> Result<Vec<u8>> {
+        let name = format!("{}data/{}", self.prefix, t.storage.key);
+        let e = *self
+            .entries
+            .get(&name)
+            .ok_or_else(|| anyhow!("{}: no storage entry {name}", self.path.display()))?;
+        let size = t.storage.dtype.size() as u64;
+        let (from, to) = (from as u64 * size, to as u64 * size);
+        if to > e.len {
+            bail!(
+                "{}: a tensor reads {name} up to byte {to}, the entry holds {}",
+                self.path.display(),
+                e.len
+            );
+        }
+        read_at(
+            &self.file,
+            Entry {
+                at: e.at + from,
+                len: to - from,
+            },
+        )
+        .with_context(|| format!("{}: {name}", self.path.display()))
+    }
+
+    /// A floating-point tensor's elements in row-major order, as f32.
+    pub fn f32s(&self, t: &TensorRef) -> Result<Vec<f32>> {
+        let dtype = t.storage.dtype;
+        if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64) {
+            bail!(
+                "{}: a {dtype:?} tensor where floating point is expected",
+                self.path.display()
+            );
+        }
+        let (from, to) = t.span();
+        let bytes = self.storage_bytes(t, (from, to))?;
+        let size = dtype.size();
+        let at = |i: usize| &bytes[(i - from) * size..(i - from + 1) * size];
+        Ok(match (dtype, t.contiguous()) {
+            (Dtype::F32, true) => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            (_, true) => (from..to).map(|i| dtype.value(at(i)) as f32).collect(),
+            _ => t
+                .indices()
+                .into_iter()
+                .map(|i| dtype.value(at(t.offset + i)) as f32)
+                .collect(),
+        })
+    }
+
+    /// A one-element tensor's value.
+    pub fn scalar(&self, t: &TensorRef) -> Result<f64> {
+        if t.numel() != 1 {
+            bail!(
+                "{}: a tensor of shape {:?} where one value is expected",
+                self.path.display(),
+                t.shape
+            );
+        }
+        let bytes = self.storage_bytes(t, (t.offset, t.offset + 1))?;
+        Ok(t.storage.dtype.value(&bytes))
+    }
+}
+
+/// torch's persistent id for a storage: `('storage', torch.FloatStorage, key, location, numel)`.
+fn storage_of(pid: Value, prefix: &str, keys: &[String]) -> Result<Value> {
+    let items = pid.items().unwrap_or_default();
+    let (kind, class, key) = match items.as_slice() {
+        [kind, class, key, ..] => (kind, class, key),
+        _ => bail!("a persistent id that is not torch's storage tuple: {pid:?}"),
+    };
+    if kind.as_str() != Some("storage") {
+        bail!("a persistent id of kind {kind:?}, not a storage");
+    }
+    let dtype = match class {
+        Value::Global(m, n) if m == "torch" => Dtype::of_storage(n),
+        _ => None,
+    }
+    .ok_or_else(|| anyhow!("storage of type {}, which is not read", class.kind()))?;
+    let key = key
+        .as_str()
+        .ok_or_else(|| anyhow!("a storage key that is {}", key.kind()))?
+        .to_string();
+    let entry = format!("{prefix}data/{key}");
+    if !keys.contains(&entry) {
+        bail!("the pickle names storage {key}, the archive has no {entry}");
+    }
+    Ok(Value::Storage(Storage { dtype, key }))
+}
+
+fn usizes(v: &Value, what: &str) -> Result<Vec<usize>> {
+    v.items()
+        .ok_or_else(|| anyhow!("a tensor {what} that is {}", v.kind()))?
+        .iter()
+        .map(|x| {
+            x.as_int()
+                .and_then(|i| usize::try_from(i).ok())
+                .ok_or_else(|| anyhow!("a tensor {what} entry that is {}", x.kind()))
+        })
+        .collect()
+}
+
+/// The calls `torch.save`'s pickles make that the reader builds: dicts and tensors.
+fn rebuild(module: &str, name: &str, args: &Value) -> Result<Option<Value>> {
+    let args = args.items().unwrap_or_default();
+    Ok(match (module, name) {
+        ("collections", "OrderedDict") => Some(Value::Dict(Default::default())),
+        ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => {
+            let [storage, offset, size, stride, ..] = args.as_slice() else {
+                bail!("{} arguments, at least 4 expected", args.len());
+            };
+            let Value::Storage(storage) = storage else {
+                bail!("a tensor over {}, not a storage", storage.kind());
+            };
+            let t = TensorRef {
+                storage: storage.clone(),
+                offset: offset
+                    .as_int()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .ok_or_else(|| anyhow!("a storage offset that is {}", offset.kind()))?,
+                shape: usizes(size, "size")?,
+                stride: usizes(stride, "stride")?,
+            };
+            if t.shape.len() != t.stride.len() {
+                bail!(
+                    "size {:?} and stride {:?} differ in rank",
+                    t.shape,
+                    t.stride
+                );
+            }
+            Some(Value::Tensor(t))
+        }
+        // nn.Parameter: the tensor it wraps
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
+            match args.first() {
+                Some(t @ Value::Tensor(_)) => Some(t.clone()),
+                _ => bail!("a parameter of no tensor"),
+            }
+        }
+        _ => None,
+    })
+}
+
+fn read_at(file: &File, e: Entry) -> Result<Vec<u8>> {
+    let len = usize::try_from(e.len).map_err(|_| anyhow!("an entry of {} bytes", e.len))?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, e.at)
+        .map_err(|err| anyhow!("{len} bytes at {}: {err} (a truncated file?)", e.at))?;
+    Ok(buf)
+}
+
+fn le(b: &[u8], at: usize, n: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v[..n].copy_from_slice(&b[at..at + n]);
+    u64::from_le_bytes(v)
+}
+
+/// The entries of a zip archive, by name, with where their data lie; only stored
+/// (uncompressed) entries, as torch writes them.
+fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
+    let size = file.metadata()?.len();
+    let mut head = [0u8; 4];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|_| anyhow!("a file of {size} bytes, too short for a torch.save archive"))?;
+    if head != *b"PK\x03\x04" {
+        if head[0] == 0x80 {
+            bail!("a pickle, not a zip archive: torch.save's legacy format (before PyTorch 1.6), which is not read; load it and save it again with a newer torch");
+        }
+        bail!("not a zip archive, as torch.save writes");
+    }
+    // The end-of-directory record lies in the last 22 bytes plus a comment of up to 64 KiB.
+    let tail_len = size.min(22 + 65535 + 20);
+    let tail = read_at(
+        file,
+        Entry {
+            at: size - tail_len,
+            len: tail_len,
+        },
+    )?;
+    let eocd = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| tail[i..i + 4] == *b"PK\x05\x06")
+        .ok_or_else(|| anyhow!("no zip directory at the end (a truncated file?)"))?;
+    let mut count = le(&tail, eocd + 10, 2);
+    let mut dir_len = le(&tail, eocd + 12, 4);
+    let mut dir_at = le(&tail, eocd + 16, 4);
+    // zip64: a locator just before the record points at the 64-bit record
+    if eocd >= 20 && tail[eocd - 20..eocd - 16] == *b"PK\x06\x07" {
+        let at = le(&tail, eocd - 20 + 8, 8);
+        let rec = read_at(file, Entry { at, len: 56 }).context("the zip64 directory record")?;
+        if rec[..4] != *b"PK\x06\x06" {
+            bail!("a zip64 locator pointing at no zip64 record");
+        }
+        count = le(&rec, 32, 8);
+        dir_len = le(&rec, 40, 8);
+        dir_at = le(&rec, 48, 8);
+    }
+    if dir_at.checked_add(dir_len).is_none_or(|end| end > size) {
+        bail!("the zip directory lies past the end of the file (a truncated file?)");
+    }
+    let dir = read_at(
+        file,
+        Entry {
+            at: dir_at,
+            len: dir_len,
+        },
+    )?;
+    let mut entries = HashMap::new();
+    let mut i = 0;
+    for _ in 0..count {
+        if i + 46 > dir.len() || dir[i..i + 4] != *b"PK\x01\x02" {
+            bail!("a broken zip directory entry at byte {}", dir_at + i as u64);
+        }
+        let method = le(&dir, i + 10, 2);
+        let mut comp = le(&dir, i + 20, 4);
+        let mut len = le(&dir, i + 24, 4);
+        let name_len = le(&dir, i + 28, 2) as usize;
+        let extra_len = le(&dir, i + 30, 2) as usize;
+        let comment_len = le(&dir, i + 32, 2) as usize;
+        let mut local = le(&dir, i + 42, 4);
+        let end = i + 46 + name_len + extra_len + comment_len;
+        if end > dir.len() {
+            bail!("a broken zip directory entry at byte {}", dir_at + i as u64);
+        }
+        let name = String::from_utf8_lossy(&dir[i + 46..i + 46 + name_len]).into_owned();
+        // zip64 extra field: the 32-bit fields that overflowed, in this order
+        let mut x = i + 46 + name_len;
+        let extra_end = x + extra_len;
+        while x + 4 <= extra_end {
+            let (id, n) = (le(&dir, x, 2), le(&dir, x + 2, 2) as usize);
+            let mut f = x + 4;
+            if id == 1 {
+                for field in [&mut len, &mut comp, &mut local] {
+                    if *field == 0xffff_ffff && f + 8 <= x + 4 + n {
+                        *field = le(&dir, f, 8);
+                        f += 8;
+                    }
+                }
+            }
+            x += 4 + n;
+        }
+        if method != 0 || comp != len {
+            bail!("entry {name} is compressed (method {method}): torch.save stores its entries");
+        }
+        let mut lh = [0u8; 30];
+        file.read_exact_at(&mut lh, local)
+            .map_err(|_| anyhow!("entry {name}'s header lies past the end of the file"))?;
+        if lh[..4] != *b"PK\x03\x04" {
+            bail!("entry {name}'s local header is broken");
+        }
+        let at = local + 30 + le(&lh, 26, 2) + le(&lh, 28, 2);
+        if at.checked_add(len).is_none_or(|e| e > size) {
+            bail!("entry {name} runs past the end of the file (a truncated file?)");
+        }
+        entries.insert(name, Entry { at, len });
+        i = end;
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/torch")
+            .join(name)
+    }
+
+    /// `views.pt`, which `tests/data/torch/make_views.py` wrote with torch: an OrderedDict of
+    /// a 2x3 F32 `arange`, a transposed 2x3 BF16 `arange` (strides 1, 3) and row 1 of the
+    /// first (a view at offset 3 of the same storage).
+    #[test]
+    fn tensors_read_as_torch_saved_them_views_included() {
+        let f = TorchFile::open(&fixture("views.pt")).unwrap();
+        let t = |k: &str| match f.root.get(k) {
+            Some(Value::Tensor(t)) => t,
+            other => panic!("{k}: {other:?}"),
+        };
+        let (a, b, c) = (t("a.weight"), t("b"), t("c"));
+        assert_eq!((a.shape.clone(), a.storage.dtype), (vec![2, 3], Dtype::F32));
+        assert_eq!(f.f32s(&a).unwrap(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(
+            (b.shape.clone(), b.stride.clone()),
+            (vec![3, 2], vec![1, 3])
+        );
+        assert_eq!(b.storage.dtype, Dtype::BF16);
+        assert_eq!(f.f32s(&b).unwrap(), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(
+            (c.offset, c.storage.key.as_str()),
+            (3, a.storage.key.as_str())
+        );
+        assert_eq!(f.f32s(&c).unwrap(), [3.0, 4.0, 5.0]);
+        assert!(f.scalar(&c).is_err());
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = std::fs::read(fixture("views.pt")).unwrap();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty.pt", vec![], "too short"),
+            (
+                "cut.pt",
+                good[..good.len() - 30].to_vec(),
+                "no zip directory",
+            ),
+            (
+                "half.pt",
+                good[..good.len() / 2].to_vec(),
+                "no zip directory",
+            ),
+            (
+                "legacy.pt",
+                b"\x80\x02\x8a\x0alegacy".to_vec(),
+                "legacy format",
+            ),
+            ("text.pt", b"hello, world".to_vec(), "not a zip archive"),
+        ];
+        for (name, bytes, want) in cases {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let e = format!("{:#}", TorchFile::open(&p).err().unwrap());
+            assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+        }
+        // a tensor's elements come from its storage's entry: zeroing those bytes zeroes it
+        let mut short = good.clone();
+        let f = TorchFile::open(&fixture("views.pt")).unwrap();
+        let Some(Value::Tensor(a)) = f.root.get("a.weight") else {
+            panic!()
+        };
+        let e = f.entries[&format!("{}data/{}", f.prefix, a.storage.key)];
+        short[e.at as usize..(e.at + e.len) as usize].fill(0);
+        let p = dir.path().join("zeroed.pt");
+        std::fs::write(&p, &short).unwrap();
+        let z = TorchFile::open(&p).unwrap();
+        assert_eq!(z.f32s(&a).unwrap(), [0.0; 6]);
+    }
+}
