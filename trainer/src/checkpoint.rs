@@ -58,7 +58,7 @@ fn count_unknown() -> u64 {
     u64::MAX
 }
 
-fn as_bytes(v: &[f32]) -> &[u8] {
+pub(crate) fn as_bytes(v: &[f32]) -> &[u8] {
     #[cfg(not(target_endian = "little"))]
     compile_error!("safetensors stores little-endian floats");
     // Safety: f32 has no padding and any byte pattern is a valid u8.

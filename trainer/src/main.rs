@@ -1,6 +1,6 @@
 //! `olmo-train`: train an OLMo-architecture model on dolma token shards (`train`), print a
-//! step's batch without training (`batch-at`), and move weights to and from Hugging Face
-//! format (`export-hf`, `import-hf`).
+//! step's batch without training (`batch-at`), move weights to and from Hugging Face format
+//! (`export-hf`, `import-hf`) and write OLMo's own checkpoint format (`export-olmo`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,14 +16,15 @@ usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--from-run SAVE_FOLDER] [--KEY=VALUE ...]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]
+       olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR
        olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
        olmo-train info [-c] CONFIG [--KEY=VALUE ...]
        olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--olmo2-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
            the newest checkpoint in save_folder if there is one, else starts from load_path
-           (reset_trainer_state, reset_optimizer_state, restore_dataloader,
-           fast_forward_batches as OLMo) if given.
+           (ours, or OLMo's step{N}-unsharded; reset_trainer_state, reset_optimizer_state,
+           restore_dataloader, fast_forward_batches as OLMo) if given.
 batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
            --from-run: the instances a run recorded in its data-indices (after a fast-forward
@@ -33,6 +34,8 @@ export-hf  writes config.json + model.safetensors loadable by transformers (Olmo
 import-hf  reads a transformers OLMo or Llama-layout folder (sharded, F32/BF16/F16) for CONFIG's
            model into a weights-only checkpoint: start from it with load_path and
            reset_trainer_state + reset_optimizer_state (fine-tuning).
+export-olmo writes a checkpoint as OLMo's unsharded one (model.pt, optim.pt, train.pt), which
+           OLMo's trainer resumes and its scripts read; load_path reads those folders too.
 eval       scores a checkpoint (default: the newest in save_folder) with the config's evaluators.
 info       prints the model's size and FLOPs per token.
 gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.
@@ -100,6 +103,7 @@ fn run(args: Vec<String>) -> Result<()> {
         Some("train") => train(&args[1..]),
         Some("export-hf") => export(&args[1..]),
         Some("import-hf") => import(&args[1..]),
+        Some("export-olmo") => export_olmo(&args[1..]),
         Some("info") => info(&args[1..]),
         Some("eval") => evaluate(&args[1..]),
         Some("gpu-check") => gpu_check(&args[1..]),
@@ -410,6 +414,33 @@ fn export(args: &[String]) -> Result<()> {
         }
         _ => bail!("usage: olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR"),
     }
+}
+
+fn export_olmo(args: &[String]) -> Result<()> {
+    let [ck, out] = args else {
+        bail!("usage: olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR");
+    };
+    let out = Path::new(out);
+    for lost in olmo_train::olmo_checkpoint::export(Path::new(ck), out)? {
+        eprintln!("olmo-train: not carried over: {lost}");
+    }
+    let files: Vec<String> = ["model.pt", "optim.pt", "train.pt", "config.yaml"]
+        .into_iter()
+        .filter(|f| out.join(f).exists())
+        .map(String::from)
+        .collect();
+    println!("wrote {} in {}", files.join(", "), out.display());
+    if !out
+        .to_string_lossy()
+        .trim_end_matches('/')
+        .ends_with("-unsharded")
+    {
+        eprintln!(
+            "olmo-train: OLMo takes a load_path for an unsharded checkpoint by its name: rename {} to end in -unsharded (as step{{N}}-unsharded) before OLMo loads it",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn import(args: &[String]) -> Result<()> {

@@ -13,10 +13,11 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::checkpoint::{Loaded, Parts, TrainerState};
+use crate::checkpoint::{self, Loaded, Parts, TrainerState};
+use crate::config::TrainConfig;
 use crate::model::Layout;
 use crate::pickle::Value;
-use crate::torch_file::{TensorRef, TorchFile};
+use crate::torch_file::{f32_tensor, TensorRef, TorchFile};
 
 /// Whether `dir` holds one of OLMo's unsharded checkpoints rather than one of ours.
 pub fn is_unsharded(dir: &Path) -> bool {
@@ -351,6 +352,178 @@ pub fn recorded_data(dir: &Path) -> (Option<u64>, Option<u64>) {
     };
     let seed = v["data"]["seed"].as_u64().or_else(|| v["seed"].as_u64());
     (seed, v["model"]["max_sequence_length"].as_u64())
+}
+
+fn text(s: &str) -> Value {
+    Value::Str(s.to_string())
+}
+
+fn map(items: Vec<(&str, Value)>) -> Value {
+    Value::dict(items.into_iter().map(|(k, v)| (text(k), v)).collect())
+}
+
+/// OLMo's param groups as its `get_param_groups` makes them: decayed tensors, then the
+/// others with weight decay 0, each sorted by name, empty ones left out.
+fn param_groups(cfg: &TrainConfig, layout: &Layout) -> Value {
+    let o = &cfg.optimizer;
+    let decay = layout.decay_mask(o.decay_embeddings, o.decay_norm_and_bias);
+    let opt = |x: Option<f64>| x.map_or(Value::None, Value::Float);
+    let mut groups = Vec::new();
+    for (decayed, wd) in [(true, o.weight_decay as f64), (false, 0.0)] {
+        let mut names: Vec<&str> = layout
+            .tensors
+            .iter()
+            .zip(&decay)
+            .filter(|(_, d)| **d == decayed)
+            .map(|(t, _)| t.name.as_str())
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        names.sort();
+        let names = || Value::list(names.iter().map(|n| text(n)).collect());
+        groups.push(map(vec![
+            ("lr", Value::Float(o.learning_rate as f64)),
+            ("initial_lr", Value::Float(o.learning_rate as f64)),
+            (
+                "betas",
+                Value::Tuple(vec![
+                    Value::Float(o.betas.0 as f64),
+                    Value::Float(o.betas.1 as f64),
+                ]),
+            ),
+            ("eps", Value::Float(o.eps as f64)),
+            ("weight_decay", Value::Float(wd)),
+            ("amsgrad", Value::Bool(false)),
+            ("maximize", Value::Bool(false)),
+            ("foreach", Value::None),
+            ("capturable", Value::Bool(false)),
+            ("differentiable", Value::Bool(false)),
+            ("fused", Value::None),
+            ("sharded", Value::Bool(true)),
+            ("max_grad_norm", opt(cfg.max_grad_norm.map(|x| x as f64))),
+            ("max_grad_norm_ratio", opt(cfg.max_grad_norm_ratio)),
+            ("param_names", names()),
+            ("params", names()),
+        ]));
+    }
+    Value::list(groups)
+}
+
+/// Each tensor's part of a flat buffer.
+fn slices<'a>(layout: &Layout, v: &'a [f32]) -> Vec<&'a [f32]> {
+    layout.tensors.iter().map(|t| &v[t.range()]).collect()
+}
+
+/// `export-olmo`: one of our checkpoints as OLMo's unsharded checkpoint folder, which OLMo's
+/// trainer resumes (`--load_path=OUT`; it takes a folder for unsharded by its `-unsharded`
+/// name) and its scripts read (`convert_olmo_to_hf.py`, `OLMo.from_checkpoint`): `model.pt`,
+/// `optim.pt` (FSDP's full optimizer state dict, keyed by name, param groups as OLMo's) and
+/// `train.pt` where the checkpoint has moments and a trainer state, and its `config.yaml`.
+/// Returns what could not be carried over, for the caller to say.
+pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
+    let (cfg, _) = TrainConfig::load(&checkpoint.join("config.yaml"))?;
+    let (m, _) = cfg.model_config()?;
+    let layout = Layout::new(&m);
+    if out.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} exists and is not empty", out.display());
+    }
+    let parts = Parts {
+        optimizer: checkpoint.join("optim.safetensors").exists(),
+        trainer: checkpoint.join("train.json").exists(),
+    };
+    let l = checkpoint::load(checkpoint, &layout, parts)?;
+    let tmp = out.with_file_name(format!(
+        "{}.tmp",
+        out.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut lost = Vec::new();
+
+    let tensors = |from: usize| -> Vec<(Value, Value)> {
+        layout
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (text(&t.name), f32_tensor(from + i, &t.shape)))
+            .collect()
+    };
+    crate::torch_file::save(
+        &tmp.join("model.pt"),
+        &Value::dict(tensors(0)),
+        &slices(&layout, &l.params),
+    )?;
+
+    if let (Some((m1, m2)), Some(state)) = (&l.moments, &l.state) {
+        let lion = state.optimizer == "lionw";
+        let n = layout.tensors.len();
+        let steps = vec![[state.optimizer_steps as f32]; n];
+        let norms: Vec<[f32; 1]> = l
+            .grad_norm_exp_avg
+            .iter()
+            .map(|g| [g.unwrap_or(0.0)])
+            .collect();
+        let mut storages = slices(&layout, m1);
+        if !lion {
+            storages.extend(slices(&layout, m2));
+        }
+        let (steps_at, norms_at) = (storages.len(), storages.len() + n);
+        storages.extend(steps.iter().map(|s| &s[..]));
+        storages.extend(norms.iter().map(|s| &s[..]));
+        let per_tensor = layout
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut s = vec![("exp_avg", f32_tensor(i, &t.shape))];
+                if !lion {
+                    s.push(("exp_avg_sq", f32_tensor(n + i, &t.shape)));
+                    s.push(("step", f32_tensor(steps_at + i, &[])));
+                }
+                if l.grad_norm_exp_avg.get(i).is_some_and(|g| g.is_some()) {
+                    s.push(("grad_norm_exp_avg", f32_tensor(norms_at + i, &[])));
+                }
+                (text(&t.name), map(s))
+            })
+            .collect();
+        let root = map(vec![
+            ("state", Value::dict(per_tensor)),
+            ("param_groups", param_groups(&cfg, &layout)),
+        ]);
+        crate::torch_file::save(&tmp.join("optim.pt"), &root, &storages)?;
+        if let Some(from) = state.lr_warmup_from {
+            lost.push(format!(
+                "the LR's bolt-on warmup from step {from} (after reset_optimizer_state): OLMo applies one only when it resets the optimizer itself"
+            ));
+        }
+    }
+    if let Some(s) = &l.state {
+        let int = |x: u64| Value::Int(x as i64);
+        let root = map(vec![
+            ("epoch", int(s.epoch)),
+            ("global_step", int(s.step)),
+            (
+                "global_train_examples_seen_this_epoch",
+                int(s.global_train_examples_seen_this_epoch),
+            ),
+            ("global_train_tokens_seen", int(s.global_train_tokens_seen)),
+            ("world_size", int(s.world_size)),
+            ("checkpoints", Value::list(Vec::new())),
+            ("unsharded_checkpoints", Value::list(Vec::new())),
+            ("ephemeral_checkpoints", Value::list(Vec::new())),
+        ]);
+        crate::torch_file::save(&tmp.join("train.pt"), &root, &[])?;
+    }
+    std::fs::copy(checkpoint.join("config.yaml"), tmp.join("config.yaml"))?;
+    if out.exists() {
+        std::fs::remove_dir(out)?;
+    }
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+    Ok(lost)
 }
 
 #[cfg(test)]

@@ -40,11 +40,11 @@ pub enum Value {
 }
 
 impl Value {
-    fn list(items: Vec<Value>) -> Value {
+    pub fn list(items: Vec<Value>) -> Value {
         Value::List(Rc::new(RefCell::new(items)))
     }
 
-    fn dict(items: Vec<(Value, Value)>) -> Value {
+    pub fn dict(items: Vec<(Value, Value)>) -> Value {
         Value::Dict(Rc::new(RefCell::new(items)))
     }
 
@@ -509,6 +509,114 @@ fn long(bytes: &[u8]) -> Value {
     let mut full = [if negative { 0xff } else { 0 }; 8];
     full[..bytes.len()].copy_from_slice(bytes);
     Value::Int(i64::from_le_bytes(full))
+}
+
+/// Pickles `v` as `torch.save` would (protocol 2), each tensor over its own storage, which
+/// `persistent_id` names as torch does; returns an error for what torch.save would not write
+/// from a state dict (opaque objects, bare storages).
+pub fn dump(v: &Value, out: &mut Vec<u8>) -> Result<()> {
+    out.extend(b"\x80\x02");
+    write(v, out)?;
+    out.push(b'.');
+    Ok(())
+}
+
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'X');
+    out.extend((s.len() as u32).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn write_global(module: &str, name: &str, out: &mut Vec<u8>) {
+    out.push(b'c');
+    out.extend(module.as_bytes());
+    out.push(b'\n');
+    out.extend(name.as_bytes());
+    out.push(b'\n');
+}
+
+fn write_int(i: i64, out: &mut Vec<u8>) {
+    match i {
+        0..=0xff => out.extend([b'K', i as u8]),
+        0x100..=0xffff => {
+            out.push(b'M');
+            out.extend((i as u16).to_le_bytes());
+        }
+        _ if i32::try_from(i).is_ok() => {
+            out.push(b'J');
+            out.extend((i as i32).to_le_bytes());
+        }
+        _ => {
+            out.extend([0x8a, 8]);
+            out.extend(i.to_le_bytes());
+        }
+    }
+}
+
+fn write_ints(items: &[usize], out: &mut Vec<u8>) {
+    out.push(b'(');
+    for &i in items {
+        write_int(i as i64, out);
+    }
+    out.push(b't');
+}
+
+fn write(v: &Value, out: &mut Vec<u8>) -> Result<()> {
+    match v {
+        Value::None => out.push(b'N'),
+        Value::Bool(b) => out.push(if *b { 0x88 } else { 0x89 }),
+        Value::Int(i) => write_int(*i, out),
+        Value::Float(x) => {
+            out.push(b'G');
+            out.extend(x.to_be_bytes());
+        }
+        Value::Str(s) => write_str(s, out),
+        Value::Tuple(items) => {
+            out.push(b'(');
+            for i in items {
+                write(i, out)?;
+            }
+            out.push(b't');
+        }
+        Value::List(items) => {
+            out.extend(b"](");
+            for i in items.borrow().iter() {
+                write(i, out)?;
+            }
+            out.push(b'e');
+        }
+        Value::Dict(items) => {
+            out.extend(b"}(");
+            for (k, v) in items.borrow().iter() {
+                write(k, out)?;
+                write(v, out)?;
+            }
+            out.push(b'u');
+        }
+        Value::Tensor(t) => {
+            let class = match t.storage.dtype {
+                crate::torch_file::Dtype::F32 => "FloatStorage",
+                other => bail!("writing {other:?} tensors"),
+            };
+            write_global("torch._utils", "_rebuild_tensor_v2", out);
+            out.extend(b"((");
+            write_str("storage", out);
+            write_global("torch", class, out);
+            write_str(&t.storage.key, out);
+            write_str("cpu", out);
+            write_int(t.numel() as i64, out);
+            out.extend(b"tQ");
+            write_int(t.offset as i64, out);
+            write_ints(&t.shape, out);
+            write_ints(&t.stride, out);
+            out.push(0x89);
+            write_global("collections", "OrderedDict", out);
+            out.extend(b")Rt");
+            out.push(b'R');
+        }
+        other => bail!("pickling {}", other.kind()),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

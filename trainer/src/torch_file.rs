@@ -449,6 +449,182 @@ fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
     Ok(entries)
 }
 
+/// A zip archive written as torch's writer does: entries stored, each one's data aligned to
+/// 64 bytes (so `torch.load(mmap=True)` can map it), zip64 records where sizes or offsets
+/// pass 4 GiB and at the end.
+struct ZipWriter {
+    w: std::io::BufWriter<File>,
+    at: u64,
+    central: Vec<u8>,
+    count: u64,
+}
+
+const ALIGN: u64 = 64;
+
+impl ZipWriter {
+    fn entry(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let len = data.len() as u64;
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let big = len >= 0xffff_ffff;
+        let mut local = Vec::new();
+        let put16 = |v: &mut Vec<u8>, x: u16| v.extend(x.to_le_bytes());
+        let put32 = |v: &mut Vec<u8>, x: u32| v.extend(x.to_le_bytes());
+        let size32 = if big { 0xffff_ffff } else { len as u32 };
+        let version = if big { 45 } else { 20 };
+        put32(&mut local, 0x0403_4b50);
+        put16(&mut local, version);
+        put16(&mut local, 0); // flags
+        put16(&mut local, 0); // stored
+        put16(&mut local, 0); // time
+        put16(&mut local, 0x21); // 1980-01-01
+        put32(&mut local, crc.sum());
+        put32(&mut local, size32);
+        put32(&mut local, size32);
+        let zip64_len = if big { 20 } else { 0 };
+        let fixed = self.at + 30 + name.len() as u64 + zip64_len + 4;
+        let pad = (ALIGN - fixed % ALIGN) % ALIGN;
+        put16(&mut local, name.len() as u16);
+        put16(&mut local, (zip64_len + 4 + pad) as u16);
+        local.extend(name.as_bytes());
+        if big {
+            put16(&mut local, 1);
+            put16(&mut local, 16);
+            local.extend(len.to_le_bytes());
+            local.extend(len.to_le_bytes());
+        }
+        // padding in an extra field of torch's writer's id ("FB")
+        put16(&mut local, 0x4246);
+        put16(&mut local, pad as u16);
+        local.resize(local.len() + pad as usize, 0);
+        self.w.write_all(&local)?;
+        self.w.write_all(data)?;
+
+        let offset = self.at;
+        let far = offset >= 0xffff_ffff;
+        let mut extra = Vec::new();
+        if big || far {
+            let fields: Vec<u64> = [(big, len), (big, len), (far, offset)]
+                .into_iter()
+                .filter_map(|(on, v)| on.then_some(v))
+                .collect();
+            put16(&mut extra, 1);
+            put16(&mut extra, (fields.len() * 8) as u16);
+            for f in fields {
+                extra.extend(f.to_le_bytes());
+            }
+        }
+        let c = &mut self.central;
+        put32(c, 0x0201_4b50);
+        put16(c, 45);
+        put16(c, if big || far { 45 } else { 20 });
+        put16(c, 0);
+        put16(c, 0);
+        put16(c, 0);
+        put16(c, 0x21);
+        put32(c, crc.sum());
+        put32(c, size32);
+        put32(c, size32);
+        put16(c, name.len() as u16);
+        put16(c, extra.len() as u16);
+        put16(c, 0); // comment
+        put16(c, 0); // disk
+        put16(c, 0); // internal attributes
+        put32(c, 0); // external attributes
+        put32(c, if far { 0xffff_ffff } else { offset as u32 });
+        c.extend(name.as_bytes());
+        c.extend(&extra);
+        self.at += local.len() as u64 + len;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<File> {
+        use std::io::Write;
+        let (dir_at, dir_len) = (self.at, self.central.len() as u64);
+        let mut end = std::mem::take(&mut self.central);
+        let put16 = |v: &mut Vec<u8>, x: u16| v.extend(x.to_le_bytes());
+        let put32 = |v: &mut Vec<u8>, x: u32| v.extend(x.to_le_bytes());
+        let put64 = |v: &mut Vec<u8>, x: u64| v.extend(x.to_le_bytes());
+        let record_at = dir_at + dir_len;
+        put32(&mut end, 0x0606_4b50);
+        put64(&mut end, 44);
+        put16(&mut end, 45);
+        put16(&mut end, 45);
+        put32(&mut end, 0);
+        put32(&mut end, 0);
+        put64(&mut end, self.count);
+        put64(&mut end, self.count);
+        put64(&mut end, dir_len);
+        put64(&mut end, dir_at);
+        put32(&mut end, 0x0706_4b50);
+        put32(&mut end, 0);
+        put64(&mut end, record_at);
+        put32(&mut end, 1);
+        put32(&mut end, 0x0605_4b50);
+        put16(&mut end, 0);
+        put16(&mut end, 0);
+        put16(&mut end, self.count.min(0xffff) as u16);
+        put16(&mut end, self.count.min(0xffff) as u16);
+        put32(&mut end, dir_len.min(0xffff_ffff) as u32);
+        put32(&mut end, dir_at.min(0xffff_ffff) as u32);
+        put16(&mut end, 0);
+        self.w.write_all(&end)?;
+        self.w.into_inner().map_err(|e| anyhow!("{}", e.error()))
+    }
+}
+
+/// Writes `root` as `torch.save` writes it, storage `{i}` holding `storages[i]` (F32), under a
+/// temporary name renamed when complete; `torch.load` (`weights_only=True` too) reads it.
+pub fn save(path: &Path, root: &Value, storages: &[&[f32]]) -> Result<()> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty() && s.is_ascii())
+        .unwrap_or("archive");
+    let tmp = path.with_extension("pt.tmp");
+    let write = || -> Result<()> {
+        let file = File::create(&tmp)?;
+        let mut z = ZipWriter {
+            w: std::io::BufWriter::with_capacity(1 << 20, file),
+            at: 0,
+            central: Vec::new(),
+            count: 0,
+        };
+        let mut pkl = Vec::new();
+        pickle::dump(root, &mut pkl)?;
+        z.entry(&format!("{name}/data.pkl"), &pkl)?;
+        z.entry(&format!("{name}/byteorder"), b"little")?;
+        for (i, s) in storages.iter().enumerate() {
+            z.entry(&format!("{name}/data/{i}"), crate::checkpoint::as_bytes(s))?;
+        }
+        z.entry(&format!("{name}/version"), b"3\n")?;
+        z.finish()?.sync_all()?;
+        Ok(())
+    };
+    write().with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// A tensor over the whole of storage `key`, F32, row-major.
+pub fn f32_tensor(key: usize, shape: &[usize]) -> Value {
+    let mut stride = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * shape[d + 1];
+    }
+    Value::Tensor(TensorRef {
+        storage: Storage {
+            dtype: Dtype::F32,
+            key: key.to_string(),
+        },
+        offset: 0,
+        shape: shape.to_vec(),
+        stride,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,5 +703,39 @@ mod tests {
         std::fs::write(&p, &short).unwrap();
         let z = TorchFile::open(&p).unwrap();
         assert_eq!(z.f32s(&a).unwrap(), [0.0; 6]);
+    }
+
+    /// Past 4 GiB a zip needs zip64 fields for an entry's size and for the offsets after it.
+    /// Writes a 4.8 GB file (to `$ZIP64_CHECK_FILE` if set, left there for
+    /// `torch.load(..., mmap=True)`): run with `cargo test --release -- --ignored past_4_gib`.
+    #[test]
+    #[ignore]
+    fn an_archive_past_4_gib_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::env::var("ZIP64_CHECK_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| dir.path().join("big.pt"));
+        let n = 1_200_000_000usize;
+        let mut big = vec![0.5f32; n];
+        big[n - 1] = 7.0;
+        let small = [1.0f32, 2.0, 3.0];
+        let root = Value::dict(vec![
+            (Value::Str("big".into()), f32_tensor(0, &[n])),
+            (Value::Str("small".into()), f32_tensor(1, &[3])),
+        ]);
+        save(&path, &root, &[&big, &small]).unwrap();
+        drop(big);
+        let f = TorchFile::open(&path).unwrap();
+        let Some(Value::Tensor(s)) = f.root.get("small") else {
+            panic!()
+        };
+        assert_eq!(f.f32s(&s).unwrap(), small);
+        let Some(Value::Tensor(mut b)) = f.root.get("big") else {
+            panic!()
+        };
+        assert!(f.entries.values().any(|e| e.at > 0xffff_ffff));
+        b.offset = n - 2;
+        b.shape = vec![2];
+        assert_eq!(f.f32s(&b).unwrap(), [0.5, 7.0]);
     }
 }

@@ -1017,9 +1017,10 @@ fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
 
 /// `tests/data/olmo/step2-unsharded` is OLMo's unsharded checkpoint (`model.pt`, `optim.pt`,
 /// `train.pt`, as its FullCheckpointer saves them) of the state in `tests/data/olmo/step2`,
-/// which a 2-step run of `Run::config` wrote; `make_unsharded.py` made it with torch.
+/// which a 2-step run of `Run::config` wrote; `make_unsharded.py` made it with torch. Read as
+/// a `load_path`, and written by `export-olmo`, it continues to the same bytes as ours.
 #[test]
-fn a_run_continues_from_olmo_s_unsharded_checkpoint_as_from_ours() {
+fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     let r = Run::new();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmo");
     let config = |name: &str, from: &Path| {
@@ -1060,6 +1061,51 @@ fn a_run_continues_from_olmo_s_unsharded_checkpoint_as_from_ours() {
         "{err}"
     );
     same("by-index");
+
+    // export-olmo writes the same state in OLMo's format (torch.load reads it:
+    // tests/data/olmo/check_export.py), which continues as ours
+    let export = |from: &Path, to: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .arg("export-olmo")
+            .args([from, to])
+            .output()
+            .unwrap()
+    };
+    let exported = r.path("exported/step2-unsharded");
+    let out = export(&fixtures.join("step2"), &exported);
+    ok(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "wrote model.pt, optim.pt, train.pt, config.yaml in {}",
+            exported.display()
+        )
+    );
+    go("exported", &exported);
+    same("exported");
+    refused(
+        &export(&fixtures.join("step2"), &exported),
+        "exists and is not empty",
+    );
+    // weights alone (as import-hf writes them) give model.pt alone; OLMo knows an unsharded
+    // checkpoint by its name, which is said
+    let weights = r.path("weights");
+    copy_folder(
+        &fixtures.join("step2"),
+        &weights,
+        &[("optim.safetensors", ""), ("train.json", "")],
+    );
+    let err = ok(&export(&weights, &r.path("weights-olmo")));
+    assert!(
+        err.contains("rename") && err.contains("to end in -unsharded"),
+        "{err}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(r.path("weights-olmo"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["config.yaml", "model.pt"]);
 
     // the weights go to export-hf as ours do
     let hf = |from: &Path, to: &str| {
