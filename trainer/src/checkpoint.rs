@@ -163,9 +163,9 @@ pub fn read_model(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
     Ok(params)
 }
 
-/// A checkpoint folder's weights: ours, or OLMo's unsharded `model.pt`.
+/// A checkpoint folder's weights: ours, or OLMo's.
 pub fn read_weights(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
-    if crate::olmo_checkpoint::is_unsharded(dir) {
+    if crate::olmo_checkpoint::is_olmo(dir) {
         crate::olmo_checkpoint::read_model(dir, layout)
     } else {
         read_model(&dir.join("model.safetensors"), layout)

@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod cuda_host;
 pub mod data;
 pub mod data_indices;
+pub mod dcp;
 pub mod device;
 pub mod dist;
 pub mod eval;

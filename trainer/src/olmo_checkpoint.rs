@@ -1,8 +1,11 @@
-//! OLMo's own unsharded checkpoints, `step{N}-unsharded/` as its `FullCheckpointer` (or its
-//! `unshard.py`) writes them, as a `load_path`: `model.pt` (the model's state dict),
-//! `optim.pt` (the optimizer's, keyed by parameter name or by index), `train.pt` (step, epoch,
-//! data position, tokens seen) and `config.yaml`. A run OLMo trained can so go on here, whole
-//! or in part with the usual `load_path` options, and `export-hf` and `evaluate` read one.
+//! OLMo's own checkpoints as a `load_path`: unsharded ones, `step{N}-unsharded/` as its
+//! `FullCheckpointer` (or its `unshard.py`) writes them, with `model.pt` (the model's state
+//! dict), `optim.pt` (the optimizer's, keyed by parameter name or by index) and `train.pt`
+//! (step, epoch, data position, tokens seen); and sharded ones as its `torch_new`
+//! checkpointer writes them, `step{N}/model_and_optim/` (a `torch.distributed.checkpoint`
+//! folder of both state dicts, in chunks from every rank) with `train/rank0.pt`. A run OLMo
+//! trained can so go on here, whole or in part with the usual `load_path` options, and
+//! `export-hf` and `evaluate` read one; `export-olmo` writes the unsharded kind.
 //!
 //! Names are made compatible as OLMo's `_make_state_dict_compatible` does: FSDP's
 //! `_fsdp_wrapped_module.` dropped, `block_groups.{g}.{i}` flattened to blocks, and an old
@@ -15,21 +18,114 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::checkpoint::{self, Loaded, Parts, TrainerState};
 use crate::config::TrainConfig;
+use crate::dcp::Dcp;
 use crate::model::Layout;
 use crate::pickle::Value;
-use crate::torch_file::{f32_tensor, TensorRef, TorchFile};
+use crate::torch_file::{f32_tensor, tensor_named, TensorRef, TorchFile};
 
 /// Whether `dir` holds one of OLMo's unsharded checkpoints rather than one of ours.
 pub fn is_unsharded(dir: &Path) -> bool {
     !dir.join("model.safetensors").exists() && dir.join("model.pt").exists()
 }
 
-/// Whether `dir` is one of OLMo's sharded checkpoints, which are not read.
+/// Whether `dir` holds one of OLMo's sharded checkpoints of the kind read here (its
+/// `torch_new` checkpointer's, OLMo's configs' choice).
 pub fn is_sharded(dir: &Path) -> bool {
-    !dir.join("model.safetensors").exists()
-        && (dir.join("model_and_optim").is_dir()
-            || dir.join("rank0.pt").exists()
-            || dir.join("model").is_dir())
+    !dir.join("model.safetensors").exists() && dir.join("model_and_optim/.metadata").exists()
+}
+
+/// Whether `dir` holds one of OLMo's checkpoints that this reads.
+pub fn is_olmo(dir: &Path) -> bool {
+    is_unsharded(dir) || is_sharded(dir)
+}
+
+/// The kind of OLMo's sharded checkpoint `dir` holds that is not read, if it holds one:
+/// the legacy checkpointer's per-rank FSDP shards, or OLMo-core's own layout.
+pub fn unread_kind(dir: &Path) -> Option<&'static str> {
+    if dir.join("model.safetensors").exists() || is_olmo(dir) {
+        None
+    } else if dir.join("rank0.pt").exists() {
+        Some("sharded by its legacy checkpointer (per-rank FSDP shards, rank{R}.pt)")
+    } else if dir.join("model_and_optim").is_dir() || dir.join("model").is_dir() {
+        Some("sharded but without model_and_optim/.metadata (torch.distributed.checkpoint's, the sharded kind read)")
+    } else {
+        None
+    }
+}
+
+/// Where a checkpoint's tensors are read from: a `torch.save` file of an unsharded
+/// checkpoint, or a sharded one's distributed-checkpoint folder (whose tensors are named by
+/// their flattened key).
+enum Source {
+    Torch(TorchFile),
+    Dcp(Dcp),
+}
+
+impl Source {
+    fn f32s(&self, t: &TensorRef) -> Result<Vec<f32>> {
+        match self {
+            Source::Torch(f) => f.f32s(t),
+            Source::Dcp(d) => d.f32s(&t.storage.key),
+        }
+    }
+
+    fn scalar(&self, t: &TensorRef) -> Result<f64> {
+        match self {
+            Source::Torch(f) => f.scalar(t),
+            Source::Dcp(d) => match d.f32s(&t.storage.key)?.as_slice() {
+                [x] => Ok(*x as f64),
+                v => bail!("`{}` holds {} values, one expected", t.storage.key, v.len()),
+            },
+        }
+    }
+}
+
+/// A sharded checkpoint's state dict under `prefix` (`model.`, `optim.state.`), its flat keys
+/// split back into a tree `depth` deep (1: `{name: tensor}`; 2: `{name: {field: value}}`,
+/// the field being the last part of the key).
+fn dcp_tree(d: &Dcp, prefix: &str, depth: usize) -> Result<Value> {
+    let mut tree: Vec<(String, Vec<(Value, Value)>)> = Vec::new();
+    let mut put = |key: &str, v: Value| {
+        let (name, field) = match depth {
+            1 => (key, None),
+            _ => match key.rsplit_once('.') {
+                Some((n, f)) => (n, Some(f)),
+                None => return,
+            },
+        };
+        let i = match tree.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                tree.push((name.to_string(), Vec::new()));
+                tree.len() - 1
+            }
+        };
+        tree[i]
+            .1
+            .push((Value::Str(field.unwrap_or(name).to_string()), v));
+    };
+    let mut keys: Vec<&String> = d.tensors.keys().collect();
+    keys.sort();
+    for fqn in keys {
+        if let Some(key) = fqn.strip_prefix(prefix) {
+            put(key, tensor_named(fqn, &d.tensors[fqn].size));
+        }
+    }
+    let mut objects: Vec<&str> = d.object_names().collect();
+    objects.sort();
+    for fqn in objects {
+        if let (Some(key), Some(v)) = (fqn.strip_prefix(prefix), d.object(fqn)) {
+            put(key, v?);
+        }
+    }
+    Ok(Value::dict(
+        tree.into_iter()
+            .flat_map(|(name, items)| match depth {
+                1 => items,
+                _ => vec![(Value::Str(name), Value::dict(items))],
+            })
+            .collect(),
+    ))
 }
 
 /// A state-dict key under the names this trainer's layout uses.
@@ -86,11 +182,21 @@ fn tensors_of(root: &Value, file: &Path) -> Result<HashMap<String, (TensorRef, S
     Ok(out)
 }
 
-/// The layout's tensors from `model.pt`, as F32 master weights (BF16 and F16 ones widened).
+/// The layout's tensors from the model's state dict, as F32 master weights (BF16 and F16
+/// ones widened).
 pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
-    let path = dir.join("model.pt");
-    let f = TorchFile::open(&path)?;
-    let mut tensors = tensors_of(&f.root, &path)?;
+    let (src, root, path) = if is_sharded(dir) {
+        let path = dir.join("model_and_optim");
+        let d = Dcp::open(&path)?;
+        let root = dcp_tree(&d, "model.", 1)?;
+        (Source::Dcp(d), root, path)
+    } else {
+        let path = dir.join("model.pt");
+        let f = TorchFile::open(&path)?;
+        let root = f.root.clone();
+        (Source::Torch(f), root, path)
+    };
+    let mut tensors = tensors_of(&root, &path)?;
     let mut params = vec![0.0; layout.total];
     let mut missing = Vec::new();
     for lt in &layout.tensors {
@@ -107,7 +213,7 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
                 lt.shape
             );
         }
-        let v = f
+        let v = src
             .f32s(&t)
             .with_context(|| format!("{}: `{key}`", path.display()))?;
         params[lt.range()].copy_from_slice(&v);
@@ -147,7 +253,7 @@ fn quoted(names: &[&str]) -> String {
 }
 
 /// A number in a checkpoint: an int, a float, or a one-element tensor.
-fn number(f: &TorchFile, v: &Value) -> Option<f64> {
+fn number(f: &Source, v: &Value) -> Option<f64> {
     match v {
         Value::Int(i) => Some(*i as f64),
         Value::Float(x) => Some(*x),
@@ -167,24 +273,40 @@ struct Optim {
 }
 
 fn read_optim(dir: &Path, layout: &Layout) -> Result<Optim> {
-    let path = dir.join("optim.pt");
-    if !path.exists() {
-        bail!(
-            "{} is missing (set reset_optimizer_state to start from the weights with fresh moments)",
-            path.display()
-        );
-    }
-    let f = TorchFile::open(&path)?;
+    let (f, root, path) = if is_sharded(dir) {
+        let path = dir.join("model_and_optim");
+        let d = Dcp::open(&path)?;
+        if !d.tensors.keys().any(|k| k.starts_with("optim.state.")) {
+            bail!(
+                "{}: no optimizer state in it (set reset_optimizer_state to start from the weights with fresh moments)",
+                path.display()
+            );
+        }
+        let root = Value::dict(vec![(
+            Value::Str("state".into()),
+            dcp_tree(&d, "optim.state.", 2)?,
+        )]);
+        (Source::Dcp(d), root, path)
+    } else {
+        let path = dir.join("optim.pt");
+        if !path.exists() {
+            bail!(
+                "{} is missing (set reset_optimizer_state to start from the weights with fresh moments)",
+                path.display()
+            );
+        }
+        let f = TorchFile::open(&path)?;
+        let root = f.root.clone();
+        (Source::Torch(f), root, path)
+    };
     let at = |what: &str| format!("{}: {what}", path.display());
-    let state = f
-        .root
+    let state = root
         .get("state")
         .ok_or_else(|| anyhow!(at("no `state`: not an optimizer's state dict")))?;
     // FSDP's full optimizer state dict keys its state by name; a plain one by index, which
     // the param groups' `param_names` name
     let mut names: HashMap<i64, String> = HashMap::new();
-    for g in f
-        .root
+    for g in root
         .get("param_groups")
         .and_then(|g| g.items())
         .unwrap_or_default()
@@ -257,12 +379,13 @@ fn read_optim(dir: &Path, layout: &Layout) -> Result<Optim> {
     Ok(o)
 }
 
-/// The trainer state `train.pt` records (`other.pt` in OLMo's oldest checkpoints). OLMo
+/// The trainer state `train.pt` records (`other.pt` in OLMo's oldest checkpoints,
+/// `train/rank0.pt` in sharded ones: the data position is global, the same on every rank). OLMo
 /// records neither the data's size nor its seed: those are left 0 for the caller. `batch`
 /// is the run's global batch and window length, by which, as OLMo does, the counts of the
 /// oldest checkpoints (in data steps) become instances and tokens.
 fn read_train(dir: &Path, layout: &Layout, (batch, seq): (u64, u64)) -> Result<TrainerState> {
-    let path = ["train.pt", "other.pt"]
+    let path = ["train.pt", "other.pt", "train/rank0.pt"]
         .map(|n| dir.join(n))
         .into_iter()
         .find(|p| p.exists())
@@ -272,9 +395,11 @@ fn read_train(dir: &Path, layout: &Layout, (batch, seq): (u64, u64)) -> Result<T
                 dir.join("train.pt").display()
             )
         })?;
-    let f = TorchFile::open(&path)?;
+    let file = TorchFile::open(&path)?;
+    let root = file.root.clone();
+    let f = Source::Torch(file);
     let count = |name: &str| -> Result<Option<u64>> {
-        match f.root.get(name) {
+        match root.get(name) {
             None | Some(Value::None) => Ok(None),
             Some(v) => number(&f, &v)
                 .filter(|x| *x >= 0.0)
@@ -313,7 +438,7 @@ fn read_train(dir: &Path, layout: &Layout, (batch, seq): (u64, u64)) -> Result<T
     })
 }
 
-/// Loads an OLMo unsharded checkpoint as [`crate::checkpoint::load`] loads one of ours;
+/// Loads one of OLMo's checkpoints as [`crate::checkpoint::load`] loads one of ours;
 /// `batch` as [`read_train`] takes it.
 pub fn load(dir: &Path, layout: &Layout, parts: Parts, batch: (u64, u64)) -> Result<Loaded> {
     let mut state = match parts.trainer {

@@ -29,11 +29,8 @@ pub enum Value {
     /// `module.name`, a class or function.
     Global(String, String),
     /// What calling `callable(*args)` made, with the state `BUILD` gave it: kept, not run.
-    Object {
-        callable: Box<Value>,
-        args: Box<Value>,
-        state: Option<Box<Value>>,
-    },
+    /// Shared like containers, since `BUILD` comes after the object is memoised.
+    Object(Rc<Object>),
     /// What the caller's `persistent` function made of a persistent id.
     Storage(crate::torch_file::Storage),
     Tensor(crate::torch_file::TensorRef),
@@ -107,9 +104,48 @@ impl Value {
             Value::List(_) => "a list".into(),
             Value::Dict(_) => "a dict".into(),
             Value::Global(m, n) => format!("{m}.{n}"),
-            Value::Object { callable, .. } => format!("a {} object", callable.kind()),
+            Value::Object(o) => format!("a {} object", o.callable.kind()),
             Value::Storage(_) => "a storage".into(),
             Value::Tensor(_) => "a tensor".into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Object {
+    pub callable: Value,
+    pub args: Value,
+    pub state: RefCell<Option<Value>>,
+}
+
+impl Value {
+    fn object(callable: Value, args: Value) -> Value {
+        Value::Object(Rc::new(Object {
+            callable,
+            args,
+            state: RefCell::new(None),
+        }))
+    }
+
+    /// An attribute of an object built from its state (a dataclass's `__dict__`, or the
+    /// slots of a `(dict, slots)` state).
+    pub fn attr(&self, name: &str) -> Option<Value> {
+        let Value::Object(o) = self else {
+            return None;
+        };
+        let state = o.state.borrow();
+        match state.as_ref()? {
+            d @ Value::Dict(_) => d.get(name),
+            Value::Tuple(t) => t.iter().find_map(|d| d.get(name)),
+            _ => None,
+        }
+    }
+
+    /// The arguments an opaque object was made with.
+    pub fn args(&self) -> Option<Value> {
+        match self {
+            Value::Object(o) => Some(o.args.clone()),
+            _ => None,
         }
     }
 }
@@ -239,7 +275,7 @@ impl<'a> Machine<'a> {
                 Ok(())
             }
             // setting items of an object kept opaque: nothing the reader needs
-            Value::Object { .. } => Ok(()),
+            Value::Object(_) => Ok(()),
             other => bail!("setting items of {} at byte {at}", other.kind()),
         }
     }
@@ -251,7 +287,7 @@ impl<'a> Machine<'a> {
                 l.borrow_mut().extend(items);
                 Ok(())
             }
-            Value::Object { .. } => Ok(()),
+            Value::Object(_) => Ok(()),
             other => bail!("appending to {} at byte {at}", other.kind()),
         }
     }
@@ -441,28 +477,22 @@ pub fn load(
                         .map_err(|e| anyhow!("{module}.{name} at byte {at}: {e}"))?,
                     _ => None,
                 };
-                m.stack.push(made.unwrap_or(Value::Object {
-                    callable: Box::new(callable),
-                    args: Box::new(args),
-                    state: None,
-                }));
+                m.stack
+                    .push(made.unwrap_or_else(|| Value::object(callable, args)));
             }
             0x92 => {
                 let kwargs = m.pop()?;
                 let args = m.pop()?;
                 let callable = m.pop()?;
-                m.stack.push(Value::Object {
-                    callable: Box::new(callable),
-                    args: Box::new(Value::Tuple(vec![args, kwargs])),
-                    state: None,
-                });
+                m.stack
+                    .push(Value::object(callable, Value::Tuple(vec![args, kwargs])));
             }
             b'b' => {
                 let s = m.pop()?;
                 // a tensor's or container's state (a Parameter's attributes, a dict's
                 // __dict__) means nothing to the reader; an opaque object keeps it
-                if let Value::Object { state, .. } = m.top()? {
-                    *state = Some(Box::new(s));
+                if let Value::Object(o) = m.top()? {
+                    *o.state.borrow_mut() = Some(s);
                 }
             }
             b'Q' => {

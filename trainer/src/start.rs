@@ -291,52 +291,59 @@ pub fn own_checkpoint(cfg: &TrainConfig, save_folder: Option<&Path>) -> Result<O
     }
 }
 
-/// The checkpoint `load_path` names: a step folder (ours, or OLMo's `step{N}-unsharded`), or
-/// a run's folder standing for its newest.
+/// The checkpoint `load_path` names: a step folder (ours, or OLMo's `step{N}-unsharded` or
+/// sharded `step{N}`), or a run's folder standing for its newest.
 pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
     crate::data::remote_refused(&dir.to_string_lossy(), "load_path")?;
     if !dir.is_dir() {
         bail!("load_path {}: no such checkpoint folder", dir.display());
     }
-    let sharded = |d: &Path| {
+    let unread = |d: &Path, kind: &str| {
         anyhow!(
-            "load_path {}: one of OLMo's sharded checkpoints, which olmo-train does not read: unshard it with OLMo's scripts/unshard.py and load the step{{N}}-unsharded folder",
+            "load_path {}: one of OLMo's checkpoints, {kind}, which olmo-train does not read: unshard it with OLMo's scripts/unshard.py and load the step{{N}}-unsharded folder",
             d.display()
         )
     };
-    if dir.join("model.safetensors").exists() || olmo_checkpoint::is_unsharded(dir) {
+    if dir.join("model.safetensors").exists() || olmo_checkpoint::is_olmo(dir) {
         return Ok(dir.to_path_buf());
     }
-    if olmo_checkpoint::is_sharded(dir) {
-        return Err(sharded(dir));
+    if let Some(kind) = olmo_checkpoint::unread_kind(dir) {
+        return Err(unread(dir, kind));
     }
-    let mut newest: Option<(u64, PathBuf)> = None;
-    let mut olmo_sharded = None;
+    // the newest step; of one step's, ours, then OLMo's unsharded, then its sharded
+    let mut newest: Option<(u64, u8, PathBuf)> = None;
+    let mut unreadable = None;
     for e in std::fs::read_dir(dir)? {
         let path = e?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let Some(n) = name.strip_prefix("step") else {
             continue;
         };
-        let (n, unsharded) = match n.strip_suffix("-unsharded") {
-            Some(n) => (n, true),
-            None => (n, false),
-        };
-        let Ok(step) = n.parse::<u64>() else {
+        let Ok(step) = n.strip_suffix("-unsharded").unwrap_or(n).parse::<u64>() else {
             continue;
         };
-        let ours = !unsharded && path.join("model.safetensors").exists();
-        if ours || (unsharded && olmo_checkpoint::is_unsharded(&path)) {
-            if newest.as_ref().is_none_or(|(s, _)| step > *s) {
-                newest = Some((step, path));
-            }
+        let rank = if path.join("model.safetensors").exists() {
+            0
+        } else if olmo_checkpoint::is_unsharded(&path) {
+            1
         } else if olmo_checkpoint::is_sharded(&path) {
-            olmo_sharded = Some(path);
+            2
+        } else {
+            if let Some(kind) = olmo_checkpoint::unread_kind(&path) {
+                unreadable = Some((path.clone(), kind));
+            }
+            continue;
+        };
+        if newest
+            .as_ref()
+            .is_none_or(|(s, r, _)| step > *s || (step == *s && rank < *r))
+        {
+            newest = Some((step, rank, path));
         }
     }
-    match (newest, olmo_sharded) {
-        (Some((_, d)), _) => Ok(d),
-        (None, Some(d)) => Err(sharded(&d)),
+    match (newest, unreadable) {
+        (Some((_, _, d)), _) => Ok(d),
+        (None, Some((d, kind))) => Err(unread(&d, kind)),
         (None, None) => bail!(
             "load_path {}: no model.safetensors or model.pt, and no checkpoint folders in it (a checkpoint such as run/step1000, or OLMo's run/step1000-unsharded, is expected)",
             dir.display()
@@ -348,7 +355,7 @@ pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
 /// (the data's size and seed) from the configured data, after checking the seed and window
 /// length its `config.yaml` gives against the config's.
 fn load_any(dir: &Path, layout: &Layout, parts: Parts, data: &DataFacts) -> Result<Loaded> {
-    if !olmo_checkpoint::is_unsharded(dir) {
+    if !olmo_checkpoint::is_olmo(dir) {
         return checkpoint::load(dir, layout, parts);
     }
     let mut l = olmo_checkpoint::load(dir, layout, parts, (data.global_batch, data.seq_len))?;
@@ -378,7 +385,7 @@ fn from_load_path(
         trainer: !cfg.reset_trainer_state || keep_moments,
     };
     let l = load_any(dir, layout, parts, data)?;
-    if olmo_checkpoint::is_unsharded(dir) && !cfg.reset_trainer_state && cfg.restore_dataloader {
+    if olmo_checkpoint::is_olmo(dir) && !cfg.reset_trainer_state && cfg.restore_dataloader {
         notes.push(format!(
             "{} is OLMo's: its train.pt does not record the data, so the data position assumes the configured data is the data it trained on",
             dir.display()

@@ -154,9 +154,23 @@ pub struct TorchFile {
 
 impl TorchFile {
     pub fn open(path: &Path) -> Result<TorchFile> {
+        Self::open_part(path, None)
+    }
+
+    /// A `torch.save` archive inside a file: `len` bytes from byte `at` (one item of a
+    /// `torch.distributed.checkpoint` data file), or the whole file.
+    pub fn open_part(path: &Path, part: Option<(u64, u64)>) -> Result<TorchFile> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let read = || -> Result<TorchFile> {
-            let entries = zip_entries(&file)?;
+            let size = file.metadata()?.len();
+            let (at, len) = part.unwrap_or((0, size));
+            if at.checked_add(len).is_none_or(|end| end > size) {
+                bail!(
+                    "bytes {at}..{} lie past the end of the file ({size} bytes)",
+                    at + len
+                );
+            }
+            let entries = zip_entries(&file, Entry { at, len })?;
             let pkl = entries
                 .keys()
                 .find(|k| k.ends_with("/data.pkl") && k.matches('/').count() == 1)
@@ -184,7 +198,10 @@ impl TorchFile {
                 root,
             })
         };
-        read().with_context(|| path.display().to_string())
+        read().with_context(|| match part {
+            Some((at, _)) => format!("{} (the item at byte {at})", path.display()),
+            None => path.display().to_string(),
+        })
     }
 
     fn storage_bytes(&self, t: &TensorRef, (from, to): (usize, usize)) -> Result<Vec<u8>> {
@@ -346,25 +363,30 @@ fn le(b: &[u8], at: usize, n: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-/// The entries of a zip archive, by name, with where their data lie; only stored
-/// (uncompressed) entries, as torch writes them.
-fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
-    let size = file.metadata()?.len();
+/// The entries of a zip archive (the `window` of `file` it fills), by name, with where their
+/// data lie in the file; only stored (uncompressed) entries, as torch writes them.
+fn zip_entries(file: &File, window: Entry) -> Result<HashMap<String, Entry>> {
+    let (base, size) = (window.at, window.len);
     let mut head = [0u8; 4];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|_| anyhow!("a file of {size} bytes, too short for a torch.save archive"))?;
+    let short = || anyhow!("{size} bytes, too short for a torch.save archive");
+    if size < 4 || file.read_exact_at(&mut head, base).is_err() {
+        return Err(short());
+    }
     if head != *b"PK\x03\x04" {
         if head[0] == 0x80 {
             bail!("a pickle, not a zip archive: torch.save's legacy format (before PyTorch 1.6), which is not read; load it and save it again with a newer torch");
         }
         bail!("not a zip archive, as torch.save writes");
     }
+    if size < 22 {
+        return Err(short());
+    }
     // The end-of-directory record lies in the last 22 bytes plus a comment of up to 64 KiB.
     let tail_len = size.min(22 + 65535 + 20);
     let tail = read_at(
         file,
         Entry {
-            at: size - tail_len,
+            at: base + size - tail_len,
             len: tail_len,
         },
     )?;
@@ -378,7 +400,17 @@ fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
     // zip64: a locator just before the record points at the 64-bit record
     if eocd >= 20 && tail[eocd - 20..eocd - 16] == *b"PK\x06\x07" {
         let at = le(&tail, eocd - 20 + 8, 8);
-        let rec = read_at(file, Entry { at, len: 56 }).context("the zip64 directory record")?;
+        if at.checked_add(56).is_none_or(|end| end > size) {
+            bail!("a zip64 locator pointing past the end (a truncated file?)");
+        }
+        let rec = read_at(
+            file,
+            Entry {
+                at: base + at,
+                len: 56,
+            },
+        )
+        .context("the zip64 directory record")?;
         if rec[..4] != *b"PK\x06\x06" {
             bail!("a zip64 locator pointing at no zip64 record");
         }
@@ -392,7 +424,7 @@ fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
     let dir = read_at(
         file,
         Entry {
-            at: dir_at,
+            at: base + dir_at,
             len: dir_len,
         },
     )?;
@@ -433,6 +465,10 @@ fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
         if method != 0 || comp != len {
             bail!("entry {name} is compressed (method {method}): torch.save stores its entries");
         }
+        if local.checked_add(30).is_none_or(|end| end > size) {
+            bail!("entry {name}'s header lies past the end of the file");
+        }
+        let local = base + local;
         let mut lh = [0u8; 30];
         file.read_exact_at(&mut lh, local)
             .map_err(|_| anyhow!("entry {name}'s header lies past the end of the file"))?;
@@ -440,7 +476,7 @@ fn zip_entries(file: &File) -> Result<HashMap<String, Entry>> {
             bail!("entry {name}'s local header is broken");
         }
         let at = local + 30 + le(&lh, 26, 2) + le(&lh, 28, 2);
-        if at.checked_add(len).is_none_or(|e| e > size) {
+        if at.checked_add(len).is_none_or(|e| e > base + size) {
             bail!("entry {name} runs past the end of the file (a truncated file?)");
         }
         entries.insert(name, Entry { at, len });
@@ -610,6 +646,11 @@ pub fn save(path: &Path, root: &Value, storages: &[&[f32]]) -> Result<()> {
 
 /// A tensor over the whole of storage `key`, F32, row-major.
 pub fn f32_tensor(key: usize, shape: &[usize]) -> Value {
+    tensor_named(&key.to_string(), shape)
+}
+
+/// A row-major F32 tensor over the whole of storage `key`.
+pub fn tensor_named(key: &str, shape: &[usize]) -> Value {
     let mut stride = vec![1; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         stride[d] = stride[d + 1] * shape[d + 1];

@@ -83,6 +83,30 @@ impl Run {
         s
     }
 
+    /// A config that starts from checkpoint `from` (`load_path`) and trains to step 4,
+    /// saving under `name`.
+    fn continuing(&self, name: &str, from: &Path) -> PathBuf {
+        self.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 4\nload_path: {}\n", from.display()),
+        )
+    }
+
+    /// Asserts that runs `a` and `b` saved the same step-4 checkpoint, byte for byte.
+    fn same_step4(&self, a: &str, b: &str) {
+        for f in ["model.safetensors", "optim.safetensors", "train.json"] {
+            let read = |run: &str| std::fs::read(self.path(run).join("step4").join(f)).unwrap();
+            assert!(read(a) == read(b), "{a} and {b}: {f} differs");
+        }
+    }
+
+    /// `export-hf`'s `model.safetensors` of checkpoint `from`, written under `to`.
+    fn hf_weights(&self, from: &Path, to: &str) -> Vec<u8> {
+        export_hf(from, &self.path(to));
+        std::fs::read(self.path(to).join("model.safetensors")).unwrap()
+    }
+
     /// The bytes of `{dir}/model.safetensors` (a checkpoint's weights).
     fn weights(&self, dir: &str) -> Vec<u8> {
         std::fs::read(self.path(dir).join("model.safetensors")).unwrap()
@@ -999,6 +1023,11 @@ fn export_hf_writes_olmo_and_llama_layouts_and_import_hf_reads_them_back() {
 }
 
 /// `export-hf CHECKPOINT OUT`, which must succeed; returns the written `config.json`.
+/// OLMo's checkpoints of one state, and that state in our format: `tests/data/olmo`.
+fn olmo_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmo")
+}
+
 /// Copies the files of folder `from` into `to` (made), renaming per `rename` and leaving out
 /// those renamed to "".
 fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
@@ -1009,7 +1038,7 @@ fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
             .iter()
             .find(|(f, _)| *f == name)
             .map_or(name.as_str(), |(_, t)| t);
-        if !target.is_empty() {
+        if !target.is_empty() && from.join(&name).is_file() {
             std::fs::copy(from.join(&name), to.join(target)).unwrap();
         }
     }
@@ -1022,14 +1051,8 @@ fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
 #[test]
 fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     let r = Run::new();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmo");
-    let config = |name: &str, from: &Path| {
-        r.config(
-            &format!("{name}.yaml"),
-            name,
-            &format!("max_duration: 4\nload_path: {}\n", from.display()),
-        )
-    };
+    let fixtures = olmo_fixtures();
+    let config = |name: &str, from: &Path| r.continuing(name, from);
     let go = |name: &str, from: &Path| ok(&r.train(&config(name, from), &[]));
     go("ours", &fixtures.join("step2"));
     let err = go("olmo", &fixtures.join("step2-unsharded"));
@@ -1038,13 +1061,7 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
         "{err}"
     );
     assert!(err.contains("is OLMo's: its train.pt does not record the data"));
-    let same = |run: &str| {
-        for f in ["model.safetensors", "optim.safetensors", "train.json"] {
-            let read = |r1: &str| std::fs::read(r.path(r1).join("step4").join(f)).unwrap();
-            assert!(read("ours") == read(run), "{run}: {f} differs");
-        }
-    };
-    same("olmo");
+    r.same_step4("ours", "olmo");
 
     // a plain optimizer's state dict, keyed by index, read through its param_names; and a
     // run folder of OLMo's stands for its newest unsharded checkpoint
@@ -1060,7 +1077,7 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
         err.contains("olmo-run/step2-unsharded: weights, step 2"),
         "{err}"
     );
-    same("by-index");
+    r.same_step4("ours", "by-index");
 
     // export-olmo writes the same state in OLMo's format (torch.load reads it:
     // tests/data/olmo/check_export.py), which continues as ours
@@ -1082,7 +1099,7 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
         )
     );
     go("exported", &exported);
-    same("exported");
+    r.same_step4("ours", "exported");
     refused(
         &export(&fixtures.join("step2"), &exported),
         "exists and is not empty",
@@ -1108,12 +1125,9 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     assert_eq!(files, ["config.yaml", "model.pt"]);
 
     // the weights go to export-hf as ours do
-    let hf = |from: &Path, to: &str| {
-        export_hf(from, &r.path(to));
-        std::fs::read(r.path(to).join("model.safetensors")).unwrap()
-    };
     assert!(
-        hf(&fixtures.join("step2"), "hf-ours") == hf(&fixtures.join("step2-unsharded"), "hf-olmo")
+        r.hf_weights(&fixtures.join("step2"), "hf-ours")
+            == r.hf_weights(&fixtures.join("step2-unsharded"), "hf-olmo")
     );
 
     // what cannot be read is said, naming the file
@@ -1152,7 +1166,46 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     std::fs::create_dir_all(sharded.join("step3/model_and_optim")).unwrap();
     refused(
         &r.train(&config("sharded", &sharded), &[]),
-        "sharded-run/step3: one of OLMo's sharded checkpoints, which olmo-train does not read",
+        "sharded-run/step3: one of OLMo's checkpoints, sharded but without model_and_optim/.metadata",
+    );
+    std::fs::write(sharded.join("step3/rank0.pt"), "").unwrap();
+    refused(
+        &r.train(&config("sharded", &sharded), &[]),
+        "sharded by its legacy checkpointer (per-rank FSDP shards, rank{R}.pt), which olmo-train does not read: unshard it with OLMo's scripts/unshard.py",
+    );
+}
+
+/// `tests/data/olmo/step2-sharded` is OLMo's sharded checkpoint (its `torch_new`
+/// checkpointer's: `model_and_optim/` as torch.distributed.checkpoint saves it, every tensor
+/// in two chunks from two ranks, and `train/rank{R}.pt`) of the state in
+/// `tests/data/olmo/step2`; `make_sharded.py` made it with torch.
+#[test]
+fn olmo_s_sharded_checkpoint_continues_as_ours() {
+    let r = Run::new();
+    let fixtures = olmo_fixtures();
+    let config = |name: &str, from: &Path| r.continuing(name, from);
+    ok(&r.train(&config("ours", &fixtures.join("step2")), &[]));
+    // an OLMo run folder: the sharded step2 stands for the run
+    let run = r.path("olmo-run");
+    let from = fixtures.join("step2-sharded");
+    for sub in ["", "model_and_optim", "train"] {
+        copy_folder(&from.join(sub), &run.join("step2").join(sub), &[]);
+    }
+    let err = ok(&r.train(&config("sharded", &run), &[]));
+    assert!(
+        err.contains("olmo-run/step2: weights, step 2, the data position (epoch 0, 16 instances in), AdamW's moments"),
+        "{err}"
+    );
+    r.same_step4("ours", "sharded");
+    // its weights go to export-hf, and a chunk missing is said
+    assert!(
+        r.hf_weights(&fixtures.join("step2"), "hf-ours")
+            == r.hf_weights(&run.join("step2"), "hf-sharded")
+    );
+    std::fs::remove_file(run.join("step2/model_and_optim/__1_0.distcp")).unwrap();
+    refused(
+        &r.train(&config("half", &run), &[]),
+        "__1_0.distcp: No such file",
     );
 }
 
