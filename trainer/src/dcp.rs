@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::pickle::{self, Value};
-use crate::torch_file::TorchFile;
+use crate::torch_file::{row_major_strides, TorchFile};
 
 /// A byte range of one data file: one saved item.
 #[derive(Debug, Clone)]
@@ -165,10 +165,7 @@ impl Dcp {
         let size = &meta.size;
         let mut out = vec![0.0f32; size.iter().product()];
         // elements per step along each dimension of the whole tensor
-        let mut stride = vec![1usize; size.len()];
-        for d in (0..size.len().saturating_sub(1)).rev() {
-            stride[d] = stride[d + 1] * size[d + 1];
-        }
+        let stride = row_major_strides(size);
         for c in &meta.chunks {
             let f = self.item(&c.place)?;
             let t = match &f.root {

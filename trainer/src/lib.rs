@@ -24,6 +24,7 @@ pub mod interpolation;
 pub mod memory_plan;
 pub mod model;
 pub mod olmo_checkpoint;
+pub mod olmo_safetensors;
 pub mod ops;
 pub mod optim;
 pub mod permutation;

@@ -1083,11 +1083,9 @@ fn split_norm<'a>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::optim::{AdamW, Moments};
-
-    fn tiny(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
+impl ModelConfig {
+    /// A model small enough for unit tests: d 8, 2 heads, 2 layers, SwiGLU hidden 12.
+    pub(crate) fn tiny(norm: NormKind, affine: bool, tying: bool) -> ModelConfig {
         ModelConfig {
             d_model: 8,
             n_heads: 2,
@@ -1108,6 +1106,12 @@ mod tests {
             qk_norm_affine: false,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{AdamW, Moments};
 
     fn loss_of(model: &Model, params: &[f32], seqs: &[Vec<u32>]) -> f64 {
         let (mut i, mut t) = (Vec::new(), Vec::new());
@@ -1133,7 +1137,7 @@ mod tests {
                 norm_after: olmo2,
                 qk_norm: olmo2,
                 qk_norm_affine: affine,
-                ..tiny(norm, affine, tying)
+                ..ModelConfig::tiny(norm, affine, tying)
             };
             let model = Model::new(cfg, 16);
             let mut params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 1);
@@ -1217,7 +1221,7 @@ mod tests {
                 qk_norm: olmo2,
                 qk_norm_affine: olmo2,
                 clip_qkv: clip,
-                ..tiny(NormKind::Rms, true, !olmo2)
+                ..ModelConfig::tiny(NormKind::Rms, true, !olmo2)
             };
             let params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 4);
             let seqs = vec![vec![3u32, 7, 1, 19, 4, 7], vec![5u32, 5, 0, 2, 18, 9]];
@@ -1248,7 +1252,7 @@ mod tests {
     fn logits_a_chunk_of_rows_at_a_time_score_and_train_alike() {
         // tied and untied heads; an ignored target in the second chunk
         for tying in [true, false] {
-            let cfg = tiny(NormKind::LayerNorm, true, tying);
+            let cfg = ModelConfig::tiny(NormKind::LayerNorm, true, tying);
             let params = init_params(&cfg, &Init::new(InitFn::Normal, 0.3), 5);
             let seqs = vec![
                 vec![3u32, 7, 1, 19, 4, 7, 2],
@@ -1321,7 +1325,7 @@ mod tests {
 
     #[test]
     fn blocks_are_named_by_their_norms() {
-        let olmo1 = tiny(NormKind::LayerNorm, false, true);
+        let olmo1 = ModelConfig::tiny(NormKind::LayerNorm, false, true);
         assert_eq!(
             olmo1.block(),
             "pre-norm blocks (non-parametric LayerNorm, tied head)"
@@ -1330,7 +1334,7 @@ mod tests {
             norm_after: true,
             qk_norm: true,
             qk_norm_affine: true,
-            ..tiny(NormKind::Rms, true, false)
+            ..ModelConfig::tiny(NormKind::Rms, true, false)
         };
         assert_eq!(
             olmo2.block(),
@@ -1340,7 +1344,7 @@ mod tests {
 
     #[test]
     fn batched_scores_equal_one_sequence_at_a_time() {
-        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let cfg = ModelConfig::tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
         let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 3);
         let seqs = vec![vec![1u32, 2, 3, 4, 5], vec![9u32, 8, 7, 6, 5]];
@@ -1354,7 +1358,7 @@ mod tests {
         // Within documents, a document's positions see only it, and RoPE makes the scores
         // depend on relative positions only: document B after A and its EOS (0) scores as B
         // alone at the window's start, up to rounding.
-        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let cfg = ModelConfig::tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
         let params = init_params(&cfg, &Init::new(InitFn::Mitchell, 0.02), 3);
         let doc_b = [5u32, 9, 3, 3, 7, 1, 8];
@@ -1413,7 +1417,7 @@ mod tests {
 
     #[test]
     fn mitchell_init_scales_output_projections_by_depth() {
-        let mut cfg = tiny(NormKind::LayerNorm, false, true);
+        let mut cfg = ModelConfig::tiny(NormKind::LayerNorm, false, true);
         cfg.d_model = 64;
         cfg.n_heads = 4;
         cfg.mlp_hidden = 128;
@@ -1468,7 +1472,7 @@ mod tests {
 
     #[test]
     fn adamw_steps_fit_a_fixed_sequence() {
-        let cfg = tiny(NormKind::LayerNorm, false, true);
+        let cfg = ModelConfig::tiny(NormKind::LayerNorm, false, true);
         let model = Model::new(cfg, 16);
         let mut params = init_params(&cfg, &Init::new(InitFn::Normal, 0.02), 2);
         let seqs = vec![vec![1u32, 2, 3, 4, 5, 6, 7, 8, 9]];

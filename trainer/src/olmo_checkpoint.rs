@@ -12,7 +12,7 @@
 //! shared `norm` serving as both `attn_norm` and `ff_norm`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -20,18 +20,42 @@ use crate::checkpoint::{self, Loaded, Parts, TrainerState};
 use crate::config::TrainConfig;
 use crate::dcp::Dcp;
 use crate::model::Layout;
+use crate::olmo_safetensors::{self, StFile};
 use crate::pickle::Value;
 use crate::torch_file::{f32_tensor, tensor_named, TensorRef, TorchFile};
 
-/// Whether `dir` holds one of OLMo's unsharded checkpoints rather than one of ours.
+/// Whether `dir` holds one of OLMo's unsharded checkpoints rather than one of ours: its
+/// `model.pt`, or its `model.safetensors` in OLMo's key encoding.
 pub fn is_unsharded(dir: &Path) -> bool {
-    !dir.join("model.safetensors").exists() && dir.join("model.pt").exists()
+    let st = dir.join("model.safetensors");
+    match st.exists() {
+        true => olmo_safetensors::is_encoded(&st),
+        false => dir.join("model.pt").exists(),
+    }
 }
 
 /// Whether `dir` holds one of OLMo's sharded checkpoints of the kind read here (its
 /// `torch_new` checkpointer's, OLMo's configs' choice).
 pub fn is_sharded(dir: &Path) -> bool {
     !dir.join("model.safetensors").exists() && dir.join("model_and_optim/.metadata").exists()
+}
+
+/// One of OLMo's unsharded files, `{stem}.safetensors` in OLMo's encoding or `{stem}.pt`,
+/// opened, with its state dict; `None` where neither exists.
+fn open_unsharded(dir: &Path, stem: &str) -> Result<Option<(Source, Value, PathBuf)>> {
+    let st = dir.join(format!("{stem}.safetensors"));
+    if st.exists() && olmo_safetensors::is_encoded(&st) {
+        let f = StFile::open(&st)?;
+        let root = f.root.clone();
+        return Ok(Some((Source::St(f), root, st)));
+    }
+    let pt = dir.join(format!("{stem}.pt"));
+    if !pt.exists() {
+        return Ok(None);
+    }
+    let f = TorchFile::open(&pt)?;
+    let root = f.root.clone();
+    Ok(Some((Source::Torch(f), root, pt)))
 }
 
 /// Whether `dir` holds one of OLMo's checkpoints that this reads.
@@ -53,11 +77,12 @@ pub fn unread_kind(dir: &Path) -> Option<&'static str> {
     }
 }
 
-/// Where a checkpoint's tensors are read from: a `torch.save` file of an unsharded
-/// checkpoint, or a sharded one's distributed-checkpoint folder (whose tensors are named by
-/// their flattened key).
+/// Where a checkpoint's tensors are read from: a `torch.save` file or an OLMo-encoded
+/// safetensors file of an unsharded checkpoint, or a sharded one's distributed-checkpoint
+/// folder (whose tensors are named by their flattened key).
 enum Source {
     Torch(TorchFile),
+    St(StFile),
     Dcp(Dcp),
 }
 
@@ -65,6 +90,7 @@ impl Source {
     fn f32s(&self, t: &TensorRef) -> Result<Vec<f32>> {
         match self {
             Source::Torch(f) => f.f32s(t),
+            Source::St(f) => f.f32s(t),
             Source::Dcp(d) => d.f32s(&t.storage.key),
         }
     }
@@ -72,6 +98,7 @@ impl Source {
     fn scalar(&self, t: &TensorRef) -> Result<f64> {
         match self {
             Source::Torch(f) => f.scalar(t),
+            Source::St(f) => f.scalar(t),
             Source::Dcp(d) => match d.f32s(&t.storage.key)?.as_slice() {
                 [x] => Ok(*x as f64),
                 v => bail!("`{}` holds {} values, one expected", t.storage.key, v.len()),
@@ -191,10 +218,7 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
         let root = dcp_tree(&d, "model.", 1)?;
         (Source::Dcp(d), root, path)
     } else {
-        let path = dir.join("model.pt");
-        let f = TorchFile::open(&path)?;
-        let root = f.root.clone();
-        (Source::Torch(f), root, path)
+        open_unsharded(dir, "model")?.ok_or_else(|| anyhow!("{}: no model.pt", dir.display()))?
     };
     let mut tensors = tensors_of(&root, &path)?;
     let mut params = vec![0.0; layout.total];
@@ -217,6 +241,12 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
             .f32s(&t)
             .with_context(|| format!("{}: `{key}`", path.display()))?;
         params[lt.range()].copy_from_slice(&v);
+    }
+    if tensors.contains_key("embeddings.weight") {
+        bail!(
+            "{}: OLMo-core's parameter names (`embeddings.weight`, `blocks.N.attention.w_q.weight`, ...), which are not read: convert the checkpoint to transformers' format with OLMo-core's conversion script and read that with import-hf",
+            path.display()
+        );
     }
     if !missing.is_empty() {
         bail!(
@@ -288,16 +318,12 @@ fn read_optim(dir: &Path, layout: &Layout) -> Result<Optim> {
         )]);
         (Source::Dcp(d), root, path)
     } else {
-        let path = dir.join("optim.pt");
-        if !path.exists() {
-            bail!(
+        open_unsharded(dir, "optim")?.ok_or_else(|| {
+            anyhow!(
                 "{} is missing (set reset_optimizer_state to start from the weights with fresh moments)",
-                path.display()
-            );
-        }
-        let f = TorchFile::open(&path)?;
-        let root = f.root.clone();
-        (Source::Torch(f), root, path)
+                dir.join("optim.pt").display()
+            )
+        })?
     };
     let at = |what: &str| format!("{}: {what}", path.display());
     let state = root
@@ -653,7 +679,85 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::compatible;
+    use super::*;
+    use crate::model::ModelConfig;
+    use crate::ops::NormKind;
+    use crate::torch_file::save;
+
+    /// Two blocks of LayerNorm with weights, untied.
+    fn layout() -> Layout {
+        Layout::new(&ModelConfig::tiny(NormKind::LayerNorm, true, false))
+    }
+
+    /// Writes `model.pt` in `dir` holding `layout`'s tensors under the names `rename` gives
+    /// (None: left out), tensor `i` filled with `i`.
+    fn write(dir: &Path, layout: &Layout, rename: &dyn Fn(&str) -> Option<String>) {
+        let data: Vec<Vec<f32>> = (0..layout.tensors.len())
+            .map(|i| vec![i as f32; layout.tensors[i].len()])
+            .collect();
+        let mut items = Vec::new();
+        for (i, t) in layout.tensors.iter().enumerate() {
+            if let Some(name) = rename(&t.name) {
+                items.push((Value::Str(name), f32_tensor(i, &t.shape)));
+            }
+        }
+        let storages: Vec<&[f32]> = data.iter().map(|d| &d[..]).collect();
+        save(&dir.join("model.pt"), &Value::dict(items), &storages).unwrap();
+    }
+
+    #[test]
+    fn old_and_wrapped_names_read_as_olmo_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout();
+        let want: Vec<f32> = (0..layout.tensors.len())
+            .flat_map(|i| vec![i as f32; layout.tensors[i].len()])
+            .collect();
+        // FSDP's wrapper prefix, blocks in groups of two
+        write(dir.path(), &layout, &|n| {
+            Some(format!(
+                "_fsdp_wrapped_module.{}",
+                n.replace("blocks.0.", "block_groups.0.0.")
+                    .replace("blocks.1.", "block_groups.0.1.")
+            ))
+        });
+        assert_eq!(read_model(dir.path(), &layout).unwrap(), want);
+        // before attn_norm and ff_norm, one `norm` served both: block 0's ff_norm takes it
+        let ff_norm = layout
+            .tensors
+            .iter()
+            .position(|t| t.name == "transformer.blocks.0.ff_norm.weight")
+            .unwrap();
+        write(dir.path(), &layout, &|n| match n {
+            "transformer.blocks.0.ff_norm.weight" => None,
+            "transformer.blocks.0.attn_norm.weight" => {
+                Some("transformer.blocks.0.norm.weight".into())
+            }
+            _ => Some(n.into()),
+        });
+        let got = read_model(dir.path(), &layout).unwrap();
+        let attn_norm = ff_norm - 3; // attn_norm, att_proj, attn_out, ff_norm
+        assert_eq!(
+            layout.tensors[attn_norm].name,
+            "transformer.blocks.0.attn_norm.weight"
+        );
+        assert!(got[layout.tensors[ff_norm].range()]
+            .iter()
+            .all(|&x| x == attn_norm as f32));
+        // OLMo-core's names are said to be OLMo-core's, a missing tensor is named
+        write(dir.path(), &layout, &|n| {
+            Some(n.replace("transformer.wte.weight", "embeddings.weight"))
+        });
+        let e = format!("{:#}", read_model(dir.path(), &layout).unwrap_err());
+        assert!(e.contains("OLMo-core's parameter names"), "{e}");
+        write(dir.path(), &layout, &|n| {
+            (!n.contains("ln_f")).then(|| n.into())
+        });
+        let e = format!("{:#}", read_model(dir.path(), &layout).unwrap_err());
+        assert!(
+            e.contains("no `transformer.ln_f.weight` for the configured model"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn names_are_made_compatible_as_olmo_does() {

@@ -55,7 +55,7 @@ impl Dtype {
         }
     }
 
-    fn value(self, b: &[u8]) -> f64 {
+    pub(crate) fn value(self, b: &[u8]) -> f64 {
         match self {
             Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
             Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
@@ -88,6 +88,19 @@ pub struct TensorRef {
 }
 
 impl TensorRef {
+    /// A row-major tensor over the whole of storage `key`.
+    pub fn whole(dtype: Dtype, key: &str, shape: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: Storage {
+                dtype,
+                key: key.to_string(),
+            },
+            offset: 0,
+            shape: shape.to_vec(),
+            stride: row_major_strides(shape),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -651,19 +664,16 @@ pub fn f32_tensor(key: usize, shape: &[usize]) -> Value {
 
 /// A row-major F32 tensor over the whole of storage `key`.
 pub fn tensor_named(key: &str, shape: &[usize]) -> Value {
+    Value::Tensor(TensorRef::whole(Dtype::F32, key, shape))
+}
+
+/// Elements between neighbours along each dimension of a row-major tensor of `shape`.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     let mut stride = vec![1; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         stride[d] = stride[d + 1] * shape[d + 1];
     }
-    Value::Tensor(TensorRef {
-        storage: Storage {
-            dtype: Dtype::F32,
-            key: key.to_string(),
-        },
-        offset: 0,
-        shape: shape.to_vec(),
-        stride,
-    })
+    stride
 }
 
 #[cfg(test)]

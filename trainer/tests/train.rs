@@ -1047,7 +1047,8 @@ fn copy_folder(from: &Path, to: &Path, rename: &[(&str, &str)]) {
 /// `tests/data/olmo/step2-unsharded` is OLMo's unsharded checkpoint (`model.pt`, `optim.pt`,
 /// `train.pt`, as its FullCheckpointer saves them) of the state in `tests/data/olmo/step2`,
 /// which a 2-step run of `Run::config` wrote; `make_unsharded.py` made it with torch. Read as
-/// a `load_path`, and written by `export-olmo`, it continues to the same bytes as ours.
+/// a `load_path` (as `.pt` files or OLMo's safetensors form), and written by `export-olmo`,
+/// it continues to the same bytes as ours.
 #[test]
 fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     let r = Run::new();
@@ -1062,6 +1063,10 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     );
     assert!(err.contains("is OLMo's: its train.pt does not record the data"));
     r.same_step4("ours", "olmo");
+    // as `unshard.py --safe-tensors` writes it: OLMo's key encoding in model.safetensors and
+    // optim.safetensors (made by make_unsharded_safetensors.py)
+    go("st", &fixtures.join("step2-unsharded-st"));
+    r.same_step4("ours", "st");
 
     // a plain optimizer's state dict, keyed by index, read through its param_names; and a
     // run folder of OLMo's stands for its newest unsharded checkpoint
