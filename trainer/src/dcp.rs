@@ -61,7 +61,7 @@ impl Dcp {
         let at = |what: String| anyhow!("{}: {what}", path.display());
         let root = pickle::load(
             &data,
-            &mut |pid| bail!("a persistent id {pid:?} in metadata"),
+            &mut |pid| bail!("a persistent id ({}) in metadata", pid.kind()),
             &|_, _, _| Ok(None),
         )
         .with_context(|| path.display().to_string())?;
@@ -120,7 +120,11 @@ impl Dcp {
                 };
                 let fits = offsets.len() == size.len()
                     && sizes.len() == size.len()
-                    && (0..size.len()).all(|d| offsets[d] + sizes[d] <= size[d]);
+                    && (0..size.len()).all(|d| {
+                        offsets[d]
+                            .checked_add(sizes[d])
+                            .is_some_and(|e| e <= size[d])
+                    });
                 if !fits {
                     bail!(at(format!(
                         "a chunk of `{fqn}` at {offsets:?} of {sizes:?} lies outside its size {size:?}"
@@ -136,8 +140,21 @@ impl Dcp {
                     place,
                 });
             }
-            let covered: usize = list.iter().map(|c| c.sizes.iter().product::<usize>()).sum();
-            let numel: usize = size.iter().product();
+            let count = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+            let covered = list
+                .iter()
+                .try_fold(0usize, |a, c| a.checked_add(count(&c.sizes)?));
+            let numel = count(&size);
+            let stored = list.iter().fold(0u64, |a, c| a.saturating_add(c.place.len));
+            let (Some(covered), Some(numel)) = (covered, numel) else {
+                bail!(at(format!("`{fqn}`: sizes that overflow")));
+            };
+            // each element takes at least a byte of the data files
+            if (numel as u64) > stored {
+                bail!(at(format!(
+                    "`{fqn}` has {numel} elements, its chunks {stored} bytes"
+                )));
+            }
             if covered != numel {
                 bail!(at(format!(
                     "the chunks of `{fqn}` hold {covered} of its {numel} elements (a checkpoint of some ranks only?)"

@@ -40,6 +40,14 @@ fn header(file: &File, path: &Path) -> Result<(serde_json::Map<String, serde_jso
     Ok((map, 8 + n))
 }
 
+/// A key path for a message: `state/transformer.wte.weight/exp_avg`.
+fn shown(keys: &[Value]) -> String {
+    keys.iter()
+        .map(|k| k.as_str().map_or_else(|| k.brief(), String::from))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A key of OLMo's encoding: `(keys, value_is_pickled)`.
 fn decode(key: &str) -> Option<(Vec<Value>, bool)> {
     let bytes = base64::engine::general_purpose::URL_SAFE.decode(key).ok()?;
@@ -146,14 +154,20 @@ impl StFile {
                     .and_then(|o| <[u64; 2]>::try_from(o).ok()),
             ) else {
                 bail!(at(format!(
-                    "{keys:?}: a header entry without dtype, shape and offsets"
+                    "{}: a header entry without dtype, shape and offsets",
+                    shown(&keys)
                 )));
             };
-            let (from, to) = (start + from, start + to);
-            let numel: usize = shape.iter().product();
-            if from > to || to > size || to - from != (numel * dt.size()) as u64 {
+            let (from, to) = (start.saturating_add(from), start.saturating_add(to));
+            let bytes = shape
+                .iter()
+                .try_fold(dt.size(), |a, &n| a.checked_mul(n))
+                .unwrap_or(usize::MAX);
+            let numel = bytes / dt.size();
+            if from > to || to > size || to - from != bytes as u64 {
                 bail!(at(format!(
-                    "{keys:?}: bytes {from}..{to} do not hold {numel} {dt:?} values within the file (a truncated file?)"
+                    "{}: bytes {from}..{to} do not hold {numel} {dt:?} values within the file (a truncated file?)",
+                    shown(&keys)
                 )));
             }
             let leaf = if pickled {
@@ -162,12 +176,12 @@ impl StFile {
                 pickle::load(&bytes, &mut |_| bail!("a persistent id"), &|_, _, _| {
                     Ok(None)
                 })
-                .map_err(|e| at(format!("{keys:?}: {e}")))?
+                .map_err(|e| at(format!("{}: {e}", shown(&keys))))?
             } else {
                 places.insert(key.clone(), (from, to));
                 Value::Tensor(TensorRef::whole(dt, key, &shape))
             };
-            insert(&root, &keys, leaf).map_err(|e| at(format!("{keys:?}: {e}")))?;
+            insert(&root, &keys, leaf).map_err(|e| at(format!("{}: {e}", shown(&keys))))?;
         }
         Ok(StFile {
             path: path.to_path_buf(),

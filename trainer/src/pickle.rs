@@ -91,6 +91,17 @@ impl Value {
         }
     }
 
+    /// A string or a number as it reads, anything else by its kind: safe in an error message
+    /// (a damaged pickle can make a list that holds itself, which `{:?}` would follow forever).
+    pub fn brief(&self) -> String {
+        match self {
+            Value::Str(s) => format!("{s:?}"),
+            Value::Int(i) => i.to_string(),
+            Value::Float(x) => x.to_string(),
+            other => other.kind(),
+        }
+    }
+
     /// What kind of value this is, for an error message.
     pub fn kind(&self) -> String {
         match self {

@@ -105,18 +105,41 @@ impl TensorRef {
         self.shape.iter().product()
     }
 
-    /// The storage elements the view spans: `[offset, end)`.
-    fn span(&self) -> (usize, usize) {
-        if self.numel() == 0 {
-            return (self.offset, self.offset);
+    /// The storage elements the view spans, `[offset, end)`, checked: sizes, strides and
+    /// offsets that overflow, or a view repeating its storage many times over (stride 0),
+    /// come from a damaged file, not from a state dict.
+    fn span(&self) -> Result<(usize, usize)> {
+        let bad = || {
+            anyhow!(
+                "a tensor of size {:?}, stride {:?} at {}",
+                self.shape,
+                self.stride,
+                self.offset
+            )
+        };
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &n| a.checked_mul(n))
+            .ok_or_else(bad)?;
+        if numel == 0 {
+            return Ok((self.offset, self.offset));
         }
-        let last: usize = self
+        let last = self
             .shape
             .iter()
             .zip(&self.stride)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum();
-        (self.offset, self.offset + last + 1)
+            .try_fold(0usize, |a, (&n, &s)| a.checked_add((n - 1).checked_mul(s)?))
+            .ok_or_else(bad)?;
+        let end = self
+            .offset
+            .checked_add(last)
+            .and_then(|e| e.checked_add(1))
+            .ok_or_else(bad)?;
+        if numel / 64 > end - self.offset {
+            return Err(bad());
+        }
+        Ok((self.offset, end))
     }
 
     /// Storage indices of the elements in row-major order.
@@ -225,7 +248,7 @@ impl TorchFile {
             .ok_or_else(|| anyhow!("{}: no storage entry {name}", self.path.display()))?;
         let size = t.storage.dtype.size() as u64;
         let (from, to) = (from as u64 * size, to as u64 * size);
-        if to > e.len {
+        if to > e.len || from > to {
             bail!(
                 "{}: a tensor reads {name} up to byte {to}, the entry holds {}",
                 self.path.display(),
@@ -251,7 +274,7 @@ impl TorchFile {
                 self.path.display()
             );
         }
-        let (from, to) = t.span();
+        let (from, to) = t.span().with_context(|| self.path.display().to_string())?;
         let bytes = self.storage_bytes(t, (from, to))?;
         let size = dtype.size();
         let at = |i: usize| &bytes[(i - from) * size..(i - from + 1) * size];
@@ -288,10 +311,13 @@ fn storage_of(pid: Value, prefix: &str, keys: &[String]) -> Result<Value> {
     let items = pid.items().unwrap_or_default();
     let (kind, class, key) = match items.as_slice() {
         [kind, class, key, ..] => (kind, class, key),
-        _ => bail!("a persistent id that is not torch's storage tuple: {pid:?}"),
+        _ => bail!(
+            "a persistent id that is {}, not torch's storage tuple",
+            pid.kind()
+        ),
     };
     if kind.as_str() != Some("storage") {
-        bail!("a persistent id of kind {kind:?}, not a storage");
+        bail!("a persistent id of kind {}, not a storage", kind.brief());
     }
     let dtype = match class {
         Value::Global(m, n) if m == "torch" => Dtype::of_storage(n),
@@ -711,6 +737,29 @@ mod tests {
         );
         assert_eq!(f.f32s(&c).unwrap(), [3.0, 4.0, 5.0]);
         assert!(f.scalar(&c).is_err());
+    }
+
+    #[test]
+    fn views_that_overflow_or_repeat_their_storage_are_refused() {
+        let f = TorchFile::open(&fixture("views.pt")).unwrap();
+        let Some(Value::Tensor(a)) = f.root.get("a.weight") else {
+            panic!()
+        };
+        for (shape, stride, offset) in [
+            (vec![usize::MAX / 2, 4], vec![4, 1], 0),
+            (vec![2, 3], vec![usize::MAX, 1], 0),
+            (vec![6], vec![1], usize::MAX),
+            (vec![1 << 20], vec![0], 0),
+        ] {
+            let t = TensorRef {
+                shape,
+                stride,
+                offset,
+                ..a.clone()
+            };
+            let e = format!("{:#}", f.f32s(&t).unwrap_err());
+            assert!(e.contains("views.pt: a tensor of size"), "{e}");
+        }
     }
 
     #[test]
