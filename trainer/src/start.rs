@@ -218,7 +218,8 @@ fn resume(dir: &Path, layout: &Layout, data: &DataFacts, optimizer: &str) -> Res
         optimizer: true,
         trainer: true,
     };
-    let l = checkpoint::load(dir, layout, parts)?;
+    // OLMo's own, where save_folder is the run folder of one OLMo trained
+    let l = load_any(dir, layout, parts, data)?;
     let state = l.state.expect("asked for");
     check_same_data(dir, &state, data)?;
     check_same_optimizer(dir, &state, optimizer)?;

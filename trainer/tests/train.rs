@@ -1202,6 +1202,18 @@ fn olmo_s_sharded_checkpoint_continues_as_ours() {
         "{err}"
     );
     r.same_step4("ours", "sharded");
+    // a save_folder that is the folder of a run OLMo trained: the run resumes its newest
+    // checkpoint, and goes on saving its own beside OLMo's
+    for sub in ["", "model_and_optim", "train"] {
+        copy_folder(&from.join(sub), &r.path("in-place/step2").join(sub), &[]);
+    }
+    let cfg = r.config("in-place.yaml", "in-place", "max_duration: 4\n");
+    let err = ok(&r.train(&cfg, &[]));
+    assert!(
+        err.contains("resuming from") && err.contains("in-place/step2 (step 2)"),
+        "{err}"
+    );
+    r.same_step4("ours", "in-place");
     // its weights go to export-hf, and a chunk missing is said
     assert!(
         r.hf_weights(&fixtures.join("step2"), "hf-ours")
