@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::Dtype as StDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Layout;
@@ -65,6 +65,12 @@ pub(crate) fn as_bytes(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+/// Floats as the bytes to read them into, in place.
+pub(crate) fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // Safety: any byte pattern is a valid f32, and the slice covers exactly `v`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
 pub(crate) fn write_tensors(path: &Path, items: Vec<(String, Vec<usize>, &[f32])>) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = items
         .into_iter()
@@ -98,60 +104,112 @@ pub fn write_model(path: &Path, layout: &Layout, params: &[f32]) -> Result<()> {
     )
 }
 
-/// Reads F32 tensors of a safetensors file into flat buffers, the file read once: for each
-/// buffer, the layout's tensors under their names plus `suffix` (`""`, `".exp_avg"`, ...); and
-/// for each of `scalars`, the F32 scalar `{tensor}{suffix}` of each tensor where the file has
-/// one (adaptive clipping's averages).
+/// A safetensors file's header (its JSON) and where its data begin, read alone.
+pub(crate) fn safetensors_header(
+    file: &std::fs::File,
+    path: &Path,
+) -> Result<(serde_json::Map<String, serde_json::Value>, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .map_err(|_| anyhow!("{}: too short for safetensors", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        bail!("{}: a header of {n} bytes: not safetensors", path.display());
+    }
+    let mut text = vec![0u8; n as usize];
+    file.read_exact_at(&mut text, 8)
+        .map_err(|_| anyhow!("{}: the header is cut short", path.display()))?;
+    let map = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: the safetensors header", path.display()))?;
+    Ok((map, 8 + n))
+}
+
+/// Reads F32 tensors of a safetensors file into flat buffers, each straight into its place
+/// (a 7B run's optimizer file is 54 GB: never held whole): for each buffer, the layout's
+/// tensors under their names plus `suffix` (`""`, `".exp_avg"`, ...); and for each of
+/// `scalars`, the F32 scalar `{tensor}{suffix}` of each tensor where the file has one
+/// (adaptive clipping's averages).
 fn read_f32(
     path: &Path,
     layout: &Layout,
     outs: &mut [(&str, &mut [f32])],
     scalars: &mut [(&str, &mut Vec<Option<f32>>)],
 ) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let (header, start) = safetensors_header(&file, path)?;
+    // Where tensor `name`'s bytes lie, if the file has it with this dtype and shape.
+    let place = |name: &str, shape: &[usize]| -> Result<Option<(u64, u64)>> {
+        let Some(meta) = header.get(name) else {
+            return Ok(None);
+        };
+        let dtype = meta["dtype"].as_str().unwrap_or("?");
+        let got: Vec<u64> = meta["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        let want: Vec<u64> = shape.iter().map(|&n| n as u64).collect();
+        if dtype != "F32" || got != want {
+            bail!(
+                "{}: `{name}` is {dtype} {got:?}, the model needs F32 {want:?}",
+                path.display()
+            );
+        }
+        let offsets: Vec<u64> = meta["data_offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        let len = shape.iter().product::<usize>() as u64 * 4;
+        match offsets[..] {
+            [from, to] if to.checked_sub(from) == Some(len) && start + to <= size => {
+                Ok(Some((start + from, len)))
+            }
+            _ => bail!(
+                "{}: `{name}`'s bytes {offsets:?} do not lie within the file (a truncated file?)",
+                path.display()
+            ),
+        }
+    };
     for (suffix, out) in scalars.iter_mut() {
         **out = layout
             .tensors
             .iter()
             .map(|tensor| {
                 let name = format!("{}{suffix}", tensor.name);
-                let Ok(t) = st.tensor(&name) else {
+                let Some((at, _)) = place(&name, &[])? else {
                     return Ok(None);
                 };
-                match (t.dtype(), t.data()) {
-                    (StDtype::F32, &[a, b, c, d]) if t.shape().is_empty() => {
-                        Ok(Some(f32::from_le_bytes([a, b, c, d])))
-                    }
-                    _ => bail!(
-                        "{}: `{name}` is {:?} {:?}, expected an F32 scalar",
-                        path.display(),
-                        t.dtype(),
-                        t.shape()
-                    ),
-                }
+                let mut b = [0u8; 4];
+                file.read_exact_at(&mut b, at)?;
+                Ok(Some(f32::from_le_bytes(b)))
             })
             .collect::<Result<_>>()?;
     }
     for (suffix, out) in outs.iter_mut() {
-        for tensor in &layout.tensors {
-            let name = format!("{}{suffix}", tensor.name);
-            let t = st
-                .tensor(&name)
-                .map_err(|_| anyhow!("{}: no tensor `{name}`", path.display()))?;
-            if t.dtype() != StDtype::F32 || t.shape() != tensor.shape.as_slice() {
-                bail!(
-                    "{}: `{name}` is {:?} {:?}, the model needs F32 {:?}",
-                    path.display(),
-                    t.dtype(),
-                    t.shape(),
-                    tensor.shape
-                );
-            }
-            for (o, c) in out[tensor.range()].iter_mut().zip(t.data().chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
+        let places = layout
+            .tensors
+            .iter()
+            .map(|tensor| {
+                let name = format!("{}{suffix}", tensor.name);
+                place(&name, &tensor.shape)?
+                    .map(|(at, _)| (at, name.clone()))
+                    .ok_or_else(|| anyhow!("{}: no tensor `{name}`", path.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // tensors read in parallel: the copy from the page cache, and the first touch of the
+        // buffer's pages, are the cost, and they spread over cores
+        use rayon::prelude::*;
+        layout
+            .split_mut(out)
+            .into_par_iter()
+            .zip(places)
+            .try_for_each(|(dst, (at, name))| {
+                file.read_exact_at(as_bytes_mut(dst), at)
+                    .with_context(|| format!("{}: `{name}`", path.display()))
+            })?;
     }
     Ok(())
 }
@@ -524,6 +582,73 @@ mod tests {
     use super::*;
     use crate::model::ModelConfig;
     use crate::ops::NormKind;
+
+    #[test]
+    fn a_checkpoint_reads_back_exactly_and_a_cut_one_is_an_error() {
+        let layout = Layout::new(&ModelConfig::tiny(NormKind::Rms, true, false));
+        let mut rng = crate::xorshift::XorShift::new(3);
+        let (p, m, v) = (
+            rng.vec(layout.total, 1.0),
+            rng.vec(layout.total, 1.0),
+            rng.vec(layout.total, 1.0),
+        );
+        let norms: Vec<Option<f32>> = (0..layout.tensors.len())
+            .map(|i| (i % 2 == 0).then_some(i as f32 + 0.5))
+            .collect();
+        let state = TrainerState {
+            step: 3,
+            epoch: 0,
+            global_train_examples_seen_this_epoch: 0,
+            global_train_tokens_seen: 0,
+            seed: 0,
+            world_size: 1,
+            instances: 1,
+            seq_len: 1,
+            num_params: layout.total as u64,
+            optimizer_steps: 3,
+            lr_warmup_from: None,
+            min_train_loss: None,
+            optimizer: "adamw".into(),
+        };
+        let ck = Checkpoint {
+            layout: &layout,
+            params: &p,
+            exp_avg: &m,
+            exp_avg_sq: &v,
+            grad_norm_exp_avg: &norms,
+            state: &state,
+            config_text: "",
+            kind: Kind::Regular,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Keep {
+            regular: -1,
+            unsharded: -1,
+        };
+        let saved = save(dir.path(), &ck, keep).unwrap();
+        let all = Parts {
+            optimizer: true,
+            trainer: true,
+        };
+        let back = load(&saved, &layout, all).unwrap();
+        assert_eq!((back.params, back.moments), (p, Some((m, v))));
+        assert_eq!(back.grad_norm_exp_avg, norms);
+        // another model's layout is named; a file cut short is said to be
+        let other = Layout::new(&ModelConfig::tiny(NormKind::Rms, true, true));
+        let e = format!("{:#}", load(&saved, &other, all).err().unwrap());
+        assert!(e.contains("checkpoint has"), "{e}");
+        let optim = saved.join("optim.safetensors");
+        let bytes = std::fs::read(&optim).unwrap();
+        std::fs::write(&optim, &bytes[..bytes.len() - 100]).unwrap();
+        let e = format!("{:#}", load(&saved, &layout, all).err().unwrap());
+        assert!(
+            e.contains("optim.safetensors") && e.contains("a truncated file?"),
+            "{e}"
+        );
+        std::fs::write(&optim, &bytes[..4]).unwrap();
+        let e = format!("{:#}", load(&saved, &layout, all).err().unwrap());
+        assert!(e.contains("too short for safetensors"), "{e}");
+    }
 
     #[test]
     fn each_checkpoint_series_is_kept_by_its_own_rule() {

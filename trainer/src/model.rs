@@ -381,6 +381,21 @@ impl Layout {
 impl Layout {
     /// Weight decay on or off per tensor, in layout order: OLMo decays Linear weights, and
     /// embeddings and norm weights only when asked.
+    /// A flat buffer cut into each tensor's part, in layout order.
+    pub fn split_mut<'a>(&self, mut buf: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+        let mut parts = Vec::with_capacity(self.tensors.len());
+        let mut at = 0;
+        for t in &self.tensors {
+            let rest = std::mem::take(&mut buf);
+            let (_, from) = rest.split_at_mut(t.offset - at);
+            let (part, rest) = from.split_at_mut(t.len());
+            parts.push(part);
+            buf = rest;
+            at = t.offset + t.len();
+        }
+        parts
+    }
+
     pub fn decay_mask(&self, embeddings: bool, norms: bool) -> Vec<bool> {
         self.tensors
             .iter()

@@ -87,6 +87,20 @@ enum Source {
 }
 
 impl Source {
+    fn f32s_into(&self, t: &TensorRef, out: &mut [f32]) -> Result<()> {
+        match self {
+            Source::Torch(f) => f.f32s_into(t, out),
+            _ => {
+                let v = self.f32s(t)?;
+                if v.len() != out.len() {
+                    bail!("a tensor of {} elements read into {}", v.len(), out.len());
+                }
+                out.copy_from_slice(&v);
+                Ok(())
+            }
+        }
+    }
+
     fn f32s(&self, t: &TensorRef) -> Result<Vec<f32>> {
         match self {
             Source::Torch(f) => f.f32s(t),
@@ -238,10 +252,8 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
                 lt.shape
             );
         }
-        let v = src
-            .f32s(&t)
+        src.f32s_into(&t, &mut params[lt.range()])
             .with_context(|| format!("{}: `{key}`", path.display()))?;
-        params[lt.range()].copy_from_slice(&v);
     }
     if tensors.contains_key("embeddings.weight") {
         bail!(
@@ -391,10 +403,8 @@ fn read_optim(dir: &Path, layout: &Layout) -> Result<Optim> {
                     lt.name, t.shape, lt.shape
                 )));
             }
-            let v = f
-                .f32s(&t)
+            f.f32s_into(&t, &mut out[lt.range()])
                 .with_context(|| at(&format!("`{}`'s {m}", lt.name)))?;
-            out[lt.range()].copy_from_slice(&v);
         }
         if let Some(v) = s.get("grad_norm_exp_avg") {
             o.grad_norm_exp_avg[k] = number(&f, &v).map(|x| x as f32);

@@ -23,23 +23,6 @@ pub struct StFile {
     pub root: Value,
 }
 
-/// The header of a safetensors file: its JSON, and where the data begin.
-fn header(file: &File, path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u64)> {
-    let mut n = [0u8; 8];
-    file.read_exact_at(&mut n, 0)
-        .map_err(|_| anyhow!("{}: too short for safetensors", path.display()))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100 << 20 {
-        bail!("{}: a header of {n} bytes: not safetensors", path.display());
-    }
-    let mut text = vec![0u8; n as usize];
-    file.read_exact_at(&mut text, 8)
-        .map_err(|_| anyhow!("{}: the header is cut short", path.display()))?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&text).with_context(|| format!("{}: the header", path.display()))?;
-    Ok((map, 8 + n))
-}
-
 /// A key path for a message: `state/transformer.wte.weight/exp_avg`.
 fn shown(keys: &[Value]) -> String {
     keys.iter()
@@ -66,7 +49,7 @@ pub fn is_encoded(path: &Path) -> bool {
     let Ok(file) = File::open(path) else {
         return false;
     };
-    let Ok((map, _)) = header(&file, path) else {
+    let Ok((map, _)) = crate::checkpoint::safetensors_header(&file, path) else {
         return false;
     };
     map.keys()
@@ -129,7 +112,7 @@ fn dtype(name: &str) -> Option<Dtype> {
 impl StFile {
     pub fn open(path: &Path) -> Result<StFile> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let (map, start) = header(&file, path)?;
+        let (map, start) = crate::checkpoint::safetensors_header(&file, path)?;
         let size = file.metadata()?.len();
         let at = |what: String| anyhow!("{}: {what}", path.display());
         let mut places = HashMap::new();

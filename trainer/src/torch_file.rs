@@ -292,6 +292,41 @@ impl TorchFile {
         })
     }
 
+    /// A floating-point tensor's elements into `out` (its length the tensor's): an F32 one
+    /// laid out in order is read straight in, with no copy in between (an OLMo-7B `model.pt`
+    /// is 27 GB).
+    pub fn f32s_into(&self, t: &TensorRef, out: &mut [f32]) -> Result<()> {
+        let (from, to) = t.span().with_context(|| self.path.display().to_string())?;
+        if t.numel() != out.len() {
+            bail!(
+                "{}: a tensor of {} elements read into {}",
+                self.path.display(),
+                t.numel(),
+                out.len()
+            );
+        }
+        if t.storage.dtype != Dtype::F32 || !t.contiguous() || to - from != out.len() {
+            out.copy_from_slice(&self.f32s(t)?);
+            return Ok(());
+        }
+        let name = format!("{}data/{}", self.prefix, t.storage.key);
+        let e = *self
+            .entries
+            .get(&name)
+            .ok_or_else(|| anyhow!("{}: no storage entry {name}", self.path.display()))?;
+        let (start, end) = (from as u64 * 4, to as u64 * 4);
+        if end > e.len {
+            bail!(
+                "{}: a tensor reads {name} up to byte {end}, the entry holds {}",
+                self.path.display(),
+                e.len
+            );
+        }
+        self.file
+            .read_exact_at(crate::checkpoint::as_bytes_mut(out), e.at + start)
+            .with_context(|| format!("{}: {name} (a truncated file?)", self.path.display()))
+    }
+
     /// A one-element tensor's value.
     pub fn scalar(&self, t: &TensorRef) -> Result<f64> {
         if t.numel() != 1 {
