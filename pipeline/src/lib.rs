@@ -9,5 +9,6 @@ pub mod mix;
 pub mod parquet_input;
 pub mod runner;
 pub mod selector;
+pub mod stat;
 pub mod tag;
 pub mod tokenize;

@@ -19,6 +19,8 @@ Commands:
   dedupe     mark duplicate documents or paragraphs with a Bloom filter
   mix        filter documents on attributes, replace spans, sample, write shards
   tokenize   (alias: tokens) tokenize documents into uint16/uint32 shards for OLMo
+  stat       histograms of attribute scores and span lengths (--attributes GLOB
+             [--report DIR] [--bins N] [--regex NAME_RE]), to choose mix thresholds
   tokens-info DIR [--tokenizer FILE] [--decode N]
              token counts per file and source, and the first documents decoded
   train-tokenizer
@@ -115,6 +117,7 @@ fn run(args: Vec<String>) -> Result<()> {
             dolma::tokenize::run(dolma::config::load(config.as_deref(), &rest, "tokenize")?)
         }
         "tokens-info" => dolma::tokenize::info(&rest),
+        "stat" => dolma::stat::run(dolma::config::load(config.as_deref(), &rest, "stat")?),
         "train-tokenizer" => dolma::tokenize::train(dolma::config::load(
             config.as_deref(),
             &rest,

@@ -74,7 +74,7 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<Input>> {
             .collect();
         matched.sort();
         if matched.is_empty() {
-            bail!("documents pattern `{pattern}` matched no files");
+            bail!("pattern `{pattern}` matched no files");
         }
         for path in matched {
             if !seen.insert(path.clone()) {
