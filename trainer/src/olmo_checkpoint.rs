@@ -1,7 +1,8 @@
 //! OLMo's own checkpoints as a `load_path`: unsharded ones, `step{N}-unsharded/` as its
 //! `FullCheckpointer` (or its `unshard.py`) writes them, with `model.pt` (the model's state
 //! dict), `optim.pt` (the optimizer's, keyed by parameter name or by index) and `train.pt`
-//! (step, epoch, data position, tokens seen); and sharded ones as its `torch_new`
+//! (step, epoch, data position, tokens seen), or `model/optim.safetensors` in OLMo's key
+//! encoding instead of the `.pt` files; and sharded ones as its `torch_new`
 //! checkpointer writes them, `step{N}/model_and_optim/` (a `torch.distributed.checkpoint`
 //! folder of both state dicts, in chunks from every rank) with `train/rank0.pt`. A run OLMo
 //! trained can so go on here, whole or in part with the usual `load_path` options, and
