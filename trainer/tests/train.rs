@@ -2571,6 +2571,31 @@ fn lionw_trains_on_both_engines_resumes_and_refuses_adamw_moments() {
         "{names:?}"
     );
     assert_eq!(train_state(&r, "lion/step6")["optimizer"], "lionw");
+    // OLMo's format carries LionW's one moment: going on from an export-olmo of a checkpoint
+    // is going on from the checkpoint
+    let exported = r.path("lion-olmo/step6-unsharded");
+    ok(&Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+        .arg("export-olmo")
+        .args([r.path("lion/step6"), exported.clone()])
+        .output()
+        .unwrap());
+    for (name, from) in [
+        ("lion-on", r.path("lion/step6")),
+        ("lion-olmo-on", exported),
+    ] {
+        let cfg = r.config(
+            &format!("{name}.yaml"),
+            name,
+            &format!("max_duration: 8\nload_path: {}\n", from.display()),
+        );
+        edit(&cfg, &[("  name: adamw\n", "  name: lionw\n")]);
+        let log = ok(&r.train(&cfg, &[]));
+        assert!(log.contains("LionW's moments"), "{log}");
+    }
+    for f in ["model.safetensors", "optim.safetensors"] {
+        let read = |run: &str| std::fs::read(r.path(run).join("step8").join(f)).unwrap();
+        assert!(read("lion-on") == read("lion-olmo-on"), "{f}");
+    }
     // stopped after 3 steps and rerun: the run in one go, bit for bit
     let (jobs, o) = run("jobs", "lionw", "stop_after: 3\n", &[]);
     ok(&o);
