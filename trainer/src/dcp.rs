@@ -169,7 +169,7 @@ impl Dcp {
         })
     }
 
-    fn item(&self, p: &Place) -> Result<TorchFile> {
+    fn item(&self, p: &Place) -> Result<(TorchFile, Value)> {
         TorchFile::open_part(&self.dir.join(&p.file), Some((p.at, p.len)))
     }
 
@@ -184,8 +184,8 @@ impl Dcp {
         // elements per step along each dimension of the whole tensor
         let stride = row_major_strides(size);
         for c in &meta.chunks {
-            let f = self.item(&c.place)?;
-            let t = match &f.root {
+            let (f, root) = self.item(&c.place)?;
+            let t = match &root {
                 Value::Tensor(t) => t,
                 other => bail!(
                     "{}: `{fqn}`'s chunk is {}, not a tensor",
@@ -229,7 +229,7 @@ impl Dcp {
     /// An item saved whole (a number, a list), unpickled.
     pub fn object(&self, fqn: &str) -> Option<Result<Value>> {
         let p = self.bytes.get(fqn)?;
-        Some(self.item(p).map(|f| f.root))
+        Some(self.item(p).map(|(_, root)| root))
     }
 
     /// The keys of items saved whole.

@@ -54,8 +54,7 @@ fn open_unsharded(dir: &Path, stem: &str) -> Result<Option<(Source, Value, PathB
     if !pt.exists() {
         return Ok(None);
     }
-    let f = TorchFile::open(&pt)?;
-    let root = f.root.clone();
+    let (f, root) = TorchFile::open(&pt)?;
     Ok(Some((Source::Torch(f), root, pt)))
 }
 
@@ -78,6 +77,15 @@ pub fn unread_kind(dir: &Path) -> Option<&'static str> {
     }
 }
 
+/// Puts a tensor's elements in their place.
+fn fill(out: &mut [f32], v: Vec<f32>) -> Result<()> {
+    if v.len() != out.len() {
+        bail!("a tensor of {} elements read into {}", v.len(), out.len());
+    }
+    out.copy_from_slice(&v);
+    Ok(())
+}
+
 /// Where a checkpoint's tensors are read from: a `torch.save` file or an OLMo-encoded
 /// safetensors file of an unsharded checkpoint, or a sharded one's distributed-checkpoint
 /// folder (whose tensors are named by their flattened key).
@@ -91,14 +99,7 @@ impl Source {
     fn f32s_into(&self, t: &TensorRef, out: &mut [f32]) -> Result<()> {
         match self {
             Source::Torch(f) => f.f32s_into(t, out),
-            _ => {
-                let v = self.f32s(t)?;
-                if v.len() != out.len() {
-                    bail!("a tensor of {} elements read into {}", v.len(), out.len());
-                }
-                out.copy_from_slice(&v);
-                Ok(())
-            }
+            _ => fill(out, self.f32s(t)?),
         }
     }
 
@@ -237,8 +238,8 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
         open_unsharded(dir, "model")?.ok_or_else(|| anyhow!("{}: no model.pt", dir.display()))?
     };
     let mut tensors = tensors_of(&root, &path)?;
-    let mut params = vec![0.0; layout.total];
     let mut missing = Vec::new();
+    let mut found = Vec::new();
     for lt in &layout.tensors {
         let Some((t, key)) = tensors.remove(&lt.name) else {
             missing.push(lt.name.as_str());
@@ -253,8 +254,7 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
                 lt.shape
             );
         }
-        src.f32s_into(&t, &mut params[lt.range()])
-            .with_context(|| format!("{}: `{key}`", path.display()))?;
+        found.push((t, key));
     }
     if tensors.contains_key("embeddings.weight") {
         bail!(
@@ -284,6 +284,29 @@ pub fn read_model(dir: &Path, layout: &Layout) -> Result<Vec<f32>> {
             quoted(&extra),
             if extra.len() == 1 { "is" } else { "are" }
         );
+    }
+    let mut params = vec![0.0; layout.total];
+    let parts: Vec<_> = layout
+        .split_mut(&mut params)
+        .into_iter()
+        .zip(&found)
+        .collect();
+    let at = |key: &str| format!("{}: `{key}`", path.display());
+    // tensors read in parallel where the reader is shared by threads (an OLMo-safetensors
+    // file's reader keeps a pickled tree, which is not)
+    use rayon::prelude::*;
+    match &src {
+        Source::Torch(f) => parts
+            .into_par_iter()
+            .try_for_each(|(dst, (t, key))| f.f32s_into(t, dst).with_context(|| at(key)))?,
+        Source::Dcp(d) => parts.into_par_iter().try_for_each(|(dst, (t, key))| {
+            d.f32s(&t.storage.key)
+                .and_then(|v| fill(dst, v))
+                .with_context(|| at(key))
+        })?,
+        Source::St(_) => parts
+            .into_iter()
+            .try_for_each(|(dst, (t, key))| src.f32s_into(t, dst).with_context(|| at(key)))?,
     }
     Ok(params)
 }
@@ -433,8 +456,7 @@ fn read_train(dir: &Path, layout: &Layout, (batch, seq): (u64, u64)) -> Result<T
                 dir.join("train.pt").display()
             )
         })?;
-    let file = TorchFile::open(&path)?;
-    let root = file.root.clone();
+    let (file, root) = TorchFile::open(&path)?;
     let f = Source::Torch(file);
     let count = |name: &str| -> Result<Option<u64>> {
         match root.get(name) {
@@ -867,8 +889,7 @@ mod tests {
                         let root = f.root.clone();
                         read_all(&Source::St(f), &root, 0);
                     }
-                } else if let Ok(f) = TorchFile::open(&target) {
-                    let root = f.root.clone();
+                } else if let Ok((f, root)) = TorchFile::open(&target) {
                     read_all(&Source::Torch(f), &root, 0);
                 }
             }

@@ -178,26 +178,27 @@ struct Entry {
     len: u64,
 }
 
-/// An opened `torch.save` file: its object, and the archive its tensors are read from.
+/// An opened `torch.save` file: the archive its tensors are read from (shared by threads;
+/// the object [`TorchFile::open`] returns beside it is not).
 pub struct TorchFile {
     path: PathBuf,
     file: File,
     /// The archive's top folder (torch names it after the file).
     prefix: String,
     entries: HashMap<String, Entry>,
-    pub root: Value,
 }
 
 impl TorchFile {
-    pub fn open(path: &Path) -> Result<TorchFile> {
+    /// The file and the object it holds.
+    pub fn open(path: &Path) -> Result<(TorchFile, Value)> {
         Self::open_part(path, None)
     }
 
     /// A `torch.save` archive inside a file: `len` bytes from byte `at` (one item of a
     /// `torch.distributed.checkpoint` data file), or the whole file.
-    pub fn open_part(path: &Path, part: Option<(u64, u64)>) -> Result<TorchFile> {
+    pub fn open_part(path: &Path, part: Option<(u64, u64)>) -> Result<(TorchFile, Value)> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let read = || -> Result<TorchFile> {
+        let read = || -> Result<(TorchFile, Value)> {
             let size = file.metadata()?.len();
             let (at, len) = part.unwrap_or((0, size));
             if at.checked_add(len).is_none_or(|end| end > size) {
@@ -226,13 +227,15 @@ impl TorchFile {
             let keys: Vec<String> = entries.keys().cloned().collect();
             let root = pickle::load(&data, &mut |pid| storage_of(pid, &prefix, &keys), &rebuild)
                 .context("data.pkl")?;
-            Ok(TorchFile {
-                path: path.to_path_buf(),
-                file: file.try_clone()?,
-                prefix,
-                entries,
+            Ok((
+                TorchFile {
+                    path: path.to_path_buf(),
+                    file: file.try_clone()?,
+                    prefix,
+                    entries,
+                },
                 root,
-            })
+            ))
         };
         read().with_context(|| match part {
             Some((at, _)) => format!("{} (the item at byte {at})", path.display()),
@@ -752,8 +755,8 @@ mod tests {
     /// first (a view at offset 3 of the same storage).
     #[test]
     fn tensors_read_as_torch_saved_them_views_included() {
-        let f = TorchFile::open(&fixture("views.pt")).unwrap();
-        let t = |k: &str| match f.root.get(k) {
+        let (f, root) = TorchFile::open(&fixture("views.pt")).unwrap();
+        let t = |k: &str| match root.get(k) {
             Some(Value::Tensor(t)) => t,
             other => panic!("{k}: {other:?}"),
         };
@@ -776,8 +779,8 @@ mod tests {
 
     #[test]
     fn views_that_overflow_or_repeat_their_storage_are_refused() {
-        let f = TorchFile::open(&fixture("views.pt")).unwrap();
-        let Some(Value::Tensor(a)) = f.root.get("a.weight") else {
+        let (f, root) = TorchFile::open(&fixture("views.pt")).unwrap();
+        let Some(Value::Tensor(a)) = root.get("a.weight") else {
             panic!()
         };
         for (shape, stride, offset) in [
@@ -828,15 +831,15 @@ mod tests {
         }
         // a tensor's elements come from its storage's entry: zeroing those bytes zeroes it
         let mut short = good.clone();
-        let f = TorchFile::open(&fixture("views.pt")).unwrap();
-        let Some(Value::Tensor(a)) = f.root.get("a.weight") else {
+        let (f, root) = TorchFile::open(&fixture("views.pt")).unwrap();
+        let Some(Value::Tensor(a)) = root.get("a.weight") else {
             panic!()
         };
         let e = f.entries[&format!("{}data/{}", f.prefix, a.storage.key)];
         short[e.at as usize..(e.at + e.len) as usize].fill(0);
         let p = dir.path().join("zeroed.pt");
         std::fs::write(&p, &short).unwrap();
-        let z = TorchFile::open(&p).unwrap();
+        let (z, _) = TorchFile::open(&p).unwrap();
         assert_eq!(z.f32s(&a).unwrap(), [0.0; 6]);
     }
 
@@ -860,12 +863,12 @@ mod tests {
         ]);
         save(&path, &root, &[&big, &small]).unwrap();
         drop(big);
-        let f = TorchFile::open(&path).unwrap();
-        let Some(Value::Tensor(s)) = f.root.get("small") else {
+        let (f, root) = TorchFile::open(&path).unwrap();
+        let Some(Value::Tensor(s)) = root.get("small") else {
             panic!()
         };
         assert_eq!(f.f32s(&s).unwrap(), small);
-        let Some(Value::Tensor(mut b)) = f.root.get("big") else {
+        let Some(Value::Tensor(mut b)) = root.get("big") else {
             panic!()
         };
         assert!(f.entries.values().any(|e| e.at > 0xffff_ffff));
