@@ -41,18 +41,6 @@ pub struct Dcp {
     bytes: HashMap<String, Place>,
 }
 
-/// The integers of a `torch.Size` (pickled as a call with a list) or of a tuple or list.
-fn ints(v: &Value) -> Option<Vec<usize>> {
-    let items = match v {
-        Value::Object(o) => o.args.items()?.first()?.items()?,
-        _ => v.items()?,
-    };
-    items
-        .iter()
-        .map(|x| x.as_int().and_then(|i| usize::try_from(i).ok()))
-        .collect()
-}
-
 impl Dcp {
     pub fn open(dir: &Path) -> Result<Dcp> {
         let path = dir.join(".metadata");
@@ -75,7 +63,7 @@ impl Dcp {
             let fqn = fqn
                 .as_str()
                 .ok_or_else(|| at(format!("a storage key named by {}", fqn.kind())))?;
-            let offset = k.attr("offset").and_then(|o| ints(&o));
+            let offset = k.attr("offset").and_then(|o| o.usizes());
             let file = field(&v, "relative_path")?;
             let place = Place {
                 file: file
@@ -108,13 +96,14 @@ impl Dcp {
                 bytes.insert(fqn, place);
                 continue;
             };
-            let size =
-                ints(&field(&v, "size")?).ok_or_else(|| at(format!("`{fqn}` has no size")))?;
+            let size = field(&v, "size")?
+                .usizes()
+                .ok_or_else(|| at(format!("`{fqn}` has no size")))?;
             let mut list = Vec::new();
             for c in chunks.items().unwrap_or_default() {
                 let (Some(offsets), Some(sizes)) = (
-                    c.attr("offsets").and_then(|o| ints(&o)),
-                    c.attr("sizes").and_then(|o| ints(&o)),
+                    c.attr("offsets").and_then(|o| o.usizes()),
+                    c.attr("sizes").and_then(|o| o.usizes()),
                 ) else {
                     bail!(at(format!("a chunk of `{fqn}` without offsets and sizes")));
                 };

@@ -23,8 +23,8 @@ usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [
 
 train      trains (on a GPU when one is usable, else on the CPU: --device auto); resumes from
            the newest checkpoint in save_folder if there is one, else starts from load_path
-           (ours, or OLMo's step{N}-unsharded; reset_trainer_state, reset_optimizer_state,
-           restore_dataloader, fast_forward_batches as OLMo) if given.
+           (ours, or OLMo's step{N}-unsharded or sharded step{N}; reset_trainer_state,
+           reset_optimizer_state, restore_dataloader, fast_forward_batches as OLMo) if given.
 batch-at   prints the instances (file, token offset, first tokens) of global step STEP (0-based)
            in OLMo's data order: NumPy PCG64(seed + epoch) permutation of all seq_len windows.
            --from-run: the instances a run recorded in its data-indices (after a fast-forward

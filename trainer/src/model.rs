@@ -379,8 +379,6 @@ impl Layout {
 }
 
 impl Layout {
-    /// Weight decay on or off per tensor, in layout order: OLMo decays Linear weights, and
-    /// embeddings and norm weights only when asked.
     /// A flat buffer cut into each tensor's part, in layout order.
     pub fn split_mut<'a>(&self, mut buf: &'a mut [f32]) -> Vec<&'a mut [f32]> {
         let mut parts = Vec::with_capacity(self.tensors.len());
@@ -396,6 +394,8 @@ impl Layout {
         parts
     }
 
+    /// Weight decay on or off per tensor, in layout order: OLMo decays Linear weights, and
+    /// embeddings and norm weights only when asked.
     pub fn decay_mask(&self, embeddings: bool, norms: bool) -> Vec<bool> {
         self.tensors
             .iter()

@@ -628,17 +628,15 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut lost = Vec::new();
 
-    let tensors = |from: usize| -> Vec<(Value, Value)> {
-        layout
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (text(&t.name), f32_tensor(from + i, &t.shape)))
-            .collect()
-    };
+    let model = layout
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (text(&t.name), f32_tensor(i, &t.shape)))
+        .collect();
     crate::torch_file::save(
         &tmp.join("model.pt"),
-        &Value::dict(tensors(0)),
+        &Value::dict(model),
         &slices(&layout, &l.params),
     )?;
 

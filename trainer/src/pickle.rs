@@ -84,6 +84,23 @@ impl Value {
         }
     }
 
+    /// A non-negative int as a size or an index.
+    pub fn as_usize(&self) -> Option<usize> {
+        self.as_int().and_then(|i| usize::try_from(i).ok())
+    }
+
+    /// The sizes a list or tuple of ints holds, or a `torch.Size` (pickled as a call of it
+    /// with such a list).
+    pub fn usizes(&self) -> Option<Vec<usize>> {
+        let items = match self {
+            Value::Object(o) if matches!(&o.callable, Value::Global(m, n) if m == "torch" && n == "Size") => {
+                o.args.items()?.first()?.items()?
+            }
+            _ => self.items()?,
+        };
+        items.iter().map(Value::as_usize).collect()
+    }
+
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),

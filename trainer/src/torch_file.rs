@@ -374,15 +374,8 @@ fn storage_of(pid: Value, prefix: &str, keys: &[String]) -> Result<Value> {
 }
 
 fn usizes(v: &Value, what: &str) -> Result<Vec<usize>> {
-    v.items()
-        .ok_or_else(|| anyhow!("a tensor {what} that is {}", v.kind()))?
-        .iter()
-        .map(|x| {
-            x.as_int()
-                .and_then(|i| usize::try_from(i).ok())
-                .ok_or_else(|| anyhow!("a tensor {what} entry that is {}", x.kind()))
-        })
-        .collect()
+    v.usizes()
+        .ok_or_else(|| anyhow!("a tensor {what} that is {}, not a list of sizes", v.kind()))
 }
 
 /// The calls `torch.save`'s pickles make that the reader builds: dicts and tensors.
@@ -400,8 +393,7 @@ fn rebuild(module: &str, name: &str, args: &Value) -> Result<Option<Value>> {
             let t = TensorRef {
                 storage: storage.clone(),
                 offset: offset
-                    .as_int()
-                    .and_then(|i| usize::try_from(i).ok())
+                    .as_usize()
                     .ok_or_else(|| anyhow!("a storage offset that is {}", offset.kind()))?,
                 shape: usizes(size, "size")?,
                 stride: usizes(stride, "stride")?,
