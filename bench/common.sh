@@ -31,3 +31,14 @@ reference_dolma() {
 seconds_since() {
   python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$1"
 }
+
+# corpus_dir [DIR]: echoes DIR (default ../shared/corpus/documents) as an absolute path, or
+# says it is missing and fails: the benchmarks need ../shared, which a clone does not have.
+corpus_dir() {
+  local dir=${1:-../shared/corpus/documents}
+  if [ ! -d "$dir" ]; then
+    echo "corpus $dir not found: this benchmark needs ../shared/corpus (not part of a clone)" >&2
+    return 1
+  fi
+  (cd "$dir" && pwd)
+}

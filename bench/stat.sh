@@ -13,13 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 ROOT=$(pwd)
-CORPUS=${1:-../shared/corpus/documents}
+CORPUS=$(corpus_dir "${1:-}")
 PROCS=${2:-2}
-if [ ! -d "$CORPUS" ]; then
-  echo "corpus $CORPUS not found: this benchmark needs ../shared/corpus (not part of a clone)" >&2
-  exit 1
-fi
-CORPUS=$(cd "$CORPUS" && pwd)
 WORK=$(mktemp -d /tmp/dolma-bench-stat.XXXXXX)
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 cp -r "$CORPUS" "$WORK/documents"

@@ -14,13 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 ROOT=$(pwd)
-CORPUS=${1:-../shared/corpus/documents}
+CORPUS=$(corpus_dir "${1:-}")
 PROCS=${2:-2}
-if [ ! -d "$CORPUS" ]; then
-  echo "corpus $CORPUS not found: this benchmark needs ../shared/corpus (not part of a clone)" >&2
-  exit 1
-fi
-CORPUS=$(cd "$CORPUS" && pwd)
 MODEL="$ROOT/tests/data/models/lid.176.ftz"
 TAGGERS=${TAGGERS:-"char_length_v1 whitespace_tokenizer_v1 gopher_v1 c4_v2 pii_regex_with_counts_fast_v2 repetitions_v1 ft_lang_id_en_doc_v2"}
 WORK=$(mktemp -d /tmp/dolma-bench-tag.XXXXXX)
