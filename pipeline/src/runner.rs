@@ -272,6 +272,7 @@ impl Summary {
 }
 
 /// A unit of work: one input, and the outputs whose existence means it is done.
+#[derive(Clone)]
 pub struct Task {
     pub input: Input,
     pub outputs: Vec<PathBuf>,

@@ -155,6 +155,8 @@ fn for_each_value(
     let path = reader.path().to_string();
     let mut stats = FileStats::default();
     let mut last_bytes = 0;
+    // each attribute's histogram names, made once (not for every span)
+    let mut histograms: HashMap<String, [String; 2]> = HashMap::new();
     loop {
         let (line, n) = match reader.next_line()? {
             None => break,
@@ -177,9 +179,9 @@ fn for_each_value(
                 "{path}:{n}: not an attributes line ({e}): one {{\"id\": ..., \"attributes\": {{name: [[start, end, score], ...]}}}} object is expected (--skip-bad-lines skips such lines)"
             ),
         };
-        let mut names: Vec<(&String, &Spans)> = parsed.attributes.iter().collect();
-        names.sort_by_key(|(k, _)| *k);
-        for (name, spans) in names {
+        let mut attrs: Vec<(&String, &Spans)> = parsed.attributes.iter().collect();
+        attrs.sort_by_key(|(k, _)| *k);
+        for (name, spans) in attrs {
             if regex.is_some_and(|r| !r.is_match(name)) {
                 continue;
             }
@@ -197,8 +199,13 @@ fn for_each_value(
                 if !score.is_finite() || !start.is_finite() || !end.is_finite() {
                     bail!("{path}:{n}: attribute `{name}` has a span [{start}, {end}, {score}] that is not finite");
                 }
-                f(&format!("{name}/score"), score);
-                f(&format!("{name}/length"), end - start);
+                if !histograms.contains_key(name) {
+                    let names = [format!("{name}/score"), format!("{name}/length")];
+                    histograms.insert(name.clone(), names);
+                }
+                let [score_name, length_name] = &histograms[name];
+                f(score_name, score);
+                f(length_name, end - start);
             }
         }
         stats.docs += 1;
@@ -378,19 +385,16 @@ pub fn run(cfg: StatConfig) -> Result<()> {
     if cfg.attributes.is_empty() {
         bail!("no attribute files given (set `attributes`)");
     }
-    // every file is read each time (a summary is no file's output)
-    let tasks = || -> Result<Vec<Task>> {
-        Ok(expand_inputs(&cfg.attributes)
-            .context("attributes")?
-            .into_iter()
-            .map(|input| Task {
-                input,
-                outputs: Vec::new(),
-            })
-            .collect())
-    };
-    let first_tasks = tasks()?;
-    let n_files = first_tasks.len();
+    // every file is read on each pass (a summary is no file's output)
+    let tasks: Vec<Task> = expand_inputs(&cfg.attributes)
+        .context("attributes")?
+        .into_iter()
+        .map(|input| Task {
+            input,
+            outputs: Vec::new(),
+        })
+        .collect();
+    let n_files = tasks.len();
     let opts = RunOptions::new(
         cfg.processes,
         true,
@@ -403,7 +407,7 @@ pub fn run(cfg: StatConfig) -> Result<()> {
     // Pass 1: ranges, sums and distinct values, each file's folded in file order.
     let pending: Mutex<(usize, BTreeMap<usize, FileRanges>, FileRanges)> =
         Mutex::new((0, BTreeMap::new(), FileRanges::new()));
-    let first = runner::run("stat", first_tasks, &opts, |index, task, progress| {
+    let first = runner::run("stat", tasks.clone(), &opts, |index, task, progress| {
         let mut mine = FileRanges::new();
         let stats = for_each_value(
             task,
@@ -471,7 +475,7 @@ pub fn run(cfg: StatConfig) -> Result<()> {
     );
     let mut seconds = first.elapsed.as_secs_f64();
     if !wide.is_empty() {
-        let second = runner::run("stat (histograms)", tasks()?, &opts, |_, task, progress| {
+        let second = runner::run("stat (histograms)", tasks, &opts, |_, task, progress| {
             let mut mine: HashMap<&str, Counts> = HashMap::new();
             let stats = for_each_value(task, &opts, progress, regex.as_ref(), &mut |k, v| {
                 if let Some((key, (b, b10))) = wide.get_key_value(k) {
