@@ -583,6 +583,25 @@ mod tests {
     use crate::model::ModelConfig;
     use crate::ops::NormKind;
 
+    /// A trainer state at `step` of a run from the start on one window, for `optimizer`.
+    fn state_at(step: u64, layout: &Layout, optimizer: &str) -> TrainerState {
+        TrainerState {
+            step,
+            epoch: 0,
+            global_train_examples_seen_this_epoch: 0,
+            global_train_tokens_seen: 0,
+            seed: 0,
+            world_size: 1,
+            instances: 1,
+            seq_len: 1,
+            num_params: layout.total as u64,
+            optimizer_steps: step,
+            lr_warmup_from: None,
+            min_train_loss: None,
+            optimizer: optimizer.into(),
+        }
+    }
+
     #[test]
     fn a_checkpoint_reads_back_exactly_and_a_cut_one_is_an_error() {
         let layout = Layout::new(&ModelConfig::tiny(NormKind::Rms, true, false));
@@ -595,21 +614,7 @@ mod tests {
         let norms: Vec<Option<f32>> = (0..layout.tensors.len())
             .map(|i| (i % 2 == 0).then_some(i as f32 + 0.5))
             .collect();
-        let state = TrainerState {
-            step: 3,
-            epoch: 0,
-            global_train_examples_seen_this_epoch: 0,
-            global_train_tokens_seen: 0,
-            seed: 0,
-            world_size: 1,
-            instances: 1,
-            seq_len: 1,
-            num_params: layout.total as u64,
-            optimizer_steps: 3,
-            lr_warmup_from: None,
-            min_train_loss: None,
-            optimizer: "adamw".into(),
-        };
+        let state = state_at(3, &layout, "adamw");
         let ck = Checkpoint {
             layout: &layout,
             params: &p,
@@ -674,21 +679,7 @@ mod tests {
         let zeros = vec![0.0; layout.total];
         let dir = tempfile::tempdir().unwrap();
         let save_at = |step: u64, kind: Kind, optimizer: &str| {
-            let state = TrainerState {
-                step,
-                epoch: 0,
-                global_train_examples_seen_this_epoch: 0,
-                global_train_tokens_seen: 0,
-                seed: 0,
-                world_size: 1,
-                instances: 1,
-                seq_len: 1,
-                num_params: layout.total as u64,
-                optimizer_steps: step,
-                lr_warmup_from: None,
-                min_train_loss: None,
-                optimizer: optimizer.into(),
-            };
+            let state = state_at(step, &layout, optimizer);
             let ck = Checkpoint {
                 layout: &layout,
                 params: &zeros,
