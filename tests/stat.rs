@@ -38,6 +38,15 @@ fn stat(patterns: &[String], report: &Path, extra: &[&str]) -> (BTreeMap<String,
     (lines, String::from_utf8(out.stdout).unwrap())
 }
 
+/// A JSON array of numbers.
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_f64().unwrap())
+        .collect()
+}
+
 /// dolma's resolution: five decimal digits of the binary mantissa (`math.frexp`).
 fn dolma_quantum(v: f64) -> f64 {
     if v == 0.0 {
@@ -72,12 +81,7 @@ fn totals_sums_and_exact_histograms_match_dolma_s_analyzer() {
         let o = &ours[name];
         assert_eq!(o["total"], g["total"], "{name}");
         assert_eq!(o["sum"].as_f64(), g["sum"].as_f64(), "{name}");
-        let bins: Vec<f64> = o["bins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b.as_f64().unwrap())
-            .collect();
+        let bins = floats(&o["bins"]);
         let listed = bins.len() == o["counts"].as_array().unwrap().len() + 1;
         if listed
             && bins[..bins.len() - 1]
@@ -154,12 +158,7 @@ fn past_bins_distinct_values_the_range_is_binned() {
             .iter()
             .map(|c| c.as_u64().unwrap())
             .collect();
-        let bins: Vec<f64> = l["bins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b.as_f64().unwrap())
-            .collect();
+        let bins = floats(&l["bins"]);
         assert_eq!(
             counts.iter().sum::<u64>(),
             l["total"].as_u64().unwrap(),
