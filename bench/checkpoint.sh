@@ -11,10 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TORCH_VENV:-bench/.venv-torch}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, safetensors" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch numpy safetensors
-fi
+. bench/common.sh
+python_venv "$VENV" "torch, safetensors" torch numpy safetensors
 cargo build --release -q -p olmo-train --example read_checkpoint
 WORK=${WORK:-/tmp/olmo-train-checkpoint-bench}
 rm -rf "$WORK" && mkdir -p "$WORK/ours"

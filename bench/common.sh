@@ -27,6 +27,17 @@ reference_dolma() {
   (cd "$venv" && pwd)
 }
 
+# python_venv VENV "IMPORTS" PACKAGE...: makes VENV and pip-installs the packages into it
+# unless its python can already `import IMPORTS` (comma-separated modules).
+python_venv() {
+  local venv=$1 imports=$2
+  shift 2
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import $imports" 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "$@"
+  fi
+}
+
 # seconds_since START: elapsed seconds (float) since a `date +%s.%N` stamp.
 seconds_since() {
   python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$1"

@@ -14,10 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-60}
 VENV=${TORCH_VENV:-bench/.venv-torch}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, yaml, safetensors, transformers" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch numpy pyyaml safetensors transformers
-fi
+. bench/common.sh
+python_venv "$VENV" "torch, yaml, safetensors, transformers" torch numpy pyyaml safetensors transformers
 if [ ! -f out/sample/tokens/part-00000-00004.npy ]; then
   ./quickstart.sh >/dev/null
 fi

@@ -20,10 +20,8 @@ if [ ! -d "$CORPUS" ]; then
   exit 1
 fi
 VENV=${TORCH_VENV:-bench/.venv-torch}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, yaml, safetensors, transformers" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch numpy pyyaml safetensors transformers
-fi
+. bench/common.sh
+python_venv "$VENV" "torch, yaml, safetensors, transformers" torch numpy pyyaml safetensors transformers
 cargo build --release -q -p dolma -p olmo-train
 WORK=${WORK:-/tmp/olmo-train-bench}
 mkdir -p "$WORK"

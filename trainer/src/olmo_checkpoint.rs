@@ -10,7 +10,8 @@
 //!
 //! Names are made compatible as OLMo's `_make_state_dict_compatible` does: FSDP's
 //! `_fsdp_wrapped_module.` dropped, `block_groups.{g}.{i}` flattened to blocks, and an old
-//! shared `norm` serving as both `attn_norm` and `ff_norm`.
+//! shared `norm` serving as both `attn_norm` and `ff_norm`; and DDP's `module.` dropped from
+//! the `param_names` of a run OLMo trained without FSDP.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -171,9 +172,14 @@ fn dcp_tree(d: &Dcp, prefix: &str, depth: usize) -> Result<Value> {
     ))
 }
 
-/// A state-dict key under the names this trainer's layout uses.
+/// A state-dict key under the names this trainer's layout uses. A run OLMo trained with
+/// `distributed_strategy: ddp` names its optimizer's parameters through the DDP wrapper
+/// (`module.transformer...`), though its `model.pt` has the bare names.
 fn compatible(key: &str, group_size: usize) -> String {
     let key = key.replace("_fsdp_wrapped_module.", "");
+    let key = key
+        .strip_prefix("module.")
+        .map_or(key.clone(), str::to_string);
     if let Some(rest) = key.strip_prefix("transformer.block_groups.") {
         let mut parts = rest.splitn(3, '.');
         if let (Some(g), Some(i), Some(tail)) = (parts.next(), parts.next(), parts.next()) {
@@ -804,6 +810,10 @@ mod tests {
         assert_eq!(
             compatible("transformer.block_groups.x.2.att_proj.weight", 4),
             "transformer.block_groups.x.2.att_proj.weight"
+        );
+        assert_eq!(
+            compatible("module.transformer.blocks.0.ff_out.weight", 1),
+            "transformer.blocks.0.ff_out.weight"
         );
     }
 

@@ -113,12 +113,17 @@ impl Run {
     }
 
     fn metrics(&self, out: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path(out).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        json_lines(&self.path(out).join("metrics.jsonl"))
     }
+}
+
+/// A JSON-lines file's records.
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Rewrites a config file with text replacements, in order.
@@ -336,6 +341,12 @@ fn data_index_lines(path: &Path) -> Vec<(u64, Vec<u32>)> {
     flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
         .read_to_string(&mut text)
         .unwrap();
+    index_lines(&text)
+}
+
+/// Data-indices text (OLMo's format: step, then each instance, tab-separated) as (step,
+/// indices) lines.
+fn index_lines(text: &str) -> Vec<(u64, Vec<u32>)> {
     text.lines()
         .map(|l| {
             let mut f = l.split('\t').map(|x| x.parse::<u64>().unwrap());
@@ -1177,6 +1188,49 @@ fn olmo_s_unsharded_checkpoints_are_read_and_written_continuing_as_ours() {
     refused(
         &r.train(&config("sharded", &sharded), &[]),
         "sharded by its legacy checkpointer (per-rank FSDP shards, rank{R}.pt), which olmo-train does not read: unshard it with OLMo's scripts/unshard.py",
+    );
+}
+
+/// `tests/data/olmo/by-olmo` was written by OLMo's own trainer (ai2-olmo 0.6.0, on CPU, one
+/// DDP rank, fp32; `make_by_olmo.sh`): `Run::config`'s model trained 4 steps on `Run::new`'s
+/// tokens, its step2-unsharded checkpoint kept with what it logged at each step and the
+/// instances of each batch. Continued here from that checkpoint, steps 3 and 4 train on the
+/// batches OLMo's did, at its learning rates, to its losses and grad norms (to float32
+/// rounding: the engines sum in different orders). A DDP run names its optimizer's
+/// parameters `module.transformer...`: a bare-name fixture did not catch that.
+#[test]
+fn a_checkpoint_olmo_s_trainer_wrote_continues_as_olmo_did() {
+    let r = Run::new();
+    let by_olmo = olmo_fixtures().join("by-olmo");
+    let cfg = r.continuing("go", &by_olmo.join("step2-unsharded"));
+    ok(&r.train(&cfg, &["--precision=fp32"]));
+    let olmo = json_lines(&by_olmo.join("metrics.jsonl"));
+    let ours = r.metrics("go");
+    for step in [3u64, 4] {
+        let find = |rows: &[serde_json::Value]| {
+            rows.iter()
+                .find(|m| m["step"] == step && m.get("train/CrossEntropyLoss").is_some())
+                .unwrap_or_else(|| panic!("no step {step}"))
+                .clone()
+        };
+        let (o, u) = (find(&olmo), find(&ours));
+        for (key, tol) in [
+            ("train/CrossEntropyLoss", 1e-6),
+            ("optim/total_grad_norm", 1e-5),
+            ("optim/learning_rate_group0", 1e-6),
+        ] {
+            let (a, b) = (o[key].as_f64().unwrap(), u[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= tol * a.abs(),
+                "step {step} {key}: OLMo {a}, ours {b}"
+            );
+        }
+    }
+    let olmo_batches =
+        index_lines(&std::fs::read_to_string(by_olmo.join("data-indices.tsv")).unwrap());
+    assert_eq!(
+        data_index_lines(&r.path("go/data-indices/rank0.tsv.gz")),
+        olmo_batches[2..].to_vec()
     );
 }
 
