@@ -2,8 +2,10 @@
 # Makes by-olmo/: a checkpoint OLMo's own trainer wrote, and what it did next, for
 # tests/train.rs. OLMo 0.6.0 (`ai2-olmo`, through bench/olmo_run.py: its Trainer on CPU, one
 # DDP rank, fp32) trains the model of the tests' `Run::config` on the tests' periodic token
-# files for 4 steps, saving step2-unsharded. Kept: that checkpoint, each step's metrics as
-# OLMo reported them (loss, LR, grad norm) and its data-indices (the instances of each batch).
+# files for 52 steps (an epoch is 48: 384 windows of 16 tokens, 8 a batch), saving an unsharded
+# checkpoint every 2 steps. Kept: step2-unsharded and step46-unsharded (two steps before the
+# epoch ends), each step's metrics as OLMo reported them (loss, LR, grad norm) and its
+# data-indices (the instances of each batch).
 #
 #   trainer/tests/data/olmo/make_by_olmo.sh    (OLMO_VENV: default bench/.venv-olmo, made by
 #                                               bench/olmo_interop.sh)
@@ -53,8 +55,8 @@ device_train_microbatch_size: 8
 max_grad_norm: 1.0
 precision: fp32
 distributed_strategy: ddp
-max_duration: 4
-stop_at: 4
+max_duration: 52
+stop_at: 52
 save_folder: $work/run
 save_interval: 1000
 save_interval_unsharded: 2
@@ -64,7 +66,7 @@ YAML
 (cd "$root" && "$PY" bench/olmo_run.py "$work/run.yaml" "$work/metrics.jsonl") > "$work/log" 2>&1 || {
   tail -20 "$work/log"; exit 1; }
 rm -rf "$here/by-olmo" && mkdir -p "$here/by-olmo"
-cp -r "$work/run/step2-unsharded" "$here/by-olmo/"
+cp -r "$work/run/step2-unsharded" "$work/run/step46-unsharded" "$here/by-olmo/"
 cp "$work/run/data-indices.tsv" "$here/by-olmo/"
 "$PY" - "$work/metrics.jsonl" "$here/by-olmo/metrics.jsonl" <<'PYEOF'
 import json, sys
