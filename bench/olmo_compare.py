@@ -1,10 +1,11 @@
 """Compares, for bench/olmo_interop.sh, each resumed run in WORK with the run that never
-stopped: loss, grad norm and LR at steps 5-8, and the instances of each batch.
+stopped: loss, grad norm and LR at steps 5-8, and the instances of each batch on each rank.
 
-    python olmo_compare.py WORK
+    python olmo_compare.py WORK [RANKS]
 """
-import gzip, json, sys
+import gzip, json, os, sys
 work = sys.argv[1]
+ranks = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 
 def metrics(path):
     rows = {}
@@ -14,19 +15,25 @@ def metrics(path):
             rows[int(m["step"]) if "step" in m else int(m["_step"])] = m
     return rows
 
-def indices(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return {int(s): i for s, i in (l.rstrip("\n").split("\t", 1) for l in f if l.strip())}
+def indices(folder):
+    """{(rank, step): the batch's instances} from FOLDER/data-indices/rank{R}.tsv[.gz]."""
+    rows = {}
+    for rank in range(ranks):
+        path = f"{folder}/data-indices/rank{rank}.tsv"
+        opener = gzip.open if os.path.exists(path + ".gz") else open
+        with opener(path + ".gz" if opener is gzip.open else path, "rt") as f:
+            for line in f:
+                if line.strip():
+                    step, batch = line.rstrip("\n").split("\t", 1)
+                    rows[(rank, int(step))] = batch
+    return rows
 
 KEYS = [("train/CrossEntropyLoss", "loss"), ("optim/total_grad_norm", "grad norm"),
         ("optim/learning_rate_group0", "lr")]
 ok = True
 for name, straight, resumed, s_idx, r_idx in [
-    ("B (OLMo -> olmo-train)", f"{work}/olmo.jsonl", f"{work}/b/metrics.jsonl",
-     f"{work}/olmo/data-indices.tsv", f"{work}/b/data-indices/rank0.tsv.gz"),
-    ("A (olmo-train -> OLMo)", f"{work}/ours/metrics.jsonl", f"{work}/a.jsonl",
-     f"{work}/ours/data-indices/rank0.tsv.gz", f"{work}/a/data-indices.tsv"),
+    ("B (OLMo -> olmo-train)", f"{work}/olmo.jsonl", f"{work}/b/metrics.jsonl", f"{work}/olmo", f"{work}/b"),
+    ("A (olmo-train -> OLMo)", f"{work}/ours/metrics.jsonl", f"{work}/a.jsonl", f"{work}/ours", f"{work}/a"),
 ]:
     s, r = metrics(straight), metrics(resumed)
     si, ri = indices(s_idx), indices(r_idx)
@@ -41,7 +48,7 @@ for name, straight, resumed, s_idx, r_idx in [
             a, b = float(s[step][key]), float(r[step][key])
             worst[key] = max(worst[key], abs(a - b) / max(abs(a), 1e-30))
             cells.append(f"{a:.8g} {b:.8g}")
-        same = si.get(step) is not None and si.get(step) == ri.get(step)
+        same = all(si.get((k, step)) is not None and si.get((k, step)) == ri.get((k, step)) for k in range(ranks))
         ok &= same
         print(f"{step:4} | " + " | ".join(f"{c:>27}" for c in cells) + f" | {'same' if same else 'DIFFERENT'}")
     print("largest relative difference: " + ", ".join(f"{label} {worst[key]:.1e}" for key, label in KEYS))

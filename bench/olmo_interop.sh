@@ -96,11 +96,12 @@ PY="$VENV/bin/python"
 # Model and optimizer variants, as command-line overrides both trainers take: OLMo's blocks;
 # OLMo 2's (RMSNorm with weights, norms after, q/k norms, untied output, norms and biases
 # decayed); Llama's with grouped-query attention and a linear schedule; clip_qkv with OLMo's
-# LionW and adaptive clipping, embeddings decayed.
+# LionW and adaptive clipping, embeddings decayed; and OLMo's block on two DDP ranks (both
+# trainers launched by torchrun, 16 windows a rank), each rank's batches compared.
 variant_overrides() {
   local rms="--model.layer_norm_type=rms --model.layer_norm_with_affine=true --model.weight_tying=false"
   case $1 in
-    olmo) ;;
+    olmo | ddp2) ;;
     olmo2) echo "$rms --model.layer_norm_eps=1e-6 --model.rope_theta=500000 --model.norm_after=true" \
       "--model.attention_layer_norm=true --optimizer.decay_norm_and_bias=true" ;;
     llama-gqa) echo "$rms --model.n_kv_heads=2 --scheduler.name=linear_with_warmup" ;;
@@ -109,18 +110,24 @@ variant_overrides() {
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
-VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion}
+VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion ddp2}
 status=0
 for variant in $VARIANTS; do
   W=$WORK/$variant
   mkdir -p "$W"
   # shellcheck disable=SC2046 # the overrides are words
   set -- $(variant_overrides "$variant")
+  ranks=1 olmo_launch=("$PY") ours_launch=()
+  if [ "$variant" = ddp2 ]; then
+    ranks=2
+    olmo_launch=("$VENV/bin/torchrun" --standalone --nproc_per_node=2)
+    ours_launch=("${olmo_launch[@]}" --no-python)
+  fi
   log() { echo "$W/$1.log"; }
-  olmo() { local name=$1; shift; "$PY" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" >"$(log "$name")" 2>&1 ||
-    { tail -20 "$(log "$name")"; exit 1; }; }
-  ours() { local name=$1; shift; "$BIN" train "$WORK/run.yaml" "$@" >"$(log "$name")" 2>&1 ||
-    { tail -20 "$(log "$name")"; exit 1; }; }
+  olmo() { local name=$1; shift; "${olmo_launch[@]}" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" \
+    >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
+  ours() { local name=$1; shift; "${ours_launch[@]}" "$BIN" train "$WORK/run.yaml" "$@" \
+    >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
   echo "== $variant ${*:-(the config as it stands)}"
   echo "   OLMo: steps 1-8; olmo-train resumes its step4-unsharded"
   olmo olmo --save_folder="$W/olmo" "$@"
@@ -129,7 +136,7 @@ for variant in $VARIANTS; do
   ours ours --save_folder="$W/ours" --save_interval=4 "$@"
   "$BIN" export-olmo "$W/ours/step4" "$W/ours-step4-unsharded" >/dev/null
   olmo a --save_folder="$W/a" --load_path="$W/ours-step4-unsharded" "$@"
-  "$PY" bench/olmo_compare.py "$W" || status=1
+  "$PY" bench/olmo_compare.py "$W" "$ranks" || status=1
 done
 exit $status
 

@@ -3,10 +3,12 @@
     python olmo_run.py CONFIG.yaml METRICS.jsonl [--key=value ...]
 
 OLMo's scripts/train.py insists on CUDA and NCCL; this is its main() with the device set to the
-CPU, one DDP rank over gloo and no evaluators. Everything that matters for a resume is OLMo's
+CPU, DDP over gloo (one rank, or as many as torchrun starts) and no evaluators. Everything that matters for a resume is OLMo's
 code: its config loader, model, optimizer and param groups, scheduler, data loader (global
 order and resume position), FullCheckpointer and Trainer.fit. Each step's metrics, as
-Trainer.train_step returns them with fit's learning rates, go to METRICS.jsonl as one JSON line.
+Trainer.train_step returns them with fit's learning rates, go to METRICS.jsonl as one JSON line
+(rank 0's: OLMo reduces the loss over the ranks there); each rank's data-indices to
+save_folder/data-indices/rank{R}.tsv.
 """
 import json
 import os
@@ -45,7 +47,7 @@ def main() -> None:
     cfg = TrainConfig.load(config, [clean_opt(s) for s in overrides])
 
     cfg.model.precision = cfg.precision
-    cfg.device_train_batch_size = cfg.global_train_batch_size
+    cfg.device_train_batch_size = cfg.global_train_batch_size // dist.get_world_size()
     cfg.device_train_grad_accum = cfg.device_train_batch_size // cfg.device_train_microbatch_size
     seed_all(cfg.seed)
     train_loader = build_train_dataloader(cfg)
@@ -54,9 +56,10 @@ def main() -> None:
     optim = build_optimizer(cfg, dist_model)
     scheduler = build_scheduler(cfg)
 
-    os.makedirs(cfg.save_folder, exist_ok=True)
-    indices = open(os.path.join(cfg.save_folder, "data-indices.tsv"), "w")
-    out = open(metrics_path, "w")
+    rank = dist.get_rank()
+    os.makedirs(os.path.join(cfg.save_folder, "data-indices"), exist_ok=True)
+    indices = open(os.path.join(cfg.save_folder, "data-indices", f"rank{rank}.tsv"), "w")
+    out = open(metrics_path if rank == 0 else os.devnull, "w")
     with Trainer(
         cfg=cfg,
         epoch=cfg.epoch,

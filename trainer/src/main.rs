@@ -16,7 +16,7 @@ usage: olmo-train train [-c] CONFIG [--device auto|cpu|cuda[:N]] [--threads N] [
        olmo-train batch-at STEP -c CONFIG [--epoch E] [--rank R --world-size W] [--from-run SAVE_FOLDER] [--KEY=VALUE ...]
        olmo-train export-hf CHECKPOINT_DIR OUTPUT_DIR
        olmo-train import-hf HF_DIR OUTPUT_DIR -c CONFIG [--KEY=VALUE ...]
-       olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR
+       olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR [--distributed_strategy fsdp|ddp]
        olmo-train eval [-c] CONFIG [--checkpoint DIR] [--device D] [--KEY=VALUE ...]
        olmo-train info [-c] CONFIG [--KEY=VALUE ...]
        olmo-train gpu-check [--device cuda:N] [--attention both|materialised|flash] [--train-steps N] [--olmo-1b-steps N] [--olmo2-1b-steps N] [--micro N] [--gemm-reps N] [--tokens FILE]
@@ -36,6 +36,8 @@ import-hf  reads a transformers OLMo or Llama-layout folder (sharded, F32/BF16/F
            reset_trainer_state + reset_optimizer_state (fine-tuning).
 export-olmo writes a checkpoint as OLMo's unsharded one (model.pt, optim.pt, train.pt), which
            OLMo's trainer resumes and its scripts read; load_path reads those folders too.
+           optim.pt takes the form of the OLMo run that will resume it: FSDP's (OLMo's
+           default) or DDP's, as the checkpoint's distributed_strategy says unless given.
 eval       scores a checkpoint (default: the newest in save_folder) with the config's evaluators.
 info       prints the model's size and FLOPs per token.
 gpu-check  on a GPU machine: CUDA engine vs CPU engine, a short training run, OLMo-1B speed.
@@ -417,11 +419,26 @@ fn export(args: &[String]) -> Result<()> {
 }
 
 fn export_olmo(args: &[String]) -> Result<()> {
-    let [ck, out] = args else {
-        bail!("usage: olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR");
+    use olmo_train::olmo_checkpoint::{export, Strategy};
+    let usage =
+        "usage: olmo-train export-olmo CHECKPOINT_DIR OUTPUT_DIR [--distributed_strategy fsdp|ddp]";
+    let flag = |f: &str| f.replace('-', "_");
+    let (ck, out, strategy): (&String, &String, Option<String>) = match args {
+        [ck, out] => (ck, out, None),
+        [ck, out, f, s] if flag(f) == "__distributed_strategy" => (ck, out, Some(s.clone())),
+        [ck, out, f] => match flag(f).strip_prefix("__distributed_strategy=") {
+            Some(s) => (ck, out, Some(s.to_string())),
+            None => bail!(usage),
+        },
+        _ => bail!(usage),
+    };
+    let ck = Path::new(ck);
+    let strategy = match strategy {
+        Some(s) => Strategy::parse(&s)?,
+        None => Strategy::of_checkpoint(ck)?,
     };
     let out = Path::new(out);
-    for lost in olmo_train::olmo_checkpoint::export(Path::new(ck), out)? {
+    for lost in export(ck, out, strategy)? {
         eprintln!("olmo-train: not carried over: {lost}");
     }
     let files: Vec<String> = ["model.pt", "optim.pt", "train.pt", "config.yaml"]

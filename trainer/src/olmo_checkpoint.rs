@@ -553,37 +553,111 @@ fn map(items: Vec<(&str, Value)>) -> Value {
     Value::dict(items.into_iter().map(|(k, v)| (text(k), v)).collect())
 }
 
-/// OLMo's param groups as its `get_param_groups` makes them: decayed tensors, then the
-/// others with weight decay 0, each sorted by name, empty ones left out.
-fn param_groups(cfg: &TrainConfig, layout: &Layout) -> Value {
+/// The optimizer state dict's form OLMo's trainer saves, which depends on how it wraps the
+/// model (`distributed_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// FSDP's full optimizer state dict: state keyed by name, groups marked `sharded`, so
+    /// the grad norm is summed over the ranks' shards. OLMo's default.
+    Fsdp,
+    /// A plain `state_dict()`: state keyed by index, `param_names` through DDP's `module.`,
+    /// not `sharded`. OLMo's DDP path loads an optimizer state as it stands, so a `sharded`
+    /// flag would make each rank's whole-gradient norm count once per rank (√world too big).
+    Ddp,
+}
+
+impl Strategy {
+    /// `distributed_strategy` in a checkpoint's `config.yaml` (OLMo's default, FSDP, when
+    /// it says none).
+    pub fn of_checkpoint(dir: &Path) -> Result<Strategy> {
+        let path = dir.join("config.yaml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let v: serde_json::Value = serde_saphyr::from_str(&text)
+            .with_context(|| format!("{}: not YAML", path.display()))?;
+        match &v["distributed_strategy"] {
+            serde_json::Value::Null => Ok(Strategy::Fsdp),
+            s => Strategy::parse(s.as_str().unwrap_or_default())
+                .with_context(|| format!("{}: distributed_strategy", path.display())),
+        }
+    }
+
+    /// OLMo's names: `fsdp`, `ddp`.
+    pub fn parse(s: &str) -> Result<Strategy> {
+        match s {
+            "fsdp" => Ok(Strategy::Fsdp),
+            "ddp" => Ok(Strategy::Ddp),
+            other => {
+                bail!("`{other}`: OLMo's unsharded checkpoints come from `fsdp` or `ddp` runs")
+            }
+        }
+    }
+}
+
+/// A config number held as `f32` here, as the Python float the config's text gives OLMo
+/// (0.1, not 0.10000000149011612): OLMo's DDP path takes betas, eps and weight decay from the
+/// saved param groups.
+fn py(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// The order OLMo's optimizer holds the tensors in (indices into `layout.tensors`), one list
+/// per param group as its `get_param_groups` makes them: decayed tensors, then the others with
+/// weight decay 0, each sorted by name, empty ones left out.
+fn group_order(cfg: &TrainConfig, layout: &Layout) -> Vec<(bool, Vec<usize>)> {
     let o = &cfg.optimizer;
     let decay = layout.decay_mask(o.decay_embeddings, o.decay_norm_and_bias);
+    [true, false]
+        .into_iter()
+        .filter_map(|decayed| {
+            let mut ids: Vec<usize> = (0..layout.tensors.len())
+                .filter(|&i| decay[i] == decayed)
+                .collect();
+            ids.sort_by(|&a, &b| layout.tensors[a].name.cmp(&layout.tensors[b].name));
+            (!ids.is_empty()).then_some((decayed, ids))
+        })
+        .collect()
+}
+
+/// OLMo's param groups, in `strategy`'s form: the groups of [`group_order`], their tensors
+/// by name (FSDP) or by their index in that order (DDP).
+fn param_groups(cfg: &TrainConfig, layout: &Layout, strategy: Strategy) -> Value {
+    let o = &cfg.optimizer;
     let opt = |x: Option<f64>| x.map_or(Value::None, Value::Float);
     let mut groups = Vec::new();
-    for (decayed, wd) in [(true, o.weight_decay as f64), (false, 0.0)] {
-        let mut names: Vec<&str> = layout
-            .tensors
-            .iter()
-            .zip(&decay)
-            .filter(|(_, d)| **d == decayed)
-            .map(|(t, _)| t.name.as_str())
-            .collect();
-        if names.is_empty() {
-            continue;
-        }
-        names.sort();
-        let names = || Value::list(names.iter().map(|n| text(n)).collect());
+    let mut index = 0;
+    for (decayed, ids) in group_order(cfg, layout) {
+        let wd = if decayed { py(o.weight_decay) } else { 0.0 };
+        let name = |i: &usize| layout.tensors[*i].name.as_str();
+        let (param_names, params) = match strategy {
+            Strategy::Fsdp => {
+                let names = Value::list(ids.iter().map(|i| text(name(i))).collect());
+                (names.clone(), names)
+            }
+            Strategy::Ddp => {
+                let first = index;
+                index += ids.len() as i64;
+                (
+                    Value::list(
+                        ids.iter()
+                            .map(|i| text(&format!("module.{}", name(i))))
+                            .collect(),
+                    ),
+                    Value::list((first..index).map(Value::Int).collect()),
+                )
+            }
+        };
         groups.push(map(vec![
-            ("lr", Value::Float(o.learning_rate as f64)),
-            ("initial_lr", Value::Float(o.learning_rate as f64)),
+            ("lr", Value::Float(py(o.learning_rate))),
+            ("initial_lr", Value::Float(py(o.learning_rate))),
             (
                 "betas",
                 Value::Tuple(vec![
-                    Value::Float(o.betas.0 as f64),
-                    Value::Float(o.betas.1 as f64),
+                    Value::Float(py(o.betas.0)),
+                    Value::Float(py(o.betas.1)),
                 ]),
             ),
-            ("eps", Value::Float(o.eps as f64)),
+            ("eps", Value::Float(py(o.eps))),
             ("weight_decay", Value::Float(wd)),
             ("amsgrad", Value::Bool(false)),
             ("maximize", Value::Bool(false)),
@@ -591,11 +665,11 @@ fn param_groups(cfg: &TrainConfig, layout: &Layout) -> Value {
             ("capturable", Value::Bool(false)),
             ("differentiable", Value::Bool(false)),
             ("fused", Value::None),
-            ("sharded", Value::Bool(true)),
-            ("max_grad_norm", opt(cfg.max_grad_norm.map(|x| x as f64))),
+            ("sharded", Value::Bool(strategy == Strategy::Fsdp)),
+            ("max_grad_norm", opt(cfg.max_grad_norm.map(py))),
             ("max_grad_norm_ratio", opt(cfg.max_grad_norm_ratio)),
-            ("param_names", names()),
-            ("params", names()),
+            ("param_names", param_names),
+            ("params", params),
         ]));
     }
     Value::list(groups)
@@ -609,10 +683,10 @@ fn slices<'a>(layout: &Layout, v: &'a [f32]) -> Vec<&'a [f32]> {
 /// `export-olmo`: one of our checkpoints as OLMo's unsharded checkpoint folder, which OLMo's
 /// trainer resumes (`--load_path=OUT`; it takes a folder for unsharded by its `-unsharded`
 /// name) and its scripts read (`convert_olmo_to_hf.py`, `OLMo.from_checkpoint`): `model.pt`,
-/// `optim.pt` (FSDP's full optimizer state dict, keyed by name, param groups as OLMo's) and
-/// `train.pt` where the checkpoint has moments and a trainer state, and its `config.yaml`.
-/// Returns what could not be carried over, for the caller to say.
-pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
+/// `optim.pt` (in `strategy`'s form, param groups as OLMo's) and `train.pt` where the
+/// checkpoint has moments and a trainer state, and its `config.yaml`. Returns what could not
+/// be carried over, for the caller to say.
+pub fn export(checkpoint: &Path, out: &Path, strategy: Strategy) -> Result<Vec<String>> {
     let (cfg, _) = TrainConfig::load(&checkpoint.join("config.yaml"))?;
     let (m, _) = cfg.model_config()?;
     let layout = Layout::new(&m);
@@ -662,11 +736,23 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
         let (steps_at, norms_at) = (storages.len(), storages.len() + n);
         storages.extend(steps.iter().map(|s| &s[..]));
         storages.extend(norms.iter().map(|s| &s[..]));
-        let per_tensor = layout
-            .tensors
+        // DDP's state is keyed by each tensor's index in the groups' order, and in that order
+        let visit: Vec<usize> = match strategy {
+            Strategy::Fsdp => (0..n).collect(),
+            Strategy::Ddp => group_order(&cfg, &layout)
+                .into_iter()
+                .flat_map(|(_, ids)| ids)
+                .collect(),
+        };
+        let per_tensor = visit
             .iter()
             .enumerate()
-            .map(|(i, t)| {
+            .map(|(k, &i)| {
+                let t = &layout.tensors[i];
+                let key = match strategy {
+                    Strategy::Fsdp => text(&t.name),
+                    Strategy::Ddp => Value::Int(k as i64),
+                };
                 let mut s = vec![("exp_avg", f32_tensor(i, &t.shape))];
                 if !lion {
                     s.push(("exp_avg_sq", f32_tensor(n + i, &t.shape)));
@@ -675,12 +761,12 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Vec<String>> {
                 if l.grad_norm_exp_avg.get(i).is_some_and(|g| g.is_some()) {
                     s.push(("grad_norm_exp_avg", f32_tensor(norms_at + i, &[])));
                 }
-                (text(&t.name), map(s))
+                (key, map(s))
             })
             .collect();
         let root = map(vec![
             ("state", Value::dict(per_tensor)),
-            ("param_groups", param_groups(&cfg, &layout)),
+            ("param_groups", param_groups(&cfg, &layout, strategy)),
         ]);
         crate::torch_file::save(&tmp.join("optim.pt"), &root, &storages)?;
         if let Some(from) = state.lr_warmup_from {

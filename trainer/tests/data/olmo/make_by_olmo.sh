@@ -67,7 +67,7 @@ YAML
   tail -20 "$work/log"; exit 1; }
 rm -rf "$here/by-olmo" && mkdir -p "$here/by-olmo"
 cp -r "$work/run/step2-unsharded" "$work/run/step46-unsharded" "$here/by-olmo/"
-cp "$work/run/data-indices.tsv" "$here/by-olmo/"
+cp "$work/run/data-indices/rank0.tsv" "$here/by-olmo/data-indices.tsv"
 "$PY" - "$work/metrics.jsonl" "$here/by-olmo/metrics.jsonl" <<'PYEOF'
 import json, sys
 keys = ["step", "train/CrossEntropyLoss", "optim/total_grad_norm", "optim/learning_rate_group0"]
