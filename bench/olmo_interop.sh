@@ -111,6 +111,12 @@ variant_overrides() {
   esac
 }
 VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion ddp2}
+# run NAME ARGS...: OLMo's trainer or olmo-train on run.yaml, in $W, launched as $variant asks
+log() { echo "$W/$1.log"; }
+olmo() { local name=$1; shift; "${olmo_launch[@]}" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" \
+  >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
+ours() { local name=$1; shift; "${ours_launch[@]}" "$BIN" train "$WORK/run.yaml" "$@" \
+  >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
 status=0
 for variant in $VARIANTS; do
   W=$WORK/$variant
@@ -123,11 +129,6 @@ for variant in $VARIANTS; do
     olmo_launch=("$VENV/bin/torchrun" --standalone --nproc_per_node=2)
     ours_launch=("${olmo_launch[@]}" --no-python)
   fi
-  log() { echo "$W/$1.log"; }
-  olmo() { local name=$1; shift; "${olmo_launch[@]}" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" \
-    >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
-  ours() { local name=$1; shift; "${ours_launch[@]}" "$BIN" train "$WORK/run.yaml" "$@" \
-    >"$(log "$name")" 2>&1 || { tail -20 "$(log "$name")"; exit 1; }; }
   echo "== $variant ${*:-(the config as it stands)}"
   echo "   OLMo: steps 1-8; olmo-train resumes its step4-unsharded"
   olmo olmo --save_folder="$W/olmo" "$@"
@@ -138,5 +139,26 @@ for variant in $VARIANTS; do
   olmo a --save_folder="$W/a" --load_path="$W/ours-step4-unsharded" "$@"
   "$PY" bench/olmo_compare.py "$W" "$ranks" || status=1
 done
+
+# OLMo's options for starting from a checkpoint: OLMo and olmo-train each resume OLMo's step 4
+# (of the `olmo` variant) with the option, and must train alike.
+OPTIONS=${OPTIONS:-reset_optimizer_state reset_trainer_state fast_forward_batches=2 restore_dataloader=false}
+ck=$WORK/olmo/olmo/step4-unsharded
+if [ -n "$OPTIONS" ] && [ -d "$ck" ]; then
+  W=$WORK/options ranks=1 olmo_launch=("$PY") ours_launch=()
+  mkdir -p "$W"
+  pairs=()
+  for opt in $OPTIONS; do
+    name=${opt%%=*}
+    [ "$opt" = "$name" ] && opt=$opt=true
+    echo "== resuming OLMo's step 4 with --$opt"
+    olmo "olmo-$name" --save_folder="$W/olmo-$name" --load_path="$ck" "--$opt"
+    ours "ours-$name" --save_folder="$W/ours-$name" --load_path="$ck" "--$opt"
+    pairs+=("--$opt: OLMo | olmo-train" "olmo-$name" "ours-$name")
+  done
+  "$PY" bench/olmo_compare.py "$W" 1 "${pairs[@]}" || status=1
+elif [ -n "$OPTIONS" ]; then
+  echo "== resume options skipped: they start from the olmo variant's checkpoint ($ck)"
+fi
 exit $status
 

@@ -3,7 +3,8 @@
     python olmo_run.py CONFIG.yaml METRICS.jsonl [--key=value ...]
 
 OLMo's scripts/train.py insists on CUDA and NCCL; this is its main() with the device set to the
-CPU, DDP over gloo (one rank, or as many as torchrun starts) and no evaluators. Everything that matters for a resume is OLMo's
+CPU, DDP over gloo (one rank, or as many as torchrun starts) and no evaluators; a load_path
+is restored as it does (the bolt-on LR warmup after reset_optimizer_state included). Everything that matters for a resume is OLMo's
 code: its config loader, model, optimizer and param groups, scheduler, data loader (global
 order and resume position), FullCheckpointer and Trainer.fit. Each step's metrics, as
 Trainer.train_step returns them with fit's learning rates, go to METRICS.jsonl as one JSON line
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from olmo.config import CheckpointType, TrainConfig
 from olmo.data import build_train_dataloader
 from olmo.model import OLMo
-from olmo.optim import build_optimizer, build_scheduler
+from olmo.optim import BoltOnWarmupScheduler, build_optimizer, build_scheduler
 from olmo.torch_util import seed_all
 from olmo.train import Trainer
 from olmo.util import clean_opt, prepare_cli_environment
@@ -78,6 +79,10 @@ def main() -> None:
                 load_optimizer_state=not cfg.reset_optimizer_state,
                 load_trainer_state=not cfg.reset_trainer_state,
             )
+            if cfg.reset_optimizer_state and not cfg.reset_trainer_state:
+                trainer.scheduler = BoltOnWarmupScheduler.wrap(
+                    trainer.scheduler, trainer.global_step, int(trainer.global_step + cfg.scheduler.t_warmup)
+                )
         train_step = trainer.train_step
 
         def logged_step(batch, **kwargs):

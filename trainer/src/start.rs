@@ -425,15 +425,21 @@ fn from_load_path(
                 )),
             }
         } else {
-            // OLMo's restore_dataloader: false: the data order and the count of tokens seen
-            // start again, the step goes on.
+            // OLMo's restore_dataloader: false (0.6.0's load_trainer_state_dict): the data
+            // order, the count of tokens seen and the step all start again; the optimizer's
+            // state, AdamW's update count included, is kept.
             s.epoch = cfg.epoch.unwrap_or(0);
+            s.step = 0;
             s.global_train_examples_seen_this_epoch = 0;
             s.global_train_tokens_seen = 0;
             s.seed = data.seed;
             s.instances = data.instances;
             s.seq_len = data.seq_len;
-            what.push(format!("the data from the start of epoch {}", s.epoch));
+            what.pop();
+            what.push(format!(
+                "step 0 and the data from the start of epoch {} (restore_dataloader: false)",
+                s.epoch
+            ));
         }
         s
     };
