@@ -96,8 +96,10 @@ PY="$VENV/bin/python"
 # Model and optimizer variants, as command-line overrides both trainers take: OLMo's blocks;
 # OLMo 2's (RMSNorm with weights, norms after, q/k norms, untied output, norms and biases
 # decayed); Llama's with grouped-query attention and a linear schedule; clip_qkv with OLMo's
-# LionW and adaptive clipping, embeddings decayed; and OLMo's block on two DDP ranks (both
-# trainers launched by torchrun, 16 windows a rank), each rank's batches compared.
+# LionW and adaptive clipping, embeddings decayed; a schedule in tokens (inverse square root,
+# warmup_min_lr) and a max_duration in tokens; clipping at every step (and t_max); and OLMo's
+# block on two DDP ranks (both trainers launched by torchrun, 16 windows a rank), each rank's
+# batches compared.
 variant_overrides() {
   local rms="--model.layer_norm_type=rms --model.layer_norm_with_affine=true --model.weight_tying=false"
   case $1 in
@@ -107,10 +109,13 @@ variant_overrides() {
     llama-gqa) echo "$rms --model.n_kv_heads=2 --scheduler.name=linear_with_warmup" ;;
     clip-lion) echo "--model.clip_qkv=0.5 --optimizer.name=lionw --optimizer.learning_rate=3e-4" \
       "--max_grad_norm_ratio=1.2 --optimizer.decay_embeddings=true" ;;
+    tokens) echo "--max_duration=16384T --scheduler.name=inverse_sqrt_with_warmup --scheduler.units=tokens" \
+      "--scheduler.t_warmup=6144 --scheduler.warmup_min_lr=3e-4" ;;
+    clip) echo "--max_grad_norm=0.6 --scheduler.t_max=12" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
-VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion ddp2}
+VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion tokens clip ddp2}
 # run NAME ARGS...: OLMo's trainer or olmo-train on run.yaml, in $W, launched as $variant asks
 log() { echo "$W/$1.log"; }
 olmo() { local name=$1; shift; "${olmo_launch[@]}" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" \
