@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One run handed between OLMo's own trainer (the `ai2-olmo` 0.6.0 package, on CPU through
 # bench/olmo_run.py) and olmo-train, both ways, on the sample corpus's shards:
-#   B: OLMo trains 8 steps, saving step4-unsharded; olmo-train resumes that checkpoint (read
-#      without Python) for steps 5-8;
+#   B: OLMo trains 8 steps, saving step 4; olmo-train resumes that checkpoint (read without
+#      Python) for steps 5-8;
 #   A: olmo-train trains 8 steps, saving step4; `export-olmo` writes it as OLMo's unsharded
 #      checkpoint; OLMo resumes it for steps 5-8;
-# for each of VARIANTS (below: OLMo's, OLMo 2's and Llama's blocks, GQA, clip_qkv, LionW,
-# adaptive clipping, the decay groups, two schedules). Each resumed run should match the run
-# that never stopped (bench/olmo_compare.py): the same loss and LR at each step to float32
-# rounding, the grad norm to OLMo's CPU rounding of it, and the same instances in each batch
+# for each of VARIANTS (below: model blocks, optimizers, clipping, schedules, DDP and FSDP
+# ranks), then OLMo's start-from-checkpoint OPTIONS. Each pair should train alike
+# (bench/olmo_compare.py): the same loss and LR at each step to float32 rounding, the grad
+# norm to OLMo's CPU rounding of it, and the same instances in each batch on each rank
 # (data-indices, OLMo's format on both sides).
 #
 #   bench/olmo_interop.sh        (OLMO_VENV: a venv with torch and ai2-olmo 0.6.0, default
 #                                 bench/.venv-olmo, made on first use; WORK: default
-#                                 /tmp/olmo-interop; VARIANTS: default all four)
+#                                 /tmp/olmo-interop; VARIANTS, OPTIONS: default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${OLMO_VENV:-bench/.venv-olmo}
@@ -98,12 +98,14 @@ PY="$VENV/bin/python"
 # decayed); Llama's with grouped-query attention and a linear schedule; clip_qkv with OLMo's
 # LionW and adaptive clipping, embeddings decayed; a schedule in tokens (inverse square root,
 # warmup_min_lr) and a max_duration in tokens; clipping at every step (and t_max); and OLMo's
-# block on two DDP ranks (both trainers launched by torchrun, 16 windows a rank), each rank's
-# batches compared.
+# block on two ranks (both trainers launched by torchrun, 16 windows a rank), each rank's
+# batches compared: DDP; and FSDP, where olmo-train resumes OLMo's sharded checkpoint
+# (torch_new: a torch.distributed.checkpoint folder) and OLMo's FSDP path the export.
 variant_overrides() {
   local rms="--model.layer_norm_type=rms --model.layer_norm_with_affine=true --model.weight_tying=false"
   case $1 in
     olmo | ddp2) ;;
+    fsdp2) echo "--distributed_strategy=fsdp --sharded_checkpointer=torch_new --save_interval=4" ;;
     olmo2) echo "$rms --model.layer_norm_eps=1e-6 --model.rope_theta=500000 --model.norm_after=true" \
       "--model.attention_layer_norm=true --optimizer.decay_norm_and_bias=true" ;;
     llama-gqa) echo "$rms --model.n_kv_heads=2 --scheduler.name=linear_with_warmup" ;;
@@ -115,7 +117,7 @@ variant_overrides() {
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
-VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion tokens clip ddp2}
+VARIANTS=${VARIANTS:-olmo olmo2 llama-gqa clip-lion tokens clip ddp2 fsdp2}
 # run NAME ARGS...: OLMo's trainer or olmo-train on run.yaml, in $W, launched as $variant asks
 log() { echo "$W/$1.log"; }
 olmo() { local name=$1; shift; "${olmo_launch[@]}" bench/olmo_run.py "$WORK/run.yaml" "$W/$name.jsonl" "$@" \
@@ -129,15 +131,17 @@ for variant in $VARIANTS; do
   # shellcheck disable=SC2046 # the overrides are words
   set -- $(variant_overrides "$variant")
   ranks=1 olmo_launch=("$PY") ours_launch=()
-  if [ "$variant" = ddp2 ]; then
+  resume=step4-unsharded
+  [ "$variant" = fsdp2 ] && resume=step4
+  if [ "$variant" = ddp2 ] || [ "$variant" = fsdp2 ]; then
     ranks=2
     olmo_launch=("$VENV/bin/torchrun" --standalone --nproc_per_node=2)
     ours_launch=("${olmo_launch[@]}" --no-python)
   fi
   echo "== $variant ${*:-(the config as it stands)}"
-  echo "   OLMo: steps 1-8; olmo-train resumes its step4-unsharded"
+  echo "   OLMo: steps 1-8; olmo-train resumes its $resume"
   olmo olmo --save_folder="$W/olmo" "$@"
-  ours b --save_folder="$W/b" --load_path="$W/olmo/step4-unsharded" "$@"
+  ours b --save_folder="$W/b" --load_path="$W/olmo/$resume" "$@"
   echo "   olmo-train: steps 1-8; OLMo resumes its step 4, exported"
   ours ours --save_folder="$W/ours" --save_interval=4 "$@"
   "$BIN" export-olmo "$W/ours/step4" "$W/ours-step4-unsharded" >/dev/null

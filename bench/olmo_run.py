@@ -3,7 +3,8 @@
     python olmo_run.py CONFIG.yaml METRICS.jsonl [--key=value ...]
 
 OLMo's scripts/train.py insists on CUDA and NCCL; this is its main() with the device set to the
-CPU, DDP over gloo (one rank, or as many as torchrun starts) and no evaluators; a load_path
+CPU, DDP or FSDP (`distributed_strategy`) over gloo (one rank, or as many as torchrun starts)
+and no evaluators; a load_path
 is restored as it does (the bolt-on LR warmup after reset_optimizer_state included). Everything that matters for a resume is OLMo's
 code: its config loader, model, optimizer and param groups, scheduler, data loader (global
 order and resume position), FullCheckpointer and Trainer.fit. Each step's metrics, as
@@ -17,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from olmo.config import CheckpointType, TrainConfig
@@ -53,7 +55,20 @@ def main() -> None:
     seed_all(cfg.seed)
     train_loader = build_train_dataloader(cfg)
     model = OLMo(cfg.model)
-    dist_model = DDP(model)
+    if cfg.distributed_strategy == "fsdp":
+        # as scripts/train.py wraps it, on the CPU
+        wrap_policy = model.get_fsdp_wrap_policy(cfg.fsdp.wrapping_strategy)
+        dist_model = FSDP(
+            model,
+            sharding_strategy=cfg.fsdp.sharding_strategy,
+            mixed_precision=cfg.fsdp_precision,
+            auto_wrap_policy=wrap_policy,
+            use_orig_params=cfg.fsdp.use_orig_params,
+            limit_all_gathers=True,
+            device_id=torch.device("cpu"),
+        )
+    else:
+        dist_model = DDP(model)
     optim = build_optimizer(cfg, dist_model)
     scheduler = build_scheduler(cfg)
 

@@ -1286,35 +1286,79 @@ fn checkpoints_olmo_s_trainer_wrote_continue_as_olmo_did() {
         let name = format!("from{from}");
         let cfg = r.continuing(&name, &by_olmo.join(format!("step{from}-unsharded")));
         ok(&r.train(&cfg, &["--precision=fp32", "--max_duration=52"]));
-        let ours = r.metrics(&name);
-        let mut worst = 0f64;
-        for step in from + 1..=52 {
-            let find = |rows: &[serde_json::Value]| {
-                rows.iter()
-                    .find(|m| m["step"] == step && m.get("train/CrossEntropyLoss").is_some())
-                    .unwrap_or_else(|| panic!("from step {from}: no step {step}"))
-                    .clone()
-            };
-            let (o, u) = (find(&olmo), find(&ours));
-            for key in [
-                "train/CrossEntropyLoss",
-                "optim/total_grad_norm",
-                "optim/learning_rate_group0",
-            ] {
-                let (a, b) = (o[key].as_f64().unwrap(), u[key].as_f64().unwrap());
-                worst = worst.max((a - b).abs() / a.abs());
-                assert!(
-                    (a - b).abs() <= tol * a.abs(),
-                    "from step {from}, step {step} {key}: OLMo {a}, ours {b}"
-                );
-            }
-        }
+        let worst = assert_logged_as_olmo(&olmo, &r.metrics(&name), from + 1..=52, tol);
         eprintln!("from step {from}: largest relative difference {worst:e}");
         assert_eq!(
             data_index_lines(&r.path(&name).join("data-indices/rank0.tsv.gz")),
             olmo_batches[from as usize..].to_vec()
         );
     }
+}
+
+/// Asserts that at each of `steps` our run logged OLMo's loss, grad norm and LR within `tol`
+/// (relative); returns the largest relative difference.
+fn assert_logged_as_olmo(
+    olmo: &[serde_json::Value],
+    ours: &[serde_json::Value],
+    steps: std::ops::RangeInclusive<u64>,
+    tol: f64,
+) -> f64 {
+    let mut worst = 0f64;
+    for step in steps {
+        let find = |rows: &[serde_json::Value]| {
+            rows.iter()
+                .find(|m| m["step"] == step && m.get("train/CrossEntropyLoss").is_some())
+                .unwrap_or_else(|| panic!("no step {step}"))
+                .clone()
+        };
+        let (o, u) = (find(olmo), find(ours));
+        for key in [
+            "train/CrossEntropyLoss",
+            "optim/total_grad_norm",
+            "optim/learning_rate_group0",
+        ] {
+            let (a, b) = (o[key].as_f64().unwrap(), u[key].as_f64().unwrap());
+            worst = worst.max((a - b).abs() / a.abs());
+            assert!(
+                (a - b).abs() <= tol * a.abs(),
+                "step {step} {key}: OLMo {a}, ours {b}"
+            );
+        }
+    }
+    worst
+}
+
+/// `tests/data/olmo/by-olmo/fsdp` is a sharded checkpoint OLMo's trainer wrote from two FSDP
+/// ranks (`make_by_olmo.sh`; its `torch_new` checkpointer: each rank's chunks in
+/// `model_and_optim/`, `train/rank{R}.pt`), with what it logged and each rank's batches. One
+/// process continuing it trains each step on both ranks' instances, in the global order OLMo's
+/// ranks took turns in, to OLMo's losses.
+#[test]
+fn a_sharded_checkpoint_olmo_s_fsdp_ranks_wrote_continues_in_one_process() {
+    let r = Run::new();
+    let fsdp = olmo_fixtures().join("by-olmo/fsdp");
+    ok(&r.train(
+        &r.continuing("go", &fsdp.join("step2")),
+        &["--precision=fp32"],
+    ));
+    let worst = assert_logged_as_olmo(
+        &json_lines(&fsdp.join("metrics.jsonl")),
+        &r.metrics("go"),
+        3..=4,
+        1e-5,
+    );
+    eprintln!("largest relative difference {worst:e}");
+    let rank =
+        |k: u32| index_lines(&std::fs::read_to_string(fsdp.join(format!("rank{k}.tsv"))).unwrap());
+    let global: Vec<(u64, Vec<u32>)> = rank(0)
+        .into_iter()
+        .zip(rank(1))
+        .map(|((step, a), (_, b))| (step, a.iter().zip(&b).flat_map(|(x, y)| [*x, *y]).collect()))
+        .collect();
+    assert_eq!(
+        data_index_lines(&r.path("go/data-indices/rank0.tsv.gz")),
+        global[2..].to_vec()
+    );
 }
 
 /// `tests/data/olmo/step2-sharded` is OLMo's sharded checkpoint (its `torch_new`

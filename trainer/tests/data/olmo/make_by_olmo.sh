@@ -5,7 +5,11 @@
 # files for 52 steps (an epoch is 48: 384 windows of 16 tokens, 8 a batch), saving an unsharded
 # checkpoint every 2 steps. Kept: step2-unsharded and step46-unsharded (two steps before the
 # epoch ends), each step's metrics as OLMo reported them (loss, LR, grad norm) and its
-# data-indices (the instances of each batch).
+# data-indices (the instances of each batch). Then the same model on two FSDP ranks for 4 steps
+# (under torchrun, 4 windows a rank), saving sharded checkpoints with OLMo's `torch_new`
+# checkpointer: kept, by-olmo/fsdp/ with step2/ (model_and_optim/ as
+# torch.distributed.checkpoint writes it, train/rank{0,1}.pt), the metrics and each rank's
+# data-indices.
 #
 #   trainer/tests/data/olmo/make_by_olmo.sh    (OLMO_VENV: default bench/.venv-olmo, made by
 #                                               bench/olmo_interop.sh)
@@ -68,7 +72,9 @@ YAML
 rm -rf "$here/by-olmo" && mkdir -p "$here/by-olmo"
 cp -r "$work/run/step2-unsharded" "$work/run/step46-unsharded" "$here/by-olmo/"
 cp "$work/run/data-indices/rank0.tsv" "$here/by-olmo/data-indices.tsv"
-"$PY" - "$work/metrics.jsonl" "$here/by-olmo/metrics.jsonl" <<'PYEOF'
+# keep FROM TO: each step's loss, grad norm and LR from OLMo's metrics
+keep() {
+  "$PY" - "$1" "$2" <<'PYEOF'
 import json, sys
 keys = ["step", "train/CrossEntropyLoss", "optim/total_grad_norm", "optim/learning_rate_group0"]
 with open(sys.argv[2], "w") as out:
@@ -76,4 +82,15 @@ with open(sys.argv[2], "w") as out:
         m = json.loads(line)
         out.write(json.dumps({k: m[k] for k in keys}) + "\n")
 PYEOF
-ls -l "$here/by-olmo" "$here/by-olmo/step2-unsharded"
+}
+keep "$work/metrics.jsonl" "$here/by-olmo/metrics.jsonl"
+(cd "$root" && "$(dirname "$PY")/torchrun" --standalone --nproc_per_node=2 bench/olmo_run.py \
+  "$work/run.yaml" "$work/fsdp-metrics.jsonl" --save_folder="$work/fsdp" --distributed_strategy=fsdp \
+  --sharded_checkpointer=torch_new --save_interval=2 --save_interval_unsharded=null \
+  --device_train_microbatch_size=4 --max_duration=4 --stop_at=4) > "$work/fsdp-log" 2>&1 || {
+  tail -20 "$work/fsdp-log"; exit 1; }
+mkdir -p "$here/by-olmo/fsdp"
+cp -r "$work/fsdp/step2" "$here/by-olmo/fsdp/"
+cp "$work/fsdp/data-indices/rank0.tsv" "$work/fsdp/data-indices/rank1.tsv" "$here/by-olmo/fsdp/"
+keep "$work/fsdp-metrics.jsonl" "$here/by-olmo/fsdp/metrics.jsonl"
+find "$here/by-olmo" -type f | sort | xargs ls -l
