@@ -577,8 +577,12 @@ impl Strategy {
             .with_context(|| format!("{}: not YAML", path.display()))?;
         match &v["distributed_strategy"] {
             serde_json::Value::Null => Ok(Strategy::Fsdp),
-            s => Strategy::parse(s.as_str().unwrap_or_default())
-                .with_context(|| format!("{}: distributed_strategy", path.display())),
+            s => Strategy::parse(s.as_str().unwrap_or_default()).with_context(|| {
+                format!(
+                    "{}: distributed_strategy (give the OLMo run's with --distributed_strategy fsdp|ddp)",
+                    path.display()
+                )
+            }),
         }
     }
 

@@ -1251,6 +1251,29 @@ fn export_olmo_writes_the_optimizer_form_of_olmo_s_ddp_runs() {
         .iter()
         .any(|l| l.contains("module.transformer.wte.weight")));
     assert_eq!(optim_form(&ddp.join("optim.pt")), olmo_s);
+    // a checkpoint of a run configured for DDP is exported in DDP's form unasked; one whose
+    // strategy OLMo's unsharded checkpoints do not come from is asked about
+    let from = |name: &str, strategy: &str| {
+        let ck = r.path(name);
+        copy_folder(&fixtures.join("step2"), &ck, &[]);
+        let cfg = ck.join("config.yaml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("{text}\ndistributed_strategy: {strategy}\n")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_olmo-train"))
+            .arg("export-olmo")
+            .args([ck.clone(), r.path(&format!("{name}-olmo/step2-unsharded"))])
+            .output()
+            .unwrap()
+    };
+    ok(&from("ddp-run", "ddp"));
+    assert_eq!(
+        optim_form(&r.path("ddp-run-olmo/step2-unsharded/optim.pt")),
+        olmo_s
+    );
+    refused(
+        &from("single-run", "single"),
+        "distributed_strategy (give the OLMo run's with --distributed_strategy fsdp|ddp)",
+    );
     // the FSDP form (the default) differs, and both continue as ours
     let fsdp = r.path("fsdp/step2-unsharded");
     ok(&export(&fsdp, &[]));
