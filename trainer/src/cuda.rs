@@ -16,12 +16,21 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::backend::{Backend, StateFn, Update};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
-use crate::gpu::{cu, peak_bf16_flops, Arg, GemmLib, Gpu, Mem, BLOCK};
+use crate::gpu::{cu, peak_bf16_flops, vec_width, Arg, GemmLib, Gpu, Mem, BLOCK};
 use crate::model::{
     logit_chunk_rows, Batch, Checkpointing, LayerOffsets, Layout, Model, ModelConfig, Scores,
 };
 use crate::ops::{NormKind, RopeTable, IGNORE};
 use crate::optim::Optimizer;
+
+/// Bytes per element of an activation buffer.
+fn elem_bytes(b: Buf) -> usize {
+    if b.bf16 {
+        2
+    } else {
+        4
+    }
+}
 
 /// Blocks of the gradient norm's sum of squares (one partial sum each).
 const SUMSQ_BLOCKS: usize = 4096;
@@ -456,14 +465,11 @@ impl CudaEngine {
     fn refresh_bf16(&self) -> Result<()> {
         if let Some(bf) = &self.params_bf {
             let n = self.layout.total;
+            let (x, y) = (self.gpu.ptr(&self.params, 0), self.gpu.ptr(bf, 0));
             self.gpu.launch_n(
                 "cast_bf16",
-                n,
-                &[
-                    Arg::P(self.gpu.ptr(&self.params, 0)),
-                    Arg::P(self.gpu.ptr(bf, 0)),
-                    Arg::L(n as i64),
-                ],
+                n / vec_width(2, &[n], &[x, y]),
+                &[Arg::P(x), Arg::P(y), Arg::L(n as i64)],
             )?;
         }
         Ok(())
@@ -490,14 +496,11 @@ impl CudaEngine {
             });
         }
         let copy: Mem<u16> = self.gpu.scratch(s.len())?;
+        let (n, x, y) = (s.len(), self.gpu.ptr(s, 0), self.gpu.ptr(&copy, 0));
         self.gpu.launch_n(
             "cast_bf16",
-            s.len(),
-            &[
-                Arg::P(self.gpu.ptr(s, 0)),
-                Arg::P(self.gpu.ptr(&copy, 0)),
-                Arg::L(s.len() as i64),
-            ],
+            n / vec_width(2, &[n], &[x, y]),
+            &[Arg::P(x), Arg::P(y), Arg::L(n as i64)],
         )?;
         Ok(Prepared {
             buf: Buf {
@@ -1001,11 +1004,13 @@ impl CudaEngine {
             Act::F32(_) => "rope",
             Act::Bf16(_) => "rope_bf16",
         };
+        let x = self.out_buf(qkv);
+        let v = vec_width(elem_bytes(x), &[half, c.qkv_width()], &[x.ptr]);
         self.gpu.launch_n(
             name,
-            rows * heads * half,
+            rows * heads * half / v,
             &[
-                Arg::P(self.out_buf(qkv).ptr),
+                Arg::P(x.ptr),
                 self.p(&self.cos),
                 self.p(&self.sin),
                 Arg::L(rows as i64),
@@ -1117,12 +1122,14 @@ impl CudaEngine {
             Act::F32(_) => ("swiglu_fwd", Act::F32(self.gpu.scratch(rows * h)?)),
             Act::Bf16(_) => ("swiglu_fwd_bf16", Act::Bf16(self.gpu.scratch(rows * h)?)),
         };
+        let (xb, yb) = (self.out_buf(x), self.out_buf(&y));
+        let v = vec_width(elem_bytes(xb), &[h], &[xb.ptr, yb.ptr]);
         self.gpu.launch_n(
             name,
-            rows * h,
+            rows * h / v,
             &[
-                Arg::P(self.out_buf(x).ptr),
-                Arg::P(self.out_buf(&y).ptr),
+                Arg::P(xb.ptr),
+                Arg::P(yb.ptr),
                 Arg::L(rows as i64),
                 Arg::I(h as i32),
             ],
@@ -1141,13 +1148,15 @@ impl CudaEngine {
             ),
             _ => bail!("SwiGLU backward over mixed f32 and bf16 buffers"),
         };
+        let (dyb, xb, dxb) = (self.out_buf(dy), self.out_buf(x), self.out_buf(&dx));
+        let v = vec_width(elem_bytes(xb), &[h], &[dyb.ptr, xb.ptr, dxb.ptr]);
         self.gpu.launch_n(
             name,
-            rows * h,
+            rows * h / v,
             &[
-                Arg::P(self.out_buf(dy).ptr),
-                Arg::P(self.out_buf(x).ptr),
-                Arg::P(self.out_buf(&dx).ptr),
+                Arg::P(dyb.ptr),
+                Arg::P(xb.ptr),
+                Arg::P(dxb.ptr),
                 Arg::L(rows as i64),
                 Arg::I(h as i32),
             ],

@@ -21,6 +21,29 @@ __device__ __forceinline__ float ld(const bf16_t* p, long i) { return bf2f(p[i])
 __device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16_t* p, long i, float v) { p[i] = f2bf(v); }
 
+// 16 bytes of elements, moved by one load or store: the elementwise kernels over bf16 GEMM
+// operands (SwiGLU, RoPE, casts) are bound by memory and by per-element index arithmetic, and
+// one thread per 16-byte vector does the 64-bit divisions once per 8 bf16 (or 4 f32) elements.
+// Each element's arithmetic is the scalar path's, so both give the same bits.
+struct alignas(16) vec16_t {
+    unsigned w[4];
+};
+template <typename T>
+union pack16 {
+    vec16_t v;
+    T e[16 / sizeof(T)];
+};
+
+// Whether a kernel runs one thread per vector: every count splits into whole vectors of T and
+// every address is 16-byte aligned. The launchers make the same test (`vec_width` in gpu.rs)
+// to size the grid; else one thread per element.
+template <typename T>
+__device__ __forceinline__ bool vec16_ok(long n1, long n2, const void* a, const void* b = 0, const void* c = 0) {
+    const long v = 16 / sizeof(T);
+    return n1 % v == 0 && n2 % v == 0 &&
+           (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15ull) == 0;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -203,6 +226,31 @@ template <typename X>
 __device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
                           int stride, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec16_ok<X>(half, stride, x)) {
+        constexpr int V = 16 / sizeof(X);
+        int hv = half / V;
+        if (idx >= rows * heads * hv) return;
+        int j = (int)(idx % hv) * V;
+        long q = idx / hv;
+        int h = q % heads;
+        long r = q / heads;
+        int t = r % T;
+        long at = r * stride + (long)h * 2 * half;
+        pack16<X> a, b, ra, rb;
+        a.v = *(const vec16_t*)(x + at + j);
+        b.v = *(const vec16_t*)(x + at + j + half);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float c = cosb[t * half + j + k], s = sinb[t * half + j + k];
+            if (inverse) s = -s;
+            float av = ld(a.e, k), bv = ld(b.e, k);
+            st(ra.e, k, av * c - bv * s);
+            st(rb.e, k, bv * c + av * s);
+        }
+        *(vec16_t*)(x + at + j) = ra.v;
+        *(vec16_t*)(x + at + j + half) = rb.v;
+        return;
+    }
     if (idx >= rows * heads * half) return;
     int j = idx % half;
     long q = idx / half;
@@ -375,6 +423,23 @@ extern "C" __global__ void clip_qkv_bwd_bf16(bf16_t* dx, const unsigned* bits, l
 template <typename T>
 __device__ void swiglu_fwd_impl(const T* x, T* y, long rows, int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec16_ok<T>(h, h, x, y)) {
+        constexpr int V = 16 / sizeof(T);
+        int hv = h / V;
+        if (idx >= rows * hv) return;
+        long r = idx / hv;
+        int i = (int)(idx % hv) * V;
+        pack16<T> v, g, out;
+        v.v = *(const vec16_t*)(x + r * 2 * h + i);
+        g.v = *(const vec16_t*)(x + r * 2 * h + h + i);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float a = ld(v.e, k), b = ld(g.e, k);
+            st(out.e, k, b / (1.f + expf(-b)) * a);
+        }
+        *(vec16_t*)(y + r * h + i) = out.v;
+        return;
+    }
     if (idx >= rows * h) return;
     long r = idx / h;
     int i = idx % h;
@@ -385,6 +450,28 @@ __device__ void swiglu_fwd_impl(const T* x, T* y, long rows, int h) {
 template <typename T>
 __device__ void swiglu_bwd_impl(const T* dy, const T* x, T* dx, long rows, int h) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec16_ok<T>(h, h, dy, x, dx)) {
+        constexpr int V = 16 / sizeof(T);
+        int hv = h / V;
+        if (idx >= rows * hv) return;
+        long r = idx / hv;
+        int i = (int)(idx % hv) * V;
+        pack16<T> v, g, d, dv, dg;
+        v.v = *(const vec16_t*)(x + r * 2 * h + i);
+        g.v = *(const vec16_t*)(x + r * 2 * h + h + i);
+        d.v = *(const vec16_t*)(dy + r * h + i);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float vv = ld(v.e, k), gg = ld(g.e, k);
+            float sig = 1.f / (1.f + expf(-gg));
+            float dd = ld(d.e, k);
+            st(dv.e, k, dd * gg * sig);
+            st(dg.e, k, dd * vv * sig * (1.f + gg * (1.f - sig)));
+        }
+        *(vec16_t*)(dx + r * 2 * h + i) = dv.v;
+        *(vec16_t*)(dx + r * 2 * h + h + i) = dg.v;
+        return;
+    }
     if (idx >= rows * h) return;
     long r = idx / h;
     int i = idx % h;
@@ -468,6 +555,20 @@ extern "C" __global__ void cross_entropy(float* logits, bf16_t* dlb, const unsig
 
 extern "C" __global__ void cast_bf16(const float* x, bf16_t* y, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec16_ok<bf16_t>(n, n, x, y)) {  // 8 elements: two f32 vectors into one bf16 vector
+        if (i >= n / 8) return;
+        pack16<float> a, b;
+        pack16<bf16_t> o;
+        a.v = ((const vec16_t*)x)[2 * i];
+        b.v = ((const vec16_t*)x)[2 * i + 1];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            o.e[k] = f2bf(a.e[k]);
+            o.e[4 + k] = f2bf(b.e[k]);
+        }
+        ((vec16_t*)y)[i] = o.v;
+        return;
+    }
     if (i < n) y[i] = f2bf(x[i]);
 }
 

@@ -21,6 +21,21 @@ const SOURCE: &str = include_str!("cuda_kernels.cu");
 /// Threads per block of the element-wise kernels.
 pub(crate) const BLOCK: u32 = 256;
 
+/// Elements per thread of the elementwise kernels that move 16-byte vectors (SwiGLU, RoPE,
+/// `cast_bf16`): a vector of `elem_bytes`-byte elements when every count splits into whole
+/// vectors and every address is 16-byte aligned, else 1. The kernels make the same test
+/// (`vec16_ok` in cuda_kernels.cu), so the grid and the kernel agree.
+pub(crate) fn vec_width(elem_bytes: usize, counts: &[usize], ptrs: &[u64]) -> usize {
+    let v = 16 / elem_bytes;
+    let whole = counts.iter().all(|c| c % v == 0);
+    let aligned = ptrs.iter().all(|p| p % 16 == 0);
+    if whole && aligned {
+        v
+    } else {
+        1
+    }
+}
+
 const KERNELS: &[&str] = &[
     "embed_fwd",
     "embed_bwd",

@@ -209,12 +209,13 @@ fn cols_copy_moves_a_column_block_between_types_and_strides() {
 fn rope_kernel_matches_the_cpu_both_ways() {
     let Some(bin) = emulator() else { return };
     // grouped-query rows: 4 q heads, 2 k heads, 2 v heads
-    let (bsz, t, heads, kv_heads, hd) = (2, 5, 4, 2, 8);
-    let w = (heads + 2 * kv_heads) * hd;
+    // head size 8: f32 rows by 4-element vectors, bf16 rows by element; 16: both by vectors
+    let (bsz, t, heads, kv_heads) = (2, 5, 4, 2);
     let rows = bsz * t;
-    let table = RopeTable::new(16, hd, 10_000.0);
     // q and k rotated in place, in f32 and in bf16
-    for inverse in [false, true] {
+    for (hd, inverse) in [(8, false), (8, true), (16, false), (16, true)] {
+        let w = (heads + 2 * kv_heads) * hd;
+        let table = RopeTable::new(16, hd, 10_000.0);
         let b = Bufs::new();
         let x = rnd(rows * w, 6, 1.0);
         b.put("x", &x);
@@ -581,41 +582,45 @@ fn bf16_softmax_kernels_round_the_cpu_values() {
 #[test]
 fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     let Some(bin) = emulator() else { return };
+    // h = 13: one thread per element; h = 16: per 16-byte vector (4 f32 or 8 bf16; the
+    // emulator's buffers come from malloc, 16-byte aligned)
+    for (rows, h) in [(7, 13), (5, 16)] {
+        let b = Bufs::new();
+        let x = rnd(rows * 2 * h, 9, 3.0);
+        let dy = rnd(rows * h, 10, 1.0);
+        b.put("x", &x);
+        b.put("dy", &dy);
+        b.run(bin, "swiglu", 64, &s![rows, h]);
+        let mut y = vec![0.0; rows * h];
+        ops::swiglu_forward(&x, h, &mut y);
+        let mut dx = vec![0.0; rows * 2 * h];
+        ops::swiglu_backward(&dy, &x, h, &mut dx);
+        close("swiglu_fwd", &b.get("y"), &y, 1e-5);
+        close("swiglu_bwd", &b.get("dx"), &dx, 1e-5);
+        // bf16 in and out: the f32 kernels' results on the rounded inputs, rounded
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        let (xr, dyr) = (round(&x), round(&dy));
+        let f = Bufs::new();
+        f.put("x", &xr);
+        f.put("dy", &dyr);
+        f.run(bin, "swiglu", 64, &s![rows, h]);
+        let bf = Bufs::new();
+        let to_bf16 = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect()
+        };
+        std::fs::write(bf.0.path().join("x"), to_bf16(&xr)).unwrap();
+        std::fs::write(bf.0.path().join("dy"), to_bf16(&dyr)).unwrap();
+        bf.run(bin, "swiglu_bf16", 64, &s![rows, h]);
+        same_bf16("swiglu_fwd_bf16", &bf, "y", &f.get("y"));
+        same_bf16("swiglu_bwd_bf16", &bf, "dx", &f.get("dx"));
+    }
     let b = Bufs::new();
-    let (rows, h) = (7, 13);
-    let x = rnd(rows * 2 * h, 9, 3.0);
-    let dy = rnd(rows * h, 10, 1.0);
-    b.put("x", &x);
-    b.put("dy", &dy);
-    b.run(bin, "swiglu", 64, &s![rows, h]);
-    let mut y = vec![0.0; rows * h];
-    ops::swiglu_forward(&x, h, &mut y);
-    let mut dx = vec![0.0; rows * 2 * h];
-    ops::swiglu_backward(&dy, &x, h, &mut dx);
-    close("swiglu_fwd", &b.get("y"), &y, 1e-5);
-    close("swiglu_bwd", &b.get("dx"), &dx, 1e-5);
-    // bf16 in and out: the f32 kernels' results on the rounded inputs, rounded
-    let round = |v: &[f32]| -> Vec<f32> {
-        v.iter()
-            .map(|&x| half::bf16::from_f32(x).to_f32())
-            .collect()
-    };
-    let (xr, dyr) = (round(&x), round(&dy));
-    let f = Bufs::new();
-    f.put("x", &xr);
-    f.put("dy", &dyr);
-    f.run(bin, "swiglu", 64, &s![rows, h]);
-    let bf = Bufs::new();
-    let to_bf16 = |v: &[f32]| -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
-            .collect()
-    };
-    std::fs::write(bf.0.path().join("x"), to_bf16(&xr)).unwrap();
-    std::fs::write(bf.0.path().join("dy"), to_bf16(&dyr)).unwrap();
-    bf.run(bin, "swiglu_bf16", 64, &s![rows, h]);
-    same_bf16("swiglu_fwd_bf16", &bf, "y", &f.get("y"));
-    same_bf16("swiglu_bwd_bf16", &bf, "dx", &f.get("dx"));
 
     let (n, d, vocab) = (9, 6, 5);
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 1) % vocab).collect();
@@ -645,7 +650,14 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
     }
     close("embed_bwd", &b.get("dwte"), &want_g, 1e-6);
 
-    let n = 1000;
+    // 1000: 8 elements a thread; 1003: one
+    for n in [1000, 1003] {
+        elementwise_kernels_match_the_cpu(bin, n);
+    }
+}
+
+fn elementwise_kernels_match_the_cpu(bin: &Path, n: usize) {
+    let b = Bufs::new();
     let a = rnd(n, 13, 100.0);
     b.put("a", &a);
     b.run(bin, "elementwise", 64, &s![n]);
