@@ -12,7 +12,10 @@
 # the same OLMo-1B in PyTorch on the same GPU (bf16 autocast, SDPA) for comparison; then
 # `olmo-train train` itself: the tiny config for 30 steps in fp32 on the GPU and on the CPU
 # (the final train and eval losses must agree to 1e-3; metrics.jsonl must have the GPU's peak
-# memory), and OLMo-1B for a few steps with the command's own tokens/s, MFU and peak memory.
+# memory); the tiny config in bf16 straight and stopped at step 15 then rerun (same bytes at
+# step 30); two ranks on this GPU summing through the host (one process's loss to 1e-5), then
+# with NCCL (which refuses two ranks on one GPU: shows the error); and OLMo-1B for a few steps
+# with the command's own tokens/s, MFU and peak memory.
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
 # rerun; OLMO2_1B_STEPS=N adds N steps of a 1B model in OLMo 2 blocks, in olmo-train and PyTorch (default 0); TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
@@ -119,6 +122,51 @@ if [ "${TRAIN_CMD:-1}" != 0 ]; then
   grep -q '"System/Peak GPU Memory (MB)"' "$RUNS/tiny-cuda/metrics.jsonl" 2>/dev/null && peak=yes
   echo "| train command, tiny | fp32 | System/Peak GPU Memory (MB) in metrics.jsonl | - | - | $peak |" | tee -a "$LOG"
   [ $peak = yes ] || status=1
+
+  # A run stopped and resumed on the GPU (bf16 mixed precision) must end with the bytes of one
+  # that never stopped: the weights, AdamW's state and the trainer state at step 30.
+  echo "== olmo-train train: the tiny config in bf16, 30 steps straight, and stopped at 15 then rerun"
+  tiny cuda --save_interval=15 --save_folder="$RUNS/straight" | tail -1 | tee -a "$LOG" || status=$?
+  tiny cuda --save_interval=15 --save_folder="$RUNS/resumed" --stop_at=15 | tail -1 | tee -a "$LOG" || status=$?
+  tiny cuda --save_interval=15 --save_folder="$RUNS/resumed" | tail -1 | tee -a "$LOG" || status=$?
+  for f in model.safetensors optim.safetensors train.json; do
+    same=NO
+    cmp -s "$RUNS/straight/step30/$f" "$RUNS/resumed/step30/$f" && same=yes
+    echo "| train command, tiny | bf16 | step30/$f after a resume at step 15: same bytes as straight | - | - | $same |" | tee -a "$LOG"
+    [ $same = yes ] || status=1
+  done
+
+  # Two data-parallel ranks on this one GPU, gradients summed through the host (NCCL refuses
+  # two ranks on one device): each trains on its half of every batch, and together they must
+  # give the single process's losses. Then the same with NCCL, to show how it refuses.
+  two_ranks() {  # label, then VAR=value settings for both ranks
+    local label=$1 port=$((29400 + RANDOM % 500)) pids=() r rc=0
+    shift
+    for r in 0 1; do
+      (
+        [ $# -gt 0 ] && export "$@"
+        export RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port
+        tiny cuda --precision=fp32 --save_folder="$RUNS/tiny-$label"
+      ) >"$RUNS/$label-rank$r.log" 2>&1 &
+      pids+=($!)
+    done
+    for r in 0 1; do wait "${pids[$r]}" || rc=$?; done
+    return $rc
+  }
+  echo "== olmo-train train: the tiny config in fp32, two ranks on this GPU (host all-reduce)"
+  two_ranks host OLMO_TRAIN_NCCL=0 || status=$?
+  tail -1 "$RUNS/host-rank0.log" | tee -a "$LOG"
+  g=$(last host train/CrossEntropyLoss); c=$(last cuda train/CrossEntropyLoss)
+  row=$(awk -v g="$g" -v c="$c" 'BEGIN {
+    if (g == "" || c == "") { print "| train command, tiny | fp32 | 2 ranks: train loss at step 30: missing | - | 1e-05 | NO |"; exit }
+    r = (g > c ? g - c : c - g) / (c > 0 ? c : 1)
+    printf "| train command, tiny | fp32 | 2 ranks: train loss at step 30 %.6f vs 1 process %.6f | %.1e | 1e-05 | %s |\n", g, c, r, (r <= 1e-5 ? "yes" : "NO") }')
+  echo "$row" | tee -a "$LOG"
+  case $row in *"| NO |") status=1 ;; esac
+  echo "== NCCL with two ranks on one GPU (expected to be refused, with an error rather than a hang)"
+  TRAIN_CMD_TIMEOUT=30 two_ranks nccl
+  echo "exit status $?; the ranks' last lines:"
+  tail -n2 "$RUNS/nccl-rank0.log" "$RUNS/nccl-rank1.log"
   echo
   echo "== olmo-train train: OLMo-1B, ${TRAIN_CMD_STEPS:-25} steps of micro-batch ${MICRO:-8} x 2048, bf16, no checkpoint"
   timeout "${TRAIN_CMD_TIMEOUT:-90}" "$BIN" train trainer/configs/OLMo-1B.yaml --device cuda \

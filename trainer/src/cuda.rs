@@ -16,12 +16,51 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::backend::{Backend, StateFn, Update};
 use crate::gemm_plan::{self, Attn, Buf, GemmSpec};
-use crate::gpu::{cu, peak_bf16_flops, vec_width, Arg, GemmLib, Gpu, Mem, BLOCK};
+use crate::gpu::{peak_bf16_flops, vec_width, Arg, GemmLib, Gpu, Mem, BLOCK};
 use crate::model::{
     logit_chunk_rows, Batch, Checkpointing, LayerOffsets, Layout, Model, ModelConfig, Scores,
 };
 use crate::ops::{NormKind, RopeTable, IGNORE};
 use crate::optim::Optimizer;
+
+/// An NCCL failure with its result code and NCCL's own words (cudarc's error prints only
+/// "NcclError").
+fn nccl_error(e: cudarc::nccl::result::NcclError, what: &str) -> anyhow::Error {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // Safety: NCCL returns NUL-terminated static or thread-local strings.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    // cudarc panics on a symbol the library lacks: ncclGetLastError came in NCCL 2.13.
+    // Safety: a lookup in the loaded library; neither call takes a pointer of ours (a null
+    // communicator asks for the thread's last error).
+    let has = |name: &str| unsafe {
+        cudarc::nccl::sys::culib()
+            .get::<unsafe extern "C" fn()>(name.as_bytes())
+            .is_ok()
+    };
+    let (general, last) = unsafe {
+        (
+            text(cudarc::nccl::sys::ncclGetErrorString(e.0)),
+            if has("ncclGetLastError") {
+                text(cudarc::nccl::sys::ncclGetLastError(std::ptr::null_mut()))
+            } else {
+                String::new()
+            },
+        )
+    };
+    let last = if last.is_empty() {
+        String::new()
+    } else {
+        format!(": {last}")
+    };
+    anyhow!("CUDA: {what}: {:?} ({general}){last}", e.0)
+}
 
 /// Bytes per element of an activation buffer.
 fn elem_bytes(b: Buf) -> usize {
@@ -1651,8 +1690,16 @@ impl CudaEngine {
     }
 
     /// Sets up NCCL across the ranks of `tcp` (rank 0's unique id travels over TCP). Without
-    /// libnccl, gradients are summed through the host instead, and this says so.
+    /// libnccl, or with `OLMO_TRAIN_NCCL=0` (NCCL refuses two ranks on one GPU, which is how
+    /// the data-parallel path can be checked on a single GPU), gradients are summed through
+    /// the host instead, and this says so.
     pub fn enable_nccl(&mut self, tcp: &mut crate::dist::Tcp) -> Result<()> {
+        if std::env::var("OLMO_TRAIN_NCCL").is_ok_and(|v| v == "0") {
+            eprintln!(
+                "olmo-train: OLMO_TRAIN_NCCL=0: gradients are summed through the host (slow)"
+            );
+            return Ok(());
+        }
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             eprintln!(
                 "olmo-train: libnccl not found: gradients are summed through the host (slow)"
@@ -1660,7 +1707,7 @@ impl CudaEngine {
             return Ok(());
         }
         let mut bytes = if tcp.rank == 0 {
-            let id = cu(cudarc::nccl::Id::new(), "NCCL id")?;
+            let id = cudarc::nccl::Id::new().map_err(|e| nccl_error(e, "NCCL id"))?;
             id.internal().iter().map(|&c| c as u8).collect()
         } else {
             Vec::new()
@@ -1678,15 +1725,25 @@ impl CudaEngine {
             .stream()
             .ok_or_else(|| anyhow!("NCCL needs a GPU"))?
             .clone();
-        let comm = cu(
-            cudarc::nccl::Comm::from_rank(
-                stream,
-                tcp.rank,
-                tcp.size,
-                cudarc::nccl::Id::uninit(raw),
-            ),
-            "NCCL communicator",
-        )?;
+        let comm = cudarc::nccl::Comm::from_rank(
+            stream,
+            tcp.rank,
+            tcp.size,
+            cudarc::nccl::Id::uninit(raw),
+        )
+        .map_err(|e| {
+            let hint = if e.0 == cudarc::nccl::sys::ncclResult_t::ncclInvalidUsage {
+                " (NCCL refuses two ranks on one GPU: check that LOCAL_RANK differs between \
+                 the ranks of a host, or set OLMO_TRAIN_NCCL=0 to sum gradients through the host)"
+            } else {
+                ""
+            };
+            let what = format!(
+                "creating the NCCL communicator, rank {} of {}",
+                tcp.rank, tcp.size
+            );
+            anyhow!("{}{hint}", nccl_error(e, &what))
+        })?;
         self.nccl = Some(comm);
         Ok(())
     }
@@ -1755,10 +1812,8 @@ impl Backend for CudaEngine {
     fn all_reduce_grads(&mut self, tcp: &mut crate::dist::Tcp) -> Result<()> {
         match (&self.nccl, &mut self.grads) {
             (Some(comm), Mem::Dev(g)) => {
-                cu(
-                    comm.all_reduce_in_place(g, &cudarc::nccl::ReduceOp::Sum),
-                    "NCCL all-reduce",
-                )?;
+                comm.all_reduce_in_place(g, &cudarc::nccl::ReduceOp::Sum)
+                    .map_err(|e| nccl_error(e, "NCCL all-reduce"))?;
             }
             _ => {
                 let mut g = self.gpu.download(&self.grads)?;

@@ -57,7 +57,10 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
     return ncclSuccess;
 }
 
+// NCCL_STANDIN_REFUSE=1: refuse the communicator as NCCL refuses two ranks on one GPU.
 ncclResult_t ncclCommInitRank(Comm** comm, int nranks, ncclUniqueId id, int rank) {
+    const char* refuse = getenv("NCCL_STANDIN_REFUSE");
+    if (refuse && *refuse == '1') FAIL(ncclInvalidUsage, "rank %d of %d: duplicate GPU", rank, nranks);
     if (nranks < 1 || rank < 0 || rank >= nranks) FAIL(ncclInvalidArgument, "rank %d of %d", rank, nranks);
     struct stat st;
     if (stat(id.internal, &st) != 0 || !S_ISDIR(st.st_mode))

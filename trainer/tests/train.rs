@@ -532,9 +532,13 @@ precision: fp32
         err.contains("device cuda:0") && err.contains("CUDA stand-in"),
         "{err}"
     );
-    let ranks = |name: &str| {
+    let ranks = |name: &str, env: &[(&str, &str)]| {
         let cfg = config(name);
-        let (a, b) = two_ranks(|| command(&cfg));
+        let (a, b) = two_ranks(|| {
+            let mut c = command(&cfg);
+            c.envs(env.iter().copied());
+            c
+        });
         let (ea, eb) = (ok(&a), ok(&b));
         assert!(ea.contains("2 ranks joined"), "{ea}");
         let (x, y) = (losses(&r.metrics("one")), losses(&r.metrics(name)));
@@ -544,7 +548,7 @@ precision: fp32
         }
         (ea, eb)
     };
-    let (ea, eb) = ranks("nccl");
+    let (ea, eb) = ranks("nccl", &[]);
     assert!(!ea.contains("libnccl not found"), "{ea}");
     // the summary's peak is the ranks' largest (rank 0 alone says it)
     assert!(
@@ -560,6 +564,32 @@ precision: fp32
         eb.contains("nccl stand-in: rank 1 of 2, 3 all-reduces"),
         "{eb}"
     );
+    // OLMO_TRAIN_NCCL=0: through the host, with libnccl present (two ranks on one GPU)
+    let (ea, _) = ranks("no-nccl", &[("OLMO_TRAIN_NCCL", "0")]);
+    assert!(
+        ea.contains("OLMO_TRAIN_NCCL=0: gradients are summed through the host"),
+        "{ea}"
+    );
+    assert!(!ea.contains("nccl stand-in: rank"), "{ea}");
+    // NCCL refusing the communicator (as it refuses two ranks on one GPU): each rank stops
+    // with NCCL's code and what to do, no hang
+    let cfg = config("refused");
+    let (a, b) = two_ranks(|| {
+        let mut c = command(&cfg);
+        c.env("NCCL_STANDIN_REFUSE", "1");
+        c
+    });
+    for out in [&a, &b] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("creating the NCCL communicator")
+                && err.contains("ncclInvalidUsage (nccl stand-in error)")
+                && err.contains("OLMO_TRAIN_NCCL=0")
+                && !err.contains("panicked"),
+            "{err}"
+        );
+    }
     // without libnccl the gradients go through the host, saying so, to the same losses (unless
     // a real libnccl would load in the stand-in's place)
     std::fs::remove_file(libs.path().join("libnccl.so")).unwrap();
@@ -574,7 +604,7 @@ precision: fp32
         eprintln!("skipped the host all-reduce check: a real libnccl is on the library path");
         return;
     }
-    let (ea, _) = ranks("host");
+    let (ea, _) = ranks("host", &[]);
     assert!(ea.contains("libnccl not found"), "{ea}");
     assert!(!ea.contains("nccl stand-in"), "{ea}");
 }
