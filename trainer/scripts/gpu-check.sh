@@ -19,7 +19,8 @@
 # MICRO (default 8, OLMo-1B's device_train_microbatch_size) sets the OLMo-1B micro-batch of both;
 # ATTENTIONS (default "materialised flash") the attention paths to run, e.g. "flash" for a quick
 # rerun; OLMO2_1B_STEPS=N adds N steps of a 1B model in OLMo 2 blocks, in olmo-train and PyTorch (default 0); TRAIN_STEPS, OLMO_1B_STEPS, GEMM_REPS (0: no GEMM table), TRAIN_CMD_STEPS and
-# TRAIN_CMD=0 (no `train` runs) shorten it further.
+# TRAIN_CMD=0 (no `train` runs) shorten it further; CHECKS=0 runs only the `train` commands;
+# OLMO_7B_STEPS=N adds N steps of OLMo-7B through `train` (micro-batch 2, and 8 with whole_layer).
 # GPU_CHECK_LOG=FILE also writes the whole output to FILE, for a remote runner that returns
 # only the end of the output (the device tool here: GPU_CHECK_LOG=$OUT/gpu-check.log): the
 # kernel table of the first process comes first, far from that end.
@@ -69,7 +70,9 @@ LOG=$(mktemp)
 # context) cannot take the materialised path's results with it.
 # The GEMM table (cuBLASLt vs cuBLAS) once, with the first.
 reps=${GEMM_REPS:-10}
+[ "${CHECKS:-1}" = 0 ] && ATTENTIONS=skip
 for attention in ${ATTENTIONS:-materialised flash}; do
+  [ "$attention" = skip ] && break
   echo "== olmo-train gpu-check --attention $attention"
   timeout "${CHECK_TIMEOUT:-180}" "$BIN" gpu-check --attention $attention --train-steps "${TRAIN_STEPS:-300}" \
     --olmo-1b-steps "${OLMO_1B_STEPS:-5}" --olmo2-1b-steps "${OLMO2_1B_STEPS:-0}" --micro "${MICRO:-8}" --gemm-reps "$reps" 2>&1 | tee -a "$LOG" || status=$?
@@ -78,7 +81,9 @@ for attention in ${ATTENTIONS:-materialised flash}; do
 done
 echo
 echo "== PyTorch on the same GPU: OLMo-1B, micro-batch ${MICRO:-8} x 2048, bf16 autocast"
-if [ -n "$PY" ]; then
+if [ "${CHECKS:-1}" = 0 ]; then
+  echo "(CHECKS=0: skipped)"
+elif [ -n "$PY" ]; then
   timeout "${TORCH_TIMEOUT:-180}" "$PY" bench/torch_olmo.py bench trainer/configs/OLMo-1B.yaml --device cuda --amp-bf16 \
     --batch "${MICRO:-8}" --micro "${MICRO:-8}" --seq 2048 --steps "${OLMO_1B_STEPS:-5}" 2>&1 | tee -a "$LOG" || status=$?
   if [ "${OLMO2_1B_STEPS:-0}" != 0 ]; then
@@ -173,6 +178,19 @@ if [ "${TRAIN_CMD:-1}" != 0 ]; then
     "--data.paths=[$TOK]" --global_train_batch_size="${MICRO:-8}" --device_train_microbatch_size="${MICRO:-8}" \
     --max_duration="${TRAIN_CMD_STEPS:-25}" --scheduler.t_warmup=5 "--evaluators=[]" --save_folder=null \
     --speed_monitor.window_size=10 --console_log_interval=5 2>&1 | sed -u 's/^/OLMo-1B train: /' | tee -a "$LOG" || status=$?
+  # OLMo-7B (OLMO_7B_STEPS=N): the micro-batch the config sets (2) without checkpointing, which
+  # the memory planner puts at 134.9 GiB of the H200's 139.8, and 8 with whole_layer (127.2).
+  if [ "${OLMO_7B_STEPS:-0}" != 0 ]; then
+    for mode in "null 2" "whole_layer 8"; do
+      set -- $mode
+      echo "== olmo-train train: OLMo-7B, $OLMO_7B_STEPS steps of micro-batch $2 x 2048, bf16, activation_checkpointing $1"
+      timeout "${OLMO_7B_TIMEOUT:-150}" "$BIN" train trainer/configs/OLMo-7B.yaml --device cuda \
+        "--data.paths=[$TOK]" --global_train_batch_size="$2" --device_train_microbatch_size="$2" \
+        --activation_checkpointing="$1" --max_duration="$OLMO_7B_STEPS" --scheduler.t_warmup=2 \
+        "--evaluators=[]" --save_folder=null --speed_monitor.window_size=3 --console_log_interval=2 2>&1 |
+        sed -u "s/^/OLMo-7B $1: /" | tee -a "$LOG" || status=$?
+    done
+  fi
   rm -rf "$RUNS"
   echo
 fi
@@ -187,5 +205,6 @@ grep -E '^flash_(fwd|dq|dkdv) \([0-9]+x2048\)' "$LOG" || true
 grep -E '^pytorch .*tokens/s' "$LOG" || echo "(no PyTorch timing)"
 grep -E '^\| train command' "$LOG"
 grep -E '^OLMo-1B train: (step .*tokens/s|olmo-train: done)' "$LOG" | tail -2
+grep -E '^OLMo-7B [a-z_]+: (olmo-train: GPU memory|step .*tokens/s|olmo-train: done|error)' "$LOG"
 echo "exit status: $status"
 exit $status
