@@ -27,6 +27,18 @@ if [ "$1" = train ]; then
     *' --device cpu '*) loss=5.0; peak='';;
     *) loss=${CUDA_LOSS:-5.0}; peak=',"System/Peak GPU Memory (MB)":12.5';;
   esac
+  # checkpoints: a run with --stop_at leaves that step; a rerun over it (a resume) writes step 30
+  # as $RESUMED_BYTES, a run from the start as "same"
+  stop=''
+  for a in "$@"; do case $a in --stop_at=*) stop=${a#*=};; esac; done
+  if [ -n "$stop" ]; then
+    mkdir -p "$out/step$stop"
+  else
+    bytes=same
+    [ -d "$out/step15" ] && bytes=${RESUMED_BYTES:-same}
+    mkdir -p "$out/step30"
+    for f in model.safetensors optim.safetensors train.json; do echo "$bytes" > "$out/step30/$f"; done
+  fi
   mkdir -p "$out"
   echo "{\"step\":30,\"train/CrossEntropyLoss\":$loss$peak}" > "$out/metrics.jsonl"
   echo '{"step":30,"eval/held/CrossEntropyLoss":4.25}' >> "$out/metrics.jsonl"
@@ -83,26 +95,40 @@ echo "$3 attention: OLMo-1B, micro-batch 8 x 2048: 1 tokens/s"
         summary.contains("System/Peak GPU Memory (MB) in metrics.jsonl | - | - | yes |"),
         "{summary}"
     );
+    for f in ["model.safetensors", "optim.safetensors", "train.json"] {
+        let row = format!("| train command, tiny | bf16 | step30/{f} after a resume at step 15: same bytes as straight | - | - | yes |");
+        assert!(summary.contains(&row), "{row} in {summary}");
+    }
+    assert!(
+        summary.contains("| train command, tiny | fp32 | 2 ranks: train loss at step 30 5.000000 vs 1 process 5.000000 | 0.0e+00 | 1e-05 | yes |"),
+        "{summary}"
+    );
     assert!(
         summary.contains("OLMo-1B train: step     25/25  loss 7.0  12345 tokens/s  MFU 41.0%"),
         "{summary}"
     );
     assert!(summary.ends_with("exit status: 1\n"), "{summary}");
 
-    // a GPU loss off the CPU's by more than the tolerance fails the script, though every
-    // process exited well (the materialised stand-in does)
+    // a GPU loss off the CPU's by more than the tolerance, and a resumed run's checkpoint not
+    // the straight run's bytes, fail the script, though every process exited well (the
+    // materialised stand-in does)
     let out = Command::new("bash")
         .arg(&script)
         .env("BIN", &bin)
         .env("TORCH_PYTHON", "/bin/true")
         .env("ATTENTIONS", "materialised")
         .env("CUDA_LOSS", "5.01")
+        .env("RESUMED_BYTES", "other")
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let summary = stdout.split("== Summary\n").nth(1).expect(&stdout);
-    assert!(summary.starts_with("checks failed: 2\n"), "{summary}");
+    assert!(summary.starts_with("checks failed: 5\n"), "{summary}");
+    assert!(
+        summary.contains("step30/optim.safetensors after a resume at step 15: same bytes as straight | - | - | NO |"),
+        "{summary}"
+    );
     assert!(
         summary.contains(
             "train/CrossEntropyLoss at step 30: 5.010000 vs CPU 5.000000 | 2.0e-03 | 1e-03 | NO |"
