@@ -62,15 +62,6 @@ fn nccl_error(e: cudarc::nccl::result::NcclError, what: &str) -> anyhow::Error {
     anyhow!("CUDA: {what}: {:?} ({general}){last}", e.0)
 }
 
-/// Bytes per element of an activation buffer.
-fn elem_bytes(b: Buf) -> usize {
-    if b.bf16 {
-        2
-    } else {
-        4
-    }
-}
-
 /// Blocks of the gradient norm's sum of squares (one partial sum each).
 const SUMSQ_BLOCKS: usize = 4096;
 /// Rows per partial sum of an affine norm's weight gradient.
@@ -507,7 +498,7 @@ impl CudaEngine {
             let (x, y) = (self.gpu.ptr(&self.params, 0), self.gpu.ptr(bf, 0));
             self.gpu.launch_n(
                 "cast_bf16",
-                n / vec_width(2, &[n], &[x, y]),
+                n / vec_width(true, &[n], &[x, y]),
                 &[Arg::P(x), Arg::P(y), Arg::L(n as i64)],
             )?;
         }
@@ -538,7 +529,7 @@ impl CudaEngine {
         let (n, x, y) = (s.len(), self.gpu.ptr(s, 0), self.gpu.ptr(&copy, 0));
         self.gpu.launch_n(
             "cast_bf16",
-            n / vec_width(2, &[n], &[x, y]),
+            n / vec_width(true, &[n], &[x, y]),
             &[Arg::P(x), Arg::P(y), Arg::L(n as i64)],
         )?;
         Ok(Prepared {
@@ -1044,7 +1035,7 @@ impl CudaEngine {
             Act::Bf16(_) => "rope_bf16",
         };
         let x = self.out_buf(qkv);
-        let v = vec_width(elem_bytes(x), &[half, c.qkv_width()], &[x.ptr]);
+        let v = vec_width(x.bf16, &[half, c.qkv_width()], &[x.ptr]);
         self.gpu.launch_n(
             name,
             rows * heads * half / v,
@@ -1162,7 +1153,7 @@ impl CudaEngine {
             Act::Bf16(_) => ("swiglu_fwd_bf16", Act::Bf16(self.gpu.scratch(rows * h)?)),
         };
         let (xb, yb) = (self.out_buf(x), self.out_buf(&y));
-        let v = vec_width(elem_bytes(xb), &[h], &[xb.ptr, yb.ptr]);
+        let v = vec_width(xb.bf16, &[h], &[xb.ptr, yb.ptr]);
         self.gpu.launch_n(
             name,
             rows * h / v,
@@ -1188,7 +1179,7 @@ impl CudaEngine {
             _ => bail!("SwiGLU backward over mixed f32 and bf16 buffers"),
         };
         let (dyb, xb, dxb) = (self.out_buf(dy), self.out_buf(x), self.out_buf(&dx));
-        let v = vec_width(elem_bytes(xb), &[h], &[dyb.ptr, xb.ptr, dxb.ptr]);
+        let v = vec_width(xb.bf16, &[h], &[dyb.ptr, xb.ptr, dxb.ptr]);
         self.gpu.launch_n(
             name,
             rows * h / v,

@@ -49,15 +49,6 @@ fn signature(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Bytes per element of a kernel's f32 or (`bf16`) bf16 buffers.
-fn elem(bf16: bool) -> usize {
-    if bf16 {
-        2
-    } else {
-        4
-    }
-}
-
 fn p(a: &[Arg], i: usize) -> u64 {
     match a[i] {
         Arg::P(v) => v,
@@ -358,7 +349,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
             "swiglu_fwd" | "swiglu_fwd_bf16" => {
                 let (n, h) = (int(a, 2), int(a, 3));
                 let bf = name.ends_with("_bf16");
-                covers(n * h / vec_width(elem(bf), &[h], &[p(a, 0), p(a, 1)]))?;
+                covers(n * h / vec_width(bf, &[h], &[p(a, 0), p(a, 1)]))?;
                 let x = read_f32_or_bf16(p(a, 0), n * 2 * h, bf);
                 let mut y = vec![0.0; n * h];
                 crate::ops::swiglu_forward(&x, h, &mut y);
@@ -367,7 +358,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
             "swiglu_bwd" | "swiglu_bwd_bf16" => {
                 let (n, h) = (int(a, 3), int(a, 4));
                 let bf = name.ends_with("_bf16");
-                let v = vec_width(elem(bf), &[h], &[p(a, 0), p(a, 1), p(a, 2)]);
+                let v = vec_width(bf, &[h], &[p(a, 0), p(a, 1), p(a, 2)]);
                 covers(n * h / v)?;
                 let dy = read_f32_or_bf16(p(a, 0), n * h, bf);
                 let x = read_f32_or_bf16(p(a, 1), n * 2 * h, bf);
@@ -386,7 +377,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
                     int(a, 7),
                     int(a, 8),
                 );
-                covers(n * heads * half / vec_width(elem(bf), &[half, stride], &[p(a, 0)]))?;
+                covers(n * heads * half / vec_width(bf, &[half, stride], &[p(a, 0)]))?;
                 let mut x = read_f32_or_bf16(p(a, 0), n * stride, bf);
                 let table = crate::ops::RopeTable {
                     cos: at::<f32>(p(a, 1), t * half).to_vec(),
@@ -429,7 +420,7 @@ pub fn launch(name: &str, grid: u32, block: u32, a: &[Arg]) -> Result<()> {
             }
             "cast_bf16" => {
                 let n = int(a, 2);
-                covers(n / vec_width(2, &[n], &[p(a, 0), p(a, 1)]))?;
+                covers(n / vec_width(true, &[n], &[p(a, 0), p(a, 1)]))?;
                 let (x, y) = (at::<f32>(p(a, 0), n), at::<u16>(p(a, 1), n));
                 for i in 0..n {
                     y[i] = half::bf16::from_f32(x[i]).to_bits();

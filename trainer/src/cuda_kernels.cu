@@ -44,6 +44,42 @@ __device__ __forceinline__ bool vec16_ok(long n1, long n2, const void* a, const 
            (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15ull) == 0;
 }
 
+// V elements of T at p into f32, and back: by 16-byte vectors (p aligned) when V spans whole
+// vectors, else (V = 1) one element. The elementwise kernels take V as a template parameter
+// so that their vector and per-element forms share one body, hence the same arithmetic.
+template <int V, typename T>
+__device__ __forceinline__ void load_f32(float* out, const T* p) {
+    constexpr int N = 16 / sizeof(T);
+    static_assert(V == 1 || V % N == 0, "V: one element or whole 16-byte vectors");
+    if constexpr (V == 1) {
+        out[0] = ld(p, 0);
+    } else {
+#pragma unroll
+        for (int c = 0; c < V / N; ++c) {
+            pack16<T> u;
+            u.v = ((const vec16_t*)p)[c];
+#pragma unroll
+            for (int k = 0; k < N; ++k) out[c * N + k] = ld(u.e, k);
+        }
+    }
+}
+template <int V, typename T>
+__device__ __forceinline__ void store_f32(T* p, const float* in) {
+    constexpr int N = 16 / sizeof(T);
+    static_assert(V == 1 || V % N == 0, "V: one element or whole 16-byte vectors");
+    if constexpr (V == 1) {
+        st(p, 0, in[0]);
+    } else {
+#pragma unroll
+        for (int c = 0; c < V / N; ++c) {
+            pack16<T> u;
+#pragma unroll
+            for (int k = 0; k < N; ++k) st(u.e, k, in[c * N + k]);
+            ((vec16_t*)p)[c] = u.v;
+        }
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -222,47 +258,39 @@ extern "C" __global__ void norm_dw_sum(const float* partial, float* dw, int chun
 // and then k's heads of a fused qkv row), in f32 arithmetic; `inverse` rotates back (the
 // backward pass). On f32 rows, or under mixed precision on the bf16 qkv projection and the
 // attention's qkv gradient.
-template <typename X>
-__device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
-                          int stride, int inverse) {
+template <int V, typename X>
+__device__ void rope_at(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
+                        int stride, int inverse) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec16_ok<X>(half, stride, x)) {
-        constexpr int V = 16 / sizeof(X);
-        int hv = half / V;
-        if (idx >= rows * heads * hv) return;
-        int j = (int)(idx % hv) * V;
-        long q = idx / hv;
-        int h = q % heads;
-        long r = q / heads;
-        int t = r % T;
-        long at = r * stride + (long)h * 2 * half;
-        pack16<X> a, b, ra, rb;
-        a.v = *(const vec16_t*)(x + at + j);
-        b.v = *(const vec16_t*)(x + at + j + half);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            float c = cosb[t * half + j + k], s = sinb[t * half + j + k];
-            if (inverse) s = -s;
-            float av = ld(a.e, k), bv = ld(b.e, k);
-            st(ra.e, k, av * c - bv * s);
-            st(rb.e, k, bv * c + av * s);
-        }
-        *(vec16_t*)(x + at + j) = ra.v;
-        *(vec16_t*)(x + at + j + half) = rb.v;
-        return;
-    }
-    if (idx >= rows * heads * half) return;
-    int j = idx % half;
-    long q = idx / half;
+    int hv = half / V;
+    if (idx >= rows * heads * hv) return;
+    int j = (int)(idx % hv) * V;
+    long q = idx / hv;
     int h = q % heads;
     long r = q / heads;
     int t = r % T;
-    float c = cosb[t * half + j], s = sinb[t * half + j];
-    if (inverse) s = -s;
     long at = r * stride + (long)h * 2 * half;
-    float a = ld(x, at + j), b = ld(x, at + j + half);
-    st(x, at + j, a * c - b * s);
-    st(x, at + j + half, b * c + a * s);
+    float a[V], b[V], ra[V], rb[V];
+    load_f32<V>(a, x + at + j);
+    load_f32<V>(b, x + at + j + half);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        float c = cosb[t * half + j + k], s = sinb[t * half + j + k];
+        if (inverse) s = -s;
+        ra[k] = a[k] * c - b[k] * s;
+        rb[k] = b[k] * c + a[k] * s;
+    }
+    store_f32<V>(x + at + j, ra);
+    store_f32<V>(x + at + j + half, rb);
+}
+
+template <typename X>
+__device__ void rope_impl(X* x, const float* cosb, const float* sinb, long rows, int T, int heads, int half,
+                          int stride, int inverse) {
+    if (vec16_ok<X>(half, stride, x))
+        rope_at<16 / sizeof(X)>(x, cosb, sinb, rows, T, heads, half, stride, inverse);
+    else
+        rope_at<1>(x, cosb, sinb, rows, T, heads, half, stride, inverse);
 }
 
 extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, long rows, int T, int heads,
@@ -420,66 +448,56 @@ extern "C" __global__ void clip_qkv_bwd_bf16(bf16_t* dx, const unsigned* bits, l
 
 // SwiGLU over [rows, 2h] (value | gate) into [rows, h], and its backward; in f32, or under mixed
 // precision on bf16 GEMM outputs into bf16 GEMM operands (arithmetic in f32 either way).
+template <int V, typename T>
+__device__ void swiglu_fwd_at(const T* x, T* y, long rows, int h) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int hv = h / V;
+    if (idx >= rows * hv) return;
+    long r = idx / hv;
+    int i = (int)(idx % hv) * V;
+    float v[V], g[V], out[V];
+    load_f32<V>(v, x + r * 2 * h + i);
+    load_f32<V>(g, x + r * 2 * h + h + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = g[k] / (1.f + expf(-g[k])) * v[k];
+    store_f32<V>(y + r * h + i, out);
+}
+
+template <int V, typename T>
+__device__ void swiglu_bwd_at(const T* dy, const T* x, T* dx, long rows, int h) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int hv = h / V;
+    if (idx >= rows * hv) return;
+    long r = idx / hv;
+    int i = (int)(idx % hv) * V;
+    float v[V], g[V], d[V], dv[V], dg[V];
+    load_f32<V>(v, x + r * 2 * h + i);
+    load_f32<V>(g, x + r * 2 * h + h + i);
+    load_f32<V>(d, dy + r * h + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        float sig = 1.f / (1.f + expf(-g[k]));
+        dv[k] = d[k] * g[k] * sig;
+        dg[k] = d[k] * v[k] * sig * (1.f + g[k] * (1.f - sig));
+    }
+    store_f32<V>(dx + r * 2 * h + i, dv);
+    store_f32<V>(dx + r * 2 * h + h + i, dg);
+}
+
 template <typename T>
 __device__ void swiglu_fwd_impl(const T* x, T* y, long rows, int h) {
-    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec16_ok<T>(h, h, x, y)) {
-        constexpr int V = 16 / sizeof(T);
-        int hv = h / V;
-        if (idx >= rows * hv) return;
-        long r = idx / hv;
-        int i = (int)(idx % hv) * V;
-        pack16<T> v, g, out;
-        v.v = *(const vec16_t*)(x + r * 2 * h + i);
-        g.v = *(const vec16_t*)(x + r * 2 * h + h + i);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            float a = ld(v.e, k), b = ld(g.e, k);
-            st(out.e, k, b / (1.f + expf(-b)) * a);
-        }
-        *(vec16_t*)(y + r * h + i) = out.v;
-        return;
-    }
-    if (idx >= rows * h) return;
-    long r = idx / h;
-    int i = idx % h;
-    float v = ld(x, r * 2 * h + i), g = ld(x, r * 2 * h + h + i);
-    st(y, idx, g / (1.f + expf(-g)) * v);
+    if (vec16_ok<T>(h, h, x, y))
+        swiglu_fwd_at<16 / sizeof(T)>(x, y, rows, h);
+    else
+        swiglu_fwd_at<1>(x, y, rows, h);
 }
 
 template <typename T>
 __device__ void swiglu_bwd_impl(const T* dy, const T* x, T* dx, long rows, int h) {
-    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec16_ok<T>(h, h, dy, x, dx)) {
-        constexpr int V = 16 / sizeof(T);
-        int hv = h / V;
-        if (idx >= rows * hv) return;
-        long r = idx / hv;
-        int i = (int)(idx % hv) * V;
-        pack16<T> v, g, d, dv, dg;
-        v.v = *(const vec16_t*)(x + r * 2 * h + i);
-        g.v = *(const vec16_t*)(x + r * 2 * h + h + i);
-        d.v = *(const vec16_t*)(dy + r * h + i);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            float vv = ld(v.e, k), gg = ld(g.e, k);
-            float sig = 1.f / (1.f + expf(-gg));
-            float dd = ld(d.e, k);
-            st(dv.e, k, dd * gg * sig);
-            st(dg.e, k, dd * vv * sig * (1.f + gg * (1.f - sig)));
-        }
-        *(vec16_t*)(dx + r * 2 * h + i) = dv.v;
-        *(vec16_t*)(dx + r * 2 * h + h + i) = dg.v;
-        return;
-    }
-    if (idx >= rows * h) return;
-    long r = idx / h;
-    int i = idx % h;
-    float v = ld(x, r * 2 * h + i), g = ld(x, r * 2 * h + h + i);
-    float sig = 1.f / (1.f + expf(-g));
-    float d = ld(dy, idx);
-    st(dx, r * 2 * h + i, d * g * sig);
-    st(dx, r * 2 * h + h + i, d * v * sig * (1.f + g * (1.f - sig)));
+    if (vec16_ok<T>(h, h, dy, x, dx))
+        swiglu_bwd_at<16 / sizeof(T)>(dy, x, dx, rows, h);
+    else
+        swiglu_bwd_at<1>(dy, x, dx, rows, h);
 }
 
 extern "C" __global__ void swiglu_fwd(const float* x, float* y, long rows, int h) {
@@ -553,23 +571,21 @@ extern "C" __global__ void cross_entropy(float* logits, bf16_t* dlb, const unsig
     }
 }
 
-extern "C" __global__ void cast_bf16(const float* x, bf16_t* y, long n) {
+template <int V>
+__device__ void cast_bf16_at(const float* x, bf16_t* y, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec16_ok<bf16_t>(n, n, x, y)) {  // 8 elements: two f32 vectors into one bf16 vector
-        if (i >= n / 8) return;
-        pack16<float> a, b;
-        pack16<bf16_t> o;
-        a.v = ((const vec16_t*)x)[2 * i];
-        b.v = ((const vec16_t*)x)[2 * i + 1];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            o.e[k] = f2bf(a.e[k]);
-            o.e[4 + k] = f2bf(b.e[k]);
-        }
-        ((vec16_t*)y)[i] = o.v;
-        return;
-    }
-    if (i < n) y[i] = f2bf(x[i]);
+    if (i >= n / V) return;
+    float f[V];
+    load_f32<V>(f, x + i * V);
+    store_f32<V>(y + i * V, f);
+}
+
+// 8 elements a thread (two f32 vectors into one bf16 vector) where they split so.
+extern "C" __global__ void cast_bf16(const float* x, bf16_t* y, long n) {
+    if (vec16_ok<bf16_t>(n, n, x, y))
+        cast_bf16_at<8>(x, y, n);
+    else
+        cast_bf16_at<1>(x, y, n);
 }
 
 // Each block's part of the sum of squares, into partial[blockIdx.x]; the host adds the parts

@@ -22,11 +22,11 @@ const SOURCE: &str = include_str!("cuda_kernels.cu");
 pub(crate) const BLOCK: u32 = 256;
 
 /// Elements per thread of the elementwise kernels that move 16-byte vectors (SwiGLU, RoPE,
-/// `cast_bf16`): a vector of `elem_bytes`-byte elements when every count splits into whole
+/// `cast_bf16`): a vector of bf16 (8) or f32 (4) elements when every count splits into whole
 /// vectors and every address is 16-byte aligned, else 1. The kernels make the same test
 /// (`vec16_ok` in cuda_kernels.cu), so the grid and the kernel agree.
-pub(crate) fn vec_width(elem_bytes: usize, counts: &[usize], ptrs: &[u64]) -> usize {
-    let v = 16 / elem_bytes;
+pub(crate) fn vec_width(bf16: bool, counts: &[usize], ptrs: &[u64]) -> usize {
+    let v = if bf16 { 8 } else { 4 };
     let whole = counts.iter().all(|c| c % v == 0);
     let aligned = ptrs.iter().all(|p| p % 16 == 0);
     if whole && aligned {
