@@ -39,6 +39,14 @@ impl Bufs {
         let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(self.0.path().join(name), b).unwrap();
     }
+    /// `v` rounded to bf16 (to nearest even), as the kernels' bf16 inputs.
+    fn put_bf16(&self, name: &str, v: &[f32]) {
+        let b: Vec<u8> = v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+        std::fs::write(self.0.path().join(name), b).unwrap();
+    }
     fn put_u32(&self, name: &str, v: &[u32]) {
         let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(self.0.path().join(name), b).unwrap();
@@ -464,13 +472,8 @@ fn flash_attention_kernels_match_the_cpu_attention() {
         let doc_start = |bi: usize, i: usize| starts.map_or(0, |s| s[bi * t + i] as usize);
 
         let b = Bufs::new();
-        let to_bf16 = |v: &[f32]| -> Vec<u8> {
-            v.iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
-                .collect()
-        };
-        std::fs::write(b.0.path().join("qkv"), to_bf16(&qkv)).unwrap();
-        std::fs::write(b.0.path().join("dout"), to_bf16(&dout)).unwrap();
+        b.put_bf16("qkv", &qkv);
+        b.put_bf16("dout", &dout);
         if let Some(s) = starts {
             b.put_u32("starts", s);
         }
@@ -609,13 +612,8 @@ fn swiglu_embedding_and_elementwise_kernels_match_the_cpu() {
         f.put("dy", &dyr);
         f.run(bin, "swiglu", 64, &s![rows, h]);
         let bf = Bufs::new();
-        let to_bf16 = |v: &[f32]| -> Vec<u8> {
-            v.iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
-                .collect()
-        };
-        std::fs::write(bf.0.path().join("x"), to_bf16(&xr)).unwrap();
-        std::fs::write(bf.0.path().join("dy"), to_bf16(&dyr)).unwrap();
+        bf.put_bf16("x", &xr);
+        bf.put_bf16("dy", &dyr);
         bf.run(bin, "swiglu_bf16", 64, &s![rows, h]);
         same_bf16("swiglu_fwd_bf16", &bf, "y", &f.get("y"));
         same_bf16("swiglu_bwd_bf16", &bf, "dx", &f.get("dx"));
