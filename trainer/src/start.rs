@@ -405,8 +405,8 @@ fn from_load_path(
         s
     } else {
         let mut s = loaded.expect("asked for");
-        what.push(format!("step {}", s.step));
         if cfg.restore_dataloader {
+            what.push(format!("step {}", s.step));
             check_same_data(dir, &s, data)?;
             match cfg.epoch {
                 Some(e) if e > s.epoch => {
@@ -435,7 +435,6 @@ fn from_load_path(
             s.seed = data.seed;
             s.instances = data.instances;
             s.seq_len = data.seq_len;
-            what.pop();
             what.push(format!(
                 "step 0 and the data from the start of epoch {} (restore_dataloader: false)",
                 s.epoch
