@@ -114,14 +114,19 @@ if [ "${TRAIN_CMD:-1}" != 0 ]; then
   tiny cuda --precision=fp32 | tee -a "$LOG" || status=$?
   tiny cpu | tee -a "$LOG" || status=$?
   last() { grep -o "\"$2\":[-0-9.e+]*" "$RUNS/tiny-$1/metrics.jsonl" 2>/dev/null | tail -1 | cut -d: -f2; }
-  for what in train/CrossEntropyLoss eval/held/CrossEntropyLoss; do
-    g=$(last cuda "$what"); c=$(last cpu "$what")
-    row=$(awk -v g="$g" -v c="$c" -v w="$what" 'BEGIN {
-      if (g == "" || c == "") { printf "| train command, tiny | fp32 | %s at step 30: missing | - | 1e-03 | NO |\n", w; exit }
+  # loss_row WHAT GOT REFERENCE NAME TOL: a row of GOT against NAME's REFERENCE, relative; NO
+  # (and a failed status) when off by more than TOL or missing.
+  loss_row() {
+    local row
+    row=$(awk -v w="$1" -v g="$2" -v c="$3" -v n="$4" -v tol="$5" 'BEGIN {
+      if (g == "" || c == "") { printf "| train command, tiny | fp32 | %s: missing | - | %s | NO |\n", w, tol; exit }
       r = (g > c ? g - c : c - g) / (c > 0 ? c : 1)
-      printf "| train command, tiny | fp32 | %s at step 30: %.6f vs CPU %.6f | %.1e | 1e-03 | %s |\n", w, g, c, r, (r <= 1e-3 ? "yes" : "NO") }')
+      printf "| train command, tiny | fp32 | %s: %.6f vs %s %.6f | %.1e | %s | %s |\n", w, g, n, c, r, tol, (r <= tol + 0 ? "yes" : "NO") }')
     echo "$row" | tee -a "$LOG"
     case $row in *"| NO |") status=1 ;; esac
+  }
+  for what in train/CrossEntropyLoss eval/held/CrossEntropyLoss; do
+    loss_row "$what at step 30" "$(last cuda "$what")" "$(last cpu "$what")" CPU 1e-03
   done
   peak=NO
   grep -q '"System/Peak GPU Memory (MB)"' "$RUNS/tiny-cuda/metrics.jsonl" 2>/dev/null && peak=yes
@@ -161,13 +166,8 @@ if [ "${TRAIN_CMD:-1}" != 0 ]; then
   echo "== olmo-train train: the tiny config in fp32, two ranks on this GPU (host all-reduce)"
   two_ranks host OLMO_TRAIN_NCCL=0 || status=$?
   tail -1 "$RUNS/host-rank0.log" | tee -a "$LOG"
-  g=$(last host train/CrossEntropyLoss); c=$(last cuda train/CrossEntropyLoss)
-  row=$(awk -v g="$g" -v c="$c" 'BEGIN {
-    if (g == "" || c == "") { print "| train command, tiny | fp32 | 2 ranks: train loss at step 30: missing | - | 1e-05 | NO |"; exit }
-    r = (g > c ? g - c : c - g) / (c > 0 ? c : 1)
-    printf "| train command, tiny | fp32 | 2 ranks: train loss at step 30 %.6f vs 1 process %.6f | %.1e | 1e-05 | %s |\n", g, c, r, (r <= 1e-5 ? "yes" : "NO") }')
-  echo "$row" | tee -a "$LOG"
-  case $row in *"| NO |") status=1 ;; esac
+  loss_row "2 ranks, train loss at step 30" "$(last host train/CrossEntropyLoss)" \
+    "$(last cuda train/CrossEntropyLoss)" "1 process" 1e-05
   echo "== NCCL with two ranks on one GPU (expected to be refused, with an error rather than a hang)"
   TRAIN_CMD_TIMEOUT=30 two_ranks nccl
   echo "exit status $?; the ranks' last lines:"

@@ -100,7 +100,7 @@ echo "$3 attention: OLMo-1B, micro-batch 8 x 2048: 1 tokens/s"
         assert!(summary.contains(&row), "{row} in {summary}");
     }
     assert!(
-        summary.contains("| train command, tiny | fp32 | 2 ranks: train loss at step 30 5.000000 vs 1 process 5.000000 | 0.0e+00 | 1e-05 | yes |"),
+        summary.contains("| train command, tiny | fp32 | 2 ranks, train loss at step 30: 5.000000 vs 1 process 5.000000 | 0.0e+00 | 1e-05 | yes |"),
         "{summary}"
     );
     assert!(
